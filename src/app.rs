@@ -1,0 +1,153 @@
+//! Wiring: the shared [`AppState`], the router with its middleware, and [`run`], which starts
+//! the API and the background workers and stops them on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request, StatusCode};
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::db::Database;
+use crate::http::ApiError;
+use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
+use crate::{ops, registry, telemetry, tenants};
+
+/// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// The database.
+    pub db: Database,
+    /// Encrypts and decrypts secrets at rest.
+    pub keys: MasterKey,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Connects to the database, loads the master key and applies the declarative files.
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        let db = Database::connect(&config.database_url)
+            .await
+            .with_context(|| "cannot open the database")?;
+        let (keys, created) = MasterKey::load(config.master_key.as_deref(), &config.master_key_file, true)?;
+        if created {
+            tracing::warn!(
+                path = %config.master_key_file.display(),
+                "created a new master key file; keep it with the database, secrets cannot be read without it"
+            );
+        }
+        let state = Self {
+            config: Arc::new(config),
+            db,
+            keys,
+            metrics: telemetry::metrics_handle(),
+        };
+        state.apply_declarative_files().await?;
+        Ok(state)
+    }
+
+    async fn apply_declarative_files(&self) -> anyhow::Result<()> {
+        let actions = registry::files::read_action_files(&self.config.actions_dir)?;
+        for tenant_id in tenants::all_tenant_ids(&self.db).await? {
+            let changed = registry::files::apply_to_tenant(&self.db, &tenant_id, &actions).await?;
+            if changed > 0 {
+                tracing::info!(tenant_id, changed, "applied action files");
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells listeners (MCP sessions, caches) that a tenant's registry changed.
+    pub fn registry_changed(&self, _tenant_id: &str) {}
+}
+
+/// The complete router with its middleware.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(ops::routes())
+        .merge(tenants::routes())
+        .merge(registry::routes())
+        .fallback(not_found_fallback)
+        .method_not_allowed_fallback(method_not_allowed_fallback)
+        .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .layer(axum::middleware::from_fn(telemetry::http_metrics))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the server failed to handle this request")
+                .into_response()
+        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves, then drains and stops.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::open(config).await?;
+    serve(state, listener, shutdown).await
+}
+
+/// Serves an opened state (the binary opens it first to report start-up errors early).
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let db = state.db.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")?;
+    tokio::time::timeout(Duration::from_secs(10), db.close()).await.ok();
+    Ok(())
+}
+
+/// `opsiq init`: creates the database (and master key file) if needed, then a tenant with an
+/// owner key. Without `tenant`, creates "default" and refuses if it already exists.
+pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenants::NewTenant> {
+    let db = Database::connect(&config.database_url)
+        .await
+        .with_context(|| "cannot open the database")?;
+    let (keys, _) = MasterKey::load(config.master_key.as_deref(), &config.master_key_file, true)?;
+    let actions = registry::files::read_action_files(&config.actions_dir)?;
+    let name = tenant.unwrap_or("default");
+    let created = match tenants::create_tenant(&db, &keys, name).await {
+        Err(tenants::TenantError::NameTaken) if tenant.is_none() => {
+            anyhow::bail!("this database is already initialised; use --tenant NAME to add another tenant")
+        }
+        other => other?,
+    };
+    registry::files::apply_to_tenant(&db, &created.tenant_id, &actions).await?;
+    db.close().await;
+    Ok(created)
+}

@@ -1,0 +1,320 @@
+//! Layered configuration: built-in defaults < TOML file (`--config`) < `OPSIQ_*` environment <
+//! command-line flags. Everything is validated once here, so the rest of the crate works with
+//! typed values (`Duration`, `SocketAddr`, …) and never re-parses strings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem found at start; the process prints it and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layered sources could not be read or merged.
+    #[error("configuration could not be read: {0}")]
+    Load(String),
+    /// A value was read but makes no sense.
+    #[error("invalid configuration value for `{field}`: {message}")]
+    Invalid {
+        /// The configuration key at fault.
+        field: &'static str,
+        /// Why the value was refused.
+        message: String,
+    },
+}
+
+/// The raw, string-typed layer that figment merges; see [`Config`] for the meaning of each field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// `sqlite://path` or `postgres://…`.
+    pub database_url: String,
+    /// Allows delivery to loopback and private addresses.
+    pub dev: bool,
+    /// Comma-separated delays between delivery attempts.
+    pub retry_schedule: String,
+    /// How long delivery records, attempts and events are kept.
+    pub retention: String,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    /// Deepest accepted JSON nesting in request bodies.
+    pub max_json_depth: usize,
+    /// `human` or `json`.
+    pub log_format: String,
+    /// Declarative action files.
+    pub actions_dir: PathBuf,
+    /// Declarative event type schemas.
+    pub events_dir: PathBuf,
+    /// Policy model and default rows.
+    pub policies_dir: PathBuf,
+    /// Base64 of a 32-byte key that encrypts secrets at rest; wins over `master_key_file`.
+    pub master_key: Option<String>,
+    /// File holding the master key; `opsiq init` creates it.
+    pub master_key_file: PathBuf,
+    /// How long a rotated-out endpoint secret keeps signing.
+    pub secret_overlap: String,
+    /// TCP connect timeout for deliveries.
+    pub connect_timeout: String,
+    /// Total timeout of one delivery attempt.
+    pub request_timeout: String,
+    /// How many deliveries may be in flight at once in this process.
+    pub max_in_flight: usize,
+    /// How long a claimed delivery stays reserved for the process that claimed it.
+    pub lease: String,
+    /// How often the worker looks for due deliveries it was not handed directly.
+    pub poll_interval: String,
+    /// Runs the delivery worker in this process.
+    pub worker: bool,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            database_url: "sqlite://opsiq.db".into(),
+            dev: false,
+            retry_schedule: DEFAULT_RETRY_SCHEDULE.into(),
+            retention: "30d".into(),
+            body_limit: 1024 * 1024,
+            max_json_depth: 64,
+            log_format: "human".into(),
+            actions_dir: "schemas/actions".into(),
+            events_dir: "schemas/events".into(),
+            policies_dir: "policies".into(),
+            master_key: None,
+            master_key_file: "opsiq.key".into(),
+            secret_overlap: "24h".into(),
+            connect_timeout: "5s".into(),
+            request_timeout: "15s".into(),
+            max_in_flight: 512,
+            lease: "60s".into(),
+            poll_interval: "1s".into(),
+            worker: true,
+        }
+    }
+}
+
+/// The default retry delays; the last one is "the rest of 24 hours" after the first six.
+pub const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,6h24m55s";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Coloured, one line per event, for people.
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Validated configuration, shared as `Arc<Config>`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// `sqlite://path` or `postgres://…`.
+    pub database_url: String,
+    /// Allows delivery to loopback and private addresses (never the default).
+    pub dev: bool,
+    /// Delays between delivery attempts: attempt n+1 waits `retry_schedule[n-1]`.
+    pub retry_schedule: Vec<Duration>,
+    /// How long delivery records, attempts and events are kept.
+    pub retention: Duration,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    /// Deepest accepted JSON nesting in request bodies.
+    pub max_json_depth: usize,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// Declarative action files (`*.json`), applied to every tenant at start.
+    pub actions_dir: PathBuf,
+    /// Event type schemas (`*.json`), the built-in catalog.
+    pub events_dir: PathBuf,
+    /// `model.conf` and `policy.csv`.
+    pub policies_dir: PathBuf,
+    /// Base64 master key given directly (environment), wins over the key file.
+    pub master_key: Option<String>,
+    /// File that holds the master key.
+    pub master_key_file: PathBuf,
+    /// How long a rotated-out endpoint secret keeps signing.
+    pub secret_overlap: Duration,
+    /// TCP connect timeout for deliveries.
+    pub connect_timeout: Duration,
+    /// Total timeout of one delivery attempt.
+    pub request_timeout: Duration,
+    /// How many deliveries may be in flight at once in this process.
+    pub max_in_flight: usize,
+    /// How long a claimed delivery stays reserved for the process that claimed it.
+    pub lease: Duration,
+    /// How often the worker looks for due deliveries it was not handed directly.
+    pub poll_interval: Duration,
+    /// Runs the delivery worker in this process.
+    pub worker: bool,
+}
+
+impl Config {
+    /// Merges defaults, the optional TOML file, `OPSIQ_*` variables and `overrides` (flags).
+    pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let raw: RawConfig = figment
+            .merge(Env::prefixed("OPSIQ_").ignore(&["test_postgres_url"]))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    /// Validates a raw layer into typed configuration.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let listen = raw.listen.parse().map_err(|_| ConfigError::Invalid {
+            field: "listen",
+            message: format!("`{}` is not an address like 127.0.0.1:8080", raw.listen),
+        })?;
+        if !(raw.database_url.starts_with("sqlite:")
+            || raw.database_url.starts_with("postgres://")
+            || raw.database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                field: "database_url",
+                message: "must start with sqlite:// or postgres://".into(),
+            });
+        }
+        let retry_schedule = parse_schedule(&raw.retry_schedule)?;
+        let log_format = match raw.log_format.as_str() {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Invalid {
+                    field: "log_format",
+                    message: format!("`{other}` is neither `human` nor `json`"),
+                });
+            }
+        };
+        if raw.body_limit < 1024 {
+            return Err(ConfigError::Invalid {
+                field: "body_limit",
+                message: "must be at least 1024 bytes".into(),
+            });
+        }
+        if !(2..=512).contains(&raw.max_json_depth) {
+            return Err(ConfigError::Invalid {
+                field: "max_json_depth",
+                message: "must be between 2 and 512".into(),
+            });
+        }
+        if raw.max_in_flight == 0 {
+            return Err(ConfigError::Invalid {
+                field: "max_in_flight",
+                message: "must be at least 1".into(),
+            });
+        }
+        let request_timeout = parse_duration("request_timeout", &raw.request_timeout)?;
+        let lease = parse_duration("lease", &raw.lease)?;
+        if lease <= request_timeout {
+            return Err(ConfigError::Invalid {
+                field: "lease",
+                message: "must be longer than request_timeout, or a slow attempt could be sent twice".into(),
+            });
+        }
+        Ok(Self {
+            listen,
+            database_url: raw.database_url,
+            dev: raw.dev,
+            retry_schedule,
+            retention: parse_duration("retention", &raw.retention)?,
+            body_limit: raw.body_limit,
+            max_json_depth: raw.max_json_depth,
+            log_format,
+            actions_dir: raw.actions_dir,
+            events_dir: raw.events_dir,
+            policies_dir: raw.policies_dir,
+            master_key: raw.master_key.filter(|k| !k.is_empty()),
+            master_key_file: raw.master_key_file,
+            secret_overlap: parse_duration("secret_overlap", &raw.secret_overlap)?,
+            connect_timeout: parse_duration("connect_timeout", &raw.connect_timeout)?,
+            request_timeout,
+            max_in_flight: raw.max_in_flight,
+            lease,
+            poll_interval: parse_duration("poll_interval", &raw.poll_interval)?,
+            worker: raw.worker,
+        })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are valid by construction; a failure here is a bug caught by the tests.
+        Self::from_raw(RawConfig::default()).expect("built-in defaults are valid")
+    }
+}
+
+/// Parses `5s`, `30m`, `2h`, `30d`, `6h24m55s` or `250ms`.
+pub fn parse_duration(field: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| ConfigError::Invalid {
+        field,
+        message: format!("`{text}` is not a duration like 5s, 30m or 2h ({e})"),
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            field,
+            message: "must be longer than zero".into(),
+        });
+    }
+    Ok(d)
+}
+
+/// Parses a comma-separated retry schedule; at most 24 hours and 50 steps in all.
+pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, ConfigError> {
+    let steps = text
+        .split(',')
+        .map(|s| parse_duration("retry_schedule", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total: Duration = steps.iter().sum();
+    if steps.len() > 50 || total > Duration::from_secs(24 * 3600) {
+        return Err(ConfigError::Invalid {
+            field: "retry_schedule",
+            message: "may have at most 50 steps spanning at most 24 hours".into(),
+        });
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_schedule_spans_exactly_24_hours() {
+        let steps = parse_schedule(DEFAULT_RETRY_SCHEDULE).unwrap();
+        assert_eq!(steps.iter().sum::<Duration>(), Duration::from_secs(24 * 3600));
+        assert_eq!(steps[0], Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_the_field_named() {
+        let raw = RawConfig {
+            retry_schedule: "5s,soon".into(),
+            ..RawConfig::default()
+        };
+        let err = Config::from_raw(raw).unwrap_err().to_string();
+        assert!(err.contains("retry_schedule"), "{err}");
+        let raw = RawConfig {
+            listen: "nowhere".into(),
+            ..RawConfig::default()
+        };
+        assert!(Config::from_raw(raw).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! [`ApiError`]: the one place where failures become the contract's error body
+//! `{"error": {"code", "message", "details"}}` with the fitting status.
+
+use std::borrow::Cow;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// One problem inside a request, pointing at where it is (`/amount`) and what to do about it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorDetail {
+    /// JSON pointer into the request (or into the arguments for invocations).
+    pub path: String,
+    /// A sentence a person or an LLM can act on.
+    pub message: String,
+}
+
+/// An error answer of the HTTP API.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable `snake_case` code clients can branch on.
+    pub code: Cow<'static, str>,
+    /// Human sentence; never a secret, a stack trace or another tenant's data.
+    pub message: String,
+    /// Per-field problems (validation) or other structured context.
+    pub details: Vec<Value>,
+    /// Seconds for `Retry-After` (429).
+    pub retry_after: Option<u64>,
+    /// Whether to add `WWW-Authenticate: Bearer` (401).
+    pub bearer_challenge: bool,
+}
+
+/// Shorthand for handler results.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// Any status with a code and message.
+    pub fn new(status: StatusCode, code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            details: Vec::new(),
+            retry_after: None,
+            bearer_challenge: false,
+        }
+    }
+
+    /// 400 for a request that cannot be understood.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401: no credentials or credentials that do not hold.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, code, message);
+        e.bearer_challenge = true;
+        e
+    }
+
+    /// 403: authenticated but not allowed.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 404 for an object that does not exist in this tenant (also another tenant's object).
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"))
+    }
+
+    /// 409 for a conflict (duplicate name, idempotency key reused with other arguments).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 422 with one detail per problem.
+    pub fn validation(message: impl Into<String>, details: Vec<ErrorDetail>) -> Self {
+        let mut e = Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message);
+        e.details = details
+            .into_iter()
+            .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
+            .collect();
+        e
+    }
+
+    /// 422 for a single field.
+    pub fn invalid_field(path: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::validation(
+            format!("{path}: {message}"),
+            vec![ErrorDetail {
+                path: path.into(),
+                message,
+            }],
+        )
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        e.retry_after = Some(retry_after_secs.max(1));
+        e
+    }
+
+    /// 500; the cause is logged here and never shown to the caller.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the server failed to handle this request; it has been logged",
+        )
+    }
+
+    /// Adds structured details.
+    pub fn with_details(mut self, details: Vec<Value>) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.bearer_challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"opsiq\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+impl From<crate::crypto::CryptoError> for ApiError {
+    fn from(e: crate::crypto::CryptoError) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// Answers unknown routes in the contract's shape.
+pub async fn not_found_fallback() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Answers a known route called with the wrong method.
+pub async fn method_not_allowed_fallback() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

@@ -1,0 +1,227 @@
+//! Our own extractors. axum's built-in rejections are plain text; these answer every bad input in
+//! the contract's error shape: wrong content type → 415, too large → 413, invalid UTF-8,
+//! malformed or too deeply nested JSON → 400, well-formed JSON of the wrong shape → 422.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::error::{ApiError, ErrorDetail};
+use crate::AppState;
+
+/// A JSON body, checked for content type, size, UTF-8, nesting depth and shape.
+#[derive(Debug, Clone)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = json_body_bytes(req, state).await?;
+        parse_json(&bytes, state.config.max_json_depth).map(Json)
+    }
+}
+
+/// The raw bytes of a JSON body after the content-type, size, UTF-8 and depth checks; for
+/// handlers that must keep the exact bytes.
+pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    require_json_content_type(req.headers())?;
+    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            payload_too_large(state.config.body_limit)
+        } else {
+            ApiError::bad_request("unreadable_body", "the request body could not be read")
+        }
+    })?;
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_utf8",
+            "the request body is not valid UTF-8",
+        ));
+    }
+    check_depth(&bytes, state.config.max_json_depth)?;
+    Ok(bytes)
+}
+
+/// 413 with the limit named.
+pub fn payload_too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body is larger than the limit of {limit} bytes"),
+    )
+}
+
+fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|essence| {
+            let essence = essence.trim().to_ascii_lowercase();
+            essence == "application/json" || essence.ends_with("+json")
+        })
+        .unwrap_or(false);
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ))
+    }
+}
+
+/// Parses JSON text into `T`, telling syntax errors (400) from shape errors (422).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
+    check_depth(bytes, max_depth)?;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let value = match value {
+        Ok(v) => v,
+        Err(err) => return Err(shape_or_syntax_error(err)),
+    };
+    de.end().map_err(|e| {
+        ApiError::bad_request("malformed_json", format!("the request body is not valid JSON: {e}"))
+    })?;
+    Ok(value)
+}
+
+fn shape_or_syntax_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    {
+        let path = json_pointer(err.path());
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => ApiError::validation(
+                format!("the request body does not have the expected shape: {inner}"),
+                vec![ErrorDetail {
+                    path,
+                    message: strip_position(&inner.to_string()),
+                }],
+            ),
+            _ => ApiError::bad_request(
+                "malformed_json",
+                format!("the request body is not valid JSON: {inner}"),
+            ),
+        }
+    }
+}
+
+/// Rejects JSON nested deeper than `max_depth` without building it (a cheap byte scan).
+pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(ApiError::bad_request(
+                        "nesting_too_deep",
+                        format!("the JSON body is nested deeper than {max_depth} levels"),
+                    ));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn json_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("/{index}")),
+            Segment::Map { key } => {
+                out.push('/');
+                out.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            }
+            Segment::Enum { variant } => out.push_str(&format!("/{variant}")),
+            Segment::Unknown => out.push_str("/?"),
+        }
+    }
+    if out.is_empty() { "/".into() } else { out }
+}
+
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Query-string parameters; a bad one is a 400 in the contract's shape.
+#[derive(Debug, Clone)]
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
+/// Path parameters; a bad one is a 400 in the contract's shape.
+#[derive(Debug, Clone)]
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_scan_ignores_brackets_inside_strings() {
+        assert!(check_depth(br#"{"a":"[[[[[[[[[["}"#, 3).is_ok());
+        assert!(check_depth(br#"{"a":"\"[[[[["}"#, 3).is_ok());
+        assert!(check_depth(b"[[[[1]]]]", 3).is_err());
+        assert!(check_depth(b"[[[1]]]", 3).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_and_shape_errors_are_told_apart() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Body {
+            amount: u32,
+        }
+        let e = parse_json::<Body>(b"{\"amount\": ", 10).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = parse_json::<Body>(b"{\"amount\": \"x\"}", 10).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.details[0]["path"], "/amount");
+        let e = parse_json::<Body>(b"{\"amount\": 1} trailing", 10).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,12 @@
+//! HTTP plumbing shared by every capability: the error body, extractors, authentication of admin
+//! keys, pagination, and the middleware stack.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod page;
+
+pub use auth::{AdminAuth, Permission, Role};
+pub use error::{ApiError, ApiResult, ErrorDetail};
+pub use extract::{Json, Path, Query};
+pub use page::{Page, PageQuery};

@@ -1,0 +1,51 @@
+//! Cursor pagination shared by every list route: `?limit=&cursor=` in, `{"data", "next_cursor"}`
+//! out. Cursors are the sort key of the last item returned, so pages stay stable while rows are
+//! added.
+
+use serde::{Deserialize, Serialize};
+
+/// Query parameters common to list routes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PageQuery {
+    /// How many items to return (1–200, default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The effective page size.
+    pub fn limit(&self) -> i64 {
+        i64::from(self.limit.unwrap_or(50).clamp(1, 200))
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub data: Vec<T>,
+    /// Pass as `cursor` to get the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// Builds a page from up to `limit + 1` fetched rows: the extra row only says that more exist.
+    pub fn from_rows(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String) -> Self {
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let next_cursor = if more { rows.last().map(&cursor_of) } else { None };
+        Page {
+            data: rows,
+            next_cursor,
+        }
+    }
+
+    /// Maps every item.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page {
+            data: self.data.into_iter().map(f).collect(),
+            next_cursor: self.next_cursor,
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! # OpsIQ
+//!
+//! A gateway between AI agents and a customer's systems: agents may run only the actions an admin
+//! declared, with valid arguments, within their token's scopes and roles; every allowed call
+//! becomes a signed, retried, logged webhook.
+//!
+//! # Layout
+//! - [`config`]: layered configuration, validated once.
+//! - [`db`]: the SQLite | PostgreSQL database, migrations, the `on_pool!`/`in_tx!` macros.
+//! - [`http`]: the error body, our extractors, admin-key authentication, pagination.
+//! - [`tenants`]: tenants and admin API keys.
+//! - [`registry`]: actions, versions, content hashes, declarative files.
+//! - [`ops`]: health, readiness, metrics.
+//! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
+//!
+//! [`run`] starts everything on a given listener; the binary and the tests both call it.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod http;
+pub mod ids;
+pub mod ops;
+pub mod registry;
+pub mod telemetry;
+pub mod tenants;
+
+pub mod app;
+
+pub use app::{AppState, init, run};
+pub use config::Config;

@@ -1,0 +1,158 @@
+//! The `opsiq` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use opsiq::config::{Config, LogFormat};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "opsiq", version, about = "OpsIQ: the tool-call gateway for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (HTTP API, MCP server and delivery worker).
+    Serve(ServeArgs),
+    /// Create the database and a tenant, and print its owner API key once.
+    Init(InitArgs),
+}
+
+/// Flags shared by commands that open the database; unset flags leave lower layers in charge.
+#[derive(Debug, Args, Serialize)]
+struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Database URL: sqlite://opsiq.db (default) or postgres://…
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_url: Option<String>,
+    /// Log format: human or json.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Args, Serialize)]
+struct ServeArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// Allow delivery to loopback and private addresses. Never use in production.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dev: bool,
+    /// Delays between delivery attempts, e.g. 5s,5m,30m,2h,5h,10h.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_schedule: Option<String>,
+    /// How long delivery records are kept, e.g. 30d.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<String>,
+}
+
+#[derive(Debug, Args, Serialize)]
+struct InitArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+    /// Name of the tenant to create (default: "default").
+    #[arg(long)]
+    #[serde(skip)]
+    tenant: Option<String>,
+    /// Print {"tenant_id","admin_key"} as JSON.
+    #[arg(long)]
+    #[serde(skip)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Init(args) => init(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+fn load_config(file: Option<&PathBuf>, overrides: &impl Serialize) -> anyhow::Result<Config> {
+    Ok(Config::load(file.map(PathBuf::as_path), overrides)?)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(args.common.config.as_ref(), &args)?;
+    opsiq::telemetry::init_logging(config.log_format);
+    if config.dev {
+        tracing::warn!("--dev: deliveries to loopback and private addresses are ALLOWED; never run this in production");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = opsiq::AppState::open(config).await?;
+    tracing::info!(%addr, "opsiq is ready");
+    println!("listening on http://{addr}");
+    opsiq::app::serve(state, listener, shutdown_signal()).await
+}
+
+async fn init(args: InitArgs) -> anyhow::Result<()> {
+    let config = load_config(args.common.config.as_ref(), &args)?;
+    if config.log_format == LogFormat::Json {
+        opsiq::telemetry::init_logging(config.log_format);
+    }
+    let created = opsiq::init(&config, args.tenant.as_deref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&created)?);
+    } else {
+        println!("Created tenant {}.", created.tenant_id);
+        println!("Owner API key (shown once, keep it safe):\n\n    {}\n", created.admin_key);
+        println!("Next: opsiq serve, then call the API with `Authorization: Bearer <key>`.");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,91 @@
+//! Declarative actions: every `*.json` in the actions directory is applied to every tenant at
+//! start (and to a new tenant by `opsiq init`).
+//!
+//! Semantics: a file is applied when it is new or its content changed since it was last applied
+//! to that tenant; it then becomes a new version of the action. Edits made over the API to a
+//! file-declared action stand until the file itself changes. Deleting the action over the API
+//! is likewise kept until the file changes. Removing a file does not delete the action.
+
+use std::path::Path;
+
+use super::model::ActionDeclaration;
+use super::store::{self, Source, UpsertMode, Upserted};
+use crate::db::Database;
+
+/// A problem with the declarative files; start-up stops with it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The directory or a file could not be read.
+    #[error("{path}: {message}")]
+    Read {
+        /// The file or directory.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Storing failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Reads and validates every action file; a missing directory is no files.
+pub fn read_action_files(dir: &Path) -> Result<Vec<ActionDeclaration>, FileError> {
+    let mut out = Vec::new();
+    for path in json_files(dir)? {
+        let text = std::fs::read_to_string(&path).map_err(|e| FileError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let decl: ActionDeclaration = serde_json::from_str(&text).map_err(|e| FileError::Read {
+            path: path.display().to_string(),
+            message: format!("not a valid action declaration: {e}"),
+        })?;
+        decl.validate().map_err(|problems| FileError::Read {
+            path: path.display().to_string(),
+            message: problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        out.push(decl);
+    }
+    Ok(out)
+}
+
+/// The `*.json` files of a directory in name order; none if the directory does not exist.
+pub fn json_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, FileError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(FileError::Read {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            });
+        }
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Applies the declarations to one tenant; returns how many were created or updated.
+pub async fn apply_to_tenant(
+    db: &Database,
+    tenant_id: &str,
+    decls: &[ActionDeclaration],
+) -> Result<usize, FileError> {
+    let mut changed = 0;
+    for decl in decls {
+        let (_, what) = store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile).await?;
+        if matches!(what, Upserted::Created | Upserted::Updated) {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}

@@ -1,0 +1,274 @@
+//! What an action is: its declaration as admins write it, parsed into types that cannot hold an
+//! invalid name or an uncompilable schema.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::crypto;
+use crate::http::ErrorDetail;
+
+/// A validated action name: `^[A-Za-z0-9_-]{1,64}$`, accepted by OpenAI, Anthropic and MCP alike.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ActionName(String);
+
+impl ActionName {
+    /// Parses a name, saying what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let ok = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(text.to_string()))
+        } else {
+            Err("must be 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`".into())
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Hints for clients about what an action does (MCP tool annotations).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Annotations {
+    /// Only reads; needs no idempotency key.
+    #[serde(default)]
+    pub read_only: bool,
+    /// May destroy or irreversibly change data.
+    #[serde(default)]
+    pub destructive: bool,
+    /// Repeating it with the same arguments has no further effect.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Talks to the world outside the customer's system.
+    #[serde(default)]
+    pub open_world: bool,
+}
+
+/// Whether an invocation waits for the endpoint's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Wait up to `timeout_ms` and return the endpoint's answer.
+    #[default]
+    Sync,
+    /// Answer 202 at once.
+    Async,
+}
+
+/// Whether a person must approve each invocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Approval {
+    /// Run without approval.
+    #[default]
+    Never,
+    /// Hold every invocation for an approver.
+    Always,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An action as declared over the API or in `schemas/actions/*.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionDeclaration {
+    /// Unique per tenant; see [`ActionName`].
+    pub name: String,
+    /// Short human title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// What the action does, written for the model that will choose it.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema 2020-12 for the arguments; must be an object schema.
+    pub input_schema: Value,
+    /// JSON Schema 2020-12 for the endpoint's result.
+    #[serde(default)]
+    pub output_schema: Option<Value>,
+    /// Behaviour hints.
+    #[serde(default)]
+    pub annotations: Annotations,
+    /// The endpoint that receives invocations.
+    #[serde(default)]
+    pub endpoint_id: Option<String>,
+    /// `sync` or `async`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// How long a `sync` invocation waits for the endpoint.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `never` or `always`.
+    #[serde(default)]
+    pub approval: Approval,
+    /// Disabled actions are not listed or invocable.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Conditional allow/deny/approval rules evaluated on each invocation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<Value>,
+}
+
+impl ActionDeclaration {
+    /// Checks everything that can be checked without the database; every problem is reported.
+    pub fn validate(&self) -> Result<ActionName, Vec<ErrorDetail>> {
+        let mut problems = Vec::new();
+        let name = ActionName::parse(&self.name).map_err(|message| ErrorDetail {
+            path: "/name".into(),
+            message,
+        });
+        if let Err(detail) = &name {
+            problems.push(detail.clone());
+        }
+        if self.description.len() > 4096 {
+            problems.push(detail("/description", "must be at most 4096 characters"));
+        }
+        if let Some(title) = &self.title
+            && title.len() > 200
+        {
+            problems.push(detail("/title", "must be at most 200 characters"));
+        }
+        match self.input_schema.get("type").and_then(Value::as_str) {
+            Some("object") => {}
+            _ => problems.push(detail(
+                "/input_schema/type",
+                "the input schema must describe an object: set \"type\": \"object\"",
+            )),
+        }
+        if let Err((at, message)) = compile_schema(&self.input_schema) {
+            problems.push(detail(&format!("/input_schema{at}"), &message));
+        }
+        if let Some(output) = &self.output_schema
+            && let Err((at, message)) = compile_schema(output)
+        {
+            problems.push(detail(&format!("/output_schema{at}"), &message));
+        }
+        if !(100..=120_000).contains(&self.timeout_ms) {
+            problems.push(detail("/timeout_ms", "must be between 100 and 120000"));
+        }
+        if self.guards.len() > 32 {
+            problems.push(detail("/guards", "at most 32 guards"));
+        }
+        match name {
+            Ok(name) if problems.is_empty() => Ok(name),
+            _ => Err(problems),
+        }
+    }
+
+    /// The canonical JSON text (sorted keys, defaults filled in) that the content hash covers.
+    pub fn canonical_json(&self) -> String {
+        // serde_json's map is ordered by key, so serialising through `Value` sorts every object.
+        serde_json::to_value(self)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    }
+
+    /// SHA-256 of the canonical declaration: what an invocation records as "exactly what ran".
+    pub fn content_hash(&self) -> String {
+        format!("sha256:{}", crypto::sha256_hex(self.canonical_json().as_bytes()))
+    }
+}
+
+fn detail(path: &str, message: &str) -> ErrorDetail {
+    ErrorDetail {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Compiles a JSON Schema 2020-12 with no remote or file references (none can be fetched); on
+/// failure returns the JSON pointer of the fault inside the schema and what is wrong.
+pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
+    if !schema.is_object() && !schema.is_boolean() {
+        return Err((String::new(), "must be a JSON Schema (an object)".into()));
+    }
+    jsonschema::draft202012::options().build(schema).map_err(|e| {
+        (
+            e.instance_path().to_string(),
+            format!("is not a valid JSON Schema 2020-12: {e}"),
+        )
+    })
+}
+
+/// Validates `instance` and returns every error with its JSON pointer and a sentence an LLM can
+/// act on.
+pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<ErrorDetail> {
+    validator
+        .iter_errors(instance)
+        .map(|e| {
+            let path = e.instance_path().to_string();
+            ErrorDetail {
+                path: if path.is_empty() { "/".into() } else { path },
+                message: e.to_string(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decl(input_schema: Value) -> ActionDeclaration {
+        serde_json::from_value(json!({"name": "refund_invoice", "input_schema": input_schema})).unwrap()
+    }
+
+    #[test]
+    fn names_follow_the_tool_name_rules() {
+        assert!(ActionName::parse("refund_invoice-2").is_ok());
+        assert!(ActionName::parse("").is_err());
+        assert!(ActionName::parse("has space").is_err());
+        assert!(ActionName::parse(&"a".repeat(65)).is_err());
+        assert!(ActionName::parse("ünïcode").is_err());
+    }
+
+    #[test]
+    fn bad_schemas_are_named() {
+        let problems = decl(json!({"type": "object", "properties": {"a": {"type": 12}}}))
+            .validate()
+            .unwrap_err();
+        assert!(problems.iter().any(|p| p.path == "/input_schema/properties/a/type"), "{problems:?}");
+        let problems = decl(json!({"type": "string"})).validate().unwrap_err();
+        assert_eq!(problems[0].path, "/input_schema/type");
+    }
+
+    #[test]
+    fn remote_refs_are_never_fetched() {
+        let problems = decl(json!({"type": "object", "properties": {"a": {"$ref": "http://169.254.169.254/latest"}}}))
+            .validate()
+            .unwrap_err();
+        assert!(problems.iter().any(|p| p.path.starts_with("/input_schema")), "{problems:?}");
+        let problems = decl(json!({"type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}}))
+            .validate()
+            .unwrap_err();
+        assert!(problems.iter().any(|p| p.path.starts_with("/input_schema")), "{problems:?}");
+    }
+
+    #[test]
+    fn hash_ignores_key_order_and_covers_content() {
+        let a: ActionDeclaration = serde_json::from_str(
+            r#"{"name":"x","input_schema":{"type":"object","properties":{"a":{"type":"string"}}},"description":"d"}"#,
+        )
+        .unwrap();
+        let b: ActionDeclaration = serde_json::from_str(
+            r#"{"description":"d","input_schema":{"properties":{"a":{"type":"string"}},"type":"object"},"name":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.content_hash(), b.content_hash());
+        let mut c = a.clone();
+        c.description = "other".into();
+        assert_ne!(a.content_hash(), c.content_hash());
+    }
+}

@@ -1,0 +1,255 @@
+//! Tenants and their admin API keys. A tenant is created by `opsiq init`; its keys are managed
+//! over `/v1/api-keys`. A key's secret is shown exactly once and stored only as its SHA-256.
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, MasterKey};
+use crate::db::{Database, DbError, now_ms, rfc3339};
+use crate::http::auth::API_KEY_PREFIX;
+use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query, Role};
+use crate::{AppState, ids, in_tx, on_pool};
+
+/// A tenant and the owner key made for it, as `opsiq init` prints them.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewTenant {
+    /// The tenant's id (`ten_…`).
+    pub tenant_id: String,
+    /// The owner API key; shown once.
+    pub admin_key: String,
+}
+
+/// Creates a tenant with a fresh agent-token signing key and an owner API key.
+pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Result<NewTenant, TenantError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(TenantError::InvalidName);
+    }
+    let tenant_id = ids::new_id("ten");
+    let jwt_key = keys.seal(&crypto::random_token::<32>());
+    let (key_row, secret) = new_key_row(&tenant_id, "owner", Role::Owner);
+    let now = now_ms();
+    let result: Result<(), TenantError> = in_tx!(db.writer(), |tx| {
+        let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            Err(TenantError::NameTaken)
+        } else {
+            sqlx::query("INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&tenant_id)
+                .bind(name)
+                .bind(&jwt_key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            insert_key(&mut *tx, &key_row).await?;
+            Ok(())
+        }
+    });
+    result?;
+    Ok(NewTenant {
+        tenant_id,
+        admin_key: secret,
+    })
+}
+
+/// The ids of every tenant (declarative files are applied to each).
+pub async fn all_tenant_ids(db: &Database) -> Result<Vec<String>, DbError> {
+    let rows: Vec<(String,)> = on_pool!(db.reader(), |pool| {
+        sqlx::query_as("SELECT id FROM tenants ORDER BY id").fetch_all(pool).await?
+    });
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Failures creating a tenant.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The name is empty or longer than 100 characters.
+    #[error("a tenant name must be 1 to 100 characters")]
+    InvalidName,
+    /// Tenant names are unique per database.
+    #[error("a tenant with that name already exists")]
+    NameTaken,
+    /// Storage failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for TenantError {
+    fn from(e: sqlx::Error) -> Self {
+        TenantError::Db(e.into())
+    }
+}
+
+/// A stored API key, as listed (never with its secret).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    /// `key_…`.
+    pub id: String,
+    #[serde(skip)]
+    tenant_id: String,
+    /// A label chosen by the admin.
+    pub name: String,
+    /// One of owner, admin, developer, approver, viewer.
+    pub role: String,
+    #[serde(skip)]
+    key_hash: String,
+    /// The first characters of the key, to recognise it.
+    pub key_prefix: String,
+    #[serde(skip)]
+    created_at: i64,
+    #[serde(skip)]
+    revoked_at: Option<i64>,
+}
+
+impl ApiKeyRow {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "role": self.role,
+            "key_prefix": self.key_prefix,
+            "created_at": rfc3339(self.created_at),
+            "revoked": self.revoked_at.is_some(),
+        })
+    }
+}
+
+fn new_key_row(tenant_id: &str, name: &str, role: Role) -> (ApiKeyRow, String) {
+    let secret = format!("{API_KEY_PREFIX}{}", crypto::random_token::<32>());
+    let row = ApiKeyRow {
+        id: ids::new_id("key"),
+        tenant_id: tenant_id.to_string(),
+        name: name.to_string(),
+        role: role.as_str().to_string(),
+        key_hash: crypto::sha256_hex(secret.as_bytes()),
+        key_prefix: secret[..API_KEY_PREFIX.len() + 4].to_string(),
+        created_at: now_ms(),
+        revoked_at: None,
+    };
+    (row, secret)
+}
+
+async fn insert_key<'e, E>(executor: E, row: &ApiKeyRow) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e>,
+    for<'q> String: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
+    for<'q> i64: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
+    for<'q> <E::Database as sqlx::Database>::Arguments: sqlx::IntoArguments<E::Database>,
+{
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, name, role, key_hash, key_prefix, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(row.id.clone())
+    .bind(row.tenant_id.clone())
+    .bind(row.name.clone())
+    .bind(row.role.clone())
+    .bind(row.key_hash.clone())
+    .bind(row.key_prefix.clone())
+    .bind(row.created_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// The admin-key routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/api-keys", get(list_keys).post(create_key))
+        .route("/v1/api-keys/{id}", delete(revoke_key).get(get_key))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    role: Role,
+}
+
+async fn create_key(
+    state: axum::extract::State<AppState>,
+    auth: AdminAuth,
+    Json(body): Json<CreateKey>,
+) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
+    auth.require(Permission::Manage)?;
+    if body.role == Role::Owner && auth.role != Role::Owner {
+        return Err(ApiError::forbidden("forbidden", "only an owner key can create another owner key"));
+    }
+    if body.name.trim().is_empty() || body.name.len() > 100 {
+        return Err(ApiError::invalid_field("/name", "must be 1 to 100 characters"));
+    }
+    let (row, secret) = new_key_row(&auth.tenant_id, body.name.trim(), body.role);
+    on_pool!(state.db.writer(), |pool| insert_key(pool, &row).await?);
+    let mut json = row.to_json();
+    json["key"] = secret.into();
+    Ok((StatusCode::CREATED, axum::Json(json)))
+}
+
+async fn list_keys(
+    state: axum::extract::State<AppState>,
+    auth: AdminAuth,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<serde_json::Value>>> {
+    auth.require(Permission::Manage)?;
+    let limit = page.limit();
+    let cursor = page.cursor.clone().unwrap_or_else(|| "~".into());
+    let rows: Vec<ApiKeyRow> = on_pool!(state.db.reader(), |pool| {
+        sqlx::query_as(
+            "SELECT * FROM api_keys WHERE tenant_id = $1 AND id < $2 AND revoked_at IS NULL \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(&auth.tenant_id)
+        .bind(&cursor)
+        .bind(limit + 1)
+        .fetch_all(pool)
+        .await?
+    });
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.id.clone()).map(|r| r.to_json()),
+    ))
+}
+
+async fn get_key(
+    state: axum::extract::State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    auth.require(Permission::Manage)?;
+    let row: Option<ApiKeyRow> = on_pool!(state.db.reader(), |pool| {
+        sqlx::query_as("SELECT * FROM api_keys WHERE tenant_id = $1 AND id = $2")
+            .bind(&auth.tenant_id)
+            .bind(&id)
+            .fetch_optional(pool)
+            .await?
+    });
+    row.map(|r| axum::Json(r.to_json()))
+        .ok_or_else(|| ApiError::not_found("API key"))
+}
+
+async fn revoke_key(
+    state: axum::extract::State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    auth.require(Permission::Manage)?;
+    let done = on_pool!(state.db.writer(), |pool| {
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(&auth.tenant_id)
+        .bind(&id)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    });
+    if done == 0 {
+        return Err(ApiError::not_found("API key"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
