@@ -40,6 +40,7 @@ pub struct AppState {
 impl AppState {
     /// Connects to the database, loads the master key and applies the declarative files.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
+        crate::crypto::install_tls_provider();
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;
@@ -87,20 +88,24 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .layer(axum::middleware::from_fn(telemetry::http_metrics))
         .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the server failed to handle this request")
-                .into_response()
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the server failed to handle this request",
+            )
+            .into_response()
         }))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
-            }),
-        )
-        .layer(SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            axum::http::header::AUTHORIZATION,
+        ]))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
@@ -128,7 +133,9 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
-    tokio::time::timeout(Duration::from_secs(10), db.close()).await.ok();
+    tokio::time::timeout(Duration::from_secs(10), db.close())
+        .await
+        .ok();
     Ok(())
 }
 

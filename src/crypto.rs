@@ -87,9 +87,8 @@ impl MasterKey {
             Ok(text) => Ok((Self::from_base64(&text)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => {
                 let (key, text) = Self::generate();
-                write_private_file(file, &text).map_err(|e| {
-                    CryptoError::MasterKey(format!("cannot create {}: {e}", file.display()))
-                })?;
+                write_private_file(file, &text)
+                    .map_err(|e| CryptoError::MasterKey(format!("cannot create {}: {e}", file.display())))?;
                 Ok((key, true))
             }
             Err(e) => Err(CryptoError::MasterKey(format!(
@@ -157,4 +156,10 @@ mod tests {
         assert!(other.open(&sealed).is_err());
         assert!(key.open("AAAA").is_err());
     }
+}
+
+/// Installs rustls' `ring` provider for outbound TLS once per process (reqwest needs one).
+pub fn install_tls_provider() {
+    // Fails only when a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -108,7 +108,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(args.common.config.as_ref(), &args)?;
     opsiq::telemetry::init_logging(config.log_format);
     if config.dev {
-        tracing::warn!("--dev: deliveries to loopback and private addresses are ALLOWED; never run this in production");
+        tracing::warn!(
+            "--dev: deliveries to loopback and private addresses are ALLOWED; never run this in production"
+        );
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -128,7 +130,10 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&created)?);
     } else {
         println!("Created tenant {}.", created.tenant_id);
-        println!("Owner API key (shown once, keep it safe):\n\n    {}\n", created.admin_key);
+        println!(
+            "Owner API key (shown once, keep it safe):\n\n    {}\n",
+            created.admin_key
+        );
         println!("Next: opsiq serve, then call the API with `Authorization: Bearer <key>`.");
     }
     Ok(())

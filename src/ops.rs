@@ -27,7 +27,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": {"code": "not_ready", "message": "the database is unreachable", "details": []}})),
+            axum::Json(
+                json!({"error": {"code": "not_ready", "message": "the database is unreachable", "details": []}}),
+            ),
         )
     }
 }

@@ -10,9 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
 /// Storage failures; the HTTP layer turns every one of them into a 500 without details.
@@ -174,7 +172,10 @@ impl Database {
 }
 
 /// `INSERT … ON CONFLICT` that bumps a named change counter (read by caches and MCP sessions).
-pub fn bump_counter_query<'q, DB>(name: &str, _now: i64) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+pub fn bump_counter_query<'q, DB>(
+    name: &str,
+    _now: i64,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
 where
     DB: sqlx::Database,
     String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
@@ -206,10 +207,7 @@ pub fn now_ms() -> i64 {
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
 }
 

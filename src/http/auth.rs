@@ -154,9 +154,8 @@ impl FromRequestParts<AppState> for AdminAuth {
             .fetch_optional(pool)
             .await?
         });
-        let (key_id, tenant_id, role) = row.ok_or_else(|| {
-            ApiError::unauthorized("invalid_api_key", "the API key is unknown or revoked")
-        })?;
+        let (key_id, tenant_id, role) = row
+            .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "the API key is unknown or revoked"))?;
         let role = Role::parse(&role).ok_or_else(|| ApiError::internal("stored role is unknown"))?;
         Ok(AdminAuth {
             tenant_id,

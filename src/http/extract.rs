@@ -85,7 +85,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result
         Err(err) => return Err(shape_or_syntax_error(err)),
     };
     de.end().map_err(|e| {
-        ApiError::bad_request("malformed_json", format!("the request body is not valid JSON: {e}"))
+        ApiError::bad_request(
+            "malformed_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
     })?;
     Ok(value)
 }

@@ -239,21 +239,33 @@ mod tests {
         let problems = decl(json!({"type": "object", "properties": {"a": {"type": 12}}}))
             .validate()
             .unwrap_err();
-        assert!(problems.iter().any(|p| p.path == "/input_schema/properties/a/type"), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "/input_schema/properties/a/type"),
+            "{problems:?}"
+        );
         let problems = decl(json!({"type": "string"})).validate().unwrap_err();
         assert_eq!(problems[0].path, "/input_schema/type");
     }
 
     #[test]
     fn remote_refs_are_never_fetched() {
-        let problems = decl(json!({"type": "object", "properties": {"a": {"$ref": "http://169.254.169.254/latest"}}}))
-            .validate()
-            .unwrap_err();
-        assert!(problems.iter().any(|p| p.path.starts_with("/input_schema")), "{problems:?}");
+        let problems =
+            decl(json!({"type": "object", "properties": {"a": {"$ref": "http://169.254.169.254/latest"}}}))
+                .validate()
+                .unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.path.starts_with("/input_schema")),
+            "{problems:?}"
+        );
         let problems = decl(json!({"type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}}))
             .validate()
             .unwrap_err();
-        assert!(problems.iter().any(|p| p.path.starts_with("/input_schema")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.path.starts_with("/input_schema")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -59,7 +59,10 @@ async fn check_declaration(state: &AppState, tenant_id: &str, decl: &ActionDecla
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::validation("the action declaration is invalid", problems))
+        Err(ApiError::validation(
+            "the action declaration is invalid",
+            problems,
+        ))
     }
 }
 
@@ -70,7 +73,14 @@ async fn create_action(
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
-    let (action, _) = store::upsert(&state.db, &auth.tenant_id, &decl, Source::Api, UpsertMode::CreateOnly).await?;
+    let (action, _) = store::upsert(
+        &state.db,
+        &auth.tenant_id,
+        &decl,
+        Source::Api,
+        UpsertMode::CreateOnly,
+    )
+    .await?;
     state.registry_changed(&auth.tenant_id);
     Ok((StatusCode::CREATED, axum::Json(action.to_json())))
 }
@@ -83,7 +93,10 @@ async fn replace_action(
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
     let Some(map) = body.as_object_mut() else {
-        return Err(ApiError::invalid_field("/", "the body must be an action declaration object"));
+        return Err(ApiError::invalid_field(
+            "/",
+            "the body must be an action declaration object",
+        ));
     };
     match map.get("name") {
         None => {
@@ -98,13 +111,27 @@ async fn replace_action(
         }
     }
     // Server-managed fields may be echoed back from a GET; they are not part of the declaration.
-    for field in ["id", "version", "content_hash", "source", "created_at", "updated_at"] {
+    for field in [
+        "id",
+        "version",
+        "content_hash",
+        "source",
+        "created_at",
+        "updated_at",
+    ] {
         map.remove(field);
     }
     let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
     let decl: ActionDeclaration = crate::http::extract::parse_json(&bytes, state.config.max_json_depth)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
-    let (action, _) = store::upsert(&state.db, &auth.tenant_id, &decl, Source::Api, UpsertMode::UpdateOnly).await?;
+    let (action, _) = store::upsert(
+        &state.db,
+        &auth.tenant_id,
+        &decl,
+        Source::Api,
+        UpsertMode::UpdateOnly,
+    )
+    .await?;
     state.registry_changed(&auth.tenant_id);
     Ok(axum::Json(action.to_json()))
 }
@@ -158,8 +185,19 @@ async fn list_versions(
     Path(name): Path<String>,
     Query(page): Query<VersionPage>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    let limit = PageQuery { limit: page.limit, cursor: None }.limit();
-    let rows = store::versions(&state.db, &auth.tenant_id, &name, page.cursor.unwrap_or(i64::MAX), limit + 1).await?;
+    let limit = PageQuery {
+        limit: page.limit,
+        cursor: None,
+    }
+    .limit();
+    let rows = store::versions(
+        &state.db,
+        &auth.tenant_id,
+        &name,
+        page.cursor.unwrap_or(i64::MAX),
+        limit + 1,
+    )
+    .await?;
     if rows.is_empty() && page.cursor.is_none() {
         return Err(ApiError::not_found("action"));
     }

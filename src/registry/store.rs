@@ -159,13 +159,11 @@ impl From<sqlx::Error> for StoreError {
 /// The current version of an action, unless deleted.
 pub async fn get(db: &Database, tenant_id: &str, name: &str) -> Result<Option<Action>, DbError> {
     let row: Option<ActionRow> = on_pool!(db.reader(), |pool| {
-        sqlx::query_as(
-            "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
-        )
-        .bind(tenant_id)
-        .bind(name)
-        .fetch_optional(pool)
-        .await?
+        sqlx::query_as("SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL")
+            .bind(tenant_id)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?
     });
     row.map(Action::from_row).transpose()
 }
@@ -291,7 +289,11 @@ pub async fn upsert(
                     content_hash: hash.clone(),
                     source: source.as_str().into(),
                     file_hash: file_hash.clone().or_else(|| old.file_hash.clone()),
-                    created_at: if old.deleted_at.is_some() { now } else { old.created_at },
+                    created_at: if old.deleted_at.is_some() {
+                        now
+                    } else {
+                        old.created_at
+                    },
                     updated_at: now,
                     deleted_at: None,
                     ..old.clone()
@@ -312,7 +314,11 @@ pub async fn upsert(
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
-                let kind = if old.deleted_at.is_some() { Upserted::Created } else { Upserted::Updated };
+                let kind = if old.deleted_at.is_some() {
+                    Upserted::Created
+                } else {
+                    Upserted::Updated
+                };
                 Ok((row, kind))
             }
         };
@@ -363,4 +369,3 @@ pub async fn delete(db: &Database, tenant_id: &str, name: &str) -> Result<bool, 
     });
     deleted
 }
-

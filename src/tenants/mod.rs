@@ -60,7 +60,9 @@ pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Resul
 /// The ids of every tenant (declarative files are applied to each).
 pub async fn all_tenant_ids(db: &Database) -> Result<Vec<String>, DbError> {
     let rows: Vec<(String,)> = on_pool!(db.reader(), |pool| {
-        sqlx::query_as("SELECT id FROM tenants ORDER BY id").fetch_all(pool).await?
+        sqlx::query_as("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(pool)
+            .await?
     });
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
@@ -178,7 +180,10 @@ async fn create_key(
 ) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
     auth.require(Permission::Manage)?;
     if body.role == Role::Owner && auth.role != Role::Owner {
-        return Err(ApiError::forbidden("forbidden", "only an owner key can create another owner key"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only an owner key can create another owner key",
+        ));
     }
     if body.name.trim().is_empty() || body.name.len() > 100 {
         return Err(ApiError::invalid_field("/name", "must be 1 to 100 characters"));

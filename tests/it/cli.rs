@@ -1,0 +1,181 @@
+//! The binary itself: `init`, configuration errors, and durability across `kill -9`.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::dual;
+use crate::harness::{Backend, read};
+use crate::process;
+
+dual!(accepted_writes_survive_kill_9);
+
+async fn accepted_writes_survive_kill_9(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let http = crate::harness::http_client();
+
+    let server = process::serve(dir.path(), &url, &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (http, base, key) = (http.clone(), server.base.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"name": format!("action_{i}"), "input_schema": {"type": "object"}});
+            let resp = http
+                .post(format!("{base}/v1/actions"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        if t.await.unwrap() == 201 {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 40);
+    server.kill_9().await;
+
+    let server = process::serve(dir.path(), &url, &[]).await;
+    let resp = http
+        .request(Method::GET, format!("{}/v1/actions?limit=100", server.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["data"].as_array().unwrap().len(),
+        40,
+        "every answered write survived"
+    );
+    server.kill_9().await;
+}
+
+#[tokio::test]
+async fn init_prints_the_key_once_and_adds_tenants_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let (tenant, key) = process::init(dir.path(), &url).await;
+    assert!(tenant.starts_with("ten_"));
+    assert!(key.starts_with("opsiq_sk_"));
+
+    let again = process::opsiq()
+        .current_dir(dir.path())
+        .args(["init", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success(), "a second plain init is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--tenant"));
+
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["init", "--database-url", &url, "--tenant", "globex"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("opsiq_sk_"), "{text}");
+}
+
+#[tokio::test]
+async fn init_creates_a_private_master_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let out = process::opsiq()
+        .env_remove("OPSIQ_MASTER_KEY")
+        .current_dir(dir.path())
+        .args(["init", "--json", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key_file = dir.path().join("opsiq.key");
+    let meta = std::fs::metadata(&key_file).expect("opsiq.key created");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            meta.permissions().mode() & 0o077,
+            0,
+            "only the owner may read the key"
+        );
+    }
+    let _ = meta;
+}
+
+#[tokio::test]
+async fn nonsense_configuration_exits_non_zero_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &[(&str, &str)], &str); 5] = [
+        (&["serve", "--retry-schedule", "5s,often"], &[], "retry_schedule"),
+        (&["serve", "--listen", "nowhere"], &[], "listen"),
+        (&["serve", "--database-url", "mysql://x"], &[], "database_url"),
+        (&["serve"], &[("OPSIQ_RETENTION", "forever")], "retention"),
+        (&["serve", "--config", "missing.toml"], &[], "missing.toml"),
+    ];
+    for (args, env, needle) in cases {
+        let mut cmd = process::opsiq();
+        cmd.current_dir(dir.path()).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().await.unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    std::fs::write(dir.path().join("bad.toml"), "body_limit = \"big\"\n").unwrap();
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["serve", "--config", "bad.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("body_limit"));
+}
+
+#[tokio::test]
+async fn config_file_environment_and_flags_are_layered() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    process::init(dir.path(), &url).await;
+    // The file asks for one port, the environment for the database; the flag wins over both.
+    std::fs::write(
+        dir.path().join("opsiq.toml"),
+        format!(
+            "listen = \"127.0.0.1:1\"\ndatabase_url = \"sqlite://{}/nope.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = process::opsiq()
+        .current_dir(dir.path())
+        .env("OPSIQ_DATABASE_URL", &url)
+        .args(["serve", "--config", "opsiq.toml", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(line.starts_with("listening on http://127.0.0.1:"), "{line}");
+    assert!(!line.ends_with(":1"), "the flag overrides the file");
+    assert!(
+        !dir.path().join("nope.db").exists(),
+        "the environment overrides the file"
+    );
+    child.kill().await.unwrap();
+}

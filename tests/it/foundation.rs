@@ -1,0 +1,570 @@
+//! The foundation: registry CRUD and versions, declarative files, bad input, authentication and
+//! roles, tenant isolation, operations routes.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::dual;
+use crate::harness::{Backend, TestApp, error_code, read};
+
+fn refund_action() -> Value {
+    json!({
+        "name": "refund_invoice",
+        "title": "Refund an invoice",
+        "description": "Refund part or all of a paid invoice.",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "invoice_id": {"type": "string"},
+                "amount": {"type": "integer", "minimum": 1}
+            },
+            "required": ["invoice_id", "amount"],
+            "additionalProperties": false
+        },
+        "annotations": {"destructive": true}
+    })
+}
+
+dual!(
+    registry_create_read_update_delete,
+    registry_versions_and_hashes,
+    registry_rejects_bad_declarations,
+    action_files_are_applied_at_start,
+    bad_input_gets_contract_errors,
+    authentication_and_roles,
+    api_keys_are_shown_once_and_revocable,
+    tenants_never_see_each_other,
+    operations_routes,
+);
+
+async fn registry_create_read_update_delete(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (status, created) = app.call(Method::POST, "/v1/actions", Some(refund_action())).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["version"], 1);
+    assert!(created["id"].as_str().unwrap().starts_with("act_"));
+    assert_eq!(created["mode"], "sync", "defaults are filled in");
+
+    let (status, again) = app.call(Method::POST, "/v1/actions", Some(refund_action())).await;
+    assert_eq!(status, 409);
+    assert_eq!(error_code(&again), "already_exists");
+
+    let (status, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(got["input_schema"], refund_action()["input_schema"]);
+
+    let mut changed = refund_action();
+    changed["description"] = json!("Refund an invoice, fully or partly.");
+    let (status, updated) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(changed))
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["version"], 2);
+    assert_eq!(updated["id"], created["id"], "the id is stable across versions");
+
+    let (status, list) = app.call(Method::GET, "/v1/actions", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["next_cursor"], Value::Null);
+
+    let (status, _) = app.call(Method::DELETE, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(status, 204);
+    let (status, gone) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(error_code(&gone), "not_found");
+    let (status, _) = app.call(Method::DELETE, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund_action()))
+        .await;
+    assert_eq!(status, 404, "PUT does not create");
+
+    // Re-creating a deleted name continues its history instead of reusing version numbers.
+    let (status, revived) = app.call(Method::POST, "/v1/actions", Some(refund_action())).await;
+    assert_eq!(status, 201);
+    assert_eq!(revived["version"], 3);
+
+    // Pagination walks every action exactly once.
+    for i in 0..5 {
+        let mut a = refund_action();
+        a["name"] = json!(format!("action_{i}"));
+        assert_eq!(app.call(Method::POST, "/v1/actions", Some(a)).await.0, 201);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/actions?limit=2&cursor={c}"),
+            None => "/v1/actions?limit=2".into(),
+        };
+        let (_, page) = app.call(Method::GET, &path, None).await;
+        for a in page["data"].as_array().unwrap() {
+            seen.push(a["name"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen);
+}
+
+async fn registry_versions_and_hashes(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (_, v1) = app.call(Method::POST, "/v1/actions", Some(refund_action())).await;
+    // The same declaration with keys in another order is not a change.
+    let reordered: Value = serde_json::from_str(
+        r#"{"input_schema":{"additionalProperties":false,"required":["invoice_id","amount"],
+            "properties":{"amount":{"minimum":1,"type":"integer"},"invoice_id":{"type":"string"}},"type":"object"},
+            "annotations":{"destructive":true},"description":"Refund part or all of a paid invoice.",
+            "title":"Refund an invoice","name":"refund_invoice"}"#,
+    )
+    .unwrap();
+    let (status, same) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(reordered))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        same["version"], 1,
+        "an identical declaration is not a new version"
+    );
+    assert_eq!(same["content_hash"], v1["content_hash"]);
+
+    // A GET body can be edited and PUT back as is (server fields are ignored).
+    let mut edited = same.clone();
+    edited["timeout_ms"] = json!(2500);
+    let (status, v2) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(edited))
+        .await;
+    assert_eq!(status, 200, "{v2}");
+    assert_eq!(v2["version"], 2);
+    assert_ne!(v2["content_hash"], v1["content_hash"]);
+    assert!(v2["content_hash"].as_str().unwrap().starts_with("sha256:"));
+
+    let (status, versions) = app
+        .call(Method::GET, "/v1/actions/refund_invoice/versions", None)
+        .await;
+    assert_eq!(status, 200);
+    let list = versions["data"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["version"], 2);
+    assert_eq!(list[1]["version"], 1);
+    assert_eq!(list[1]["content_hash"], v1["content_hash"]);
+    assert_eq!(list[1]["declaration"]["timeout_ms"], 10000);
+    assert_eq!(list[0]["declaration"]["timeout_ms"], 2500);
+
+    let (status, one) = app
+        .call(Method::GET, "/v1/actions/refund_invoice/versions/1", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(one["content_hash"], v1["content_hash"]);
+    let (status, _) = app
+        .call(Method::GET, "/v1/actions/refund_invoice/versions/9", None)
+        .await;
+    assert_eq!(status, 404);
+
+    // Versions stay readable after the action is deleted.
+    app.call(Method::DELETE, "/v1/actions/refund_invoice", None).await;
+    let (status, versions) = app
+        .call(Method::GET, "/v1/actions/refund_invoice/versions", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(versions["data"].as_array().unwrap().len(), 2);
+
+    // Renaming through PUT is refused.
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/v1/actions/refund_invoice",
+            Some(json!({"name": "other", "input_schema": {"type": "object"}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(body["error"]["details"][0]["path"], "/name");
+}
+
+async fn registry_rejects_bad_declarations(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let cases = [
+        (
+            json!({"name": "has space", "input_schema": {"type": "object"}}),
+            "/name",
+        ),
+        (
+            json!({"name": &"x".repeat(65), "input_schema": {"type": "object"}}),
+            "/name",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "string"}}),
+            "/input_schema/type",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object", "properties": {"n": {"type": "integr"}}}}),
+            "/input_schema/properties/n/type",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object", "properties": {"n": {"$ref": "https://example.com/s.json"}}}}),
+            "/input_schema",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object"}, "output_schema": {"minimum": "ten"}}),
+            "/output_schema",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object"}, "timeout_ms": 5}),
+            "/timeout_ms",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object"}, "endpoint_id": "ep_nope"}),
+            "/endpoint_id",
+        ),
+        (
+            json!({"name": "a", "input_schema": {"type": "object"}, "mode": "later"}),
+            "/mode",
+        ),
+        (json!({"name": "a"}), "/"),
+        (
+            json!({"name": "a", "input_schema": {"type": "object"}, "surprise": 1}),
+            "/",
+        ),
+    ];
+    for (body, path) in cases {
+        let (status, err) = app.call(Method::POST, "/v1/actions", Some(body.clone())).await;
+        assert_eq!(status, 422, "{body} → {err}");
+        let details = err["error"]["details"].as_array().unwrap();
+        assert!(
+            details
+                .iter()
+                .any(|d| d["path"].as_str().unwrap().starts_with(path)),
+            "{body}: expected a detail at {path}, got {err}"
+        );
+    }
+    let (_, list) = app.call(Method::GET, "/v1/actions", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "nothing half-written");
+}
+
+async fn action_files_are_applied_at_start(backend: Backend) {
+    let mut app = TestApp::on(backend)
+        .with(|raw, dir| {
+            let actions = dir.join("actions");
+            std::fs::create_dir_all(&actions).unwrap();
+            std::fs::write(actions.join("refund_invoice.json"), refund_action().to_string()).unwrap();
+            raw.actions_dir = actions;
+        })
+        .start()
+        .await;
+    let (status, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["source"], "file");
+    assert_eq!(got["version"], 1);
+
+    // Unchanged file: a restart changes nothing, and an API edit stands.
+    let mut edited = got.clone();
+    edited["timeout_ms"] = json!(3000);
+    assert_eq!(
+        app.call(Method::PUT, "/v1/actions/refund_invoice", Some(edited))
+            .await
+            .0,
+        200
+    );
+    app.restart().await;
+    let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(got["version"], 2);
+    assert_eq!(got["timeout_ms"], 3000);
+
+    // A changed file becomes a new version at the next start.
+    let mut file = refund_action();
+    file["description"] = json!("Changed in the file");
+    std::fs::write(
+        app.dir.path().join("actions/refund_invoice.json"),
+        file.to_string(),
+    )
+    .unwrap();
+    app.restart().await;
+    let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(got["version"], 3);
+    assert_eq!(got["description"], "Changed in the file");
+    assert_eq!(got["source"], "file");
+
+    // A tenant added later gets the files too.
+    let (_, key_b) = app.new_tenant("globex").await;
+    let (status, _) = app
+        .call_as(&key_b, Method::GET, "/v1/actions/refund_invoice", None)
+        .await;
+    assert_eq!(status, 200);
+}
+
+async fn bad_input_gets_contract_errors(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, _| raw.body_limit = 4096)
+        .start()
+        .await;
+    let post = |body: reqwest::Body, ctype: Option<&str>| {
+        let mut req = app.admin(Method::POST, "/v1/actions").body(body);
+        if let Some(ctype) = ctype {
+            req = req.header("content-type", ctype);
+        }
+        req
+    };
+    let json = Some("application/json");
+
+    let (status, body) = read(post("{\"name\": ".into(), json).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "malformed_json"));
+
+    let (status, body) = read(
+        post(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'].into(), json)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_utf8"));
+
+    let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
+    let (status, body) = read(post(deep.into(), json).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "nesting_too_deep"));
+
+    let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(10_000));
+    let (status, body) = read(post(huge.into(), json).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
+
+    let (status, body) = read(post("{}".into(), Some("text/plain")).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
+    let (status, body) = read(post("{}".into(), None).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
+
+    let (status, body) = read(post("[1, 2]".into(), json).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (422, "validation_failed"));
+
+    let (status, body) = read(app.admin(Method::GET, "/v1/nothing-here").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = read(app.admin(Method::PATCH, "/v1/actions").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (405, "method_not_allowed"));
+    let (status, body) = read(
+        app.admin(Method::GET, "/v1/actions?limit=lots")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_query"));
+
+    // Every answer carries a request id.
+    let resp = app.admin(Method::GET, "/v1/actions").send().await.unwrap();
+    assert!(resp.headers().contains_key("x-request-id"));
+}
+
+async fn authentication_and_roles(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let resp = app.http.get(app.url("/v1/actions")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("www-authenticate").is_some());
+    let (_, body) = read(resp).await;
+    assert_eq!(error_code(&body), "unauthorized");
+
+    for bad in [
+        "opsiq_sk_unknown",
+        "not-a-key",
+        "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+    ] {
+        let (status, body) = app.call_as(bad, Method::GET, "/v1/actions", None).await;
+        assert_eq!(status, 401, "{bad}");
+        assert_eq!(error_code(&body), "invalid_api_key");
+    }
+
+    let (_, viewer) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "ro", "role": "viewer"})),
+        )
+        .await;
+    let viewer_key = viewer["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.call_as(&viewer_key, Method::GET, "/v1/actions", None).await.0,
+        200
+    );
+    let (status, body) = app
+        .call_as(&viewer_key, Method::POST, "/v1/actions", Some(refund_action()))
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "forbidden");
+    assert!(body["error"]["message"].as_str().unwrap().contains("viewer"));
+    let (status, _) = app
+        .call_as(
+            &viewer_key,
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "x", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    let (_, admin) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "adm", "role": "admin"})),
+        )
+        .await;
+    let admin_key = admin["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.call_as(&admin_key, Method::POST, "/v1/actions", Some(refund_action()))
+            .await
+            .0,
+        201
+    );
+    let (status, _) = app
+        .call_as(
+            &admin_key,
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "o", "role": "owner"})),
+        )
+        .await;
+    assert_eq!(status, 403, "only owners make owners");
+
+    // Revocation takes effect on the next request.
+    let id = admin["id"].as_str().unwrap();
+    assert_eq!(
+        app.call(Method::DELETE, &format!("/v1/api-keys/{id}"), None)
+            .await
+            .0,
+        204
+    );
+    let (status, body) = app.call_as(&admin_key, Method::GET, "/v1/actions", None).await;
+    assert_eq!(status, 401);
+    assert_eq!(error_code(&body), "invalid_api_key");
+}
+
+async fn api_keys_are_shown_once_and_revocable(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "ci", "role": "developer"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let secret = created["key"].as_str().unwrap();
+    assert!(secret.starts_with("opsiq_sk_"));
+    assert!(secret.len() > 40);
+    let (_, list) = app.call(Method::GET, "/v1/api-keys", None).await;
+    let text = list.to_string();
+    assert!(!text.contains(secret), "a listing never shows a secret");
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == created["id"] && k["role"] == "developer")
+    );
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "x", "role": "root"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+
+    // Keys are stored only as hashes: the secret does not appear in the database.
+    let stored = dump_api_key_hashes(&app.database_url).await;
+    assert!(!stored.iter().any(|h| h.contains(secret)));
+    assert!(stored.contains(&opsiq::crypto::sha256_hex(secret.as_bytes())));
+}
+
+async fn dump_api_key_hashes(url: &str) -> Vec<String> {
+    let db = opsiq::db::Database::connect(url).await.unwrap();
+    let rows: Vec<(String,)> = opsiq::on_pool!(db.reader(), |pool| {
+        sqlx::query_as("SELECT key_hash FROM api_keys")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    db.close().await;
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+async fn tenants_never_see_each_other(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (_, other_key) = app.new_tenant("globex").await;
+    app.call(Method::POST, "/v1/actions", Some(refund_action())).await;
+    let (_, key) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "k", "role": "viewer"})),
+        )
+        .await;
+    let key_id = key["id"].as_str().unwrap();
+
+    let as_other = |m: Method, p: String, b: Option<Value>| {
+        let k = other_key.clone();
+        let app = &app;
+        async move { app.call_as(&k, m, &p, b).await }
+    };
+    for (method, path, body) in [
+        (Method::GET, "/v1/actions/refund_invoice".to_string(), None),
+        (
+            Method::PUT,
+            "/v1/actions/refund_invoice".to_string(),
+            Some(refund_action()),
+        ),
+        (Method::DELETE, "/v1/actions/refund_invoice".to_string(), None),
+        (
+            Method::GET,
+            "/v1/actions/refund_invoice/versions".to_string(),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/actions/refund_invoice/versions/1".to_string(),
+            None,
+        ),
+        (Method::GET, format!("/v1/api-keys/{key_id}"), None),
+        (Method::DELETE, format!("/v1/api-keys/{key_id}"), None),
+    ] {
+        let (status, body) = as_other(method.clone(), path.clone(), body).await;
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert_eq!(error_code(&body), "not_found");
+    }
+    let (_, list) = as_other(Method::GET, "/v1/actions".into(), None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    let (_, keys) = as_other(Method::GET, "/v1/api-keys".into(), None).await;
+    assert!(!keys.to_string().contains(key_id));
+    // The other tenant may use the same action name independently.
+    assert_eq!(
+        as_other(Method::POST, "/v1/actions".into(), Some(refund_action()))
+            .await
+            .0,
+        201
+    );
+    let (_, mine) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(mine["version"], 1);
+}
+
+async fn operations_routes(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (status, body) = read(app.http.get(app.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (status, body) = read(app.http.get(app.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+    app.call(Method::GET, "/v1/actions", None).await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("opsiq_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("route=\"/v1/actions\""));
+}

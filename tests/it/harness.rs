@@ -1,0 +1,310 @@
+//! The test harness: starts the real app in-process on 127.0.0.1:0 against a fresh SQLite file
+//! or a fresh PostgreSQL database, creates a tenant with an owner key, and gives the test an
+//! HTTP client. [`dual!`] turns one scenario into a SQLite test and a PostgreSQL test.
+
+#![allow(dead_code)] // not every test binary module uses every helper
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use opsiq::config::RawConfig;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A fixed master key for tests (base64 of 32 bytes).
+pub const TEST_MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+/// Where a test's data lives.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A fresh SQLite file in the test's temporary directory.
+    Sqlite,
+    /// A fresh database created on the server named by `OPSIQ_TEST_POSTGRES_URL`.
+    Postgres(String),
+}
+
+impl Backend {
+    /// The PostgreSQL backend, or `None` (and a note on stderr) when no server is configured.
+    /// With `OPSIQ_REQUIRE_POSTGRES=1` (as in CI) a missing server fails the test instead.
+    pub fn postgres(test: &str) -> Option<Self> {
+        match std::env::var("OPSIQ_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ => {
+                if std::env::var("OPSIQ_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                    panic!("OPSIQ_REQUIRE_POSTGRES=1 but OPSIQ_TEST_POSTGRES_URL is not set");
+                }
+                eprintln!("SKIPPED {test} on PostgreSQL: OPSIQ_TEST_POSTGRES_URL is not set");
+                None
+            }
+        }
+    }
+
+    /// A database URL for a brand-new, empty database of this kind.
+    pub async fn fresh_database_url(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Sqlite => format!("sqlite://{}", dir.join("opsiq.db").display()),
+            Backend::Postgres(admin_url) => {
+                use sqlx::Connection;
+                let name = format!("opsiq_t_{}", uuid::Uuid::now_v7().simple());
+                let mut conn = sqlx::PgConnection::connect(admin_url)
+                    .await
+                    .expect("PostgreSQL at OPSIQ_TEST_POSTGRES_URL is unreachable");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("cannot create a test database");
+                replace_database_name(admin_url, &name)
+            }
+        }
+    }
+}
+
+fn replace_database_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// Runs a scenario `async fn name(backend: Backend)` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! dual {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::harness::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(backend) = $crate::harness::Backend::postgres(stringify!($name)) {
+                    super::$name(backend).await
+                }
+            }
+        }
+    )*};
+}
+
+/// A running app with one tenant.
+pub struct TestApp {
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// The database URL the app runs on.
+    pub database_url: String,
+    /// The first tenant's id.
+    pub tenant_id: String,
+    /// The first tenant's owner key.
+    pub admin_key: String,
+    /// The raw configuration the app was started with (restart uses it again).
+    pub raw: RawConfig,
+    /// The test's private directory (SQLite file, key file, action files).
+    pub dir: tempfile::TempDir,
+    /// Plain HTTP client.
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Options for starting a [`TestApp`].
+pub struct Start {
+    backend: Backend,
+    adjust: Vec<Box<dyn FnOnce(&mut RawConfig, &std::path::Path)>>,
+}
+
+impl Start {
+    /// Changes the configuration before start (the path is the test's private directory).
+    pub fn with(mut self, f: impl FnOnce(&mut RawConfig, &std::path::Path) + 'static) -> Self {
+        self.adjust.push(Box::new(f));
+        self
+    }
+
+    /// Creates the database and tenant, then starts the app and waits until it is ready.
+    pub async fn start(self) -> TestApp {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let database_url = self.backend.fresh_database_url(dir.path()).await;
+        let mut raw = RawConfig {
+            database_url: database_url.clone(),
+            listen: "127.0.0.1:0".into(),
+            master_key: Some(TEST_MASTER_KEY.into()),
+            master_key_file: dir.path().join("opsiq.key"),
+            actions_dir: dir.path().join("actions"),
+            events_dir: repo_path("schemas/events"),
+            policies_dir: repo_path("policies"),
+            ..RawConfig::default()
+        };
+        for f in self.adjust {
+            f(&mut raw, dir.path());
+        }
+        let config = opsiq::Config::from_raw(raw.clone()).expect("test configuration is valid");
+        let tenant = opsiq::init(&config, Some("acme"))
+            .await
+            .expect("init creates a tenant");
+        let mut app = TestApp {
+            base: String::new(),
+            database_url,
+            tenant_id: tenant.tenant_id,
+            admin_key: tenant.admin_key,
+            raw,
+            dir,
+            http: http_client(),
+            shutdown: None,
+            task: None,
+        };
+        app.boot().await;
+        app
+    }
+}
+
+/// A plain HTTP client for tests (no proxy, generous timeout).
+pub fn http_client() -> reqwest::Client {
+    opsiq::crypto::install_tls_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// A path inside the repository (tests run with the package root as working directory).
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+impl TestApp {
+    /// Starts building an app on `backend`.
+    pub fn on(backend: Backend) -> Start {
+        Start {
+            backend,
+            adjust: Vec::new(),
+        }
+    }
+
+    /// Starts an app with the default test configuration.
+    pub async fn start(backend: Backend) -> TestApp {
+        Self::on(backend).start().await
+    }
+
+    async fn boot(&mut self) {
+        let config = opsiq::Config::from_raw(self.raw.clone()).expect("valid configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        self.base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        self.shutdown = Some(tx);
+        self.task = Some(tokio::spawn(opsiq::run(config, listener, async {
+            let _ = rx.await;
+        })));
+        let ready = format!("{}/readyz", self.base);
+        wait_until(Duration::from_secs(30), || async {
+            self.http
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// Stops the app gracefully and starts it again on the same database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    /// Stops the app gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app ran without error");
+        }
+    }
+
+    /// Creates another tenant in the same database; returns (tenant_id, owner key).
+    pub async fn new_tenant(&self, name: &str) -> (String, String) {
+        let config = opsiq::Config::from_raw(self.raw.clone()).expect("valid configuration");
+        let t = opsiq::init(&config, Some(name)).await.expect("second tenant");
+        (t.tenant_id, t.admin_key)
+    }
+
+    /// An absolute URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A request with the owner key.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.as_key(&self.admin_key, method, path)
+    }
+
+    /// A request with any bearer token.
+    pub fn as_key(&self, key: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(key)
+    }
+
+    /// Sends `body` as JSON with the owner key and returns (status, JSON body).
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let key = self.admin_key.clone();
+        self.call_as(&key, method, path, body).await
+    }
+
+    /// Sends `body` as JSON with `key` and returns (status, JSON body or Null).
+    pub async fn call_as(
+        &self,
+        key: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.as_key(key, method, path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        read(req.send().await.expect("request sent")).await
+    }
+}
+
+/// (status, JSON body or Null) of a response.
+pub async fn read(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.expect("body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `deadline`.
+pub async fn wait_until<F, Fut>(deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > deadline {
+            panic!("condition not reached within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts the contract's error shape and returns the code.
+pub fn error_code(body: &Value) -> &str {
+    let e = &body["error"];
+    assert!(e["message"].is_string(), "not an error body: {body}");
+    assert!(e["details"].is_array(), "not an error body: {body}");
+    e["code"].as_str().expect("error code")
+}

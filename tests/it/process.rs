@@ -1,0 +1,80 @@
+//! Helpers to run the real `opsiq` binary as a child process (for `kill -9`, exit codes, CLI).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::harness::TEST_MASTER_KEY;
+
+/// The built binary.
+pub fn opsiq() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_opsiq"));
+    cmd.env("OPSIQ_MASTER_KEY", TEST_MASTER_KEY)
+        .env_remove("OPSIQ_DATABASE_URL")
+        .env_remove("OPSIQ_LISTEN")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `opsiq init --json` and returns (tenant_id, admin_key).
+pub async fn init(dir: &std::path::Path, database_url: &str) -> (String, String) {
+    let out = opsiq()
+        .current_dir(dir)
+        .args(["init", "--json", "--database-url", database_url])
+        .output()
+        .await
+        .expect("opsiq init runs");
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("init --json prints JSON");
+    (
+        v["tenant_id"].as_str().unwrap().to_string(),
+        v["admin_key"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A running `opsiq serve` child.
+pub struct Server {
+    /// The child process.
+    pub child: Child,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+}
+
+/// Starts `opsiq serve` on an ephemeral port and waits for its "listening on" line.
+pub async fn serve(dir: &std::path::Path, database_url: &str, extra: &[&str]) -> Server {
+    let mut child = opsiq()
+        .current_dir(dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("opsiq serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("serve printed its address in time")
+        .expect("stdout readable")
+        .expect("a line");
+    let base = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Server { child, base }
+}
+
+impl Server {
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub async fn kill_9(mut self) {
+        self.child.kill().await.expect("kill -9");
+    }
+}
