@@ -72,6 +72,18 @@ impl AppState {
         Ok(())
     }
 
+    /// On a database with no tenant at all, creates the "default" tenant so a first `serve`
+    /// is usable at once; returns it (with its owner key, to be shown once).
+    pub async fn bootstrap_first_tenant(&self) -> anyhow::Result<Option<tenants::NewTenant>> {
+        if !tenants::all_tenant_ids(&self.db).await?.is_empty() {
+            return Ok(None);
+        }
+        let created = tenants::create_tenant(&self.db, &self.keys, "default").await?;
+        let actions = registry::files::read_action_files(&self.config.actions_dir)?;
+        registry::files::apply_to_tenant(&self.db, &created.tenant_id, &actions).await?;
+        Ok(Some(created))
+    }
+
     /// Tells listeners (MCP sessions, caches) that a tenant's registry changed.
     pub fn registry_changed(&self, _tenant_id: &str) {}
 }

@@ -115,6 +115,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let state = opsiq::AppState::open(config).await?;
+    if let Some(tenant) = state.bootstrap_first_tenant().await? {
+        println!("Created tenant \"default\" ({}) on this new database.", tenant.tenant_id);
+        println!("Owner API key (shown once, keep it safe): {}", tenant.admin_key);
+    }
     tracing::info!(%addr, "opsiq is ready");
     println!("listening on http://{addr}");
     opsiq::app::serve(state, listener, shutdown_signal()).await

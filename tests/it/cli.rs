@@ -179,3 +179,40 @@ async fn config_file_environment_and_flags_are_layered() {
     );
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn first_serve_on_an_empty_database_makes_a_usable_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("fresh.db").display());
+    let mut child = process::opsiq()
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .env("OPSIQ_ACTIONS_DIR", crate::harness::repo_path("schemas/actions"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut key, mut base) = (None, None);
+    while base.is_none() {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("serve keeps running");
+        if let Some(k) = line.split("keep it safe): ").nth(1) {
+            key = Some(k.to_string());
+        }
+        base = line.strip_prefix("listening on ").map(str::to_string);
+    }
+    let (key, base) = (key.expect("the owner key is printed once"), base.unwrap());
+    let resp = crate::harness::http_client()
+        .get(format!("{base}/v1/actions/refund_invoice"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the shipped example actions are loaded");
+    child.kill().await.unwrap();
+}

@@ -568,3 +568,17 @@ async fn operations_routes(backend: Backend) {
     assert!(metrics.contains("opsiq_http_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"/v1/actions\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_example_actions_are_valid_and_load() {
+    let app = TestApp::on(Backend::Sqlite)
+        .with(|raw, _| raw.actions_dir = crate::harness::repo_path("schemas/actions"))
+        .start()
+        .await;
+    let (status, list) = app.call(Method::GET, "/v1/actions", None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    for expected in ["create_ticket", "escalate_to_human", "extend_license", "lookup_customer", "refund_invoice"] {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+}

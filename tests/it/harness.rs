@@ -35,7 +35,12 @@ impl Backend {
                 if std::env::var("OPSIQ_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
                     panic!("OPSIQ_REQUIRE_POSTGRES=1 but OPSIQ_TEST_POSTGRES_URL is not set");
                 }
-                eprintln!("SKIPPED {test} on PostgreSQL: OPSIQ_TEST_POSTGRES_URL is not set");
+                // Written straight to stderr: libtest captures eprintln!, and a skip must be seen.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED {test} on PostgreSQL: OPSIQ_TEST_POSTGRES_URL is not set"
+                );
                 None
             }
         }

@@ -58,15 +58,16 @@ pub async fn serve(dir: &std::path::Path, database_url: &str, extra: &[&str]) ->
         .expect("opsiq serve starts");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("serve printed its address in time")
-        .expect("stdout readable")
-        .expect("a line");
-    let base = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
+    let base = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let line = lines.next_line().await.expect("stdout readable").expect("serve exited early");
+            if let Some(base) = line.strip_prefix("listening on ") {
+                return base.to_string();
+            }
+        }
+    })
+    .await
+    .expect("serve printed its address in time");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Server { child, base }
