@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: layered configuration, validated once.
-//! - [`db`]: the SQLite | PostgreSQL database, migrations, the `on_pool!`/`in_tx!` macros.
+//! - [`db`]: the SQLite | PostgreSQL database, migrations, transactions and dialect-neutral query arguments.
 //! - [`http`]: the error body, our extractors, admin-key authentication, pagination.
 //! - [`tenants`]: tenants and admin API keys.
 //! - [`registry`]: actions, versions, content hashes, declarative files.

@@ -116,7 +116,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let state = opsiq::AppState::open(config).await?;
     if let Some(tenant) = state.bootstrap_first_tenant().await? {
-        println!("Created tenant \"default\" ({}) on this new database.", tenant.tenant_id);
+        println!(
+            "Created tenant \"default\" ({}) on this new database.",
+            tenant.tenant_id
+        );
         println!("Owner API key (shown once, keep it safe): {}", tenant.admin_key);
     }
     tracing::info!(%addr, "opsiq is ready");

@@ -1,7 +1,8 @@
 //! The storage layer: one [`Database`] that is either an embedded SQLite file or a PostgreSQL
 //! server, chosen by the URL at run time. Queries are written once with `$n` placeholders (both
-//! drivers accept them) and run on either pool through the [`on_pool!`](crate::on_pool) macro;
-//! the few statements that differ (claiming work) are written per dialect where they are used.
+//! drivers accept them) and dialect-neutral [`Arg`]s, and run through [`Database`] or a [`Tx`],
+//! so code that composes writes (an event, its deliveries, an invocation) is written once; the
+//! few statements that differ (claiming work) branch on [`Dialect`] where they are used.
 //!
 //! SQLite gets two pools: many readers and exactly one writer, so writers queue in-process
 //! instead of spinning on `SQLITE_BUSY`, and a write transaction is `BEGIN IMMEDIATE`.
@@ -37,6 +38,7 @@ pub enum Pool {
 }
 
 /// Runs the same sqlx code on whichever pool this is; `$pool` is bound to the concrete pool.
+/// For the rare query that [`Database`]'s methods cannot express.
 #[macro_export]
 macro_rules! on_pool {
     ($pool_expr:expr, |$pool:ident| $body:expr) => {
@@ -47,31 +49,230 @@ macro_rules! on_pool {
     };
 }
 
-/// Begins a write transaction on `$pool_expr` (`BEGIN IMMEDIATE` on SQLite), binds it to `$tx`
-/// and runs `$body`, which must evaluate to `Result<T, E>` with `E: From<sqlx::Error>`; commits
-/// on `Ok`, rolls back on `Err`.
+/// A bind parameter that either dialect accepts; built with [`args!`](crate::args).
+#[derive(Debug, Clone)]
+pub enum Arg {
+    /// TEXT.
+    Text(String),
+    /// BIGINT / INTEGER.
+    Int(i64),
+    /// BOOLEAN.
+    Bool(bool),
+    /// NULL of TEXT type.
+    NullText,
+    /// NULL of BIGINT type.
+    NullInt,
+}
+
+impl From<String> for Arg {
+    fn from(v: String) -> Self {
+        Arg::Text(v)
+    }
+}
+impl From<&String> for Arg {
+    fn from(v: &String) -> Self {
+        Arg::Text(v.clone())
+    }
+}
+impl From<&str> for Arg {
+    fn from(v: &str) -> Self {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<i64> for Arg {
+    fn from(v: i64) -> Self {
+        Arg::Int(v)
+    }
+}
+impl From<bool> for Arg {
+    fn from(v: bool) -> Self {
+        Arg::Bool(v)
+    }
+}
+impl From<Option<String>> for Arg {
+    fn from(v: Option<String>) -> Self {
+        v.map_or(Arg::NullText, Arg::Text)
+    }
+}
+impl From<Option<&String>> for Arg {
+    fn from(v: Option<&String>) -> Self {
+        v.map_or(Arg::NullText, |s| Arg::Text(s.clone()))
+    }
+}
+impl From<Option<&str>> for Arg {
+    fn from(v: Option<&str>) -> Self {
+        v.map_or(Arg::NullText, |s| Arg::Text(s.to_string()))
+    }
+}
+impl From<Option<i64>> for Arg {
+    fn from(v: Option<i64>) -> Self {
+        v.map_or(Arg::NullInt, Arg::Int)
+    }
+}
+
+/// Builds a `Vec<Arg>` from values of mixed types: `args![tenant_id, now, true]`.
 #[macro_export]
-macro_rules! in_tx {
-    ($pool_expr:expr, |$tx:ident| $body:expr) => {
-        match $pool_expr {
-            $crate::db::Pool::Sqlite(pool) => {
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let out = $body;
-                if out.is_ok() {
-                    $tx.commit().await?;
-                }
-                out
-            }
-            $crate::db::Pool::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let out = $body;
-                if out.is_ok() {
-                    $tx.commit().await?;
-                }
-                out
-            }
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { vec![$($crate::db::Arg::from($a)),*] };
+}
+
+/// Binds `args` onto a sqlx query or query_as builder of either dialect.
+macro_rules! bind_all {
+    ($query:expr, $args:expr) => {{
+        let mut q = $query;
+        for arg in $args {
+            q = match arg {
+                Arg::Text(v) => q.bind(v),
+                Arg::Int(v) => q.bind(v),
+                Arg::Bool(v) => q.bind(v),
+                Arg::NullText => q.bind(None::<String>),
+                Arg::NullInt => q.bind(None::<i64>),
+            };
+        }
+        q
+    }};
+}
+
+/// A row type that decodes from both dialects (`#[derive(sqlx::FromRow)]` gives this).
+pub trait Row:
+    for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+    + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+    + Send
+    + Unpin
+{
+}
+impl<T> Row for T where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + Send
+        + Unpin
+{
+}
+
+/// Runs one statement kind on a pool or transaction of either dialect.
+macro_rules! dispatch {
+    ($target:expr, $sql:expr, $args:expr, execute) => {
+        match $target {
+            Target::SqlitePool(p) => bind_all!(sqlx::query($sql), $args)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Target::PgPool(p) => bind_all!(sqlx::query($sql), $args)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Target::SqliteTx(t) => bind_all!(sqlx::query($sql), $args)
+                .execute(&mut **t)
+                .await?
+                .rows_affected(),
+            Target::PgTx(t) => bind_all!(sqlx::query($sql), $args)
+                .execute(&mut **t)
+                .await?
+                .rows_affected(),
         }
     };
+    ($target:expr, $sql:expr, $args:expr, $fetch:ident) => {
+        match $target {
+            Target::SqlitePool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
+            Target::PgPool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
+            Target::SqliteTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
+            Target::PgTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
+        }
+    };
+}
+
+enum Target<'a> {
+    SqlitePool(&'a SqlitePool),
+    PgPool(&'a PgPool),
+    SqliteTx(&'a mut sqlx::Transaction<'static, sqlx::Sqlite>),
+    PgTx(&'a mut sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Target<'_> {
+    async fn execute(self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        Ok(dispatch!(self, sql, args, execute))
+    }
+
+    async fn fetch_all<T: Row>(
+        self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Vec<T>, sqlx::Error> {
+        Ok(dispatch!(self, sql, args, fetch_all))
+    }
+
+    async fn fetch_optional<T: Row>(
+        self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Option<T>, sqlx::Error> {
+        Ok(dispatch!(self, sql, args, fetch_optional))
+    }
+}
+
+impl Pool {
+    fn target(&self) -> Target<'_> {
+        match self {
+            Pool::Sqlite(p) => Target::SqlitePool(p),
+            Pool::Postgres(p) => Target::PgPool(p),
+        }
+    }
+}
+
+/// A write transaction (`BEGIN IMMEDIATE` on SQLite); rolled back if dropped uncommitted.
+pub enum Tx {
+    /// On SQLite.
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// On PostgreSQL.
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Tx {
+    fn target(&mut self) -> Target<'_> {
+        match self {
+            Tx::Sqlite(t) => Target::SqliteTx(t),
+            Tx::Postgres(t) => Target::PgTx(t),
+        }
+    }
+
+    /// Which dialect this transaction speaks.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Tx::Sqlite(_) => Dialect::Sqlite,
+            Tx::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Runs a statement; returns the number of rows it affected.
+    pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        self.target().execute(sql, args).await
+    }
+
+    /// Fetches every row.
+    pub async fn fetch_all<T: Row>(
+        &mut self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Vec<T>, sqlx::Error> {
+        self.target().fetch_all(sql, args).await
+    }
+
+    /// Fetches at most one row.
+    pub async fn fetch_optional<T: Row>(
+        &mut self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Option<T>, sqlx::Error> {
+        self.target().fetch_optional(sql, args).await
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await,
+            Tx::Postgres(t) => t.commit().await,
+        }
+    }
 }
 
 /// The database handle every capability uses; cheap to clone.
@@ -156,6 +357,37 @@ impl Database {
         }
     }
 
+    /// Begins a write transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match &self.write {
+            Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+
+    /// Runs one write statement in its own transaction.
+    pub async fn execute(&self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        self.write.target().execute(sql, args).await
+    }
+
+    /// Reads every row.
+    pub async fn fetch_all<T: Row>(
+        &self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Vec<T>, sqlx::Error> {
+        self.read.target().fetch_all(sql, args).await
+    }
+
+    /// Reads at most one row.
+    pub async fn fetch_optional<T: Row>(
+        &self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Option<T>, sqlx::Error> {
+        self.read.target().fetch_optional(sql, args).await
+    }
+
     /// Answers whether the database is reachable (for `/readyz`).
     pub async fn ping(&self) -> bool {
         on_pool!(&self.read, |pool| sqlx::query("SELECT 1")
@@ -171,30 +403,25 @@ impl Database {
     }
 }
 
-/// `INSERT … ON CONFLICT` that bumps a named change counter (read by caches and MCP sessions).
-pub fn bump_counter_query<'q, DB>(
-    name: &str,
-    _now: i64,
-) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
-where
-    DB: sqlx::Database,
-    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    sqlx::query(
+/// Bumps a named change counter (read by caches and MCP sessions to notice changes).
+pub async fn bump_counter(tx: &mut Tx, name: &str) -> Result<(), sqlx::Error> {
+    tx.execute(
         "INSERT INTO change_counters (name, version) VALUES ($1, 1) \
          ON CONFLICT (name) DO UPDATE SET version = change_counters.version + 1",
+        vec![Arg::Text(name.to_string())],
     )
-    .bind(name.to_string())
+    .await
+    .map(|_| ())
 }
 
 /// The current value of a change counter (0 if never bumped).
-pub async fn counter(db: &Database, name: &str) -> Result<i64, DbError> {
-    let row: Option<(i64,)> = crate::on_pool!(db.reader(), |pool| {
-        sqlx::query_as("SELECT version FROM change_counters WHERE name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?
-    });
+pub async fn counter(db: &Database, name: &str) -> Result<i64, sqlx::Error> {
+    let row: Option<(i64,)> = db
+        .fetch_optional(
+            "SELECT version FROM change_counters WHERE name = $1",
+            vec![Arg::Text(name.to_string())],
+        )
+        .await?;
     Ok(row.map(|r| r.0).unwrap_or(0))
 }
 

@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::{AppState, crypto, on_pool};
+use crate::{AppState, args, crypto};
 
 /// The prefix every admin API key starts with.
 pub const API_KEY_PREFIX: &str = "opsiq_sk_";
@@ -146,14 +146,13 @@ impl FromRequestParts<AppState> for AdminAuth {
             ));
         }
         let hash = crypto::sha256_hex(token.as_bytes());
-        let row: Option<(String, String, String)> = on_pool!(state.db.reader(), |pool| {
-            sqlx::query_as(
+        let row: Option<(String, String, String)> = state
+            .db
+            .fetch_optional(
                 "SELECT id, tenant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                args![hash],
             )
-            .bind(&hash)
-            .fetch_optional(pool)
-            .await?
-        });
+            .await?;
         let (key_id, tenant_id, role) = row
             .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "the API key is unknown or revoked"))?;
         let role = Role::parse(&role).ok_or_else(|| ApiError::internal("stored role is unknown"))?;

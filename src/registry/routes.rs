@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::model::ActionDeclaration;
 use super::store::{self, Source, StoreError, UpsertMode};
 use crate::AppState;
+use crate::args;
 use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query};
-use crate::on_pool;
 
 /// The registry routes.
 pub fn routes() -> Router<AppState> {
@@ -42,13 +42,13 @@ impl From<StoreError> for ApiError {
 async fn check_declaration(state: &AppState, tenant_id: &str, decl: &ActionDeclaration) -> ApiResult<()> {
     let mut problems = decl.validate().err().unwrap_or_default();
     if let Some(endpoint_id) = &decl.endpoint_id {
-        let exists: Option<(String,)> = on_pool!(state.db.reader(), |pool| {
-            sqlx::query_as("SELECT id FROM endpoints WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL")
-                .bind(tenant_id)
-                .bind(endpoint_id)
-                .fetch_optional(pool)
-                .await?
-        });
+        let exists: Option<(String,)> = state
+            .db
+            .fetch_optional(
+                "SELECT id FROM endpoints WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+                args![tenant_id, endpoint_id],
+            )
+            .await?;
         if exists.is_none() {
             problems.push(crate::http::ErrorDetail {
                 path: "/endpoint_id".into(),

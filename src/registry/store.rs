@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::model::ActionDeclaration;
-use crate::db::{Database, DbError, now_ms, rfc3339};
-use crate::{ids, in_tx, on_pool};
+use crate::db::{self, Database, DbError, now_ms, rfc3339};
+use crate::{args, ids};
 
 /// Where a declaration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,29 +158,24 @@ impl From<sqlx::Error> for StoreError {
 
 /// The current version of an action, unless deleted.
 pub async fn get(db: &Database, tenant_id: &str, name: &str) -> Result<Option<Action>, DbError> {
-    let row: Option<ActionRow> = on_pool!(db.reader(), |pool| {
-        sqlx::query_as("SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL")
-            .bind(tenant_id)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?
-    });
+    let row: Option<ActionRow> = db
+        .fetch_optional(
+            "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
+            args![tenant_id, name],
+        )
+        .await?;
     row.map(Action::from_row).transpose()
 }
 
 /// Actions ordered by name, after `after` (exclusive), at most `limit`.
 pub async fn list(db: &Database, tenant_id: &str, after: &str, limit: i64) -> Result<Vec<Action>, DbError> {
-    let rows: Vec<ActionRow> = on_pool!(db.reader(), |pool| {
-        sqlx::query_as(
+    let rows: Vec<ActionRow> = db
+        .fetch_all(
             "SELECT * FROM actions WHERE tenant_id = $1 AND name > $2 AND deleted_at IS NULL \
              ORDER BY name LIMIT $3",
+            args![tenant_id, after, limit],
         )
-        .bind(tenant_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?
-    });
+        .await?;
     rows.into_iter().map(Action::from_row).collect()
 }
 
@@ -209,18 +204,13 @@ pub async fn versions(
     before: i64,
     limit: i64,
 ) -> Result<Vec<ActionVersion>, DbError> {
-    Ok(on_pool!(db.reader(), |pool| {
-        sqlx::query_as(
+    Ok(db
+        .fetch_all(
             "SELECT version, content_hash, declaration, created_at FROM action_versions \
              WHERE tenant_id = $1 AND name = $2 AND version < $3 ORDER BY version DESC LIMIT $4",
+            args![tenant_id, name, before, limit],
         )
-        .bind(tenant_id)
-        .bind(name)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?
-    }))
+        .await?)
 }
 
 /// Stores `decl` for the tenant according to `mode`; returns the stored action and what happened.
@@ -236,136 +226,125 @@ pub async fn upsert(
     let now = now_ms();
     let name = decl.name.as_str();
     let file_hash = (mode == UpsertMode::ApplyFile).then(|| hash.clone());
-    let outcome: Result<(ActionRow, Upserted), StoreError> = in_tx!(db.writer(), |tx| {
-        let existing: Option<ActionRow> =
-            sqlx::query_as("SELECT * FROM actions WHERE tenant_id = $1 AND name = $2")
-                .bind(tenant_id)
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let live = existing.as_ref().filter(|r| r.deleted_at.is_none());
-        let decision = match (mode, &existing, live) {
-            (UpsertMode::CreateOnly, _, Some(_)) => Err(StoreError::Conflict),
-            (UpsertMode::UpdateOnly, _, None) => Err(StoreError::NotFound),
-            (UpsertMode::ApplyFile, Some(row), _) if row.file_hash.as_deref() == Some(hash.as_str()) => {
-                Ok((row.clone(), Upserted::Skipped))
-            }
-            (_, _, Some(row)) if row.content_hash == hash => Ok((row.clone(), Upserted::Unchanged)),
-            (_, None, _) => {
-                let row = ActionRow {
-                    id: ids::new_id("act"),
-                    version: 1,
-                    declaration: canonical.clone(),
-                    content_hash: hash.clone(),
-                    source: source.as_str().into(),
-                    file_hash: file_hash.clone(),
-                    created_at: now,
-                    updated_at: now,
-                    deleted_at: None,
-                };
-                sqlx::query(
-                    "INSERT INTO actions (tenant_id, name, id, version, declaration, content_hash, \
-                     source, file_hash, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                )
-                .bind(tenant_id)
-                .bind(name)
-                .bind(&row.id)
-                .bind(row.version)
-                .bind(&row.declaration)
-                .bind(&row.content_hash)
-                .bind(&row.source)
-                .bind(&row.file_hash)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                Ok((row, Upserted::Created))
-            }
-            (_, Some(old), _) => {
-                let row = ActionRow {
-                    version: old.version + 1,
-                    declaration: canonical.clone(),
-                    content_hash: hash.clone(),
-                    source: source.as_str().into(),
-                    file_hash: file_hash.clone().or_else(|| old.file_hash.clone()),
-                    created_at: if old.deleted_at.is_some() {
-                        now
-                    } else {
-                        old.created_at
-                    },
-                    updated_at: now,
-                    deleted_at: None,
-                    ..old.clone()
-                };
-                sqlx::query(
-                    "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
-                     file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
-                     WHERE tenant_id = $8 AND name = $9",
-                )
-                .bind(row.version)
-                .bind(&row.declaration)
-                .bind(&row.content_hash)
-                .bind(&row.source)
-                .bind(&row.file_hash)
-                .bind(row.created_at)
-                .bind(now)
-                .bind(tenant_id)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-                let kind = if old.deleted_at.is_some() {
+    let mut tx = db.begin().await?;
+    let existing: Option<ActionRow> = tx
+        .fetch_optional(
+            "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2",
+            args![tenant_id, name],
+        )
+        .await?;
+    let live = existing.as_ref().filter(|r| r.deleted_at.is_none());
+    let (row, kind) = match (mode, &existing, live) {
+        (UpsertMode::CreateOnly, _, Some(_)) => return Err(StoreError::Conflict),
+        (UpsertMode::UpdateOnly, _, None) => return Err(StoreError::NotFound),
+        (UpsertMode::ApplyFile, Some(row), _) if row.file_hash.as_deref() == Some(hash.as_str()) => {
+            return Ok((Action::from_row(row.clone())?, Upserted::Skipped));
+        }
+        (_, _, Some(row)) if row.content_hash == hash => {
+            return Ok((Action::from_row(row.clone())?, Upserted::Unchanged));
+        }
+        (_, None, _) => {
+            let row = ActionRow {
+                id: ids::new_id("act"),
+                version: 1,
+                declaration: canonical,
+                content_hash: hash,
+                source: source.as_str().into(),
+                file_hash,
+                created_at: now,
+                updated_at: now,
+                deleted_at: None,
+            };
+            tx.execute(
+                "INSERT INTO actions (tenant_id, name, id, version, declaration, content_hash, \
+                 source, file_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                args![
+                    tenant_id,
+                    name,
+                    &row.id,
+                    row.version,
+                    &row.declaration,
+                    &row.content_hash,
+                    &row.source,
+                    row.file_hash.clone(),
+                    now,
+                    now
+                ],
+            )
+            .await?;
+            (row, Upserted::Created)
+        }
+        (_, Some(old), _) => {
+            let revived = old.deleted_at.is_some();
+            let row = ActionRow {
+                version: old.version + 1,
+                declaration: canonical,
+                content_hash: hash,
+                source: source.as_str().into(),
+                file_hash: file_hash.or_else(|| old.file_hash.clone()),
+                created_at: if revived { now } else { old.created_at },
+                updated_at: now,
+                deleted_at: None,
+                ..old.clone()
+            };
+            tx.execute(
+                "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
+                 file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
+                 WHERE tenant_id = $8 AND name = $9",
+                args![
+                    row.version,
+                    &row.declaration,
+                    &row.content_hash,
+                    &row.source,
+                    row.file_hash.clone(),
+                    row.created_at,
+                    now,
+                    tenant_id,
+                    name
+                ],
+            )
+            .await?;
+            (
+                row,
+                if revived {
                     Upserted::Created
                 } else {
                     Upserted::Updated
-                };
-                Ok((row, kind))
-            }
-        };
-        match decision {
-            Ok((row, kind)) if matches!(kind, Upserted::Created | Upserted::Updated) => {
-                sqlx::query(
-                    "INSERT INTO action_versions (tenant_id, name, version, declaration, content_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(tenant_id)
-                .bind(name)
-                .bind(row.version)
-                .bind(&row.declaration)
-                .bind(&row.content_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                crate::db::bump_counter_query(&format!("registry:{tenant_id}"), now)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok((row, kind))
-            }
-            other => other,
+                },
+            )
         }
-    });
-    let (row, kind) = outcome?;
+    };
+    tx.execute(
+        "INSERT INTO action_versions (tenant_id, name, version, declaration, content_hash, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        args![
+            tenant_id,
+            name,
+            row.version,
+            &row.declaration,
+            &row.content_hash,
+            now
+        ],
+    )
+    .await?;
+    db::bump_counter(&mut tx, &format!("registry:{tenant_id}")).await?;
+    tx.commit().await?;
     Ok((Action::from_row(row)?, kind))
 }
 
 /// Soft-deletes an action; answers whether one was deleted.
 pub async fn delete(db: &Database, tenant_id: &str, name: &str) -> Result<bool, DbError> {
     let now = now_ms();
-    let deleted: Result<bool, DbError> = in_tx!(db.writer(), |tx| {
-        let n = sqlx::query(
+    let mut tx = db.begin().await?;
+    let n = tx
+        .execute(
             "UPDATE actions SET deleted_at = $1, updated_at = $1 \
              WHERE tenant_id = $2 AND name = $3 AND deleted_at IS NULL",
+            args![now, tenant_id, name],
         )
-        .bind(now)
-        .bind(tenant_id)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        crate::db::bump_counter_query(&format!("registry:{tenant_id}"), now)
-            .execute(&mut *tx)
-            .await?;
-        Ok(n > 0)
-    });
-    deleted
+        .await?;
+    db::bump_counter(&mut tx, &format!("registry:{tenant_id}")).await?;
+    tx.commit().await?;
+    Ok(n > 0)
 }

@@ -7,10 +7,10 @@ use axum::routing::{delete, get};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, MasterKey};
-use crate::db::{Database, DbError, now_ms, rfc3339};
+use crate::db::{Database, DbError, Tx, now_ms, rfc3339};
 use crate::http::auth::API_KEY_PREFIX;
 use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query, Role};
-use crate::{AppState, ids, in_tx, on_pool};
+use crate::{AppState, args, ids};
 
 /// A tenant and the owner key made for it, as `opsiq init` prints them.
 #[derive(Debug, Clone, Serialize)]
@@ -31,26 +31,20 @@ pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Resul
     let jwt_key = keys.seal(&crypto::random_token::<32>());
     let (key_row, secret) = new_key_row(&tenant_id, "owner", Role::Owner);
     let now = now_ms();
-    let result: Result<(), TenantError> = in_tx!(db.writer(), |tx| {
-        let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM tenants WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            Err(TenantError::NameTaken)
-        } else {
-            sqlx::query("INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $2, $3, $4)")
-                .bind(&tenant_id)
-                .bind(name)
-                .bind(&jwt_key)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            insert_key(&mut *tx, &key_row).await?;
-            Ok(())
-        }
-    });
-    result?;
+    let mut tx = db.begin().await?;
+    let exists: Option<(String,)> = tx
+        .fetch_optional("SELECT id FROM tenants WHERE name = $1", args![name])
+        .await?;
+    if exists.is_some() {
+        return Err(TenantError::NameTaken);
+    }
+    tx.execute(
+        "INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $2, $3, $4)",
+        args![&tenant_id, name, jwt_key, now],
+    )
+    .await?;
+    insert_key(&mut tx, &key_row).await?;
+    tx.commit().await?;
     Ok(NewTenant {
         tenant_id,
         admin_key: secret,
@@ -59,11 +53,9 @@ pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Resul
 
 /// The ids of every tenant (declarative files are applied to each).
 pub async fn all_tenant_ids(db: &Database) -> Result<Vec<String>, DbError> {
-    let rows: Vec<(String,)> = on_pool!(db.reader(), |pool| {
-        sqlx::query_as("SELECT id FROM tenants ORDER BY id")
-            .fetch_all(pool)
-            .await?
-    });
+    let rows: Vec<(String,)> = db
+        .fetch_all("SELECT id FROM tenants ORDER BY id", args![])
+        .await?;
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
@@ -136,25 +128,20 @@ fn new_key_row(tenant_id: &str, name: &str, role: Role) -> (ApiKeyRow, String) {
     (row, secret)
 }
 
-async fn insert_key<'e, E>(executor: E, row: &ApiKeyRow) -> Result<(), sqlx::Error>
-where
-    E: sqlx::Executor<'e>,
-    for<'q> String: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
-    for<'q> i64: sqlx::Encode<'q, E::Database> + sqlx::Type<E::Database>,
-    for<'q> <E::Database as sqlx::Database>::Arguments: sqlx::IntoArguments<E::Database>,
-{
-    sqlx::query(
+async fn insert_key(tx: &mut Tx, row: &ApiKeyRow) -> Result<(), sqlx::Error> {
+    tx.execute(
         "INSERT INTO api_keys (id, tenant_id, name, role, key_hash, key_prefix, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        args![
+            &row.id,
+            &row.tenant_id,
+            &row.name,
+            &row.role,
+            &row.key_hash,
+            &row.key_prefix,
+            row.created_at
+        ],
     )
-    .bind(row.id.clone())
-    .bind(row.tenant_id.clone())
-    .bind(row.name.clone())
-    .bind(row.role.clone())
-    .bind(row.key_hash.clone())
-    .bind(row.key_prefix.clone())
-    .bind(row.created_at)
-    .execute(executor)
     .await?;
     Ok(())
 }
@@ -189,7 +176,9 @@ async fn create_key(
         return Err(ApiError::invalid_field("/name", "must be 1 to 100 characters"));
     }
     let (row, secret) = new_key_row(&auth.tenant_id, body.name.trim(), body.role);
-    on_pool!(state.db.writer(), |pool| insert_key(pool, &row).await?);
+    let mut tx = state.db.begin().await?;
+    insert_key(&mut tx, &row).await?;
+    tx.commit().await?;
     let mut json = row.to_json();
     json["key"] = secret.into();
     Ok((StatusCode::CREATED, axum::Json(json)))
@@ -203,17 +192,14 @@ async fn list_keys(
     auth.require(Permission::Manage)?;
     let limit = page.limit();
     let cursor = page.cursor.clone().unwrap_or_else(|| "~".into());
-    let rows: Vec<ApiKeyRow> = on_pool!(state.db.reader(), |pool| {
-        sqlx::query_as(
+    let rows: Vec<ApiKeyRow> = state
+        .db
+        .fetch_all(
             "SELECT * FROM api_keys WHERE tenant_id = $1 AND id < $2 AND revoked_at IS NULL \
              ORDER BY id DESC LIMIT $3",
+            args![&auth.tenant_id, cursor, limit + 1],
         )
-        .bind(&auth.tenant_id)
-        .bind(&cursor)
-        .bind(limit + 1)
-        .fetch_all(pool)
-        .await?
-    });
+        .await?;
     Ok(axum::Json(
         Page::from_rows(rows, limit, |r| r.id.clone()).map(|r| r.to_json()),
     ))
@@ -225,13 +211,13 @@ async fn get_key(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     auth.require(Permission::Manage)?;
-    let row: Option<ApiKeyRow> = on_pool!(state.db.reader(), |pool| {
-        sqlx::query_as("SELECT * FROM api_keys WHERE tenant_id = $1 AND id = $2")
-            .bind(&auth.tenant_id)
-            .bind(&id)
-            .fetch_optional(pool)
-            .await?
-    });
+    let row: Option<ApiKeyRow> = state
+        .db
+        .fetch_optional(
+            "SELECT * FROM api_keys WHERE tenant_id = $1 AND id = $2",
+            args![&auth.tenant_id, &id],
+        )
+        .await?;
     row.map(|r| axum::Json(r.to_json()))
         .ok_or_else(|| ApiError::not_found("API key"))
 }
@@ -242,17 +228,13 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let done = on_pool!(state.db.writer(), |pool| {
-        sqlx::query(
+    let done = state
+        .db
+        .execute(
             "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+            args![now_ms(), &auth.tenant_id, &id],
         )
-        .bind(now_ms())
-        .bind(&auth.tenant_id)
-        .bind(&id)
-        .execute(pool)
-        .await?
-        .rows_affected()
-    });
+        .await?;
     if done == 0 {
         return Err(ApiError::not_found("API key"));
     }

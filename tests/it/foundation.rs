@@ -577,8 +577,19 @@ async fn shipped_example_actions_are_valid_and_load() {
         .await;
     let (status, list) = app.call(Method::GET, "/v1/actions", None).await;
     assert_eq!(status, 200);
-    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
-    for expected in ["create_ticket", "escalate_to_human", "extend_license", "lookup_customer", "refund_invoice"] {
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "create_ticket",
+        "escalate_to_human",
+        "extend_license",
+        "lookup_customer",
+        "refund_invoice",
+    ] {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
 }

@@ -60,7 +60,11 @@ pub async fn serve(dir: &std::path::Path, database_url: &str, extra: &[&str]) ->
     let mut lines = BufReader::new(stdout).lines();
     let base = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let line = lines.next_line().await.expect("stdout readable").expect("serve exited early");
+            let line = lines
+                .next_line()
+                .await
+                .expect("stdout readable")
+                .expect("serve exited early");
             if let Some(base) = line.strip_prefix("listening on ") {
                 return base.to_string();
             }
