@@ -20,9 +20,10 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::db::Database;
+use crate::delivery::Engine;
 use crate::http::ApiError;
 use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
-use crate::{ops, registry, telemetry, tenants};
+use crate::{delivery, events, ops, registry, telemetry, tenants};
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
 #[derive(Clone)]
@@ -35,6 +36,8 @@ pub struct AppState {
     pub keys: MasterKey,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The delivery engine.
+    pub engine: Engine,
 }
 
 impl AppState {
@@ -51,13 +54,17 @@ impl AppState {
                 "created a new master key file; keep it with the database, secrets cannot be read without it"
             );
         }
+        let config = Arc::new(config);
+        let (engine, receivers) = Engine::new(db.clone(), keys.clone(), config.clone());
         let state = Self {
-            config: Arc::new(config),
+            config,
             db,
             keys,
             metrics: telemetry::metrics_handle(),
+            engine,
         };
         state.apply_declarative_files().await?;
+        state.engine.start(receivers);
         Ok(state)
     }
 
@@ -95,6 +102,8 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::routes())
         .merge(tenants::routes())
         .merge(registry::routes())
+        .merge(delivery::routes())
+        .merge(events::routes())
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(DefaultBodyLimit::max(state.config.body_limit))

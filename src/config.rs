@@ -70,6 +70,8 @@ pub struct RawConfig {
     pub poll_interval: String,
     /// Runs the delivery worker in this process.
     pub worker: bool,
+    /// How often old records are purged.
+    pub purge_interval: String,
 }
 
 impl Default for RawConfig {
@@ -95,6 +97,7 @@ impl Default for RawConfig {
             lease: "60s".into(),
             poll_interval: "1s".into(),
             worker: true,
+            purge_interval: "1h".into(),
         }
     }
 }
@@ -154,6 +157,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Runs the delivery worker in this process.
     pub worker: bool,
+    /// How often old records are purged.
+    pub purge_interval: Duration,
 }
 
 impl Config {
@@ -250,6 +255,7 @@ impl Config {
             lease,
             poll_interval: parse_duration("poll_interval", &raw.poll_interval)?,
             worker: raw.worker,
+            purge_interval: parse_duration("purge_interval", &raw.purge_interval)?,
         })
     }
 }

@@ -10,6 +10,8 @@
 //! - [`http`]: the error body, our extractors, admin-key authentication, pagination.
 //! - [`tenants`]: tenants and admin API keys.
 //! - [`registry`]: actions, versions, content hashes, declarative files.
+//! - [`delivery`]: endpoints, signing, the outbox, the worker, outbound HTTP, retention.
+//! - [`events`]: event ingestion and fan-out to subscribed endpoints.
 //! - [`ops`]: health, readiness, metrics.
 //! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
 //!
@@ -20,6 +22,8 @@
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod delivery;
+pub mod events;
 pub mod http;
 pub mod ids;
 pub mod ops;

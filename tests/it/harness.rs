@@ -313,3 +313,30 @@ pub fn error_code(body: &Value) -> &str {
     assert!(e["details"].is_array(), "not an error body: {body}");
     e["code"].as_str().expect("error code")
 }
+
+/// Skips a check whose prerequisite is missing, or fails under `OPSIQ_REQUIRE_EXTERNAL=1` (CI).
+pub fn skip_or_fail(what: &str, why: &str) {
+    if std::env::var("OPSIQ_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1") {
+        panic!("{what}: {why}, and OPSIQ_REQUIRE_EXTERNAL=1");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {why}");
+}
+
+/// Polls `f` every 20 ms until it yields `Some`; panics after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("condition not reached within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -3,5 +3,8 @@
 mod harness;
 
 mod cli;
+mod delivery;
+mod external;
 mod foundation;
 mod process;
+mod receiver;

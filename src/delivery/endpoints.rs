@@ -1,0 +1,389 @@
+//! Endpoints: customer URLs that receive signed webhooks, with their event subscriptions, rate
+//! limits and secrets. Secrets are encrypted at rest with the master key and decrypted only to
+//! sign; a rotation keeps the previous secret signing beside the new one for the overlap window.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::signing::{self, Scheme};
+use crate::crypto::MasterKey;
+use crate::db::{Database, DbError, now_ms, rfc3339};
+use crate::http::{ApiError, ErrorDetail};
+use crate::{args, ids};
+
+/// A stored endpoint (secrets still sealed).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndpointRow {
+    /// `ep_…`.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// Free text.
+    pub description: String,
+    /// JSON array of event type patterns.
+    pub event_types: String,
+    /// Disabled endpoints receive nothing.
+    pub enabled: bool,
+    /// Deliveries per second, if limited.
+    pub rate_limit_per_s: Option<i64>,
+    /// Concurrent deliveries, if limited.
+    pub max_in_flight: Option<i64>,
+    /// `opsiq-v1` or `standard-webhooks`.
+    pub signature_scheme: String,
+    /// The current secret, sealed.
+    pub secret_enc: String,
+    /// The rotated-out secret, sealed, while it still signs.
+    pub previous_secret_enc: Option<String>,
+    /// When the previous secret stops signing (ms).
+    pub previous_expires_at: Option<i64>,
+    /// Why the endpoint was disabled automatically.
+    pub disabled_reason: Option<String>,
+    /// Start of the current run of failures (ms).
+    pub failing_since: Option<i64>,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+    /// Soft-deletion time (ms).
+    pub deleted_at: Option<i64>,
+}
+
+impl EndpointRow {
+    /// The subscribed patterns.
+    pub fn patterns(&self) -> Vec<String> {
+        serde_json::from_str(&self.event_types).unwrap_or_default()
+    }
+
+    /// The scheme (unknown stored values fall back to the default).
+    pub fn scheme(&self) -> Scheme {
+        Scheme::parse(&self.signature_scheme).unwrap_or_default()
+    }
+
+    /// The secrets that sign now, newest first.
+    pub fn signing_secrets(
+        &self,
+        keys: &MasterKey,
+        now: i64,
+    ) -> Result<Vec<String>, crate::crypto::CryptoError> {
+        let mut out = vec![keys.open(&self.secret_enc)?];
+        if let (Some(prev), Some(until)) = (&self.previous_secret_enc, self.previous_expires_at)
+            && until > now
+        {
+            out.push(keys.open(prev)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the endpoint subscribes to `event_type`.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.patterns().iter().any(|p| pattern_matches(p, event_type))
+    }
+
+    /// The API representation (never the secret).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "url": self.url,
+            "description": self.description,
+            "event_types": self.patterns(),
+            "enabled": self.enabled,
+            "rate_limit_per_s": self.rate_limit_per_s,
+            "max_in_flight": self.max_in_flight,
+            "signature_scheme": self.signature_scheme,
+            "disabled_reason": self.disabled_reason,
+            "failing_since": self.failing_since.map(rfc3339),
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+        })
+    }
+}
+
+/// Whether an event type matches a subscription pattern: `*` (everything), `invoice.*` (every
+/// type under `invoice.`), a trailing `*` as a prefix, or an exact name.
+pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => event_type.starts_with(prefix),
+        None => pattern == event_type,
+    }
+}
+
+/// Validates a subscription pattern.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    let ok = pattern.len() <= 128
+        && !pattern.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{pattern}` is not a pattern like `*`, `invoice.*` or `invoice.paid`"
+        ))
+    }
+}
+
+/// Fields accepted on create and (all optional) on update.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointInput {
+    /// Where deliveries go.
+    pub url: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Event type patterns.
+    pub event_types: Option<Vec<String>>,
+    /// Enabled or not.
+    pub enabled: Option<bool>,
+    /// Deliveries per second (null for unlimited).
+    #[serde(default, deserialize_with = "double_option")]
+    pub rate_limit_per_s: Option<Option<i64>>,
+    /// Concurrent deliveries (null for the default).
+    #[serde(default, deserialize_with = "double_option")]
+    pub max_in_flight: Option<Option<i64>>,
+    /// `opsiq-v1` or `standard-webhooks`.
+    pub signature_scheme: Option<Scheme>,
+    /// A secret to use instead of a generated one (`whsec_` + base64 of 24–64 bytes).
+    pub secret: Option<String>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    Option::<i64>::deserialize(d).map(Some)
+}
+
+/// Checks an endpoint input; `allow_private` is `--dev`.
+pub fn check_input(input: &EndpointInput, creating: bool, allow_private: bool) -> Result<(), ApiError> {
+    let mut problems = Vec::new();
+    let mut push = |path: &str, message: String| {
+        problems.push(ErrorDetail {
+            path: path.into(),
+            message,
+        })
+    };
+    match &input.url {
+        None if creating => push("/url", "is required".into()),
+        None => {}
+        Some(url) => match reqwest::Url::parse(url) {
+            Err(e) => push("/url", format!("is not a URL: {e}")),
+            Ok(_) if url.len() > 2048 => push("/url", "must be at most 2048 characters".into()),
+            Ok(parsed) => {
+                if let Err(m) = super::outbound::check_url(&parsed, allow_private) {
+                    push("/url", m);
+                }
+            }
+        },
+    }
+    if let Some(d) = &input.description
+        && d.len() > 1000
+    {
+        push("/description", "must be at most 1000 characters".into());
+    }
+    if let Some(patterns) = &input.event_types {
+        if patterns.len() > 100 {
+            push("/event_types", "at most 100 patterns".into());
+        }
+        for (i, p) in patterns.iter().enumerate() {
+            if let Err(m) = check_pattern(p) {
+                push(&format!("/event_types/{i}"), m);
+            }
+        }
+    }
+    if let Some(Some(r)) = input.rate_limit_per_s
+        && !(1..=100_000).contains(&r)
+    {
+        push(
+            "/rate_limit_per_s",
+            "must be between 1 and 100000, or null".into(),
+        );
+    }
+    if let Some(Some(m)) = input.max_in_flight
+        && !(1..=10_000).contains(&m)
+    {
+        push("/max_in_flight", "must be between 1 and 10000, or null".into());
+    }
+    if let Some(secret) = &input.secret {
+        let len = signing::standard_key(secret).map(|k| k.len()).unwrap_or(0);
+        if !secret.starts_with(signing::SECRET_PREFIX) || !(24..=64).contains(&len) {
+            push(
+                "/secret",
+                "must be `whsec_` followed by base64 of 24 to 64 bytes".into(),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation("the endpoint is invalid", problems))
+    }
+}
+
+/// Loads an endpoint of this tenant unless deleted.
+pub async fn get(db: &Database, tenant_id: &str, id: &str) -> Result<Option<EndpointRow>, DbError> {
+    Ok(db
+        .fetch_optional(
+            "SELECT * FROM endpoints WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+            args![tenant_id, id],
+        )
+        .await?)
+}
+
+/// Every enabled endpoint of a tenant (fan-out candidates).
+pub async fn enabled_for_tenant(db: &Database, tenant_id: &str) -> Result<Vec<EndpointRow>, DbError> {
+    Ok(db
+        .fetch_all(
+            "SELECT * FROM endpoints WHERE tenant_id = $1 AND enabled = $2 AND deleted_at IS NULL ORDER BY id",
+            args![tenant_id, true],
+        )
+        .await?)
+}
+
+/// Creates an endpoint; returns it with its plaintext secret (shown on create only).
+pub async fn create(
+    db: &Database,
+    keys: &MasterKey,
+    tenant_id: &str,
+    input: EndpointInput,
+) -> Result<(EndpointRow, String), DbError> {
+    let now = now_ms();
+    let secret = input.secret.clone().unwrap_or_else(signing::generate_secret);
+    let row = EndpointRow {
+        id: ids::new_id("ep"),
+        tenant_id: tenant_id.to_string(),
+        url: input.url.unwrap_or_default(),
+        description: input.description.unwrap_or_default(),
+        event_types: serde_json::to_string(&input.event_types.unwrap_or_else(|| vec!["*".into()]))?,
+        enabled: input.enabled.unwrap_or(true),
+        rate_limit_per_s: input.rate_limit_per_s.flatten(),
+        max_in_flight: input.max_in_flight.flatten(),
+        signature_scheme: input.signature_scheme.unwrap_or_default().as_str().into(),
+        secret_enc: keys.seal(&secret),
+        previous_secret_enc: None,
+        previous_expires_at: None,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: now,
+        updated_at: now,
+        deleted_at: None,
+    };
+    db.execute(
+        "INSERT INTO endpoints (id, tenant_id, url, description, event_types, enabled, rate_limit_per_s, \
+         max_in_flight, signature_scheme, secret_enc, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        args![
+            &row.id,
+            &row.tenant_id,
+            &row.url,
+            &row.description,
+            &row.event_types,
+            row.enabled,
+            row.rate_limit_per_s,
+            row.max_in_flight,
+            &row.signature_scheme,
+            &row.secret_enc,
+            now,
+            now
+        ],
+    )
+    .await?;
+    Ok((row, secret))
+}
+
+/// Applies a partial update; returns the updated row, or `None` if there is no such endpoint.
+pub async fn update(
+    db: &Database,
+    tenant_id: &str,
+    id: &str,
+    input: EndpointInput,
+) -> Result<Option<EndpointRow>, DbError> {
+    let Some(mut row) = get(db, tenant_id, id).await? else {
+        return Ok(None);
+    };
+    if let Some(url) = input.url {
+        row.url = url;
+    }
+    if let Some(d) = input.description {
+        row.description = d;
+    }
+    if let Some(p) = input.event_types {
+        row.event_types = serde_json::to_string(&p)?;
+    }
+    if let Some(enabled) = input.enabled {
+        row.enabled = enabled;
+        if enabled {
+            row.disabled_reason = None;
+            row.failing_since = None;
+        }
+    }
+    if let Some(r) = input.rate_limit_per_s {
+        row.rate_limit_per_s = r;
+    }
+    if let Some(m) = input.max_in_flight {
+        row.max_in_flight = m;
+    }
+    if let Some(s) = input.signature_scheme {
+        row.signature_scheme = s.as_str().into();
+    }
+    row.updated_at = now_ms();
+    db.execute(
+        "UPDATE endpoints SET url = $1, description = $2, event_types = $3, enabled = $4, \
+         rate_limit_per_s = $5, max_in_flight = $6, signature_scheme = $7, disabled_reason = $8, \
+         failing_since = $9, updated_at = $10 WHERE tenant_id = $11 AND id = $12 AND deleted_at IS NULL",
+        args![
+            &row.url,
+            &row.description,
+            &row.event_types,
+            row.enabled,
+            row.rate_limit_per_s,
+            row.max_in_flight,
+            &row.signature_scheme,
+            row.disabled_reason.clone(),
+            row.failing_since,
+            row.updated_at,
+            tenant_id,
+            id
+        ],
+    )
+    .await?;
+    Ok(Some(row))
+}
+
+/// Soft-deletes an endpoint; answers whether it existed.
+pub async fn delete(db: &Database, tenant_id: &str, id: &str) -> Result<bool, DbError> {
+    let now = now_ms();
+    let n = db
+        .execute(
+            "UPDATE endpoints SET deleted_at = $1, enabled = $2, updated_at = $1 \
+             WHERE tenant_id = $3 AND id = $4 AND deleted_at IS NULL",
+            args![now, false, tenant_id, id],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Rotates the secret: the new one signs from now on, the old one beside it until
+/// `now + overlap`. Returns the new secret and when the old one stops signing.
+pub async fn rotate_secret(
+    db: &Database,
+    keys: &MasterKey,
+    tenant_id: &str,
+    id: &str,
+    new_secret: Option<String>,
+    overlap_ms: i64,
+) -> Result<Option<(String, i64)>, DbError> {
+    let Some(row) = get(db, tenant_id, id).await? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    let secret = new_secret.unwrap_or_else(signing::generate_secret);
+    let expires = now + overlap_ms;
+    db.execute(
+        "UPDATE endpoints SET secret_enc = $1, previous_secret_enc = $2, previous_expires_at = $3, updated_at = $4 \
+         WHERE tenant_id = $5 AND id = $6",
+        args![keys.seal(&secret), row.secret_enc, expires, now, tenant_id, id],
+    )
+    .await?;
+    Ok(Some((secret, expires)))
+}

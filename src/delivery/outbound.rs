@@ -1,0 +1,395 @@
+//! The one place that sends HTTP to customers. Every outbound request goes through [`Outbound`]:
+//! no redirects followed, no system proxy, connect and total timeouts, at most 64 KiB of the
+//! response read, connection reuse, and — unless `--dev` — an SSRF guard that refuses private,
+//! loopback, link-local, CGNAT, multicast, documentation and metadata addresses, both for IP
+//! literals in the URL and for every address DNS answers. The check happens in the resolver that
+//! the connection uses, so a name that re-resolves to a private address (DNS rebinding) fails too.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// The most of a response body that is read and kept.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Answers whether delivering to `ip` is refused by the SSRF guard.
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => forbidden_v6(v6),
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local() // 169.254/16, including the cloud metadata address
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || a == 0 // "this network"
+        || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240 // reserved
+}
+
+fn forbidden_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return forbidden_v4(v4);
+    }
+    let seg = ip.segments();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        || (seg[0] == 0x0100 && seg[1] == 0 && seg[2] == 0 && seg[3] == 0) // discard 100::/64
+        // NAT64 and 6to4 embed an IPv4 address that may be private.
+        || (seg[0] == 0x0064 && seg[1] == 0xff9b && forbidden_v4(Ipv4Addr::new(
+            (seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8)))
+        || (seg[0] == 0x2002 && forbidden_v4(Ipv4Addr::new(
+            (seg[1] >> 8) as u8, seg[1] as u8, (seg[2] >> 8) as u8, seg[2] as u8)))
+        // IPv4-compatible ::a.b.c.d (deprecated but still routed by some stacks)
+        || (seg[..6].iter().all(|s| *s == 0) && forbidden_v4(Ipv4Addr::new(
+            (seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8)))
+}
+
+/// Refusal by the SSRF guard; found in the error chain to classify the attempt.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{host} resolves only to addresses that deliveries may not reach (private, loopback, link-local or reserved)"
+)]
+pub struct BlockedAddress {
+    host: String,
+}
+
+/// A DNS resolver that drops forbidden addresses and fails when none is left.
+#[derive(Debug, Clone, Copy)]
+struct GuardedResolver;
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allowed: Vec<SocketAddr> = addrs.filter(|a| !is_forbidden(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(BlockedAddress { host }) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Checks what can be checked about a URL before any connection: scheme, credentials, and IP
+/// literals (which bypass the resolver). With `allow_private`, only the scheme is checked.
+pub fn check_url(url: &reqwest::Url, allow_private: bool) -> Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be an http or https URL".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials".into());
+    }
+    let Some(host) = url.host() else {
+        return Err("must have a host".into());
+    };
+    if allow_private {
+        return Ok(());
+    }
+    let literal = match host {
+        url::Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
+        url::Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
+        url::Host::Domain(d) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d == "localhost" || d.ends_with(".localhost") {
+                return Err(
+                    "points at localhost, which deliveries may not reach (use --dev for local testing)"
+                        .into(),
+                );
+            }
+            None
+        }
+    };
+    match literal {
+        Some(ip) if is_forbidden(ip) => Err(format!(
+            "points at {ip}, a private, loopback or reserved address that deliveries may not reach (use --dev for local testing)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What one attempt got back.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptResult {
+    /// The response status, if a response arrived.
+    pub status: Option<u16>,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// The response body, at most 64 KiB, as text (lossy).
+    pub body: String,
+    /// `blocked_address`, `timeout`, `connect`, `dns`, `invalid_url` or `request` when no response arrived.
+    pub error_class: Option<&'static str>,
+    /// A sentence about the failure.
+    pub error_message: Option<String>,
+    /// How long the attempt took.
+    pub duration: Duration,
+    /// `Retry-After` of a 429/503, in seconds.
+    pub retry_after: Option<Duration>,
+}
+
+impl AttemptResult {
+    /// A 2xx answer.
+    pub fn is_success(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+/// The outbound HTTP client, shared by every delivery.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    client: reqwest::Client,
+    allow_private: bool,
+}
+
+impl Outbound {
+    /// Builds the client; `allow_private` lifts the SSRF guard (`--dev`).
+    pub fn new(connect_timeout: Duration, request_timeout: Duration, allow_private: bool) -> Self {
+        crate::crypto::install_tls_provider();
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256);
+        if !allow_private {
+            builder = builder.dns_resolver(GuardedResolver);
+        }
+        let client = builder
+            .build()
+            .expect("the outbound HTTP client configuration is valid");
+        Self {
+            client,
+            allow_private,
+        }
+    }
+
+    /// Whether the SSRF guard is lifted.
+    pub fn allows_private(&self) -> bool {
+        self.allow_private
+    }
+
+    /// POSTs `body` with `headers` to `url` and reports what happened; never fails.
+    pub async fn post(
+        &self,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: bytes::Bytes,
+    ) -> AttemptResult {
+        let started = Instant::now();
+        let mut result = self.post_inner(url, headers, body).await;
+        result.duration = started.elapsed();
+        result
+    }
+
+    async fn post_inner(
+        &self,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: bytes::Bytes,
+    ) -> AttemptResult {
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(u) => u,
+            Err(e) => return failure("invalid_url", e.to_string()),
+        };
+        if let Err(message) = check_url(&parsed, self.allow_private) {
+            return failure("blocked_address", format!("the URL {message}"));
+        }
+        let mut req = self.client.post(parsed);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let mut resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => return classify(&e),
+        };
+        let status = resp.status().as_u16();
+        let headers: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_RESPONSE_BYTES - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= MAX_RESPONSE_BYTES {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                // The status already arrived; a body cut short does not change the outcome.
+                Err(_) => break,
+            }
+        }
+        AttemptResult {
+            status: Some(status),
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            retry_after,
+            ..AttemptResult::default()
+        }
+    }
+}
+
+fn failure(class: &'static str, message: String) -> AttemptResult {
+    AttemptResult {
+        error_class: Some(class),
+        error_message: Some(message),
+        ..AttemptResult::default()
+    }
+}
+
+fn classify(e: &reqwest::Error) -> AttemptResult {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(blocked) = err.downcast_ref::<BlockedAddress>() {
+            return failure("blocked_address", blocked.to_string());
+        }
+        source = err.source();
+    }
+    let class = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    };
+    // The full chain names the cause (refused, reset, DNS failure) without exposing anything secret.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        message.push_str(": ");
+        message.push_str(&err.to_string());
+        source = err.source();
+    }
+    failure(class, message)
+}
+
+/// Parses `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = httpdate_parse(value.trim())?;
+    let now = time::OffsetDateTime::now_utc();
+    let delta = date - now;
+    Some(Duration::from_secs(delta.whole_seconds().max(0) as u64))
+}
+
+fn httpdate_parse(value: &str) -> Option<time::OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value, format)
+        .ok()
+        .map(|t| t.assume_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssrf_table() {
+        for bad in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::",
+            "::127.0.0.1",
+        ] {
+            assert!(is_forbidden(bad.parse().unwrap()), "{bad} must be refused");
+        }
+        for good in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+        ] {
+            assert!(!is_forbidden(good.parse().unwrap()), "{good} must be allowed");
+        }
+    }
+
+    #[test]
+    fn url_checks() {
+        let check = |u: &str, dev: bool| check_url(&reqwest::Url::parse(u).unwrap(), dev);
+        assert!(check("http://127.0.0.1:8080/h", false).is_err());
+        assert!(check("http://[::1]/h", false).is_err());
+        assert!(check("http://localhost/h", false).is_err());
+        assert!(check("http://LOCALHOST./h", false).is_err());
+        assert!(
+            check("http://0x7f000001/h", false).is_err(),
+            "hex IPv4 literals normalise to 127.0.0.1"
+        );
+        assert!(
+            check("http://2130706433/h", false).is_err(),
+            "decimal IPv4 literals too"
+        );
+        assert!(check("ftp://example.com/h", false).is_err());
+        assert!(check("https://user:pw@example.com/h", false).is_err());
+        assert!(check("https://example.com/h?x=1", false).is_ok());
+        assert!(check("http://127.0.0.1:8080/h", true).is_ok());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT").is_some());
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,86 @@
+//! Retention: deliveries that are settled (succeeded or failed), their attempts, and events older
+//! than the retention period are deleted in small batches, so the purge never holds the writer
+//! for long. Expired idempotency records go the same way.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::args;
+use crate::db::{Database, now_ms};
+
+/// Rows deleted per statement.
+const BATCH: i64 = 500;
+
+/// Purges every `interval` until `stop` turns true.
+pub async fn purge_loop(
+    db: Database,
+    retention: Duration,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match purge_once(&db, now_ms() - retention.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "retention purge"),
+            Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Deletes everything settled before `cutoff` (unix ms); returns how many deliveries went.
+pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let ids: Vec<(String,)> = db
+            .fetch_all(
+                "SELECT id FROM deliveries WHERE created_at < $1 AND status IN ('succeeded', 'failed') LIMIT $2",
+                args![cutoff, BATCH],
+            )
+            .await?;
+        if ids.is_empty() {
+            break;
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let list = placeholders.join(", ");
+        let values: Vec<crate::db::Arg> = ids.iter().map(|(id,)| id.into()).collect();
+        let mut tx = db.begin().await?;
+        tx.execute(
+            sqlx::AssertSqlSafe(format!(
+                "DELETE FROM delivery_attempts WHERE delivery_id IN ({list})"
+            )),
+            values.clone(),
+        )
+        .await?;
+        total += tx
+            .execute(
+                sqlx::AssertSqlSafe(format!("DELETE FROM deliveries WHERE id IN ({list})")),
+                values,
+            )
+            .await?;
+        tx.commit().await?;
+    }
+    // Events go once none of their deliveries is left.
+    loop {
+        let n = db
+            .execute(
+                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < $1 \
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT $2)",
+                args![cutoff, BATCH],
+            )
+            .await?;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
+    db.execute(
+        "DELETE FROM idempotency_records WHERE expires_at < $1",
+        args![now_ms()],
+    )
+    .await?;
+    Ok(total)
+}

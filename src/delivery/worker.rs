@@ -1,0 +1,675 @@
+//! The delivery worker: takes jobs handed over in memory by the request that created them, or
+//! claimed from the database by the poller (retries, replays, leases of dead workers), signs and
+//! sends each attempt, and records outcomes in batches.
+//!
+//! Tasks: the dispatcher (bounded channel → one task per job), the poller, the outcome writer
+//! (group commit of attempts and status changes) and the retention purge.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::json;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::endpoints::EndpointRow;
+use super::outbound::{AttemptResult, Outbound};
+use super::outbox::{self, Job, Lease};
+use super::retry::{self, Next};
+use super::signing::{self, Carries, Scheme, SignedAttempt};
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::db::{Database, Tx, now_ms};
+use crate::events::{self, NewEvent};
+use crate::{args, ids};
+
+/// How long a cached endpoint (URL, secrets, limits) is trusted before it is read again; changes
+/// made through this process are seen at once, those made through another replica within this.
+const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// An endpoint failing without a single success for this long is disabled.
+const FAILING_DISABLE_AFTER_MS: i64 = 5 * 24 * 3600 * 1000;
+
+/// The final state of a delivery, told to whoever waits for it (sync invocations).
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// The last attempt's result.
+    pub result: AttemptResult,
+}
+
+/// An endpoint as the sender needs it: decrypted secrets and limits.
+#[derive(Debug)]
+struct LiveEndpoint {
+    url: String,
+    enabled: bool,
+    scheme: Scheme,
+    secrets: Vec<String>,
+    limits: Arc<Limits>,
+    fetched: Instant,
+}
+
+#[derive(Debug)]
+struct Limits {
+    rate_per_s: Option<i64>,
+    in_flight_cap: Option<i64>,
+    rate: Option<DefaultDirectRateLimiter>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Limits {
+    fn new(rate_per_s: Option<i64>, in_flight_cap: Option<i64>) -> Self {
+        let rate = rate_per_s
+            .and_then(|r| u32::try_from(r).ok())
+            .and_then(NonZeroU32::new)
+            .map(|r| RateLimiter::direct(Quota::per_second(r)));
+        let cap = in_flight_cap
+            .map(|c| c.clamp(1, 10_000) as usize)
+            .unwrap_or(Semaphore::MAX_PERMITS >> 4);
+        Self {
+            rate_per_s,
+            in_flight_cap,
+            rate,
+            in_flight: Arc::new(Semaphore::new(cap)),
+        }
+    }
+}
+
+/// One attempt's outcome, on its way to the outcome writer.
+struct Outcome {
+    job: Job,
+    url: String,
+    request_headers: Vec<(&'static str, String)>,
+    started_at: i64,
+    result: AttemptResult,
+    next: Next,
+}
+
+/// The delivery engine shared by handlers and workers.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    keys: MasterKey,
+    config: Arc<Config>,
+    outbound: Outbound,
+    node: String,
+    jobs: mpsc::Sender<Job>,
+    outcomes: mpsc::Sender<Outcome>,
+    poke: Notify,
+    endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
+    waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<Settled>>>>,
+    in_flight: Arc<Semaphore>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+/// The receiving halves created with the engine, consumed by [`Engine::start`].
+pub struct EngineReceivers {
+    jobs: mpsc::Receiver<Job>,
+    outcomes: mpsc::Receiver<Outcome>,
+}
+
+impl Engine {
+    /// Creates the engine; call [`start`](Self::start) to run its workers.
+    pub fn new(db: Database, keys: MasterKey, config: Arc<Config>) -> (Self, EngineReceivers) {
+        let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
+        let outbound = Outbound::new(config.connect_timeout, config.request_timeout, config.dev);
+        let inner = Inner {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            db,
+            keys,
+            outbound,
+            node: ids::new_id("node"),
+            jobs: jobs_tx,
+            outcomes: outcomes_tx,
+            poke: Notify::new(),
+            endpoints: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            stop: watch::channel(false).0,
+            tasks: Mutex::new(JoinSet::new()),
+            config,
+        };
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            EngineReceivers {
+                jobs: jobs_rx,
+                outcomes: outcomes_rx,
+            },
+        )
+    }
+
+    /// Starts the dispatcher, poller, outcome writer and retention purge (if this process runs
+    /// the worker).
+    pub fn start(&self, receivers: EngineReceivers) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.spawn(outcome_writer(self.clone(), receivers.outcomes));
+        if self.inner.config.worker {
+            tasks.spawn(dispatcher(self.clone(), receivers.jobs));
+            tasks.spawn(poller(self.clone()));
+            tasks.spawn(super::retention::purge_loop(
+                self.inner.db.clone(),
+                self.inner.config.retention,
+                self.inner.config.purge_interval,
+                self.inner.stop.subscribe(),
+            ));
+        }
+    }
+
+    /// Stops taking new work, lets attempts in flight finish (bounded by the request timeout),
+    /// records their outcomes, and returns.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        self.inner.poke.notify_waiters();
+        let mut tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = self.inner.config.request_timeout + Duration::from_secs(5);
+        let _ = tokio::time::timeout(deadline, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+    }
+
+    /// How new deliveries are leased: to this process's worker, or left for any worker.
+    pub fn lease(&self) -> Lease {
+        if self.inner.config.worker && !*self.inner.stop.borrow() {
+            Lease::To {
+                node: self.inner.node.clone(),
+                until: now_ms() + self.inner.config.lease.as_millis() as i64,
+            }
+        } else {
+            Lease::Pending
+        }
+    }
+
+    /// Hands freshly committed, leased jobs to the worker. Waits when the queue is full, which
+    /// slows producers down instead of dropping work.
+    pub async fn dispatch(&self, jobs: Vec<Job>) {
+        for job in jobs {
+            if job.lease_until.is_none() {
+                continue;
+            }
+            if self.inner.jobs.send(job).await.is_err() {
+                // The worker stopped; the lease expires and another worker claims the job.
+                return;
+            }
+        }
+    }
+
+    /// Wakes the poller (after a replay or recover put deliveries back in the queue).
+    pub fn poke(&self) {
+        self.inner.poke.notify_one();
+    }
+
+    /// Registers interest in a delivery's final state; register before dispatching.
+    pub fn watch(&self, delivery_id: &str) -> tokio::sync::oneshot::Receiver<Settled> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(delivery_id.to_string())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Forgets a cached endpoint after it changed through this process.
+    pub fn forget_endpoint(&self, endpoint_id: &str) {
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(endpoint_id);
+    }
+
+    /// The outbound client (for `POST /v1/preview` URL checks and tests).
+    pub fn outbound(&self) -> &Outbound {
+        &self.inner.outbound
+    }
+
+    async fn live_endpoint(
+        &self,
+        tenant_id: &str,
+        endpoint_id: &str,
+    ) -> Result<Option<Arc<LiveEndpoint>>, String> {
+        if let Some(ep) = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(endpoint_id)
+            && ep.fetched.elapsed() < ENDPOINT_CACHE_TTL
+        {
+            return Ok(Some(ep.clone()));
+        }
+        let row = super::endpoints::get(&self.inner.db, tenant_id, endpoint_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(row) = row else {
+            self.forget_endpoint(endpoint_id);
+            return Ok(None);
+        };
+        let secrets = row
+            .signing_secrets(&self.inner.keys, now_ms())
+            .map_err(|e| e.to_string())?;
+        let mut cache = self.inner.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep the limiter (and its in-flight count) unless the limits themselves changed.
+        let limits = match cache.get(endpoint_id) {
+            Some(old)
+                if old.limits.rate_per_s == row.rate_limit_per_s
+                    && old.limits.in_flight_cap == row.max_in_flight =>
+            {
+                old.limits.clone()
+            }
+            _ => Arc::new(Limits::new(row.rate_limit_per_s, row.max_in_flight)),
+        };
+        let live = Arc::new(LiveEndpoint {
+            url: row.url.clone(),
+            enabled: row.enabled,
+            scheme: row.scheme(),
+            secrets,
+            limits,
+            fetched: Instant::now(),
+        });
+        cache.insert(endpoint_id.to_string(), live.clone());
+        Ok(Some(live))
+    }
+}
+
+/// Receives jobs and runs each in its own task, at most `8 × max_in_flight` at once.
+async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
+    let slots = Arc::new(Semaphore::new(engine.inner.config.max_in_flight * 8));
+    let mut stop = engine.inner.stop.subscribe();
+    let mut running = JoinSet::new();
+    loop {
+        let job = tokio::select! {
+            job = jobs.recv() => job,
+            _ = stop.changed() => None,
+        };
+        let Some(job) = job else { break };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        running.spawn(attempt(engine.clone(), job, slot));
+        while running.try_join_next().is_some() {}
+    }
+    // Let attempts already under way finish so their outcomes are recorded.
+    while running.join_next().await.is_some() {}
+}
+
+/// Claims due deliveries every poll interval (or when poked).
+async fn poller(engine: Engine) {
+    let inner = &engine.inner;
+    let mut stop = inner.stop.subscribe();
+    loop {
+        let free = inner.in_flight.available_permits().max(1) as i64;
+        let lease_ms = inner.config.lease.as_millis() as i64;
+        match outbox::claim_due(&inner.db, &inner.node, now_ms(), lease_ms, free.min(500)).await {
+            Ok(jobs) => {
+                let full = jobs.len() as i64 >= free.min(500);
+                engine.dispatch(jobs).await;
+                if full {
+                    continue;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "claiming due deliveries failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+            _ = inner.poke.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One attempt of one job: limits, lease check, sign, send, decide, hand the outcome on.
+async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
+    let inner = &engine.inner;
+    let started_at = now_ms();
+    let endpoint = match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
+        Ok(ep) => ep,
+        Err(e) => {
+            // Storage trouble: leave the lease to expire and the job to be claimed again.
+            tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
+            return;
+        }
+    };
+    let Some(endpoint) = endpoint.filter(|ep| ep.enabled) else {
+        let result = AttemptResult {
+            error_class: Some("endpoint_disabled"),
+            error_message: Some("the endpoint is disabled or deleted".into()),
+            ..AttemptResult::default()
+        };
+        let next = Next::Failed {
+            disable_endpoint: false,
+            reason: "the endpoint is disabled or deleted".into(),
+        };
+        send_outcome(inner, job, String::new(), Vec::new(), started_at, result, next).await;
+        return;
+    };
+
+    if let Some(rate) = &endpoint.limits.rate {
+        rate.until_ready().await;
+    }
+    let Ok(_endpoint_permit) = endpoint.limits.in_flight.clone().acquire_owned().await else {
+        return;
+    };
+    let Ok(_global_permit) = inner.in_flight.clone().acquire_owned().await else {
+        return;
+    };
+
+    // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt.
+    let now = now_ms();
+    let needed = now + inner.config.request_timeout.as_millis() as i64 + 5_000;
+    if job.lease_until.unwrap_or(0) < needed {
+        let until = now + inner.config.lease.as_millis() as i64;
+        match outbox::extend_lease(&inner.db, &job, &inner.node, until).await {
+            Ok(true) => {}
+            Ok(false) => return, // another worker took it over
+            Err(e) => {
+                tracing::warn!(delivery_id = %job.id, error = %e, "cannot extend the lease");
+                return;
+            }
+        }
+    }
+
+    let url = endpoint.url.clone();
+    let target = reqwest::Url::parse(&url)
+        .map(|u| signing::request_target(&u))
+        .unwrap_or_default();
+    let nonce = signing::generate_nonce();
+    let secrets: Vec<&str> = endpoint.secrets.iter().map(String::as_str).collect();
+    let carries = if job.is_action() {
+        Carries::Action(&job.label)
+    } else {
+        Carries::Event(&job.label)
+    };
+    let headers = signing::signed_headers(
+        endpoint.scheme,
+        &secrets,
+        &SignedAttempt {
+            delivery_id: &job.id,
+            idempotency_key: &job.idempotency_key,
+            carries,
+            attempt: job.attempts,
+            timestamp: now_ms() / 1000,
+            nonce: &nonce,
+            request_target: &target,
+            body: job.body.as_bytes(),
+        },
+    );
+    let body = bytes::Bytes::from(job.body.clone());
+    let result = inner.outbound.post(&url, &headers, body).await;
+    metrics::histogram!("opsiq_delivery_attempt_duration_seconds").record(result.duration.as_secs_f64());
+
+    let jitter = f64::from(u32::from_le_bytes(crate::crypto::random_bytes::<4>())) / f64::from(u32::MAX);
+    let next = retry::decide(
+        &result,
+        job.is_action(),
+        &inner.config.retry_schedule,
+        job.schedule_index,
+        job.cycle_started_at.unwrap_or(started_at),
+        now_ms(),
+        jitter,
+    );
+    send_outcome(inner, job, url, headers, started_at, result, next).await;
+}
+
+async fn send_outcome(
+    inner: &Inner,
+    job: Job,
+    url: String,
+    request_headers: Vec<(&'static str, String)>,
+    started_at: i64,
+    result: AttemptResult,
+    next: Next,
+) {
+    let outcome = Outcome {
+        job,
+        url,
+        request_headers,
+        started_at,
+        result,
+        next,
+    };
+    if inner.outcomes.send(outcome).await.is_err() {
+        tracing::warn!("the outcome writer stopped; the lease will expire and the delivery be retried");
+    }
+}
+
+/// Writes outcomes in batches: one transaction for everything that finished meanwhile.
+async fn outcome_writer(engine: Engine, mut outcomes: mpsc::Receiver<Outcome>) {
+    let mut stop = engine.inner.stop.subscribe();
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        let first = tokio::select! {
+            o = outcomes.recv() => o,
+            _ = stop.changed() => {
+                // Drain what attempts still report, then stop.
+                let deadline = engine.inner.config.request_timeout + Duration::from_secs(2);
+                match tokio::time::timeout(deadline, outcomes.recv()).await {
+                    Ok(o) => o,
+                    Err(_) => None,
+                }
+            }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < 256 {
+            match outcomes.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            match record_outcomes(&engine, &batch).await {
+                Ok(new_jobs) => {
+                    settle_waiters(&engine, &batch);
+                    engine.dispatch(new_jobs).await;
+                    break;
+                }
+                Err(e) if attempts < 5 => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, "recording delivery outcomes failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
+                }
+                Err(e) => {
+                    // The leases expire and the deliveries are attempted again: at-least-once holds.
+                    tracing::error!(error = %e, count = batch.len(), "dropping delivery outcomes");
+                    break;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+fn settle_waiters(engine: &Engine, batch: &[Outcome]) {
+    let mut waiters = engine.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+    for o in batch {
+        let status = match o.next {
+            Next::Succeeded => "succeeded",
+            Next::Failed { .. } => "failed",
+            Next::RetryAt { .. } => continue,
+        };
+        for tx in waiters.remove(&o.job.id).unwrap_or_default() {
+            let _ = tx.send(Settled {
+                status,
+                result: o.result.clone(),
+            });
+        }
+    }
+}
+
+/// Records a batch of outcomes in one transaction; returns jobs for events raised meanwhile
+/// (`delivery.failed`, `endpoint.disabled`).
+async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>, crate::db::DbError> {
+    let inner = &engine.inner;
+    let now = now_ms();
+    let lease = engine.lease();
+    let mut tx = inner.db.begin().await?;
+    let mut raised = Vec::new();
+    for o in batch {
+        let job = &o.job;
+        let headers: serde_json::Map<String, serde_json::Value> = o
+            .request_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone().into()))
+            .collect();
+        let response_headers: serde_json::Map<String, serde_json::Value> = o
+            .result
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        tx.execute(
+            "INSERT INTO delivery_attempts (id, tenant_id, delivery_id, attempt, url, request_headers, \
+             response_status, response_headers, response_body, error_class, error_message, started_at, duration_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            args![
+                ids::new_id("att"), &job.tenant_id, &job.id, job.attempts, &o.url,
+                serde_json::Value::Object(headers).to_string(), o.result.status.map(i64::from),
+                o.result.status.map(|_| serde_json::Value::Object(response_headers).to_string()),
+                o.result.status.map(|_| o.result.body.clone()), o.result.error_class,
+                o.result.error_message.clone(), o.started_at, o.result.duration.as_millis() as i64
+            ],
+        )
+        .await?;
+        let last_error = o
+            .result
+            .error_message
+            .clone()
+            .or_else(|| o.result.status.map(|s| format!("HTTP {s}")));
+        let (status, next_at, schedule_index) = match &o.next {
+            Next::Succeeded => ("succeeded", now, job.schedule_index),
+            Next::RetryAt { at, schedule_index } => ("pending", *at, *schedule_index),
+            Next::Failed { .. } => ("failed", now, job.schedule_index),
+        };
+        // Only the holder of this attempt's lease may move the delivery on.
+        let moved = tx
+            .execute(
+                "UPDATE deliveries SET status = $1, next_attempt_at = $2, schedule_index = $3, lease_until = NULL, \
+                 leased_by = NULL, last_status_code = $4, last_error = $5, updated_at = $6 \
+                 WHERE id = $7 AND attempts = $8 AND status = 'delivering'",
+                args![status, next_at, schedule_index, o.result.status.map(i64::from), last_error.clone(), now,
+                    &job.id, job.attempts],
+            )
+            .await?;
+        if moved == 0 {
+            continue;
+        }
+        metrics::counter!("opsiq_delivery_attempts_total", "outcome" => match o.next {
+            Next::Succeeded => "succeeded", Next::RetryAt { .. } => "retry", Next::Failed { .. } => "failed" })
+        .increment(1);
+        if !o.url.is_empty() {
+            raised.extend(update_endpoint_health(engine, &mut tx, o, now, &lease).await?);
+        }
+        if let Next::Failed { reason, .. } = &o.next {
+            metrics::counter!("opsiq_deliveries_failed_total").increment(1);
+            tracing::warn!(delivery_id = %job.id, endpoint_id = %job.endpoint_id, %reason, "delivery failed");
+            // A failed `delivery.failed` delivery raises nothing, or failures would feed themselves.
+            if job.label != "delivery.failed" {
+                let data = json!({
+                    "delivery_id": job.id,
+                    "endpoint_id": job.endpoint_id,
+                    "kind": job.kind,
+                    "label": job.label,
+                    "event_id": job.event_id,
+                    "invocation_id": job.invocation_id,
+                    "attempts": job.attempts,
+                    "last_status": o.result.status,
+                    "last_error": last_error,
+                    "reason": reason,
+                });
+                raised.extend(raise(&mut tx, &job.tenant_id, "delivery.failed", data, &lease, now).await?);
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(raised)
+}
+
+async fn raise(
+    tx: &mut Tx,
+    tenant_id: &str,
+    event_type: &str,
+    data: serde_json::Value,
+    lease: &Lease,
+    now: i64,
+) -> Result<Vec<Job>, crate::db::DbError> {
+    let event = NewEvent {
+        tenant_id: tenant_id.to_string(),
+        event_type: event_type.to_string(),
+        data,
+        idempotency_key: None,
+        source: "system".into(),
+        depth: 0,
+        only_endpoint: None,
+    };
+    Ok(events::record(tx, event, lease, now).await?.deliveries)
+}
+
+/// Tracks the endpoint's run of failures; disables it on 410 or after five days of failures.
+async fn update_endpoint_health(
+    engine: &Engine,
+    tx: &mut Tx,
+    o: &Outcome,
+    now: i64,
+    lease: &Lease,
+) -> Result<Vec<Job>, crate::db::DbError> {
+    let job = &o.job;
+    let gone = matches!(
+        o.next,
+        Next::Failed {
+            disable_endpoint: true,
+            ..
+        }
+    );
+    if o.result.is_success() {
+        tx.execute(
+            "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+            args![&job.endpoint_id],
+        )
+        .await?;
+        return Ok(Vec::new());
+    }
+    tx.execute(
+        "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
+        args![now, &job.endpoint_id],
+    )
+    .await?;
+    let row: Option<EndpointRow> = tx
+        .fetch_optional("SELECT * FROM endpoints WHERE id = $1", args![&job.endpoint_id])
+        .await?;
+    let Some(row) = row else { return Ok(Vec::new()) };
+    let failing_too_long = row
+        .failing_since
+        .is_some_and(|since| now - since > FAILING_DISABLE_AFTER_MS);
+    if !row.enabled || !(gone || failing_too_long) {
+        return Ok(Vec::new());
+    }
+    let reason = if gone {
+        "the endpoint answered 410 Gone"
+    } else {
+        "the endpoint failed every delivery for 5 days"
+    };
+    tx.execute(
+        "UPDATE endpoints SET enabled = $1, disabled_reason = $2, updated_at = $3 WHERE id = $4",
+        args![false, reason, now, &job.endpoint_id],
+    )
+    .await?;
+    engine.forget_endpoint(&job.endpoint_id);
+    tracing::warn!(endpoint_id = %job.endpoint_id, reason, "endpoint disabled");
+    metrics::counter!("opsiq_endpoints_disabled_total").increment(1);
+    let data = json!({"endpoint_id": row.id, "url": row.url, "reason": reason});
+    raise(tx, &job.tenant_id, "endpoint.disabled", data, lease, now).await
+}

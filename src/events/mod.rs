@@ -1,0 +1,114 @@
+//! Events: something that happened in the customer's world (`invoice.paid`) or in the gateway
+//! (`delivery.failed`). Recording an event fans it out, in the same transaction, to every enabled
+//! endpoint of the tenant whose `event_types` patterns match.
+
+mod routes;
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::db::{DbError, Tx, rfc3339};
+use crate::delivery::endpoints::{EndpointRow, pattern_matches};
+use crate::delivery::outbox::{self, Job, Kind, Lease, NewDelivery};
+use crate::{args, ids};
+
+pub use routes::routes;
+
+/// Event types are dotted names: `invoice.paid`, `escalation.opened`.
+pub fn check_event_type(name: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        && !name.starts_with('.')
+        && !name.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 128 characters from A-Z, a-z, 0-9, `.`, `_`, `-` and `:`, like invoice.paid".into())
+    }
+}
+
+/// An event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// `invoice.paid`, …
+    pub event_type: String,
+    /// The payload.
+    pub data: Value,
+    /// Dedupe key of the request that sent it.
+    pub idempotency_key: Option<String>,
+    /// `api`, `system`, `rule:<id>`.
+    pub source: String,
+    /// How many `emit` steps led here (rules cut chains at 8).
+    pub depth: i64,
+    /// Restrict fan-out to one endpoint (`POST /v1/endpoints/{id}/test`).
+    pub only_endpoint: Option<String>,
+}
+
+/// A recorded event and the deliveries it caused.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    /// `evt_…`.
+    pub id: String,
+    /// The exact body every endpoint receives.
+    pub body: Arc<str>,
+    /// Deliveries created (leased ones are ready to hand to the worker).
+    pub deliveries: Vec<Job>,
+}
+
+/// The body every subscriber receives: `{"id","type","created_at","data"}`.
+pub fn event_body(id: &str, event_type: &str, created_at: i64, data: &Value) -> String {
+    json!({"id": id, "type": event_type, "created_at": rfc3339(created_at), "data": data}).to_string()
+}
+
+/// Records an event and its deliveries in `tx`.
+pub async fn record(tx: &mut Tx, event: NewEvent, lease: &Lease, now: i64) -> Result<RecordedEvent, DbError> {
+    let id = ids::new_id("evt");
+    let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
+    tx.execute(
+        "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        args![
+            &id,
+            &event.tenant_id,
+            &event.event_type,
+            &*body,
+            event.idempotency_key.clone(),
+            &event.source,
+            event.depth,
+            now
+        ],
+    )
+    .await?;
+    let endpoints: Vec<EndpointRow> = tx
+        .fetch_all(
+            "SELECT * FROM endpoints WHERE tenant_id = $1 AND enabled = $2 AND deleted_at IS NULL ORDER BY id",
+            args![&event.tenant_id, true],
+        )
+        .await?;
+    let targets = endpoints.into_iter().filter(|ep| match &event.only_endpoint {
+        Some(only) => &ep.id == only,
+        None => ep
+            .patterns()
+            .iter()
+            .any(|p| pattern_matches(p, &event.event_type)),
+    });
+    let new: Vec<NewDelivery> = targets
+        .map(|ep| NewDelivery {
+            tenant_id: event.tenant_id.clone(),
+            endpoint_id: ep.id,
+            kind: Kind::Event,
+            event_id: Some(id.clone()),
+            invocation_id: None,
+            label: event.event_type.clone(),
+            idempotency_key: None,
+            body: body.clone(),
+        })
+        .collect();
+    let deliveries = outbox::insert(tx, new, lease, now).await?;
+    Ok(RecordedEvent { id, body, deliveries })
+}

@@ -1,0 +1,268 @@
+//! `/v1/events`: ingestion with idempotency, listing and inspection.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{NewEvent, check_event_type};
+use crate::db::{Arg, DbError, now_ms, parse_rfc3339, rfc3339};
+use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query};
+use crate::{AppState, args};
+
+/// The event routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/events", get(list_events).post(ingest_event))
+        .route("/v1/events/{id}", get(get_event))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestBody {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: Value,
+    id: Option<String>,
+}
+
+/// The `Idempotency-Key` header, checked.
+pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct EventRow {
+    id: String,
+    #[sqlx(rename = "type")]
+    event_type: String,
+    body: String,
+    source: String,
+    rule_trace: Option<String>,
+    created_at: i64,
+}
+
+impl EventRow {
+    fn data(&self) -> Value {
+        serde_json::from_str::<Value>(&self.body)
+            .ok()
+            .and_then(|mut v| v.get_mut("data").map(Value::take))
+            .unwrap_or(Value::Null)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "type": self.event_type,
+            "created_at": rfc3339(self.created_at),
+            "data": self.data(),
+            "source": self.source,
+        })
+    }
+}
+
+async fn find_by_key(
+    state: &AppState,
+    tenant_id: &str,
+    key: &str,
+) -> Result<Option<(EventRow, i64)>, DbError> {
+    let row: Option<EventRow> = state
+        .db
+        .fetch_optional(
+            "SELECT id, type, body, source, rule_trace, created_at FROM events WHERE tenant_id = $1 AND idempotency_key = $2",
+            args![tenant_id, key],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (n,): (i64,) = state
+        .db
+        .fetch_optional(
+            "SELECT COUNT(*) FROM deliveries WHERE event_id = $1",
+            args![&row.id],
+        )
+        .await?
+        .unwrap_or((0,));
+    Ok(Some((row, n)))
+}
+
+fn replayed(row: &EventRow, deliveries: i64, event_type: &str, data: &Value) -> ApiResult<Response> {
+    if row.event_type != event_type || &row.data() != data {
+        return Err(ApiError::conflict(
+            "idempotency_conflict",
+            "this Idempotency-Key was already used with a different event",
+        ));
+    }
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"event_id": row.id, "deliveries": deliveries})),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(resp)
+}
+
+async fn ingest_event(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    headers: HeaderMap,
+    Json(body): Json<IngestBody>,
+) -> ApiResult<Response> {
+    auth.require(Permission::IngestEvents)?;
+    check_event_type(&body.event_type).map_err(|m| ApiError::invalid_field("/type", m))?;
+    if !body.data.is_object() {
+        return Err(ApiError::invalid_field("/data", "must be a JSON object"));
+    }
+    let key = match idempotency_key(&headers)? {
+        Some(k) => Some(k),
+        None => body.id.clone().map(|id| format!("id:{id}")),
+    };
+    if let Some(key) = &key
+        && let Some((row, n)) = find_by_key(&state, &auth.tenant_id, key).await?
+    {
+        return replayed(&row, n, &body.event_type, &body.data);
+    }
+    let event = NewEvent {
+        tenant_id: auth.tenant_id.clone(),
+        event_type: body.event_type.clone(),
+        data: body.data.clone(),
+        idempotency_key: key.clone(),
+        source: "api".into(),
+        depth: 0,
+        only_endpoint: None,
+    };
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let recorded = match super::record(&mut tx, event, &state.engine.lease(), now).await {
+        Ok(r) => r,
+        Err(DbError::Sqlx(e)) if is_unique_violation(&e) => {
+            // A concurrent request with the same key won the race: answer with its event.
+            drop(tx);
+            let key = key.unwrap_or_default();
+            let (row, n) = find_by_key(&state, &auth.tenant_id, &key)
+                .await?
+                .ok_or_else(|| ApiError::internal("idempotent event vanished"))?;
+            return replayed(&row, n, &body.event_type, &body.data);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tx.commit().await?;
+    let count = recorded.deliveries.len();
+    state.engine.dispatch(recorded.deliveries).await;
+    metrics::counter!("opsiq_events_ingested_total").increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"event_id": recorded.id, "deliveries": count})),
+    )
+        .into_response())
+}
+
+/// Whether a database error is a unique-constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[derive(Debug, Deserialize)]
+struct EventFilter {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    since: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list_events(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Query(filter): Query<EventFilter>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    auth.require(Permission::Read)?;
+    let limit = PageQuery {
+        limit: filter.limit,
+        cursor: None,
+    }
+    .limit();
+    let mut sql = String::from(
+        "SELECT id, type, body, source, rule_trace, created_at FROM events WHERE tenant_id = $1 AND id < $2",
+    );
+    let mut values: Vec<Arg> = args![
+        &auth.tenant_id,
+        filter.cursor.clone().unwrap_or_else(|| "~".into())
+    ];
+    if let Some(t) = &filter.event_type {
+        values.push(t.into());
+        sql.push_str(&format!(" AND type = ${}", values.len()));
+    }
+    if let Some(since) = &filter.since {
+        let ms = parse_rfc3339(since)
+            .ok_or_else(|| ApiError::bad_request("invalid_query", "since must be an RFC 3339 time"))?;
+        values.push(ms.into());
+        sql.push_str(&format!(" AND created_at >= ${}", values.len()));
+    }
+    values.push((limit + 1).into());
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len()));
+    let rows: Vec<EventRow> = state.db.fetch_all(sqlx::AssertSqlSafe(sql), values).await?;
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.id.clone()).map(|r| r.to_json()),
+    ))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct EventDelivery {
+    id: String,
+    endpoint_id: String,
+    status: String,
+    attempts: i64,
+}
+
+async fn get_event(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let row: EventRow = state
+        .db
+        .fetch_optional(
+            "SELECT id, type, body, source, rule_trace, created_at FROM events WHERE tenant_id = $1 AND id = $2",
+            args![&auth.tenant_id, &id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("event"))?;
+    let deliveries: Vec<EventDelivery> = state
+        .db
+        .fetch_all(
+            "SELECT id, endpoint_id, status, attempts FROM deliveries WHERE event_id = $1 AND tenant_id = $2 ORDER BY id",
+            args![&id, &auth.tenant_id],
+        )
+        .await?;
+    let mut body = row.to_json();
+    body["deliveries"] = deliveries
+        .iter()
+        .map(
+            |d| json!({"id": d.id, "endpoint_id": d.endpoint_id, "status": d.status, "attempts": d.attempts}),
+        )
+        .collect();
+    body["rules"] = row
+        .rule_trace
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_else(|| json!([]));
+    Ok(axum::Json(body))
+}

@@ -1,0 +1,834 @@
+//! Signed delivery: endpoints, signatures on the wire, retries, the delivery log, replay and
+//! recover, secret rotation, the SSRF guard and retention.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use opsiq::config::RawConfig;
+use opsiq::delivery::verify;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::dual;
+use crate::harness::{Backend, TestApp, error_code, eventually, wait_until};
+use crate::receiver::Receiver;
+
+/// Loopback delivery allowed and a compressed retry schedule.
+pub fn fast_delivery(raw: &mut RawConfig, _: &std::path::Path) {
+    raw.dev = true;
+    raw.retry_schedule = "200ms,200ms,200ms".into();
+    raw.poll_interval = "50ms".into();
+}
+
+/// Creates an endpoint and returns (id, secret).
+pub async fn endpoint(app: &TestApp, url: &str, extra: Value) -> (String, String) {
+    let mut body = json!({"url": url, "description": "test"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    let (status, ep) = app.call(Method::POST, "/v1/endpoints", Some(body)).await;
+    assert_eq!(status, 201, "{ep}");
+    (
+        ep["id"].as_str().unwrap().to_string(),
+        ep["secret"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Sends an event and returns its id.
+pub async fn send_event(app: &TestApp, event_type: &str, data: Value) -> String {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": event_type, "data": data})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["event_id"].as_str().unwrap().to_string()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn headers_of(r: &crate::receiver::Received) -> Vec<(String, String)> {
+    r.headers.clone()
+}
+
+dual!(
+    signing_vectors_through_the_api,
+    an_event_arrives_signed_with_every_header,
+    endpoints_crud_secrets_and_isolation,
+    event_ingestion_is_idempotent,
+    a_delivery_life_retries_then_gives_up,
+    retry_after_is_honoured,
+    gone_disables_the_endpoint,
+    replay_and_recover,
+    rotation_overlap,
+    redirects_are_not_followed,
+    ssrf_guard_without_dev,
+    retention_purges_old_deliveries,
+    preview_and_test_send,
+    standard_webhooks_scheme,
+    action_client_errors_are_final_but_event_ones_retry,
+);
+
+async fn signing_vectors_through_the_api(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let vectors: Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::harness::repo_path("tests/fixtures/signing-vectors.json")).unwrap(),
+    )
+    .unwrap();
+    for case in vectors["cases"].as_array().unwrap() {
+        let body = json!({
+            "secrets": case["secrets"],
+            "request_target": case["request_target"],
+            "headers": case["headers"],
+            "body": case["body"],
+            "now": case["now"],
+        });
+        let (status, got) = app.call(Method::POST, "/v1/signatures/verify", Some(body)).await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["valid"], case["valid"], "{}: {got}", case["name"]);
+        if case["valid"] == false {
+            assert_eq!(got["reason"], case["reason"], "{}", case["name"]);
+        }
+    }
+}
+
+async fn an_event_arrives_signed_with_every_header(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (endpoint_id, secret) = endpoint(&app, &rx.url("/hooks/opsiq?tenant=acme&v=2"), json!({})).await;
+    let data =
+        json!({"invoice_id": "in_123", "amount": 4200, "currency": "eur", "note": "Zahlung – prüfen ✓"});
+    let event_id = send_event(&app, "invoice.paid", data.clone()).await;
+
+    let got = rx.wait_for(1).await;
+    let r = &got[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.target, "/hooks/opsiq?tenant=acme&v=2");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.header("user-agent").unwrap().starts_with("OpsIQ-Webhooks/"));
+    let delivery_id = r.header("x-opsiq-id").unwrap();
+    assert!(delivery_id.starts_with("dlv_"));
+    assert_eq!(r.header("x-opsiq-event"), Some("invoice.paid"));
+    assert_eq!(r.header("x-opsiq-attempt"), Some("1"));
+    assert!(r.header("x-opsiq-nonce").is_some());
+    assert!(r.header("idempotency-key").is_some());
+    let ts: i64 = r.header("x-opsiq-timestamp").unwrap().parse().unwrap();
+    assert!((now_secs() - ts).abs() < 60);
+    let body = r.json();
+    assert_eq!(body["id"], event_id.as_str());
+    assert_eq!(body["type"], "invoice.paid");
+    assert_eq!(body["data"], data);
+    assert!(body["created_at"].is_string());
+
+    // The signature holds over the raw bytes, the path and the query, with the endpoint's secret.
+    let headers = headers_of(r);
+    let verifier = verify::Verifier::new([secret.clone()]);
+    verifier
+        .verify(headers.as_slice(), &r.target, &r.body, now_secs())
+        .expect("signature verifies");
+    assert_eq!(
+        verifier
+            .verify(headers.as_slice(), &r.target, &r.body, now_secs())
+            .unwrap_err()
+            .reason(),
+        "duplicate_nonce"
+    );
+    assert!(
+        verify::verify_opsiq_v1(
+            &[secret.as_str()],
+            headers.as_slice(),
+            "/hooks/other",
+            &r.body,
+            now_secs()
+        )
+        .is_err()
+    );
+
+    // The log shows the delivery and its attempt with the exact request.
+    let path = format!("/v1/deliveries/{delivery_id}");
+    let log = eventually(Duration::from_secs(30), || async {
+        let log = app.call(Method::GET, &path, None).await.1;
+        (log["status"] == "succeeded").then_some(log)
+    })
+    .await;
+    assert_eq!(log["endpoint_id"], endpoint_id.as_str());
+    assert_eq!(log["event_id"], event_id.as_str());
+    let attempt = &log["attempts_log"][0];
+    assert_eq!(attempt["attempt"], 1);
+    assert_eq!(attempt["response"]["status"], 200);
+    assert_eq!(
+        attempt["request"]["body"],
+        String::from_utf8(r.body.to_vec()).unwrap()
+    );
+    assert_eq!(
+        attempt["request"]["headers"]["x-opsiq-signature"],
+        r.header("x-opsiq-signature").unwrap()
+    );
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+        .await;
+    assert_eq!(event["deliveries"][0]["id"], delivery_id);
+    let (_, list) = app
+        .call(
+            Method::GET,
+            "/v1/deliveries?status=succeeded&event_type=invoice.paid",
+            None,
+        )
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+}
+
+async fn endpoints_crud_secrets_and_isolation(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://example.com/hook", "event_types": ["invoice.*"], "rate_limit_per_s": 5})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let secret = created["secret"].as_str().unwrap();
+    assert!(id.starts_with("ep_"));
+    assert!(secret.starts_with("whsec_"));
+    assert_eq!(created["signature_scheme"], "opsiq-v1");
+    let (_, got) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
+    assert!(got.get("secret").is_none(), "reads never show the secret");
+    let (_, shown) = app
+        .call(Method::GET, &format!("/v1/endpoints/{id}/secret"), None)
+        .await;
+    assert_eq!(shown["secret"], secret);
+
+    let (status, patched) = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/endpoints/{id}"),
+            Some(json!({"enabled": false, "rate_limit_per_s": null})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched["enabled"], false);
+    assert_eq!(patched["rate_limit_per_s"], Value::Null);
+    assert_eq!(patched["event_types"], json!(["invoice.*"]));
+
+    for bad in [
+        json!({"url": "ftp://example.com"}),
+        json!({"url": "not a url"}),
+        json!({"url": "https://example.com", "event_types": ["in voice"]}),
+        json!({"url": "https://example.com", "rate_limit_per_s": 0}),
+        json!({"url": "https://example.com", "signature_scheme": "md5"}),
+        json!({"url": "https://example.com", "secret": "plaintext"}),
+        json!({}),
+    ] {
+        let (status, body) = app.call(Method::POST, "/v1/endpoints", Some(bad.clone())).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+
+    // Secrets are encrypted at rest: the plaintext is nowhere in the row.
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let rows: Vec<(String,)> = db
+        .fetch_all("SELECT secret_enc FROM endpoints", vec![])
+        .await
+        .unwrap();
+    db.close().await;
+    assert!(rows.iter().all(|(enc,)| !enc.contains(&secret[6..])));
+
+    // Another tenant sees none of it.
+    let (_, other) = app.new_tenant("globex").await;
+    for (m, p) in [
+        (Method::GET, format!("/v1/endpoints/{id}")),
+        (Method::PATCH, format!("/v1/endpoints/{id}")),
+        (Method::DELETE, format!("/v1/endpoints/{id}")),
+        (Method::GET, format!("/v1/endpoints/{id}/secret")),
+        (Method::POST, format!("/v1/endpoints/{id}/rotate-secret")),
+        (Method::POST, format!("/v1/endpoints/{id}/test")),
+    ] {
+        let body = (m == Method::PATCH).then(|| json!({"enabled": true}));
+        let (status, resp) = app.call_as(&other, m.clone(), &p, body).await;
+        assert_eq!(status, 404, "{m} {p}: {resp}");
+    }
+    let (status, _) = app
+        .call_as(
+            &other,
+            Method::POST,
+            &format!("/v1/endpoints/{id}/recover"),
+            Some(json!({"since": "2020-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (_, list) = app.call_as(&other, Method::GET, "/v1/endpoints", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+
+    assert_eq!(
+        app.call(Method::DELETE, &format!("/v1/endpoints/{id}"), None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        app.call(Method::GET, &format!("/v1/endpoints/{id}"), None)
+            .await
+            .0,
+        404
+    );
+}
+
+async fn event_ingestion_is_idempotent(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    endpoint(&app, &rx.url("/a"), json!({"event_types": ["ticket.*"]})).await;
+    endpoint(&app, &rx.url("/b"), json!({"event_types": ["invoice.paid"]})).await;
+    let send = |key: &'static str, data: Value| {
+        let app = &app;
+        async move {
+            let resp = app
+                .admin(Method::POST, "/v1/events")
+                .header("Idempotency-Key", key)
+                .json(&json!({"type": "ticket.created", "data": data}))
+                .send()
+                .await
+                .unwrap();
+            crate::harness::read(resp).await
+        }
+    };
+    let (s1, first) = send("k-1", json!({"ticket_id": "t1"})).await;
+    let (s2, second) = send("k-1", json!({"ticket_id": "t1"})).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(first["event_id"], second["event_id"]);
+    assert_eq!(first["deliveries"], 1, "only the ticket.* endpoint subscribes");
+    let (s3, conflict) = send("k-1", json!({"ticket_id": "t2"})).await;
+    assert_eq!(s3, 409);
+    assert_eq!(error_code(&conflict), "idempotency_conflict");
+
+    // Concurrent duplicates still make one event.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, url, key) = (app.http.clone(), app.url("/v1/events"), app.admin_key.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", "k-2")
+                .json(&json!({"type": "ticket.created", "data": {"ticket_id": "t3"}}))
+                .send()
+                .await
+                .unwrap();
+            crate::harness::read(resp).await
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 202, "{body}");
+        ids.insert(body["event_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 1);
+    rx.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 2, "one delivery per distinct event");
+
+    // A developer key may send events; a viewer may not.
+    let (_, dev) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "d", "role": "developer"})),
+        )
+        .await;
+    let (_, viewer) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "v", "role": "viewer"})),
+        )
+        .await;
+    let body = json!({"type": "customer.signed_up", "data": {"customer_id": "c1"}});
+    assert_eq!(
+        app.call_as(
+            dev["key"].as_str().unwrap(),
+            Method::POST,
+            "/v1/events",
+            Some(body.clone())
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(
+        app.call_as(
+            viewer["key"].as_str().unwrap(),
+            Method::POST,
+            "/v1/events",
+            Some(body)
+        )
+        .await
+        .0,
+        403
+    );
+    for bad in [
+        json!({"type": "bad type", "data": {}}),
+        json!({"type": "x.y", "data": [1]}),
+        json!({"type": "x.y"}),
+    ] {
+        assert_eq!(app.call(Method::POST, "/v1/events", Some(bad)).await.0, 422);
+    }
+}
+
+async fn a_delivery_life_retries_then_gives_up(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let alerts = Receiver::start().await;
+    rx.always(500);
+    let (endpoint_id, _) = endpoint(&app, &rx.url("/fail"), json!({"event_types": ["invoice.*"]})).await;
+    endpoint(
+        &app,
+        &alerts.url("/alerts"),
+        json!({"event_types": ["delivery.failed"]}),
+    )
+    .await;
+    send_event(&app, "invoice.paid", json!({"invoice_id": "in_1"})).await;
+
+    // One first attempt plus one per schedule step (3), then give up.
+    let got = rx.wait_for(4).await;
+    let ids: HashSet<_> = got
+        .iter()
+        .map(|r| r.header("x-opsiq-id").unwrap().to_string())
+        .collect();
+    let keys: HashSet<_> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    let nonces: HashSet<_> = got
+        .iter()
+        .map(|r| r.header("x-opsiq-nonce").unwrap().to_string())
+        .collect();
+    let attempts: Vec<_> = got
+        .iter()
+        .map(|r| r.header("x-opsiq-attempt").unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "same delivery id on every attempt");
+    assert_eq!(keys.len(), 1, "same idempotency key on every attempt");
+    assert_eq!(nonces.len(), 4, "fresh nonce per attempt");
+    assert_eq!(attempts, ["1", "2", "3", "4"]);
+    for pair in got.windows(2) {
+        assert!(
+            pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(150),
+            "backoff between attempts"
+        );
+    }
+
+    let alert = alerts.wait_for(1).await;
+    let body = alert[0].json();
+    assert_eq!(body["type"], "delivery.failed");
+    assert_eq!(body["data"]["endpoint_id"], endpoint_id.as_str());
+    assert_eq!(body["data"]["attempts"], 4);
+    assert_eq!(body["data"]["last_status"], 500);
+
+    let delivery_id = ids.into_iter().next().unwrap();
+    let (_, log) = app
+        .call(Method::GET, &format!("/v1/deliveries/{delivery_id}"), None)
+        .await;
+    assert_eq!(log["status"], "failed");
+    assert_eq!(log["attempts_log"].as_array().unwrap().len(), 4);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(rx.received().len(), 4, "no attempt after giving up");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("opsiq_deliveries_failed_total"));
+}
+
+async fn retry_after_is_honoured(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    rx.answer(|_, i| {
+        if i == 0 {
+            (429, vec![("retry-after", "2".into())], String::new())
+        } else {
+            (200, vec![], String::new())
+        }
+    });
+    endpoint(&app, &rx.url("/slow-down"), json!({})).await;
+    send_event(&app, "invoice.paid", json!({})).await;
+    let got = rx.wait_for(2).await;
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "waited {gap:?} instead of the 2 s asked for"
+    );
+}
+
+async fn gone_disables_the_endpoint(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let alerts = Receiver::start().await;
+    rx.always(410);
+    let (id, _) = endpoint(&app, &rx.url("/gone"), json!({"event_types": ["invoice.*"]})).await;
+    endpoint(
+        &app,
+        &alerts.url("/alerts"),
+        json!({"event_types": ["endpoint.disabled"]}),
+    )
+    .await;
+    send_event(&app, "invoice.paid", json!({})).await;
+    let alert = alerts.wait_for(1).await;
+    assert_eq!(alert[0].json()["data"]["endpoint_id"], id.as_str());
+    let (_, ep) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
+    assert_eq!(ep["enabled"], false);
+    assert!(ep["disabled_reason"].as_str().unwrap().contains("410"));
+    assert_eq!(rx.received().len(), 1, "410 is not retried");
+    let (_, accepted) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": "invoice.paid", "data": {}})),
+        )
+        .await;
+    assert_eq!(accepted["deliveries"], 0, "a disabled endpoint gets nothing new");
+}
+
+async fn replay_and_recover(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, dir| {
+            fast_delivery(raw, dir);
+            raw.retry_schedule = "100ms".into();
+        })
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    rx.always(503);
+    let (endpoint_id, _) = endpoint(&app, &rx.url("/r"), json!({"event_types": ["invoice.*"]})).await;
+    let since = opsiq::db::rfc3339(opsiq::db::now_ms() - 1000);
+    for i in 0..3 {
+        send_event(&app, "invoice.paid", json!({"n": i})).await;
+    }
+    wait_until(Duration::from_secs(30), || async {
+        let (_, l) = app.call(Method::GET, "/v1/deliveries?status=failed", None).await;
+        l["data"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let before = rx.received().len();
+    assert_eq!(before, 6, "two attempts each");
+    rx.always(200);
+
+    let (_, failed) = app
+        .call(Method::GET, "/v1/deliveries?status=failed&limit=1", None)
+        .await;
+    let first = failed["data"][0]["id"].as_str().unwrap().to_string();
+    let (status, _) = app
+        .call(Method::POST, &format!("/v1/deliveries/{first}/replay"), None)
+        .await;
+    assert_eq!(status, 202);
+    let got = rx.wait_for(before + 1).await;
+    let replayed = got.last().unwrap();
+    assert_eq!(replayed.header("x-opsiq-id"), Some(first.as_str()));
+    let earlier: Vec<_> = got[..before]
+        .iter()
+        .filter(|r| r.header("x-opsiq-id") == Some(first.as_str()))
+        .collect();
+    assert_eq!(
+        replayed.header("idempotency-key"),
+        earlier[0].header("idempotency-key")
+    );
+    assert!(
+        earlier
+            .iter()
+            .all(|r| r.header("x-opsiq-nonce") != replayed.header("x-opsiq-nonce"))
+    );
+    assert_eq!(replayed.header("x-opsiq-attempt"), Some("3"));
+    wait_until(Duration::from_secs(30), || async {
+        app.call(Method::GET, &format!("/v1/deliveries/{first}"), None)
+            .await
+            .1["status"]
+            == "succeeded"
+    })
+    .await;
+
+    let (status, recovered) = app
+        .call(
+            Method::POST,
+            &format!("/v1/endpoints/{endpoint_id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(recovered["recovered"], 2);
+    rx.wait_for(before + 3).await;
+    wait_until(Duration::from_secs(30), || async {
+        let (_, l) = app
+            .call(Method::GET, "/v1/deliveries?status=succeeded", None)
+            .await;
+        l["data"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let (status, _) = app
+        .call(Method::POST, "/v1/deliveries/dlv_nope/replay", None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn rotation_overlap(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, dir| {
+            fast_delivery(raw, dir);
+            raw.secret_overlap = "2s".into();
+        })
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    let (id, old) = endpoint(&app, &rx.url("/rot"), json!({})).await;
+    let (status, rotated) = app
+        .call(Method::POST, &format!("/v1/endpoints/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    let (_, shown) = app
+        .call(Method::GET, &format!("/v1/endpoints/{id}/secret"), None)
+        .await;
+    assert_eq!(shown["secret"], new.as_str());
+    assert_eq!(shown["previous_secret"], old.as_str());
+
+    send_event(&app, "invoice.paid", json!({})).await;
+    let r = rx.wait_for(1).await.remove(0);
+    let sig = r.header("x-opsiq-signature").unwrap();
+    assert_eq!(
+        sig.split(", ").count(),
+        2,
+        "both secrets sign during the overlap: {sig}"
+    );
+    let h = headers_of(&r);
+    for secret in [&old, &new] {
+        verify::verify_opsiq_v1(&[secret.as_str()], h.as_slice(), &r.target, &r.body, now_secs())
+            .unwrap_or_else(|e| panic!("{secret} should verify: {e}"));
+    }
+    let sig_new = verify::verify_opsiq_v1(&[new.as_str()], h.as_slice(), &r.target, &r.body, now_secs());
+    assert!(sig.starts_with("sha256=") && sig_new.is_ok());
+
+    // After the overlap only the new secret signs.
+    wait_until(Duration::from_secs(30), || async {
+        app.call(Method::GET, &format!("/v1/endpoints/{id}/secret"), None)
+            .await
+            .1
+            .get("previous_secret")
+            .is_none()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the worker's endpoint cache lives 1 s
+    send_event(&app, "invoice.paid", json!({})).await;
+    let r = rx.wait_for(2).await.remove(1);
+    let h = headers_of(&r);
+    assert_eq!(r.header("x-opsiq-signature").unwrap().split(", ").count(), 1);
+    assert!(verify::verify_opsiq_v1(&[new.as_str()], h.as_slice(), &r.target, &r.body, now_secs()).is_ok());
+    assert_eq!(
+        verify::verify_opsiq_v1(&[old.as_str()], h.as_slice(), &r.target, &r.body, now_secs())
+            .unwrap_err()
+            .reason(),
+        "signature_mismatch"
+    );
+}
+
+async fn redirects_are_not_followed(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let target = Receiver::start().await;
+    let rx = Receiver::start().await;
+    let location = target.url("/internal");
+    rx.answer(move |_, _| (302, vec![("location", location.clone())], String::new()));
+    endpoint(&app, &rx.url("/redirecting"), json!({})).await;
+    send_event(&app, "invoice.paid", json!({})).await;
+    rx.wait_for(2).await;
+    assert!(
+        target.received().is_empty(),
+        "a redirect is an answer, never followed"
+    );
+    let (_, list) = app.call(Method::GET, "/v1/deliveries", None).await;
+    assert_eq!(list["data"][0]["last_status_code"], 302);
+}
+
+/// A host name (not "localhost") that this machine resolves to a loopback address.
+fn loopback_name() -> Option<String> {
+    let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
+    hosts.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let ip: std::net::IpAddr = parts.next()?.parse().ok()?;
+        if !ip.is_loopback() {
+            return None;
+        }
+        parts
+            .find(|n| !n.starts_with('#') && !n.contains("localhost"))
+            .map(str::to_string)
+    })
+}
+
+async fn ssrf_guard_without_dev(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, _| {
+            raw.retry_schedule = "100ms".into();
+            raw.poll_interval = "50ms".into();
+        })
+        .start()
+        .await;
+    for url in [
+        "http://127.0.0.1:9/h",
+        "http://[::1]:9/h",
+        "http://localhost:9/h",
+        "http://0.0.0.0:9/h",
+        "http://10.0.0.1/h",
+        "http://172.16.5.4/h",
+        "http://192.168.1.1/h",
+        "http://169.254.169.254/latest/meta-data",
+        "http://100.64.0.1/h",
+        "http://[fd00:ec2::254]/h",
+        "http://2130706433/h",
+    ] {
+        let (status, body) = app
+            .call(Method::POST, "/v1/endpoints", Some(json!({"url": url})))
+            .await;
+        assert_eq!(status, 422, "{url} must be refused: {body}");
+        assert_eq!(body["error"]["details"][0]["path"], "/url");
+    }
+    // A name is only resolved when connecting, and every answer is checked there.
+    let Some(name) = loopback_name() else {
+        crate::harness::skip_or_fail(
+            "ssrf_guard_without_dev (name resolving to loopback)",
+            "no such name in /etc/hosts",
+        );
+        return;
+    };
+    let rx = Receiver::start().await;
+    let port = rx.base.rsplit(':').next().unwrap().to_string();
+    endpoint(&app, &format!("http://{name}:{port}/h"), json!({})).await;
+    send_event(&app, "invoice.paid", json!({})).await;
+    let log = eventually(Duration::from_secs(30), || async {
+        let (_, list) = app.call(Method::GET, "/v1/deliveries", None).await;
+        let id = list["data"][0]["id"].as_str().unwrap_or_default().to_string();
+        let log = app
+            .call(Method::GET, &format!("/v1/deliveries/{id}"), None)
+            .await
+            .1;
+        (log["status"] == "failed").then_some(log)
+    })
+    .await;
+    assert_eq!(log["attempts_log"][0]["error_class"], "blocked_address", "{log}");
+    assert!(rx.received().is_empty(), "nothing reached the loopback receiver");
+}
+
+async fn retention_purges_old_deliveries(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, dir| {
+            fast_delivery(raw, dir);
+            raw.retention = "2s".into();
+            raw.purge_interval = "200ms".into();
+        })
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    endpoint(&app, &rx.url("/p"), json!({})).await;
+    let event_id = send_event(&app, "invoice.paid", json!({})).await;
+    let delivery_id = rx.wait_for(1).await[0].header("x-opsiq-id").unwrap().to_string();
+    assert_eq!(
+        app.call(Method::GET, &format!("/v1/deliveries/{delivery_id}"), None)
+            .await
+            .0,
+        200
+    );
+    wait_until(Duration::from_secs(30), || async {
+        app.call(Method::GET, &format!("/v1/deliveries/{delivery_id}"), None)
+            .await
+            .0
+            == 404
+            && app
+                .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+                .await
+                .0
+                == 404
+    })
+    .await;
+}
+
+async fn preview_and_test_send(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (id, secret) = endpoint(&app, &rx.url("/pv?x=1"), json!({"event_types": ["nothing.*"]})).await;
+    let (status, preview) = app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid", "data": {"amount": 1}}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    let headers = preview["headers"].as_object().unwrap();
+    let body = preview["body"].as_str().unwrap();
+    verify::verify_opsiq_v1(
+        &[secret.as_str()],
+        headers,
+        "/pv?x=1",
+        body.as_bytes(),
+        now_secs(),
+    )
+    .expect("preview is signed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.received().is_empty(), "a preview sends nothing");
+
+    let (status, sent) = app
+        .call(Method::POST, &format!("/v1/endpoints/{id}/test"), None)
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let r = rx.wait_for(1).await.remove(0);
+    assert_eq!(r.header("x-opsiq-event"), Some("opsiq.test"));
+    assert_eq!(r.header("x-opsiq-id"), sent["delivery_id"].as_str());
+}
+
+async fn standard_webhooks_scheme(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (id, secret) = endpoint(
+        &app,
+        &rx.url("/std"),
+        json!({"signature_scheme": "standard-webhooks"}),
+    )
+    .await;
+    send_event(&app, "invoice.paid", json!({"amount": 42})).await;
+    let r = rx.wait_for(1).await.remove(0);
+    assert_eq!(r.header("webhook-id"), r.header("x-opsiq-id"));
+    assert!(r.header("webhook-signature").unwrap().starts_with("v1,"));
+    assert!(r.header("x-opsiq-signature").is_none());
+    let h = headers_of(&r);
+    verify::verify_standard(&[secret.as_str()], h.as_slice(), &r.body, now_secs())
+        .expect("standard signature");
+    crate::external::standardwebhooks_verifies(&secret, &h, &r.body).await;
+    let (_, ep) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
+    assert_eq!(ep["signature_scheme"], "standard-webhooks");
+}
+
+async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
+    // Events: a 400 is retried like any failure (actions are covered by the gateway tests).
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    rx.answer(|_, i| {
+        if i == 0 {
+            (400, vec![], String::new())
+        } else {
+            (200, vec![], String::new())
+        }
+    });
+    endpoint(&app, &rx.url("/e"), json!({})).await;
+    send_event(&app, "invoice.paid", json!({})).await;
+    let got = rx.wait_for(2).await;
+    assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
+}
