@@ -20,6 +20,39 @@ enum Command {
     Serve(ServeArgs),
     /// Create the database and a tenant, and print its owner API key once.
     Init(InitArgs),
+    /// Run a local receiver that verifies and prints every delivery.
+    Listen(ListenArgs),
+    /// Verify a received webhook: body on stdin, headers as flags.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct ListenArgs {
+    /// Port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 9999)]
+    port: u16,
+    /// Endpoint secret (whsec_…); repeat during a rotation.
+    #[arg(long = "secret", required = true)]
+    secrets: Vec<String>,
+    /// Forward verified requests to this URL and relay its answer.
+    #[arg(long)]
+    forward: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// Endpoint secret (whsec_…); repeat to accept any of several.
+    #[arg(long = "secret", required = true)]
+    secrets: Vec<String>,
+    /// The request's path and query, exactly as received (e.g. /hooks/opsiq?x=1).
+    #[arg(long)]
+    request_target: String,
+    /// A received header as 'Name: value'; repeat for each.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Unix time to verify at (default: now).
+    #[arg(long)]
+    now: Option<i64>,
 }
 
 /// Flags shared by commands that open the database; unset flags leave lower layers in charge.
@@ -87,10 +120,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Init(args) => init(args).await,
+            Command::Listen(args) => listen(args).await,
+            Command::Verify(args) => return Ok(verify(args)),
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => fail(&format!("{e:#}")),
     }
 }
@@ -144,6 +180,40 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
         println!("Next: opsiq serve, then call the API with `Authorization: Bearer <key>`.");
     }
     Ok(())
+}
+
+async fn listen(args: ListenArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    println!("verifying with {} secret(s); Ctrl-C to stop\n", args.secrets.len());
+    opsiq::delivery::listen::run(listener, args.secrets, args.forward).await
+}
+
+fn verify(args: VerifyArgs) -> ExitCode {
+    use std::io::Read;
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        return fail(&format!("cannot read the body from stdin: {e}"));
+    }
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        match h.split_once(':') {
+            Some((name, value)) => headers.push((name.trim().to_string(), value.trim().to_string())),
+            None => return fail(&format!("--header '{h}' is not 'Name: value'")),
+        }
+    }
+    let now = args.now.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp());
+    let secrets: Vec<&str> = args.secrets.iter().map(String::as_str).collect();
+    match opsiq::delivery::verify::verify_request(&secrets, headers.as_slice(), &args.request_target, &body, now) {
+        Ok(_) => {
+            println!("valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("invalid: {} ({e})", e.reason());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

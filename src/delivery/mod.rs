@@ -11,6 +11,7 @@
 //! - [`retention`]: purging old records.
 
 pub mod endpoints;
+pub mod listen;
 pub mod outbound;
 pub mod outbox;
 pub mod retention;

@@ -4,6 +4,7 @@ mod harness;
 
 mod cli;
 mod delivery;
+mod durability;
 mod external;
 mod foundation;
 mod process;

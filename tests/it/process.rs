@@ -48,14 +48,24 @@ pub struct Server {
 
 /// Starts `opsiq serve` on an ephemeral port and waits for its "listening on" line.
 pub async fn serve(dir: &std::path::Path, database_url: &str, extra: &[&str]) -> Server {
-    let mut child = opsiq()
-        .current_dir(dir)
+    serve_with(dir, database_url, extra, |_| {}).await
+}
+
+/// Like [`serve`], with a hook to adjust the command (environment) first.
+pub async fn serve_with(
+    dir: &std::path::Path,
+    database_url: &str,
+    extra: &[&str],
+    adjust: impl FnOnce(&mut Command),
+) -> Server {
+    let mut cmd = opsiq();
+    cmd.current_dir(dir)
         .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("opsiq serve starts");
+        .stderr(Stdio::null());
+    adjust(&mut cmd);
+    let mut child = cmd.spawn().expect("opsiq serve starts");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let base = tokio::time::timeout(Duration::from_secs(60), async {

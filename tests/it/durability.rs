@@ -1,0 +1,120 @@
+//! Nothing accepted is lost: deliveries owed when the process is killed with SIGKILL are sent
+//! after a restart, and two processes on one PostgreSQL never send the same attempt twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::dual;
+use crate::harness::{Backend, http_client};
+use crate::process;
+use crate::receiver::Receiver;
+
+const FAST: &[&str] = &["--dev", "--retry-schedule", "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms"];
+
+fn fast_env(cmd: &mut tokio::process::Command) {
+    cmd.env("OPSIQ_POLL_INTERVAL", "50ms")
+        .env("OPSIQ_REQUEST_TIMEOUT", "2s")
+        .env("OPSIQ_LEASE", "3s");
+}
+
+async fn post_events(base: &str, key: &str, n: usize, tag: &str) -> Vec<String> {
+    let http = http_client();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let resp = http
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(key)
+            .header("Idempotency-Key", format!("{tag}-{i}"))
+            .json(&json!({"type": "invoice.paid", "data": {"n": i, "tag": tag}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        ids.push(body["event_id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+async fn create_endpoint(base: &str, key: &str, url: &str) {
+    let resp = http_client()
+        .post(format!("{base}/v1/endpoints"))
+        .bearer_auth(key)
+        .json(&json!({"url": url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+}
+
+dual!(deliveries_owed_at_kill_9_are_sent_after_restart);
+
+async fn deliveries_owed_at_kill_9_are_sent_after_restart(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    // The receiver is down for business until the restart: every attempt fails.
+    rx.always(503);
+
+    let server = process::serve_with(dir.path(), &url, FAST, fast_env).await;
+    create_endpoint(&server.base, &key, &rx.url("/owed")).await;
+    let events = post_events(&server.base, &key, 30, "owed").await;
+    rx.wait_for(5).await;
+    server.kill_9().await;
+
+    rx.always(200);
+    let server = process::serve_with(dir.path(), &url, FAST, fast_env).await;
+    let got = rx
+        .wait_until(Duration::from_secs(60), |all| {
+            let ok: std::collections::HashSet<String> = all
+                .iter()
+                .filter(|r| r.at.elapsed() < Duration::from_secs(3600))
+                .map(|r| r.json()["id"].as_str().unwrap().to_string())
+                .collect();
+            events.iter().all(|e| ok.contains(e))
+        })
+        .await;
+    assert!(got.len() >= 30);
+    server.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
+    let Some(backend) = Backend::postgres("two_processes_on_one_postgres_never_send_an_attempt_twice") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    // Fail each delivery's first two attempts so retries go through the shared claim path.
+    rx.answer(|r, _| {
+        let attempt: u32 = r.header("x-opsiq-attempt").unwrap().parse().unwrap();
+        if attempt <= 2 { (500, vec![], String::new()) } else { (200, vec![], String::new()) }
+    });
+    let a = process::serve_with(dir.path(), &url, FAST, fast_env).await;
+    let b = process::serve_with(dir.path(), &url, FAST, fast_env).await;
+    create_endpoint(&a.base, &key, &rx.url("/pair")).await;
+    let (ea, eb) = tokio::join!(post_events(&a.base, &key, 60, "a"), post_events(&b.base, &key, 60, "b"));
+    let all_events: Vec<String> = ea.into_iter().chain(eb).collect();
+
+    let got = rx
+        .wait_until(Duration::from_secs(90), |all| {
+            let succeeded = all.iter().filter(|r| r.header("x-opsiq-attempt") == Some("3")).count();
+            succeeded >= all_events.len()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = if rx.received().len() > got.len() { rx.received() } else { got };
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for r in &got {
+        let k = (r.header("x-opsiq-id").unwrap().to_string(), r.header("x-opsiq-attempt").unwrap().to_string());
+        *seen.entry(k).or_default() += 1;
+    }
+    let doubles: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubles.is_empty(), "attempts sent twice: {doubles:?}");
+    assert_eq!(got.len(), all_events.len() * 3, "exactly three attempts per delivery");
+    a.kill_9().await;
+    b.kill_9().await;
+}
