@@ -185,7 +185,10 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    println!("verifying with {} secret(s); Ctrl-C to stop\n", args.secrets.len());
+    println!(
+        "verifying with {} secret(s); Ctrl-C to stop\n",
+        args.secrets.len()
+    );
     opsiq::delivery::listen::run(listener, args.secrets, args.forward).await
 }
 
@@ -202,9 +205,17 @@ fn verify(args: VerifyArgs) -> ExitCode {
             None => return fail(&format!("--header '{h}' is not 'Name: value'")),
         }
     }
-    let now = args.now.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp());
+    let now = args
+        .now
+        .unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp());
     let secrets: Vec<&str> = args.secrets.iter().map(String::as_str).collect();
-    match opsiq::delivery::verify::verify_request(&secrets, headers.as_slice(), &args.request_target, &body, now) {
+    match opsiq::delivery::verify::verify_request(
+        &secrets,
+        headers.as_slice(),
+        &args.request_target,
+        &body,
+        now,
+    ) {
         Ok(_) => {
             println!("valid");
             ExitCode::SUCCESS

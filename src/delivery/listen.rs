@@ -20,7 +20,11 @@ struct Listener {
 }
 
 /// Serves on `listener` until the process ends; prints one block per request to stdout.
-pub async fn run(listener: tokio::net::TcpListener, secrets: Vec<String>, forward: Option<String>) -> anyhow::Result<()> {
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    secrets: Vec<String>,
+    forward: Option<String>,
+) -> anyhow::Result<()> {
     crate::crypto::install_tls_provider();
     let state = Arc::new(Listener {
         verifier: Verifier::new(secrets),
@@ -35,8 +39,17 @@ pub async fn run(listener: tokio::net::TcpListener, secrets: Vec<String>, forwar
     Ok(())
 }
 
-async fn receive(State(state): State<Arc<Listener>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let target = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+async fn receive(
+    State(state): State<Arc<Listener>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let target = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let verdict = state.verifier.verify(&headers, &target, &body, now);
     let label = headers
@@ -66,7 +79,10 @@ async fn receive(State(state): State<Arc<Listener>>, method: Method, uri: Uri, h
     };
     let mut req = state.client.post(forward).body(body);
     for (name, value) in &headers {
-        if !matches!(name.as_str(), "host" | "content-length" | "connection" | "transfer-encoding") {
+        if !matches!(
+            name.as_str(),
+            "host" | "content-length" | "connection" | "transfer-encoding"
+        ) {
             req = req.header(name, value);
         }
     }
@@ -79,7 +95,12 @@ async fn receive(State(state): State<Arc<Listener>>, method: Method, uri: Uri, h
         }
         Err(e) => {
             println!("   → forwarding to {forward} failed: {e}\n");
-            (StatusCode::BAD_GATEWAY, axum::Json(json!({"error": {"code": "forward_failed", "message": e.to_string(), "details": []}})))
+            (
+                StatusCode::BAD_GATEWAY,
+                axum::Json(
+                    json!({"error": {"code": "forward_failed", "message": e.to_string(), "details": []}}),
+                ),
+            )
                 .into_response()
         }
     }

@@ -219,9 +219,10 @@ async fn first_serve_on_an_empty_database_makes_a_usable_tenant() {
 
 #[tokio::test]
 async fn verify_command_passes_every_signing_vector() {
-    let vectors: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(crate::harness::repo_path("tests/fixtures/signing-vectors.json")).unwrap())
-            .unwrap();
+    let vectors: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::harness::repo_path("tests/fixtures/signing-vectors.json")).unwrap(),
+    )
+    .unwrap();
     for case in vectors["cases"].as_array().unwrap() {
         let mut cmd = process::opsiq();
         cmd.arg("verify")
@@ -233,11 +234,15 @@ async fn verify_command_passes_every_signing_vector() {
         for (k, v) in case["headers"].as_object().unwrap() {
             cmd.args(["--header", &format!("{k}: {}", v.as_str().unwrap())]);
         }
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(case["body"].as_str().unwrap().as_bytes()).await.unwrap();
+        stdin
+            .write_all(case["body"].as_str().unwrap().as_bytes())
+            .await
+            .unwrap();
         drop(stdin);
         let out = child.wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -257,23 +262,40 @@ async fn listen_verifies_prints_and_forwards_a_real_delivery() {
     use crate::delivery::{endpoint, fast_delivery, send_event};
     use tokio::io::AsyncBufReadExt;
 
-    let app = crate::harness::TestApp::on(crate::harness::Backend::Sqlite).with(fast_delivery).start().await;
+    let app = crate::harness::TestApp::on(crate::harness::Backend::Sqlite)
+        .with(fast_delivery)
+        .start()
+        .await;
     let upstream = crate::receiver::Receiver::start().await;
     let secret = opsiq::delivery::signing::generate_secret();
     let mut child = process::opsiq()
-        .args(["listen", "--port", "0", "--secret", &secret, "--forward", &upstream.url("/app/hook")])
+        .args([
+            "listen",
+            "--port",
+            "0",
+            "--secret",
+            &secret,
+            "--forward",
+            &upstream.url("/app/hook"),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next_line().await.unwrap().unwrap();
-    let base = first.strip_prefix("listening on ").expect("address line").to_string();
+    let base = first
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_string();
     endpoint(&app, &format!("{base}/hooks"), json!({"secret": secret})).await;
     send_event(&app, "ticket.created", json!({"ticket_id": "t_1"})).await;
 
     let forwarded = upstream.wait_for(1).await;
     assert_eq!(forwarded[0].json()["data"]["ticket_id"], "t_1");
-    assert!(forwarded[0].header("x-opsiq-signature").is_some(), "headers are forwarded");
+    assert!(
+        forwarded[0].header("x-opsiq-signature").is_some(),
+        "headers are forwarded"
+    );
     let mut seen = String::new();
     while !seen.contains("forwarded") {
         let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())

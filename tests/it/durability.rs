@@ -11,7 +11,11 @@ use crate::harness::{Backend, http_client};
 use crate::process;
 use crate::receiver::Receiver;
 
-const FAST: &[&str] = &["--dev", "--retry-schedule", "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms"];
+const FAST: &[&str] = &[
+    "--dev",
+    "--retry-schedule",
+    "300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms",
+];
 
 fn fast_env(cmd: &mut tokio::process::Command) {
     cmd.env("OPSIQ_POLL_INTERVAL", "50ms")
@@ -83,7 +87,9 @@ async fn deliveries_owed_at_kill_9_are_sent_after_restart(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
-    let Some(backend) = Backend::postgres("two_processes_on_one_postgres_never_send_an_attempt_twice") else { return };
+    let Some(backend) = Backend::postgres("two_processes_on_one_postgres_never_send_an_attempt_twice") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let url = backend.fresh_database_url(dir.path()).await;
     let (_, key) = process::init(dir.path(), &url).await;
@@ -91,30 +97,51 @@ async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
     // Fail each delivery's first two attempts so retries go through the shared claim path.
     rx.answer(|r, _| {
         let attempt: u32 = r.header("x-opsiq-attempt").unwrap().parse().unwrap();
-        if attempt <= 2 { (500, vec![], String::new()) } else { (200, vec![], String::new()) }
+        if attempt <= 2 {
+            (500, vec![], String::new())
+        } else {
+            (200, vec![], String::new())
+        }
     });
     let a = process::serve_with(dir.path(), &url, FAST, fast_env).await;
     let b = process::serve_with(dir.path(), &url, FAST, fast_env).await;
     create_endpoint(&a.base, &key, &rx.url("/pair")).await;
-    let (ea, eb) = tokio::join!(post_events(&a.base, &key, 60, "a"), post_events(&b.base, &key, 60, "b"));
+    let (ea, eb) = tokio::join!(
+        post_events(&a.base, &key, 60, "a"),
+        post_events(&b.base, &key, 60, "b")
+    );
     let all_events: Vec<String> = ea.into_iter().chain(eb).collect();
 
     let got = rx
         .wait_until(Duration::from_secs(90), |all| {
-            let succeeded = all.iter().filter(|r| r.header("x-opsiq-attempt") == Some("3")).count();
+            let succeeded = all
+                .iter()
+                .filter(|r| r.header("x-opsiq-attempt") == Some("3"))
+                .count();
             succeeded >= all_events.len()
         })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = if rx.received().len() > got.len() { rx.received() } else { got };
+    let got = if rx.received().len() > got.len() {
+        rx.received()
+    } else {
+        got
+    };
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for r in &got {
-        let k = (r.header("x-opsiq-id").unwrap().to_string(), r.header("x-opsiq-attempt").unwrap().to_string());
+        let k = (
+            r.header("x-opsiq-id").unwrap().to_string(),
+            r.header("x-opsiq-attempt").unwrap().to_string(),
+        );
         *seen.entry(k).or_default() += 1;
     }
     let doubles: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubles.is_empty(), "attempts sent twice: {doubles:?}");
-    assert_eq!(got.len(), all_events.len() * 3, "exactly three attempts per delivery");
+    assert_eq!(
+        got.len(),
+        all_events.len() * 3,
+        "exactly three attempts per delivery"
+    );
     a.kill_9().await;
     b.kill_9().await;
 }

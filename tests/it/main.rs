@@ -9,3 +9,4 @@ mod external;
 mod foundation;
 mod process;
 mod receiver;
+mod samples;
