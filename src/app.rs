@@ -19,11 +19,15 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::crypto::MasterKey;
-use crate::db::Database;
+use crate::db::batch::Batcher;
+use crate::db::{Database, Dialect};
 use crate::delivery::Engine;
+use crate::gateway::Gateway;
 use crate::http::ApiError;
 use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
-use crate::{delivery, events, ops, registry, telemetry, tenants};
+use crate::policy::Policy;
+use crate::registry::validators::Validators;
+use crate::{agents, delivery, events, gateway, ops, policy, registry, telemetry, tenants};
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
 #[derive(Clone)]
@@ -38,6 +42,12 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The delivery engine.
     pub engine: Engine,
+    /// Group-commit writer for request-path writes.
+    pub writes: Batcher,
+    /// Role policy.
+    pub policy: Arc<Policy>,
+    /// Agent gateway state.
+    pub gateway: Arc<Gateway>,
 }
 
 impl AppState {
@@ -55,8 +65,21 @@ impl AppState {
             );
         }
         let config = Arc::new(config);
-        let (engine, receivers) = Engine::new(db.clone(), keys.clone(), config.clone());
+        let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
+        let validators = Arc::new(Validators::default());
+        let (engine, receivers) = Engine::new(db.clone(), keys.clone(), config.clone(), validators.clone());
+        let writers = match db.dialect() {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => 4,
+        };
         let state = Self {
+            writes: Batcher::start(db.clone(), writers),
+            gateway: Arc::new(Gateway::new(
+                validators,
+                config.agent_rate_per_s,
+                config.action_rate_per_s,
+            )),
+            policy,
             config,
             db,
             keys,
@@ -104,6 +127,9 @@ pub fn router(state: AppState) -> Router {
         .merge(registry::routes())
         .merge(delivery::routes())
         .merge(events::routes())
+        .merge(agents::routes())
+        .merge(policy::routes())
+        .merge(gateway::routes())
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(DefaultBodyLimit::max(state.config.body_limit))

@@ -72,6 +72,10 @@ pub struct RawConfig {
     pub worker: bool,
     /// How often old records are purged.
     pub purge_interval: String,
+    /// Invocations per second one agent may make (token bucket).
+    pub agent_rate_per_s: u32,
+    /// Invocations per second of one action across agents (token bucket).
+    pub action_rate_per_s: u32,
 }
 
 impl Default for RawConfig {
@@ -98,6 +102,8 @@ impl Default for RawConfig {
             poll_interval: "1s".into(),
             worker: true,
             purge_interval: "1h".into(),
+            agent_rate_per_s: 100,
+            action_rate_per_s: 1000,
         }
     }
 }
@@ -159,6 +165,10 @@ pub struct Config {
     pub worker: bool,
     /// How often old records are purged.
     pub purge_interval: Duration,
+    /// Invocations per second one agent may make (token bucket).
+    pub agent_rate_per_s: u32,
+    /// Invocations per second of one action across agents (token bucket).
+    pub action_rate_per_s: u32,
 }
 
 impl Config {
@@ -256,6 +266,8 @@ impl Config {
             poll_interval: parse_duration("poll_interval", &raw.poll_interval)?,
             worker: raw.worker,
             purge_interval: parse_duration("purge_interval", &raw.purge_interval)?,
+            agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
+            action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
         })
     }
 }
@@ -265,6 +277,16 @@ impl Default for Config {
         // The defaults are valid by construction; a failure here is a bug caught by the tests.
         Self::from_raw(RawConfig::default()).expect("built-in defaults are valid")
     }
+}
+
+fn positive(field: &'static str, n: u32) -> Result<u32, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            field,
+            message: "must be at least 1".into(),
+        });
+    }
+    Ok(n)
 }
 
 /// Parses `5s`, `30m`, `2h`, `30d`, `6h24m55s` or `250ms`.

@@ -12,6 +12,9 @@
 //! - [`registry`]: actions, versions, content hashes, declarative files.
 //! - [`delivery`]: endpoints, signing, the outbox, the worker, outbound HTTP, retention.
 //! - [`events`]: event ingestion and fan-out to subscribed endpoints.
+//! - [`agents`]: agents, their tokens (JWT) and external issuers.
+//! - [`policy`]: casbin role policy, deny wins, reloaded across replicas.
+//! - [`gateway`]: invocation (scope → role → schema → idempotency → outbox), records, tool export.
 //! - [`ops`]: health, readiness, metrics.
 //! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
 //!
@@ -19,14 +22,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod delivery;
 pub mod events;
+pub mod gateway;
+pub mod glob;
 pub mod http;
 pub mod ids;
 pub mod ops;
+pub mod policy;
 pub mod registry;
 pub mod telemetry;
 pub mod tenants;

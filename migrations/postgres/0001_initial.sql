@@ -258,3 +258,15 @@ CREATE TABLE audit_log (
     created_at BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, seq)
 );
+
+CREATE UNIQUE INDEX token_issuers_issuer ON token_issuers (issuer);
+CREATE INDEX deliveries_lease ON deliveries (status, lease_until);
+
+CREATE TABLE mcp_sessions (
+    id               TEXT PRIMARY KEY,
+    tenant_id        TEXT NOT NULL,
+    agent_id         TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    created_at       BIGINT NOT NULL,
+    ended_at         BIGINT
+);

@@ -7,6 +7,8 @@
 //! SQLite gets two pools: many readers and exactly one writer, so writers queue in-process
 //! instead of spinning on `SQLITE_BUSY`, and a write transaction is `BEGIN IMMEDIATE`.
 
+pub mod batch;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -26,6 +28,20 @@ pub enum DbError {
     /// A stored JSON column did not parse; the row was written by something else.
     #[error("stored JSON is corrupt: {0}")]
     Json(#[from] serde_json::Error),
+    /// A grouped write failed or the writer stopped.
+    #[error("batched write failed: {0}")]
+    Batch(String),
+}
+
+impl DbError {
+    /// Whether this is a unique-constraint violation (an idempotency race lost).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            DbError::Sqlx(sqlx::Error::Database(d)) => d.is_unique_violation(),
+            DbError::Batch(m) => m.contains("UNIQUE") || m.contains("duplicate key"),
+            _ => false,
+        }
+    }
 }
 
 /// One connection pool of either kind.

@@ -185,6 +185,24 @@ impl Outbound {
         self.allow_private
     }
 
+    /// GETs `url` (a JWKS document, say) under the same guard and limits.
+    pub async fn get(&self, url: &str) -> AttemptResult {
+        let started = Instant::now();
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(u) => u,
+            Err(e) => return failure("invalid_url", e.to_string()),
+        };
+        if let Err(message) = check_url(&parsed, self.allow_private) {
+            return failure("blocked_address", format!("the URL {message}"));
+        }
+        let mut result = match self.client.get(parsed).send().await {
+            Ok(resp) => read_response(resp).await,
+            Err(e) => classify(&e),
+        };
+        result.duration = started.elapsed();
+        result
+    }
+
     /// POSTs `body` with `headers` to `url` and reports what happened; never fails.
     pub async fn post(
         &self,
@@ -215,10 +233,16 @@ impl Outbound {
         for (name, value) in headers {
             req = req.header(*name, value);
         }
-        let mut resp = match req.body(body).send().await {
-            Ok(r) => r,
-            Err(e) => return classify(&e),
-        };
+        match req.body(body).send().await {
+            Ok(resp) => read_response(resp).await,
+            Err(e) => classify(&e),
+        }
+    }
+}
+
+/// Reads status, headers and at most [`MAX_RESPONSE_BYTES`] of the body.
+async fn read_response(mut resp: reqwest::Response) -> AttemptResult {
+    {
         let status = resp.status().as_u16();
         let headers: Vec<(String, String)> = resp
             .headers()

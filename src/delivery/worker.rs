@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::db::{Database, Tx, now_ms};
 use crate::events::{self, NewEvent};
+use crate::gateway::invocations;
+use crate::registry::validators::Validators;
 use crate::{args, ids};
 
 /// How long a cached endpoint (URL, secrets, limits) is trusted before it is read again; changes
@@ -109,6 +111,7 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     stop: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
+    validators: Arc<Validators>,
 }
 
 /// The receiving halves created with the engine, consumed by [`Engine::start`].
@@ -119,7 +122,12 @@ pub struct EngineReceivers {
 
 impl Engine {
     /// Creates the engine; call [`start`](Self::start) to run its workers.
-    pub fn new(db: Database, keys: MasterKey, config: Arc<Config>) -> (Self, EngineReceivers) {
+    pub fn new(
+        db: Database,
+        keys: MasterKey,
+        config: Arc<Config>,
+        validators: Arc<Validators>,
+    ) -> (Self, EngineReceivers) {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
         let outbound = Outbound::new(config.connect_timeout, config.request_timeout, config.dev);
@@ -136,6 +144,7 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
+            validators,
             config,
         };
         (
@@ -566,6 +575,9 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
             .await?;
         if moved == 0 {
             continue;
+        }
+        if job.is_action() {
+            invocations::settle(&mut tx, &inner.validators, job, &o.result, &o.next, now).await?;
         }
         metrics::counter!("opsiq_delivery_attempts_total", "outcome" => match o.next {
             Next::Succeeded => "succeeded", Next::RetryAt { .. } => "retry", Next::Failed { .. } => "failed" })

@@ -2,7 +2,7 @@
 //! (`delivery.failed`). Recording an event fans it out, in the same transaction, to every enabled
 //! endpoint of the tenant whose `event_types` patterns match.
 
-mod routes;
+pub mod routes;
 
 use std::sync::Arc;
 
@@ -63,6 +63,29 @@ pub struct RecordedEvent {
 /// The body every subscriber receives: `{"id","type","created_at","data"}`.
 pub fn event_body(id: &str, event_type: &str, created_at: i64, data: &Value) -> String {
     json!({"id": id, "type": event_type, "created_at": rfc3339(created_at), "data": data}).to_string()
+}
+
+/// Recording an event through the group-commit writer.
+#[derive(Debug, Clone)]
+pub struct RecordJob {
+    /// The event.
+    pub event: NewEvent,
+    /// Who holds its deliveries.
+    pub lease: Lease,
+    /// Its time (ms).
+    pub now: i64,
+}
+
+impl crate::db::batch::Job for RecordJob {
+    type Output = RecordedEvent;
+
+    fn write<'a>(
+        &'a mut self,
+        tx: &'a mut Tx,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<RecordedEvent, DbError>> + Send + 'a>>
+    {
+        Box::pin(record(tx, self.event.clone(), &self.lease, self.now))
+    }
 }
 
 /// Records an event and its deliveries in `tx`.

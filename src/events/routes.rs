@@ -148,13 +148,15 @@ async fn ingest_event(
         depth: 0,
         only_endpoint: None,
     };
-    let now = now_ms();
-    let mut tx = state.db.begin().await?;
-    let recorded = match super::record(&mut tx, event, &state.engine.lease(), now).await {
+    let job = super::RecordJob {
+        event,
+        lease: state.engine.lease(),
+        now: now_ms(),
+    };
+    let recorded = match state.writes.submit(job).await {
         Ok(r) => r,
-        Err(DbError::Sqlx(e)) if is_unique_violation(&e) => {
+        Err(e) if e.is_unique_violation() => {
             // A concurrent request with the same key won the race: answer with its event.
-            drop(tx);
             let key = key.unwrap_or_default();
             let (row, n) = find_by_key(&state, &auth.tenant_id, &key)
                 .await?
@@ -163,7 +165,6 @@ async fn ingest_event(
         }
         Err(e) => return Err(e.into()),
     };
-    tx.commit().await?;
     let count = recorded.deliveries.len();
     state.engine.dispatch(recorded.deliveries).await;
     metrics::counter!("opsiq_events_ingested_total").increment(1);
@@ -172,11 +173,6 @@ async fn ingest_event(
         axum::Json(json!({"event_id": recorded.id, "deliveries": count})),
     )
         .into_response())
-}
-
-/// Whether a database error is a unique-constraint violation.
-pub fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
 #[derive(Debug, Deserialize)]

@@ -116,6 +116,12 @@ impl ApiError {
         )
     }
 
+    /// Replaces the message.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// Adds structured details.
     pub fn with_details(mut self, details: Vec<Value>) -> Self {
         self.details = details;

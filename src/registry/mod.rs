@@ -6,6 +6,7 @@ pub mod files;
 pub mod model;
 mod routes;
 pub mod store;
+pub mod validators;
 
 pub use model::{ActionDeclaration, ActionName, Annotations, Approval, Mode};
 pub use routes::routes;

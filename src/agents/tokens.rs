@@ -1,0 +1,430 @@
+//! Agent tokens. Gateway-minted tokens are HS256 JWTs signed with the tenant's own key (stored
+//! encrypted) with `iss` and `aud` "opsiq"; each has a `jti` row so revoking a token or its agent
+//! takes effect on the next request. Tenants may also trust one external issuer (RS/ES/EdDSA keys
+//! from a JWKS or a PEM), whose roles claim is mapped.
+//!
+//! Every failure is a 401 `invalid_token` with a reason, never a hint about other tenants.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::crypto::MasterKey;
+use crate::db::{Database, now_ms};
+use crate::http::ApiError;
+use crate::http::auth::API_KEY_PREFIX;
+use crate::{args, ids};
+
+/// `iss` and `aud` of gateway-minted tokens.
+pub const GATEWAY_ISSUER: &str = "opsiq";
+
+/// Claims of a gateway-minted token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// Agent id.
+    pub sub: String,
+    /// Tenant id.
+    pub tid: String,
+    /// The agent's roles when minted (informational; current roles are read at use).
+    pub roles: Vec<String>,
+    /// Space-separated scopes, e.g. `invoke:refund_*`.
+    pub scope: String,
+    /// Expiry (unix seconds).
+    pub exp: u64,
+    /// Issued at (unix seconds).
+    pub iat: u64,
+    /// Not before (unix seconds).
+    pub nbf: u64,
+    /// Token id.
+    pub jti: String,
+    /// Audience.
+    pub aud: String,
+    /// Issuer.
+    pub iss: String,
+}
+
+/// Who is calling the agent API.
+#[derive(Debug, Clone)]
+pub struct AgentPrincipal {
+    /// The tenant everything is scoped to.
+    pub tenant_id: String,
+    /// The agent (`sub`).
+    pub agent_id: String,
+    /// Roles checked by the policy engine.
+    pub roles: Vec<String>,
+    /// `invoke:<glob>` scopes.
+    pub scopes: Vec<String>,
+    /// Token id (gateway-minted tokens).
+    pub jti: Option<String>,
+}
+
+impl AgentPrincipal {
+    /// The principal string used for idempotency scope and records: `agent:<id>`.
+    pub fn principal(&self) -> String {
+        format!("agent:{}", self.agent_id)
+    }
+
+    /// The policy subjects of this caller: the agent itself and each of its roles.
+    pub fn subjects(&self) -> Vec<String> {
+        std::iter::once(format!("agent:{}", self.agent_id))
+            .chain(self.roles.iter().map(|r| format!("role:{r}")))
+            .collect()
+    }
+}
+
+fn invalid(reason: &str) -> ApiError {
+    ApiError::unauthorized("invalid_token", format!("the agent token is not valid: {reason}"))
+}
+
+/// Caches decrypted per-tenant signing keys (they never change).
+#[derive(Default)]
+pub struct TenantKeys {
+    keys: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+}
+
+impl TenantKeys {
+    async fn get(
+        &self,
+        db: &Database,
+        master: &MasterKey,
+        tenant_id: &str,
+    ) -> Result<Option<Arc<Vec<u8>>>, ApiError> {
+        if let Some(k) = self.keys.lock().unwrap_or_else(|e| e.into_inner()).get(tenant_id) {
+            return Ok(Some(k.clone()));
+        }
+        let row: Option<(String,)> = db
+            .fetch_optional("SELECT jwt_key_enc FROM tenants WHERE id = $1", args![tenant_id])
+            .await?;
+        let Some((sealed,)) = row else { return Ok(None) };
+        let key = Arc::new(master.open(&sealed)?.into_bytes());
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant_id.to_string(), key.clone());
+        Ok(Some(key))
+    }
+}
+
+/// Mints a token for an agent; returns (token, jti, expiry in unix seconds).
+#[allow(clippy::too_many_arguments)]
+pub async fn mint(
+    db: &Database,
+    master: &MasterKey,
+    keys: &TenantKeys,
+    tenant_id: &str,
+    agent_id: &str,
+    roles: &[String],
+    scopes: &[String],
+    ttl_seconds: u64,
+) -> Result<(String, String, u64), ApiError> {
+    let key = keys
+        .get(db, master, tenant_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("tenant key missing"))?;
+    let now = (now_ms() / 1000) as u64;
+    let claims = Claims {
+        sub: agent_id.to_string(),
+        tid: tenant_id.to_string(),
+        roles: roles.to_vec(),
+        scope: scopes.join(" "),
+        exp: now + ttl_seconds,
+        iat: now,
+        nbf: now,
+        jti: ids::new_id("jti"),
+        aud: GATEWAY_ISSUER.into(),
+        iss: GATEWAY_ISSUER.into(),
+    };
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&key),
+    )
+    .map_err(ApiError::internal)?;
+    db.execute(
+        "INSERT INTO agent_tokens (jti, tenant_id, agent_id, scopes, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        args![&claims.jti, tenant_id, agent_id, serde_json::to_string(scopes).unwrap_or_default(), now_ms(),
+            (claims.exp * 1000) as i64],
+    )
+    .await?;
+    Ok((token, claims.jti, claims.exp))
+}
+
+/// An external issuer a tenant trusts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+    /// A JWKS document (the content of a JWKS file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<Value>,
+    /// Where to fetch the JWKS (cached for five minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// A PEM public key (RSA, EC or Ed25519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// Claim holding the roles (an array or a space-separated string).
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+}
+
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+
+impl IssuerConfig {
+    /// Checks the configuration can verify anything at all.
+    pub fn check(&self) -> Result<(), String> {
+        if self.issuer.is_empty() || self.issuer == GATEWAY_ISSUER {
+            return Err("issuer must be set and must not be \"opsiq\"".into());
+        }
+        if self.audience.is_empty() {
+            return Err("audience must be set".into());
+        }
+        match (&self.jwks, &self.jwks_url, &self.public_key_pem) {
+            (None, None, None) => Err("give jwks, jwks_url or public_key_pem".into()),
+            (Some(jwks), _, _) => serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
+                .map(|_| ())
+                .map_err(|e| format!("jwks is not a JWKS document: {e}")),
+            (_, _, Some(pem)) => pem_keys(pem).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn pem_keys(pem: &str) -> Result<Vec<DecodingKey>, String> {
+    let b = pem.as_bytes();
+    let keys: Vec<DecodingKey> = [
+        DecodingKey::from_rsa_pem(b),
+        DecodingKey::from_ec_pem(b),
+        DecodingKey::from_ed_pem(b),
+    ]
+    .into_iter()
+    .filter_map(Result::ok)
+    .collect();
+    if keys.is_empty() {
+        Err("public_key_pem is not an RSA, EC or Ed25519 public key".into())
+    } else {
+        Ok(keys)
+    }
+}
+
+/// Fetched JWKS documents by URL, kept five minutes.
+#[derive(Default)]
+pub struct JwksCache {
+    docs: Mutex<HashMap<String, (std::time::Instant, jsonwebtoken::jwk::JwkSet)>>,
+}
+
+/// Authenticates an agent token (gateway-minted or from the tenant's external issuer).
+pub async fn authenticate(
+    db: &Database,
+    master: &MasterKey,
+    keys: &TenantKeys,
+    jwks_cache: &JwksCache,
+    outbound: &crate::delivery::outbound::Outbound,
+    token: &str,
+) -> Result<AgentPrincipal, ApiError> {
+    if token.starts_with(API_KEY_PREFIX) {
+        return Err(ApiError::unauthorized(
+            "invalid_token",
+            "this route needs an agent token (a JWT from POST /v1/agents/{id}/tokens), not an admin API key",
+        ));
+    }
+    let header = decode_header(token).map_err(|_| invalid("malformed header or unsupported algorithm"))?;
+    let unverified = jsonwebtoken::dangerous::insecure_decode::<Value>(token)
+        .map_err(|_| invalid("malformed token"))?
+        .claims;
+    let issuer = unverified.get("iss").and_then(Value::as_str).unwrap_or_default();
+    if issuer == GATEWAY_ISSUER {
+        verify_gateway_token(db, master, keys, token, header.alg, &unverified).await
+    } else {
+        verify_external_token(db, jwks_cache, outbound, token, &header, issuer).await
+    }
+}
+
+async fn verify_gateway_token(
+    db: &Database,
+    master: &MasterKey,
+    keys: &TenantKeys,
+    token: &str,
+    alg: Algorithm,
+    unverified: &Value,
+) -> Result<AgentPrincipal, ApiError> {
+    if alg != Algorithm::HS256 {
+        return Err(invalid("unexpected algorithm"));
+    }
+    let tenant_id = unverified.get("tid").and_then(Value::as_str).unwrap_or_default();
+    let key = keys
+        .get(db, master, tenant_id)
+        .await?
+        .ok_or_else(|| invalid("signature does not match"))?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation.set_audience(&[GATEWAY_ISSUER]);
+    validation.set_issuer(&[GATEWAY_ISSUER]);
+    validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub", "aud", "iss", "jti"]);
+    let claims = decode::<Claims>(token, &DecodingKey::from_secret(&key), &validation)
+        .map_err(|e| invalid(&describe(&e)))?
+        .claims;
+    let row: Option<(Option<i64>, Option<i64>, String, String)> = db
+        .fetch_optional(
+            "SELECT t.revoked_at, a.revoked_at, a.roles, t.scopes FROM agent_tokens t \
+             JOIN agents a ON a.tenant_id = t.tenant_id AND a.id = t.agent_id \
+             WHERE t.jti = $1 AND t.tenant_id = $2 AND t.agent_id = $3",
+            args![&claims.jti, &claims.tid, &claims.sub],
+        )
+        .await?;
+    match row {
+        Some((None, None, roles, scopes)) => Ok(AgentPrincipal {
+            tenant_id: claims.tid,
+            agent_id: claims.sub,
+            roles: serde_json::from_str(&roles).unwrap_or_default(),
+            scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+            jti: Some(claims.jti),
+        }),
+        Some(_) => Err(invalid("the token or its agent was revoked")),
+        None => Err(invalid("unknown token")),
+    }
+}
+
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind::*;
+    match e.kind() {
+        ExpiredSignature => "expired".into(),
+        ImmatureSignature => "not valid yet".into(),
+        InvalidAudience => "wrong audience".into(),
+        InvalidIssuer => "wrong issuer".into(),
+        InvalidSignature => "signature does not match".into(),
+        MissingRequiredClaim(c) => format!("missing claim {c}"),
+        InvalidAlgorithm => "unexpected algorithm".into(),
+        _ => "malformed token".into(),
+    }
+}
+
+async fn verify_external_token(
+    db: &Database,
+    jwks_cache: &JwksCache,
+    outbound: &crate::delivery::outbound::Outbound,
+    token: &str,
+    header: &Header,
+    issuer: &str,
+) -> Result<AgentPrincipal, ApiError> {
+    if issuer.is_empty() {
+        return Err(invalid("no issuer"));
+    }
+    let row: Option<(String, String)> = db
+        .fetch_optional(
+            "SELECT tenant_id, config FROM token_issuers WHERE issuer = $1",
+            args![issuer],
+        )
+        .await?;
+    let Some((tenant_id, config)) = row else {
+        return Err(invalid("unknown issuer"));
+    };
+    let config: IssuerConfig = serde_json::from_str(&config).map_err(ApiError::internal)?;
+    if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        return Err(invalid("external issuers must sign with a public-key algorithm"));
+    }
+    let keys = external_keys(&config, header, jwks_cache, outbound).await?;
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = 30;
+    validation.validate_nbf = true;
+    validation.set_audience(&[&config.audience]);
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+    let mut last = invalid("no key verifies the signature");
+    for key in keys {
+        match decode::<Value>(token, &key, &validation) {
+            Ok(data) => return principal_from_external(&tenant_id, &config, data.claims),
+            Err(e) => last = invalid(&describe(&e)),
+        }
+    }
+    Err(last)
+}
+
+async fn external_keys(
+    config: &IssuerConfig,
+    header: &Header,
+    cache: &JwksCache,
+    outbound: &crate::delivery::outbound::Outbound,
+) -> Result<Vec<DecodingKey>, ApiError> {
+    if let Some(pem) = &config.public_key_pem {
+        return pem_keys(pem).map_err(|e| invalid(&e));
+    }
+    let set: jsonwebtoken::jwk::JwkSet = match (&config.jwks, &config.jwks_url) {
+        (Some(doc), _) => {
+            serde_json::from_value(doc.clone()).map_err(|_| invalid("issuer JWKS unreadable"))?
+        }
+        (None, Some(url)) => fetch_jwks(cache, outbound, url).await?,
+        _ => return Err(invalid("issuer has no keys")),
+    };
+    let keys: Vec<DecodingKey> = set
+        .keys
+        .iter()
+        .filter(|k| header.kid.is_none() || k.common.key_id == header.kid)
+        .filter_map(|k| DecodingKey::from_jwk(k).ok())
+        .collect();
+    Ok(keys)
+}
+
+async fn fetch_jwks(
+    cache: &JwksCache,
+    outbound: &crate::delivery::outbound::Outbound,
+    url: &str,
+) -> Result<jsonwebtoken::jwk::JwkSet, ApiError> {
+    if let Some((at, set)) = cache.docs.lock().unwrap_or_else(|e| e.into_inner()).get(url)
+        && at.elapsed() < std::time::Duration::from_secs(300)
+    {
+        return Ok(set.clone());
+    }
+    let got = outbound.get(url).await;
+    let set: jsonwebtoken::jwk::JwkSet = match got.status {
+        Some(200) => serde_json::from_str(&got.body).map_err(|_| invalid("issuer JWKS unreadable"))?,
+        _ => return Err(invalid("issuer JWKS unreachable")),
+    };
+    cache
+        .docs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(url.to_string(), (std::time::Instant::now(), set.clone()));
+    Ok(set)
+}
+
+fn principal_from_external(
+    tenant_id: &str,
+    config: &IssuerConfig,
+    claims: Value,
+) -> Result<AgentPrincipal, ApiError> {
+    if let Some(tid) = claims.get("tid").and_then(Value::as_str)
+        && tid != tenant_id
+    {
+        return Err(invalid("token belongs to another tenant"));
+    }
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+    if sub.is_empty() {
+        return Err(invalid("missing claim sub"));
+    }
+    let mut scopes = strings(claims.get("scope"));
+    scopes.extend(strings(claims.get("scp")));
+    Ok(AgentPrincipal {
+        tenant_id: tenant_id.to_string(),
+        agent_id: sub.to_string(),
+        roles: strings(claims.get(&config.roles_claim)),
+        scopes,
+        jti: claims.get("jti").and_then(Value::as_str).map(str::to_string),
+    })
+}

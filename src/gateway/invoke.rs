@@ -1,0 +1,493 @@
+//! The invocation path, in order: rate limit → action → scope → role → arguments against the
+//! input schema → idempotency → persist the invocation and its delivery in one transaction →
+//! deliver → (sync) wait for the endpoint's answer. HTTP `invoke`, MCP `tools/call` and rule
+//! `invoke` outputs all come through [`invoke`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::invocations::InvocationRow;
+use super::scope_allows;
+use crate::agents::AgentPrincipal;
+use crate::db::batch::Job;
+use crate::db::{DbError, Tx, now_ms, rfc3339};
+use crate::delivery::outbox::{self, Lease, NewDelivery};
+use crate::http::{ApiError, ErrorDetail};
+use crate::policy::Decision;
+use crate::registry::model::{Approval, Mode};
+use crate::registry::validators::Which;
+use crate::registry::{Action, store};
+use crate::{AppState, args, crypto, ids};
+
+/// Who is invoking.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// An agent with a token.
+    Agent(AgentPrincipal),
+    /// A rule's `invoke` output (admin-configured: no scope or role check).
+    Rule {
+        /// Owning tenant.
+        tenant_id: String,
+        /// The rule.
+        rule_id: String,
+    },
+}
+
+impl Caller {
+    /// The tenant.
+    pub fn tenant_id(&self) -> &str {
+        match self {
+            Caller::Agent(p) => &p.tenant_id,
+            Caller::Rule { tenant_id, .. } => tenant_id,
+        }
+    }
+
+    /// `agent:<id>` or `rule:<id>`.
+    pub fn principal(&self) -> String {
+        match self {
+            Caller::Agent(p) => p.principal(),
+            Caller::Rule { rule_id, .. } => format!("rule:{rule_id}"),
+        }
+    }
+
+    fn agent_id(&self) -> Option<&str> {
+        match self {
+            Caller::Agent(p) => Some(&p.agent_id),
+            Caller::Rule { .. } => None,
+        }
+    }
+
+    fn roles(&self) -> Vec<String> {
+        match self {
+            Caller::Agent(p) => p.roles.clone(),
+            Caller::Rule { .. } => Vec::new(),
+        }
+    }
+}
+
+/// One invocation request.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    /// Action name.
+    pub action: String,
+    /// Arguments (a JSON object).
+    pub arguments: Value,
+    /// The caller's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Wait for the endpoint even if the action is `async` (never shorter than the action says).
+    pub wait: Option<Duration>,
+}
+
+/// Runs an invocation and returns its record as it stands when the call answers.
+pub async fn invoke(
+    state: &AppState,
+    caller: &Caller,
+    req: InvokeRequest,
+) -> Result<InvocationRow, ApiError> {
+    let tenant_id = caller.tenant_id().to_string();
+    state
+        .gateway
+        .rate_limit(&tenant_id, caller.agent_id(), &req.action)?;
+
+    let action = store::get(&state.db, &tenant_id, &req.action)
+        .await?
+        .filter(|a| a.declaration.enabled)
+        .ok_or_else(|| {
+            ApiError::not_found("action").with_message(format!(
+                "there is no enabled action named `{}`; list the tools to see what exists",
+                req.action
+            ))
+        })?;
+
+    if let Caller::Agent(agent) = caller {
+        if !scope_allows(&agent.scopes, &req.action) {
+            let message = format!(
+                "this token's scopes [{}] do not include invoke:{} (or a glob covering it)",
+                agent.scopes.join(" "),
+                req.action
+            );
+            record_refusal(state, caller, &action, &req, "denied", "scope_denied", &message).await?;
+            return Err(ApiError::forbidden("scope_denied", message));
+        }
+        let decision = state
+            .policy
+            .check(&state.db, &tenant_id, &agent.subjects(), &req.action)
+            .await?;
+        if let Decision::Deny(message) = decision {
+            record_refusal(state, caller, &action, &req, "denied", "role_denied", &message).await?;
+            return Err(ApiError::forbidden("role_denied", message));
+        }
+    }
+
+    let problems = validate_arguments(state, &tenant_id, &action, &req.arguments)?;
+    if !problems.is_empty() {
+        let message = format!(
+            "the arguments for {} do not match its input schema; fix the fields listed in details and call again",
+            req.action
+        );
+        record_refusal(
+            state,
+            caller,
+            &action,
+            &req,
+            "failed",
+            "validation_failed",
+            &message,
+        )
+        .await?;
+        return Err(ApiError::validation(message, problems));
+    }
+
+    let read_only = action.declaration.annotations.read_only;
+    if req.idempotency_key.is_none() && !read_only {
+        return Err(ApiError::bad_request(
+            "idempotency_key_required",
+            format!(
+                "{} changes data: send an Idempotency-Key so a retried call never runs twice",
+                req.action
+            ),
+        ));
+    }
+    let request_hash = request_hash(&req.action, &req.arguments);
+    if let Some(key) = &req.idempotency_key
+        && let Some(existing) =
+            find_idempotent(state, &tenant_id, &caller.principal(), key, &request_hash).await?
+    {
+        return wait_if_sync(state, &action, existing, req.wait).await;
+    }
+
+    let endpoint_id = action.declaration.endpoint_id.clone().ok_or_else(|| {
+        ApiError::conflict(
+            "action_unavailable",
+            format!(
+                "{} has no endpoint configured; an admin must set its endpoint_id",
+                req.action
+            ),
+        )
+    })?;
+
+    let now = now_ms();
+    let invocation_id = ids::new_id("inv");
+    let pending_approval = action.declaration.approval == Approval::Always;
+    let body = action_request_body(&invocation_id, &action, &req.arguments, caller, now);
+    let job = PersistInvocation {
+        tenant_id: tenant_id.clone(),
+        invocation_id: invocation_id.clone(),
+        principal: caller.principal(),
+        agent_id: caller.agent_id().map(str::to_string),
+        roles: caller.roles(),
+        action_name: req.action.clone(),
+        action_version: action.version,
+        action_hash: action.content_hash.clone(),
+        arguments: req.arguments.to_string(),
+        idempotency_key: req.idempotency_key.clone(),
+        request_hash,
+        endpoint_id,
+        body: body.into(),
+        pending_approval,
+        lease: state.engine.lease(),
+        now,
+    };
+    let persisted = match state.writes.submit(job).await {
+        Ok(p) => p,
+        Err(e) if e.is_unique_violation() => {
+            // A concurrent duplicate won: answer like it.
+            let key = req.idempotency_key.clone().unwrap_or_default();
+            let hash = self::request_hash(&req.action, &req.arguments);
+            let existing = find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash)
+                .await?
+                .ok_or_else(|| ApiError::internal("idempotent invocation vanished"))?;
+            return wait_if_sync(state, &action, existing, req.wait).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
+    metrics::counter!("opsiq_invocations_total", "status" => if pending_approval { "pending_approval" } else { "queued" })
+        .increment(1);
+
+    let waits = action.declaration.mode == Mode::Sync || req.wait.is_some();
+    let watch = persisted
+        .job
+        .as_ref()
+        .filter(|_| waits)
+        .map(|j| state.engine.watch(&j.id));
+    state.engine.dispatch(persisted.job.into_iter().collect()).await;
+    if let Some(watch) = watch {
+        let _ = tokio::time::timeout(wait_for(&action, req.wait), watch).await;
+    }
+    load(state, &tenant_id, &invocation_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("invocation vanished"))
+}
+
+fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
+    let declared = Duration::from_millis(action.declaration.timeout_ms);
+    match (action.declaration.mode, extra) {
+        (Mode::Sync, Some(w)) => declared.max(w),
+        (Mode::Sync, None) => declared,
+        (Mode::Async, Some(w)) => w,
+        (Mode::Async, None) => Duration::ZERO,
+    }
+}
+
+/// For an idempotent replay of a sync call that is still in flight, wait like the first call did.
+async fn wait_if_sync(
+    state: &AppState,
+    action: &Action,
+    existing: InvocationRow,
+    extra: Option<Duration>,
+) -> Result<InvocationRow, ApiError> {
+    let budget = wait_for(action, extra);
+    if existing.is_terminal() || existing.status == "pending_approval" || budget.is_zero() {
+        return Ok(existing);
+    }
+    poll_until_settled(state, &existing.tenant_id, &existing.id, budget).await
+}
+
+/// Polls an invocation until it is settled or `budget` runs out.
+pub async fn poll_until_settled(
+    state: &AppState,
+    tenant_id: &str,
+    id: &str,
+    budget: Duration,
+) -> Result<InvocationRow, ApiError> {
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        let row = load(state, tenant_id, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("invocation"))?;
+        if row.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(row);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Loads an invocation of a tenant.
+pub async fn load(state: &AppState, tenant_id: &str, id: &str) -> Result<Option<InvocationRow>, DbError> {
+    Ok(state
+        .db
+        .fetch_optional(
+            "SELECT * FROM invocations WHERE tenant_id = $1 AND id = $2",
+            args![tenant_id, id],
+        )
+        .await?)
+}
+
+fn validate_arguments(
+    state: &AppState,
+    tenant_id: &str,
+    action: &Action,
+    arguments: &Value,
+) -> Result<Vec<ErrorDetail>, ApiError> {
+    if !arguments.is_object() {
+        return Ok(vec![ErrorDetail {
+            path: "/".into(),
+            message: "arguments must be a JSON object with the fields the tool's input schema describes"
+                .into(),
+        }]);
+    }
+    let validator = state
+        .gateway
+        .validators
+        .get(
+            tenant_id,
+            &action.declaration.name,
+            action.version,
+            Which::Input,
+            &action.declaration.input_schema,
+        )
+        .map_err(ApiError::internal)?;
+    Ok(crate::registry::model::schema_errors(&validator, arguments))
+}
+
+/// SHA-256 over the action name and the canonical arguments (sorted keys).
+fn request_hash(action: &str, arguments: &Value) -> String {
+    crypto::sha256_hex(format!("{action}\n{arguments}").as_bytes())
+}
+
+async fn find_idempotent(
+    state: &AppState,
+    tenant_id: &str,
+    principal: &str,
+    key: &str,
+    hash: &str,
+) -> Result<Option<InvocationRow>, ApiError> {
+    let row: Option<(String, String)> = state
+        .db
+        .fetch_optional(
+            "SELECT request_hash, resource_id FROM idempotency_records \
+             WHERE tenant_id = $1 AND scope = $2 AND key = $3 AND expires_at > $4",
+            args![tenant_id, principal, key, now_ms()],
+        )
+        .await?;
+    let Some((stored_hash, invocation_id)) = row else {
+        return Ok(None);
+    };
+    if stored_hash != hash {
+        return Err(ApiError::conflict(
+            "idempotency_conflict",
+            "this Idempotency-Key was already used with different arguments; use a new key for a new call",
+        ));
+    }
+    Ok(load(state, tenant_id, &invocation_id).await?)
+}
+
+/// The body the action's endpoint receives.
+fn action_request_body(
+    invocation_id: &str,
+    action: &Action,
+    arguments: &Value,
+    caller: &Caller,
+    now: i64,
+) -> String {
+    let agent = match caller {
+        Caller::Agent(p) => json!({"id": p.agent_id, "roles": p.roles}),
+        Caller::Rule { rule_id, .. } => json!({"id": format!("rule:{rule_id}"), "roles": []}),
+    };
+    json!({
+        "id": invocation_id,
+        "type": "action.invoke",
+        "action": {"name": action.declaration.name, "version": action.version},
+        "arguments": arguments,
+        "agent": agent,
+        "requested_at": rfc3339(now),
+    })
+    .to_string()
+}
+
+/// The idempotency key the endpoint sees: derived from the caller's key, stable across retries.
+fn derived_key(tenant_id: &str, principal: &str, key: Option<&str>, invocation_id: &str) -> String {
+    match key {
+        Some(k) => format!(
+            "idem_{}",
+            &crypto::sha256_hex(format!("{tenant_id}\n{principal}\n{k}").as_bytes())[..32]
+        ),
+        None => format!("idem_{}", &invocation_id[4..]),
+    }
+}
+
+async fn record_refusal(
+    state: &AppState,
+    caller: &Caller,
+    action: &Action,
+    req: &InvokeRequest,
+    status: &str,
+    code: &str,
+    message: &str,
+) -> Result<(), ApiError> {
+    let now = now_ms();
+    metrics::counter!("opsiq_invocations_total", "status" => status.to_string()).increment(1);
+    state
+        .db
+        .execute(
+            "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
+             arguments, status, error, idempotency_key, created_at, updated_at, completed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $13)",
+            args![
+                ids::new_id("inv"), caller.tenant_id(), caller.principal(), caller.agent_id(),
+                serde_json::to_string(&caller.roles()).unwrap_or_default(), &req.action, action.version,
+                &action.content_hash, req.arguments.to_string(), status,
+                json!({"code": code, "message": message}).to_string(), req.idempotency_key.clone(), now
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The writes of an accepted invocation, run by the group-commit writer.
+struct PersistInvocation {
+    tenant_id: String,
+    invocation_id: String,
+    principal: String,
+    agent_id: Option<String>,
+    roles: Vec<String>,
+    action_name: String,
+    action_version: i64,
+    action_hash: String,
+    arguments: String,
+    idempotency_key: Option<String>,
+    request_hash: String,
+    endpoint_id: String,
+    body: Arc<str>,
+    pending_approval: bool,
+    lease: Lease,
+    now: i64,
+}
+
+struct Persisted {
+    job: Option<outbox::Job>,
+}
+
+impl Job for PersistInvocation {
+    type Output = Persisted;
+
+    fn write<'a>(
+        &'a mut self,
+        tx: &'a mut Tx,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Persisted, DbError>> + Send + 'a>> {
+        Box::pin(async move {
+            let now = self.now;
+            if let Some(key) = &self.idempotency_key {
+                tx.execute(
+                    "INSERT INTO idempotency_records (tenant_id, scope, key, request_hash, resource_id, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    args![&self.tenant_id, &self.principal, key, &self.request_hash, &self.invocation_id, now,
+                        now + 24 * 3600 * 1000],
+                )
+                .await?;
+            }
+            let job = if self.pending_approval {
+                tx.execute(
+                    "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
+                     VALUES ($1, $2, $3, 'pending', $4, $5)",
+                    args![
+                        ids::new_id("apr"),
+                        &self.tenant_id,
+                        &self.invocation_id,
+                        "the action requires approval for every call",
+                        now
+                    ],
+                )
+                .await?;
+                None
+            } else {
+                let delivery = NewDelivery {
+                    tenant_id: self.tenant_id.clone(),
+                    endpoint_id: self.endpoint_id.clone(),
+                    kind: outbox::Kind::Action,
+                    event_id: None,
+                    invocation_id: Some(self.invocation_id.clone()),
+                    label: self.action_name.clone(),
+                    idempotency_key: Some(derived_key(
+                        &self.tenant_id,
+                        &self.principal,
+                        self.idempotency_key.as_deref(),
+                        &self.invocation_id,
+                    )),
+                    body: self.body.clone(),
+                };
+                outbox::insert(tx, vec![delivery], &self.lease, now).await?.pop()
+            };
+            let status = if self.pending_approval {
+                "pending_approval"
+            } else {
+                "queued"
+            };
+            tx.execute(
+                "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
+                 arguments, status, idempotency_key, delivery_id, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
+                args![
+                    &self.invocation_id, &self.tenant_id, &self.principal, self.agent_id.clone(),
+                    serde_json::to_string(&self.roles).unwrap_or_default(), &self.action_name, self.action_version,
+                    &self.action_hash, &self.arguments, status, self.idempotency_key.clone(),
+                    job.as_ref().map(|j| j.id.clone()), now
+                ],
+            )
+            .await?;
+            Ok(Persisted { job })
+        })
+    }
+}

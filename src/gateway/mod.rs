@@ -1,0 +1,130 @@
+//! The agent gateway: what makes OpsIQ an AI gateway. An agent (JWT) may run only what an admin
+//! declared, only with valid arguments, only within its token's scopes AND its roles, exactly
+//! once per idempotency key; every decision is recorded as an invocation.
+//!
+//! - [`invoke`]: the one invocation path (HTTP, MCP and rules all use it).
+//! - [`invocations`]: invocation records, their views, and settling them from delivery outcomes.
+//! - [`tools`]: the tool list in OpenAI, Anthropic and MCP formats.
+
+pub mod invocations;
+pub mod invoke;
+mod routes;
+pub mod tools;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::AppState;
+use crate::agents::tokens::{self, AgentPrincipal, JwksCache, TenantKeys};
+use crate::http::ApiError;
+use crate::http::auth::bearer_token;
+use crate::registry::validators::Validators;
+
+pub use routes::routes;
+
+/// Gateway state shared by every request.
+pub struct Gateway {
+    /// Decrypted per-tenant token keys.
+    pub tenant_keys: TenantKeys,
+    /// Fetched JWKS documents of external issuers.
+    pub jwks: JwksCache,
+    /// Compiled schemas.
+    pub validators: Arc<Validators>,
+    agent_limiter: DefaultKeyedRateLimiter<String>,
+    action_limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl Gateway {
+    /// Builds the gateway state with per-agent and per-action limits (calls per second).
+    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32) -> Self {
+        let quota = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
+        Self {
+            tenant_keys: TenantKeys::default(),
+            jwks: JwksCache::default(),
+            validators,
+            agent_limiter: RateLimiter::keyed(quota(agent_per_s)),
+            action_limiter: RateLimiter::keyed(quota(action_per_s)),
+        }
+    }
+
+    /// Takes one token from the agent's and the action's buckets, or says how long to wait.
+    pub fn rate_limit(&self, tenant_id: &str, agent: Option<&str>, action: &str) -> Result<(), ApiError> {
+        use governor::clock::{Clock, DefaultClock};
+        let clock = DefaultClock::default();
+        let refuse = |what: &str, not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
+            let wait = not_until.wait_time_from(clock.now());
+            ApiError::rate_limited(
+                format!("too many calls for this {what}; retry later"),
+                wait.as_secs() + 1,
+            )
+        };
+        if let Some(agent) = agent {
+            self.agent_limiter
+                .check_key(&format!("{tenant_id}/{agent}"))
+                .map_err(|n| refuse("agent", n))?;
+        }
+        self.action_limiter
+            .check_key(&format!("{tenant_id}/{action}"))
+            .map_err(|n| refuse("action", n))?;
+        Ok(())
+    }
+}
+
+/// An authenticated agent (from `Authorization: Bearer <JWT>`).
+#[derive(Debug, Clone)]
+pub struct AgentAuth(pub AgentPrincipal);
+
+impl FromRequestParts<AppState> for AgentAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "unauthorized",
+                "send an agent token as `Authorization: Bearer <JWT>`",
+            )
+        })?;
+        authenticate(state, token).await.map(AgentAuth)
+    }
+}
+
+/// Authenticates an agent token against this gateway's state.
+pub async fn authenticate(state: &AppState, token: &str) -> Result<AgentPrincipal, ApiError> {
+    tokens::authenticate(
+        &state.db,
+        &state.keys,
+        &state.gateway.tenant_keys,
+        &state.gateway.jwks,
+        state.engine.outbound(),
+        token,
+    )
+    .await
+}
+
+/// Whether one of `scopes` (`invoke:<glob>`) covers `action`.
+pub fn scope_allows(scopes: &[String], action: &str) -> bool {
+    scopes
+        .iter()
+        .filter_map(|s| s.strip_prefix("invoke:"))
+        .any(|glob| crate::glob::matches(glob, action))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scopes_are_globs_over_action_names() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(super::scope_allows(&s(&["invoke:*"]), "refund_invoice"));
+        assert!(super::scope_allows(&s(&["invoke:refund_*"]), "refund_invoice"));
+        assert!(!super::scope_allows(&s(&["invoke:refund_*"]), "create_ticket"));
+        assert!(super::scope_allows(
+            &s(&["read:x", "invoke:create_ticket"]),
+            "create_ticket"
+        ));
+        assert!(!super::scope_allows(&s(&["create_ticket"]), "create_ticket"));
+    }
+}

@@ -1,0 +1,386 @@
+//! Role policy: casbin RBAC with domains (domain = tenant), allow and deny rows, deny wins, globs
+//! on action names. Rows come from `policies/policy.csv` (domain `*`, every tenant) and from each
+//! tenant's API-managed rows (`GET|PUT /v1/policies`).
+//!
+//! The enforcer lives behind a lock and is rebuilt when the `policy` change counter moves, which
+//! is read on every decision: an edit made through any replica takes effect on the next request
+//! everywhere. Decisions are cached per (tenant, subjects, action) until the next rebuild, since
+//! casbin evaluates rows linearly.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use casbin::function_map::OperatorFunction;
+use casbin::rhai::Dynamic;
+use casbin::{CoreApi, DefaultModel, Enforcer, MemoryAdapter, MgmtApi};
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use crate::args;
+use crate::db::{self, Database, DbError};
+
+mod routes;
+pub use routes::routes;
+
+/// The built-in model, used when `policies/model.conf` is absent.
+pub const DEFAULT_MODEL: &str = include_str!("../../policies/model.conf");
+
+/// One policy row as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRow {
+    /// `role:<name>` or `agent:<id>`.
+    pub subject: String,
+    /// Action name or glob (`refund_*`, `*`).
+    pub object: String,
+    /// Always `invoke` today.
+    #[serde(default = "default_act")]
+    pub act: String,
+    /// `allow` or `deny`.
+    pub effect: String,
+}
+
+fn default_act() -> String {
+    "invoke".into()
+}
+
+impl PolicyRow {
+    /// Validates a row; the message names the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let word = |s: &str| {
+            (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        match self.subject.split_once(':') {
+            Some(("role" | "agent", rest)) if word(rest) => {}
+            _ => return Err(("subject", "must be role:<name> or agent:<id>".into())),
+        }
+        let glob_ok = (1..=128).contains(&self.object.len())
+            && self
+                .object
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'*' | b'?'));
+        if !glob_ok {
+            return Err((
+                "object",
+                "must be an action name or a glob like refund_* or *".into(),
+            ));
+        }
+        if self.act != "invoke" {
+            return Err(("act", "must be invoke".into()));
+        }
+        if self.effect != "allow" && self.effect != "deny" {
+            return Err(("effect", "must be allow or deny".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a policy check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Some row allows and none denies.
+    Allow,
+    /// Denied; the sentence names what was missing or what denied it.
+    Deny(String),
+}
+
+/// Failures loading or evaluating policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The model or a row is invalid.
+    #[error("policy: {0}")]
+    Casbin(String),
+    /// A file could not be read.
+    #[error("policy file {path}: {message}")]
+    File {
+        /// Which file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<casbin::Error> for PolicyError {
+    fn from(e: casbin::Error) -> Self {
+        PolicyError::Casbin(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for PolicyError {
+    fn from(e: sqlx::Error) -> Self {
+        PolicyError::Db(e.into())
+    }
+}
+
+/// `hasSubject(r.subs, p.sub)`: whether the space-separated subject list contains the row's subject.
+fn has_subject(subs: Dynamic, sub: Dynamic) -> Dynamic {
+    let subs = subs.into_string().unwrap_or_default();
+    let sub = sub.into_string().unwrap_or_default();
+    subs.split(' ').any(|s| s == sub).into()
+}
+
+struct Loaded {
+    version: i64,
+    enforcer: Enforcer,
+    /// Rows per tenant (and `*`), to explain denials.
+    rows: HashMap<String, Vec<PolicyRow>>,
+    decisions: HashMap<(String, String, String), Decision>,
+}
+
+/// The policy engine shared by every request.
+pub struct Policy {
+    model_text: String,
+    file_rows: Vec<PolicyRow>,
+    loaded: RwLock<Option<Loaded>>,
+}
+
+/// Parses `policy.csv`: `p, subject, domain, object, act, effect` lines; `#` comments.
+pub fn parse_policy_csv(text: &str) -> Result<Vec<PolicyRow>, String> {
+    let mut rows = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        match cols.as_slice() {
+            ["p", subject, "*", object, act, effect] => {
+                let row = PolicyRow {
+                    subject: subject.to_string(),
+                    object: object.to_string(),
+                    act: act.to_string(),
+                    effect: effect.to_string(),
+                };
+                row.check().map_err(|(f, m)| format!("line {}: {f} {m}", n + 1))?;
+                rows.push(row);
+            }
+            _ => {
+                return Err(format!(
+                    "line {}: expected `p, subject, *, object, act, effect`",
+                    n + 1
+                ));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// `globMatch(r.obj, p.obj)`, replacing casbin's own (which compiles a glob per row and panics
+/// on a malformed one) with our linear matcher.
+fn glob_match_fn(name: Dynamic, pattern: Dynamic) -> Dynamic {
+    let name = name.into_string().unwrap_or_default();
+    let pattern = pattern.into_string().unwrap_or_default();
+    crate::glob::matches(&pattern, &name).into()
+}
+
+impl Policy {
+    /// Reads `model.conf` and `policy.csv` from `dir` (either may be absent).
+    pub fn from_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let read = |name: &str| -> Result<Option<String>, PolicyError> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(PolicyError::File {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }),
+            }
+        };
+        let model_text = read("model.conf")?.unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let file_rows = match read("policy.csv")? {
+            Some(text) => parse_policy_csv(&text).map_err(|message| PolicyError::File {
+                path: dir.join("policy.csv").display().to_string(),
+                message,
+            })?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            model_text,
+            file_rows,
+            loaded: RwLock::new(None),
+        })
+    }
+
+    /// The rows from `policy.csv`.
+    pub fn file_rows(&self) -> &[PolicyRow] {
+        &self.file_rows
+    }
+
+    async fn build(&self, db: &Database, version: i64) -> Result<Loaded, PolicyError> {
+        let model = DefaultModel::from_str(&self.model_text).await?;
+        let mut enforcer = Enforcer::new(model, MemoryAdapter::default()).await?;
+        enforcer.add_function("hasSubject", OperatorFunction::Arg2(has_subject));
+        enforcer.add_function("globMatch", OperatorFunction::Arg2(glob_match_fn));
+        let stored: Vec<(String, String, String, String, String)> = db
+            .fetch_all(
+                "SELECT tenant_id, subject, object, act, effect FROM policy_rows ORDER BY tenant_id, position",
+                args![],
+            )
+            .await?;
+        let mut rows: HashMap<String, Vec<PolicyRow>> = HashMap::new();
+        rows.insert("*".into(), self.file_rows.clone());
+        let mut casbin_rows = Vec::new();
+        for r in &self.file_rows {
+            casbin_rows.push(vec![
+                r.subject.clone(),
+                "*".into(),
+                r.object.clone(),
+                r.act.clone(),
+                r.effect.clone(),
+            ]);
+        }
+        for (tenant, subject, object, act, effect) in stored {
+            casbin_rows.push(vec![
+                subject.clone(),
+                tenant.clone(),
+                object.clone(),
+                act.clone(),
+                effect.clone(),
+            ]);
+            rows.entry(tenant).or_default().push(PolicyRow {
+                subject,
+                object,
+                act,
+                effect,
+            });
+        }
+        if !casbin_rows.is_empty() {
+            enforcer.add_policies(casbin_rows).await?;
+        }
+        Ok(Loaded {
+            version,
+            enforcer,
+            rows,
+            decisions: HashMap::new(),
+        })
+    }
+
+    /// Decides whether `subjects` (e.g. `agent:a1`, `role:support`) may invoke `action` in `tenant`.
+    pub async fn check(
+        self: &Arc<Self>,
+        db: &Database,
+        tenant_id: &str,
+        subjects: &[String],
+        action: &str,
+    ) -> Result<Decision, PolicyError> {
+        let version = db::counter(db, "policy").await?;
+        let key = (tenant_id.to_string(), subjects.join(" "), action.to_string());
+        {
+            let loaded = self.loaded.read().await;
+            if let Some(l) = loaded.as_ref().filter(|l| l.version == version) {
+                if let Some(d) = l.decisions.get(&key) {
+                    return Ok(d.clone());
+                }
+            }
+        }
+        let mut guard = self.loaded.write().await;
+        if guard.as_ref().is_none_or(|l| l.version != version) {
+            *guard = Some(self.build(db, version).await?);
+        }
+        let loaded = guard.as_mut().expect("just built");
+        let allowed = loaded
+            .enforcer
+            .enforce((key.1.as_str(), tenant_id, action, "invoke"))?;
+        let decision = if allowed {
+            Decision::Allow
+        } else {
+            explain_denial(&loaded.rows, tenant_id, subjects, action)
+        };
+        if loaded.decisions.len() > 100_000 {
+            loaded.decisions.clear();
+        }
+        loaded.decisions.insert(key, decision.clone());
+        Ok(decision)
+    }
+}
+
+fn explain_denial(
+    rows: &HashMap<String, Vec<PolicyRow>>,
+    tenant_id: &str,
+    subjects: &[String],
+    action: &str,
+) -> Decision {
+    let applicable = rows
+        .get("*")
+        .into_iter()
+        .chain(rows.get(tenant_id))
+        .flatten()
+        .filter(|r| subjects.contains(&r.subject) && crate::glob::matches(&r.object, action));
+    let deny = applicable.clone().find(|r| r.effect == "deny");
+    let roles: Vec<&str> = subjects.iter().filter_map(|s| s.strip_prefix("role:")).collect();
+    Decision::Deny(match deny {
+        Some(r) => format!(
+            "policy denies {} the action {action} (row {} {} {})",
+            r.subject, r.subject, r.object, r.effect
+        ),
+        None if roles.is_empty() => {
+            format!("this agent has no roles, and no policy row allows it to invoke {action}")
+        }
+        None => format!(
+            "no policy row allows roles [{}] to invoke {action}",
+            roles.join(", ")
+        ),
+    })
+}
+
+/// Replaces a tenant's API-managed rows and bumps the policy version (in one transaction).
+pub async fn replace_rows(db: &Database, tenant_id: &str, rows: &[PolicyRow]) -> Result<(), PolicyError> {
+    let mut tx = db.begin().await?;
+    tx.execute("DELETE FROM policy_rows WHERE tenant_id = $1", args![tenant_id])
+        .await?;
+    for (i, r) in rows.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO policy_rows (id, tenant_id, subject, object, act, effect, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            args![crate::ids::new_id("pol"), tenant_id, &r.subject, &r.object, &r.act, &r.effect, i as i64],
+        )
+        .await?;
+    }
+    db::bump_counter(&mut tx, "policy").await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A tenant's API-managed rows.
+pub async fn tenant_rows(db: &Database, tenant_id: &str) -> Result<Vec<PolicyRow>, PolicyError> {
+    let rows: Vec<(String, String, String, String)> = db
+        .fetch_all(
+            "SELECT subject, object, act, effect FROM policy_rows WHERE tenant_id = $1 ORDER BY position",
+            args![tenant_id],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(subject, object, act, effect)| PolicyRow {
+            subject,
+            object,
+            act,
+            effect,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_file_parses() {
+        let rows = parse_policy_csv(include_str!("../../policies/policy.csv")).unwrap();
+        assert!(
+            rows.iter()
+                .any(|r| r.subject == "role:intern" && r.effect == "deny")
+        );
+        assert!(
+            parse_policy_csv("p, role:a, t1, x, invoke, allow").is_err(),
+            "file rows apply to every tenant"
+        );
+        assert!(parse_policy_csv("p, root, *, x, invoke, allow").is_err());
+    }
+}

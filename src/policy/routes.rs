@@ -1,0 +1,64 @@
+//! `GET|PUT /v1/policies`: a tenant's API-managed rows (file rows are shown, never replaced).
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{PolicyError, PolicyRow, replace_rows, tenant_rows};
+use crate::AppState;
+use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Permission};
+
+/// The policy routes.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/policies", get(get_policies).put(put_policies))
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    rows: Vec<PolicyRow>,
+}
+
+async fn get_policies(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<axum::Json<Value>> {
+    let rows = tenant_rows(&state.db, &auth.tenant_id).await?;
+    Ok(axum::Json(
+        json!({"rows": rows, "file_rows": state.policy.file_rows()}),
+    ))
+}
+
+async fn put_policies(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Json(body): Json<PolicyBody>,
+) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::Manage)?;
+    if body.rows.len() > 10_000 {
+        return Err(ApiError::invalid_field("/rows", "at most 10000 rows"));
+    }
+    let problems: Vec<ErrorDetail> = body
+        .rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.check().err().map(|(field, message)| ErrorDetail {
+                path: format!("/rows/{i}/{field}"),
+                message,
+            })
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(ApiError::validation("the policy rows are invalid", problems));
+    }
+    replace_rows(&state.db, &auth.tenant_id, &body.rows).await?;
+    Ok(axum::Json(
+        json!({"rows": body.rows, "file_rows": state.policy.file_rows()}),
+    ))
+}
