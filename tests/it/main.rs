@@ -7,6 +7,7 @@ mod delivery;
 mod durability;
 mod external;
 mod foundation;
+mod gateway;
 mod process;
 mod receiver;
 mod samples;

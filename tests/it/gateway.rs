@@ -1,0 +1,786 @@
+//! The agent gateway: tokens, scopes and roles, validated and idempotent invocations, tool
+//! export, invocation records, rate limits.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::delivery::{endpoint, fast_delivery};
+use crate::dual;
+use crate::harness::{Backend, TestApp, error_code, read};
+use crate::receiver::Receiver;
+
+/// An app with loopback delivery, the shipped example actions bound to `rx`, and the shipped policy.
+pub struct World {
+    pub app: TestApp,
+    pub rx: Receiver,
+}
+
+pub async fn world(backend: Backend) -> World {
+    world_with(backend, |_, _| {}).await
+}
+
+pub async fn world_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut opsiq::config::RawConfig, &std::path::Path) + 'static,
+) -> World {
+    let app = TestApp::on(backend)
+        .with(fast_delivery)
+        .with(|raw, _| raw.actions_dir = crate::harness::repo_path("schemas/actions"))
+        .with(adjust)
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    rx.answer(|r, _| {
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let result = match body["action"]["name"].as_str() {
+            Some("refund_invoice") => json!({"refund_id": "re_1", "status": "succeeded"}),
+            Some("lookup_customer") => {
+                json!({"customer_id": body["arguments"]["customer_id"], "tier": "enterprise"})
+            }
+            Some("create_ticket") => json!({"ticket_id": "t_9"}),
+            _ => json!({"ok": true}),
+        };
+        (
+            200,
+            vec![("content-type", "application/json".into())],
+            result.to_string(),
+        )
+    });
+    let (endpoint_id, _) = endpoint(&app, &rx.url("/actions"), json!({"event_types": ["none.*"]})).await;
+    for name in [
+        "refund_invoice",
+        "create_ticket",
+        "lookup_customer",
+        "extend_license",
+        "escalate_to_human",
+    ] {
+        let (_, mut action) = app.call(Method::GET, &format!("/v1/actions/{name}"), None).await;
+        action["endpoint_id"] = endpoint_id.clone().into();
+        let (status, body) = app
+            .call(Method::PUT, &format!("/v1/actions/{name}"), Some(action))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    World { app, rx }
+}
+
+/// Creates an agent with roles and returns a token with `scopes`.
+pub async fn agent_token(app: &TestApp, id: &str, roles: &[&str], scopes: &[&str]) -> String {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(json!({"id": id, "name": id, "roles": roles})),
+        )
+        .await;
+    assert!(status == 201 || status == 409, "{body}");
+    token(app, id, scopes, 3600).await
+}
+
+pub async fn token(app: &TestApp, agent: &str, scopes: &[&str], ttl: u64) -> String {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/v1/agents/{agent}/tokens"),
+            Some(json!({"scopes": scopes, "ttl_seconds": ttl})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_string()
+}
+
+/// POSTs an invocation as `token`.
+pub async fn invoke(
+    app: &TestApp,
+    token: &str,
+    action: &str,
+    args: Value,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let mut req = app
+        .as_key(token, Method::POST, &format!("/v1/actions/{action}/invoke"))
+        .json(&json!({"arguments": args}));
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    read(req.send().await.unwrap()).await
+}
+
+fn refund_args() -> Value {
+    json!({"invoice_id": "in_42", "amount": 1500, "currency": "eur", "reason": "service_outage"})
+}
+
+dual!(
+    tools_are_listed_per_token_in_each_format,
+    sync_and_async_invocations,
+    idempotency_replays_and_conflicts,
+    concurrent_duplicates_make_one_delivery,
+    invalid_arguments_get_actionable_422s,
+    scope_and_role_denials_are_recorded,
+    forged_and_revoked_tokens_are_refused,
+    endpoint_client_errors_become_tool_errors,
+    output_schema_mismatch_is_reported,
+    policy_edits_take_effect_at_once,
+    rate_limits_answer_429,
+    external_issuer_tokens,
+);
+
+async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
+    let w = world(backend).await;
+    let support = agent_token(&w.app, "agt_support", &["support"], &["invoke:*"]).await;
+    let (status, body) = w
+        .app
+        .call_as(&support, Method::GET, "/v1/tools?format=openai", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let names: HashSet<String> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = ["lookup_customer", "create_ticket", "escalate_to_human"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names, expected, "support may not refund or extend");
+    let t = &body["data"][0];
+    assert_eq!(t["type"], "function");
+    assert!(t["function"]["parameters"]["type"] == "object");
+    assert!(t["function"]["description"].is_string());
+
+    let (_, anthropic) = w
+        .app
+        .call_as(&support, Method::GET, "/v1/tools?format=anthropic", None)
+        .await;
+    let a = &anthropic["data"][0];
+    assert!(a["name"].is_string() && a["input_schema"]["type"] == "object" && a.get("function").is_none());
+    let (_, mcp) = w
+        .app
+        .call_as(&support, Method::GET, "/v1/tools?format=mcp", None)
+        .await;
+    let lookup = mcp["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lookup_customer")
+        .unwrap();
+    assert_eq!(lookup["inputSchema"]["type"], "object");
+    assert_eq!(lookup["annotations"]["readOnlyHint"], true);
+    assert!(lookup["outputSchema"].is_object());
+
+    // Scope AND role: a narrow scope hides what the role would allow.
+    let narrow = token(&w.app, "agt_support", &["invoke:create_ticket"], 600).await;
+    let (_, body) = w.app.call_as(&narrow, Method::GET, "/v1/tools", None).await;
+    let names: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["create_ticket"]);
+    let (status, _) = w
+        .app
+        .call_as(&support, Method::GET, "/v1/tools?format=yaml", None)
+        .await;
+    assert_eq!(status, 400);
+}
+
+async fn sync_and_async_invocations(backend: Backend) {
+    let w = world(backend).await;
+    let billing = agent_token(&w.app, "agt_billing", &["billing"], &["invoke:*"]).await;
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "refund_invoice",
+        refund_args(),
+        Some("refund-1"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["result"]["refund_id"], "re_1");
+    let invocation_id = body["invocation_id"].as_str().unwrap().to_string();
+
+    let r = &w.rx.received()[0];
+    assert_eq!(r.header("x-opsiq-action"), Some("refund_invoice"));
+    let sent = r.json();
+    assert_eq!(sent["type"], "action.invoke");
+    assert_eq!(sent["id"], invocation_id.as_str());
+    assert_eq!(sent["action"]["name"], "refund_invoice");
+    assert!(sent["action"]["version"].as_i64().unwrap() >= 1);
+    assert_eq!(sent["arguments"], refund_args());
+    assert_eq!(sent["agent"]["id"], "agt_billing");
+    assert_eq!(sent["agent"]["roles"], json!(["billing"]));
+    let key = r.header("idempotency-key").unwrap();
+    assert!(
+        key.starts_with("idem_") && !key.contains("refund-1"),
+        "derived from, not equal to, the agent's key"
+    );
+
+    // The record names exactly what ran.
+    let (_, record) = w
+        .app
+        .call(Method::GET, &format!("/v1/invocations/{invocation_id}"), None)
+        .await;
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["agent_id"], "agt_billing");
+    assert!(
+        record["action"]["content_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(record["arguments"], refund_args());
+    assert!(record["duration_ms"].is_number());
+
+    // extend_license is declared async: 202 at once, settled later.
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "extend_license",
+        json!({"license_id": "lic_7", "days": 7}),
+        Some("x-1"),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "queued");
+    let id = body["invocation_id"].as_str().unwrap();
+    let (_, settled) = w
+        .app
+        .call_as(
+            &billing,
+            Method::GET,
+            &format!("/v1/invocations/{id}?wait=30s"),
+            None,
+        )
+        .await;
+    assert_eq!(settled["status"], "succeeded", "{settled}");
+
+    // An agent sees only its own invocations.
+    let other = agent_token(&w.app, "agt_other", &["support"], &["invoke:*"]).await;
+    let (status, _) = w
+        .app
+        .call_as(
+            &other,
+            Method::GET,
+            &format!("/v1/invocations/{invocation_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (_, mine) = w
+        .app
+        .call_as(&billing, Method::GET, "/v1/invocations", None)
+        .await;
+    assert_eq!(mine["data"].as_array().unwrap().len(), 2);
+    let (_, theirs) = w.app.call_as(&other, Method::GET, "/v1/invocations", None).await;
+    assert_eq!(theirs["data"].as_array().unwrap().len(), 0);
+}
+
+async fn idempotency_replays_and_conflicts(backend: Backend) {
+    let w = world(backend).await;
+    let billing = agent_token(&w.app, "agt_b", &["billing"], &["invoke:*"]).await;
+    let (_, first) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("k1")).await;
+    let (status, again) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("k1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["invocation_id"], first["invocation_id"]);
+    assert_eq!(again["result"], first["result"]);
+    assert_eq!(w.rx.received().len(), 1, "never a second delivery");
+
+    let mut other = refund_args();
+    other["amount"] = json!(99);
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", other, Some("k1")).await;
+    assert_eq!(status, 409);
+    assert_eq!(error_code(&body), "idempotency_conflict");
+
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", refund_args(), None).await;
+    assert_eq!(status, 400);
+    assert_eq!(error_code(&body), "idempotency_key_required");
+    // read_only actions need no key.
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "lookup_customer",
+        json!({"customer_id": "c_1"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["tier"], "enterprise");
+
+    // Keys are per agent: another agent's same key is a different call.
+    let billing2 = agent_token(&w.app, "agt_b2", &["billing"], &["invoke:*"]).await;
+    let (_, theirs) = invoke(&w.app, &billing2, "refund_invoice", refund_args(), Some("k1")).await;
+    assert_ne!(theirs["invocation_id"], first["invocation_id"]);
+}
+
+async fn concurrent_duplicates_make_one_delivery(backend: Backend) {
+    let w = world(backend).await;
+    let billing = agent_token(&w.app, "agt_c", &["billing"], &["invoke:*"]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, url, token) = (
+            w.app.http.clone(),
+            w.app.url("/v1/actions/refund_invoice/invoke"),
+            billing.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "same")
+                .json(&json!({"arguments": refund_args()}))
+                .send()
+                .await
+                .unwrap();
+            read(resp).await
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 200 || status == 202, "{status} {body}");
+        ids.insert(body["invocation_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 1, "one invocation for sixteen duplicates");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.rx.received().len(), 1, "one delivery for sixteen duplicates");
+}
+
+async fn invalid_arguments_get_actionable_422s(backend: Backend) {
+    let w = world(backend).await;
+    let billing = agent_token(&w.app, "agt_v", &["billing"], &["invoke:*"]).await;
+    let bad =
+        json!({"invoice_id": "INV-1", "amount": -5, "currency": "euro", "reason": "because", "extra": 1});
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", bad, Some("v1")).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(error_code(&body), "validation_failed");
+    let paths: HashSet<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    for p in ["/invoice_id", "/amount", "/currency", "/reason"] {
+        assert!(paths.contains(p), "missing {p} in {body}");
+    }
+    assert!(
+        body["error"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| !d["message"].as_str().unwrap().is_empty())
+    );
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", json!({}), Some("v2")).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["details"].to_string().contains("invoice_id"),
+        "{body}"
+    );
+    let (status, _) = invoke(&w.app, &billing, "refund_invoice", json!([1, 2]), Some("v3")).await;
+    assert_eq!(status, 422);
+    let (status, body) = invoke(&w.app, &billing, "no_such_action", json!({}), Some("v4")).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(w.rx.received().is_empty(), "nothing invalid is delivered");
+}
+
+async fn scope_and_role_denials_are_recorded(backend: Backend) {
+    let w = world(backend).await;
+    let narrow = agent_token(&w.app, "agt_n", &["billing"], &["invoke:lookup_*"]).await;
+    let (status, body) = invoke(&w.app, &narrow, "refund_invoice", refund_args(), Some("s1")).await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "scope_denied");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invoke:refund_invoice")
+    );
+
+    let support = agent_token(&w.app, "agt_s", &["support"], &["invoke:*"]).await;
+    let (status, body) = invoke(&w.app, &support, "refund_invoice", refund_args(), Some("s2")).await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "role_denied");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("support"),
+        "{body}"
+    );
+
+    // Deny wins: billing allows refunds, intern denies them.
+    let both = agent_token(&w.app, "agt_i", &["billing", "intern"], &["invoke:*"]).await;
+    let (status, body) = invoke(&w.app, &both, "refund_invoice", refund_args(), Some("s3")).await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "role_denied");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("role:intern"),
+        "{body}"
+    );
+    let (status, _) = invoke(
+        &w.app,
+        &both,
+        "lookup_customer",
+        json!({"customer_id": "c"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (_, denied) = w
+        .app
+        .call(Method::GET, "/v1/invocations?status=denied", None)
+        .await;
+    let codes: Vec<&str> = denied["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["error"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes.len(), 3);
+    assert!(codes.contains(&"scope_denied") && codes.contains(&"role_denied"));
+    assert_eq!(w.rx.received().len(), 1, "only the allowed lookup was delivered");
+}
+
+fn tamper(token: &str, f: impl FnOnce(&mut Value)) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    f(&mut claims);
+    format!(
+        "{}.{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        parts[2]
+    )
+}
+
+async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
+    let w = world(backend).await;
+    let good = agent_token(&w.app, "agt_f", &["support"], &["invoke:*"]).await;
+    assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 200);
+    let claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(good.split('.').nth(1).unwrap()).unwrap()).unwrap();
+
+    let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let alg_none = format!("{none_header}.{}.", URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let wrong_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"not the tenant key"),
+    )
+    .unwrap();
+    let (other_tenant, _) = w.app.new_tenant("globex").await;
+    let cases = [
+        ("alg none", alg_none),
+        (
+            "tampered scope",
+            tamper(&good, |c| c["scope"] = "invoke:* admin".into()),
+        ),
+        (
+            "tampered roles",
+            tamper(&good, |c| c["roles"] = json!(["billing"])),
+        ),
+        ("wrong key", wrong_key),
+        (
+            "other tenant",
+            tamper(&good, |c| c["tid"] = other_tenant.clone().into()),
+        ),
+        (
+            "wrong audience",
+            tamper(&good, |c| c["aud"] = "someone-else".into()),
+        ),
+        ("garbage", "not.a.jwt".to_string()),
+        ("admin key", w.app.admin_key.clone()),
+    ];
+    for (name, token) in cases {
+        let resp = w
+            .app
+            .as_key(&token, Method::GET, "/v1/tools")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{name}");
+        assert!(resp.headers().contains_key("www-authenticate"), "{name}");
+        let (_, body) = read(resp).await;
+        assert_eq!(error_code(&body), "invalid_token", "{name}: {body}");
+    }
+    let resp = w.app.http.get(w.app.url("/v1/tools")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // Expiry: a one-second token stops working.
+    let short = token(&w.app, "agt_f", &["invoke:*"], 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = w.app.call_as(&short, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+
+    // Revoking a token, then the agent, takes effect at once.
+    let (_, minted) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/agents/agt_f/tokens",
+            Some(json!({"scopes": ["invoke:*"]})),
+        )
+        .await;
+    let t2 = minted["token"].as_str().unwrap();
+    assert_eq!(w.app.call_as(t2, Method::GET, "/v1/tools", None).await.0, 200);
+    let jti = minted["jti"].as_str().unwrap();
+    assert_eq!(
+        w.app
+            .call(Method::DELETE, &format!("/v1/agents/agt_f/tokens/{jti}"), None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(w.app.call_as(t2, Method::GET, "/v1/tools", None).await.0, 401);
+    assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 200);
+    assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
+    assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 401);
+}
+
+async fn endpoint_client_errors_become_tool_errors(backend: Backend) {
+    let w = world(backend).await;
+    w.rx.answer(|_, _| {
+        (
+            422,
+            vec![("content-type", "application/json".into())],
+            r#"{"message":"invoice in_42 is already refunded"}"#.into(),
+        )
+    });
+    let billing = agent_token(&w.app, "agt_e", &["billing"], &["invoke:*"]).await;
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("e1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["error"]["status"], 422);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already refunded")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.rx.received().len(),
+        1,
+        "a 4xx answer to an action request is final"
+    );
+}
+
+async fn output_schema_mismatch_is_reported(backend: Backend) {
+    let w = world(backend).await;
+    w.rx.answer(|_, _| (200, vec![], r#"{"unexpected": true}"#.into()));
+    let billing = agent_token(&w.app, "agt_o", &["billing"], &["invoke:*"]).await;
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("o1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["output_errors"]["code"], "output_schema_mismatch", "{body}");
+    let (_, record) = w
+        .app
+        .call(
+            Method::GET,
+            &format!("/v1/invocations/{}", body["invocation_id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(record["error"]["code"], "output_schema_mismatch");
+}
+
+async fn policy_edits_take_effect_at_once(backend: Backend) {
+    let w = world(backend).await;
+    let support = agent_token(&w.app, "agt_p", &["support"], &["invoke:*"]).await;
+    assert_eq!(
+        invoke(
+            &w.app,
+            &support,
+            "extend_license",
+            json!({"license_id": "lic_1", "days": 3}),
+            Some("p1")
+        )
+        .await
+        .0,
+        403
+    );
+    let rows = json!({"rows": [{"subject": "role:support", "object": "extend_*", "act": "invoke", "effect": "allow"}]});
+    let (status, body) = w.app.call(Method::PUT, "/v1/policies", Some(rows)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        invoke(
+            &w.app,
+            &support,
+            "extend_license",
+            json!({"license_id": "lic_1", "days": 3}),
+            Some("p2")
+        )
+        .await
+        .0,
+        202
+    );
+    let deny =
+        json!({"rows": [{"subject": "agent:agt_p", "object": "*", "act": "invoke", "effect": "deny"}]});
+    w.app.call(Method::PUT, "/v1/policies", Some(deny)).await;
+    assert_eq!(
+        invoke(
+            &w.app,
+            &support,
+            "lookup_customer",
+            json!({"customer_id": "c"}),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    let (_, got) = w.app.call(Method::GET, "/v1/policies", None).await;
+    assert_eq!(got["rows"].as_array().unwrap().len(), 1);
+    assert!(got["file_rows"].as_array().unwrap().len() > 3);
+    let bad = json!({"rows": [{"subject": "root", "object": "*", "effect": "allow"}, {"subject": "role:x", "object": "a b", "effect": "maybe"}]});
+    let (status, body) = w.app.call(Method::PUT, "/v1/policies", Some(bad)).await;
+    assert_eq!(status, 422);
+    assert!(body["error"]["details"].as_array().unwrap().len() >= 2);
+    // Another tenant's rows never apply here.
+    let (_, other_key) = w.app.new_tenant("globex").await;
+    let allow_all =
+        json!({"rows": [{"subject": "agent:agt_p", "object": "*", "act": "invoke", "effect": "allow"}]});
+    assert_eq!(
+        w.app
+            .call_as(&other_key, Method::PUT, "/v1/policies", Some(allow_all))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        invoke(
+            &w.app,
+            &support,
+            "lookup_customer",
+            json!({"customer_id": "c"}),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+}
+
+async fn rate_limits_answer_429(backend: Backend) {
+    let w = world_with(backend, |raw, _| raw.agent_rate_per_s = 2).await;
+    let support = agent_token(&w.app, "agt_r", &["support"], &["invoke:*"]).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let resp = w
+            .app
+            .as_key(&support, Method::POST, "/v1/actions/lookup_customer/invoke")
+            .json(&json!({"arguments": {"customer_id": "c"}}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+        statuses.push(resp.status().as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
+}
+
+async fn external_issuer_tokens(backend: Backend) {
+    let w = world(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("pub.pem");
+    let generated = std::process::Command::new("openssl")
+        .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+        .arg(&key)
+        .status();
+    if !generated.is_ok_and(|s| s.success()) {
+        crate::harness::skip_or_fail(
+            "external_issuer_tokens",
+            "openssl is not available to make a key pair",
+        );
+        return;
+    }
+    let pkcs8 = dir.path().join("key8.pem");
+    assert!(
+        std::process::Command::new("openssl")
+            .args(["pkcs8", "-topk8", "-nocrypt", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&pkcs8)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        std::process::Command::new("openssl")
+            .args(["ec", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pem = std::fs::read_to_string(&public).unwrap();
+    let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "public_key_pem": pem, "roles_claim": "groups"});
+    let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
+    assert_eq!(status, 200, "{body}");
+
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(std::fs::read(&pkcs8).unwrap().as_slice()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mint = |f: &dyn Fn(&mut Value)| {
+        let mut claims = json!({"iss": "https://idp.example.com", "aud": "opsiq-acme", "sub": "ext-bot", "exp": now + 600,
+            "iat": now, "nbf": now, "groups": ["billing"], "scope": "invoke:refund_* invoke:lookup_*"});
+        f(&mut claims);
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &signing,
+        )
+        .unwrap()
+    };
+    let good = mint(&|_| {});
+    let (status, body) = w.app.call_as(&good, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 200, "{body}");
+    let names: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"refund_invoice") && !names.contains(&"create_ticket"),
+        "{names:?}"
+    );
+    let (status, body) = invoke(&w.app, &good, "refund_invoice", refund_args(), Some("ext-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(w.rx.received()[0].json()["agent"]["roles"], json!(["billing"]));
+
+    for (name, token) in [
+        ("not yet valid", mint(&|c| c["nbf"] = (now + 3600).into())),
+        ("expired", mint(&|c| c["exp"] = (now - 3600).into())),
+        ("wrong audience", mint(&|c| c["aud"] = "other".into())),
+        (
+            "unknown issuer",
+            mint(&|c| c["iss"] = "https://evil.example.com".into()),
+        ),
+        ("tampered", tamper(&good, |c| c["groups"] = json!(["admin"]))),
+    ] {
+        let (status, body) = w.app.call_as(&token, Method::GET, "/v1/tools", None).await;
+        assert_eq!(status, 401, "{name}: {body}");
+    }
+}
