@@ -52,6 +52,7 @@ async fn create_endpoint(
     auth.require(Permission::Manage)?;
     endpoints::check_input(&input, true, state.config.dev)?;
     let (row, secret) = endpoints::create(&state.db, &state.keys, &auth.tenant_id, input).await?;
+    state.engine.forget_endpoint(&row.id);
     let mut body = row.to_json();
     body["secret"] = secret.into();
     Ok((StatusCode::CREATED, axum::Json(body)))
@@ -187,7 +188,7 @@ async fn test_endpoint(
         idempotency_key: None,
         source: "test".into(),
         depth: 0,
-        only_endpoint: Some(id),
+        fanout: crate::events::Fanout::Only(id),
     };
     let now = now_ms();
     let mut tx = state.db.begin().await?;

@@ -49,6 +49,7 @@ pub struct Settled {
 struct LiveEndpoint {
     url: String,
     enabled: bool,
+    failing: bool,
     scheme: Scheme,
     secrets: Vec<String>,
     limits: Arc<Limits>,
@@ -84,6 +85,9 @@ impl Limits {
 /// One attempt's outcome, on its way to the outcome writer.
 struct Outcome {
     job: Job,
+    /// Whether the endpoint was in a run of failures when the attempt started (a success must
+    /// then clear it; otherwise there is nothing to write).
+    endpoint_failing: bool,
     url: String,
     request_headers: Vec<(&'static str, String)>,
     started_at: i64,
@@ -107,6 +111,7 @@ struct Inner {
     outcomes: mpsc::Sender<Outcome>,
     poke: Notify,
     endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
+    subscribers: Mutex<HashMap<String, (Instant, Arc<Vec<EndpointRow>>)>>,
     waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<Settled>>>>,
     in_flight: Arc<Semaphore>,
     stop: watch::Sender<bool>,
@@ -141,6 +146,7 @@ impl Engine {
             outcomes: outcomes_tx,
             poke: Notify::new(),
             endpoints: Mutex::new(HashMap::new()),
+            subscribers: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
@@ -230,13 +236,40 @@ impl Engine {
         rx
     }
 
-    /// Forgets a cached endpoint after it changed through this process.
+    /// Forgets a cached endpoint (and the cached subscriber lists) after it changed here.
     pub fn forget_endpoint(&self, endpoint_id: &str) {
         self.inner
             .endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(endpoint_id);
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The enabled endpoints of a tenant, for event fan-out; cached as long as endpoints (changes
+    /// made through this process are seen at once, other replicas' within the cache time).
+    pub async fn subscribers(&self, tenant_id: &str) -> Result<Arc<Vec<EndpointRow>>, crate::db::DbError> {
+        if let Some((at, list)) = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant_id)
+            && at.elapsed() < ENDPOINT_CACHE_TTL
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(super::endpoints::enabled_for_tenant(&self.inner.db, tenant_id).await?);
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant_id.to_string(), (Instant::now(), list.clone()));
+        Ok(list)
     }
 
     /// The outbound client (for `POST /v1/preview` URL checks and tests).
@@ -283,6 +316,7 @@ impl Engine {
         let live = Arc::new(LiveEndpoint {
             url: row.url.clone(),
             enabled: row.enabled,
+            failing: row.failing_since.is_some(),
             scheme: row.scheme(),
             secrets,
             limits,
@@ -361,7 +395,16 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
             disable_endpoint: false,
             reason: "the endpoint is disabled or deleted".into(),
         };
-        send_outcome(inner, job, String::new(), Vec::new(), started_at, result, next).await;
+        let outcome = Outcome {
+            job,
+            endpoint_failing: false,
+            url: String::new(),
+            request_headers: Vec::new(),
+            started_at,
+            result,
+            next,
+        };
+        send_outcome(inner, outcome).await;
         return;
     };
 
@@ -429,26 +472,19 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
         now_ms(),
         jitter,
     );
-    send_outcome(inner, job, url, headers, started_at, result, next).await;
-}
-
-async fn send_outcome(
-    inner: &Inner,
-    job: Job,
-    url: String,
-    request_headers: Vec<(&'static str, String)>,
-    started_at: i64,
-    result: AttemptResult,
-    next: Next,
-) {
     let outcome = Outcome {
         job,
+        endpoint_failing: endpoint.failing,
         url,
-        request_headers,
+        request_headers: headers,
         started_at,
         result,
         next,
     };
+    send_outcome(inner, outcome).await;
+}
+
+async fn send_outcome(inner: &Inner, outcome: Outcome) {
     if inner.outcomes.send(outcome).await.is_err() {
         tracing::warn!("the outcome writer stopped; the lease will expire and the delivery be retried");
     }
@@ -521,38 +557,64 @@ fn settle_waiters(engine: &Engine, batch: &[Outcome]) {
 
 /// Records a batch of outcomes in one transaction; returns jobs for events raised meanwhile
 /// (`delivery.failed`, `endpoint.disabled`).
+/// Inserts the attempt log rows of a batch, fifty per statement.
+async fn insert_attempts(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db::DbError> {
+    const COLUMNS: usize = 13;
+    for chunk in batch.chunks(50) {
+        let mut sql = String::from(
+            "INSERT INTO delivery_attempts (id, tenant_id, delivery_id, attempt, url, request_headers, \
+             response_status, response_headers, response_body, error_class, error_message, started_at, duration_ms) VALUES ",
+        );
+        let mut values = Vec::with_capacity(chunk.len() * COLUMNS);
+        for (i, o) in chunk.iter().enumerate() {
+            let headers: serde_json::Map<String, serde_json::Value> = o
+                .request_headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone().into()))
+                .collect();
+            let response_headers: serde_json::Map<String, serde_json::Value> = o
+                .result
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect();
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let placeholders: Vec<String> = (1..=COLUMNS).map(|k| format!("${}", i * COLUMNS + k)).collect();
+            sql.push_str(&format!("({})", placeholders.join(", ")));
+            values.extend(args![
+                ids::new_id("att"),
+                &o.job.tenant_id,
+                &o.job.id,
+                o.job.attempts,
+                &o.url,
+                serde_json::Value::Object(headers).to_string(),
+                o.result.status.map(i64::from),
+                o.result
+                    .status
+                    .map(|_| serde_json::Value::Object(response_headers).to_string()),
+                o.result.status.map(|_| o.result.body.clone()),
+                o.result.error_class,
+                o.result.error_message.clone(),
+                o.started_at,
+                o.result.duration.as_millis() as i64
+            ]);
+        }
+        tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
+    }
+    Ok(())
+}
+
 async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>, crate::db::DbError> {
     let inner = &engine.inner;
     let now = now_ms();
     let lease = engine.lease();
     let mut tx = inner.db.begin().await?;
+    insert_attempts(&mut tx, batch).await?;
     let mut raised = Vec::new();
     for o in batch {
         let job = &o.job;
-        let headers: serde_json::Map<String, serde_json::Value> = o
-            .request_headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone().into()))
-            .collect();
-        let response_headers: serde_json::Map<String, serde_json::Value> = o
-            .result
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into()))
-            .collect();
-        tx.execute(
-            "INSERT INTO delivery_attempts (id, tenant_id, delivery_id, attempt, url, request_headers, \
-             response_status, response_headers, response_body, error_class, error_message, started_at, duration_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            args![
-                ids::new_id("att"), &job.tenant_id, &job.id, job.attempts, &o.url,
-                serde_json::Value::Object(headers).to_string(), o.result.status.map(i64::from),
-                o.result.status.map(|_| serde_json::Value::Object(response_headers).to_string()),
-                o.result.status.map(|_| o.result.body.clone()), o.result.error_class,
-                o.result.error_message.clone(), o.started_at, o.result.duration.as_millis() as i64
-            ],
-        )
-        .await?;
         let last_error = o
             .result
             .error_message
@@ -625,7 +687,7 @@ async fn raise(
         idempotency_key: None,
         source: "system".into(),
         depth: 0,
-        only_endpoint: None,
+        fanout: events::Fanout::Lookup,
     };
     Ok(events::record(tx, event, lease, now).await?.deliveries)
 }
@@ -647,6 +709,9 @@ async fn update_endpoint_health(
         }
     );
     if o.result.is_success() {
+        if !o.endpoint_failing {
+            return Ok(Vec::new());
+        }
         tx.execute(
             "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
             args![&job.endpoint_id],
@@ -654,11 +719,17 @@ async fn update_endpoint_health(
         .await?;
         return Ok(Vec::new());
     }
-    tx.execute(
-        "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
-        args![now, &job.endpoint_id],
-    )
-    .await?;
+    let started_failing = tx
+        .execute(
+            "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
+            args![now, &job.endpoint_id],
+        )
+        .await?
+        == 1;
+    if started_failing {
+        // The next success must clear the run of failures: make the sender see it.
+        engine.forget_endpoint(&job.endpoint_id);
+    }
     let row: Option<EndpointRow> = tx
         .fetch_optional("SELECT * FROM endpoints WHERE id = $1", args![&job.endpoint_id])
         .await?;

@@ -45,8 +45,19 @@ pub struct NewEvent {
     pub source: String,
     /// How many `emit` steps led here (rules cut chains at 8).
     pub depth: i64,
-    /// Restrict fan-out to one endpoint (`POST /v1/endpoints/{id}/test`).
-    pub only_endpoint: Option<String>,
+    /// Which endpoints receive it.
+    pub fanout: Fanout,
+}
+
+/// How an event finds its endpoints.
+#[derive(Debug, Clone)]
+pub enum Fanout {
+    /// Every enabled, subscribed endpoint, read inside the recording transaction.
+    Lookup,
+    /// The subscribed endpoints among these (read beforehand from the engine's short cache).
+    Among(Arc<Vec<EndpointRow>>),
+    /// Exactly this endpoint (`POST /v1/endpoints/{id}/test`).
+    Only(String),
 }
 
 /// A recorded event and the deliveries it caused.
@@ -107,23 +118,33 @@ pub async fn record(tx: &mut Tx, event: NewEvent, lease: &Lease, now: i64) -> Re
         ],
     )
     .await?;
-    let endpoints: Vec<EndpointRow> = tx
-        .fetch_all(
-            "SELECT * FROM endpoints WHERE tenant_id = $1 AND enabled = $2 AND deleted_at IS NULL ORDER BY id",
-            args![&event.tenant_id, true],
-        )
-        .await?;
-    let targets = endpoints.into_iter().filter(|ep| match &event.only_endpoint {
-        Some(only) => &ep.id == only,
-        None => ep
-            .patterns()
-            .iter()
-            .any(|p| pattern_matches(p, &event.event_type)),
+    let looked_up;
+    let candidates: &[EndpointRow] = match &event.fanout {
+        Fanout::Among(list) => list,
+        Fanout::Lookup | Fanout::Only(_) => {
+            looked_up = tx
+                .fetch_all::<EndpointRow>(
+                    "SELECT * FROM endpoints WHERE tenant_id = $1 AND enabled = $2 AND deleted_at IS NULL ORDER BY id",
+                    args![&event.tenant_id, true],
+                )
+                .await?;
+            &looked_up
+        }
+    };
+    let targets = candidates.iter().filter(|ep| match &event.fanout {
+        Fanout::Only(only) => &ep.id == only,
+        _ => {
+            ep.tenant_id == event.tenant_id
+                && ep
+                    .patterns()
+                    .iter()
+                    .any(|p| pattern_matches(p, &event.event_type))
+        }
     });
     let new: Vec<NewDelivery> = targets
         .map(|ep| NewDelivery {
             tenant_id: event.tenant_id.clone(),
-            endpoint_id: ep.id,
+            endpoint_id: ep.id.clone(),
             kind: Kind::Event,
             event_id: Some(id.clone()),
             invocation_id: None,

@@ -146,7 +146,7 @@ async fn ingest_event(
         idempotency_key: key.clone(),
         source: "api".into(),
         depth: 0,
-        only_endpoint: None,
+        fanout: super::Fanout::Among(state.engine.subscribers(&auth.tenant_id).await?),
     };
     let job = super::RecordJob {
         event,

@@ -1,0 +1,226 @@
+//! The MCP server at `/mcp` (Streamable HTTP, JSON-RPC 2.0), speaking both protocol eras:
+//!
+//! - **2025-11-25 / 2025-06-18** ([`legacy`]): `initialize` handshake, `Mcp-Session-Id`,
+//!   `MCP-Protocol-Version` on later requests, a GET stream for `tools/list_changed`, DELETE to
+//!   end a session. Sessions are rows in the database, so any replica serves any session.
+//! - **2026-07-28** ([`modern`]): stateless; `server/discover`, the protocol version in every
+//!   request's `_meta`, `Mcp-Method`/`Mcp-Name` headers checked against the body, `ttlMs` and
+//!   `cacheScope` on list results, `subscriptions/listen` for change notifications.
+//!
+//! The era is chosen per request by the `MCP-Protocol-Version` header: absent or a handshake
+//! version → legacy; anything else → modern (which refuses versions it does not speak). Every
+//! request needs a bearer agent token. `tools/list` shows exactly what `/v1/tools` shows for the
+//! token; `tools/call` goes through the same invocation path as `POST /v1/actions/{name}/invoke`.
+
+mod legacy;
+mod modern;
+mod tools;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::agents::AgentPrincipal;
+
+/// Versions of the handshake era this server accepts, newest first.
+pub const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+/// Versions of the stateless era this server speaks.
+pub const MODERN_VERSIONS: &[&str] = &["2026-07-28"];
+
+/// JSON-RPC error codes used here.
+pub mod codes {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a JSON-RPC request.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Unknown method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad parameters.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Server fault.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// A routing header disagrees with the body (2026-07-28).
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// Protocol version not served (2026-07-28).
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+}
+
+/// A JSON-RPC error to answer with.
+#[derive(Debug, Clone)]
+pub struct RpcError {
+    /// JSON-RPC code.
+    pub code: i64,
+    /// Human sentence.
+    pub message: String,
+    /// Optional structured data.
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    /// An error without data.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+}
+
+/// The MCP route.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/mcp", any(handle))
+}
+
+async fn handle(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let agent = match authenticate(&state, &headers).await {
+        Ok(agent) => agent,
+        Err(response) => return response,
+    };
+    let version = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok());
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            return rpc_error_response(
+                rejection.status(),
+                Value::Null,
+                &RpcError::new(codes::INVALID_REQUEST, "the request body could not be read or is too large"),
+            );
+        }
+    };
+    match version {
+        Some(v) if !HANDSHAKE_VERSIONS.contains(&v) => modern::handle(&state, &agent, &method, &headers, &body).await,
+        _ => legacy::handle(&state, &agent, &method, &headers, &body).await,
+    }
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrincipal, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let Some(token) = token else {
+        return Err(crate::http::ApiError::unauthorized(
+            "unauthorized",
+            "the MCP server needs an agent token as `Authorization: Bearer <JWT>`",
+        )
+        .into_response());
+    };
+    crate::gateway::authenticate(state, token).await.map_err(IntoResponse::into_response)
+}
+
+/// A JSON-RPC success response.
+pub fn rpc_result(id: &Value, result: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// A JSON-RPC error response with the given HTTP status.
+pub fn rpc_error_response(status: StatusCode, id: Value, error: &RpcError) -> Response {
+    let mut e = json!({"code": error.code, "message": error.message});
+    if let Some(data) = &error.data {
+        e["data"] = data.clone();
+    }
+    (status, axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": e}))).into_response()
+}
+
+/// A 200 JSON response.
+pub fn json_response(body: Value) -> Response {
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// 202 with an empty body (notifications and responses from the client).
+pub fn accepted() -> Response {
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// 405 with the methods that are allowed.
+pub fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Whether the `Accept` header admits `media` (`type/subtype`), counting `*/*` and `type/*`.
+pub fn accepts(headers: &HeaderMap, media: &str) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let kind = media.split('/').next().unwrap_or_default();
+    accept.split(',').any(|part| {
+        let essence = part.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        essence == media || essence == "*/*" || essence == format!("{kind}/*")
+    })
+}
+
+/// A parsed JSON-RPC message.
+pub enum Message {
+    /// Has an `id` and a `method`.
+    Request {
+        /// The id, echoed exactly.
+        id: Value,
+        /// The method.
+        method: String,
+        /// The params (an object, or `{}`).
+        params: Value,
+    },
+    /// A notification (no `id`) or a response from the client; both are acknowledged.
+    Other,
+}
+
+/// Parses one JSON-RPC message; batches and malformed envelopes are errors.
+pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, RpcError)> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|_| (StatusCode::BAD_REQUEST, RpcError::new(codes::PARSE_ERROR, "Parse error")))?;
+    let invalid = || {
+        (
+            StatusCode::BAD_REQUEST,
+            RpcError::new(codes::INVALID_REQUEST, "Body must be a single JSON-RPC request or notification object"),
+        )
+    };
+    let Some(obj) = value.as_object() else { return Err(invalid()) };
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(invalid());
+    }
+    let Some(id) = obj.get("id") else {
+        return Ok(Message::Other);
+    };
+    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+        // A response to something we sent (we send nothing that expects one): acknowledge it.
+        return if obj.contains_key("result") || obj.contains_key("error") { Ok(Message::Other) } else { Err(invalid()) };
+    };
+    if !(id.is_string() || id.is_i64() || id.is_u64()) {
+        return Err(invalid());
+    }
+    let params = obj.get("params").cloned().unwrap_or_else(|| json!({}));
+    if !params.is_object() {
+        return Err((StatusCode::BAD_REQUEST, RpcError::new(codes::INVALID_PARAMS, "params must be an object")));
+    }
+    Ok(Message::Request {
+        id: id.clone(),
+        method: method.to_string(),
+        params,
+    })
+}
+
+/// The server's name and version for `serverInfo`.
+pub fn server_info() -> Value {
+    json!({"name": "opsiq", "title": "OpsIQ gateway", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// Instructions sent to clients on initialize and discover.
+pub const INSTRUCTIONS: &str = "Tools here run actions on the customer's systems. Every call is checked against your \
+token's scopes and roles and validated against the tool's input schema; a validation problem comes back as a tool \
+error listing each field to fix. Pass `_meta[\"io.opsiq/idempotency-key\"]` so a retried call never runs twice.";
