@@ -22,12 +22,14 @@ use crate::crypto::MasterKey;
 use crate::db::batch::Batcher;
 use crate::db::{Database, Dialect};
 use crate::delivery::Engine;
+use crate::events::RecordJob;
 use crate::gateway::Gateway;
+use crate::gateway::invoke::PersistInvocation;
 use crate::http::ApiError;
 use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
 use crate::policy::Policy;
 use crate::registry::validators::Validators;
-use crate::{agents, delivery, events, gateway, ops, policy, registry, telemetry, tenants};
+use crate::{agents, delivery, events, gateway, mcp, ops, policy, registry, telemetry, tenants};
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
 #[derive(Clone)]
@@ -42,8 +44,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The delivery engine.
     pub engine: Engine,
-    /// Group-commit writer for request-path writes.
-    pub writes: Batcher,
+    /// Group-commit writer for ingested events.
+    pub event_writes: Batcher<RecordJob>,
+    /// Group-commit writer for accepted invocations.
+    pub invocation_writes: Batcher<PersistInvocation>,
     /// Role policy.
     pub policy: Arc<Policy>,
     /// Agent gateway state.
@@ -73,7 +77,8 @@ impl AppState {
             Dialect::Postgres => 4,
         };
         let state = Self {
-            writes: Batcher::start(db.clone(), writers),
+            event_writes: Batcher::start(db.clone(), writers),
+            invocation_writes: Batcher::start(db.clone(), writers),
             gateway: Arc::new(Gateway::new(
                 validators,
                 config.agent_rate_per_s,
@@ -130,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(policy::routes())
         .merge(gateway::routes())
+        .merge(mcp::routes())
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(DefaultBodyLimit::max(state.config.body_limit))

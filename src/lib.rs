@@ -15,6 +15,7 @@
 //! - [`agents`]: agents, their tokens (JWT) and external issuers.
 //! - [`policy`]: casbin role policy, deny wins, reloaded across replicas.
 //! - [`gateway`]: invocation (scope → role → schema → idempotency → outbox), records, tool export.
+//! - [`mcp`]: the MCP server (both protocol eras) on top of the gateway.
 //! - [`ops`]: health, readiness, metrics.
 //! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
 //!
@@ -32,6 +33,7 @@ pub mod gateway;
 pub mod glob;
 pub mod http;
 pub mod ids;
+pub mod mcp;
 pub mod ops;
 pub mod policy;
 pub mod registry;

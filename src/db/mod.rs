@@ -34,6 +34,15 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A copy to hand to a waiting submitter (driver errors are not `Clone`).
+    pub fn clone_for_reply(&self) -> DbError {
+        if self.is_unique_violation() {
+            DbError::Batch(format!("UNIQUE constraint failed: {self}"))
+        } else {
+            DbError::Batch(self.to_string())
+        }
+    }
+
     /// Whether this is a unique-constraint violation (an idempotency race lost).
     pub fn is_unique_violation(&self) -> bool {
         match self {

@@ -557,6 +557,62 @@ fn settle_waiters(engine: &Engine, batch: &[Outcome]) {
 
 /// Records a batch of outcomes in one transaction; returns jobs for events raised meanwhile
 /// (`delivery.failed`, `endpoint.disabled`).
+fn last_error(result: &AttemptResult) -> Option<String> {
+    result
+        .error_message
+        .clone()
+        .or_else(|| result.status.map(|s| format!("HTTP {s}")))
+}
+
+/// Moves every delivery of the batch to its next state in one statement per fifty, guarded by
+/// the attempt number so that only the lease holder's outcome counts; returns the ids moved.
+async fn move_deliveries(
+    tx: &mut Tx,
+    batch: &[Outcome],
+    now: i64,
+) -> Result<std::collections::HashSet<String>, crate::db::DbError> {
+    const COLUMNS: usize = 7;
+    let mut moved = std::collections::HashSet::with_capacity(batch.len());
+    for chunk in batch.chunks(50) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        let mut values = args![now];
+        for (i, o) in chunk.iter().enumerate() {
+            let job = &o.job;
+            let (status, next_at, schedule_index) = match &o.next {
+                Next::Succeeded => ("succeeded", now, job.schedule_index),
+                Next::RetryAt { at, schedule_index } => ("pending", *at, *schedule_index),
+                Next::Failed { .. } => ("failed", now, job.schedule_index),
+            };
+            let p = |k: usize| format!("${}", 2 + i * COLUMNS + k);
+            rows.push(format!(
+                "(CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT), \
+                 CAST({} AS BIGINT), CAST({} AS TEXT))",
+                p(0), p(1), p(2), p(3), p(4), p(5), p(6)
+            ));
+            values.extend(args![
+                &job.id,
+                job.attempts,
+                status,
+                next_at,
+                schedule_index,
+                o.result.status.map(i64::from),
+                last_error(&o.result)
+            ]);
+        }
+        let sql = format!(
+            "WITH v(did, att, st, nxt, sched, code, err) AS (VALUES {}) \
+             UPDATE deliveries SET status = v.st, next_attempt_at = v.nxt, schedule_index = v.sched, \
+             lease_until = NULL, leased_by = NULL, last_status_code = v.code, last_error = v.err, updated_at = $1 \
+             FROM v WHERE deliveries.id = v.did AND deliveries.attempts = v.att AND deliveries.status = 'delivering' \
+             RETURNING id",
+            rows.join(", ")
+        );
+        let ids: Vec<(String,)> = tx.fetch_all(sqlx::AssertSqlSafe(sql), values).await?;
+        moved.extend(ids.into_iter().map(|(id,)| id));
+    }
+    Ok(moved)
+}
+
 /// Inserts the attempt log rows of a batch, fifty per statement.
 async fn insert_attempts(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db::DbError> {
     const COLUMNS: usize = 13;
@@ -612,32 +668,15 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     let lease = engine.lease();
     let mut tx = inner.db.begin().await?;
     insert_attempts(&mut tx, batch).await?;
+    let moved = move_deliveries(&mut tx, batch, now).await?;
     let mut raised = Vec::new();
     for o in batch {
         let job = &o.job;
-        let last_error = o
-            .result
-            .error_message
-            .clone()
-            .or_else(|| o.result.status.map(|s| format!("HTTP {s}")));
-        let (status, next_at, schedule_index) = match &o.next {
-            Next::Succeeded => ("succeeded", now, job.schedule_index),
-            Next::RetryAt { at, schedule_index } => ("pending", *at, *schedule_index),
-            Next::Failed { .. } => ("failed", now, job.schedule_index),
-        };
-        // Only the holder of this attempt's lease may move the delivery on.
-        let moved = tx
-            .execute(
-                "UPDATE deliveries SET status = $1, next_attempt_at = $2, schedule_index = $3, lease_until = NULL, \
-                 leased_by = NULL, last_status_code = $4, last_error = $5, updated_at = $6 \
-                 WHERE id = $7 AND attempts = $8 AND status = 'delivering'",
-                args![status, next_at, schedule_index, o.result.status.map(i64::from), last_error.clone(), now,
-                    &job.id, job.attempts],
-            )
-            .await?;
-        if moved == 0 {
+        // Only the holder of this attempt's lease moved the delivery on; a stale outcome stops here.
+        if !moved.contains(&job.id) {
             continue;
         }
+        let last_error = last_error(&o.result);
         if job.is_action() {
             invocations::settle(&mut tx, &inner.validators, job, &o.result, &o.next, now).await?;
         }

@@ -90,34 +90,92 @@ pub struct RecordJob {
 impl crate::db::batch::Job for RecordJob {
     type Output = RecordedEvent;
 
-    fn write<'a>(
-        &'a mut self,
+    fn write_batch<'a>(
+        jobs: &'a [Self],
         tx: &'a mut Tx,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<RecordedEvent, DbError>> + Send + 'a>>
-    {
-        Box::pin(record(tx, self.event.clone(), &self.lease, self.now))
+    ) -> crate::db::batch::BatchFuture<'a, Vec<RecordedEvent>> {
+        Box::pin(async move {
+            let Some(first) = jobs.first() else {
+                return Ok(Vec::new());
+            };
+            let events: Vec<NewEvent> = jobs.iter().map(|j| j.event.clone()).collect();
+            // One lease and one clock for the batch: the jobs were submitted moments apart.
+            record_many(tx, &events, &first.lease, first.now).await
+        })
     }
 }
 
-/// Records an event and its deliveries in `tx`.
+/// Records one event and its deliveries in `tx`.
 pub async fn record(tx: &mut Tx, event: NewEvent, lease: &Lease, now: i64) -> Result<RecordedEvent, DbError> {
-    let id = ids::new_id("evt");
-    let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
-    tx.execute(
-        "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        args![
-            &id,
-            &event.tenant_id,
-            &event.event_type,
-            &*body,
-            event.idempotency_key.clone(),
-            &event.source,
-            event.depth,
-            now
-        ],
-    )
-    .await?;
+    let mut recorded = record_many(tx, std::slice::from_ref(&event), lease, now).await?;
+    recorded
+        .pop()
+        .ok_or_else(|| DbError::Batch("no event recorded".into()))
+}
+
+/// Records events and their deliveries in `tx` with multi-row inserts; one result per event.
+pub async fn record_many(
+    tx: &mut Tx,
+    events: &[NewEvent],
+    lease: &Lease,
+    now: i64,
+) -> Result<Vec<RecordedEvent>, DbError> {
+    const COLUMNS: usize = 8;
+    let mut recorded = Vec::with_capacity(events.len());
+    let mut deliveries = Vec::new();
+    let mut per_event = Vec::with_capacity(events.len());
+    for chunk in events.chunks(50) {
+        let mut sql = String::from(
+            "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) VALUES ",
+        );
+        let mut values = Vec::with_capacity(chunk.len() * COLUMNS);
+        for (i, event) in chunk.iter().enumerate() {
+            let id = ids::new_id("evt");
+            let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let placeholders: Vec<String> = (1..=COLUMNS).map(|k| format!("${}", i * COLUMNS + k)).collect();
+            sql.push_str(&format!("({})", placeholders.join(", ")));
+            values.extend(args![
+                &id,
+                &event.tenant_id,
+                &event.event_type,
+                &*body,
+                event.idempotency_key.clone(),
+                &event.source,
+                event.depth,
+                now
+            ]);
+            let targets = fanout_targets(tx, event).await?;
+            per_event.push(targets.len());
+            deliveries.extend(targets.into_iter().map(|endpoint_id| NewDelivery {
+                tenant_id: event.tenant_id.clone(),
+                endpoint_id,
+                kind: Kind::Event,
+                event_id: Some(id.clone()),
+                invocation_id: None,
+                label: event.event_type.clone(),
+                idempotency_key: None,
+                body: body.clone(),
+            }));
+            recorded.push(RecordedEvent {
+                id,
+                body,
+                deliveries: Vec::new(),
+            });
+        }
+        tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
+    }
+    let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
+    for (event, n) in recorded.iter_mut().zip(per_event) {
+        event.deliveries = jobs.by_ref().take(n).collect();
+    }
+    Ok(recorded)
+}
+
+/// The endpoints an event goes to.
+async fn fanout_targets(tx: &mut Tx, event: &NewEvent) -> Result<Vec<String>, DbError> {
     let looked_up;
     let candidates: &[EndpointRow] = match &event.fanout {
         Fanout::Among(list) => list,
@@ -131,28 +189,18 @@ pub async fn record(tx: &mut Tx, event: NewEvent, lease: &Lease, now: i64) -> Re
             &looked_up
         }
     };
-    let targets = candidates.iter().filter(|ep| match &event.fanout {
-        Fanout::Only(only) => &ep.id == only,
-        _ => {
-            ep.tenant_id == event.tenant_id
-                && ep
-                    .patterns()
-                    .iter()
-                    .any(|p| pattern_matches(p, &event.event_type))
-        }
-    });
-    let new: Vec<NewDelivery> = targets
-        .map(|ep| NewDelivery {
-            tenant_id: event.tenant_id.clone(),
-            endpoint_id: ep.id.clone(),
-            kind: Kind::Event,
-            event_id: Some(id.clone()),
-            invocation_id: None,
-            label: event.event_type.clone(),
-            idempotency_key: None,
-            body: body.clone(),
+    Ok(candidates
+        .iter()
+        .filter(|ep| match &event.fanout {
+            Fanout::Only(only) => &ep.id == only,
+            _ => {
+                ep.tenant_id == event.tenant_id
+                    && ep
+                        .patterns()
+                        .iter()
+                        .any(|p| pattern_matches(p, &event.event_type))
+            }
         })
-        .collect();
-    let deliveries = outbox::insert(tx, new, lease, now).await?;
-    Ok(RecordedEvent { id, body, deliveries })
+        .map(|ep| ep.id.clone())
+        .collect())
 }

@@ -153,7 +153,7 @@ async fn ingest_event(
         lease: state.engine.lease(),
         now: now_ms(),
     };
-    let recorded = match state.writes.submit(job).await {
+    let recorded = match state.event_writes.submit(job).await {
         Ok(r) => r,
         Err(e) if e.is_unique_violation() => {
             // A concurrent request with the same key won the race: answer with its event.

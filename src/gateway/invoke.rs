@@ -190,7 +190,7 @@ pub async fn invoke(
         lease: state.engine.lease(),
         now,
     };
-    let persisted = match state.writes.submit(job).await {
+    let persisted = match state.invocation_writes.submit(job).await {
         Ok(p) => p,
         Err(e) if e.is_unique_violation() => {
             // A concurrent duplicate won: answer like it.
@@ -397,7 +397,7 @@ async fn record_refusal(
 }
 
 /// The writes of an accepted invocation, run by the group-commit writer.
-struct PersistInvocation {
+pub struct PersistInvocation {
     tenant_id: String,
     invocation_id: String,
     principal: String,
@@ -416,18 +416,31 @@ struct PersistInvocation {
     now: i64,
 }
 
-struct Persisted {
+/// What persisting an invocation produced: its delivery, if one was created.
+pub struct Persisted {
     job: Option<outbox::Job>,
 }
 
 impl Job for PersistInvocation {
     type Output = Persisted;
 
-    fn write<'a>(
-        &'a mut self,
+    fn write_batch<'a>(
+        jobs: &'a [Self],
         tx: &'a mut Tx,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Persisted, DbError>> + Send + 'a>> {
+    ) -> crate::db::batch::BatchFuture<'a, Vec<Persisted>> {
         Box::pin(async move {
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                out.push(job.write_one(tx).await?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl PersistInvocation {
+    async fn write_one(&self, tx: &mut Tx) -> Result<Persisted, DbError> {
+        {
             let now = self.now;
             if let Some(key) = &self.idempotency_key {
                 tx.execute(
@@ -488,6 +501,6 @@ impl Job for PersistInvocation {
             )
             .await?;
             Ok(Persisted { job })
-        })
+        }
     }
 }

@@ -95,12 +95,17 @@ async fn handle(
             return rpc_error_response(
                 rejection.status(),
                 Value::Null,
-                &RpcError::new(codes::INVALID_REQUEST, "the request body could not be read or is too large"),
+                &RpcError::new(
+                    codes::INVALID_REQUEST,
+                    "the request body could not be read or is too large",
+                ),
             );
         }
     };
     match version {
-        Some(v) if !HANDSHAKE_VERSIONS.contains(&v) => modern::handle(&state, &agent, &method, &headers, &body).await,
+        Some(v) if !HANDSHAKE_VERSIONS.contains(&v) => {
+            modern::handle(&state, &agent, &method, &headers, &body).await
+        }
         _ => legacy::handle(&state, &agent, &method, &headers, &body).await,
     }
 }
@@ -119,7 +124,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrin
         )
         .into_response());
     };
-    crate::gateway::authenticate(state, token).await.map_err(IntoResponse::into_response)
+    crate::gateway::authenticate(state, token)
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 /// A JSON-RPC success response.
@@ -133,7 +140,11 @@ pub fn rpc_error_response(status: StatusCode, id: Value, error: &RpcError) -> Re
     if let Some(data) = &error.data {
         e["data"] = data.clone();
     }
-    (status, axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": e}))).into_response()
+    (
+        status,
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": e})),
+    )
+        .into_response()
 }
 
 /// A 200 JSON response.
@@ -149,7 +160,8 @@ pub fn accepted() -> Response {
 /// 405 with the methods that are allowed.
 pub fn method_not_allowed(allow: &'static str) -> Response {
     let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -160,7 +172,12 @@ pub fn accepts(headers: &HeaderMap, media: &str) -> bool {
     };
     let kind = media.split('/').next().unwrap_or_default();
     accept.split(',').any(|part| {
-        let essence = part.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let essence = part
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         essence == media || essence == "*/*" || essence == format!("{kind}/*")
     })
 }
@@ -182,15 +199,24 @@ pub enum Message {
 
 /// Parses one JSON-RPC message; batches and malformed envelopes are errors.
 pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, RpcError)> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| (StatusCode::BAD_REQUEST, RpcError::new(codes::PARSE_ERROR, "Parse error")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            RpcError::new(codes::PARSE_ERROR, "Parse error"),
+        )
+    })?;
     let invalid = || {
         (
             StatusCode::BAD_REQUEST,
-            RpcError::new(codes::INVALID_REQUEST, "Body must be a single JSON-RPC request or notification object"),
+            RpcError::new(
+                codes::INVALID_REQUEST,
+                "Body must be a single JSON-RPC request or notification object",
+            ),
         )
     };
-    let Some(obj) = value.as_object() else { return Err(invalid()) };
+    let Some(obj) = value.as_object() else {
+        return Err(invalid());
+    };
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err(invalid());
     }
@@ -199,14 +225,21 @@ pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, RpcError)> {
     };
     let Some(method) = obj.get("method").and_then(Value::as_str) else {
         // A response to something we sent (we send nothing that expects one): acknowledge it.
-        return if obj.contains_key("result") || obj.contains_key("error") { Ok(Message::Other) } else { Err(invalid()) };
+        return if obj.contains_key("result") || obj.contains_key("error") {
+            Ok(Message::Other)
+        } else {
+            Err(invalid())
+        };
     };
     if !(id.is_string() || id.is_i64() || id.is_u64()) {
         return Err(invalid());
     }
     let params = obj.get("params").cloned().unwrap_or_else(|| json!({}));
     if !params.is_object() {
-        return Err((StatusCode::BAD_REQUEST, RpcError::new(codes::INVALID_PARAMS, "params must be an object")));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            RpcError::new(codes::INVALID_PARAMS, "params must be an object"),
+        ));
     }
     Ok(Message::Request {
         id: id.clone(),

@@ -1,0 +1,253 @@
+//! The 2025-11-25 / 2025-06-18 era: `initialize` handshake, sessions, GET stream, DELETE.
+//! JSON-RPC errors to requests are answered with HTTP 200 (clients of this era read error bodies
+//! only from 2xx answers); 4xx is kept for transport faults.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{
+    HANDSHAKE_VERSIONS, INSTRUCTIONS, Message, RpcError, accepted, accepts, codes, json_response,
+    method_not_allowed, parse_message, rpc_error_response, rpc_result, server_info, tools,
+};
+use crate::agents::AgentPrincipal;
+use crate::db::{self, now_ms};
+use crate::{AppState, args, crypto};
+
+const SESSION_HEADER: &str = "mcp-session-id";
+
+pub async fn handle(
+    state: &AppState,
+    agent: &AgentPrincipal,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    match *method {
+        Method::POST => post(state, agent, headers, body).await,
+        Method::GET => stream(state, agent, headers).await,
+        Method::DELETE => end_session(state, agent, headers).await,
+        _ => method_not_allowed("GET, POST, DELETE"),
+    }
+}
+
+fn transport_error(status: StatusCode, message: &str) -> Response {
+    rpc_error_response(
+        status,
+        Value::Null,
+        &RpcError::new(codes::INVALID_REQUEST, message),
+    )
+}
+
+async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, body: &[u8]) -> Response {
+    if !accepts(headers, "application/json") {
+        return transport_error(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable: Client must accept application/json",
+        );
+    }
+    let json_body = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        });
+    if !json_body {
+        return transport_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type: send application/json",
+        );
+    }
+    let (id, method, params) = match parse_message(body) {
+        Err((status, e)) => return rpc_error_response(status, Value::Null, &e),
+        Ok(Message::Request { id, method, params }) => (id, method, params),
+        Ok(Message::Other) => {
+            // Notifications need a session too, except that none is owed before initialize.
+            return match session(state, agent, headers).await {
+                Ok(_) | Err(SessionProblem::Missing) => accepted(),
+                Err(p) => p.response(),
+            };
+        }
+    };
+    if method == "initialize" {
+        return initialize(state, agent, &id, &params).await;
+    }
+    if let Err(p) = session(state, agent, headers).await {
+        return p.response();
+    }
+    let result = match method.as_str() {
+        "ping" => Ok(json!({})),
+        "tools/list" => tools::list(state, agent).await.map(|t| json!({"tools": t})),
+        "tools/call" => tools::call(state, agent, &params).await,
+        other => Err(RpcError {
+            code: codes::METHOD_NOT_FOUND,
+            message: "Method not found".into(),
+            data: Some(other.into()),
+        }),
+    };
+    match result {
+        Ok(r) => json_response(rpc_result(&id, r)),
+        Err(e) => rpc_error_response(StatusCode::OK, id, &e),
+    }
+}
+
+async fn initialize(state: &AppState, agent: &AgentPrincipal, id: &Value, params: &Value) -> Response {
+    let requested = params
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let version = if HANDSHAKE_VERSIONS.contains(&requested) {
+        requested
+    } else {
+        HANDSHAKE_VERSIONS[0]
+    };
+    let session_id = crypto::sha256_hex(&crypto::random_bytes::<32>())[..32].to_string();
+    let stored = state
+        .db
+        .execute(
+            "INSERT INTO mcp_sessions (id, tenant_id, agent_id, protocol_version, created_at) VALUES ($1, $2, $3, $4, $5)",
+            args![&session_id, &agent.tenant_id, &agent.agent_id, version, now_ms()],
+        )
+        .await;
+    if let Err(e) = stored {
+        tracing::error!(error = %e, "cannot store the MCP session");
+        return rpc_error_response(
+            StatusCode::OK,
+            id.clone(),
+            &RpcError::new(codes::INTERNAL_ERROR, "cannot start a session"),
+        );
+    }
+    let result = json!({
+        "protocolVersion": version,
+        "capabilities": {"tools": {"listChanged": true}},
+        "serverInfo": server_info(),
+        "instructions": INSTRUCTIONS,
+    });
+    let mut response = json_response(rpc_result(id, result));
+    if let Ok(v) = HeaderValue::from_str(&session_id) {
+        response.headers_mut().insert(SESSION_HEADER, v);
+    }
+    response
+}
+
+enum SessionProblem {
+    Missing,
+    Unknown,
+    Storage,
+}
+
+impl SessionProblem {
+    fn response(self) -> Response {
+        match self {
+            SessionProblem::Missing => {
+                transport_error(StatusCode::BAD_REQUEST, "Bad Request: Missing session ID")
+            }
+            SessionProblem::Unknown => transport_error(StatusCode::NOT_FOUND, "Session not found"),
+            SessionProblem::Storage => {
+                transport_error(StatusCode::SERVICE_UNAVAILABLE, "sessions are unavailable")
+            }
+        }
+    }
+}
+
+/// The session of this request; it must exist, be live and belong to the calling agent.
+async fn session(
+    state: &AppState,
+    agent: &AgentPrincipal,
+    headers: &HeaderMap,
+) -> Result<String, SessionProblem> {
+    let id = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(SessionProblem::Missing)?;
+    let row: Option<(String,)> = state
+        .db
+        .fetch_optional(
+            "SELECT id FROM mcp_sessions WHERE id = $1 AND tenant_id = $2 AND agent_id = $3 AND ended_at IS NULL",
+            args![id, &agent.tenant_id, &agent.agent_id],
+        )
+        .await
+        .map_err(|_| SessionProblem::Storage)?;
+    row.map(|r| r.0).ok_or(SessionProblem::Unknown)
+}
+
+async fn end_session(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Response {
+    let id = match session(state, agent, headers).await {
+        Ok(id) => id,
+        Err(p) => return p.response(),
+    };
+    match state
+        .db
+        .execute(
+            "UPDATE mcp_sessions SET ended_at = $1 WHERE id = $2",
+            args![now_ms(), &id],
+        )
+        .await
+    {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(_) => SessionProblem::Storage.response(),
+    }
+}
+
+/// The version that moves when what this agent may see could have changed.
+pub async fn tools_version(state: &AppState, tenant_id: &str) -> i64 {
+    let registry = db::counter(&state.db, &format!("registry:{tenant_id}"))
+        .await
+        .unwrap_or(0);
+    let policy = db::counter(&state.db, "policy").await.unwrap_or(0);
+    registry * 1_000_003 + policy
+}
+
+/// GET: a server-to-client stream carrying `notifications/tools/list_changed`.
+async fn stream(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Response {
+    let session_id = match session(state, agent, headers).await {
+        Ok(id) => id,
+        Err(p) => return p.response(),
+    };
+    if !accepts(headers, "text/event-stream") {
+        return transport_error(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable: Client must accept text/event-stream",
+        );
+    }
+    let state = state.clone();
+    let tenant_id = agent.tenant_id.clone();
+    let start = tools_version(&state, &tenant_id).await;
+    let events = futures_util::stream::unfold(
+        (state, tenant_id, session_id, start),
+        |(state, tenant, sid, seen)| async move {
+            let mut seen = seen;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let live: Option<(String,)> = state
+                    .db
+                    .fetch_optional(
+                        "SELECT id FROM mcp_sessions WHERE id = $1 AND ended_at IS NULL",
+                        args![&sid],
+                    )
+                    .await
+                    .ok()
+                    .flatten();
+                live.as_ref()?;
+                let now = tools_version(&state, &tenant).await;
+                if now != seen {
+                    seen = now;
+                    let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+                    let event = Event::default().event("message").data(note.to_string());
+                    return Some((Ok::<_, Infallible>(event), (state, tenant, sid, seen)));
+                }
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}

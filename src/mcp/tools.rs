@@ -1,0 +1,131 @@
+//! `tools/list` and `tools/call`, shared by both eras.
+
+use serde_json::{Value, json};
+
+use super::{RpcError, codes};
+use crate::AppState;
+use crate::agents::AgentPrincipal;
+use crate::gateway::invocations::InvocationRow;
+use crate::gateway::invoke::{Caller, InvokeRequest, invoke};
+use crate::gateway::tools::{Format, allowed_actions, tool};
+use crate::registry::Mode;
+
+/// The `_meta` key an agent may use to pass its idempotency key.
+pub const IDEMPOTENCY_META_KEY: &str = "io.opsiq/idempotency-key";
+
+/// The tools this agent may call, as MCP `Tool`s. `outputSchema` is only advertised for `sync`
+/// actions: an MCP client requires structured content matching it on every successful call, which
+/// an `async` action (answered before its endpoint runs) cannot give.
+pub async fn list(state: &AppState, agent: &AgentPrincipal) -> Result<Vec<Value>, RpcError> {
+    let actions = allowed_actions(state, agent).await.map_err(internal)?;
+    Ok(actions
+        .iter()
+        .map(|a| {
+            let mut t = tool(a, Format::Mcp);
+            if a.declaration.mode != Mode::Sync
+                && let Some(obj) = t.as_object_mut()
+            {
+                obj.remove("outputSchema");
+            }
+            t
+        })
+        .collect())
+}
+
+fn internal(e: crate::http::ApiError) -> RpcError {
+    RpcError::new(codes::INTERNAL_ERROR, e.message)
+}
+
+fn text(t: impl Into<String>) -> Value {
+    json!([{"type": "text", "text": t.into()}])
+}
+
+fn tool_error(message: impl Into<String>) -> Value {
+    json!({"content": text(message), "isError": true})
+}
+
+/// Runs `tools/call` through the gateway's invocation path and renders a `CallToolResult`.
+pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> Result<Value, RpcError> {
+    let Some(name) = params.get("name").and_then(Value::as_str) else {
+        return Err(RpcError::new(
+            codes::INVALID_PARAMS,
+            "tools/call needs params.name",
+        ));
+    };
+    let arguments = params.get("arguments").cloned().unwrap_or_else(|| json!({}));
+    let key = params
+        .get("_meta")
+        .and_then(|m| m.get(IDEMPOTENCY_META_KEY))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        // MCP clients rarely send one: without it every call is new (and the key is unique).
+        .unwrap_or_else(|| format!("mcp:{}", crate::ids::new_id("call")));
+    let req = InvokeRequest {
+        action: name.to_string(),
+        arguments,
+        idempotency_key: Some(key),
+        wait: None,
+    };
+    match invoke(state, &Caller::Agent(agent.clone()), req).await {
+        Ok(row) => Ok(render(&row)),
+        Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => Err(RpcError::new(
+            codes::INVALID_PARAMS,
+            format!("Unknown tool: {name}"),
+        )),
+        Err(e) if e.status.is_server_error() => Err(internal(e)),
+        Err(e) => {
+            // Denials, schema problems, rate limits, conflicts: a result the model can read and act on.
+            let mut message = format!("{} ({})", e.message, e.code);
+            for d in &e.details {
+                if let (Some(path), Some(m)) = (
+                    d.get("path").and_then(Value::as_str),
+                    d.get("message").and_then(Value::as_str),
+                ) {
+                    message.push_str(&format!("\n- {path}: {m}"));
+                }
+            }
+            if let Some(secs) = e.retry_after {
+                message.push_str(&format!("\nRetry after {secs} seconds."));
+            }
+            Ok(tool_error(message))
+        }
+    }
+}
+
+fn render(row: &InvocationRow) -> Value {
+    let parse = |s: &Option<String>| s.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok());
+    match row.status.as_str() {
+        "succeeded" => {
+            let result = parse(&row.result).unwrap_or(Value::Null);
+            let as_text = match &result {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let mut out = json!({"content": text(as_text), "isError": false});
+            if result.is_object() {
+                out["structuredContent"] = result;
+            }
+            out
+        }
+        "failed" => {
+            let error = parse(&row.error).unwrap_or(Value::Null);
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the action failed")
+                .to_string();
+            tool_error(message)
+        }
+        "pending_approval" => tool_error(format!(
+            "The call was accepted and waits for a person to approve it (invocation {}). It has not run yet.",
+            row.id
+        )),
+        status => {
+            let message = format!(
+                "The call was accepted (invocation {}) and is {status}; its result is not available yet.",
+                row.id
+            );
+            json!({"content": text(message), "isError": false})
+        }
+    }
+}
