@@ -142,6 +142,12 @@ fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Installs rustls' `ring` provider for outbound TLS once per process (reqwest needs one).
+pub fn install_tls_provider() {
+    // Fails only when a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,10 +162,4 @@ mod tests {
         assert!(other.open(&sealed).is_err());
         assert!(key.open("AAAA").is_err());
     }
-}
-
-/// Installs rustls' `ring` provider for outbound TLS once per process (reqwest needs one).
-pub fn install_tls_provider() {
-    // Fails only when a provider is already installed, which is what we want anyway.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -218,12 +218,12 @@ async fn main() -> anyhow::Result<()> {
     let cpu_server = proc_cpu_seconds(server_pid) - cpu_server_0;
     let cpu_self = proc_cpu_seconds(std::process::id()) - cpu_self_0;
 
-    let a = arrivals.lock().unwrap();
+    let arrived = std::mem::take(&mut arrivals.lock().unwrap().at);
     let mut e2e = Vec::with_capacity(accepted * args.fanout);
     let mut api: Vec<Duration> = sent.iter().map(|s| s.2).collect();
     for (id, sent_at, _) in &sent {
         if let Some(id) = id
-            && let Some(times) = a.at.get(id)
+            && let Some(times) = arrived.get(id)
         {
             e2e.extend(times.iter().map(|t| t.duration_since(*sent_at)));
         }
@@ -267,7 +267,6 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_mib(server_pid),
         peak_rss_mib(std::process::id())
     );
-    drop(a);
     let _ = server.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

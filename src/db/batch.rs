@@ -30,6 +30,7 @@ pub trait Job: Send + Sync + Sized + 'static {
 }
 
 type Reply<J> = oneshot::Sender<Result<<J as Job>::Output, DbError>>;
+type Queue<J> = Arc<Mutex<mpsc::Receiver<(J, Reply<J>)>>>;
 
 /// Submits jobs of one kind to the group-commit writers.
 pub struct Batcher<J: Job> {
@@ -72,7 +73,7 @@ impl<J: Job> Batcher<J> {
     }
 }
 
-async fn writer<J: Job>(db: Database, rx: Arc<Mutex<mpsc::Receiver<(J, Reply<J>)>>>) {
+async fn writer<J: Job>(db: Database, rx: Queue<J>) {
     let mut jobs: Vec<J> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply<J>> = Vec::with_capacity(MAX_BATCH);
     loop {

@@ -156,7 +156,7 @@ pub async fn insert(
                 &idempotency_key,
                 &*d.body,
                 status,
-                attempts as i64,
+                attempts,
                 0i64,
                 now,
                 now,

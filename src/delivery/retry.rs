@@ -169,8 +169,10 @@ mod tests {
             decide(&answered(500), false, &s, s.len() as i64, 0, 0, 0.5),
             Next::Failed { .. }
         ));
-        let mut timeout = AttemptResult::default();
-        timeout.error_class = Some("timeout");
+        let timeout = AttemptResult {
+            error_class: Some("timeout"),
+            ..AttemptResult::default()
+        };
         assert!(matches!(
             decide(&timeout, true, &s, 0, 0, 0, 0.5),
             Next::RetryAt { .. }

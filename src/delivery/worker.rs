@@ -35,6 +35,9 @@ const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(1);
 /// An endpoint failing without a single success for this long is disabled.
 const FAILING_DISABLE_AFTER_MS: i64 = 5 * 24 * 3600 * 1000;
 
+/// A tenant's enabled endpoints and when they were read.
+type CachedSubscribers = (Instant, Arc<Vec<EndpointRow>>);
+
 /// The final state of a delivery, told to whoever waits for it (sync invocations).
 #[derive(Debug, Clone)]
 pub struct Settled {
@@ -111,7 +114,7 @@ struct Inner {
     outcomes: mpsc::Sender<Outcome>,
     poke: Notify,
     endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
-    subscribers: Mutex<HashMap<String, (Instant, Arc<Vec<EndpointRow>>)>>,
+    subscribers: Mutex<HashMap<String, CachedSubscribers>>,
     waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<Settled>>>>,
     in_flight: Arc<Semaphore>,
     stop: watch::Sender<bool>,
@@ -500,10 +503,7 @@ async fn outcome_writer(engine: Engine, mut outcomes: mpsc::Receiver<Outcome>) {
             _ = stop.changed() => {
                 // Drain what attempts still report, then stop.
                 let deadline = engine.inner.config.request_timeout + Duration::from_secs(2);
-                match tokio::time::timeout(deadline, outcomes.recv()).await {
-                    Ok(o) => o,
-                    Err(_) => None,
-                }
+                tokio::time::timeout(deadline, outcomes.recv()).await.unwrap_or_default()
             }
         };
         let Some(first) = first else { return };

@@ -274,10 +274,10 @@ impl Policy {
         let key = (tenant_id.to_string(), subjects.join(" "), action.to_string());
         {
             let loaded = self.loaded.read().await;
-            if let Some(l) = loaded.as_ref().filter(|l| l.version == version) {
-                if let Some(d) = l.decisions.get(&key) {
-                    return Ok(d.clone());
-                }
+            if let Some(l) = loaded.as_ref().filter(|l| l.version == version)
+                && let Some(d) = l.decisions.get(&key)
+            {
+                return Ok(d.clone());
             }
         }
         let mut guard = self.loaded.write().await;

@@ -114,7 +114,8 @@ async fn init_creates_a_private_master_key_file() {
 #[tokio::test]
 async fn nonsense_configuration_exits_non_zero_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &[(&str, &str)], &str); 5] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         (&["serve", "--retry-schedule", "5s,often"], &[], "retry_schedule"),
         (&["serve", "--listen", "nowhere"], &[], "listen"),
         (&["serve", "--database-url", "mysql://x"], &[], "database_url"),

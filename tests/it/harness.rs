@@ -121,10 +121,13 @@ pub struct TestApp {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// A change to the configuration before start.
+type Adjust = Box<dyn FnOnce(&mut RawConfig, &std::path::Path)>;
+
 /// Options for starting a [`TestApp`].
 pub struct Start {
     backend: Backend,
-    adjust: Vec<Box<dyn FnOnce(&mut RawConfig, &std::path::Path)>>,
+    adjust: Vec<Adjust>,
 }
 
 impl Start {
@@ -338,5 +341,24 @@ where
             panic!("condition not reached within {deadline:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestApp {
+    /// A second app process-in-process on the same database (another replica); shares the dir.
+    pub async fn replica(&self) -> TestApp {
+        let mut other = TestApp {
+            base: String::new(),
+            database_url: self.database_url.clone(),
+            tenant_id: self.tenant_id.clone(),
+            admin_key: self.admin_key.clone(),
+            raw: self.raw.clone(),
+            dir: tempfile::tempdir().expect("temporary directory"),
+            http: http_client(),
+            shutdown: None,
+            task: None,
+        };
+        other.boot().await;
+        other
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests: the real server over HTTP, on SQLite and on PostgreSQL.
 
 mod harness;
+mod mcp;
 
 mod cli;
 mod delivery;

@@ -1,0 +1,460 @@
+//! The MCP server with the official SDKs as clients (Python `mcp` in both protocol eras,
+//! TypeScript `@modelcontextprotocol/sdk`), plus the transport rules checked on the wire.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::dual;
+use crate::gateway::{World, agent_token, world};
+use crate::harness::{Backend, TestApp, read, repo_path, skip_or_fail};
+
+async fn python_client(app: &TestApp, token: &str, mode: &str, tool: &str, args: Value) -> Option<Value> {
+    let Some(python) = crate::external::python() else {
+        skip_or_fail(
+            "MCP Python SDK client",
+            "run .ci/setup-external to install the mcp package",
+        );
+        return None;
+    };
+    let out = tokio::process::Command::new(python)
+        .arg(repo_path("tests/mcp/client.py"))
+        .arg(app.url("/mcp"))
+        .args([
+            "--token",
+            token,
+            "--mode",
+            mode,
+            "--tool",
+            tool,
+            "--args",
+            &args.to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python MCP client ({mode}) failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("client prints JSON"))
+}
+
+async fn typescript_client(app: &TestApp, token: &str, tool: &str, args: Value) -> Option<Value> {
+    if !repo_path("tests/mcp/node_modules/@modelcontextprotocol/sdk").exists() {
+        skip_or_fail(
+            "MCP TypeScript SDK client",
+            "run .ci/setup-external to install the npm package",
+        );
+        return None;
+    }
+    let out = tokio::process::Command::new("node")
+        .arg(repo_path("tests/mcp/client.mjs"))
+        .args([app.url("/mcp").as_str(), token, tool, &args.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "TypeScript MCP client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("client prints JSON"))
+}
+
+fn tool_names(out: &Value) -> Vec<String> {
+    let mut names: Vec<String> = out["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+dual!(
+    official_sdks_in_both_eras,
+    mcp_wire_rules,
+    sessions_are_shared_by_replicas
+);
+
+async fn official_sdks_in_both_eras(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    let support = agent_token(&app, "agt_mcp", &["support"], &["invoke:*"]).await;
+    let expected = vec![
+        "create_ticket".to_string(),
+        "escalate_to_human".into(),
+        "lookup_customer".into(),
+    ];
+
+    for (mode, version) in [
+        ("legacy", "2025-11-25"),
+        ("auto", "2026-07-28"),
+        ("2026-07-28", "2026-07-28"),
+    ] {
+        let Some(out) = python_client(
+            &app,
+            &support,
+            mode,
+            "lookup_customer",
+            json!({"customer_id": "c_77"}),
+        )
+        .await
+        else {
+            return;
+        };
+        assert_eq!(out["protocolVersion"], version, "{mode}: {out}");
+        assert_eq!(tool_names(&out), expected, "{mode}: tools are filtered per token");
+        let result = &out["call"]["result"];
+        assert_eq!(result["isError"], false, "{mode}: {out}");
+        assert_eq!(result["structuredContent"]["customer_id"], "c_77");
+        assert_eq!(result["structuredContent"]["tier"], "enterprise");
+    }
+    assert_eq!(rx.received().len(), 3, "each tools/call became one delivery");
+
+    // A schema failure comes back as a tool error the model can read.
+    let bad = json!({"customer_id": "", "subject": "x", "body": "b", "priority": "whenever"});
+    for mode in ["legacy", "2026-07-28"] {
+        let Some(out) = python_client(&app, &support, mode, "create_ticket", bad.clone()).await else {
+            return;
+        };
+        let result = &out["call"]["result"];
+        assert_eq!(result["isError"], true, "{out}");
+        let text = result["content"][0]["text"].as_str().unwrap();
+        assert!(text.contains("/priority") && text.contains("/subject"), "{text}");
+    }
+    // Denied by role: also a readable tool error, and nothing is delivered.
+    let Some(out) = python_client(&app, &support, "legacy", "refund_invoice", json!({})).await else {
+        return;
+    };
+    assert_eq!(out["call"]["result"]["isError"], true);
+    assert!(
+        out["call"]["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("role_denied")
+    );
+
+    let Some(out) =
+        typescript_client(&app, &support, "lookup_customer", json!({"customer_id": "c_88"})).await
+    else {
+        return;
+    };
+    assert_eq!(out["protocolVersion"], "2025-11-25");
+    assert_eq!(tool_names(&out), expected);
+    assert_eq!(out["call"]["result"]["structuredContent"]["customer_id"], "c_88");
+    assert_eq!(rx.received().len(), 4);
+}
+
+async fn post_mcp(app: &TestApp, token: &str, headers: &[(&str, &str)], body: Value) -> reqwest::Response {
+    let mut req = app
+        .as_key(token, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+fn meta() -> Value {
+    json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}})
+}
+
+async fn mcp_wire_rules(backend: Backend) {
+    let World { app, rx: _rx } = world(backend).await;
+    let token = agent_token(&app, "agt_wire", &["support"], &["invoke:*"]).await;
+
+    let resp = app
+        .http
+        .post(app.url("/mcp"))
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+
+    // Legacy: initialize makes a session; requests without it are refused.
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2024-10-07", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let resp = post_mcp(&app, &token, &[], init).await;
+    assert_eq!(resp.status(), 200);
+    let session = resp.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let (_, body) = read(resp).await;
+    assert_eq!(body["id"], 0);
+    assert_eq!(
+        body["result"]["protocolVersion"], "2025-11-25",
+        "unknown versions get the latest handshake one"
+    );
+    let legacy = |s: &'static str| vec![("mcp-protocol-version", "2025-11-25"), ("mcp-session-id", s)];
+    let session_static: &'static str = Box::leak(session.clone().into_boxed_str());
+    let resp = post_mcp(
+        &app,
+        &token,
+        &legacy(session_static),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 202);
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &legacy(session_static),
+            json!({"jsonrpc": "2.0", "id": "p", "method": "ping"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, &body["result"]), (200, &json!({})));
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &legacy(session_static),
+            json!({"jsonrpc": "2.0", "id": 5, "method": "foo/bar"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (200, Some(-32601)));
+    let (status, _) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[("mcp-protocol-version", "2025-11-25")],
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "missing session");
+    let (status, _) = read(
+        post_mcp(
+            &app,
+            &token,
+            &legacy("nope"),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 404, "unknown session");
+    // Another agent cannot ride this session.
+    let other = agent_token(&app, "agt_wire2", &["support"], &["invoke:*"]).await;
+    let (status, _) = read(
+        post_mcp(
+            &app,
+            &other,
+            &legacy(session_static),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = read(post_mcp(&app, &token, &legacy(session_static), json!([1])).await).await;
+    assert_eq!(status, 400);
+
+    // The GET stream announces tool list changes.
+    let mut stream = app
+        .as_key(&token, Method::GET, "/mcp")
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (_, mut ticket) = app.call(Method::GET, "/v1/actions/create_ticket", None).await;
+    ticket["description"] = "Open a ticket (changed)".into();
+    assert_eq!(
+        app.call(Method::PUT, "/v1/actions/create_ticket", Some(ticket))
+            .await
+            .0,
+        200
+    );
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("notifications/tools/list_changed") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no list_changed on the stream: {seen}");
+    drop(stream);
+
+    let resp = app
+        .as_key(&token, Method::DELETE, "/mcp")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, _) = read(
+        post_mcp(
+            &app,
+            &token,
+            &legacy(session_static),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 404, "a deleted session is gone");
+
+    // Modern: headers must agree with the body.
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "lookup_customer", "arguments": {"customer_id": "c"}, "_meta": meta()}});
+    let modern = |method: &'static str, name: &'static str| {
+        vec![
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", method),
+            ("mcp-name", name),
+        ]
+    };
+    let (status, body) =
+        read(post_mcp(&app, &token, &modern("tools/call", "create_ticket"), call.clone()).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (400, Some(-32020)),
+        "{body}"
+    );
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &modern("tools/list", "lookup_customer"),
+            call.clone(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32020)));
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &modern("tools/call", "=?base64?bG9va3VwX2N1c3RvbWVy?="),
+            call.clone(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "a base64-encoded Mcp-Name matches: {body}");
+    assert_eq!(body["result"]["resultType"], "complete");
+    let mut future = call.clone();
+    future["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01".into();
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[
+                ("mcp-protocol-version", "2099-01-01"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "lookup_customer"),
+            ],
+            future,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32022)));
+    assert_eq!(body["error"]["data"]["supported"], json!(["2026-07-28"]));
+    let no_meta = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}});
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/list"),
+            ],
+            no_meta,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32602)));
+    let list = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list", "params": {"_meta": meta()}});
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/list"),
+            ],
+            list,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["cacheScope"], "private");
+    assert!(body["result"]["ttlMs"].is_number());
+    let ping = json!({"jsonrpc": "2.0", "id": 6, "method": "ping", "params": {"_meta": meta()}});
+    let (status, _) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[("mcp-protocol-version", "2026-07-28"), ("mcp-method", "ping")],
+            ping,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 404, "ping is gone in the stateless era");
+    let resp = app
+        .as_key(&token, Method::GET, "/mcp")
+        .header("mcp-protocol-version", "2026-07-28")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[("mcp-protocol-version", "2026-07-28")],
+            json!("{not json"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+async fn sessions_are_shared_by_replicas(backend: Backend) {
+    let World { app, rx: _rx } = world(backend).await;
+    let replica = app.replica().await;
+    let token = agent_token(&app, "agt_rep", &["support"], &["invoke:*"]).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let resp = post_mcp(&app, &token, &[], init).await;
+    let session = resp.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let resp = replica
+        .as_key(&token, Method::POST, "/mcp")
+        .header("accept", "application/json")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&list)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["tools"].as_array().unwrap().len(), 3);
+}
