@@ -23,13 +23,15 @@ use crate::db::batch::Batcher;
 use crate::db::{Database, Dialect};
 use crate::delivery::Engine;
 use crate::events::RecordJob;
+use crate::events::catalog::Catalog;
 use crate::gateway::Gateway;
 use crate::gateway::invoke::PersistInvocation;
 use crate::http::ApiError;
 use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
 use crate::policy::Policy;
 use crate::registry::validators::Validators;
-use crate::{agents, delivery, events, gateway, mcp, ops, policy, registry, telemetry, tenants};
+use crate::rules::Rules;
+use crate::{agents, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants};
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
 #[derive(Clone)]
@@ -52,6 +54,10 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     /// Agent gateway state.
     pub gateway: Arc<Gateway>,
+    /// Rule validation and compiled rule sets.
+    pub rules: Arc<Rules>,
+    /// The event catalog.
+    pub catalog: Arc<Catalog>,
 }
 
 impl AppState {
@@ -84,6 +90,8 @@ impl AppState {
                 config.agent_rate_per_s,
                 config.action_rate_per_s,
             )),
+            rules: Arc::new(Rules::new()),
+            catalog: Arc::new(Catalog::load(&config.events_dir)?),
             policy,
             config,
             db,
@@ -132,6 +140,8 @@ pub fn router(state: AppState) -> Router {
         .merge(registry::routes())
         .merge(delivery::routes())
         .merge(events::routes())
+        .merge(events::catalog::routes())
+        .merge(rules::routes())
         .merge(agents::routes())
         .merge(policy::routes())
         .merge(gateway::routes())

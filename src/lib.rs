@@ -16,6 +16,7 @@
 //! - [`policy`]: casbin role policy, deny wins, reloaded across replicas.
 //! - [`gateway`]: invocation (scope → role → schema → idempotency → outbox), records, tool export.
 //! - [`mcp`]: the MCP server (both protocol eras) on top of the gateway.
+//! - [`rules`]: "when X happens, if …, do Y": conditions, templates, evaluation in the event's transaction.
 //! - [`ops`]: health, readiness, metrics.
 //! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
 //!
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod cache;
 pub mod config;
 pub mod crypto;
 pub mod db;
@@ -37,6 +39,7 @@ pub mod mcp;
 pub mod ops;
 pub mod policy;
 pub mod registry;
+pub mod rules;
 pub mod telemetry;
 pub mod tenants;
 

@@ -16,7 +16,7 @@ pub mod outbound;
 pub mod outbox;
 pub mod retention;
 pub mod retry;
-mod routes;
+pub mod routes;
 pub mod signing;
 pub mod verify;
 pub mod worker;

@@ -189,6 +189,7 @@ async fn test_endpoint(
         source: "test".into(),
         depth: 0,
         fanout: crate::events::Fanout::Only(id),
+        rules: None,
     };
     let now = now_ms();
     let mut tx = state.db.begin().await?;
@@ -482,7 +483,7 @@ async fn preview(
 }
 
 /// The exact request an endpoint would receive for `body`, signed with its current secrets.
-pub(crate) fn sign_preview(
+pub fn sign_preview(
     state: &AppState,
     endpoint: &endpoints::EndpointRow,
     delivery_id: &str,

@@ -727,6 +727,7 @@ async fn raise(
         source: "system".into(),
         depth: 0,
         fanout: events::Fanout::Lookup,
+        rules: None,
     };
     Ok(events::record(tx, event, lease, now).await?.deliveries)
 }

@@ -2,6 +2,7 @@
 //! (`delivery.failed`). Recording an event fans it out, in the same transaction, to every enabled
 //! endpoint of the tenant whose `event_types` patterns match.
 
+pub mod catalog;
 pub mod routes;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct NewEvent {
     pub depth: i64,
     /// Which endpoints receive it.
     pub fanout: Fanout,
+    /// The tenant's rules, when it has any.
+    pub rules: Option<Arc<crate::rules::apply::RuleContext>>,
 }
 
 /// How an event finds its endpoints.
@@ -114,64 +117,82 @@ pub async fn record(tx: &mut Tx, event: NewEvent, lease: &Lease, now: i64) -> Re
 }
 
 /// Records events and their deliveries in `tx` with multi-row inserts; one result per event.
-pub async fn record_many(
-    tx: &mut Tx,
-    events: &[NewEvent],
-    lease: &Lease,
+pub fn record_many<'a>(
+    tx: &'a mut Tx,
+    events: &'a [NewEvent],
+    lease: &'a Lease,
     now: i64,
-) -> Result<Vec<RecordedEvent>, DbError> {
-    const COLUMNS: usize = 8;
-    let mut recorded = Vec::with_capacity(events.len());
-    let mut deliveries = Vec::new();
-    let mut per_event = Vec::with_capacity(events.len());
-    for chunk in events.chunks(50) {
-        let mut sql = String::from(
-            "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) VALUES ",
-        );
-        let mut values = Vec::with_capacity(chunk.len() * COLUMNS);
-        for (i, event) in chunk.iter().enumerate() {
-            let id = ids::new_id("evt");
-            let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
-            if i > 0 {
-                sql.push_str(", ");
+) -> crate::db::batch::BatchFuture<'a, Vec<RecordedEvent>> {
+    // A boxed future, not an `async fn`: rules run here may record events, which run rules.
+    Box::pin(async move {
+        const COLUMNS: usize = 8;
+        let mut recorded = Vec::with_capacity(events.len());
+        let mut deliveries = Vec::new();
+        let mut per_event = Vec::with_capacity(events.len());
+        for chunk in events.chunks(50) {
+            let mut sql = String::from(
+                "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) VALUES ",
+            );
+            let mut values = Vec::with_capacity(chunk.len() * COLUMNS);
+            for (i, event) in chunk.iter().enumerate() {
+                let id = ids::new_id("evt");
+                let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                let placeholders: Vec<String> =
+                    (1..=COLUMNS).map(|k| format!("${}", i * COLUMNS + k)).collect();
+                sql.push_str(&format!("({})", placeholders.join(", ")));
+                values.extend(args![
+                    &id,
+                    &event.tenant_id,
+                    &event.event_type,
+                    &*body,
+                    event.idempotency_key.clone(),
+                    &event.source,
+                    event.depth,
+                    now
+                ]);
+                let targets = fanout_targets(tx, event).await?;
+                per_event.push(targets.len());
+                deliveries.extend(targets.into_iter().map(|endpoint_id| NewDelivery {
+                    tenant_id: event.tenant_id.clone(),
+                    endpoint_id,
+                    kind: Kind::Event,
+                    event_id: Some(id.clone()),
+                    invocation_id: None,
+                    label: event.event_type.clone(),
+                    idempotency_key: None,
+                    body: body.clone(),
+                }));
+                recorded.push(RecordedEvent {
+                    id,
+                    body,
+                    deliveries: Vec::new(),
+                });
             }
-            let placeholders: Vec<String> = (1..=COLUMNS).map(|k| format!("${}", i * COLUMNS + k)).collect();
-            sql.push_str(&format!("({})", placeholders.join(", ")));
-            values.extend(args![
-                &id,
-                &event.tenant_id,
-                &event.event_type,
-                &*body,
-                event.idempotency_key.clone(),
-                &event.source,
-                event.depth,
-                now
-            ]);
-            let targets = fanout_targets(tx, event).await?;
-            per_event.push(targets.len());
-            deliveries.extend(targets.into_iter().map(|endpoint_id| NewDelivery {
-                tenant_id: event.tenant_id.clone(),
-                endpoint_id,
-                kind: Kind::Event,
-                event_id: Some(id.clone()),
-                invocation_id: None,
-                label: event.event_type.clone(),
-                idempotency_key: None,
-                body: body.clone(),
-            }));
-            recorded.push(RecordedEvent {
-                id,
-                body,
-                deliveries: Vec::new(),
-            });
+            tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
         }
-        tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
-    }
-    let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
-    for (event, n) in recorded.iter_mut().zip(per_event) {
-        event.deliveries = jobs.by_ref().take(n).collect();
-    }
-    Ok(recorded)
+        let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
+        for (event, n) in recorded.iter_mut().zip(per_event) {
+            event.deliveries = jobs.by_ref().take(n).collect();
+        }
+        for (event, done) in events.iter().zip(recorded.iter_mut()) {
+            let Some(ctx) = &event.rules else { continue };
+            let (trace, jobs) =
+                crate::rules::apply::run_rules(tx, ctx, event, &done.id, &done.body, lease, now).await?;
+            if trace.is_empty() {
+                continue;
+            }
+            tx.execute(
+                "UPDATE events SET rule_trace = $1 WHERE id = $2",
+                args![serde_json::Value::Array(trace).to_string(), &done.id],
+            )
+            .await?;
+            done.deliveries.extend(jobs);
+        }
+        Ok(recorded)
+    })
 }
 
 /// The endpoints an event goes to.

@@ -1,5 +1,7 @@
 //! `/v1/events`: ingestion with idempotency, listing and inspection.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -130,6 +132,17 @@ async fn ingest_event(
     if !body.data.is_object() {
         return Err(ApiError::invalid_field("/data", "must be a JSON object"));
     }
+    state
+        .catalog
+        .validate(&state.db, &auth.tenant_id, &body.event_type, &body.data)
+        .await?;
+    let rules = state.rules.for_tenant(&state.db, &auth.tenant_id).await?;
+    let rules = (!rules.is_empty()).then(|| {
+        Arc::new(crate::rules::apply::RuleContext {
+            rules,
+            validators: state.gateway.validators.clone(),
+        })
+    });
     let key = match idempotency_key(&headers)? {
         Some(k) => Some(k),
         None => body.id.clone().map(|id| format!("id:{id}")),
@@ -147,6 +160,7 @@ async fn ingest_event(
         source: "api".into(),
         depth: 0,
         fanout: super::Fanout::Among(state.engine.subscribers(&auth.tenant_id).await?),
+        rules,
     };
     let job = super::RecordJob {
         event,

@@ -335,7 +335,7 @@ async fn find_idempotent(
 }
 
 /// The body the action's endpoint receives.
-fn action_request_body(
+pub fn action_request_body(
     invocation_id: &str,
     action: &Action,
     arguments: &Value,
@@ -368,6 +368,42 @@ fn derived_key(tenant_id: &str, principal: &str, key: Option<&str>, invocation_i
     }
 }
 
+/// A settled-at-once invocation (refused or failed before any delivery).
+struct Refusal<'a> {
+    caller: &'a Caller,
+    action_name: &'a str,
+    action: Option<&'a Action>,
+    arguments: &'a Value,
+    idempotency_key: Option<&'a str>,
+    status: &'a str,
+    error: Value,
+}
+
+const REFUSAL_SQL: &str = "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, \
+    action_version, action_hash, arguments, status, error, idempotency_key, created_at, updated_at, completed_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $13)";
+
+impl Refusal<'_> {
+    fn args(&self, id: &str, now: i64) -> Vec<crate::db::Arg> {
+        metrics::counter!("opsiq_invocations_total", "status" => self.status.to_string()).increment(1);
+        args![
+            id,
+            self.caller.tenant_id(),
+            self.caller.principal(),
+            self.caller.agent_id(),
+            serde_json::to_string(&self.caller.roles()).unwrap_or_default(),
+            self.action_name,
+            self.action.map(|a| a.version),
+            self.action.map(|a| a.content_hash.clone()),
+            self.arguments.to_string(),
+            self.status,
+            self.error.to_string(),
+            self.idempotency_key,
+            now
+        ]
+    }
+}
+
 async fn record_refusal(
     state: &AppState,
     caller: &Caller,
@@ -377,23 +413,148 @@ async fn record_refusal(
     code: &str,
     message: &str,
 ) -> Result<(), ApiError> {
-    let now = now_ms();
-    metrics::counter!("opsiq_invocations_total", "status" => status.to_string()).increment(1);
+    let refusal = Refusal {
+        caller,
+        action_name: &req.action,
+        action: Some(action),
+        arguments: &req.arguments,
+        idempotency_key: req.idempotency_key.as_deref(),
+        status,
+        error: json!({"code": code, "message": message}),
+    };
     state
         .db
-        .execute(
-            "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
-             arguments, status, error, idempotency_key, created_at, updated_at, completed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $13)",
-            args![
-                ids::new_id("inv"), caller.tenant_id(), caller.principal(), caller.agent_id(),
-                serde_json::to_string(&caller.roles()).unwrap_or_default(), &req.action, action.version,
-                &action.content_hash, req.arguments.to_string(), status,
-                json!({"code": code, "message": message}).to_string(), req.idempotency_key.clone(), now
-            ],
-        )
+        .execute(REFUSAL_SQL, refusal.args(&ids::new_id("inv"), now_ms()))
         .await?;
     Ok(())
+}
+
+/// What a rule's `invoke` output did.
+#[derive(Debug)]
+pub struct RuleInvocation {
+    /// The recorded invocation.
+    pub invocation_id: String,
+    /// `queued`, `pending_approval` or `failed`.
+    pub status: &'static str,
+    /// Why it failed, when it did.
+    pub error: Option<Value>,
+    /// The delivery to hand to the worker.
+    pub job: Option<outbox::Job>,
+}
+
+/// Invokes an action for a rule inside the transaction recording the triggering event: no scope
+/// or role check (an admin wrote the rule), but the arguments are validated like any call and
+/// everything is recorded. `key` makes the call idempotent per event and output.
+#[allow(clippy::too_many_arguments)]
+pub async fn invoke_for_rule(
+    tx: &mut Tx,
+    validators: &crate::registry::validators::Validators,
+    tenant_id: &str,
+    rule_id: &str,
+    key: &str,
+    action_name: &str,
+    arguments: &Value,
+    lease: &Lease,
+    now: i64,
+) -> Result<RuleInvocation, DbError> {
+    let caller = Caller::Rule {
+        tenant_id: tenant_id.to_string(),
+        rule_id: rule_id.to_string(),
+    };
+    let invocation_id = ids::new_id("inv");
+    let action = store::get_in(tx, tenant_id, action_name)
+        .await?
+        .filter(|a| a.declaration.enabled);
+    let failure = |code: &str, message: String, details: Vec<ErrorDetail>| json!({"code": code, "message": message, "details": details});
+    let problem = match &action {
+        None => Some(failure(
+            "unknown_action",
+            format!("there is no enabled action named `{action_name}`"),
+            Vec::new(),
+        )),
+        Some(a) if !arguments.is_object() => Some(failure(
+            "validation_failed",
+            format!("the arguments for {} must be an object", a.declaration.name),
+            Vec::new(),
+        )),
+        Some(a) => match validators.get(
+            tenant_id,
+            &a.declaration.name,
+            a.version,
+            Which::Input,
+            &a.declaration.input_schema,
+        ) {
+            Err(e) => Some(failure("internal_error", e, Vec::new())),
+            Ok(v) => {
+                let details = crate::registry::model::schema_errors(&v, arguments);
+                if !details.is_empty() {
+                    Some(failure(
+                        "validation_failed",
+                        format!("the templated arguments for {action_name} do not match its input schema"),
+                        details,
+                    ))
+                } else if a.declaration.endpoint_id.is_none() {
+                    Some(failure(
+                        "action_unavailable",
+                        format!("{action_name} has no endpoint configured"),
+                        Vec::new(),
+                    ))
+                } else {
+                    None
+                }
+            }
+        },
+    };
+    if let Some(error) = problem {
+        let refusal = Refusal {
+            caller: &caller,
+            action_name,
+            action: action.as_ref(),
+            arguments,
+            idempotency_key: Some(key),
+            status: "failed",
+            error: error.clone(),
+        };
+        tx.execute(REFUSAL_SQL, refusal.args(&invocation_id, now)).await?;
+        return Ok(RuleInvocation {
+            invocation_id,
+            status: "failed",
+            error: Some(error),
+            job: None,
+        });
+    }
+    let action = action.expect("checked above");
+    let pending_approval = action.declaration.approval == Approval::Always;
+    let persist = PersistInvocation {
+        tenant_id: tenant_id.to_string(),
+        invocation_id: invocation_id.clone(),
+        principal: caller.principal(),
+        agent_id: None,
+        roles: Vec::new(),
+        action_name: action_name.to_string(),
+        action_version: action.version,
+        action_hash: action.content_hash.clone(),
+        arguments: arguments.to_string(),
+        idempotency_key: Some(key.to_string()),
+        request_hash: request_hash(action_name, arguments),
+        endpoint_id: action.declaration.endpoint_id.clone().unwrap_or_default(),
+        body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
+        pending_approval,
+        lease: lease.clone(),
+        now,
+    };
+    let persisted = persist.write_one(tx).await?;
+    metrics::counter!("opsiq_invocations_total", "status" => "queued").increment(1);
+    Ok(RuleInvocation {
+        invocation_id,
+        status: if pending_approval {
+            "pending_approval"
+        } else {
+            "queued"
+        },
+        error: None,
+        job: persisted.job,
+    })
 }
 
 /// The writes of an accepted invocation, run by the group-commit writer.

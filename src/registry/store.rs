@@ -167,6 +167,17 @@ pub async fn get(db: &Database, tenant_id: &str, name: &str) -> Result<Option<Ac
     row.map(Action::from_row).transpose()
 }
 
+/// The current version of an action, unless deleted, read inside a transaction.
+pub async fn get_in(tx: &mut crate::db::Tx, tenant_id: &str, name: &str) -> Result<Option<Action>, DbError> {
+    let row: Option<ActionRow> = tx
+        .fetch_optional(
+            "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
+            args![tenant_id, name],
+        )
+        .await?;
+    row.map(Action::from_row).transpose()
+}
+
 /// Actions ordered by name, after `after` (exclusive), at most `limit`.
 pub async fn list(db: &Database, tenant_id: &str, after: &str, limit: i64) -> Result<Vec<Action>, DbError> {
     let rows: Vec<ActionRow> = db

@@ -1,0 +1,232 @@
+//! The event catalog: built-in types (JSON Schemas in `schemas/events/`, the same for every
+//! tenant) and each tenant's custom types, declared with or without a schema. Events of a type
+//! with a schema are validated on ingestion; undeclared types are accepted free-form.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::check_event_type;
+use crate::cache::TtlCache;
+use crate::db::{Database, DbError, now_ms, rfc3339};
+use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Path as UrlPath, Permission};
+use crate::registry::model::{compile_schema, schema_errors};
+use crate::{AppState, args};
+
+/// One event type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventType {
+    /// `invoice.paid`, …
+    pub name: String,
+    /// What it means.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema 2020-12 for `data`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
+}
+
+struct Known {
+    declared: EventType,
+    validator: Option<Arc<jsonschema::Validator>>,
+}
+
+/// Built-in types plus a cache of each tenant's custom ones.
+pub struct Catalog {
+    builtin: BTreeMap<String, Known>,
+    custom: TtlCache<String, BTreeMap<String, Arc<Known>>>,
+}
+
+/// A problem with the catalog files; start-up stops with it.
+#[derive(Debug, thiserror::Error)]
+#[error("event type file {path}: {message}")]
+pub struct CatalogError {
+    path: String,
+    message: String,
+}
+
+impl Catalog {
+    /// Reads `*.json` from the events directory (missing directory: no built-in types).
+    pub fn load(dir: &Path) -> Result<Self, CatalogError> {
+        let mut builtin = BTreeMap::new();
+        let files = crate::registry::files::json_files(dir).map_err(|e| CatalogError {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        for path in files {
+            let fail = |message: String| CatalogError {
+                path: path.display().to_string(),
+                message,
+            };
+            let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
+            let declared: EventType = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+            check_event_type(&declared.name).map_err(fail)?;
+            let validator = match &declared.schema {
+                Some(s) => Some(Arc::new(
+                    compile_schema(s).map_err(|(at, m)| fail(format!("schema{at}: {m}")))?,
+                )),
+                None => None,
+            };
+            builtin.insert(declared.name.clone(), Known { declared, validator });
+        }
+        Ok(Self {
+            builtin,
+            custom: TtlCache::new(Duration::from_secs(1)),
+        })
+    }
+
+    async fn custom_types(
+        &self,
+        db: &Database,
+        tenant_id: &str,
+    ) -> Result<Arc<BTreeMap<String, Arc<Known>>>, DbError> {
+        self.custom
+            .get_or_load(&tenant_id.to_string(), || async {
+                let rows: Vec<(String, String, Option<String>)> = db
+                    .fetch_all(
+                        "SELECT name, description, schema FROM event_types WHERE tenant_id = $1 ORDER BY name",
+                        args![tenant_id],
+                    )
+                    .await?;
+                let mut map = BTreeMap::new();
+                for (name, description, schema) in rows {
+                    let schema: Option<Value> = schema.and_then(|s| serde_json::from_str(&s).ok());
+                    let validator = schema.as_ref().and_then(|s| compile_schema(s).ok()).map(Arc::new);
+                    let declared = EventType { name: name.clone(), description, schema };
+                    map.insert(name, Arc::new(Known { declared, validator }));
+                }
+                Ok::<_, DbError>(map)
+            })
+            .await
+    }
+
+    /// Validates an event's data against its type's schema, if the type has one.
+    pub async fn validate(
+        &self,
+        db: &Database,
+        tenant_id: &str,
+        event_type: &str,
+        data: &Value,
+    ) -> Result<(), ApiError> {
+        let custom;
+        let validator = match self.builtin.get(event_type) {
+            Some(k) => k.validator.clone(),
+            None => {
+                custom = self.custom_types(db, tenant_id).await?;
+                custom.get(event_type).and_then(|k| k.validator.clone())
+            }
+        };
+        let Some(validator) = validator else { return Ok(()) };
+        let problems: Vec<ErrorDetail> = schema_errors(&validator, data)
+            .into_iter()
+            .map(|d| ErrorDetail {
+                path: format!("/data{}", if d.path == "/" { "" } else { &d.path }),
+                message: d.message,
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(
+                format!("the data does not match the schema of {event_type}"),
+                problems,
+            ))
+        }
+    }
+}
+
+/// The catalog routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/event-types", get(list_types).post(create_type))
+        .route("/v1/event-types/{name}", get(get_type))
+}
+
+fn describe(t: &EventType, builtin: bool) -> Value {
+    json!({"name": t.name, "description": t.description, "schema": t.schema, "builtin": builtin})
+}
+
+async fn list_types(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<axum::Json<Value>> {
+    let mut data: Vec<Value> = state
+        .catalog
+        .builtin
+        .values()
+        .map(|k| describe(&k.declared, true))
+        .collect();
+    let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
+    data.extend(custom.values().map(|k| describe(&k.declared, false)));
+    Ok(axum::Json(json!({"data": data, "next_cursor": null})))
+}
+
+async fn get_type(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<axum::Json<Value>> {
+    if let Some(k) = state.catalog.builtin.get(&name) {
+        return Ok(axum::Json(describe(&k.declared, true)));
+    }
+    let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
+    custom
+        .get(&name)
+        .map(|k| axum::Json(describe(&k.declared, false)))
+        .ok_or_else(|| ApiError::not_found("event type"))
+}
+
+async fn create_type(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Json(body): Json<EventType>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    auth.require(Permission::Manage)?;
+    check_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
+    if body.description.len() > 2000 {
+        return Err(ApiError::invalid_field(
+            "/description",
+            "must be at most 2000 characters",
+        ));
+    }
+    if let Some(schema) = &body.schema {
+        compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
+    }
+    if state.catalog.builtin.contains_key(&body.name) {
+        return Err(ApiError::conflict(
+            "already_exists",
+            "this is a built-in event type",
+        ));
+    }
+    let inserted = state
+        .db
+        .execute(
+            "INSERT INTO event_types (tenant_id, name, description, schema, builtin, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, name) DO NOTHING",
+            args![
+                &auth.tenant_id,
+                &body.name,
+                &body.description,
+                body.schema.as_ref().map(Value::to_string),
+                false,
+                now_ms()
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(ApiError::conflict(
+            "already_exists",
+            "an event type with this name already exists",
+        ));
+    }
+    state.catalog.custom.invalidate(&auth.tenant_id);
+    let mut out = describe(&body, false);
+    out["created_at"] = rfc3339(now_ms()).into();
+    Ok((StatusCode::CREATED, axum::Json(out)))
+}

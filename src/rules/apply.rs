@@ -1,0 +1,159 @@
+//! Carrying out a matched rule's outputs inside the transaction that records the event:
+//! `deliver` adds a delivery of the event, `invoke` records an invocation (schema-validated, as
+//! principal `rule:<id>`) with its delivery, `emit` records a new event (whose own rules run in
+//! turn, up to a chain depth of [`MAX_EMIT_DEPTH`]).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::engine::{Evaluation, Output, RuleSet};
+use crate::args;
+use crate::db::{DbError, Tx};
+use crate::delivery::outbox::{self, Job, Kind, Lease, NewDelivery};
+use crate::events::{self, NewEvent};
+use crate::registry::validators::Validators;
+
+/// Emit chains longer than this are cut (a rule emitting what triggers it would loop forever).
+pub const MAX_EMIT_DEPTH: i64 = 8;
+
+/// What rules need to run while an event is recorded.
+#[derive(Clone)]
+pub struct RuleContext {
+    /// The tenant's rules.
+    pub rules: Arc<RuleSet>,
+    /// Compiled action schemas (for `invoke` outputs).
+    pub validators: Arc<Validators>,
+}
+
+impl std::fmt::Debug for RuleContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuleContext")
+    }
+}
+
+/// The event as rules see it.
+pub fn document(id: &str, event_type: &str, created_at: i64, data: &Value) -> Value {
+    json!({"id": id, "type": event_type, "created_at": crate::db::rfc3339(created_at), "data": data})
+}
+
+/// Evaluates the tenant's rules for a recorded event and carries out what matched; returns the
+/// trace to store on the event (empty when no rule was a candidate) and the new deliveries.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_rules(
+    tx: &mut Tx,
+    ctx: &RuleContext,
+    event: &NewEvent,
+    event_id: &str,
+    body: &Arc<str>,
+    lease: &Lease,
+    now: i64,
+) -> Result<(Vec<Value>, Vec<Job>), DbError> {
+    let doc = document(event_id, &event.event_type, now, &event.data);
+    let evaluations = ctx.rules.evaluate(&event.event_type, &doc);
+    let mut trace = Vec::with_capacity(evaluations.len());
+    let mut jobs = Vec::new();
+    for evaluation in evaluations {
+        let mut results = Vec::with_capacity(evaluation.outputs.len());
+        for (n, output) in evaluation.outputs.iter().enumerate() {
+            let (result, new_jobs) =
+                apply_output(tx, ctx, event, event_id, body, &evaluation, n, output, lease, now).await?;
+            results.push(result);
+            jobs.extend(new_jobs);
+        }
+        let mut entry = serde_json::to_value(&evaluation).unwrap_or_else(|_| json!({}));
+        entry["outputs"] = Value::Array(results);
+        trace.push(entry);
+    }
+    Ok((trace, jobs))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_output(
+    tx: &mut Tx,
+    ctx: &RuleContext,
+    event: &NewEvent,
+    event_id: &str,
+    body: &Arc<str>,
+    evaluation: &Evaluation,
+    n: usize,
+    output: &Output,
+    lease: &Lease,
+    now: i64,
+) -> Result<(Value, Vec<Job>), DbError> {
+    let mut result = output.describe();
+    match output {
+        Output::Deliver { endpoint_id } => {
+            let live: Option<(String,)> = tx
+                .fetch_optional(
+                    "SELECT id FROM endpoints WHERE tenant_id = $1 AND id = $2 AND enabled = $3 AND deleted_at IS NULL",
+                    args![&event.tenant_id, endpoint_id, true],
+                )
+                .await?;
+            if live.is_none() {
+                result["error"] = format!("endpoint {endpoint_id} is deleted or disabled").into();
+                return Ok((result, Vec::new()));
+            }
+            let delivery = NewDelivery {
+                tenant_id: event.tenant_id.clone(),
+                endpoint_id: endpoint_id.clone(),
+                kind: Kind::Event,
+                event_id: Some(event_id.to_string()),
+                invocation_id: None,
+                label: event.event_type.clone(),
+                idempotency_key: None,
+                body: body.clone(),
+            };
+            let jobs = outbox::insert(tx, vec![delivery], lease, now).await?;
+            result["delivery_id"] = jobs.first().map(|j| j.id.clone()).into();
+            Ok((result, jobs))
+        }
+        Output::Invoke { action, arguments } => {
+            let key = format!("{event_id}:{n}");
+            let outcome = crate::gateway::invoke::invoke_for_rule(
+                tx,
+                &ctx.validators,
+                &event.tenant_id,
+                &evaluation.rule_id,
+                &key,
+                action,
+                arguments,
+                lease,
+                now,
+            )
+            .await?;
+            result["invocation_id"] = outcome.invocation_id.into();
+            result["status"] = outcome.status.into();
+            if let Some(error) = outcome.error {
+                result["error"] = error;
+            }
+            Ok((result, outcome.job.into_iter().collect()))
+        }
+        Output::Emit { event_type, data } => {
+            if event.depth + 1 > MAX_EMIT_DEPTH {
+                result["cut"] = format!("emit chains stop at depth {MAX_EMIT_DEPTH}").into();
+                return Ok((result, Vec::new()));
+            }
+            if let Err(m) = events::check_event_type(event_type) {
+                result["error"] = m.into();
+                return Ok((result, Vec::new()));
+            }
+            let emitted = NewEvent {
+                tenant_id: event.tenant_id.clone(),
+                event_type: event_type.clone(),
+                data: data.clone(),
+                idempotency_key: None,
+                source: format!("rule:{}", evaluation.rule_id),
+                depth: event.depth + 1,
+                fanout: event.fanout.clone(),
+                rules: event.rules.clone(),
+            };
+            let mut recorded = events::record_many(tx, std::slice::from_ref(&emitted), lease, now).await?;
+            let Some(recorded) = recorded.pop() else {
+                return Ok((result, Vec::new()));
+            };
+            result["event_id"] = recorded.id.clone().into();
+            Ok((result, recorded.deliveries))
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Compiled rules and their evaluation. A tenant's rules are indexed by trigger (exact type,
+//! prefix pattern, or `*`), so an event only looks at the rules that can fire for its type;
+//! conditions and regexes were compiled when the rule was stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::condition::{Condition, Step};
+use super::template;
+use crate::http::ErrorDetail;
+
+/// What a matched rule does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Deliver the event to this endpoint.
+    Deliver {
+        /// Target endpoint.
+        endpoint_id: String,
+    },
+    /// Invoke an action with (templated) arguments, as principal `rule:<id>`.
+    Invoke {
+        /// Action name.
+        action: String,
+        /// Arguments (templates rendered at evaluation).
+        arguments: Value,
+    },
+    /// Emit a new event.
+    Emit {
+        /// Its type.
+        event_type: String,
+        /// Its data (templates rendered at evaluation).
+        data: Value,
+    },
+}
+
+impl Output {
+    fn compile(v: &Value) -> Option<Output> {
+        if let Some(d) = v.get("deliver") {
+            return Some(Output::Deliver {
+                endpoint_id: d.get("endpoint_id")?.as_str()?.to_string(),
+            });
+        }
+        if let Some(i) = v.get("invoke") {
+            return Some(Output::Invoke {
+                action: i.get("action")?.as_str()?.to_string(),
+                arguments: i.get("arguments").cloned().unwrap_or_else(|| json!({})),
+            });
+        }
+        let e = v.get("emit")?;
+        Some(Output::Emit {
+            event_type: e.get("type")?.as_str()?.to_string(),
+            data: e.get("data").cloned().unwrap_or_else(|| json!({})),
+        })
+    }
+
+    fn render(&self, doc: &Value) -> Output {
+        match self {
+            Output::Deliver { .. } => self.clone(),
+            Output::Invoke { action, arguments } => Output::Invoke {
+                action: action.clone(),
+                arguments: template::render(arguments, doc),
+            },
+            Output::Emit { event_type, data } => Output::Emit {
+                event_type: event_type.clone(),
+                data: template::render(data, doc),
+            },
+        }
+    }
+
+    /// A JSON description for traces.
+    pub fn describe(&self) -> Value {
+        match self {
+            Output::Deliver { endpoint_id } => json!({"deliver": {"endpoint_id": endpoint_id}}),
+            Output::Invoke { action, arguments } => {
+                json!({"invoke": {"action": action, "arguments": arguments}})
+            }
+            Output::Emit { event_type, data } => json!({"emit": {"type": event_type, "data": data}}),
+        }
+    }
+}
+
+/// A rule ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    /// `rul_…`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Disabled rules are stored but never fire.
+    pub enabled: bool,
+    /// The trigger pattern.
+    pub pattern: String,
+    condition: Option<Condition>,
+    outputs: Vec<Output>,
+}
+
+impl CompiledRule {
+    /// Compiles a rule that passed `schemas/rule.schema.json`; problems carry JSON pointers.
+    pub fn compile(id: &str, definition: &Value) -> Result<Self, Vec<ErrorDetail>> {
+        let condition = match definition.get("if") {
+            Some(c) => Some(Condition::compile(c, "/if")?),
+            None => None,
+        };
+        let outputs = definition
+            .get("then")
+            .and_then(Value::as_array)
+            .map(|items| items.iter().filter_map(Output::compile).collect())
+            .unwrap_or_default();
+        Ok(Self {
+            id: id.to_string(),
+            name: definition
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            enabled: definition.get("enabled").and_then(Value::as_bool).unwrap_or(true),
+            pattern: definition
+                .get("when")
+                .and_then(|w| w.get("event_type"))
+                .and_then(Value::as_str)
+                .unwrap_or("*")
+                .to_string(),
+            condition,
+            outputs,
+        })
+    }
+
+    /// The outputs as declared (before templating).
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
+    }
+
+    /// Evaluates against an event document `{"id","type","created_at","data"}`.
+    pub fn evaluate(&self, doc: &Value) -> Evaluation {
+        let mut steps = Vec::new();
+        let matched = self
+            .condition
+            .as_ref()
+            .is_none_or(|c| c.eval(doc, "/if", &mut steps));
+        Evaluation {
+            rule_id: self.id.clone(),
+            name: self.name.clone(),
+            matched,
+            conditions: steps,
+            outputs: if matched {
+                self.outputs.iter().map(|o| o.render(doc)).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// The result of evaluating one rule on one event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The rule.
+    pub rule_id: String,
+    /// Its name.
+    pub name: String,
+    /// Whether its conditions held.
+    pub matched: bool,
+    /// Every comparison evaluated, with what held.
+    pub conditions: Vec<Step>,
+    /// Rendered outputs (when matched).
+    #[serde(skip)]
+    pub outputs: Vec<Output>,
+}
+
+/// A tenant's enabled rules, indexed by trigger.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    exact: HashMap<String, Vec<Arc<CompiledRule>>>,
+    prefixed: Vec<(String, Arc<CompiledRule>)>,
+}
+
+impl RuleSet {
+    /// Indexes the enabled rules.
+    pub fn new(rules: Vec<CompiledRule>) -> Self {
+        let mut set = RuleSet::default();
+        for rule in rules.into_iter().filter(|r| r.enabled) {
+            let rule = Arc::new(rule);
+            match rule.pattern.strip_suffix('*') {
+                Some(prefix) => set.prefixed.push((prefix.to_string(), rule)),
+                None => set.exact.entry(rule.pattern.clone()).or_default().push(rule),
+            }
+        }
+        set
+    }
+
+    /// Whether there are no rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixed.is_empty()
+    }
+
+    /// The rules whose trigger matches `event_type`, in a stable order.
+    pub fn candidates(&self, event_type: &str) -> Vec<&Arc<CompiledRule>> {
+        let mut out: Vec<&Arc<CompiledRule>> = self
+            .exact
+            .get(event_type)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        out.extend(
+            self.prefixed
+                .iter()
+                .filter(|(p, _)| event_type.starts_with(p.as_str()))
+                .map(|(_, r)| r),
+        );
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Evaluates every candidate rule for an event.
+    pub fn evaluate(&self, event_type: &str, doc: &Value) -> Vec<Evaluation> {
+        self.candidates(event_type)
+            .into_iter()
+            .map(|r| r.evaluate(doc))
+            .collect()
+    }
+}

@@ -1,0 +1,417 @@
+//! `/v1/rules`: create, read, list, replace, delete, and dry runs (`/test`) that show which
+//! conditions held and the exact signed requests a rule would send — sending and writing nothing.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::engine::{CompiledRule, Output};
+use crate::db::{now_ms, rfc3339};
+use crate::delivery::endpoints;
+use crate::delivery::signing::Carries;
+use crate::http::{
+    AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Page, PageQuery, Path, Permission, Query,
+};
+use crate::registry::store;
+use crate::{AppState, args, ids};
+
+/// The rule routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rules", get(list_rules).post(create_rule))
+        .route("/v1/rules/test", post(test_unsaved))
+        .route(
+            "/v1/rules/{id}",
+            get(get_rule).put(replace_rule).delete(delete_rule),
+        )
+        .route("/v1/rules/{id}/test", post(test_saved))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct RuleRow {
+    id: String,
+    definition: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RuleRow {
+    fn to_json(&self) -> Value {
+        let mut v: Value = serde_json::from_str(&self.definition).unwrap_or_else(|_| json!({}));
+        v["id"] = self.id.clone().into();
+        v["created_at"] = rfc3339(self.created_at).into();
+        v["updated_at"] = rfc3339(self.updated_at).into();
+        v
+    }
+}
+
+/// Strips server-managed fields so a GET body can be PUT back.
+fn definition_of(mut body: Value) -> Value {
+    if let Some(map) = body.as_object_mut() {
+        for f in ["id", "created_at", "updated_at"] {
+            map.remove(f);
+        }
+    }
+    body
+}
+
+/// Schema, compilation, and references to endpoints and actions of this tenant.
+async fn check_rule(
+    state: &AppState,
+    tenant_id: &str,
+    id: &str,
+    definition: &Value,
+) -> ApiResult<CompiledRule> {
+    let rule = state.rules.check(id, definition)?;
+    let mut problems = Vec::new();
+    for (i, output) in rule.outputs().iter().enumerate() {
+        match output {
+            Output::Deliver { endpoint_id } => {
+                if endpoints::get(&state.db, tenant_id, endpoint_id).await?.is_none() {
+                    problems.push(ErrorDetail {
+                        path: format!("/then/{i}/deliver/endpoint_id"),
+                        message: format!("no endpoint {endpoint_id} in this workspace"),
+                    });
+                }
+            }
+            Output::Invoke { action, .. } => {
+                if store::get(&state.db, tenant_id, action).await?.is_none() {
+                    problems.push(ErrorDetail {
+                        path: format!("/then/{i}/invoke/action"),
+                        message: format!("no action named {action} in this workspace"),
+                    });
+                }
+            }
+            Output::Emit { .. } => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(rule)
+    } else {
+        Err(ApiError::validation(
+            "the rule refers to things that do not exist",
+            problems,
+        ))
+    }
+}
+
+async fn create_rule(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    auth.require(Permission::Manage)?;
+    let definition = definition_of(body);
+    let id = ids::new_id("rul");
+    let rule = check_rule(&state, &auth.tenant_id, &id, &definition).await?;
+    let now = now_ms();
+    state
+        .db
+        .execute(
+            "INSERT INTO rules (id, tenant_id, name, enabled, event_pattern, definition, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            args![&id, &auth.tenant_id, &rule.name, rule.enabled, &rule.pattern, definition.to_string(), now],
+        )
+        .await?;
+    state.rules.changed(&auth.tenant_id);
+    let row = RuleRow {
+        id,
+        definition: definition.to_string(),
+        created_at: now,
+        updated_at: now,
+    };
+    Ok((StatusCode::CREATED, axum::Json(row.to_json())))
+}
+
+async fn load(state: &AppState, tenant_id: &str, id: &str) -> ApiResult<RuleRow> {
+    state
+        .db
+        .fetch_optional(
+            "SELECT id, definition, created_at, updated_at FROM rules WHERE tenant_id = $1 AND id = $2",
+            args![tenant_id, id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("rule"))
+}
+
+async fn get_rule(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(load(&state, &auth.tenant_id, &id).await?.to_json()))
+}
+
+async fn list_rules(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    let limit = page.limit();
+    let rows: Vec<RuleRow> = state
+        .db
+        .fetch_all(
+            "SELECT id, definition, created_at, updated_at FROM rules WHERE tenant_id = $1 AND id < $2 \
+             ORDER BY id DESC LIMIT $3",
+            args![
+                &auth.tenant_id,
+                page.cursor.clone().unwrap_or_else(|| "~".into()),
+                limit + 1
+            ],
+        )
+        .await?;
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.id.clone()).map(|r| r.to_json()),
+    ))
+}
+
+async fn replace_rule(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::Manage)?;
+    let existing = load(&state, &auth.tenant_id, &id).await?;
+    let definition = definition_of(body);
+    let rule = check_rule(&state, &auth.tenant_id, &id, &definition).await?;
+    let now = now_ms();
+    state
+        .db
+        .execute(
+            "UPDATE rules SET name = $1, enabled = $2, event_pattern = $3, definition = $4, updated_at = $5 \
+             WHERE tenant_id = $6 AND id = $7",
+            args![
+                &rule.name,
+                rule.enabled,
+                &rule.pattern,
+                definition.to_string(),
+                now,
+                &auth.tenant_id,
+                &id
+            ],
+        )
+        .await?;
+    state.rules.changed(&auth.tenant_id);
+    let row = RuleRow {
+        id,
+        definition: definition.to_string(),
+        created_at: existing.created_at,
+        updated_at: now,
+    };
+    Ok(axum::Json(row.to_json()))
+}
+
+async fn delete_rule(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    auth.require(Permission::Manage)?;
+    let n = state
+        .db
+        .execute(
+            "DELETE FROM rules WHERE tenant_id = $1 AND id = $2",
+            args![&auth.tenant_id, &id],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("rule"));
+    }
+    state.rules.changed(&auth.tenant_id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SampleEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    data: Value,
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestSaved {
+    event: SampleEvent,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestUnsaved {
+    rule: Value,
+    event: SampleEvent,
+}
+
+async fn test_saved(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    Json(body): Json<TestSaved>,
+) -> ApiResult<axum::Json<Value>> {
+    let row = load(&state, &auth.tenant_id, &id).await?;
+    let definition: Value = serde_json::from_str(&row.definition).map_err(ApiError::internal)?;
+    let rule = state.rules.check(&id, &definition)?;
+    dry_run(&state, &auth.tenant_id, &rule, body.event)
+        .await
+        .map(axum::Json)
+}
+
+async fn test_unsaved(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Json(body): Json<TestUnsaved>,
+) -> ApiResult<axum::Json<Value>> {
+    let rule = check_rule(&state, &auth.tenant_id, "rul_unsaved", &definition_of(body.rule)).await?;
+    dry_run(&state, &auth.tenant_id, &rule, body.event)
+        .await
+        .map(axum::Json)
+}
+
+/// Evaluates `rule` on a sample event and previews every request it would cause.
+async fn dry_run(
+    state: &AppState,
+    tenant_id: &str,
+    rule: &CompiledRule,
+    event: SampleEvent,
+) -> ApiResult<Value> {
+    crate::events::check_event_type(&event.event_type)
+        .map_err(|m| ApiError::invalid_field("/event/type", m))?;
+    let now = now_ms();
+    let event_id = event.id.clone().unwrap_or_else(|| ids::new_id("evt"));
+    let doc = super::apply::document(&event_id, &event.event_type, now, &event.data);
+    let triggered = crate::glob::matches(&rule.pattern, &event.event_type)
+        || rule
+            .pattern
+            .strip_suffix('*')
+            .is_some_and(|p| event.event_type.starts_with(p));
+    let evaluation = rule.evaluate(&doc);
+    let matched = triggered && evaluation.matched;
+    let mut outputs = Vec::new();
+    if matched {
+        for output in &evaluation.outputs {
+            outputs.push(
+                preview_output(
+                    state,
+                    tenant_id,
+                    &event_id,
+                    &event.event_type,
+                    &event.data,
+                    now,
+                    output,
+                )
+                .await?,
+            );
+        }
+    }
+    Ok(json!({
+        "rule_id": rule.id,
+        "triggered": triggered,
+        "matched": matched,
+        "conditions": evaluation.conditions,
+        "outputs": outputs,
+        "sent": false,
+    }))
+}
+
+async fn preview_output(
+    state: &AppState,
+    tenant_id: &str,
+    event_id: &str,
+    event_type: &str,
+    data: &Value,
+    now: i64,
+    output: &Output,
+) -> ApiResult<Value> {
+    let mut out = output.describe();
+    match output {
+        Output::Deliver { endpoint_id } => {
+            let Some(ep) = endpoints::get(&state.db, tenant_id, endpoint_id).await? else {
+                out["error"] = "the endpoint no longer exists".into();
+                return Ok(out);
+            };
+            let body = crate::events::event_body(event_id, event_type, now, data);
+            out["request"] = crate::delivery::routes::sign_preview(
+                state,
+                &ep,
+                &ids::new_id("dlv"),
+                Carries::Event(event_type),
+                &body,
+                now,
+            )?;
+        }
+        Output::Invoke { action, arguments } => {
+            let Some(a) = store::get(&state.db, tenant_id, action).await? else {
+                out["error"] = "the action no longer exists".into();
+                return Ok(out);
+            };
+            let validator = state
+                .gateway
+                .validators
+                .get(
+                    tenant_id,
+                    action,
+                    a.version,
+                    crate::registry::validators::Which::Input,
+                    &a.declaration.input_schema,
+                )
+                .map_err(ApiError::internal)?;
+            let problems = crate::registry::model::schema_errors(&validator, arguments);
+            out["valid"] = problems.is_empty().into();
+            if !problems.is_empty() {
+                out["details"] = serde_json::to_value(problems).unwrap_or_default();
+                return Ok(out);
+            }
+            let ep = match &a.declaration.endpoint_id {
+                Some(id) => endpoints::get(&state.db, tenant_id, id).await?,
+                None => None,
+            };
+            let Some(ep) = ep else {
+                out["error"] = "the action has no endpoint".into();
+                return Ok(out);
+            };
+            let caller = crate::gateway::invoke::Caller::Rule {
+                tenant_id: tenant_id.to_string(),
+                rule_id: "preview".into(),
+            };
+            let body =
+                crate::gateway::invoke::action_request_body(&ids::new_id("inv"), &a, arguments, &caller, now);
+            out["request"] = crate::delivery::routes::sign_preview(
+                state,
+                &ep,
+                &ids::new_id("dlv"),
+                Carries::Action(action),
+                &body,
+                now,
+            )?;
+        }
+        Output::Emit {
+            event_type: emitted,
+            data: emitted_data,
+        } => {
+            let emitted_id = ids::new_id("evt");
+            let body = crate::events::event_body(&emitted_id, emitted, now, emitted_data);
+            let mut requests = Vec::new();
+            for ep in endpoints::enabled_for_tenant(&state.db, tenant_id).await? {
+                if ep.subscribes_to(emitted) {
+                    requests.push(crate::delivery::routes::sign_preview(
+                        state,
+                        &ep,
+                        &ids::new_id("dlv"),
+                        Carries::Event(emitted),
+                        &body,
+                        now,
+                    )?);
+                }
+            }
+            out["event"] = serde_json::from_str::<Value>(&body).unwrap_or_default();
+            out["requests"] = requests.into();
+        }
+    }
+    Ok(out)
+}
