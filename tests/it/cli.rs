@@ -289,7 +289,7 @@ async fn listen_verifies_prints_and_forwards_a_real_delivery() {
         .expect("address line")
         .to_string();
     endpoint(&app, &format!("{base}/hooks"), json!({"secret": secret})).await;
-    send_event(&app, "ticket.created", json!({"ticket_id": "t_1"})).await;
+    send_event(&app, "ticket.updated", json!({"ticket_id": "t_1"})).await;
 
     let forwarded = upstream.wait_for(1).await;
     assert_eq!(forwarded[0].json()["data"]["ticket_id"], "t_1");
@@ -308,7 +308,7 @@ async fn listen_verifies_prints_and_forwards_a_real_delivery() {
         seen.push('\n');
     }
     assert!(seen.contains("valid (opsiq-v1)"), "{seen}");
-    assert!(seen.contains("ticket.created"), "{seen}");
+    assert!(seen.contains("ticket.updated"), "{seen}");
 
     // A forged request is refused with the reason.
     let resp = crate::harness::http_client()

@@ -292,7 +292,7 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
             let resp = app
                 .admin(Method::POST, "/v1/events")
                 .header("Idempotency-Key", key)
-                .json(&json!({"type": "ticket.created", "data": data}))
+                .json(&json!({"type": "ticket.updated", "data": data}))
                 .send()
                 .await
                 .unwrap();
@@ -317,7 +317,7 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
                 .post(url)
                 .bearer_auth(key)
                 .header("Idempotency-Key", "k-2")
-                .json(&json!({"type": "ticket.created", "data": {"ticket_id": "t3"}}))
+                .json(&json!({"type": "ticket.updated", "data": {"ticket_id": "t3"}}))
                 .send()
                 .await
                 .unwrap();
@@ -350,7 +350,8 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
             Some(json!({"name": "v", "role": "viewer"})),
         )
         .await;
-    let body = json!({"type": "customer.signed_up", "data": {"customer_id": "c1"}});
+    let body =
+        json!({"type": "customer.signed_up", "data": {"customer_id": "c1", "email": "c1@example.com"}});
     assert_eq!(
         app.call_as(
             dev["key"].as_str().unwrap(),
@@ -394,7 +395,7 @@ async fn a_delivery_life_retries_then_gives_up(backend: Backend) {
         json!({"event_types": ["delivery.failed"]}),
     )
     .await;
-    send_event(&app, "invoice.paid", json!({"invoice_id": "in_1"})).await;
+    send_event(&app, "invoice.updated", json!({"invoice_id": "in_1"})).await;
 
     // One first attempt plus one per schedule step (3), then give up.
     let got = rx.wait_for(4).await;
@@ -463,7 +464,7 @@ async fn retry_after_is_honoured(backend: Backend) {
         }
     });
     endpoint(&app, &rx.url("/slow-down"), json!({})).await;
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let got = rx.wait_for(2).await;
     let gap = got[1].at.duration_since(got[0].at);
     assert!(
@@ -484,7 +485,7 @@ async fn gone_disables_the_endpoint(backend: Backend) {
         json!({"event_types": ["endpoint.disabled"]}),
     )
     .await;
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let alert = alerts.wait_for(1).await;
     assert_eq!(alert[0].json()["data"]["endpoint_id"], id.as_str());
     let (_, ep) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
@@ -495,7 +496,7 @@ async fn gone_disables_the_endpoint(backend: Backend) {
         .call(
             Method::POST,
             "/v1/events",
-            Some(json!({"type": "invoice.paid", "data": {}})),
+            Some(json!({"type": "invoice.updated", "data": {}})),
         )
         .await;
     assert_eq!(accepted["deliveries"], 0, "a disabled endpoint gets nothing new");
@@ -514,7 +515,7 @@ async fn replay_and_recover(backend: Backend) {
     let (endpoint_id, _) = endpoint(&app, &rx.url("/r"), json!({"event_types": ["invoice.*"]})).await;
     let since = opsiq::db::rfc3339(opsiq::db::now_ms() - 1000);
     for i in 0..3 {
-        send_event(&app, "invoice.paid", json!({"n": i})).await;
+        send_event(&app, "invoice.updated", json!({"n": i})).await;
     }
     wait_until(Duration::from_secs(30), || async {
         let (_, l) = app.call(Method::GET, "/v1/deliveries?status=failed", None).await;
@@ -603,7 +604,7 @@ async fn rotation_overlap(backend: Backend) {
     assert_eq!(shown["secret"], new.as_str());
     assert_eq!(shown["previous_secret"], old.as_str());
 
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let r = rx.wait_for(1).await.remove(0);
     let sig = r.header("x-opsiq-signature").unwrap();
     assert_eq!(
@@ -629,7 +630,7 @@ async fn rotation_overlap(backend: Backend) {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // the worker's endpoint cache lives 1 s
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let r = rx.wait_for(2).await.remove(1);
     let h = headers_of(&r);
     assert_eq!(r.header("x-opsiq-signature").unwrap().split(", ").count(), 1);
@@ -649,7 +650,7 @@ async fn redirects_are_not_followed(backend: Backend) {
     let location = target.url("/internal");
     rx.answer(move |_, _| (302, vec![("location", location.clone())], String::new()));
     endpoint(&app, &rx.url("/redirecting"), json!({})).await;
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     rx.wait_for(2).await;
     assert!(
         target.received().is_empty(),
@@ -712,7 +713,7 @@ async fn ssrf_guard_without_dev(backend: Backend) {
     let rx = Receiver::start().await;
     let port = rx.base.rsplit(':').next().unwrap().to_string();
     endpoint(&app, &format!("http://{name}:{port}/h"), json!({})).await;
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let log = eventually(Duration::from_secs(30), || async {
         let (_, list) = app.call(Method::GET, "/v1/deliveries", None).await;
         let id = list["data"][0]["id"].as_str().unwrap_or_default().to_string();
@@ -738,7 +739,7 @@ async fn retention_purges_old_deliveries(backend: Backend) {
         .await;
     let rx = Receiver::start().await;
     endpoint(&app, &rx.url("/p"), json!({})).await;
-    let event_id = send_event(&app, "invoice.paid", json!({})).await;
+    let event_id = send_event(&app, "invoice.updated", json!({})).await;
     let delivery_id = rx.wait_for(1).await[0].header("x-opsiq-id").unwrap().to_string();
     assert_eq!(
         app.call(Method::GET, &format!("/v1/deliveries/{delivery_id}"), None)
@@ -803,7 +804,7 @@ async fn standard_webhooks_scheme(backend: Backend) {
         json!({"signature_scheme": "standard-webhooks"}),
     )
     .await;
-    send_event(&app, "invoice.paid", json!({"amount": 42})).await;
+    send_event(&app, "invoice.updated", json!({"amount": 42})).await;
     let r = rx.wait_for(1).await.remove(0);
     assert_eq!(r.header("webhook-id"), r.header("x-opsiq-id"));
     assert!(r.header("webhook-signature").unwrap().starts_with("v1,"));
@@ -828,7 +829,7 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
         }
     });
     endpoint(&app, &rx.url("/e"), json!({})).await;
-    send_event(&app, "invoice.paid", json!({})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
     let got = rx.wait_for(2).await;
     assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
 }

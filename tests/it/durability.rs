@@ -31,7 +31,7 @@ async fn post_events(base: &str, key: &str, n: usize, tag: &str) -> Vec<String> 
             .post(format!("{base}/v1/events"))
             .bearer_auth(key)
             .header("Idempotency-Key", format!("{tag}-{i}"))
-            .json(&json!({"type": "invoice.paid", "data": {"n": i, "tag": tag}}))
+            .json(&json!({"type": "invoice.updated", "data": {"n": i, "tag": tag}}))
             .send()
             .await
             .unwrap();

@@ -11,4 +11,5 @@ mod foundation;
 mod gateway;
 mod process;
 mod receiver;
+mod rules;
 mod samples;

@@ -1,0 +1,607 @@
+//! Events, subscriptions and rules: catalog validation, subscription patterns, conditions and
+//! their traces, templated `invoke`, `emit` chains and their cut, malformed rules, dry runs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::delivery::{endpoint, send_event};
+use crate::dual;
+use crate::gateway::{World, world};
+use crate::harness::{Backend, TestApp, error_code, eventually};
+use crate::receiver::Receiver;
+
+dual!(
+    subscription_patterns_fan_out,
+    the_catalog_validates_typed_events,
+    conditions_are_evaluated_and_traced,
+    invoke_outputs_reach_the_action_endpoint_with_typed_arguments,
+    emit_reaches_subscribers_and_chains_are_cut,
+    malformed_rules_are_refused,
+    dry_runs_send_and_write_nothing,
+);
+
+async fn count(app: &TestApp, path: &str) -> usize {
+    app.call(Method::GET, path, None).await.1["data"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
+}
+
+async fn subscription_patterns_fan_out(backend: Backend) {
+    let World { app, rx: _ } = world(backend).await;
+    let rx = Receiver::start().await;
+    endpoint(&app, &rx.url("/all"), json!({"event_types": ["*"]})).await;
+    endpoint(&app, &rx.url("/invoices"), json!({"event_types": ["invoice.*"]})).await;
+    endpoint(&app, &rx.url("/paid"), json!({"event_types": ["invoice.paid"]})).await;
+    endpoint(
+        &app,
+        &rx.url("/tickets"),
+        json!({"event_types": ["ticket.created", "customer.*"]}),
+    )
+    .await;
+    send_event(
+        &app,
+        "invoice.paid",
+        json!({"invoice_id": "in_1", "amount": 100, "currency": "eur"}),
+    )
+    .await;
+    send_event(&app, "invoice.voided", json!({"invoice_id": "in_1"})).await;
+    send_event(
+        &app,
+        "ticket.created",
+        json!({"ticket_id": "t", "subject": "s", "priority": "low"}),
+    )
+    .await;
+    send_event(&app, "custom.thing", json!({"x": 1})).await;
+    let got = rx.wait_for(8).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut by_path: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rx.received() {
+        by_path
+            .entry(r.target.clone())
+            .or_default()
+            .push(r.header("x-opsiq-event").unwrap().to_string());
+    }
+    assert_eq!(got.len(), 8, "{by_path:?}");
+    assert_eq!(by_path["/all"].len(), 4);
+    assert_eq!(by_path["/invoices"].len(), 2);
+    assert_eq!(by_path["/paid"], vec!["invoice.paid"]);
+    assert_eq!(by_path["/tickets"], vec!["ticket.created"]);
+}
+
+async fn the_catalog_validates_typed_events(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (_, types) = app.call(Method::GET, "/v1/event-types", None).await;
+    let names: Vec<&str> = types["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for builtin in [
+        "invoice.paid",
+        "ticket.created",
+        "customer.signed_up",
+        "license.expired",
+        "chat.human_requested",
+        "action.invoked",
+        "action.succeeded",
+        "action.failed",
+        "delivery.failed",
+        "endpoint.disabled",
+        "approval.requested",
+    ] {
+        assert!(names.contains(&builtin), "{builtin} missing");
+    }
+    let post = |t: &str, data: Value| {
+        let app = &app;
+        let t = t.to_string();
+        async move {
+            app.call(Method::POST, "/v1/events", Some(json!({"type": t, "data": data})))
+                .await
+        }
+    };
+    let (status, body) = post(
+        "invoice.paid",
+        json!({"invoice_id": "in_1", "amount": "lots", "extra": true}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"/data/amount"), "{paths:?}");
+    assert!(
+        body["error"]["details"].to_string().contains("currency"),
+        "missing required fields are named: {body}"
+    );
+    assert_eq!(
+        post(
+            "invoice.paid",
+            json!({"invoice_id": "in_1", "amount": 5, "currency": "eur", "note": "extra ok"})
+        )
+        .await
+        .0,
+        202
+    );
+    let (status, _) = post(
+        "ticket.created",
+        json!({"ticket_id": "t", "subject": "s", "priority": "whenever"}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        post("anything.custom", json!({"free": ["form"]})).await.0,
+        202,
+        "undeclared types are free-form"
+    );
+
+    let custom = json!({"name": "order.shipped", "description": "An order left the warehouse",
+        "schema": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}});
+    let (status, created) = app
+        .call(Method::POST, "/v1/event-types", Some(custom.clone()))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        app.call(Method::POST, "/v1/event-types", Some(custom)).await.0,
+        409
+    );
+    assert_eq!(post("order.shipped", json!({})).await.0, 422);
+    assert_eq!(post("order.shipped", json!({"order_id": "o1"})).await.0, 202);
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/event-types",
+            Some(json!({"name": "no.schema", "description": "free"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(post("no.schema", json!({"anything": 1})).await.0, 202);
+    let bad =
+        json!({"name": "bad.schema", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}});
+    let (status, body) = app.call(Method::POST, "/v1/event-types", Some(bad)).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["details"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/schema")
+    );
+    assert_eq!(
+        app.call(
+            Method::POST,
+            "/v1/event-types",
+            Some(json!({"name": "invoice.paid"}))
+        )
+        .await
+        .0,
+        409
+    );
+    let (status, one) = app.call(Method::GET, "/v1/event-types/order.shipped", None).await;
+    assert_eq!((status, one["builtin"].as_bool()), (200, Some(false)));
+    // Another tenant does not see this tenant's custom types.
+    let (_, other) = app.new_tenant("globex").await;
+    assert_eq!(
+        app.call_as(&other, Method::GET, "/v1/event-types/order.shipped", None)
+            .await
+            .0,
+        404
+    );
+}
+
+async fn create_rule(app: &TestApp, rule: Value) -> String {
+    let (status, body) = app.call(Method::POST, "/v1/rules", Some(rule)).await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+async fn conditions_are_evaluated_and_traced(backend: Backend) {
+    let World { app, rx: _ } = world(backend).await;
+    let escalations = Receiver::start().await;
+    let (ep, _) = endpoint(
+        &app,
+        &escalations.url("/escalations"),
+        json!({"event_types": ["none.*"]}),
+    )
+    .await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "Escalate enterprise outages", "enabled": true,
+            "when": {"event_type": "ticket.*"},
+            "if": {"all": [{"field": "data.customer.tier", "op": "eq", "value": "enterprise"},
+                           {"field": "data.priority", "op": "in", "value": ["high", "urgent"]},
+                           {"any": [{"field": "data.subject", "op": "contains", "value": "outage"},
+                                    {"not": {"field": "data.tags", "op": "contains", "value": "test"}}]}]},
+            "then": [{"deliver": {"endpoint_id": ep}}]}),
+    )
+    .await;
+    let ticket = |tier: Value, priority: &str, subject: &str, tags: Value| json!({"ticket_id": "t1", "subject": subject, "priority": priority, "customer": {"id": "c", "tier": tier}, "tags": tags});
+    let matching = send_event(
+        &app,
+        "ticket.created",
+        ticket(json!("enterprise"), "urgent", "Checkout OUTAGE", json!(["test"])),
+    )
+    .await;
+    let via_not = send_event(
+        &app,
+        "ticket.updated",
+        ticket(json!("enterprise"), "high", "slow page", json!(["prod"])),
+    )
+    .await;
+    let wrong_tier = send_event(
+        &app,
+        "ticket.created",
+        ticket(json!("pro"), "urgent", "outage", json!([])),
+    )
+    .await;
+    // ticket.updated is undeclared (free-form), so a number may stand where the rule expects a string.
+    let mismatched_type = send_event(
+        &app,
+        "ticket.updated",
+        ticket(json!(3), "urgent", "outage", json!([])),
+    )
+    .await;
+    let missing = send_event(
+        &app,
+        "ticket.created",
+        json!({"ticket_id": "t", "subject": "outage", "priority": "urgent"}),
+    )
+    .await;
+    let got = escalations.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(escalations.received().len(), 2);
+    let ids: Vec<String> = got
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&matching) && ids.contains(&via_not));
+
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{matching}"), None)
+        .await;
+    let trace = &event["rules"][0];
+    assert_eq!(trace["rule_id"], rule_id.as_str());
+    assert_eq!(trace["matched"], true);
+    assert_eq!(trace["conditions"].as_array().unwrap().len(), 4);
+    assert_eq!(trace["conditions"][0]["held"], true);
+    assert_eq!(trace["conditions"][3]["at"], "/if/all/2/any/1/not");
+    assert!(
+        trace["outputs"][0]["delivery_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("dlv_")
+    );
+    for (id, why) in [
+        (&wrong_tier, "wrong tier"),
+        (&mismatched_type, "number vs string"),
+        (&missing, "missing fields"),
+    ] {
+        let (_, event) = app.call(Method::GET, &format!("/v1/events/{id}"), None).await;
+        assert_eq!(event["rules"][0]["matched"], false, "{why}: {event}");
+        assert_eq!(event["rules"][0]["conditions"][0]["held"], false, "{why}");
+    }
+    // Events no rule is triggered by carry no trace.
+    let other = send_event(
+        &app,
+        "invoice.paid",
+        json!({"invoice_id": "i", "amount": 1, "currency": "eur"}),
+    )
+    .await;
+    assert_eq!(
+        app.call(Method::GET, &format!("/v1/events/{other}"), None)
+            .await
+            .1["rules"],
+        json!([])
+    );
+
+    // Disabling the rule stops it at once.
+    let (_, mut rule) = app.call(Method::GET, &format!("/v1/rules/{rule_id}"), None).await;
+    rule["enabled"] = false.into();
+    assert_eq!(
+        app.call(Method::PUT, &format!("/v1/rules/{rule_id}"), Some(rule))
+            .await
+            .0,
+        200
+    );
+    send_event(
+        &app,
+        "ticket.created",
+        ticket(json!("enterprise"), "urgent", "outage", json!([])),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(escalations.received().len(), 2);
+}
+
+async fn invoke_outputs_reach_the_action_endpoint_with_typed_arguments(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "Goodwill extension", "when": {"event_type": "license.expired"},
+            "if": {"field": "data.plan", "op": "starts_with", "value": "enterprise"},
+            "then": [{"invoke": {"action": "extend_license",
+                                 "arguments": {"license_id": "{{data.license_id}}", "days": "{{data.grace_days}}",
+                                               "reason": "auto-extended for {{data.customer_id}}"}}}]}),
+    )
+    .await;
+    let event_id = send_event(
+        &app,
+        "license.expired",
+        json!({"license_id": "lic_9", "customer_id": "cus_1", "plan": "enterprise-annual", "grace_days": 7}),
+    )
+    .await;
+    let got = rx.wait_for(1).await;
+    let body = got[0].json();
+    assert_eq!(got[0].header("x-opsiq-action"), Some("extend_license"));
+    assert_eq!(body["arguments"]["license_id"], "lic_9");
+    assert_eq!(
+        body["arguments"]["days"], 7,
+        "a whole-string template keeps the number type"
+    );
+    assert_eq!(body["arguments"]["reason"], "auto-extended for cus_1");
+    assert_eq!(body["agent"]["id"], format!("rule:{rule_id}"));
+
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+        .await;
+    let invocation_id = event["rules"][0]["outputs"][0]["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let invocation = eventually(Duration::from_secs(30), || async {
+        let (_, inv) = app
+            .call(Method::GET, &format!("/v1/invocations/{invocation_id}"), None)
+            .await;
+        (inv["status"] == "succeeded").then_some(inv)
+    })
+    .await;
+    assert_eq!(invocation["principal"], format!("rule:{rule_id}"));
+
+    // Arguments that fail the schema are recorded as a failed invocation, never delivered.
+    send_event(
+        &app,
+        "license.expired",
+        json!({"license_id": "BAD", "customer_id": "c", "plan": "enterprise", "grace_days": 90}),
+    )
+    .await;
+    let failed = eventually(Duration::from_secs(10), || async {
+        let (_, list) = app.call(Method::GET, "/v1/invocations?status=failed", None).await;
+        list["data"].as_array().and_then(|d| d.first().cloned())
+    })
+    .await;
+    assert_eq!(failed["error"]["code"], "validation_failed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1);
+}
+
+async fn emit_reaches_subscribers_and_chains_are_cut(backend: Backend) {
+    let World { app, rx: _ } = world(backend).await;
+    let subscriber = Receiver::start().await;
+    endpoint(
+        &app,
+        &subscriber.url("/escalations"),
+        json!({"event_types": ["escalation.*"]}),
+    )
+    .await;
+    create_rule(
+        &app,
+        json!({"name": "Open escalation", "when": {"event_type": "chat.human_requested"},
+            "then": [{"emit": {"type": "escalation.opened", "data": {"conversation": "{{data.conversation_id}}", "source": "chat"}}}]}),
+    )
+    .await;
+    let parent = send_event(&app, "chat.human_requested", json!({"conversation_id": "conv_5"})).await;
+    let got = subscriber.wait_for(1).await;
+    let emitted = got[0].json();
+    assert_eq!(emitted["type"], "escalation.opened");
+    assert_eq!(emitted["data"]["conversation"], "conv_5");
+    let (_, event) = app.call(Method::GET, &format!("/v1/events/{parent}"), None).await;
+    assert_eq!(event["rules"][0]["outputs"][0]["event_id"], emitted["id"]);
+    let (_, child) = app
+        .call(
+            Method::GET,
+            &format!("/v1/events/{}", emitted["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert!(child["source"].as_str().unwrap().starts_with("rule:"));
+
+    // A rule that re-emits what triggers it is cut at depth 8.
+    create_rule(
+        &app,
+        json!({"name": "Loop", "when": {"event_type": "loop.*"},
+            "then": [{"emit": {"type": "loop.again", "data": {"n": "{{data.n}}"}}}]}),
+    )
+    .await;
+    send_event(&app, "loop.start", json!({"n": 1})).await;
+    let loops = count(&app, "/v1/events?type=loop.again&limit=100").await;
+    assert_eq!(loops, 8, "eight emitted events, then the chain stops");
+    let (_, last) = app
+        .call(Method::GET, "/v1/events?type=loop.again&limit=1", None)
+        .await;
+    let last_id = last["data"][0]["id"].as_str().unwrap();
+    let (_, last) = app
+        .call(Method::GET, &format!("/v1/events/{last_id}"), None)
+        .await;
+    assert!(
+        last["rules"][0]["outputs"][0]["cut"]
+            .as_str()
+            .unwrap()
+            .contains("depth 8"),
+        "{last}"
+    );
+}
+
+async fn malformed_rules_are_refused(backend: Backend) {
+    let World { app, rx: _ } = world(backend).await;
+    let base = |cond: Value, then: Value| json!({"name": "r", "when": {"event_type": "ticket.*"}, "if": cond, "then": then});
+    let deliver_nowhere = json!([{"deliver": {"endpoint_id": "ep_missing"}}]);
+    let (ep, _) = endpoint(&app, "http://127.0.0.1:9/x", json!({})).await;
+    let ok_then = json!([{"deliver": {"endpoint_id": ep}}]);
+    let cases = [
+        (
+            base(
+                json!({"field": "data.x", "op": "approximately", "value": 1}),
+                ok_then.clone(),
+            ),
+            "/if",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "matches", "value": "([unclosed"}),
+                ok_then.clone(),
+            ),
+            "/if/value",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "matches", "value": "(x{1,1000}){1,1000}(y{1,1000}){1,1000}"}),
+                ok_then.clone(),
+            ),
+            "/if/value",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "in", "value": "not-a-list"}),
+                ok_then.clone(),
+            ),
+            "/if",
+        ),
+        (base(json!({"all": []}), ok_then.clone()), "/if"),
+        (
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                deliver_nowhere,
+            ),
+            "/then/0/deliver/endpoint_id",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                json!([{"invoke": {"action": "no_such_action"}}]),
+            ),
+            "/then/0/invoke/action",
+        ),
+        (
+            base(json!({"field": "data.x", "op": "eq", "value": 1}), json!([])),
+            "/then",
+        ),
+        (
+            json!({"name": "r", "when": {"event_type": "bad type"}, "then": ok_then.clone()}),
+            "/when/event_type",
+        ),
+        (json!({"when": {"event_type": "x"}, "then": ok_then.clone()}), "/"),
+        (
+            json!({"name": "r", "when": {"event_type": "x"}, "then": ok_then.clone(), "surprise": 1}),
+            "/",
+        ),
+    ];
+    for (rule, path) in cases {
+        let (status, body) = app.call(Method::POST, "/v1/rules", Some(rule.clone())).await;
+        assert_eq!(status, 422, "{rule}: {body}");
+        assert_eq!(error_code(&body), "validation_failed");
+        let details = body["error"]["details"].as_array().unwrap();
+        assert!(
+            details
+                .iter()
+                .any(|d| d["path"].as_str().unwrap().starts_with(path)),
+            "{rule}: expected {path} in {body}"
+        );
+    }
+    assert_eq!(count(&app, "/v1/rules").await, 0, "nothing half-written");
+    let (status, _) = app.call(Method::GET, "/v1/rules/rul_nope", None).await;
+    assert_eq!(status, 404);
+}
+
+async fn dry_runs_send_and_write_nothing(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    let escalations = Receiver::start().await;
+    let (ep, secret) = endpoint(
+        &app,
+        &escalations.url("/esc?src=rules"),
+        json!({"event_types": ["escalation.*"]}),
+    )
+    .await;
+    let rule = json!({"name": "Everything", "when": {"event_type": "ticket.*"},
+        "if": {"field": "data.priority", "op": "eq", "value": "urgent"},
+        "then": [{"deliver": {"endpoint_id": ep}},
+                 {"invoke": {"action": "create_ticket", "arguments": {"customer_id": "{{data.customer.id}}", "subject": "Follow up {{data.ticket_id}}", "body": "auto"}}},
+                 {"emit": {"type": "escalation.opened", "data": {"ticket": "{{data.ticket_id}}"}}}]});
+    let rule_id = create_rule(&app, rule.clone()).await;
+    let before = (
+        count(&app, "/v1/events").await,
+        count(&app, "/v1/deliveries").await,
+        count(&app, "/v1/invocations").await,
+    );
+    let sample = json!({"type": "ticket.created", "data": {"ticket_id": "t_1", "subject": "x", "priority": "urgent", "customer": {"id": "cus_2"}}});
+    let (status, saved) = app
+        .call(
+            Method::POST,
+            &format!("/v1/rules/{rule_id}/test"),
+            Some(json!({"event": sample})),
+        )
+        .await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["matched"], true);
+    assert_eq!(saved["sent"], false);
+    let outputs = saved["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 3);
+    let request = &outputs[0]["request"];
+    assert!(request["url"].as_str().unwrap().ends_with("/esc?src=rules"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    opsiq::delivery::verify::verify_opsiq_v1(
+        &[secret.as_str()],
+        request["headers"].as_object().unwrap(),
+        "/esc?src=rules",
+        request["body"].as_str().unwrap().as_bytes(),
+        now,
+    )
+    .expect("the previewed request is signed exactly as it would be sent");
+    assert_eq!(outputs[1]["valid"], true, "{}", outputs[1]);
+    let invoke_body: Value = serde_json::from_str(outputs[1]["request"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(invoke_body["arguments"]["customer_id"], "cus_2");
+    assert_eq!(
+        outputs[2]["requests"].as_array().unwrap().len(),
+        1,
+        "the emitted event would reach the escalation endpoint"
+    );
+
+    let (status, unsaved) = app
+        .call(
+            Method::POST,
+            "/v1/rules/test",
+            Some(json!({"rule": rule, "event": {"type": "ticket.created", "data": {"priority": "low"}}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{unsaved}");
+    assert_eq!(unsaved["matched"], false);
+    assert_eq!(unsaved["conditions"][0]["held"], false);
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/rules/test",
+            Some(json!({"rule": {"name": "x"}, "event": {"type": "ticket.created"}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = (
+        count(&app, "/v1/events").await,
+        count(&app, "/v1/deliveries").await,
+        count(&app, "/v1/invocations").await,
+    );
+    assert_eq!(before, after, "a dry run writes nothing");
+    assert!(
+        escalations.received().is_empty() && rx.received().is_empty(),
+        "a dry run sends nothing"
+    );
+}
