@@ -125,11 +125,67 @@ fn has_subject(subs: Dynamic, sub: Dynamic) -> Dynamic {
     subs.split(' ').any(|s| s == sub).into()
 }
 
-struct Loaded {
-    version: i64,
+/// A built enforcer over a fixed set of rows; decides without caching.
+pub struct Compiled {
     enforcer: Enforcer,
     /// Rows per tenant (and `*`), to explain denials.
     rows: HashMap<String, Vec<PolicyRow>>,
+}
+
+impl Compiled {
+    /// Builds the enforcer from the model and rows: `(domain, row)` with domain a tenant id or `*`.
+    pub async fn new(model_text: &str, rows: Vec<(String, PolicyRow)>) -> Result<Self, PolicyError> {
+        let model = DefaultModel::from_str(model_text).await?;
+        let mut enforcer = Enforcer::new(model, MemoryAdapter::default()).await?;
+        enforcer.add_function("hasSubject", OperatorFunction::Arg2(has_subject));
+        enforcer.add_function("globMatch", OperatorFunction::Arg2(glob_match_fn));
+        let casbin_rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|(dom, r)| {
+                vec![
+                    r.subject.clone(),
+                    dom.clone(),
+                    r.object.clone(),
+                    r.act.clone(),
+                    r.effect.clone(),
+                ]
+            })
+            .collect();
+        if !casbin_rows.is_empty() {
+            enforcer.add_policies(casbin_rows).await?;
+        }
+        let mut by_domain: HashMap<String, Vec<PolicyRow>> = HashMap::new();
+        for (dom, row) in rows {
+            by_domain.entry(dom).or_default().push(row);
+        }
+        Ok(Self {
+            enforcer,
+            rows: by_domain,
+        })
+    }
+
+    /// Whether `subjects` may invoke `action` in `tenant_id` (casbin, deny wins).
+    pub fn decide(
+        &self,
+        tenant_id: &str,
+        subjects: &[String],
+        action: &str,
+    ) -> Result<Decision, PolicyError> {
+        let subs = subjects.join(" ");
+        if self
+            .enforcer
+            .enforce((subs.as_str(), tenant_id, action, "invoke"))?
+        {
+            Ok(Decision::Allow)
+        } else {
+            Ok(explain_denial(&self.rows, tenant_id, subjects, action))
+        }
+    }
+}
+
+struct Loaded {
+    version: i64,
+    compiled: Compiled,
     decisions: HashMap<(String, String, String), Decision>,
 }
 
@@ -214,50 +270,31 @@ impl Policy {
     }
 
     async fn build(&self, db: &Database, version: i64) -> Result<Loaded, PolicyError> {
-        let model = DefaultModel::from_str(&self.model_text).await?;
-        let mut enforcer = Enforcer::new(model, MemoryAdapter::default()).await?;
-        enforcer.add_function("hasSubject", OperatorFunction::Arg2(has_subject));
-        enforcer.add_function("globMatch", OperatorFunction::Arg2(glob_match_fn));
         let stored: Vec<(String, String, String, String, String)> = db
             .fetch_all(
                 "SELECT tenant_id, subject, object, act, effect FROM policy_rows ORDER BY tenant_id, position",
                 args![],
             )
             .await?;
-        let mut rows: HashMap<String, Vec<PolicyRow>> = HashMap::new();
-        rows.insert("*".into(), self.file_rows.clone());
-        let mut casbin_rows = Vec::new();
-        for r in &self.file_rows {
-            casbin_rows.push(vec![
-                r.subject.clone(),
-                "*".into(),
-                r.object.clone(),
-                r.act.clone(),
-                r.effect.clone(),
-            ]);
-        }
-        for (tenant, subject, object, act, effect) in stored {
-            casbin_rows.push(vec![
-                subject.clone(),
-                tenant.clone(),
-                object.clone(),
-                act.clone(),
-                effect.clone(),
-            ]);
-            rows.entry(tenant).or_default().push(PolicyRow {
-                subject,
-                object,
-                act,
-                effect,
-            });
-        }
-        if !casbin_rows.is_empty() {
-            enforcer.add_policies(casbin_rows).await?;
-        }
+        let rows = self
+            .file_rows
+            .iter()
+            .map(|r| ("*".to_string(), r.clone()))
+            .chain(stored.into_iter().map(|(tenant, subject, object, act, effect)| {
+                (
+                    tenant,
+                    PolicyRow {
+                        subject,
+                        object,
+                        act,
+                        effect,
+                    },
+                )
+            }))
+            .collect();
         Ok(Loaded {
             version,
-            enforcer,
-            rows,
+            compiled: Compiled::new(&self.model_text, rows).await?,
             decisions: HashMap::new(),
         })
     }
@@ -285,14 +322,7 @@ impl Policy {
             *guard = Some(self.build(db, version).await?);
         }
         let loaded = guard.as_mut().expect("just built");
-        let allowed = loaded
-            .enforcer
-            .enforce((key.1.as_str(), tenant_id, action, "invoke"))?;
-        let decision = if allowed {
-            Decision::Allow
-        } else {
-            explain_denial(&loaded.rows, tenant_id, subjects, action)
-        };
+        let decision = loaded.compiled.decide(tenant_id, subjects, action)?;
         if loaded.decisions.len() > 100_000 {
             loaded.decisions.clear();
         }

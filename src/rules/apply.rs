@@ -54,15 +54,18 @@ pub async fn run_rules(
     let mut trace = Vec::with_capacity(evaluations.len());
     let mut jobs = Vec::new();
     for evaluation in evaluations {
-        let mut results = Vec::with_capacity(evaluation.outputs.len());
-        for (n, output) in evaluation.outputs.iter().enumerate() {
-            let (result, new_jobs) =
-                apply_output(tx, ctx, event, event_id, body, &evaluation, n, output, lease, now).await?;
-            results.push(result);
-            jobs.extend(new_jobs);
+        let mut entry = evaluation.trace();
+        if evaluation.matched {
+            let outputs = evaluation.rule.render_outputs(&doc);
+            let mut results = Vec::with_capacity(outputs.len());
+            for (n, output) in outputs.iter().enumerate() {
+                let (result, new_jobs) =
+                    apply_output(tx, ctx, event, event_id, body, &evaluation, n, output, lease, now).await?;
+                results.push(result);
+                jobs.extend(new_jobs);
+            }
+            entry["outputs"] = Value::Array(results);
         }
-        let mut entry = serde_json::to_value(&evaluation).unwrap_or_else(|_| json!({}));
-        entry["outputs"] = Value::Array(results);
         trace.push(entry);
     }
     Ok((trace, jobs))
@@ -114,7 +117,7 @@ async fn apply_output(
                 tx,
                 &ctx.validators,
                 &event.tenant_id,
-                &evaluation.rule_id,
+                &evaluation.rule.id,
                 &key,
                 action,
                 arguments,
@@ -143,7 +146,7 @@ async fn apply_output(
                 event_type: event_type.clone(),
                 data: data.clone(),
                 idempotency_key: None,
-                source: format!("rule:{}", evaluation.rule_id),
+                source: format!("rule:{}", evaluation.rule.id),
                 depth: event.depth + 1,
                 fanout: event.fanout.clone(),
                 rules: event.rules.clone(),

@@ -66,6 +66,8 @@ impl Op {
 /// One compiled comparison.
 #[derive(Debug, Clone)]
 pub struct Comparison {
+    /// JSON pointer of this comparison inside its rule, fixed at compile time.
+    at: String,
     field: String,
     path: Vec<String>,
     op: Op,
@@ -169,13 +171,51 @@ impl Condition {
         } else {
             None
         };
+        let value = match (op, value) {
+            // Compared case-insensitively: lower-case the needle once, here.
+            (Op::Contains, Value::String(s)) => Value::String(s.to_lowercase()),
+            (_, v) => v,
+        };
         Ok(Condition::Compare(Comparison {
+            at: at.to_string(),
             path: field.split('.').map(str::to_string).collect(),
             field,
             op,
             value,
             regex,
         }))
+    }
+
+    /// Evaluates against `doc` without allocating beyond `held`, which receives one flag per
+    /// comparison in document order (every comparison is evaluated, for complete traces).
+    pub fn holds(&self, doc: &Value, held: &mut Vec<bool>) -> bool {
+        match self {
+            Condition::All(children) => children.iter().fold(true, |acc, c| c.holds(doc, held) & acc),
+            Condition::Any(children) => children.iter().fold(false, |acc, c| c.holds(doc, held) | acc),
+            Condition::Not(inner) => !inner.holds(doc, held),
+            Condition::Compare(c) => {
+                let h = c.holds(lookup(doc, &c.path));
+                held.push(h);
+                h
+            }
+        }
+    }
+
+    /// The comparisons in document order (matching the flags of [`holds`](Self::holds)).
+    pub fn comparisons(&self) -> Vec<&Comparison> {
+        let mut out = Vec::new();
+        self.collect(&mut out);
+        out
+    }
+
+    fn collect<'c>(&'c self, out: &mut Vec<&'c Comparison>) {
+        match self {
+            Condition::All(children) | Condition::Any(children) => {
+                children.iter().for_each(|c| c.collect(out))
+            }
+            Condition::Not(inner) => inner.collect(out),
+            Condition::Compare(c) => out.push(c),
+        }
     }
 
     /// Evaluates against `doc`, appending a step per comparison evaluated to `trace`.
@@ -242,7 +282,22 @@ fn order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
     }
 }
 
+/// Whether `hay` contains `needle_lower` (already lower-case), ignoring case; allocation-free for
+/// ASCII text.
+fn contains_ignoring_case(hay: &str, needle_lower: &str) -> bool {
+    if hay.is_ascii() && needle_lower.is_ascii() {
+        let (h, n) = (hay.as_bytes(), needle_lower.as_bytes());
+        return n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    }
+    hay.to_lowercase().contains(needle_lower)
+}
+
 impl Comparison {
+    /// A JSON description for traces: where it is in the rule and what it compares.
+    pub fn describe(&self, held: bool) -> Value {
+        serde_json::json!({"at": self.at, "field": self.field, "op": self.op, "value": self.value, "held": held})
+    }
+
     fn holds(&self, actual: Option<&Value>) -> bool {
         if self.op == Op::Exists {
             let wanted = self.value.as_bool().unwrap_or(true);
@@ -264,9 +319,7 @@ impl Comparison {
                 items.iter().any(|i| same_type(actual, i)) && !items.iter().any(|i| json_eq(actual, i))
             }),
             Op::Contains => match (actual, v) {
-                (Value::String(hay), Value::String(needle)) => {
-                    hay.to_lowercase().contains(&needle.to_lowercase())
-                }
+                (Value::String(hay), Value::String(needle)) => contains_ignoring_case(hay, needle),
                 (Value::Array(items), needle) => items.iter().any(|i| json_eq(i, needle)),
                 _ => false,
             },

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::condition::{Condition, Step};
@@ -94,6 +93,8 @@ pub struct CompiledRule {
     /// The trigger pattern.
     pub pattern: String,
     condition: Option<Condition>,
+    /// How many comparisons the condition has (to size the trace once).
+    comparisons: usize,
     outputs: Vec<Output>,
 }
 
@@ -109,7 +110,9 @@ impl CompiledRule {
             .and_then(Value::as_array)
             .map(|items| items.iter().filter_map(Output::compile).collect())
             .unwrap_or_default();
+        let comparisons = condition.as_ref().map_or(0, |c| c.comparisons().len());
         Ok(Self {
+            comparisons,
             id: id.to_string(),
             name: definition
                 .get("name")
@@ -133,41 +136,58 @@ impl CompiledRule {
         &self.outputs
     }
 
-    /// Evaluates against an event document `{"id","type","created_at","data"}`.
-    pub fn evaluate(&self, doc: &Value) -> Evaluation {
+    /// Checks the conditions against an event document (cheap: no trace, no templating).
+    pub fn check(self: &Arc<Self>, doc: &Value) -> Evaluation {
+        let mut held = Vec::with_capacity(self.comparisons);
+        let matched = self.condition.as_ref().is_none_or(|c| c.holds(doc, &mut held));
+        Evaluation {
+            rule: self.clone(),
+            matched,
+            held,
+        }
+    }
+
+    /// Evaluates with a full trace (what each field held), for dry runs.
+    pub fn explain(&self, doc: &Value) -> (bool, Vec<Step>) {
         let mut steps = Vec::new();
         let matched = self
             .condition
             .as_ref()
             .is_none_or(|c| c.eval(doc, "/if", &mut steps));
-        Evaluation {
-            rule_id: self.id.clone(),
-            name: self.name.clone(),
-            matched,
-            conditions: steps,
-            outputs: if matched {
-                self.outputs.iter().map(|o| o.render(doc)).collect()
-            } else {
-                Vec::new()
-            },
-        }
+        (matched, steps)
+    }
+
+    /// The outputs with templates rendered against `doc`.
+    pub fn render_outputs(&self, doc: &Value) -> Vec<Output> {
+        self.outputs.iter().map(|o| o.render(doc)).collect()
     }
 }
 
-/// The result of evaluating one rule on one event.
-#[derive(Debug, Clone, Serialize)]
+/// The result of checking one rule against one event.
+#[derive(Debug, Clone)]
 pub struct Evaluation {
     /// The rule.
-    pub rule_id: String,
-    /// Its name.
-    pub name: String,
+    pub rule: Arc<CompiledRule>,
     /// Whether its conditions held.
     pub matched: bool,
-    /// Every comparison evaluated, with what held.
-    pub conditions: Vec<Step>,
-    /// Rendered outputs (when matched).
-    #[serde(skip)]
-    pub outputs: Vec<Output>,
+    /// One flag per comparison, in document order.
+    pub held: Vec<bool>,
+}
+
+impl Evaluation {
+    /// The trace stored on the event: which rule, whether it matched, which conditions held.
+    pub fn trace(&self) -> Value {
+        let conditions: Vec<Value> = match &self.rule.condition {
+            Some(c) => c
+                .comparisons()
+                .iter()
+                .zip(&self.held)
+                .map(|(cmp, h)| cmp.describe(*h))
+                .collect(),
+            None => Vec::new(),
+        };
+        json!({"rule_id": self.rule.id, "name": self.rule.name, "matched": self.matched, "conditions": conditions})
+    }
 }
 
 /// A tenant's enabled rules, indexed by trigger.
@@ -179,7 +199,9 @@ pub struct RuleSet {
 
 impl RuleSet {
     /// Indexes the enabled rules.
-    pub fn new(rules: Vec<CompiledRule>) -> Self {
+    pub fn new(mut rules: Vec<CompiledRule>) -> Self {
+        // Sorted once here, so every bucket is in id order and candidates merge without sorting.
+        rules.sort_by(|a, b| a.id.cmp(&b.id));
         let mut set = RuleSet::default();
         for rule in rules.into_iter().filter(|r| r.enabled) {
             let rule = Arc::new(rule);
@@ -198,18 +220,25 @@ impl RuleSet {
 
     /// The rules whose trigger matches `event_type`, in a stable order.
     pub fn candidates(&self, event_type: &str) -> Vec<&Arc<CompiledRule>> {
-        let mut out: Vec<&Arc<CompiledRule>> = self
-            .exact
-            .get(event_type)
-            .map(|v| v.iter().collect())
-            .unwrap_or_default();
-        out.extend(
-            self.prefixed
-                .iter()
-                .filter(|(p, _)| event_type.starts_with(p.as_str()))
-                .map(|(_, r)| r),
-        );
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        let exact: &[Arc<CompiledRule>] = self.exact.get(event_type).map(Vec::as_slice).unwrap_or_default();
+        let mut prefixed = self
+            .prefixed
+            .iter()
+            .filter(|(p, _)| event_type.starts_with(p.as_str()))
+            .map(|(_, r)| r)
+            .peekable();
+        let mut exact = exact.iter().peekable();
+        let mut out = Vec::with_capacity(exact.len() + self.prefixed.len());
+        loop {
+            let next = match (exact.peek(), prefixed.peek()) {
+                (Some(a), Some(b)) if a.id <= b.id => exact.next(),
+                (Some(_), Some(_)) => prefixed.next(),
+                (Some(_), None) => exact.next(),
+                (None, Some(_)) => prefixed.next(),
+                (None, None) => break,
+            };
+            out.extend(next);
+        }
         out
     }
 
@@ -217,7 +246,7 @@ impl RuleSet {
     pub fn evaluate(&self, event_type: &str, doc: &Value) -> Vec<Evaluation> {
         self.candidates(event_type)
             .into_iter()
-            .map(|r| r.evaluate(doc))
+            .map(|r| r.check(doc))
             .collect()
     }
 }

@@ -290,11 +290,11 @@ async fn dry_run(
             .pattern
             .strip_suffix('*')
             .is_some_and(|p| event.event_type.starts_with(p));
-    let evaluation = rule.evaluate(&doc);
-    let matched = triggered && evaluation.matched;
+    let (held, conditions) = rule.explain(&doc);
+    let matched = triggered && held;
     let mut outputs = Vec::new();
     if matched {
-        for output in &evaluation.outputs {
+        for output in &rule.render_outputs(&doc) {
             outputs.push(
                 preview_output(
                     state,
@@ -313,7 +313,7 @@ async fn dry_run(
         "rule_id": rule.id,
         "triggered": triggered,
         "matched": matched,
-        "conditions": evaluation.conditions,
+        "conditions": conditions,
         "outputs": outputs,
         "sent": false,
     }))
