@@ -1,10 +1,17 @@
-//! `opsiq-bench`: end-to-end load test of the delivery path through the public API.
+//! `opsiq-bench`: end-to-end load tests through the public API.
 //!
-//! Starts `opsiq serve` (the binary next to this one) on a fresh database, a local receiver, and
-//! `--fanout` endpoints pointing at it; fires `--events` events closed-loop (`--concurrency` calls
-//! in flight) or open-loop (`--rate` per second); waits until every delivery arrived; prints
-//! accepted/s, delivered/s, end-to-end latency (send → arrival) p50/p99, CPU seconds per process
-//! and peak RSS.
+//! Starts `opsiq serve` (the binary next to this one) on a fresh database and a local receiver,
+//! then runs one workload, closed-loop (`--concurrency` calls in flight) or open-loop (`--rate`
+//! per second), waits until every delivery arrived, and prints accepted/s, delivered/s, API and
+//! end-to-end latency (send → arrival at the receiver) p50/p99, CPU seconds per process and peak
+//! RSS. Workloads:
+//!
+//! - `events`: `POST /v1/events` fanned out to `--fanout` endpoints (optionally with `--rules`
+//!   active rules evaluated on every event);
+//! - `invoke`: `POST /v1/actions/{name}/invoke` of an `async` action by an agent with a JWT
+//!   (authentication, scope, casbin, schema, idempotency, durable write — the gateway overhead).
+//!
+//! `--startup N` instead measures start-to-ready (`/readyz`) on N empty SQLite databases.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -12,32 +19,47 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use clap::Parser;
-use serde_json::json;
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Workload {
+    Events,
+    Invoke,
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "opsiq-bench", about = "End-to-end delivery benchmark for opsiq")]
+#[command(name = "opsiq-bench", about = "End-to-end benchmarks for opsiq")]
 struct Args {
-    /// Number of events to send.
+    /// What to send.
+    #[arg(long, value_enum, default_value = "events")]
+    workload: Workload,
+    /// Number of calls to send.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
     /// Calls in flight (closed loop).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Events per second (open loop); overrides --concurrency.
+    /// Calls per second (open loop); overrides --concurrency.
     #[arg(long)]
     rate: Option<u64>,
     /// Endpoints subscribed to every event.
     #[arg(long, default_value_t = 1)]
     fanout: usize,
+    /// Active rules triggered by every event (none of them matches, so nothing extra is sent).
+    #[arg(long, default_value_t = 0)]
+    rules: usize,
     /// Database URL; default a fresh SQLite file in a temporary directory. A postgres:// URL must
     /// name an empty database.
     #[arg(long)]
     database_url: Option<String>,
-    /// Warm-up events sent (and delivered) before measuring.
+    /// Warm-up calls sent (and delivered) before measuring.
     #[arg(long, default_value_t = 500)]
     warmup: usize,
+    /// Measure start-to-ready this many times instead of running a workload.
+    #[arg(long)]
+    startup: Option<usize>,
 }
 
 #[derive(Default)]
@@ -76,18 +98,83 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn scratch_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("opsiq-bench-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A running `opsiq serve`.
+struct Server {
+    child: tokio::process::Child,
+    pid: u32,
+    base: String,
+}
+
+async fn start_server(exe: &std::path::Path, dir: &std::path::Path, url: &str) -> anyhow::Result<Server> {
+    let mut child = tokio::process::Command::new(exe)
+        .current_dir(dir)
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--database-url", url])
+        .env("RUST_LOG", "warn")
+        .env("OPSIQ_AGENT_RATE_PER_S", "1000000")
+        .env("OPSIQ_ACTION_RATE_PER_S", "1000000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+        if let Some(b) = line.strip_prefix("listening on ") {
+            break b.to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Server { child, pid, base })
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    key: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let resp = http
+        .request(method, url)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    anyhow::ensure!(status.is_success(), "setup call failed with {status}: {body}");
+    Ok(body)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     opsiq::crypto::install_tls_provider();
-    let dir = tempfile_dir()?;
+    let exe = std::env::current_exe()?.with_file_name("opsiq");
+    if let Some(n) = args.startup {
+        return measure_startup(&exe, n).await;
+    }
+    let dir = scratch_dir("run")?;
     let url = args
         .database_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.display()));
-    let exe = std::env::current_exe()?.with_file_name("opsiq");
 
-    // The receiver: records when each event id arrives.
+    // The receiver: records when each event or invocation id arrives.
     let arrivals = Arc::new(Mutex::new(Arrivals::default()));
     let rx_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let rx_addr = rx_listener.local_addr()?;
@@ -96,14 +183,14 @@ async fn main() -> anyhow::Result<()> {
         let a = a.clone();
         async move {
             let now = Instant::now();
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+            if let Ok(v) = serde_json::from_slice::<Value>(&body)
                 && let Some(id) = v["id"].as_str()
             {
                 let mut a = a.lock().unwrap();
                 a.at.entry(id.to_string()).or_default().push(now);
                 a.count += 1;
             }
-            "ok"
+            "{}"
         }
     });
     tokio::spawn(async move { axum::serve(rx_listener, receiver).await });
@@ -118,76 +205,100 @@ async fn main() -> anyhow::Result<()> {
         "init failed: {}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let key = serde_json::from_slice::<serde_json::Value>(&init.stdout)?["admin_key"]
+    let key = serde_json::from_slice::<Value>(&init.stdout)?["admin_key"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-
-    let mut server = tokio::process::Command::new(&exe)
-        .current_dir(&dir)
-        .args([
-            "serve",
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &url,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let server_pid = server.id().unwrap_or(0);
-    let mut lines = tokio::io::BufReader::new(server.stdout.take().expect("stdout")).lines();
-    let base = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("server exited"))?;
-        if let Some(b) = line.strip_prefix("listening on ") {
-            break b.to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
+    let mut server = start_server(&exe, &dir, &url).await?;
+    let base = server.base.clone();
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(1024)
         .build()?;
-    for i in 0..args.fanout {
-        let resp = http
-            .post(format!("{base}/v1/endpoints"))
-            .bearer_auth(&key)
-            .json(&json!({"url": format!("http://{rx_addr}/hook/{i}")}))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            resp.status() == 201,
-            "endpoint creation failed: {}",
-            resp.text().await?
-        );
+    let post = reqwest::Method::POST;
+
+    let mut endpoint_ids = Vec::new();
+    for i in 0..args.fanout.max(1) {
+        let ep = call(
+            &http,
+            post.clone(),
+            format!("{base}/v1/endpoints"),
+            &key,
+            json!({"url": format!("http://{rx_addr}/hook/{i}"), "event_types": ["invoice.*"]}),
+        )
+        .await?;
+        endpoint_ids.push(ep["id"].as_str().unwrap_or_default().to_string());
+    }
+    for i in 0..args.rules {
+        call(
+            &http,
+            post.clone(),
+            format!("{base}/v1/rules"),
+            &key,
+            json!({
+            "name": format!("bench rule {i}"), "when": {"event_type": "invoice.*"},
+            "if": {"all": [{"field": "data.currency", "op": "eq", "value": "jpy"},
+                           {"field": "data.amount", "op": "gt", "value": 1_000_000 + i}]},
+            "then": [{"emit": {"type": "bench.never", "data": {"n": i}}}]}),
+        )
+        .await?;
     }
 
+    let token = match args.workload {
+        Workload::Events => String::new(),
+        Workload::Invoke => {
+            call(&http, post.clone(), format!("{base}/v1/actions"), &key, json!({
+                "name": "bench_action", "description": "Benchmark action", "mode": "async",
+                "endpoint_id": endpoint_ids[0],
+                "input_schema": {"type": "object", "properties": {"invoice_id": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}},
+                                 "required": ["invoice_id", "amount"], "additionalProperties": false}})).await?;
+            call(&http, reqwest::Method::PUT, format!("{base}/v1/policies"), &key,
+                json!({"rows": [{"subject": "role:bench", "object": "bench_*", "act": "invoke", "effect": "allow"}]})).await?;
+            call(
+                &http,
+                post.clone(),
+                format!("{base}/v1/agents"),
+                &key,
+                json!({"id": "agt_bench", "name": "bench", "roles": ["bench"]}),
+            )
+            .await?;
+            let t = call(
+                &http,
+                post.clone(),
+                format!("{base}/v1/agents/agt_bench/tokens"),
+                &key,
+                json!({"scopes": ["invoke:*"], "ttl_seconds": 86400}),
+            )
+            .await?;
+            t["token"].as_str().unwrap_or_default().to_string()
+        }
+    };
+
     let send: SendFn = {
-        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        let (http, base, key, workload) = (http.clone(), base.clone(), key.clone(), args.workload);
         Arc::new(move |i: usize| {
-            let (http, base, key) = (http.clone(), base.clone(), key.clone());
+            let (http, base, key, token) = (http.clone(), base.clone(), key.clone(), token.clone());
             Box::pin(async move {
                 let started = Instant::now();
-                let resp = http
-                    .post(format!("{base}/v1/events"))
-                    .bearer_auth(&key)
-                    .header("Idempotency-Key", format!("bench-{i}"))
-                    .json(&json!({"type": "invoice.paid", "data": {"invoice_id": format!("in_{i}"), "amount": 4200, "currency": "eur"}}))
-                    .send()
-                    .await;
-                let id = match resp {
-                    Ok(r) if r.status() == 202 => r
-                        .json::<serde_json::Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| v["event_id"].as_str().map(str::to_string)),
+                let req = match workload {
+                    Workload::Events => http
+                        .post(format!("{base}/v1/events"))
+                        .bearer_auth(&key)
+                        .header("Idempotency-Key", format!("bench-{i}"))
+                        .json(&json!({"type": "invoice.paid", "data": {"invoice_id": format!("in_{i}"), "amount": 4200, "currency": "eur"}})),
+                    Workload::Invoke => http
+                        .post(format!("{base}/v1/actions/bench_action/invoke"))
+                        .bearer_auth(&token)
+                        .header("Idempotency-Key", format!("bench-{i}"))
+                        .json(&json!({"arguments": {"invoice_id": format!("in_{i}"), "amount": 4200}})),
+                };
+                let id = match req.send().await {
+                    Ok(r) if r.status().is_success() => r.json::<Value>().await.ok().and_then(|v| {
+                        v["event_id"]
+                            .as_str()
+                            .or(v["invocation_id"].as_str())
+                            .map(str::to_string)
+                    }),
                     _ => None,
                 };
                 (id, started, started.elapsed())
@@ -195,15 +306,15 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    // Warm up connections, caches and the database.
+    let per_call = match args.workload {
+        Workload::Events => args.fanout.max(1),
+        Workload::Invoke => 1,
+    };
     run_closed(&send, 0..args.warmup, 16).await;
-    wait_delivered(&arrivals, args.warmup * args.fanout, Duration::from_secs(120)).await?;
-    {
-        let mut a = arrivals.lock().unwrap();
-        *a = Arrivals::default();
-    }
+    wait_delivered(&arrivals, args.warmup * per_call, Duration::from_secs(120)).await?;
+    *arrivals.lock().unwrap() = Arrivals::default();
 
-    let cpu_server_0 = proc_cpu_seconds(server_pid);
+    let cpu_server_0 = proc_cpu_seconds(server.pid);
     let cpu_self_0 = proc_cpu_seconds(std::process::id());
     let started = Instant::now();
     let range = args.warmup..args.warmup + args.events;
@@ -213,13 +324,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let accepted_elapsed = started.elapsed();
     let accepted = sent.iter().filter(|s| s.0.is_some()).count();
-    wait_delivered(&arrivals, accepted * args.fanout, Duration::from_secs(600)).await?;
+    wait_delivered(&arrivals, accepted * per_call, Duration::from_secs(600)).await?;
     let delivered_elapsed = started.elapsed();
-    let cpu_server = proc_cpu_seconds(server_pid) - cpu_server_0;
+    let cpu_server = proc_cpu_seconds(server.pid) - cpu_server_0;
     let cpu_self = proc_cpu_seconds(std::process::id()) - cpu_self_0;
 
     let arrived = std::mem::take(&mut arrivals.lock().unwrap().at);
-    let mut e2e = Vec::with_capacity(accepted * args.fanout);
+    let mut e2e = Vec::with_capacity(accepted * per_call);
     let mut api: Vec<Duration> = sent.iter().map(|s| s.2).collect();
     for (id, sent_at, _) in &sent {
         if let Some(id) = id
@@ -235,13 +346,15 @@ async fn main() -> anyhow::Result<()> {
         None => format!("closed loop C={}", args.concurrency),
     };
     println!(
-        "opsiq-bench: {} events, fan-out {}, {mode}, database {}",
+        "opsiq-bench: {:?}, {} calls, fan-out {}, {} rules, {mode}, database {}",
+        args.workload,
         args.events,
         args.fanout,
+        args.rules,
         url.split("://").next().unwrap_or("")
     );
     println!(
-        "  accepted     {accepted} in {:.2} s = {:.0} events/s",
+        "  accepted     {accepted} in {:.2} s = {:.0} calls/s",
         accepted_elapsed.as_secs_f64(),
         accepted as f64 / accepted_elapsed.as_secs_f64()
     );
@@ -264,22 +377,45 @@ async fn main() -> anyhow::Result<()> {
     println!("  CPU          server {cpu_server:.2} s, bench+receiver {cpu_self:.2} s");
     println!(
         "  peak RSS     server {:.1} MiB, bench+receiver {:.1} MiB",
-        peak_rss_mib(server_pid),
+        peak_rss_mib(server.pid),
         peak_rss_mib(std::process::id())
     );
-    let _ = server.kill().await;
+    let _ = server.child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("opsiq-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// Start to ready on an empty SQLite database, `n` times.
+async fn measure_startup(exe: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = scratch_dir(&format!("startup-{i}"))?;
+        let url = format!("sqlite://{}/opsiq.db", dir.display());
+        let started = Instant::now();
+        let mut server = start_server(exe, &dir, &url).await?;
+        loop {
+            if http
+                .get(format!("{}/readyz", server.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        times.push(started.elapsed());
+        let _ = server.child.kill().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    times.sort();
+    println!(
+        "start to ready on an empty SQLite database, {n} runs: p50 {:.1} ms, max {:.1} ms",
+        ms(percentile(&times, 0.5)),
+        ms(*times.last().unwrap_or(&Duration::ZERO))
+    );
+    Ok(())
 }
 
 type Sent = (Option<String>, Instant, Duration);

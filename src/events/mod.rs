@@ -125,18 +125,33 @@ pub fn record_many<'a>(
 ) -> crate::db::batch::BatchFuture<'a, Vec<RecordedEvent>> {
     // A boxed future, not an `async fn`: rules run here may record events, which run rules.
     Box::pin(async move {
-        const COLUMNS: usize = 8;
+        const COLUMNS: usize = 9;
         let mut recorded = Vec::with_capacity(events.len());
+        // Rules are checked before the insert: when none matches, the trace goes in with the row.
+        let mut matched = Vec::new();
         let mut deliveries = Vec::new();
         let mut per_event = Vec::with_capacity(events.len());
         for chunk in events.chunks(50) {
             let mut sql = String::from(
-                "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at) VALUES ",
+                "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at, rule_trace) \
+                 VALUES ",
             );
             let mut values = Vec::with_capacity(chunk.len() * COLUMNS);
             for (i, event) in chunk.iter().enumerate() {
                 let id = ids::new_id("evt");
                 let body: Arc<str> = event_body(&id, &event.event_type, now, &event.data).into();
+                let checked = event
+                    .rules
+                    .as_ref()
+                    .map(|ctx| crate::rules::apply::Checked::new(ctx, event, &id, now));
+                let trace = match checked {
+                    Some(c) if c.any_matched() => {
+                        matched.push((recorded.len(), c));
+                        None
+                    }
+                    Some(c) => c.trace_without_outputs(),
+                    None => None,
+                };
                 if i > 0 {
                     sql.push_str(", ");
                 }
@@ -151,7 +166,8 @@ pub fn record_many<'a>(
                     event.idempotency_key.clone(),
                     &event.source,
                     event.depth,
-                    now
+                    now,
+                    trace
                 ]);
                 let targets = fanout_targets(tx, event).await?;
                 per_event.push(targets.len());
@@ -177,16 +193,14 @@ pub fn record_many<'a>(
         for (event, n) in recorded.iter_mut().zip(per_event) {
             event.deliveries = jobs.by_ref().take(n).collect();
         }
-        for (event, done) in events.iter().zip(recorded.iter_mut()) {
-            let Some(ctx) = &event.rules else { continue };
-            let (trace, jobs) =
-                crate::rules::apply::run_rules(tx, ctx, event, &done.id, &done.body, lease, now).await?;
-            if trace.is_empty() {
-                continue;
-            }
+        for (index, checked) in matched {
+            let (event, done) = (&events[index], &mut recorded[index]);
+            let (trace, jobs) = checked
+                .carry_out(tx, event, &done.id, &done.body, lease, now)
+                .await?;
             tx.execute(
                 "UPDATE events SET rule_trace = $1 WHERE id = $2",
-                args![serde_json::Value::Array(trace).to_string(), &done.id],
+                args![trace, &done.id],
             )
             .await?;
             done.deliveries.extend(jobs);

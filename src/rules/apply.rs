@@ -37,38 +37,65 @@ pub fn document(id: &str, event_type: &str, created_at: i64, data: &Value) -> Va
     json!({"id": id, "type": event_type, "created_at": crate::db::rfc3339(created_at), "data": data})
 }
 
-/// Evaluates the tenant's rules for a recorded event and carries out what matched; returns the
-/// trace to store on the event (empty when no rule was a candidate) and the new deliveries.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_rules(
-    tx: &mut Tx,
-    ctx: &RuleContext,
-    event: &NewEvent,
-    event_id: &str,
-    body: &Arc<str>,
-    lease: &Lease,
-    now: i64,
-) -> Result<(Vec<Value>, Vec<Job>), DbError> {
-    let doc = document(event_id, &event.event_type, now, &event.data);
-    let evaluations = ctx.rules.evaluate(&event.event_type, &doc);
-    let mut trace = Vec::with_capacity(evaluations.len());
-    let mut jobs = Vec::new();
-    for evaluation in evaluations {
-        let mut entry = evaluation.trace();
-        if evaluation.matched {
-            let outputs = evaluation.rule.render_outputs(&doc);
-            let mut results = Vec::with_capacity(outputs.len());
-            for (n, output) in outputs.iter().enumerate() {
-                let (result, new_jobs) =
-                    apply_output(tx, ctx, event, event_id, body, &evaluation, n, output, lease, now).await?;
-                results.push(result);
-                jobs.extend(new_jobs);
-            }
-            entry["outputs"] = Value::Array(results);
-        }
-        trace.push(entry);
+/// The tenant's rules checked against an event (pure: nothing is written).
+pub struct Checked {
+    doc: Value,
+    evaluations: Vec<Evaluation>,
+}
+
+impl Checked {
+    /// Checks the candidate rules for an event about to be recorded with `event_id`.
+    pub fn new(ctx: &RuleContext, event: &NewEvent, event_id: &str, now: i64) -> Self {
+        let doc = document(event_id, &event.event_type, now, &event.data);
+        let evaluations = ctx.rules.evaluate(&event.event_type, &doc);
+        Self { doc, evaluations }
     }
-    Ok((trace, jobs))
+
+    /// Whether some rule matched (its outputs must then be carried out).
+    pub fn any_matched(&self) -> bool {
+        self.evaluations.iter().any(|e| e.matched)
+    }
+
+    /// The trace when nothing matched (stored with the event row); `None` when no rule was a
+    /// candidate.
+    pub fn trace_without_outputs(&self) -> Option<String> {
+        (!self.evaluations.is_empty())
+            .then(|| Value::Array(self.evaluations.iter().map(Evaluation::trace).collect()).to_string())
+    }
+
+    /// Carries out the matched rules' outputs; returns the full trace and the new deliveries.
+    pub async fn carry_out(
+        &self,
+        tx: &mut Tx,
+        event: &NewEvent,
+        event_id: &str,
+        body: &Arc<str>,
+        lease: &Lease,
+        now: i64,
+    ) -> Result<(String, Vec<Job>), DbError> {
+        let Some(ctx) = &event.rules else {
+            return Ok((String::from("[]"), Vec::new()));
+        };
+        let mut trace = Vec::with_capacity(self.evaluations.len());
+        let mut jobs = Vec::new();
+        for evaluation in &self.evaluations {
+            let mut entry = evaluation.trace();
+            if evaluation.matched {
+                let outputs = evaluation.rule.render_outputs(&self.doc);
+                let mut results = Vec::with_capacity(outputs.len());
+                for (n, output) in outputs.iter().enumerate() {
+                    let (result, new_jobs) =
+                        apply_output(tx, ctx, event, event_id, body, evaluation, n, output, lease, now)
+                            .await?;
+                    results.push(result);
+                    jobs.extend(new_jobs);
+                }
+                entry["outputs"] = Value::Array(results);
+            }
+            trace.push(entry);
+        }
+        Ok((Value::Array(trace).to_string(), jobs))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
