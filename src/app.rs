@@ -58,7 +58,13 @@ pub struct AppState {
     pub rules: Arc<Rules>,
     /// The event catalog.
     pub catalog: Arc<Catalog>,
+    /// Admin key lookups by hash (revocations through this process clear it at once; through
+    /// another replica within a second).
+    pub api_keys: Arc<ApiKeyCache>,
 }
+
+/// Cached admin key lookups: hash → (key id, tenant id, role), or `None` for no such live key.
+pub type ApiKeyCache = crate::cache::TtlCache<String, Option<(String, String, String)>>;
 
 impl AppState {
     /// Connects to the database, loads the master key and applies the declarative files.
@@ -91,6 +97,7 @@ impl AppState {
                 config.action_rate_per_s,
             )),
             rules: Arc::new(Rules::new()),
+            api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),
             catalog: Arc::new(Catalog::load(&config.events_dir)?),
             policy,
             config,

@@ -147,11 +147,7 @@ async fn ingest_event(
         Some(k) => Some(k),
         None => body.id.clone().map(|id| format!("id:{id}")),
     };
-    if let Some(key) = &key
-        && let Some((row, n)) = find_by_key(&state, &auth.tenant_id, key).await?
-    {
-        return replayed(&row, n, &body.event_type, &body.data);
-    }
+    // No read before the write: a repeated key is caught by the unique index and answered below.
     let event = NewEvent {
         tenant_id: auth.tenant_id.clone(),
         event_type: body.event_type.clone(),

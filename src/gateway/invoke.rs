@@ -150,13 +150,8 @@ pub async fn invoke(
             ),
         ));
     }
+    // No read before the write: a repeated key is caught by the unique index and answered below.
     let request_hash = request_hash(&req.action, &req.arguments);
-    if let Some(key) = &req.idempotency_key
-        && let Some(existing) =
-            find_idempotent(state, &tenant_id, &caller.principal(), key, &request_hash).await?
-    {
-        return wait_if_sync(state, &action, existing, req.wait).await;
-    }
 
     let endpoint_id = action.declaration.endpoint_id.clone().ok_or_else(|| {
         ApiError::conflict(

@@ -146,14 +146,21 @@ impl FromRequestParts<AppState> for AdminAuth {
             ));
         }
         let hash = crypto::sha256_hex(token.as_bytes());
-        let row: Option<(String, String, String)> = state
-            .db
-            .fetch_optional(
-                "SELECT id, tenant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-                args![hash],
-            )
+        let row = state
+            .api_keys
+            .get_or_load(&hash, || async {
+                state
+                    .db
+                    .fetch_optional::<(String, String, String)>(
+                        "SELECT id, tenant_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                        args![&hash],
+                    )
+                    .await
+            })
             .await?;
         let (key_id, tenant_id, role) = row
+            .as_ref()
+            .clone()
             .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "the API key is unknown or revoked"))?;
         let role = Role::parse(&role).ok_or_else(|| ApiError::internal("stored role is unknown"))?;
         Ok(AdminAuth {

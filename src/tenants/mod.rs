@@ -238,5 +238,6 @@ async fn revoke_key(
     if done == 0 {
         return Err(ApiError::not_found("API key"));
     }
+    state.api_keys.clear();
     Ok(StatusCode::NO_CONTENT)
 }
