@@ -6,6 +6,12 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// The smallest id with this prefix created at or after `ms` (unix milliseconds): ids sort by
+/// creation time, so `id < time_floor(p, t)` means "created before t".
+pub fn time_floor(prefix: &str, ms: i64) -> String {
+    format!("{prefix}_{:012x}", ms.clamp(0, (1 << 48) - 1))
+}
+
 /// Answers whether `id` looks like one of ours with this prefix (cheap guard before a query).
 pub fn has_prefix(id: &str, prefix: &str) -> bool {
     id.len() <= 128 && id.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('_'))
@@ -20,5 +26,7 @@ mod tests {
         assert!(a < b, "{a} !< {b}");
         assert!(super::has_prefix(&a, "evt"));
         assert!(!super::has_prefix(&a, "ev"));
+        let now = crate::db::now_ms();
+        assert!(super::time_floor("evt", now - 5) <= a && a < super::time_floor("evt", now + 5));
     }
 }

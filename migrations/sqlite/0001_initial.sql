@@ -138,7 +138,6 @@ CREATE TABLE events (
 CREATE INDEX events_tenant ON events (tenant_id, id);
 CREATE INDEX events_type ON events (tenant_id, type, id);
 CREATE UNIQUE INDEX events_idempotency ON events (tenant_id, idempotency_key);
-CREATE INDEX events_created ON events (created_at);
 
 CREATE TABLE invocations (
     id              TEXT PRIMARY KEY,
@@ -161,7 +160,6 @@ CREATE TABLE invocations (
 );
 CREATE INDEX invocations_tenant ON invocations (tenant_id, id);
 CREATE INDEX invocations_agent ON invocations (tenant_id, agent_id, id);
-CREATE INDEX invocations_created ON invocations (created_at);
 
 CREATE TABLE idempotency_records (
     tenant_id      TEXT NOT NULL,
@@ -197,14 +195,16 @@ CREATE TABLE deliveries (
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL
 );
-CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
+-- Partial indexes: settled deliveries, the vast majority, are in neither.
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_tenant ON deliveries (tenant_id, id);
 CREATE INDEX deliveries_endpoint ON deliveries (tenant_id, endpoint_id, id);
 CREATE INDEX deliveries_event ON deliveries (event_id);
-CREATE INDEX deliveries_created ON deliveries (created_at);
 
+-- Ids are time-ordered, so retention and "since" filters range over primary keys instead of
+-- needing their own created_at indexes.
 CREATE TABLE delivery_attempts (
-    id               TEXT PRIMARY KEY,
+    id               TEXT NOT NULL,
     tenant_id        TEXT NOT NULL,
     delivery_id      TEXT NOT NULL,
     attempt          INTEGER NOT NULL,
@@ -216,9 +216,9 @@ CREATE TABLE delivery_attempts (
     error_class      TEXT,
     error_message    TEXT,
     started_at       INTEGER NOT NULL,
-    duration_ms      INTEGER NOT NULL
+    duration_ms      INTEGER NOT NULL,
+    PRIMARY KEY (delivery_id, attempt)
 );
-CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, attempt);
 
 CREATE TABLE rules (
     id            TEXT PRIMARY KEY,
@@ -260,7 +260,7 @@ CREATE TABLE audit_log (
 );
 
 CREATE UNIQUE INDEX token_issuers_issuer ON token_issuers (issuer);
-CREATE INDEX deliveries_lease ON deliveries (status, lease_until);
+CREATE INDEX deliveries_lease ON deliveries (lease_until) WHERE status = 'delivering';
 
 CREATE TABLE mcp_sessions (
     id               TEXT PRIMARY KEY,

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::args;
 use crate::db::{Database, now_ms};
+use crate::{args, ids};
 
 /// Rows deleted per statement.
 const BATCH: i64 = 500;
@@ -38,8 +38,8 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
     loop {
         let ids: Vec<(String,)> = db
             .fetch_all(
-                "SELECT id FROM deliveries WHERE created_at < $1 AND status IN ('succeeded', 'failed') LIMIT $2",
-                args![cutoff, BATCH],
+                "SELECT id FROM deliveries WHERE id < $1 AND status IN ('succeeded', 'failed') LIMIT $2",
+                args![ids::time_floor("dlv", cutoff), BATCH],
             )
             .await?;
         if ids.is_empty() {
@@ -68,9 +68,9 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
     loop {
         let n = db
             .execute(
-                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < $1 \
+                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.id < $1 \
                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT $2)",
-                args![cutoff, BATCH],
+                args![ids::time_floor("evt", cutoff), BATCH],
             )
             .await?;
         if n < BATCH as u64 {

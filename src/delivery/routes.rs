@@ -224,8 +224,8 @@ async fn recover_endpoint(
         .db
         .fetch_all(
             "SELECT id FROM deliveries WHERE tenant_id = $1 AND endpoint_id = $2 AND status = 'failed' \
-             AND created_at >= $3 ORDER BY id",
-            args![&auth.tenant_id, &id, since],
+             AND id >= $3 ORDER BY id",
+            args![&auth.tenant_id, &id, crate::ids::time_floor("dlv", since)],
         )
         .await?;
     let now = now_ms();
@@ -331,8 +331,8 @@ async fn list_deliveries(
     if let Some(since) = &filter.since {
         let ms = parse_rfc3339(since)
             .ok_or_else(|| ApiError::bad_request("invalid_query", "since must be an RFC 3339 time"))?;
-        values.push(ms.into());
-        sql.push_str(&format!(" AND created_at >= ${}", values.len()));
+        values.push(crate::ids::time_floor("dlv", ms).into());
+        sql.push_str(&format!(" AND id >= ${}", values.len()));
     }
     values.push((limit + 1).into());
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len()));

@@ -219,8 +219,8 @@ async fn list_events(
     if let Some(since) = &filter.since {
         let ms = parse_rfc3339(since)
             .ok_or_else(|| ApiError::bad_request("invalid_query", "since must be an RFC 3339 time"))?;
-        values.push(ms.into());
-        sql.push_str(&format!(" AND created_at >= ${}", values.len()));
+        values.push(crate::ids::time_floor("evt", ms).into());
+        sql.push_str(&format!(" AND id >= ${}", values.len()));
     }
     values.push((limit + 1).into());
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", values.len()));
