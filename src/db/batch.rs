@@ -95,7 +95,10 @@ async fn writer<J: Job>(db: Database, rx: Queue<J>) {
             }
         }
         metrics::histogram!("opsiq_write_batch_size").record(jobs.len() as f64);
-        match run(&db, &jobs).await {
+        let started = std::time::Instant::now();
+        let result = run(&db, &jobs).await;
+        metrics::histogram!("opsiq_write_batch_seconds").record(started.elapsed().as_secs_f64());
+        match result {
             Ok(outputs) => {
                 for (reply, out) in replies.drain(..).zip(outputs) {
                     let _ = reply.send(Ok(out));

@@ -515,9 +515,13 @@ async fn outcome_writer(engine: Engine, mut outcomes: mpsc::Receiver<Outcome>) {
             }
         }
         let mut attempts = 0;
+        metrics::histogram!("opsiq_outcome_batch_size").record(batch.len() as f64);
+        let started = Instant::now();
         loop {
             match record_outcomes(&engine, &batch).await {
                 Ok(new_jobs) => {
+                    metrics::histogram!("opsiq_outcome_batch_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     settle_waiters(&engine, &batch);
                     engine.dispatch(new_jobs).await;
                     break;
