@@ -135,7 +135,9 @@ impl AppState {
     }
 
     /// Tells listeners (MCP sessions, caches) that a tenant's registry changed.
-    pub fn registry_changed(&self, _tenant_id: &str) {}
+    pub fn registry_changed(&self, _tenant_id: &str) {
+        self.gateway.actions.clear();
+    }
 }
 
 /// The complete router with its middleware.

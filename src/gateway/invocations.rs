@@ -10,7 +10,7 @@ use crate::delivery::outbound::AttemptResult;
 use crate::delivery::outbox::Job;
 use crate::delivery::retry::Next;
 use crate::registry::model::schema_errors;
-use crate::registry::validators::{Validators, Which};
+use crate::registry::validators::Validators;
 
 /// Statuses that will not change any more.
 pub const TERMINAL: &[&str] = &["succeeded", "failed", "denied"];
@@ -186,22 +186,30 @@ async fn check_output(
     job: &Job,
     value: &Value,
 ) -> Result<Option<Value>, DbError> {
-    let row: Option<(String, i64, String)> = tx
-        .fetch_optional(
-            "SELECT i.action_name, i.action_version, v.declaration FROM invocations i \
-             JOIN action_versions v ON v.tenant_id = i.tenant_id AND v.name = i.action_name AND v.version = i.action_version \
-             WHERE i.id = $1",
-            args![job.invocation_id.clone()],
-        )
-        .await?;
-    let Some((name, version, declaration)) = row else {
+    // The action and version are in the request body; what ran never changes, so its output
+    // schema (or its absence) is looked up once per version.
+    let sent: Value = serde_json::from_str(&job.body).unwrap_or(Value::Null);
+    let (name, Some(version)) = (job.label.as_str(), sent["action"]["version"].as_i64()) else {
         return Ok(None);
     };
-    let declaration: Value = serde_json::from_str(&declaration)?;
-    let Some(schema) = declaration.get("output_schema").filter(|s| !s.is_null()) else {
-        return Ok(None);
+    let validator = match validators.known_output(&job.tenant_id, name, version) {
+        Some(known) => known,
+        None => {
+            let row: Option<(String,)> = tx
+                .fetch_optional(
+                    "SELECT declaration FROM action_versions WHERE tenant_id = $1 AND name = $2 AND version = $3",
+                    args![&job.tenant_id, name, version],
+                )
+                .await?;
+            let declaration: Value = match row {
+                Some((d,)) => serde_json::from_str(&d)?,
+                None => Value::Null,
+            };
+            let schema = declaration.get("output_schema").filter(|s| !s.is_null());
+            validators.learn_output(&job.tenant_id, name, version, schema)
+        }
     };
-    let Ok(validator) = validators.get(&job.tenant_id, &name, version, Which::Output, schema) else {
+    let Some(validator) = validator else {
         return Ok(None);
     };
     let problems = schema_errors(&validator, value);

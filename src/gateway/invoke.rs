@@ -91,8 +91,15 @@ pub async fn invoke(
         .gateway
         .rate_limit(&tenant_id, caller.agent_id(), &req.action)?;
 
-    let action = store::get(&state.db, &tenant_id, &req.action)
+    let action = state
+        .gateway
+        .actions
+        .get_or_load(&(tenant_id.clone(), req.action.clone()), || {
+            store::get(&state.db, &tenant_id, &req.action)
+        })
         .await?
+        .as_ref()
+        .clone()
         .filter(|a| a.declaration.enabled)
         .ok_or_else(|| {
             ApiError::not_found("action").with_message(format!(
@@ -208,9 +215,11 @@ pub async fn invoke(
         .filter(|_| waits)
         .map(|j| state.engine.watch(&j.id));
     state.engine.dispatch(persisted.job.into_iter().collect()).await;
-    if let Some(watch) = watch {
-        let _ = tokio::time::timeout(wait_for(&action, req.wait), watch).await;
-    }
+    let Some(watch) = watch else {
+        // Nothing to wait for: the row as written is the answer (no read back).
+        return Ok(persisted.row);
+    };
+    let _ = tokio::time::timeout(wait_for(&action, req.wait), watch).await;
     load(state, &tenant_id, &invocation_id)
         .await?
         .ok_or_else(|| ApiError::internal("invocation vanished"))
@@ -575,6 +584,8 @@ pub struct PersistInvocation {
 /// What persisting an invocation produced: its delivery, if one was created.
 pub struct Persisted {
     job: Option<outbox::Job>,
+    /// The invocation as written.
+    row: InvocationRow,
 }
 
 impl Job for PersistInvocation {
@@ -644,19 +655,37 @@ impl PersistInvocation {
             } else {
                 "queued"
             };
+            let row = InvocationRow {
+                id: self.invocation_id.clone(),
+                tenant_id: self.tenant_id.clone(),
+                principal: self.principal.clone(),
+                agent_id: self.agent_id.clone(),
+                roles: serde_json::to_string(&self.roles).unwrap_or_default(),
+                action_name: self.action_name.clone(),
+                action_version: Some(self.action_version),
+                action_hash: Some(self.action_hash.clone()),
+                arguments: self.arguments.clone(),
+                status: status.to_string(),
+                result: None,
+                error: None,
+                idempotency_key: self.idempotency_key.clone(),
+                delivery_id: job.as_ref().map(|j| j.id.clone()),
+                created_at: now,
+                updated_at: now,
+                completed_at: None,
+            };
             tx.execute(
                 "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
                  arguments, status, idempotency_key, delivery_id, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
                 args![
-                    &self.invocation_id, &self.tenant_id, &self.principal, self.agent_id.clone(),
-                    serde_json::to_string(&self.roles).unwrap_or_default(), &self.action_name, self.action_version,
-                    &self.action_hash, &self.arguments, status, self.idempotency_key.clone(),
-                    job.as_ref().map(|j| j.id.clone()), now
+                    &row.id, &row.tenant_id, &row.principal, row.agent_id.clone(), &row.roles, &row.action_name,
+                    row.action_version, row.action_hash.clone(), &row.arguments, &row.status,
+                    row.idempotency_key.clone(), row.delivery_id.clone(), now
                 ],
             )
             .await?;
-            Ok(Persisted { job })
+            Ok(Persisted { job, row })
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct Gateway {
     pub jwks: JwksCache,
     /// Compiled schemas.
     pub validators: Arc<Validators>,
+    /// Current action declarations by (tenant, name); cleared on every registry change here,
+    /// refreshed within a second after a change through another replica.
+    pub actions: crate::cache::TtlCache<(String, String), Option<crate::registry::Action>>,
     agent_limiter: DefaultKeyedRateLimiter<String>,
     action_limiter: DefaultKeyedRateLimiter<String>,
 }
@@ -46,6 +49,7 @@ impl Gateway {
             tenant_keys: TenantKeys::default(),
             jwks: JwksCache::default(),
             validators,
+            actions: crate::cache::TtlCache::new(std::time::Duration::from_secs(1)),
             agent_limiter: RateLimiter::keyed(quota(agent_per_s)),
             action_limiter: RateLimiter::keyed(quota(action_per_s)),
         }
