@@ -265,10 +265,30 @@ async fn get_event(
             |d| json!({"id": d.id, "endpoint_id": d.endpoint_id, "status": d.status, "attempts": d.attempts}),
         )
         .collect();
-    body["rules"] = row
+    let mut trace: Vec<Value> = row
         .rule_trace
         .as_deref()
         .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or_else(|| json!([]));
+        .unwrap_or_default();
+    for entry in &mut trace {
+        // Stored traces hold flags only; the rule (as it is now) names its conditions.
+        let Some(rule_id) = entry["rule_id"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let definition: Option<(String,)> = state
+            .db
+            .fetch_optional(
+                "SELECT definition FROM rules WHERE tenant_id = $1 AND id = $2",
+                args![&auth.tenant_id, &rule_id],
+            )
+            .await?;
+        if let Some(rule) = definition
+            .and_then(|(d,)| serde_json::from_str::<Value>(&d).ok())
+            .and_then(|d| crate::rules::engine::CompiledRule::compile(&rule_id, &d).ok())
+        {
+            rule.expand(entry);
+        }
+    }
+    body["rules"] = Value::Array(trace);
     Ok(axum::Json(body))
 }

@@ -177,16 +177,32 @@ pub struct Evaluation {
 impl Evaluation {
     /// The trace stored on the event: which rule, whether it matched, which conditions held.
     pub fn trace(&self) -> Value {
-        let conditions: Vec<Value> = match &self.rule.condition {
-            Some(c) => c
-                .comparisons()
+        // Compact on purpose: an event may be checked by hundreds of rules, and this is stored
+        // with it. Reading the event expands the flags with the rule's conditions (see `expand`).
+        json!({"rule_id": self.rule.id, "matched": self.matched, "held": self.held})
+    }
+}
+
+impl CompiledRule {
+    /// Expands a stored compact trace entry with this rule's name and conditions.
+    pub fn expand(&self, entry: &mut Value) {
+        entry["name"] = self.name.clone().into();
+        let held: Vec<bool> = entry["held"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_bool().unwrap_or(false)).collect())
+            .unwrap_or_default();
+        let comparisons = self
+            .condition
+            .as_ref()
+            .map(Condition::comparisons)
+            .unwrap_or_default();
+        if comparisons.len() == held.len() {
+            entry["conditions"] = comparisons
                 .iter()
-                .zip(&self.held)
-                .map(|(cmp, h)| cmp.describe(*h))
-                .collect(),
-            None => Vec::new(),
-        };
-        json!({"rule_id": self.rule.id, "name": self.rule.name, "matched": self.matched, "conditions": conditions})
+                .zip(&held)
+                .map(|(c, h)| c.describe(*h))
+                .collect();
+        }
     }
 }
 
