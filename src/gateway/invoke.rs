@@ -214,7 +214,10 @@ pub async fn invoke(
         .as_ref()
         .filter(|_| waits)
         .map(|j| state.engine.watch(&j.id));
-    state.engine.dispatch(persisted.job.into_iter().collect()).await;
+    state
+        .engine
+        .dispatch(persisted.job.into_iter().chain(persisted.raised).collect())
+        .await;
     let Some(watch) = watch else {
         // Nothing to wait for: the row as written is the answer (no read back).
         return Ok(persisted.row);
@@ -362,7 +365,12 @@ pub fn action_request_body(
 }
 
 /// The idempotency key the endpoint sees: derived from the caller's key, stable across retries.
-fn derived_key(tenant_id: &str, principal: &str, key: Option<&str>, invocation_id: &str) -> String {
+pub(crate) fn derived_key(
+    tenant_id: &str,
+    principal: &str,
+    key: Option<&str>,
+    invocation_id: &str,
+) -> String {
     match key {
         Some(k) => format!(
             "idem_{}",
@@ -442,8 +450,8 @@ pub struct RuleInvocation {
     pub status: &'static str,
     /// Why it failed, when it did.
     pub error: Option<Value>,
-    /// The delivery to hand to the worker.
-    pub job: Option<outbox::Job>,
+    /// The deliveries to hand to the worker.
+    pub jobs: Vec<outbox::Job>,
 }
 
 /// Invokes an action for a rule inside the transaction recording the triggering event: no scope
@@ -524,7 +532,7 @@ pub async fn invoke_for_rule(
             invocation_id,
             status: "failed",
             error: Some(error),
-            job: None,
+            jobs: Vec::new(),
         });
     }
     let action = action.expect("checked above");
@@ -557,7 +565,7 @@ pub async fn invoke_for_rule(
             "queued"
         },
         error: None,
-        job: persisted.job,
+        jobs: persisted.job.into_iter().chain(persisted.raised).collect(),
     })
 }
 
@@ -584,6 +592,8 @@ pub struct PersistInvocation {
 /// What persisting an invocation produced: its delivery, if one was created.
 pub struct Persisted {
     job: Option<outbox::Job>,
+    /// Deliveries of events raised meanwhile (`approval.requested`).
+    raised: Vec<outbox::Job>,
     /// The invocation as written.
     row: InvocationRow,
 }
@@ -618,19 +628,30 @@ impl PersistInvocation {
                 )
                 .await?;
             }
+            let mut raised = Vec::new();
             let job = if self.pending_approval {
+                let approval_id = ids::new_id("apr");
+                let reason = "the action requires approval for every call";
                 tx.execute(
                     "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
                      VALUES ($1, $2, $3, 'pending', $4, $5)",
-                    args![
-                        ids::new_id("apr"),
-                        &self.tenant_id,
-                        &self.invocation_id,
-                        "the action requires approval for every call",
-                        now
-                    ],
+                    args![&approval_id, &self.tenant_id, &self.invocation_id, reason, now],
                 )
                 .await?;
+                let event = crate::events::NewEvent {
+                    tenant_id: self.tenant_id.clone(),
+                    event_type: "approval.requested".into(),
+                    data: json!({"approval_id": approval_id, "invocation_id": self.invocation_id,
+                        "action": self.action_name, "principal": self.principal, "reason": reason}),
+                    idempotency_key: None,
+                    source: "system".into(),
+                    depth: 0,
+                    fanout: crate::events::Fanout::Lookup,
+                    rules: None,
+                };
+                raised = crate::events::record(tx, event, &self.lease, now)
+                    .await?
+                    .deliveries;
                 None
             } else {
                 let delivery = NewDelivery {
@@ -685,7 +706,7 @@ impl PersistInvocation {
                 ],
             )
             .await?;
-            Ok(Persisted { job, row })
+            Ok(Persisted { job, raised, row })
         }
     }
 }

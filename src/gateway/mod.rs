@@ -6,6 +6,7 @@
 //! - [`invocations`]: invocation records, their views, and settling them from delivery outcomes.
 //! - [`tools`]: the tool list in OpenAI, Anthropic and MCP formats.
 
+pub mod approvals;
 pub mod invocations;
 pub mod invoke;
 mod routes;
@@ -24,7 +25,10 @@ use crate::http::ApiError;
 use crate::http::auth::bearer_token;
 use crate::registry::validators::Validators;
 
-pub use routes::routes;
+/// The gateway's routes: agent-facing calls, invocation records and approvals.
+pub fn routes() -> axum::Router<AppState> {
+    routes::routes().merge(approvals::routes())
+}
 
 /// Gateway state shared by every request.
 pub struct Gateway {

@@ -157,7 +157,7 @@ async fn apply_output(
             if let Some(error) = outcome.error {
                 result["error"] = error;
             }
-            Ok((result, outcome.job.into_iter().collect()))
+            Ok((result, outcome.jobs))
         }
         Output::Emit { event_type, data } => {
             if event.depth + 1 > MAX_EMIT_DEPTH {

@@ -784,3 +784,141 @@ async fn external_issuer_tokens(backend: Backend) {
         assert_eq!(status, 401, "{name}: {body}");
     }
 }
+
+dual!(approvals_hold_calls_until_a_person_decides);
+
+async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
+    let w = world(backend).await;
+    let (_, lookup) = w.app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    let mut wire = lookup.clone();
+    wire["name"] = json!("refund_with_approval");
+    wire["approval"] = json!("always");
+    for f in [
+        "id",
+        "version",
+        "content_hash",
+        "source",
+        "created_at",
+        "updated_at",
+    ] {
+        wire.as_object_mut().unwrap().remove(f);
+    }
+    assert_eq!(w.app.call(Method::POST, "/v1/actions", Some(wire)).await.0, 201);
+    let alerts = Receiver::start().await;
+    crate::delivery::endpoint(
+        &w.app,
+        &alerts.url("/approvals"),
+        json!({"event_types": ["approval.*"]}),
+    )
+    .await;
+    let billing = agent_token(&w.app, "agt_ap", &["billing"], &["invoke:*"]).await;
+
+    let (status, first) = invoke(
+        &w.app,
+        &billing,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-1"),
+    )
+    .await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["status"], "pending_approval");
+    let (status, second) = invoke(
+        &w.app,
+        &billing,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-2"),
+    )
+    .await;
+    assert_eq!(status, 202, "{second}");
+    let requested = alerts.wait_for(2).await;
+    assert_eq!(requested[0].json()["type"], "approval.requested");
+    assert!(w.rx.received().is_empty(), "nothing is sent before approval");
+
+    let (_, pending) = w
+        .app
+        .call(Method::GET, "/v1/approvals?status=pending", None)
+        .await;
+    let approvals: Vec<Value> = pending["data"].as_array().unwrap().clone();
+    assert_eq!(approvals.len(), 2);
+    let for_first = approvals
+        .iter()
+        .find(|a| a["invocation_id"] == first["invocation_id"])
+        .unwrap();
+    let for_second = approvals
+        .iter()
+        .find(|a| a["invocation_id"] == second["invocation_id"])
+        .unwrap();
+
+    let (_, viewer) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "v", "role": "viewer"})),
+        )
+        .await;
+    let (_, approver) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "a", "role": "approver"})),
+        )
+        .await;
+    let approve_path = format!("/v1/approvals/{}/approve", for_first["id"].as_str().unwrap());
+    assert_eq!(
+        w.app
+            .call_as(viewer["key"].as_str().unwrap(), Method::POST, &approve_path, None)
+            .await
+            .0,
+        403
+    );
+    let (status, decided) = w
+        .app
+        .call_as(
+            approver["key"].as_str().unwrap(),
+            Method::POST,
+            &approve_path,
+            Some(json!({"comment": "checked"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["status"], "approved");
+    assert_eq!(decided["comment"], "checked");
+    let sent = w.rx.wait_for(1).await;
+    assert_eq!(sent[0].json()["id"], first["invocation_id"]);
+    assert_eq!(
+        w.app.call(Method::POST, &approve_path, None).await.0,
+        409,
+        "decided once"
+    );
+    let id = first["invocation_id"].as_str().unwrap();
+    let (_, settled) = w
+        .app
+        .call(Method::GET, &format!("/v1/invocations/{id}?wait=30s"), None)
+        .await;
+    assert_eq!(settled["status"], "succeeded", "{settled}");
+
+    let deny_path = format!("/v1/approvals/{}/deny", for_second["id"].as_str().unwrap());
+    let (status, _) = w
+        .app
+        .call(Method::POST, &deny_path, Some(json!({"comment": "not today"})))
+        .await;
+    assert_eq!(status, 200);
+    let id = second["invocation_id"].as_str().unwrap();
+    let (_, denied) = w
+        .app
+        .call(Method::GET, &format!("/v1/invocations/{id}"), None)
+        .await;
+    assert_eq!(denied["status"], "denied");
+    assert!(denied["error"]["message"].as_str().unwrap().contains("not today"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.rx.received().len(), 1, "a denied call is never sent");
+    let (_, other) = w.app.new_tenant("globex").await;
+    assert_eq!(
+        w.app.call_as(&other, Method::POST, &approve_path, None).await.0,
+        404
+    );
+}

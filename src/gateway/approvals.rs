@@ -1,0 +1,258 @@
+//! Approvals: invocations of actions declared `"approval": "always"` wait, unsent, until a person
+//! with role owner, admin or approver decides. Approving creates the action request's delivery
+//! (exactly as it would have been sent at invocation time) in the same transaction that records
+//! the decision; denying settles the invocation as `denied`.
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::invocations::InvocationRow;
+use super::invoke::derived_key;
+use crate::db::{now_ms, rfc3339};
+use crate::delivery::outbox::{self, Kind, NewDelivery};
+use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJson, Page, PageQuery, Path, Permission, Query};
+use crate::{AppState, args};
+
+/// The approval routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", get(get_approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ApprovalRow {
+    id: String,
+    invocation_id: String,
+    status: String,
+    reason: Option<String>,
+    decided_by: Option<String>,
+    comment: Option<String>,
+    created_at: i64,
+    decided_at: Option<i64>,
+}
+
+impl ApprovalRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "invocation_id": self.invocation_id,
+            "status": self.status,
+            "reason": self.reason,
+            "decided_by": self.decided_by,
+            "comment": self.comment,
+            "created_at": rfc3339(self.created_at),
+            "decided_at": self.decided_at.map(rfc3339),
+        })
+    }
+}
+
+const COLUMNS: &str = "id, invocation_id, status, reason, decided_by, comment, created_at, decided_at";
+
+#[derive(Debug, Deserialize)]
+struct ApprovalFilter {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list_approvals(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Query(filter): Query<ApprovalFilter>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    let limit = PageQuery {
+        limit: filter.limit,
+        cursor: None,
+    }
+    .limit();
+    let cursor = filter.cursor.clone().unwrap_or_else(|| "~".into());
+    let rows: Vec<ApprovalRow> = match &filter.status {
+        Some(status) => {
+            state
+                .db
+                .fetch_all(
+                    sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND status = $2 AND id < $3 \
+                         ORDER BY id DESC LIMIT $4"
+                    )),
+                    args![&auth.tenant_id, status, cursor, limit + 1],
+                )
+                .await?
+        }
+        None => {
+            state
+                .db
+                .fetch_all(
+                    sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+                    )),
+                    args![&auth.tenant_id, cursor, limit + 1],
+                )
+                .await?
+        }
+    };
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.id.clone()).map(|r| r.to_json()),
+    ))
+}
+
+async fn load(state: &AppState, tenant_id: &str, id: &str) -> ApiResult<ApprovalRow> {
+    state
+        .db
+        .fetch_optional(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND id = $2"
+            )),
+            args![tenant_id, id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("approval"))
+}
+
+async fn get_approval(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(load(&state, &auth.tenant_id, &id).await?.to_json()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    comment: Option<String>,
+}
+
+fn already_decided(row: &ApprovalRow) -> ApiError {
+    ApiError::conflict(
+        "already_decided",
+        format!("this approval was already {}", row.status),
+    )
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<Decision>,
+) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::DecideApprovals)?;
+    let comment = body.unwrap_or_default().comment;
+    let approval = load(&state, &auth.tenant_id, &id).await?;
+    if approval.status != "pending" {
+        return Err(already_decided(&approval));
+    }
+    let invocation: InvocationRow = state
+        .db
+        .fetch_optional(
+            "SELECT * FROM invocations WHERE tenant_id = $1 AND id = $2",
+            args![&auth.tenant_id, &approval.invocation_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::internal("approved invocation vanished"))?;
+    let version = invocation.action_version.unwrap_or(0);
+    let declaration: Option<(String,)> = state
+        .db
+        .fetch_optional(
+            "SELECT declaration FROM action_versions WHERE tenant_id = $1 AND name = $2 AND version = $3",
+            args![&auth.tenant_id, &invocation.action_name, version],
+        )
+        .await?;
+    let endpoint_id = declaration
+        .and_then(|(d,)| serde_json::from_str::<Value>(&d).ok())
+        .and_then(|d| d["endpoint_id"].as_str().map(str::to_string))
+        .ok_or_else(|| ApiError::conflict("action_unavailable", "the action version has no endpoint"))?;
+    let now = now_ms();
+    let agent = match &invocation.agent_id {
+        Some(agent_id) => {
+            json!({"id": agent_id, "roles": serde_json::from_str::<Value>(&invocation.roles).unwrap_or(json!([]))})
+        }
+        None => json!({"id": invocation.principal, "roles": []}),
+    };
+    let body = json!({
+        "id": invocation.id,
+        "type": "action.invoke",
+        "action": {"name": invocation.action_name, "version": version},
+        "arguments": serde_json::from_str::<Value>(&invocation.arguments).unwrap_or(Value::Null),
+        "agent": agent,
+        "requested_at": rfc3339(invocation.created_at),
+    })
+    .to_string();
+    let lease = state.engine.lease();
+    let mut tx = state.db.begin().await?;
+    let decided = tx
+        .execute(
+            "UPDATE approvals SET status = 'approved', decided_by = $1, comment = $2, decided_at = $3 \
+             WHERE tenant_id = $4 AND id = $5 AND status = 'pending'",
+            args![auth.actor(), comment, now, &auth.tenant_id, &id],
+        )
+        .await?;
+    if decided == 0 {
+        return Err(already_decided(&approval));
+    }
+    let delivery = NewDelivery {
+        tenant_id: auth.tenant_id.clone(),
+        endpoint_id,
+        kind: Kind::Action,
+        event_id: None,
+        invocation_id: Some(invocation.id.clone()),
+        label: invocation.action_name.clone(),
+        idempotency_key: Some(derived_key(
+            &auth.tenant_id,
+            &invocation.principal,
+            invocation.idempotency_key.as_deref(),
+            &invocation.id,
+        )),
+        body: body.into(),
+    };
+    let jobs = outbox::insert(&mut tx, vec![delivery], &lease, now).await?;
+    tx.execute(
+        "UPDATE invocations SET status = 'queued', delivery_id = $1, updated_at = $2 WHERE id = $3 AND status = 'pending_approval'",
+        args![jobs.first().map(|j| j.id.clone()), now, &invocation.id],
+    )
+    .await?;
+    tx.commit().await?;
+    state.engine.dispatch(jobs).await;
+    Ok(axum::Json(load(&state, &auth.tenant_id, &id).await?.to_json()))
+}
+
+async fn deny(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<Decision>,
+) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::DecideApprovals)?;
+    let approval = load(&state, &auth.tenant_id, &id).await?;
+    let comment = body.unwrap_or_default().comment;
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let decided = tx
+        .execute(
+            "UPDATE approvals SET status = 'denied', decided_by = $1, comment = $2, decided_at = $3 \
+             WHERE tenant_id = $4 AND id = $5 AND status = 'pending'",
+            args![auth.actor(), comment.clone(), now, &auth.tenant_id, &id],
+        )
+        .await?;
+    if decided == 0 {
+        return Err(already_decided(&approval));
+    }
+    let error = json!({
+        "code": "approval_denied",
+        "message": format!("a person denied this call{}", comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default()),
+    });
+    tx.execute(
+        "UPDATE invocations SET status = 'denied', error = $1, updated_at = $2, completed_at = $2 \
+         WHERE tenant_id = $3 AND id = $4 AND status = 'pending_approval'",
+        args![error.to_string(), now, &auth.tenant_id, &approval.invocation_id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(axum::Json(load(&state, &auth.tenant_id, &id).await?.to_json()))
+}
