@@ -300,11 +300,7 @@ async fn list_deliveries(
     auth: AdminAuth,
     Query(filter): Query<DeliveryFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    let limit = PageQuery {
-        limit: filter.limit,
-        cursor: None,
-    }
-    .limit();
+    let limit = crate::http::page::page_size(filter.limit);
     let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE tenant_id = $1 AND id < $2");
     let mut values: Vec<Arg> = args![
         &auth.tenant_id,

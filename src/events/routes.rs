@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{NewEvent, check_event_type};
 use crate::db::{Arg, DbError, now_ms, parse_rfc3339, rfc3339};
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, Path, Permission, Query};
 use crate::{AppState, args};
 
 /// The event routes.
@@ -200,11 +200,7 @@ async fn list_events(
     Query(filter): Query<EventFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
     auth.require(Permission::Read)?;
-    let limit = PageQuery {
-        limit: filter.limit,
-        cursor: None,
-    }
-    .limit();
+    let limit = crate::http::page::page_size(filter.limit);
     let mut sql = String::from(
         "SELECT id, type, body, source, rule_trace, created_at FROM events WHERE tenant_id = $1 AND id < $2",
     );

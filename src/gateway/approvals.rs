@@ -13,7 +13,7 @@ use super::invocations::InvocationRow;
 use super::invoke::derived_key;
 use crate::db::{now_ms, rfc3339};
 use crate::delivery::outbox::{self, Kind, NewDelivery};
-use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJson, Page, PageQuery, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJson, Page, Path, Permission, Query};
 use crate::{AppState, args};
 
 /// The approval routes.
@@ -66,11 +66,7 @@ async fn list_approvals(
     auth: AdminAuth,
     Query(filter): Query<ApprovalFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    let limit = PageQuery {
-        limit: filter.limit,
-        cursor: None,
-    }
-    .limit();
+    let limit = crate::http::page::page_size(filter.limit);
     let cursor = filter.cursor.clone().unwrap_or_else(|| "~".into());
     let rows: Vec<ApprovalRow> = match &filter.status {
         Some(status) => {

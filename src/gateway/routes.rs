@@ -17,7 +17,7 @@ use super::{AgentAuth, authenticate};
 use crate::db::Arg;
 use crate::events::routes::idempotency_key;
 use crate::http::auth::{API_KEY_PREFIX, bearer_token};
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, Path, Query};
 use crate::{AppState, args};
 
 /// The gateway routes.
@@ -141,11 +141,7 @@ async fn list_invocations(
     viewer: Viewer,
     Query(filter): Query<InvocationFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    let limit = PageQuery {
-        limit: filter.limit,
-        cursor: None,
-    }
-    .limit();
+    let limit = crate::http::page::page_size(filter.limit);
     let mut sql = String::from("SELECT * FROM invocations WHERE tenant_id = $1 AND id < $2");
     let mut values: Vec<Arg> = args![
         viewer.tenant_id(),

@@ -16,9 +16,16 @@ pub struct PageQuery {
 impl PageQuery {
     /// The effective page size.
     pub fn limit(&self) -> i64 {
-        i64::from(self.limit.unwrap_or(50).clamp(1, 200))
+        page_size(self.limit)
     }
 }
+
+/// The effective page size for a requested `limit` (1–200, default 50).
+pub fn page_size(limit: Option<u32>) -> i64 {
+    i64::from(limit.unwrap_or(50).clamp(1, 200))
+}
+
+impl PageQuery {}
 
 /// One page of a list.
 #[derive(Debug, Clone, Serialize)]

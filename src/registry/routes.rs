@@ -185,11 +185,7 @@ async fn list_versions(
     Path(name): Path<String>,
     Query(page): Query<VersionPage>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    let limit = PageQuery {
-        limit: page.limit,
-        cursor: None,
-    }
-    .limit();
+    let limit = crate::http::page::page_size(page.limit);
     let rows = store::versions(
         &state.db,
         &auth.tenant_id,
