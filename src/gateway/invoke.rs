@@ -16,6 +16,7 @@ use crate::db::{DbError, Tx, now_ms, rfc3339};
 use crate::delivery::outbox::{self, Lease, NewDelivery};
 use crate::http::{ApiError, ErrorDetail};
 use crate::policy::Decision;
+use crate::registry::guards::Verdict;
 use crate::registry::model::{Approval, Mode};
 use crate::registry::validators::Which;
 use crate::registry::{Action, store};
@@ -147,6 +148,29 @@ pub async fn invoke(
         return Err(ApiError::validation(message, problems));
     }
 
+    let mut pending_approval = action.declaration.approval == Approval::Always;
+    let guards = crate::registry::guards::compile(&action.declaration.guards).unwrap_or_default();
+    let agent_id = caller
+        .agent_id()
+        .map(str::to_string)
+        .unwrap_or_else(|| caller.principal());
+    match crate::registry::guards::decide(
+        &guards,
+        &req.arguments,
+        &agent_id,
+        &caller.roles(),
+        &req.action,
+        action.version,
+    ) {
+        Some((Verdict::Deny, reason)) => {
+            let message = format!("a guard on {} refused this call: {reason}", req.action);
+            record_refusal(state, caller, &action, &req, "denied", "guard_denied", &message).await?;
+            return Err(ApiError::forbidden("guard_denied", message));
+        }
+        Some((Verdict::RequireApproval, _)) => pending_approval = true,
+        Some((Verdict::Allow, _)) | None => {}
+    }
+
     let read_only = action.declaration.annotations.read_only;
     if req.idempotency_key.is_none() && !read_only {
         return Err(ApiError::bad_request(
@@ -172,7 +196,6 @@ pub async fn invoke(
 
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
-    let pending_approval = action.declaration.approval == Approval::Always;
     let body = action_request_body(&invocation_id, &action, &req.arguments, caller, now);
     let job = PersistInvocation {
         tenant_id: tenant_id.clone(),

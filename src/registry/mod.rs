@@ -3,6 +3,7 @@
 //! hashed version so invocations can record exactly what ran.
 
 pub mod files;
+pub mod guards;
 pub mod model;
 mod routes;
 pub mod store;

@@ -159,6 +159,8 @@ impl ActionDeclaration {
         }
         if self.guards.len() > 32 {
             problems.push(detail("/guards", "at most 32 guards"));
+        } else if let Err(p) = super::guards::compile(&self.guards) {
+            problems.extend(p);
         }
         match name {
             Ok(name) if problems.is_empty() => Ok(name),

@@ -922,3 +922,71 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
         404
     );
 }
+
+dual!(guards_allow_deny_or_hold_calls);
+
+async fn guards_allow_deny_or_hold_calls(backend: Backend) {
+    let w = world(backend).await;
+    let (_, mut refund) = w.app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    refund["guards"] = json!([
+        {"if": {"field": "arguments.amount", "op": "gt", "value": 100000}, "then": "deny", "reason": "refunds over 1,000 need finance"},
+        {"if": {"all": [{"field": "arguments.amount", "op": "gt", "value": 50000},
+                        {"not": {"field": "agent.roles", "op": "contains", "value": "senior"}}]}, "then": "require_approval"}
+    ]);
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund.clone()))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let billing = agent_token(&w.app, "agt_g", &["billing"], &["invoke:*"]).await;
+    let with_amount = |n: i64| {
+        let mut a = refund_args();
+        a["amount"] = n.into();
+        a
+    };
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "refund_invoice",
+        with_amount(200_000),
+        Some("g1"),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(error_code(&body), "guard_denied");
+    assert!(body["error"]["message"].as_str().unwrap().contains("finance"));
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "refund_invoice",
+        with_amount(60_000),
+        Some("g2"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("pending_approval")),
+        "{body}"
+    );
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", with_amount(1_500), Some("g3")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("succeeded")),
+        "{body}"
+    );
+    let senior = agent_token(&w.app, "agt_s2", &["billing", "senior"], &["invoke:*"]).await;
+    let (status, _) = invoke(&w.app, &senior, "refund_invoice", with_amount(60_000), Some("g4")).await;
+    assert_eq!(status, 200, "seniors skip the approval guard");
+
+    refund["guards"] =
+        json!([{"if": {"field": "arguments.amount", "op": "matches", "value": "("}, "then": "maybe"}]);
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund))
+        .await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["details"].to_string().contains("/guards/0/then"),
+        "{body}"
+    );
+}

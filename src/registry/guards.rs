@@ -1,0 +1,101 @@
+//! Action guards: `[{"if": <condition>, "then": "allow" | "deny" | "require_approval", "reason"}]`
+//! evaluated on every invocation over `{arguments, agent: {id, roles}, action: {name, version}}`;
+//! the first guard whose condition holds decides. Conditions are the rules' condition trees.
+
+use serde_json::{Value, json};
+
+use crate::http::ErrorDetail;
+use crate::rules::condition::Condition;
+
+/// What a matching guard decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Run without approval.
+    Allow,
+    /// Refuse (403 `guard_denied`).
+    Deny,
+    /// Hold for a person, like `"approval": "always"`.
+    RequireApproval,
+}
+
+/// A compiled guard.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    condition: Option<Condition>,
+    verdict: Verdict,
+    /// Why, shown to the caller.
+    pub reason: String,
+}
+
+/// Compiles an action's guards; problems carry JSON pointers under `/guards`.
+pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
+    let mut out = Vec::with_capacity(guards.len());
+    let mut problems = Vec::new();
+    for (i, g) in guards.iter().enumerate() {
+        let at = format!("/guards/{i}");
+        let verdict = match g.get("then").and_then(Value::as_str) {
+            Some("allow") => Verdict::Allow,
+            Some("deny") => Verdict::Deny,
+            Some("require_approval") => Verdict::RequireApproval,
+            _ => {
+                problems.push(ErrorDetail {
+                    path: format!("{at}/then"),
+                    message: "must be allow, deny or require_approval".into(),
+                });
+                continue;
+            }
+        };
+        let condition = match g.get("if") {
+            None => None,
+            Some(c) => match Condition::compile(c, &format!("{at}/if")) {
+                Ok(c) => Some(c),
+                Err(p) => {
+                    problems.extend(p);
+                    continue;
+                }
+            },
+        };
+        let reason = g
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("a guard on this action")
+            .to_string();
+        out.push(Guard {
+            condition,
+            verdict,
+            reason,
+        });
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The first matching guard's verdict and reason, if any guard matches.
+pub fn decide<'g>(
+    guards: &'g [Guard],
+    arguments: &Value,
+    agent_id: &str,
+    roles: &[String],
+    action: &str,
+    version: i64,
+) -> Option<(Verdict, &'g str)> {
+    if guards.is_empty() {
+        return None;
+    }
+    let doc = json!({
+        "arguments": arguments,
+        "agent": {"id": agent_id, "roles": roles},
+        "action": {"name": action, "version": version},
+    });
+    guards
+        .iter()
+        .find(|g| {
+            g.condition
+                .as_ref()
+                .is_none_or(|c| c.holds(&doc, &mut Vec::new()))
+        })
+        .map(|g| (g.verdict, g.reason.as_str()))
+}
