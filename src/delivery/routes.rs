@@ -437,8 +437,17 @@ async fn replay_delivery(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PreviewBody {
-    endpoint_id: String,
+    endpoint_id: Option<String>,
     event: Option<PreviewEvent>,
+    action: Option<PreviewAction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewAction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,27 +464,86 @@ async fn preview(
     auth: AdminAuth,
     Json(body): Json<PreviewBody>,
 ) -> ApiResult<axum::Json<Value>> {
-    let endpoint = load_endpoint(&state, &auth, &body.endpoint_id).await?;
-    let Some(event) = body.event else {
-        return Err(ApiError::invalid_field(
-            "/event",
-            "give the event to preview as {\"type\", \"data\"}",
-        ));
-    };
-    events::check_event_type(&event.event_type).map_err(|m| ApiError::invalid_field("/event/type", m))?;
     let now = now_ms();
-    let event_id = crate::ids::new_id("evt");
     let delivery_id = crate::ids::new_id("dlv");
-    let request_body = events::event_body(&event_id, &event.event_type, now, &event.data);
-    let signed = sign_preview(
-        &state,
-        &endpoint,
-        &delivery_id,
-        Carries::Event(&event.event_type),
-        &request_body,
-        now,
-    )?;
-    Ok(axum::Json(signed))
+    match (body.event, body.action) {
+        (Some(event), None) => {
+            let Some(endpoint_id) = &body.endpoint_id else {
+                return Err(ApiError::invalid_field(
+                    "/endpoint_id",
+                    "name the endpoint the event would go to",
+                ));
+            };
+            let endpoint = load_endpoint(&state, &auth, endpoint_id).await?;
+            events::check_event_type(&event.event_type)
+                .map_err(|m| ApiError::invalid_field("/event/type", m))?;
+            let request_body =
+                events::event_body(&crate::ids::new_id("evt"), &event.event_type, now, &event.data);
+            let signed = sign_preview(
+                &state,
+                &endpoint,
+                &delivery_id,
+                Carries::Event(&event.event_type),
+                &request_body,
+                now,
+            )?;
+            Ok(axum::Json(signed))
+        }
+        (None, Some(call)) => {
+            let action = crate::registry::store::get(&state.db, &auth.tenant_id, &call.name)
+                .await?
+                .ok_or_else(|| ApiError::not_found("action"))?;
+            let endpoint_id = body
+                .endpoint_id
+                .or_else(|| action.declaration.endpoint_id.clone())
+                .ok_or_else(|| {
+                    ApiError::invalid_field("/endpoint_id", "the action has no endpoint; name one")
+                })?;
+            let endpoint = load_endpoint(&state, &auth, &endpoint_id).await?;
+            let validator = state
+                .gateway
+                .validators
+                .get(
+                    &auth.tenant_id,
+                    &call.name,
+                    action.version,
+                    crate::registry::validators::Which::Input,
+                    &action.declaration.input_schema,
+                )
+                .map_err(ApiError::internal)?;
+            let problems = crate::registry::model::schema_errors(&validator, &call.arguments);
+            if !problems.is_empty() {
+                return Err(ApiError::validation(
+                    "the arguments do not match the action's input schema",
+                    problems,
+                ));
+            }
+            let caller = crate::gateway::invoke::Caller::Rule {
+                tenant_id: auth.tenant_id.clone(),
+                rule_id: "preview".into(),
+            };
+            let request_body = crate::gateway::invoke::action_request_body(
+                &crate::ids::new_id("inv"),
+                &action,
+                &call.arguments,
+                &caller,
+                now,
+            );
+            let signed = sign_preview(
+                &state,
+                &endpoint,
+                &delivery_id,
+                Carries::Action(&call.name),
+                &request_body,
+                now,
+            )?;
+            Ok(axum::Json(signed))
+        }
+        _ => Err(ApiError::invalid_field(
+            "/",
+            "give either an event {\"type\", \"data\"} with an endpoint_id, or an action {\"name\", \"arguments\"}",
+        )),
+    }
 }
 
 /// The exact request an endpoint would receive for `body`, signed with its current secrets.

@@ -683,6 +683,18 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
         let last_error = last_error(&o.result);
         if job.is_action() {
             invocations::settle(&mut tx, &inner.validators, job, &o.result, &o.next, now).await?;
+            let settled = match &o.next {
+                Next::Succeeded => Some("action.succeeded"),
+                Next::Failed { .. } => Some("action.failed"),
+                Next::RetryAt { .. } => None,
+            };
+            if let (Some(event_type), Some(invocation_id)) = (settled, &job.invocation_id) {
+                let mut data = json!({"invocation_id": invocation_id, "action": job.label});
+                if event_type == "action.failed" {
+                    data["error"] = json!({"status": o.result.status, "message": last_error.clone()});
+                }
+                raised.extend(raise(&mut tx, &job.tenant_id, event_type, data, &lease, now).await?);
+            }
         }
         metrics::counter!("opsiq_delivery_attempts_total", "outcome" => match o.next {
             Next::Succeeded => "succeeded", Next::RetryAt { .. } => "retry", Next::Failed { .. } => "failed" })

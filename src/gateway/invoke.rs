@@ -699,6 +699,22 @@ impl PersistInvocation {
             } else {
                 "queued"
             };
+            let invoked = crate::events::NewEvent {
+                tenant_id: self.tenant_id.clone(),
+                event_type: "action.invoked".into(),
+                data: json!({"invocation_id": self.invocation_id, "action": self.action_name,
+                    "version": self.action_version, "principal": self.principal, "status": status}),
+                idempotency_key: None,
+                source: "system".into(),
+                depth: 0,
+                fanout: crate::events::Fanout::Lookup,
+                rules: None,
+            };
+            raised.extend(
+                crate::events::record(tx, invoked, &self.lease, now)
+                    .await?
+                    .deliveries,
+            );
             let row = InvocationRow {
                 id: self.invocation_id.clone(),
                 tenant_id: self.tenant_id.clone(),

@@ -990,3 +990,51 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         "{body}"
     );
 }
+
+dual!(invocations_raise_action_events_and_can_be_previewed);
+
+async fn invocations_raise_action_events_and_can_be_previewed(backend: Backend) {
+    let w = world(backend).await;
+    let watcher = Receiver::start().await;
+    crate::delivery::endpoint(
+        &w.app,
+        &watcher.url("/audit"),
+        json!({"event_types": ["action.*"]}),
+    )
+    .await;
+    let billing = agent_token(&w.app, "agt_ev", &["billing"], &["invoke:*"]).await;
+    let (_, body) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("ev-1")).await;
+    let got = watcher.wait_for(2).await;
+    let types: Vec<String> = got
+        .iter()
+        .map(|r| r.json()["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["action.invoked", "action.succeeded"]);
+    assert_eq!(got[0].json()["data"]["invocation_id"], body["invocation_id"]);
+    assert_eq!(got[1].json()["data"]["action"], "refund_invoice");
+
+    // The exact signed request an action's endpoint would get, without sending it.
+    let (status, preview) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"action": {"name": "refund_invoice", "arguments": refund_args()}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!(preview["headers"]["x-opsiq-action"], "refund_invoice");
+    let sent: Value = serde_json::from_str(preview["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["arguments"], refund_args());
+    let (status, _) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"action": {"name": "refund_invoice", "arguments": {"amount": "x"}}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.rx.received().len(), 1, "the preview sent nothing");
+}
