@@ -259,7 +259,7 @@ CREATE TABLE audit_log (
     PRIMARY KEY (tenant_id, seq)
 );
 
-CREATE UNIQUE INDEX token_issuers_issuer ON token_issuers (issuer);
+CREATE UNIQUE INDEX token_issuers_issuer ON token_issuers (issuer, audience);
 CREATE INDEX deliveries_lease ON deliveries (lease_until) WHERE status = 'delivering';
 
 CREATE TABLE mcp_sessions (

@@ -304,14 +304,14 @@ async fn put_issuer(
     let taken: Option<(String,)> = state
         .db
         .fetch_optional(
-            "SELECT tenant_id FROM token_issuers WHERE issuer = $1 AND tenant_id <> $2",
-            args![&config.issuer, &auth.tenant_id],
+            "SELECT tenant_id FROM token_issuers WHERE issuer = $1 AND audience = $2 AND tenant_id <> $3",
+            args![&config.issuer, &config.audience, &auth.tenant_id],
         )
         .await?;
     if taken.is_some() {
         return Err(ApiError::conflict(
-            "issuer_taken",
-            "another workspace already trusts this issuer",
+            "audience_in_use",
+            "this issuer and audience pair cannot be used; give this workspace an audience of its own",
         ));
     }
     let text = serde_json::to_string(&config).map_err(ApiError::internal)?;

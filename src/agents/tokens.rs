@@ -244,7 +244,12 @@ pub async fn authenticate(
     if issuer == GATEWAY_ISSUER {
         verify_gateway_token(db, master, keys, token, header.alg, &unverified).await
     } else {
-        verify_external_token(db, jwks_cache, outbound, token, &header, issuer).await
+        let audiences: Vec<&str> = match unverified.get("aud") {
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        verify_external_token(db, jwks_cache, outbound, token, &header, issuer, &audiences).await
     }
 }
 
@@ -321,18 +326,24 @@ async fn verify_external_token(
     token: &str,
     header: &Header,
     issuer: &str,
+    audiences: &[&str],
 ) -> Result<AgentPrincipal, ApiError> {
     if issuer.is_empty() {
         return Err(invalid("no issuer"));
     }
-    let row: Option<(String, String)> = db
-        .fetch_optional(
-            "SELECT tenant_id, config FROM token_issuers WHERE issuer = $1",
+    // Several workspaces may trust one identity provider, each with its own audience: the
+    // (issuer, audience) pair names the workspace.
+    let rows: Vec<(String, String, String)> = db
+        .fetch_all(
+            "SELECT tenant_id, audience, config FROM token_issuers WHERE issuer = $1",
             args![issuer],
         )
         .await?;
-    let Some((tenant_id, config)) = row else {
-        return Err(invalid("unknown issuer"));
+    let Some((tenant_id, _, config)) = rows
+        .into_iter()
+        .find(|(_, aud, _)| audiences.contains(&aud.as_str()))
+    else {
+        return Err(invalid("unknown issuer or audience"));
     };
     let config: IssuerConfig = serde_json::from_str(&config).map_err(ApiError::internal)?;
     if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {

@@ -464,6 +464,8 @@ async fn preview(
     auth: AdminAuth,
     Json(body): Json<PreviewBody>,
 ) -> ApiResult<axum::Json<Value>> {
+    // A preview is signed with the endpoint's real secret: only those who may read it may ask.
+    auth.require(Permission::Manage)?;
     let now = now_ms();
     let delivery_id = crate::ids::new_id("dlv");
     match (body.event, body.action) {

@@ -95,7 +95,8 @@ fn check_window(timestamp: &str, name: &'static str, now: i64) -> Result<i64, Ve
         .trim()
         .parse()
         .map_err(|_| VerifyError::MalformedHeader(name))?;
-    if (now - ts).abs() > TOLERANCE_SECS {
+    // abs_diff: a crafted timestamp near i64::MIN must not overflow.
+    if now.abs_diff(ts) > TOLERANCE_SECS as u64 {
         return Err(VerifyError::TimestampOutOfWindow);
     }
     Ok(ts)
@@ -282,6 +283,20 @@ mod tests {
             );
             assert!(expected.contains(&sig), "{}", case["name"]);
         }
+    }
+
+    #[test]
+    fn extreme_timestamps_are_out_of_window_not_a_crash() {
+        let headers = [
+            ("X-OpsIQ-Signature", "sha256=00"),
+            ("X-OpsIQ-Timestamp", "-9223372036854775000"),
+            ("X-OpsIQ-Nonce", "n"),
+            ("Idempotency-Key", "k"),
+        ];
+        let err = verify_opsiq_v1(&["whsec_x"], headers.as_slice(), "/", b"x", i64::MAX).unwrap_err();
+        assert_eq!(err, VerifyError::TimestampOutOfWindow);
+        let err = verify_opsiq_v1(&["whsec_x"], headers.as_slice(), "/", b"x", i64::MIN).unwrap_err();
+        assert_eq!(err, VerifyError::TimestampOutOfWindow);
     }
 
     #[test]

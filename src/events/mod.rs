@@ -31,6 +31,16 @@ pub fn check_event_type(name: &str) -> Result<(), String> {
     }
 }
 
+/// Whether an event type is raised only by the gateway itself (and so cannot be ingested).
+pub fn is_reserved(event_type: &str) -> bool {
+    event_type.starts_with("opsiq.")
+        || event_type.starts_with("action.")
+        || matches!(
+            event_type,
+            "delivery.failed" | "endpoint.disabled" | "approval.requested"
+        )
+}
+
 /// An event to record.
 #[derive(Debug, Clone)]
 pub struct NewEvent {

@@ -129,6 +129,15 @@ async fn ingest_event(
 ) -> ApiResult<Response> {
     auth.require(Permission::IngestEvents)?;
     check_event_type(&body.event_type).map_err(|m| ApiError::invalid_field("/type", m))?;
+    if super::is_reserved(&body.event_type) {
+        return Err(ApiError::invalid_field(
+            "/type",
+            format!(
+                "{} is raised by OpsIQ itself and cannot be sent in",
+                body.event_type
+            ),
+        ));
+    }
     if !body.data.is_object() {
         return Err(ApiError::invalid_field("/data", "must be a JSON object"));
     }

@@ -99,6 +99,8 @@ impl InvocationRow {
                 200,
                 json!({"invocation_id": self.id, "status": "failed", "error": parse(&self.error)}),
             ),
+            // Still being delivered is, for the caller, still queued.
+            "delivering" => (202, json!({"invocation_id": self.id, "status": "queued"})),
             other => (202, json!({"invocation_id": self.id, "status": other})),
         }
     }

@@ -78,19 +78,21 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
 /// Parses JSON text into `T`, telling syntax errors (400) from shape errors (422).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
     check_depth(bytes, max_depth)?;
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: Result<T, _> = serde_path_to_error::deserialize(&mut de);
-    let value = match value {
-        Ok(v) => v,
-        Err(err) => return Err(shape_or_syntax_error(err)),
-    };
-    de.end().map_err(|e| {
+    // Syntax first, so that a truncated body is a 400 even when its start already has the
+    // wrong shape; then the shape, with the path of the first problem.
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::bad_request(
             "malformed_json",
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
-    Ok(value)
+    if !value.is_object() {
+        return Err(ApiError::invalid_field(
+            "/",
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(shape_or_syntax_error)
 }
 
 fn shape_or_syntax_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {

@@ -53,9 +53,18 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
         ));
     };
     let arguments = params.get("arguments").cloned().unwrap_or_else(|| json!({}));
-    let key = params
-        .get("_meta")
-        .and_then(|m| m.get(IDEMPOTENCY_META_KEY))
+    let given = params.get("_meta").and_then(|m| m.get(IDEMPOTENCY_META_KEY));
+    if let Some(k) = given {
+        let ok = k
+            .as_str()
+            .is_some_and(|s| (1..=255).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()));
+        if !ok {
+            return Ok(tool_error(format!(
+                "_meta[\"{IDEMPOTENCY_META_KEY}\"] must be 1 to 255 visible ASCII characters"
+            )));
+        }
+    }
+    let key = given
         .and_then(Value::as_str)
         .map(str::to_string)
         // MCP clients rarely send one: without it every call is new (and the key is unique).

@@ -209,7 +209,13 @@ pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
     validator
         .iter_errors(instance)
         .map(|e| {
-            let path = e.instance_path().to_string();
+            let mut path = e.instance_path().to_string();
+            // A missing property is reported at its parent; point at the property itself.
+            if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind()
+                && let Some(name) = property.as_str()
+            {
+                path = format!("{path}/{}", name.replace('~', "~0").replace('/', "~1"));
+            }
             ErrorDetail {
                 path: if path.is_empty() { "/".into() } else { path },
                 message: e.to_string(),

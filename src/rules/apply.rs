@@ -164,6 +164,10 @@ async fn apply_output(
                 result["cut"] = format!("emit chains stop at depth {MAX_EMIT_DEPTH}").into();
                 return Ok((result, Vec::new()));
             }
+            if events::is_reserved(event_type) {
+                result["error"] = format!("{event_type} is raised by OpsIQ itself").into();
+                return Ok((result, Vec::new()));
+            }
             if let Err(m) = events::check_event_type(event_type) {
                 result["error"] = m.into();
                 return Ok((result, Vec::new()));

@@ -85,7 +85,14 @@ async fn check_rule(
                     });
                 }
             }
-            Output::Emit { .. } => {}
+            Output::Emit { event_type, .. } => {
+                if crate::events::is_reserved(event_type) {
+                    problems.push(ErrorDetail {
+                        path: format!("/then/{i}/emit/type"),
+                        message: format!("{event_type} is raised by OpsIQ itself; emit a type of your own"),
+                    });
+                }
+            }
         }
     }
     if problems.is_empty() {
@@ -254,6 +261,8 @@ async fn test_saved(
     Path(id): Path<String>,
     Json(body): Json<TestSaved>,
 ) -> ApiResult<axum::Json<Value>> {
+    // Dry runs return requests signed with real secrets: only those who may read them may ask.
+    auth.require(Permission::Manage)?;
     let row = load(&state, &auth.tenant_id, &id).await?;
     let definition: Value = serde_json::from_str(&row.definition).map_err(ApiError::internal)?;
     let rule = state.rules.check(&id, &definition)?;
@@ -267,6 +276,7 @@ async fn test_unsaved(
     auth: AdminAuth,
     Json(body): Json<TestUnsaved>,
 ) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::Manage)?;
     let rule = check_rule(&state, &auth.tenant_id, "rul_unsaved", &definition_of(body.rule)).await?;
     dry_run(&state, &auth.tenant_id, &rule, body.event)
         .await

@@ -228,16 +228,41 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let done = state
-        .db
-        .execute(
-            "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
-            args![now_ms(), &auth.tenant_id, &id],
+    let mut tx = state.db.begin().await?;
+    let target: Option<(String,)> = tx
+        .fetch_optional(
+            "SELECT role FROM api_keys WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+            args![&auth.tenant_id, &id],
         )
         .await?;
-    if done == 0 {
-        return Err(ApiError::not_found("API key"));
+    let (role,) = target.ok_or_else(|| ApiError::not_found("API key"))?;
+    if role == Role::Owner.as_str() {
+        if auth.role != Role::Owner {
+            return Err(ApiError::forbidden(
+                "forbidden",
+                "only an owner key can revoke an owner key",
+            ));
+        }
+        let (owners,): (i64,) = tx
+            .fetch_optional(
+                "SELECT COUNT(*) FROM api_keys WHERE tenant_id = $1 AND role = 'owner' AND revoked_at IS NULL",
+                args![&auth.tenant_id],
+            )
+            .await?
+            .unwrap_or((0,));
+        if owners <= 1 {
+            return Err(ApiError::conflict(
+                "last_owner_key",
+                "this is the workspace's last owner key; create another owner key first",
+            ));
+        }
     }
+    tx.execute(
+        "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+        args![now_ms(), &auth.tenant_id, &id],
+    )
+    .await?;
+    tx.commit().await?;
     state.api_keys.clear();
     Ok(StatusCode::NO_CONTENT)
 }

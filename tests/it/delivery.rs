@@ -378,6 +378,8 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
         json!({"type": "bad type", "data": {}}),
         json!({"type": "x.y", "data": [1]}),
         json!({"type": "x.y"}),
+        json!({"type": "delivery.failed", "data": {"delivery_id": "d", "endpoint_id": "e"}}),
+        json!({"type": "opsiq.test", "data": {}}),
     ] {
         assert_eq!(app.call(Method::POST, "/v1/events", Some(bad)).await.0, 422);
     }
@@ -785,6 +787,24 @@ async fn preview_and_test_send(backend: Backend) {
     .expect("preview is signed");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.received().is_empty(), "a preview sends nothing");
+
+    // Previews are signed with the real secret: viewers may not ask for them.
+    let (_, viewer) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "v", "role": "viewer"})),
+        )
+        .await;
+    let (status, _) = app
+        .call_as(
+            viewer["key"].as_str().unwrap(),
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid", "data": {}}})),
+        )
+        .await;
+    assert_eq!(status, 403);
 
     let (status, sent) = app
         .call(Method::POST, &format!("/v1/endpoints/{id}/test"), None)

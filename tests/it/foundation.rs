@@ -339,6 +339,15 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
 
     let (status, body) = read(post("[1, 2]".into(), json).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (422, "validation_failed"));
+    // Truncated JSON is malformed even when its start already has the wrong shape.
+    let (status, body) = read(post("{\"surprise\":".into(), json).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "malformed_json"));
+    // A sequence is not accepted for an object.
+    let keys = app
+        .admin(Method::POST, "/v1/api-keys")
+        .header("content-type", "application/json");
+    let (status, _) = read(keys.body(r#"["k", "viewer"]"#).send().await.unwrap()).await;
+    assert_eq!(status, 422);
 
     let (status, body) = read(app.admin(Method::GET, "/v1/nothing-here").send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
@@ -427,6 +436,31 @@ async fn authentication_and_roles(backend: Backend) {
         )
         .await;
     assert_eq!(status, 403, "only owners make owners");
+
+    // Owner keys are the owners' to revoke, and the last one cannot go.
+    let (_, keys) = app.call(Method::GET, "/v1/api-keys", None).await;
+    let owner_id = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "owner")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = app
+        .call_as(
+            &admin_key,
+            Method::DELETE,
+            &format!("/v1/api-keys/{owner_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403, "an admin cannot revoke an owner key");
+    let (status, body) = app
+        .call(Method::DELETE, &format!("/v1/api-keys/{owner_id}"), None)
+        .await;
+    assert_eq!((status, error_code(&body)), (409, "last_owner_key"));
 
     // Revocation takes effect on the next request.
     let id = admin["id"].as_str().unwrap();

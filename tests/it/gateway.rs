@@ -770,6 +770,36 @@ async fn external_issuer_tokens(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(w.rx.received()[0].json()["agent"]["roles"], json!(["billing"]));
 
+    // Another workspace may trust the same identity provider with an audience of its own.
+    let (_, other_key) = w.app.new_tenant("globex").await;
+    let same = json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "public_key_pem": pem});
+    let (status, body) = w
+        .app
+        .call_as(&other_key, Method::PUT, "/v1/token-issuer", Some(same))
+        .await;
+    assert_eq!((status, error_code(&body)), (409, "audience_in_use"));
+    let own = json!({"issuer": "https://idp.example.com", "audience": "opsiq-globex", "public_key_pem": pem});
+    assert_eq!(
+        w.app
+            .call_as(&other_key, Method::PUT, "/v1/token-issuer", Some(own))
+            .await
+            .0,
+        200
+    );
+    let globex_token = mint(&|c| c["aud"] = "opsiq-globex".into());
+    let (status, body) = w.app.call_as(&globex_token, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["data"].as_array().unwrap().len(),
+        0,
+        "globex grants this agent nothing"
+    );
+    assert_eq!(
+        w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0,
+        200,
+        "acme's tokens still work"
+    );
+
     for (name, token) in [
         ("not yet valid", mint(&|c| c["nbf"] = (now + 3600).into())),
         ("expired", mint(&|c| c["exp"] = (now - 3600).into())),

@@ -593,6 +593,23 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         .await;
     assert_eq!(status, 422);
 
+    let (_, viewer) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "v", "role": "viewer"})),
+        )
+        .await;
+    let (status, _) = app
+        .call_as(
+            viewer["key"].as_str().unwrap(),
+            Method::POST,
+            &format!("/v1/rules/{rule_id}/test"),
+            Some(json!({"event": {"type": "ticket.created", "data": {}}})),
+        )
+        .await;
+    assert_eq!(status, 403, "dry runs show signed requests: managers only");
+
     tokio::time::sleep(Duration::from_millis(400)).await;
     let after = (
         count(&app, "/v1/events").await,
