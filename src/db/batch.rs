@@ -126,7 +126,15 @@ async fn writer<J: Job>(db: Database, rx: Queue<J>) {
 
 async fn run<J: Job>(db: &Database, jobs: &[J]) -> Result<Vec<J::Output>, DbError> {
     let mut tx = db.begin().await?;
-    let outputs = J::write_batch(jobs, &mut tx).await?;
-    tx.commit().await?;
-    Ok(outputs)
+    match J::write_batch(jobs, &mut tx).await {
+        Ok(outputs) => {
+            tx.commit().await?;
+            Ok(outputs)
+        }
+        Err(e) => {
+            // Free the writer for the retry at once instead of on its next use.
+            tx.rollback().await;
+            Err(e)
+        }
+    }
 }

@@ -4,8 +4,9 @@
 //! so code that composes writes (an event, its deliveries, an invocation) is written once; the
 //! few statements that differ (claiming work) branch on [`Dialect`] where they are used.
 //!
-//! SQLite gets two pools: many readers and exactly one writer, so writers queue in-process
-//! instead of spinning on `SQLITE_BUSY`, and a write transaction is `BEGIN IMMEDIATE`.
+//! SQLite gets a pool of readers and exactly one writer connection ([`SqliteWriter`]), so
+//! writers queue in-process instead of spinning on `SQLITE_BUSY`, and a write transaction is
+//! `BEGIN IMMEDIATE`.
 
 pub mod batch;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, PgPool, SqlitePool};
 
 /// Storage failures; the HTTP layer turns every one of them into a 500 without details.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +159,9 @@ macro_rules! bind_all {
     }};
 }
 
+mod sqlite_writer;
+pub use sqlite_writer::{SqliteTx, SqliteWriter};
+
 /// A row type that decodes from both dialects (`#[derive(sqlx::FromRow)]` gives this).
 pub trait Row:
     for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
@@ -186,10 +190,6 @@ macro_rules! dispatch {
                 .execute(p)
                 .await?
                 .rows_affected(),
-            Target::SqliteTx(t) => bind_all!(sqlx::query($sql), $args)
-                .execute(&mut **t)
-                .await?
-                .rows_affected(),
             Target::PgTx(t) => bind_all!(sqlx::query($sql), $args)
                 .execute(&mut **t)
                 .await?
@@ -200,7 +200,6 @@ macro_rules! dispatch {
         match $target {
             Target::SqlitePool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
             Target::PgPool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
-            Target::SqliteTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
             Target::PgTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
         }
     };
@@ -209,7 +208,6 @@ macro_rules! dispatch {
 enum Target<'a> {
     SqlitePool(&'a SqlitePool),
     PgPool(&'a PgPool),
-    SqliteTx(&'a mut sqlx::Transaction<'static, sqlx::Sqlite>),
     PgTx(&'a mut sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
@@ -246,20 +244,13 @@ impl Pool {
 
 /// A write transaction (`BEGIN IMMEDIATE` on SQLite); rolled back if dropped uncommitted.
 pub enum Tx {
-    /// On SQLite.
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// On SQLite's writer connection.
+    Sqlite(SqliteTx),
     /// On PostgreSQL.
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 impl Tx {
-    fn target(&mut self) -> Target<'_> {
-        match self {
-            Tx::Sqlite(t) => Target::SqliteTx(t),
-            Tx::Postgres(t) => Target::PgTx(t),
-        }
-    }
-
     /// Which dialect this transaction speaks.
     pub fn dialect(&self) -> Dialect {
         match self {
@@ -270,7 +261,22 @@ impl Tx {
 
     /// Runs a statement; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
-        self.target().execute(sql, args).await
+        match self {
+            Tx::Sqlite(t) => t.execute(sql.into_sql_str().as_str(), args).await,
+            Tx::Postgres(t) => Target::PgTx(t).execute(sql, args).await,
+        }
+    }
+
+    /// Runs a statement that returns no rows and whose row count is not needed. On SQLite it is
+    /// queued and sent with the next statement or the commit, saving a round trip each.
+    pub async fn defer(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => {
+                t.defer(sql.into_sql_str().as_str(), args);
+                Ok(())
+            }
+            Tx::Postgres(t) => Target::PgTx(t).execute(sql, args).await.map(|_| ()),
+        }
     }
 
     /// Fetches every row.
@@ -279,7 +285,10 @@ impl Tx {
         sql: impl sqlx::SqlSafeStr,
         args: Vec<Arg>,
     ) -> Result<Vec<T>, sqlx::Error> {
-        self.target().fetch_all(sql, args).await
+        match self {
+            Tx::Sqlite(t) => t.fetch_all(sql.into_sql_str().as_str(), args).await,
+            Tx::Postgres(t) => Target::PgTx(t).fetch_all(sql, args).await,
+        }
     }
 
     /// Fetches at most one row.
@@ -288,7 +297,10 @@ impl Tx {
         sql: impl sqlx::SqlSafeStr,
         args: Vec<Arg>,
     ) -> Result<Option<T>, sqlx::Error> {
-        self.target().fetch_optional(sql, args).await
+        match self {
+            Tx::Sqlite(t) => t.fetch_optional(sql.into_sql_str().as_str(), args).await,
+            Tx::Postgres(t) => Target::PgTx(t).fetch_optional(sql, args).await,
+        }
     }
 
     /// Commits.
@@ -298,13 +310,30 @@ impl Tx {
             Tx::Postgres(t) => t.commit().await,
         }
     }
+
+    /// Rolls back (dropping does too, but later).
+    pub async fn rollback(self) {
+        match self {
+            Tx::Sqlite(t) => t.rollback().await,
+            Tx::Postgres(t) => {
+                let _ = t.rollback().await;
+            }
+        }
+    }
+}
+
+/// Where writes go: SQLite's single writer connection or the PostgreSQL pool.
+#[derive(Debug, Clone)]
+enum Writer {
+    Sqlite(SqliteWriter),
+    Postgres(PgPool),
 }
 
 /// The database handle every capability uses; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
     read: Pool,
-    write: Pool,
+    write: Writer,
 }
 
 /// Which SQL dialect a [`Database`] speaks.
@@ -330,22 +359,23 @@ impl Database {
                 .foreign_keys(true)
                 .pragma("temp_store", "memory")
                 .pragma("cache_size", "-32000");
-            let write = SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .acquire_timeout(Duration::from_secs(30))
-                .connect_with(options.clone())
+            // Scripts of many sizes come through the writer; keep their prepared statements.
+            let mut conn = options.clone().statement_cache_capacity(512).connect().await?;
+            sqlx::migrate!("migrations/sqlite")
+                .run_direct(None, &mut conn, false)
                 .await?;
-            sqlx::migrate!("migrations/sqlite").run(&write).await?;
+            let write = SqliteWriter::new(conn);
             let read = SqlitePoolOptions::new()
                 .max_connections(8)
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(30))
+                // An embedded file cannot hang up: skip the round trip a liveness ping costs.
+                .test_before_acquire(false)
                 .connect_with(options.read_only(true))
                 .await?;
             Self {
                 read: Pool::Sqlite(read),
-                write: Pool::Sqlite(write),
+                write: Writer::Sqlite(write),
             }
         } else {
             let options = PgConnectOptions::from_str(url)?;
@@ -358,7 +388,7 @@ impl Database {
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
             Self {
                 read: Pool::Postgres(pool.clone()),
-                write: Pool::Postgres(pool),
+                write: Writer::Postgres(pool),
             }
         };
         Ok(db)
@@ -369,30 +399,28 @@ impl Database {
         &self.read
     }
 
-    /// The pool for statements that write (on SQLite, the single writer connection).
-    pub fn writer(&self) -> &Pool {
-        &self.write
-    }
-
     /// Which dialect this database speaks.
     pub fn dialect(&self) -> Dialect {
         match self.write {
-            Pool::Sqlite(_) => Dialect::Sqlite,
-            Pool::Postgres(_) => Dialect::Postgres,
+            Writer::Sqlite(_) => Dialect::Sqlite,
+            Writer::Postgres(_) => Dialect::Postgres,
         }
     }
 
     /// Begins a write transaction.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match &self.write {
-            Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
-            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+            Writer::Sqlite(w) => Tx::Sqlite(w.begin().await?),
+            Writer::Postgres(p) => Tx::Postgres(p.begin().await?),
         })
     }
 
     /// Runs one write statement in its own transaction.
     pub async fn execute(&self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
-        self.write.target().execute(sql, args).await
+        match &self.write {
+            Writer::Sqlite(w) => w.execute(sql.into_sql_str().as_str(), args).await,
+            Writer::Postgres(p) => Target::PgPool(p).execute(sql, args).await,
+        }
     }
 
     /// Reads every row.
@@ -424,7 +452,10 @@ impl Database {
     /// Closes every connection, waiting for queries in progress.
     pub async fn close(&self) {
         on_pool!(&self.read, |pool| pool.close().await);
-        on_pool!(&self.write, |pool| pool.close().await);
+        match &self.write {
+            Writer::Sqlite(w) => w.close().await,
+            Writer::Postgres(p) => p.close().await,
+        }
     }
 }
 

@@ -181,7 +181,7 @@ pub async fn insert(
                 event_id: d.event_id.clone(),
             });
         }
-        tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
+        tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
     }
     Ok(jobs)
 }

@@ -661,7 +661,7 @@ async fn insert_attempts(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db
                 o.result.duration.as_millis() as i64
             ]);
         }
-        tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
+        tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
     }
     Ok(())
 }
@@ -670,6 +670,20 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     let inner = &engine.inner;
     let now = now_ms();
     let lease = engine.lease();
+    // Settled actions raise `action.succeeded`/`action.failed`; their subscribers are looked up
+    // before the writer is taken.
+    let mut subscribers = std::collections::HashMap::new();
+    for o in batch
+        .iter()
+        .filter(|o| o.job.is_action() && !matches!(o.next, Next::RetryAt { .. }))
+    {
+        if !subscribers.contains_key(o.job.tenant_id.as_str()) {
+            subscribers.insert(
+                o.job.tenant_id.as_str(),
+                engine.subscribers(&o.job.tenant_id).await?,
+            );
+        }
+    }
     let mut tx = inner.db.begin().await?;
     insert_attempts(&mut tx, batch).await?;
     let moved = move_deliveries(&mut tx, batch, now).await?;
@@ -693,7 +707,11 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
                 if event_type == "action.failed" {
                     data["error"] = json!({"status": o.result.status, "message": last_error.clone()});
                 }
-                raised.extend(raise(&mut tx, &job.tenant_id, event_type, data, &lease, now).await?);
+                let fanout = match subscribers.get(job.tenant_id.as_str()) {
+                    Some(list) => events::Fanout::Among(list.clone()),
+                    None => events::Fanout::Lookup,
+                };
+                raised.extend(raise(&mut tx, &job.tenant_id, event_type, data, fanout, (&lease, now)).await?);
             }
         }
         metrics::counter!("opsiq_delivery_attempts_total", "outcome" => match o.next {
@@ -719,7 +737,17 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
                     "last_error": last_error,
                     "reason": reason,
                 });
-                raised.extend(raise(&mut tx, &job.tenant_id, "delivery.failed", data, &lease, now).await?);
+                raised.extend(
+                    raise(
+                        &mut tx,
+                        &job.tenant_id,
+                        "delivery.failed",
+                        data,
+                        events::Fanout::Lookup,
+                        (&lease, now),
+                    )
+                    .await?,
+                );
             }
         }
     }
@@ -727,13 +755,15 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     Ok(raised)
 }
 
+/// Records a system event; `fanout` is the engine's cached subscriber list on the hot path, a
+/// lookup inside the transaction where the batch itself may have just disabled an endpoint.
 async fn raise(
     tx: &mut Tx,
     tenant_id: &str,
     event_type: &str,
     data: serde_json::Value,
-    lease: &Lease,
-    now: i64,
+    fanout: events::Fanout,
+    (lease, now): (&Lease, i64),
 ) -> Result<Vec<Job>, crate::db::DbError> {
     let event = NewEvent {
         tenant_id: tenant_id.to_string(),
@@ -742,7 +772,7 @@ async fn raise(
         idempotency_key: None,
         source: "system".into(),
         depth: 0,
-        fanout: events::Fanout::Lookup,
+        fanout,
         rules: None,
     };
     Ok(events::record(tx, event, lease, now).await?.deliveries)
@@ -810,5 +840,13 @@ async fn update_endpoint_health(
     tracing::warn!(endpoint_id = %job.endpoint_id, reason, "endpoint disabled");
     metrics::counter!("opsiq_endpoints_disabled_total").increment(1);
     let data = json!({"endpoint_id": row.id, "url": row.url, "reason": reason});
-    raise(tx, &job.tenant_id, "endpoint.disabled", data, lease, now).await
+    raise(
+        tx,
+        &job.tenant_id,
+        "endpoint.disabled",
+        data,
+        events::Fanout::Lookup,
+        (lease, now),
+    )
+    .await
 }

@@ -197,7 +197,7 @@ pub fn record_many<'a>(
                     deliveries: Vec::new(),
                 });
             }
-            tx.execute(sqlx::AssertSqlSafe(sql), values).await?;
+            tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
         }
         let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
         for (event, n) in recorded.iter_mut().zip(per_event) {
@@ -208,7 +208,7 @@ pub fn record_many<'a>(
             let (trace, jobs) = checked
                 .carry_out(tx, event, &done.id, &done.body, lease, now)
                 .await?;
-            tx.execute(
+            tx.defer(
                 "UPDATE events SET rule_trace = $1 WHERE id = $2",
                 args![trace, &done.id],
             )

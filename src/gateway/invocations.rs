@@ -128,7 +128,7 @@ pub async fn settle(
     };
     match next {
         Next::RetryAt { .. } => {
-            tx.execute(
+            tx.defer(
                 "UPDATE invocations SET status = 'delivering', updated_at = $1 WHERE id = $2 AND status = 'queued'",
                 args![now, invocation_id],
             )
@@ -137,7 +137,7 @@ pub async fn settle(
         Next::Succeeded => {
             let value = response_value(result);
             let output_error = check_output(tx, validators, job, &value).await?;
-            tx.execute(
+            tx.defer(
                 "UPDATE invocations SET status = 'succeeded', result = $1, error = $2, updated_at = $3, completed_at = $3 \
                  WHERE id = $4",
                 args![value.to_string(), output_error.map(|e| e.to_string()), now, invocation_id],
@@ -158,7 +158,7 @@ pub async fn settle(
                     "error_class": result.error_class,
                 }),
             };
-            tx.execute(
+            tx.defer(
                 "UPDATE invocations SET status = 'failed', error = $1, updated_at = $2, completed_at = $2 WHERE id = $3",
                 args![error.to_string(), now, invocation_id],
             )

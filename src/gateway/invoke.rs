@@ -213,6 +213,7 @@ pub async fn invoke(
         body: body.into(),
         pending_approval,
         lease: state.engine.lease(),
+        fanout: crate::events::Fanout::Among(state.engine.subscribers(&tenant_id).await?),
         now,
     };
     let persisted = match state.invocation_writes.submit(job).await {
@@ -576,6 +577,7 @@ pub async fn invoke_for_rule(
         body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
         pending_approval,
         lease: lease.clone(),
+        fanout: crate::events::Fanout::Lookup,
         now,
     };
     let persisted = persist.write_one(tx).await?;
@@ -609,6 +611,8 @@ pub struct PersistInvocation {
     body: Arc<str>,
     pending_approval: bool,
     lease: Lease,
+    /// Who receives the events it raises (`action.invoked`, `approval.requested`).
+    fanout: crate::events::Fanout,
     now: i64,
 }
 
@@ -643,7 +647,7 @@ impl PersistInvocation {
         {
             let now = self.now;
             if let Some(key) = &self.idempotency_key {
-                tx.execute(
+                tx.defer(
                     "INSERT INTO idempotency_records (tenant_id, scope, key, request_hash, resource_id, created_at, expires_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     args![&self.tenant_id, &self.principal, key, &self.request_hash, &self.invocation_id, now,
@@ -655,7 +659,7 @@ impl PersistInvocation {
             let job = if self.pending_approval {
                 let approval_id = ids::new_id("apr");
                 let reason = "the action requires approval for every call";
-                tx.execute(
+                tx.defer(
                     "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
                      VALUES ($1, $2, $3, 'pending', $4, $5)",
                     args![&approval_id, &self.tenant_id, &self.invocation_id, reason, now],
@@ -669,7 +673,7 @@ impl PersistInvocation {
                     idempotency_key: None,
                     source: "system".into(),
                     depth: 0,
-                    fanout: crate::events::Fanout::Lookup,
+                    fanout: self.fanout.clone(),
                     rules: None,
                 };
                 raised = crate::events::record(tx, event, &self.lease, now)
@@ -707,7 +711,7 @@ impl PersistInvocation {
                 idempotency_key: None,
                 source: "system".into(),
                 depth: 0,
-                fanout: crate::events::Fanout::Lookup,
+                fanout: self.fanout.clone(),
                 rules: None,
             };
             raised.extend(
@@ -734,7 +738,7 @@ impl PersistInvocation {
                 updated_at: now,
                 completed_at: None,
             };
-            tx.execute(
+            tx.defer(
                 "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
                  arguments, status, idempotency_key, delivery_id, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",

@@ -853,3 +853,58 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
     let got = rx.wait_for(2).await;
     assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
 }
+
+dual!(five_days_of_failures_disable_the_endpoint);
+
+async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, dir| {
+            fast_delivery(raw, dir);
+            raw.retry_schedule = "100ms".into();
+        })
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    let alerts = Receiver::start().await;
+    rx.always(500);
+    let (id, _) = endpoint(&app, &rx.url("/down"), json!({"event_types": ["invoice.*"]})).await;
+    endpoint(
+        &app,
+        &alerts.url("/alerts"),
+        json!({"event_types": ["endpoint.disabled"]}),
+    )
+    .await;
+    // Pretend its run of failures began six days ago (time cannot be waited out in a test).
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
+    db.execute(
+        "UPDATE endpoints SET failing_since = $1 WHERE id = $2",
+        opsiq::args![six_days_ago, &id],
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    send_event(&app, "invoice.updated", json!({})).await;
+    let alert = alerts.wait_for(1).await;
+    assert_eq!(alert[0].json()["data"]["endpoint_id"], id.as_str());
+    assert!(
+        alert[0].json()["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5 days")
+    );
+    let (_, ep) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
+    assert_eq!(ep["enabled"], false);
+    // Re-enabling clears the run of failures.
+    let (_, ep) = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/endpoints/{id}"),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(
+        (ep["enabled"].as_bool(), ep["failing_since"].is_null()),
+        (Some(true), true)
+    );
+}

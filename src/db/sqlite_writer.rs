@@ -1,0 +1,272 @@
+//! SQLite's single writer: one long-lived connection behind an async mutex, and write
+//! transactions that send their statements in as few trips as possible.
+//!
+//! sqlx runs each SQLite statement on the connection's worker thread, so every statement is a
+//! round trip between that thread and the async runtime; a pooled connection adds a ping when it
+//! is checked out and another when it is returned. On a busy 2-core machine those hops, not the
+//! SQL, are what a write costs. So the writer connection is owned here, outside any pool, and a
+//! [`SqliteTx`] collects statements whose results nobody reads ([`SqliteTx::defer`]) and sends
+//! them together with `BEGIN IMMEDIATE`, the next read, or `COMMIT` as one multi-statement query.
+//! A group-commit batch that only inserts is then one round trip.
+
+use std::sync::Arc;
+
+use sqlx::{Executor, SqliteConnection};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::{Arg, Row};
+
+/// The writer connection and whether a dropped transaction left it inside a transaction.
+pub struct WriterConnection {
+    conn: SqliteConnection,
+    /// A transaction was dropped without commit or rollback; roll back before the next use.
+    needs_rollback: bool,
+}
+
+/// The shared handle to SQLite's writer connection.
+#[derive(Clone)]
+pub struct SqliteWriter {
+    inner: Arc<Mutex<WriterConnection>>,
+}
+
+impl std::fmt::Debug for SqliteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteWriter")
+    }
+}
+
+impl SqliteWriter {
+    /// Wraps an open connection.
+    pub fn new(conn: SqliteConnection) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(WriterConnection {
+                conn,
+                needs_rollback: false,
+            })),
+        }
+    }
+
+    /// Waits for the connection, first undoing whatever a dropped transaction left open.
+    async fn lock(&self) -> Result<OwnedMutexGuard<WriterConnection>, sqlx::Error> {
+        let mut guard = self.inner.clone().lock_owned().await;
+        if guard.needs_rollback {
+            rollback_quietly(&mut guard.conn).await;
+            guard.needs_rollback = false;
+        }
+        Ok(guard)
+    }
+
+    /// Starts a write transaction; nothing is sent until the first statement needs to be.
+    pub async fn begin(&self) -> Result<SqliteTx, sqlx::Error> {
+        Ok(SqliteTx {
+            conn: Some(self.lock().await?),
+            pending: String::from("BEGIN IMMEDIATE;\n"),
+            args: Vec::new(),
+            sent: false,
+        })
+    }
+
+    /// Runs one statement on its own (autocommit); returns the rows it affected.
+    pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        let mut guard = self.lock().await?;
+        let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
+        Ok(query.execute(&mut guard.conn).await?.rows_affected())
+    }
+
+    /// Closes the connection (checkpointing the WAL).
+    pub async fn close(&self) {
+        let mut guard = self.inner.lock().await;
+        // A closed connection cannot be taken out of the mutex; a checkpoint is what closing
+        // buys, so ask for it directly and leave the handle to be dropped with the process.
+        let _ = guard.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await;
+    }
+}
+
+/// A write transaction on SQLite's writer connection. Dropped uncommitted, it is rolled back
+/// before the connection is next used.
+pub struct SqliteTx {
+    conn: Option<OwnedMutexGuard<WriterConnection>>,
+    /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
+    pending: String,
+    /// The arguments of `pending`, numbered across all of its statements.
+    args: Vec<Arg>,
+    /// Whether anything was sent, i.e. whether there is a transaction to end.
+    sent: bool,
+}
+
+impl SqliteTx {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        // Only `commit`/`rollback` (which consume self) take the guard out.
+        &mut self
+            .conn
+            .as_mut()
+            .expect("the connection is held until the transaction ends")
+            .conn
+    }
+
+    /// Queues a statement that returns no rows and whose row count nobody needs; it is sent with
+    /// the next statement that must run now, or with `COMMIT`.
+    pub fn defer(&mut self, sql: &str, args: Vec<Arg>) {
+        push_statement(&mut self.pending, sql, self.args.len());
+        self.args.extend(args);
+    }
+
+    /// Takes the queued script and its arguments, appending `sql` (numbered after them).
+    fn take_with(&mut self, sql: &str, args: Vec<Arg>) -> (String, Vec<Arg>) {
+        push_statement(&mut self.pending, sql, self.args.len());
+        self.args.extend(args);
+        self.sent = true;
+        (std::mem::take(&mut self.pending), std::mem::take(&mut self.args))
+    }
+
+    /// Sends whatever is queued.
+    async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.sent = true;
+        let (script, args) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.args));
+        bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Runs a statement now; returns the number of rows it affected.
+    pub async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        // The count must be this statement's alone, so what is queued goes first.
+        self.flush().await?;
+        let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
+        Ok(query.execute(self.conn()).await?.rows_affected())
+    }
+
+    /// Runs the queued statements and then `sql`, returning `sql`'s rows.
+    pub async fn fetch_all<T: Row>(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<T>, sqlx::Error> {
+        let (script, args) = self.take_with(sql, args);
+        bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
+            .fetch_all(self.conn())
+            .await
+    }
+
+    /// Runs the queued statements and then `sql`, returning its first row.
+    pub async fn fetch_optional<T: Row>(
+        &mut self,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> Result<Option<T>, sqlx::Error> {
+        let (script, args) = self.take_with(sql, args);
+        bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
+            .fetch_optional(self.conn())
+            .await
+    }
+
+    /// Sends what is queued and `COMMIT` together; on failure the transaction is rolled back.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if !self.sent && self.args.is_empty() && self.pending == "BEGIN IMMEDIATE;\n" {
+            // Nothing was written.
+            self.sent = false;
+            self.conn = None;
+            return Ok(());
+        }
+        let (script, args) = self.take_with("COMMIT", Vec::new());
+        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
+            .execute(self.conn())
+            .await;
+        if result.is_err() {
+            rollback_quietly(self.conn()).await;
+        }
+        self.sent = false;
+        self.conn = None;
+        result.map(|_| ())
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) {
+        if self.sent {
+            rollback_quietly(self.conn()).await;
+        }
+        self.sent = false;
+        self.conn = None;
+    }
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        if self.sent
+            && let Some(guard) = self.conn.as_mut()
+        {
+            guard.needs_rollback = true;
+        }
+    }
+}
+
+/// `ROLLBACK`, ignoring "no transaction is active" (SQLite may already have rolled back).
+async fn rollback_quietly(conn: &mut SqliteConnection) {
+    if let Err(e) = conn.execute("ROLLBACK").await {
+        let message = e.to_string();
+        if !message.contains("no transaction is active") {
+            tracing::warn!(error = %message, "rolling back a write transaction failed");
+        }
+    }
+}
+
+/// Appends `sql` to `script`, shifting its `$n` placeholders by `offset` so that they index the
+/// script's combined argument list (SQLite numbers `$n` by name, across the whole query).
+fn push_statement(script: &mut String, sql: &str, offset: usize) {
+    script.reserve(sql.len() + 8);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\'' || b == b'"' {
+            // A quoted literal or identifier is copied untouched ('' escapes just close and reopen).
+            let end = bytes[i + 1..]
+                .iter()
+                .position(|&c| c == b)
+                .map_or(bytes.len(), |p| i + 1 + p + 1);
+            script.push_str(&sql[i..end]);
+            i = end;
+        } else if b == b'$' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            let start = i + 1;
+            let mut end = start;
+            while end < bytes.len() && bytes[end].is_ascii_digit() {
+                end += 1;
+            }
+            let n: usize = sql[start..end].parse().unwrap_or(0);
+            script.push('$');
+            script.push_str(&(n + offset).to_string());
+            i = end;
+        } else {
+            // Copy the run up to the next quote or `$` in one go (keeps UTF-8 intact).
+            let end = bytes[i + 1..]
+                .iter()
+                .position(|&c| c == b'\'' || c == b'"' || c == b'$')
+                .map_or(bytes.len(), |p| i + 1 + p);
+            script.push_str(&sql[i..end]);
+            i = end;
+        }
+    }
+    script.push_str(";\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_statement;
+
+    #[test]
+    fn placeholders_are_shifted_outside_quotes_only() {
+        let mut script = String::new();
+        push_statement(
+            &mut script,
+            "INSERT INTO t (a, b) VALUES ($1, '$2 é'), ($2, \"$1\")",
+            10,
+        );
+        assert_eq!(
+            script,
+            "INSERT INTO t (a, b) VALUES ($11, '$2 é'), ($12, \"$1\");\n"
+        );
+        let mut script = String::new();
+        push_statement(&mut script, "SELECT $1, $12", 0);
+        assert_eq!(script, "SELECT $1, $12;\n");
+    }
+}
