@@ -59,8 +59,19 @@ impl Checked {
     /// The trace when nothing matched (stored with the event row); `None` when no rule was a
     /// candidate.
     pub fn trace_without_outputs(&self) -> Option<String> {
-        (!self.evaluations.is_empty())
-            .then(|| Value::Array(self.evaluations.iter().map(Evaluation::trace).collect()).to_string())
+        if self.evaluations.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(self.evaluations.len() * 64);
+        out.push('[');
+        for (i, evaluation) in self.evaluations.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            evaluation.write_trace(&mut out);
+        }
+        out.push(']');
+        Some(out)
     }
 
     /// Carries out the matched rules' outputs; returns the full trace and the new deliveries.

@@ -70,6 +70,8 @@ pub struct Comparison {
     at: String,
     field: String,
     path: Vec<String>,
+    /// Index of `path` in the rule set's table of resolved fields (see [`Condition::intern_paths`]).
+    slot: usize,
     op: Op,
     value: Value,
     regex: Option<Regex>,
@@ -179,6 +181,7 @@ impl Condition {
         Ok(Condition::Compare(Comparison {
             at: at.to_string(),
             path: field.split('.').map(str::to_string).collect(),
+            slot: 0,
             field,
             op,
             value,
@@ -195,6 +198,36 @@ impl Condition {
             Condition::Not(inner) => !inner.holds(doc, held),
             Condition::Compare(c) => {
                 let h = c.holds(lookup(doc, &c.path));
+                held.push(h);
+                h
+            }
+        }
+    }
+
+    /// Gives each comparison the slot of its field in a shared table, so that a rule set looks
+    /// every field up once per event however many rules compare it.
+    pub fn intern_paths(&mut self, slot_of: &mut impl FnMut(&[String]) -> usize) {
+        match self {
+            Condition::All(children) | Condition::Any(children) => {
+                children.iter_mut().for_each(|c| c.intern_paths(slot_of))
+            }
+            Condition::Not(inner) => inner.intern_paths(slot_of),
+            Condition::Compare(c) => c.slot = slot_of(&c.path),
+        }
+    }
+
+    /// Like [`holds`](Self::holds), with every field already looked up into `fields` by slot.
+    pub fn holds_resolved(&self, fields: &[Option<&Value>], held: &mut Vec<bool>) -> bool {
+        match self {
+            Condition::All(children) => children
+                .iter()
+                .fold(true, |acc, c| c.holds_resolved(fields, held) & acc),
+            Condition::Any(children) => children
+                .iter()
+                .fold(false, |acc, c| c.holds_resolved(fields, held) | acc),
+            Condition::Not(inner) => !inner.holds_resolved(fields, held),
+            Condition::Compare(c) => {
+                let h = c.holds(fields.get(c.slot).copied().flatten());
                 held.push(h);
                 h
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::condition::{Condition, Step};
+use super::condition::{Condition, Step, lookup};
 use super::template;
 use crate::http::ErrorDetail;
 
@@ -147,6 +147,20 @@ impl CompiledRule {
         }
     }
 
+    /// Like [`check`](Self::check), with the rule set's fields already looked up.
+    fn check_resolved(self: &Arc<Self>, fields: &[Option<&Value>]) -> Evaluation {
+        let mut held = Vec::with_capacity(self.comparisons);
+        let matched = self
+            .condition
+            .as_ref()
+            .is_none_or(|c| c.holds_resolved(fields, &mut held));
+        Evaluation {
+            rule: self.clone(),
+            matched,
+            held,
+        }
+    }
+
     /// Evaluates with a full trace (what each field held), for dry runs.
     pub fn explain(&self, doc: &Value) -> (bool, Vec<Step>) {
         let mut steps = Vec::new();
@@ -181,6 +195,21 @@ impl Evaluation {
         // with it. Reading the event expands the flags with the rule's conditions (see `expand`).
         json!({"rule_id": self.rule.id, "matched": self.matched, "held": self.held})
     }
+
+    /// [`trace`](Self::trace) written straight to text (this runs for every rule an event
+    /// triggers, so it skips building a JSON tree).
+    pub fn write_trace(&self, out: &mut String) {
+        use std::fmt::Write;
+        let id = serde_json::to_string(&self.rule.id).unwrap_or_else(|_| "\"\"".into());
+        let _ = write!(out, "{{\"rule_id\":{id},\"matched\":{},\"held\":[", self.matched);
+        for (i, h) in self.held.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(if *h { "true" } else { "false" });
+        }
+        out.push_str("]}");
+    }
 }
 
 impl CompiledRule {
@@ -211,6 +240,8 @@ impl CompiledRule {
 pub struct RuleSet {
     exact: HashMap<String, Vec<Arc<CompiledRule>>>,
     prefixed: Vec<(String, Arc<CompiledRule>)>,
+    /// Every distinct field the rules compare, indexed by the comparisons' slots.
+    fields: Vec<Vec<String>>,
 }
 
 impl RuleSet {
@@ -219,7 +250,18 @@ impl RuleSet {
         // Sorted once here, so every bucket is in id order and candidates merge without sorting.
         rules.sort_by(|a, b| a.id.cmp(&b.id));
         let mut set = RuleSet::default();
-        for rule in rules.into_iter().filter(|r| r.enabled) {
+        let mut slots: HashMap<Vec<String>, usize> = HashMap::new();
+        for mut rule in rules.into_iter().filter(|r| r.enabled) {
+            if let Some(condition) = rule.condition.as_mut() {
+                condition.intern_paths(&mut |path: &[String]| {
+                    if let Some(slot) = slots.get(path) {
+                        return *slot;
+                    }
+                    set.fields.push(path.to_vec());
+                    slots.insert(path.to_vec(), set.fields.len() - 1);
+                    set.fields.len() - 1
+                });
+            }
             let rule = Arc::new(rule);
             match rule.pattern.strip_suffix('*') {
                 Some(prefix) => set.prefixed.push((prefix.to_string(), rule)),
@@ -260,9 +302,72 @@ impl RuleSet {
 
     /// Evaluates every candidate rule for an event.
     pub fn evaluate(&self, event_type: &str, doc: &Value) -> Vec<Evaluation> {
-        self.candidates(event_type)
+        let candidates = self.candidates(event_type);
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let fields: Vec<Option<&Value>> = self.fields.iter().map(|path| lookup(doc, path)).collect();
+        candidates
             .into_iter()
-            .map(|r| r.check(doc))
+            .map(|r| r.check_resolved(&fields))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(id: &str, definition: Value) -> CompiledRule {
+        CompiledRule::compile(id, &definition).expect("a valid rule")
+    }
+
+    #[test]
+    fn a_rule_set_agrees_with_rules_checked_one_by_one() {
+        let definitions = [
+            json!({"when": {"event_type": "ticket.*"}, "if": {"all": [
+                {"field": "data.customer.tier", "op": "eq", "value": "enterprise"},
+                {"not": {"field": "data.tags", "op": "contains", "value": "test"}}]}}),
+            json!({"when": {"event_type": "ticket.created"}, "if": {"any": [
+                {"field": "data.priority", "op": "in", "value": ["high", "urgent"]},
+                {"field": "data.customer.tier", "op": "eq", "value": "free"},
+                {"field": "data.missing.deep", "op": "exists"}]}}),
+            json!({"when": {"event_type": "*"}}),
+            json!({"when": {"event_type": "invoice.paid"}, "if": {"field": "data.amount", "op": "gt", "value": 1}}),
+        ];
+        let rules: Vec<CompiledRule> = definitions
+            .iter()
+            .enumerate()
+            .map(|(i, d)| rule(&format!("rul_{i}"), d.clone()))
+            .collect();
+        let one_by_one: Vec<Arc<CompiledRule>> = rules.iter().cloned().map(Arc::new).collect();
+        let set = RuleSet::new(rules);
+        let doc = json!({"type": "ticket.created", "data": {"priority": "low", "tags": ["prod"],
+            "customer": {"tier": "enterprise"}}});
+        let evaluations = set.evaluate("ticket.created", &doc);
+        let ids: Vec<&str> = evaluations.iter().map(|e| e.rule.id.as_str()).collect();
+        assert_eq!(ids, ["rul_0", "rul_1", "rul_2"]);
+        for evaluation in &evaluations {
+            let alone = one_by_one
+                .iter()
+                .find(|r| r.id == evaluation.rule.id)
+                .expect("the same rule")
+                .check(&doc);
+            assert_eq!(
+                (evaluation.matched, &evaluation.held),
+                (alone.matched, &alone.held)
+            );
+            let mut text = String::new();
+            evaluation.write_trace(&mut text);
+            assert_eq!(
+                serde_json::from_str::<Value>(&text).expect("JSON"),
+                evaluation.trace()
+            );
+        }
+        assert_eq!(
+            evaluations.iter().map(|e| e.matched).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(evaluations[1].held, [false, false, false]);
     }
 }
