@@ -84,8 +84,10 @@ impl AppState {
         let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
         let validators = Arc::new(Validators::default());
         let (engine, receivers) = Engine::new(db.clone(), keys.clone(), config.clone(), validators.clone());
+        // SQLite has one writer connection, but a batch takes it only to send: with two writer
+        // tasks one builds its batch while the other's is being written.
         let writers = match db.dialect() {
-            Dialect::Sqlite => 1,
+            Dialect::Sqlite => 2,
             Dialect::Postgres => 4,
         };
         let state = Self {

@@ -14,8 +14,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, PgPool, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, PgPool};
 
 /// Storage failures; the HTTP layer turns every one of them into a 500 without details.
 #[derive(Debug, thiserror::Error)]
@@ -54,25 +54,13 @@ impl DbError {
     }
 }
 
-/// One connection pool of either kind.
+/// Where reads go: SQLite's reader connections or the PostgreSQL pool.
 #[derive(Debug, Clone)]
 pub enum Pool {
     /// An embedded SQLite file.
-    Sqlite(SqlitePool),
+    Sqlite(SqliteReaders),
     /// A PostgreSQL server.
     Postgres(PgPool),
-}
-
-/// Runs the same sqlx code on whichever pool this is; `$pool` is bound to the concrete pool.
-/// For the rare query that [`Database`]'s methods cannot express.
-#[macro_export]
-macro_rules! on_pool {
-    ($pool_expr:expr, |$pool:ident| $body:expr) => {
-        match $pool_expr {
-            $crate::db::Pool::Sqlite($pool) => $body,
-            $crate::db::Pool::Postgres($pool) => $body,
-        }
-    };
 }
 
 /// A bind parameter that either dialect accepts; built with [`args!`](crate::args).
@@ -159,8 +147,8 @@ macro_rules! bind_all {
     }};
 }
 
-mod sqlite_writer;
-pub use sqlite_writer::{SqliteTx, SqliteWriter};
+mod sqlite;
+pub use sqlite::{ReaderConnection, SqliteReaders, SqliteTx, SqliteWriter};
 
 /// A row type that decodes from both dialects (`#[derive(sqlx::FromRow)]` gives this).
 pub trait Row:
@@ -182,8 +170,8 @@ impl<T> Row for T where
 macro_rules! dispatch {
     ($target:expr, $sql:expr, $args:expr, execute) => {
         match $target {
-            Target::SqlitePool(p) => bind_all!(sqlx::query($sql), $args)
-                .execute(p)
+            Target::SqliteReaders(p) => bind_all!(sqlx::query($sql), $args)
+                .execute(&mut *p.get().await?)
                 .await?
                 .rows_affected(),
             Target::PgPool(p) => bind_all!(sqlx::query($sql), $args)
@@ -198,7 +186,11 @@ macro_rules! dispatch {
     };
     ($target:expr, $sql:expr, $args:expr, $fetch:ident) => {
         match $target {
-            Target::SqlitePool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
+            Target::SqliteReaders(p) => {
+                bind_all!(sqlx::query_as($sql), $args)
+                    .$fetch(&mut *p.get().await?)
+                    .await?
+            }
             Target::PgPool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
             Target::PgTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
         }
@@ -206,7 +198,7 @@ macro_rules! dispatch {
 }
 
 enum Target<'a> {
-    SqlitePool(&'a SqlitePool),
+    SqliteReaders(&'a SqliteReaders),
     PgPool(&'a PgPool),
     PgTx(&'a mut sqlx::Transaction<'static, sqlx::Postgres>),
 }
@@ -236,7 +228,7 @@ impl Target<'_> {
 impl Pool {
     fn target(&self) -> Target<'_> {
         match self {
-            Pool::Sqlite(p) => Target::SqlitePool(p),
+            Pool::Sqlite(p) => Target::SqliteReaders(p),
             Pool::Postgres(p) => Target::PgPool(p),
         }
     }
@@ -365,14 +357,7 @@ impl Database {
                 .run_direct(None, &mut conn, false)
                 .await?;
             let write = SqliteWriter::new(conn);
-            let read = SqlitePoolOptions::new()
-                .max_connections(8)
-                .min_connections(1)
-                .acquire_timeout(Duration::from_secs(30))
-                // An embedded file cannot hang up: skip the round trip a liveness ping costs.
-                .test_before_acquire(false)
-                .connect_with(options.read_only(true))
-                .await?;
+            let read = SqliteReaders::new(options, 4);
             Self {
                 read: Pool::Sqlite(read),
                 write: Writer::Sqlite(write),
@@ -394,11 +379,6 @@ impl Database {
         Ok(db)
     }
 
-    /// The pool for queries that only read.
-    pub fn reader(&self) -> &Pool {
-        &self.read
-    }
-
     /// Which dialect this database speaks.
     pub fn dialect(&self) -> Dialect {
         match self.write {
@@ -410,7 +390,7 @@ impl Database {
     /// Begins a write transaction.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match &self.write {
-            Writer::Sqlite(w) => Tx::Sqlite(w.begin().await?),
+            Writer::Sqlite(w) => Tx::Sqlite(w.begin()),
             Writer::Postgres(p) => Tx::Postgres(p.begin().await?),
         })
     }
@@ -443,15 +423,15 @@ impl Database {
 
     /// Answers whether the database is reachable (for `/readyz`).
     pub async fn ping(&self) -> bool {
-        on_pool!(&self.read, |pool| sqlx::query("SELECT 1")
-            .execute(pool)
-            .await
-            .is_ok())
+        self.read.target().execute("SELECT 1", Vec::new()).await.is_ok()
     }
 
     /// Closes every connection, waiting for queries in progress.
     pub async fn close(&self) {
-        on_pool!(&self.read, |pool| pool.close().await);
+        match &self.read {
+            Pool::Sqlite(readers) => readers.close().await,
+            Pool::Postgres(pool) => pool.close().await,
+        }
         match &self.write {
             Writer::Sqlite(w) => w.close().await,
             Writer::Postgres(p) => p.close().await,

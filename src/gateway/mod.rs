@@ -61,10 +61,10 @@ impl Gateway {
 
     /// Takes one token from the agent's and the action's buckets, or says how long to wait.
     pub fn rate_limit(&self, tenant_id: &str, agent: Option<&str>, action: &str) -> Result<(), ApiError> {
-        use governor::clock::{Clock, DefaultClock};
-        let clock = DefaultClock::default();
+        use governor::clock::Clock;
         let refuse = |what: &str, not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
-            let wait = not_until.wait_time_from(clock.now());
+            // The limiter's own clock: a new one costs a calibration on every call.
+            let wait = not_until.wait_time_from(self.action_limiter.clock().now());
             ApiError::rate_limited(
                 format!("too many calls for this {what}; retry later"),
                 wait.as_secs() + 1,

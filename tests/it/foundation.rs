@@ -515,12 +515,10 @@ async fn api_keys_are_shown_once_and_revocable(backend: Backend) {
 
 async fn dump_api_key_hashes(url: &str) -> Vec<String> {
     let db = opsiq::db::Database::connect(url).await.unwrap();
-    let rows: Vec<(String,)> = opsiq::on_pool!(db.reader(), |pool| {
-        sqlx::query_as("SELECT key_hash FROM api_keys")
-            .fetch_all(pool)
-            .await
-            .unwrap()
-    });
+    let rows: Vec<(String,)> = db
+        .fetch_all("SELECT key_hash FROM api_keys", Vec::new())
+        .await
+        .unwrap();
     db.close().await;
     rows.into_iter().map(|r| r.0).collect()
 }

@@ -1,17 +1,20 @@
-//! SQLite's single writer: one long-lived connection behind an async mutex, and write
-//! transactions that send their statements in as few trips as possible.
+//! SQLite connections: one writer, a few readers, and write transactions that send their
+//! statements in as few trips as possible.
 //!
 //! sqlx runs each SQLite statement on the connection's worker thread, so every statement is a
 //! round trip between that thread and the async runtime; a pooled connection adds a ping when it
-//! is checked out and another when it is returned. On a busy 2-core machine those hops, not the
-//! SQL, are what a write costs. So the writer connection is owned here, outside any pool, and a
-//! [`SqliteTx`] collects statements whose results nobody reads ([`SqliteTx::defer`]) and sends
-//! them together with `BEGIN IMMEDIATE`, the next read, or `COMMIT` as one multi-statement query.
-//! A group-commit batch that only inserts is then one round trip.
+//! is returned to the pool (and, by default, another when it is checked out). On a busy 2-core
+//! machine those hops, not the SQL, are what a query costs. So the connections are owned here,
+//! outside any pool: the writer behind an async mutex, the readers taken in turn. A [`SqliteTx`]
+//! collects statements whose results nobody reads ([`SqliteTx::defer`]) and sends them together
+//! with `BEGIN IMMEDIATE`, the next read, or `COMMIT` as one multi-statement query, so a
+//! group-commit batch that only inserts is one round trip.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use sqlx::{Executor, SqliteConnection};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{Arg, Row};
@@ -56,14 +59,17 @@ impl SqliteWriter {
         Ok(guard)
     }
 
-    /// Starts a write transaction; nothing is sent until the first statement needs to be.
-    pub async fn begin(&self) -> Result<SqliteTx, sqlx::Error> {
-        Ok(SqliteTx {
-            conn: Some(self.lock().await?),
+    /// Starts a write transaction. Nothing is sent, and the connection is not even taken, until
+    /// the first statement must run: a batch builds its statements while the previous batch
+    /// holds the connection.
+    pub fn begin(&self) -> SqliteTx {
+        SqliteTx {
+            writer: self.clone(),
+            conn: None,
             pending: String::from("BEGIN IMMEDIATE;\n"),
             args: Vec::new(),
             sent: false,
-        })
+        }
     }
 
     /// Runs one statement on its own (autocommit); returns the rows it affected.
@@ -82,9 +88,81 @@ impl SqliteWriter {
     }
 }
 
+/// SQLite's read-only connections, opened on first use and taken in turn.
+#[derive(Clone)]
+pub struct SqliteReaders {
+    options: SqliteConnectOptions,
+    connections: Arc<Vec<Arc<Mutex<Option<SqliteConnection>>>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for SqliteReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqliteReaders({})", self.connections.len())
+    }
+}
+
+impl SqliteReaders {
+    /// Up to `count` read-only connections with `options`.
+    pub fn new(options: SqliteConnectOptions, count: usize) -> Self {
+        Self {
+            options: options.read_only(true),
+            connections: Arc::new((0..count.max(1)).map(|_| Arc::new(Mutex::new(None))).collect()),
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A free connection if there is one, else the next in turn once it is free.
+    pub async fn get(&self) -> Result<ReaderConnection, sqlx::Error> {
+        let count = self.connections.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let free = (0..count).find_map(|k| {
+            self.connections[(start + k) % count]
+                .clone()
+                .try_lock_owned()
+                .ok()
+        });
+        let mut guard = match free {
+            Some(guard) => guard,
+            None => self.connections[start % count].clone().lock_owned().await,
+        };
+        if guard.is_none() {
+            *guard = Some(self.options.connect().await?);
+        }
+        Ok(ReaderConnection(guard))
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        for slot in self.connections.iter() {
+            if let Some(conn) = slot.lock().await.take() {
+                let _ = conn.close().await;
+            }
+        }
+    }
+}
+
+/// One reader connection, held for one query.
+pub struct ReaderConnection(OwnedMutexGuard<Option<SqliteConnection>>);
+
+impl std::ops::Deref for ReaderConnection {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.0.as_ref().expect("opened in `get`")
+    }
+}
+
+impl std::ops::DerefMut for ReaderConnection {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.0.as_mut().expect("opened in `get`")
+    }
+}
+
 /// A write transaction on SQLite's writer connection. Dropped uncommitted, it is rolled back
 /// before the connection is next used.
 pub struct SqliteTx {
+    writer: SqliteWriter,
+    /// Taken at the first send and held until the transaction ends.
     conn: Option<OwnedMutexGuard<WriterConnection>>,
     /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
     pending: String,
@@ -95,13 +173,12 @@ pub struct SqliteTx {
 }
 
 impl SqliteTx {
-    fn conn(&mut self) -> &mut SqliteConnection {
-        // Only `commit`/`rollback` (which consume self) take the guard out.
-        &mut self
-            .conn
-            .as_mut()
-            .expect("the connection is held until the transaction ends")
-            .conn
+    async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+        let guard = match self.conn {
+            Some(ref mut guard) => guard,
+            None => self.conn.insert(self.writer.lock().await?),
+        };
+        Ok(&mut guard.conn)
     }
 
     /// Queues a statement that returns no rows and whose row count nobody needs; it is sent with
@@ -125,7 +202,7 @@ impl SqliteTx {
         self.sent = true;
         let (script, args) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.args));
         bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
-            .execute(self.conn())
+            .execute(self.conn().await?)
             .await?;
         Ok(())
     }
@@ -135,14 +212,14 @@ impl SqliteTx {
         // The count must be this statement's alone, so what is queued goes first.
         self.flush().await?;
         let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        Ok(query.execute(self.conn()).await?.rows_affected())
+        Ok(query.execute(self.conn().await?).await?.rows_affected())
     }
 
     /// Runs the queued statements and then `sql`, returning `sql`'s rows.
     pub async fn fetch_all<T: Row>(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<T>, sqlx::Error> {
         let (script, args) = self.take_with(sql, args);
         bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
-            .fetch_all(self.conn())
+            .fetch_all(self.conn().await?)
             .await
     }
 
@@ -154,7 +231,7 @@ impl SqliteTx {
     ) -> Result<Option<T>, sqlx::Error> {
         let (script, args) = self.take_with(sql, args);
         bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
-            .fetch_optional(self.conn())
+            .fetch_optional(self.conn().await?)
             .await
     }
 
@@ -168,10 +245,12 @@ impl SqliteTx {
         }
         let (script, args) = self.take_with("COMMIT", Vec::new());
         let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
-            .execute(self.conn())
+            .execute(self.conn().await?)
             .await;
-        if result.is_err() {
-            rollback_quietly(self.conn()).await;
+        if result.is_err()
+            && let Some(guard) = self.conn.as_mut()
+        {
+            rollback_quietly(&mut guard.conn).await;
         }
         self.sent = false;
         self.conn = None;
@@ -180,8 +259,10 @@ impl SqliteTx {
 
     /// Rolls back.
     pub async fn rollback(mut self) {
-        if self.sent {
-            rollback_quietly(self.conn()).await;
+        if self.sent
+            && let Some(guard) = self.conn.as_mut()
+        {
+            rollback_quietly(&mut guard.conn).await;
         }
         self.sent = false;
         self.conn = None;
