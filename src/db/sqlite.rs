@@ -91,14 +91,18 @@ impl SqliteWriter {
 /// SQLite's read-only connections, opened on first use and taken in turn.
 #[derive(Clone)]
 pub struct SqliteReaders {
+    inner: Arc<ReadersInner>,
+}
+
+struct ReadersInner {
     options: SqliteConnectOptions,
-    connections: Arc<Vec<Arc<Mutex<Option<SqliteConnection>>>>>,
-    next: Arc<AtomicUsize>,
+    connections: Vec<Arc<Mutex<Option<SqliteConnection>>>>,
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for SqliteReaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SqliteReaders({})", self.connections.len())
+        write!(f, "SqliteReaders({})", self.inner.connections.len())
     }
 }
 
@@ -106,35 +110,38 @@ impl SqliteReaders {
     /// Up to `count` read-only connections with `options`.
     pub fn new(options: SqliteConnectOptions, count: usize) -> Self {
         Self {
-            options: options.read_only(true),
-            connections: Arc::new((0..count.max(1)).map(|_| Arc::new(Mutex::new(None))).collect()),
-            next: Arc::new(AtomicUsize::new(0)),
+            inner: Arc::new(ReadersInner {
+                options: options.read_only(true),
+                connections: (0..count.max(1)).map(|_| Arc::new(Mutex::new(None))).collect(),
+                next: AtomicUsize::new(0),
+            }),
         }
     }
 
     /// A free connection if there is one, else the next in turn once it is free.
     pub async fn get(&self) -> Result<ReaderConnection, sqlx::Error> {
-        let count = self.connections.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let inner = &*self.inner;
+        let count = inner.connections.len();
+        let start = inner.next.fetch_add(1, Ordering::Relaxed);
         let free = (0..count).find_map(|k| {
-            self.connections[(start + k) % count]
+            inner.connections[(start + k) % count]
                 .clone()
                 .try_lock_owned()
                 .ok()
         });
         let mut guard = match free {
             Some(guard) => guard,
-            None => self.connections[start % count].clone().lock_owned().await,
+            None => inner.connections[start % count].clone().lock_owned().await,
         };
         if guard.is_none() {
-            *guard = Some(self.options.connect().await?);
+            *guard = Some(inner.options.connect().await?);
         }
         Ok(ReaderConnection(guard))
     }
 
     /// Closes every connection.
     pub async fn close(&self) {
-        for slot in self.connections.iter() {
+        for slot in self.inner.connections.iter() {
             if let Some(conn) = slot.lock().await.take() {
                 let _ = conn.close().await;
             }
