@@ -171,7 +171,16 @@ impl Engine {
     /// the worker).
     pub fn start(&self, receivers: EngineReceivers) {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.spawn(outcome_writer(self.clone(), receivers.outcomes));
+        // On PostgreSQL several writers, so one batch is built and written while another
+        // commits; SQLite writes one at a time and one writer makes the largest batches.
+        let writers = match self.inner.db.dialect() {
+            crate::db::Dialect::Sqlite => 1,
+            crate::db::Dialect::Postgres => 4,
+        };
+        let outcomes = Arc::new(tokio::sync::Mutex::new(receivers.outcomes));
+        for _ in 0..writers {
+            tasks.spawn(outcome_writer(self.clone(), outcomes.clone()));
+        }
         if self.inner.config.worker {
             tasks.spawn(dispatcher(self.clone(), receivers.jobs));
             tasks.spawn(poller(self.clone()));
@@ -494,24 +503,28 @@ async fn send_outcome(inner: &Inner, outcome: Outcome) {
 }
 
 /// Writes outcomes in batches: one transaction for everything that finished meanwhile.
-async fn outcome_writer(engine: Engine, mut outcomes: mpsc::Receiver<Outcome>) {
+async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>) {
     let mut stop = engine.inner.stop.subscribe();
     let mut batch = Vec::with_capacity(256);
     loop {
-        let first = tokio::select! {
-            o = outcomes.recv() => o,
-            _ = stop.changed() => {
-                // Drain what attempts still report, then stop.
-                let deadline = engine.inner.config.request_timeout + Duration::from_secs(2);
-                tokio::time::timeout(deadline, outcomes.recv()).await.unwrap_or_default()
-            }
-        };
-        let Some(first) = first else { return };
-        batch.push(first);
-        while batch.len() < 256 {
-            match outcomes.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
+        {
+            // Writers take turns collecting a batch; each then records its own.
+            let mut outcomes = outcomes.lock().await;
+            let first = tokio::select! {
+                o = outcomes.recv() => o,
+                _ = stop.changed() => {
+                    // Drain what attempts still report, then stop.
+                    let deadline = engine.inner.config.request_timeout + Duration::from_secs(2);
+                    tokio::time::timeout(deadline, outcomes.recv()).await.unwrap_or_default()
+                }
+            };
+            let Some(first) = first else { return };
+            batch.push(first);
+            while batch.len() < 256 {
+                match outcomes.try_recv() {
+                    Ok(o) => batch.push(o),
+                    Err(_) => break,
+                }
             }
         }
         let mut attempts = 0;

@@ -141,6 +141,7 @@ pub fn record_many<'a>(
         let mut matched = Vec::new();
         let mut deliveries = Vec::new();
         let mut per_event = Vec::with_capacity(events.len());
+        let mut candidate_sets = std::collections::HashMap::new();
         for chunk in events.chunks(50) {
             let mut sql = String::from(
                 "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at, rule_trace) \
@@ -159,7 +160,10 @@ pub fn record_many<'a>(
                         matched.push((recorded.len(), c));
                         None
                     }
-                    Some(c) => c.trace_without_outputs(),
+                    Some(c) => c.trace_without_outputs().map(|(trace, set)| {
+                        candidate_sets.insert((event.tenant_id.clone(), set.id.clone()), set);
+                        trace
+                    }),
                     None => None,
                 };
                 if i > 0 {
@@ -198,6 +202,20 @@ pub fn record_many<'a>(
                 });
             }
             tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
+        }
+        // Compact traces name their rule set: store each set the batch used (once per set).
+        for ((tenant_id, set_id), set) in candidate_sets {
+            tx.defer(
+                "INSERT INTO rule_sets (tenant_id, id, rule_ids, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (tenant_id, id) DO NOTHING",
+                args![
+                    tenant_id,
+                    set_id,
+                    serde_json::to_string(&set.rule_ids).unwrap_or_default(),
+                    now
+                ],
+            )
+            .await?;
         }
         let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
         for (event, n) in recorded.iter_mut().zip(per_event) {

@@ -270,11 +270,7 @@ async fn get_event(
             |d| json!({"id": d.id, "endpoint_id": d.endpoint_id, "status": d.status, "attempts": d.attempts}),
         )
         .collect();
-    let mut trace: Vec<Value> = row
-        .rule_trace
-        .as_deref()
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or_default();
+    let mut trace = stored_trace(&state, &auth.tenant_id, row.rule_trace.as_deref()).await?;
     for entry in &mut trace {
         // Stored traces hold flags only; the rule (as it is now) names its conditions.
         let Some(rule_id) = entry["rule_id"].as_str().map(str::to_string) else {
@@ -296,4 +292,29 @@ async fn get_event(
     }
     body["rules"] = Value::Array(trace);
     Ok(axum::Json(body))
+}
+
+/// The trace entries stored with an event: a list of entries (when some rule matched), or a
+/// compact trace naming its candidate set (see [`crate::rules::engine::compact_trace`]).
+async fn stored_trace(state: &AppState, tenant_id: &str, text: Option<&str>) -> ApiResult<Vec<Value>> {
+    let Some(stored) = text.and_then(|t| serde_json::from_str::<Value>(t).ok()) else {
+        return Ok(Vec::new());
+    };
+    if let Value::Array(entries) = stored {
+        return Ok(entries);
+    }
+    let (Some(set_id), Some(flags)) = (stored["set"].as_str(), stored["flags"].as_str()) else {
+        return Ok(Vec::new());
+    };
+    let rule_ids: Option<(String,)> = state
+        .db
+        .fetch_optional(
+            "SELECT rule_ids FROM rule_sets WHERE tenant_id = $1 AND id = $2",
+            args![tenant_id, set_id],
+        )
+        .await?;
+    let rule_ids: Vec<String> = rule_ids
+        .and_then(|(ids,)| serde_json::from_str(&ids).ok())
+        .unwrap_or_default();
+    Ok(crate::rules::engine::expand_compact(&rule_ids, flags).unwrap_or_default())
 }

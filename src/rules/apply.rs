@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::engine::{Evaluation, Output, RuleSet};
+use super::engine::{CandidateSet, Evaluation, Output, RuleSet, compact_trace};
 use crate::args;
 use crate::db::{DbError, Tx};
 use crate::delivery::outbox::{self, Job, Kind, Lease, NewDelivery};
@@ -41,6 +41,8 @@ pub fn document(id: &str, event_type: &str, created_at: i64, data: &Value) -> Va
 pub struct Checked {
     doc: Value,
     evaluations: Vec<Evaluation>,
+    /// The rules that were candidates, in the order of `evaluations`.
+    set: Option<Arc<CandidateSet>>,
 }
 
 impl Checked {
@@ -48,7 +50,12 @@ impl Checked {
     pub fn new(ctx: &RuleContext, event: &NewEvent, event_id: &str, now: i64) -> Self {
         let doc = document(event_id, &event.event_type, now, &event.data);
         let evaluations = ctx.rules.evaluate(&event.event_type, &doc);
-        Self { doc, evaluations }
+        let set = (!evaluations.is_empty()).then(|| ctx.rules.candidate_set(&event.event_type));
+        Self {
+            doc,
+            evaluations,
+            set,
+        }
     }
 
     /// Whether some rule matched (its outputs must then be carried out).
@@ -56,22 +63,11 @@ impl Checked {
         self.evaluations.iter().any(|e| e.matched)
     }
 
-    /// The trace when nothing matched (stored with the event row); `None` when no rule was a
-    /// candidate.
-    pub fn trace_without_outputs(&self) -> Option<String> {
-        if self.evaluations.is_empty() {
-            return None;
-        }
-        let mut out = String::with_capacity(self.evaluations.len() * 64);
-        out.push('[');
-        for (i, evaluation) in self.evaluations.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            evaluation.write_trace(&mut out);
-        }
-        out.push(']');
-        Some(out)
+    /// The compact trace when nothing matched (stored with the event row) and the candidate set
+    /// it names (stored once in `rule_sets`); `None` when no rule was a candidate.
+    pub fn trace_without_outputs(&self) -> Option<(String, Arc<CandidateSet>)> {
+        let set = self.set.as_ref()?;
+        Some((compact_trace(set, &self.evaluations), set.clone()))
     }
 
     /// Carries out the matched rules' outputs; returns the full trace and the new deliveries.

@@ -235,6 +235,61 @@ impl CompiledRule {
     }
 }
 
+/// The candidate rules for one event type, in evaluation order, under a stable id: a stored
+/// trace names this set and keeps one flag string per rule instead of every rule id.
+#[derive(Debug)]
+pub struct CandidateSet {
+    /// SHA-256 (hex, 32 characters) of the rule ids in order.
+    pub id: String,
+    /// The rule ids, in the order the trace's flags follow.
+    pub rule_ids: Vec<String>,
+}
+
+impl CandidateSet {
+    fn new(rule_ids: Vec<String>) -> Self {
+        let mut id = crate::crypto::sha256_hex(rule_ids.join(" ").as_bytes());
+        id.truncate(32);
+        Self { id, rule_ids }
+    }
+}
+
+/// The compact trace stored with an event no rule matched: the candidate set's id and, per
+/// rule, `m:hhh` (matched, then each condition held), `1`/`0`, comma-separated.
+pub fn compact_trace(set: &CandidateSet, evaluations: &[Evaluation]) -> String {
+    let mut flags = String::with_capacity(evaluations.len() * 8);
+    for (i, e) in evaluations.iter().enumerate() {
+        if i > 0 {
+            flags.push(',');
+        }
+        flags.push(if e.matched { '1' } else { '0' });
+        flags.push(':');
+        flags.extend(e.held.iter().map(|h| if *h { '1' } else { '0' }));
+    }
+    json!({"set": set.id, "flags": flags}).to_string()
+}
+
+/// Expands a compact trace's flags against its set's rule ids into the entries of
+/// [`Evaluation::trace`]; `None` if they do not fit together.
+pub fn expand_compact(rule_ids: &[String], flags: &str) -> Option<Vec<Value>> {
+    let per_rule: Vec<&str> = if flags.is_empty() {
+        Vec::new()
+    } else {
+        flags.split(',').collect()
+    };
+    if per_rule.len() != rule_ids.len() {
+        return None;
+    }
+    rule_ids
+        .iter()
+        .zip(per_rule)
+        .map(|(id, f)| {
+            let (matched, held) = f.split_once(':')?;
+            let held: Vec<bool> = held.chars().map(|c| c == '1').collect();
+            Some(json!({"rule_id": id, "matched": matched == "1", "held": held}))
+        })
+        .collect()
+}
+
 /// A tenant's enabled rules, indexed by trigger.
 #[derive(Debug, Default)]
 pub struct RuleSet {
@@ -242,6 +297,8 @@ pub struct RuleSet {
     prefixed: Vec<(String, Arc<CompiledRule>)>,
     /// Every distinct field the rules compare, indexed by the comparisons' slots.
     fields: Vec<Vec<String>>,
+    /// Candidate sets by event type, built on first use.
+    sets: std::sync::Mutex<HashMap<String, Arc<CandidateSet>>>,
 }
 
 impl RuleSet {
@@ -298,6 +355,22 @@ impl RuleSet {
             out.extend(next);
         }
         out
+    }
+
+    /// The candidate set for `event_type` (the rules [`evaluate`](Self::evaluate) checks, in order).
+    pub fn candidate_set(&self, event_type: &str) -> Arc<CandidateSet> {
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = sets.get(event_type) {
+            return set.clone();
+        }
+        let ids = self.candidates(event_type).iter().map(|r| r.id.clone()).collect();
+        let set = Arc::new(CandidateSet::new(ids));
+        // Event types are caller-chosen: bound the memory an unending variety of them can take.
+        if sets.len() >= 10_000 {
+            sets.clear();
+        }
+        sets.insert(event_type.to_string(), set.clone());
+        set
     }
 
     /// Evaluates every candidate rule for an event.
@@ -369,5 +442,17 @@ mod tests {
             [true, false, true]
         );
         assert_eq!(evaluations[1].held, [false, false, false]);
+
+        // The compact trace reads back as the full one.
+        let candidates = set.candidate_set("ticket.created");
+        assert_eq!(candidates.rule_ids, ["rul_0", "rul_1", "rul_2"]);
+        let compact: Value = serde_json::from_str(&compact_trace(&candidates, &evaluations)).expect("JSON");
+        assert_eq!(compact["flags"], "1:10,0:000,1:");
+        let expanded = expand_compact(&candidates.rule_ids, compact["flags"].as_str().expect("flags"));
+        assert_eq!(
+            expanded,
+            Some(evaluations.iter().map(Evaluation::trace).collect())
+        );
+        assert_eq!(expand_compact(&candidates.rule_ids[..2], "1:10,0:000,1:"), None);
     }
 }

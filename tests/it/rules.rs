@@ -285,7 +285,23 @@ async fn conditions_are_evaluated_and_traced(backend: Backend) {
         let (_, event) = app.call(Method::GET, &format!("/v1/events/{id}"), None).await;
         assert_eq!(event["rules"][0]["matched"], false, "{why}: {event}");
         assert_eq!(event["rules"][0]["conditions"][0]["held"], false, "{why}");
+        assert_eq!(event["rules"][0]["rule_id"], rule_id.as_str(), "{why}");
     }
+    // A trace with no match is stored compactly; it still reads back condition by condition.
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{wrong_tier}"), None)
+        .await;
+    let held: Vec<&Value> = event["rules"][0]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["held"])
+        .collect();
+    assert_eq!(
+        held,
+        [&json!(false), &json!(true), &json!(true), &json!(false)],
+        "{event}"
+    );
     // Events no rule is triggered by carry no trace.
     let other = send_event(
         &app,
