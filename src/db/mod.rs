@@ -350,7 +350,11 @@ impl Database {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 .pragma("temp_store", "memory")
-                .pragma("cache_size", "-32000");
+                .pragma("cache_size", "-32000")
+                // The commit that crosses this many WAL pages checkpoints, inline: small, frequent
+                // checkpoints keep that stall short (open-loop p99 2.5 ms instead of 5 ms at the
+                // default 1000 pages, for ~5 % of peak fan-out throughput).
+                .pragma("wal_autocheckpoint", "250");
             // Scripts of many sizes come through the writer; keep their prepared statements.
             let mut conn = options.clone().statement_cache_capacity(512).connect().await?;
             sqlx::migrate!("migrations/sqlite")
