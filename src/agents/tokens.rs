@@ -59,6 +59,9 @@ pub struct AgentPrincipal {
     pub scopes: Vec<String>,
     /// Token id (gateway-minted tokens).
     pub jti: Option<String>,
+    /// The policy version, read together with the token's revocation state (saving the policy
+    /// check a read of its own); `None` when it was not read.
+    pub policy_version: Option<i64>,
 }
 
 impl AgentPrincipal {
@@ -270,25 +273,43 @@ async fn verify_gateway_token(
         .await?
         .ok_or_else(|| invalid("signature does not match"))?;
     let claims = decode_gateway_token(token, &key)?;
-    let row: Option<(Option<i64>, Option<i64>, String, String)> = db
+    let row: Option<TokenState> = db
         .fetch_optional(
-            "SELECT t.revoked_at, a.revoked_at, a.roles, t.scopes FROM agent_tokens t \
+            "SELECT t.revoked_at AS token_revoked_at, a.revoked_at AS agent_revoked_at, a.roles, t.scopes, \
+             (SELECT version FROM change_counters WHERE name = 'policy') AS policy_version FROM agent_tokens t \
              JOIN agents a ON a.tenant_id = t.tenant_id AND a.id = t.agent_id \
              WHERE t.jti = $1 AND t.tenant_id = $2 AND t.agent_id = $3",
             args![&claims.jti, &claims.tid, &claims.sub],
         )
         .await?;
     match row {
-        Some((None, None, roles, scopes)) => Ok(AgentPrincipal {
+        Some(TokenState {
+            token_revoked_at: None,
+            agent_revoked_at: None,
+            roles,
+            scopes,
+            policy_version,
+        }) => Ok(AgentPrincipal {
             tenant_id: claims.tid,
             agent_id: claims.sub,
             roles: serde_json::from_str(&roles).unwrap_or_default(),
             scopes: serde_json::from_str(&scopes).unwrap_or_default(),
             jti: Some(claims.jti),
+            policy_version: Some(policy_version.unwrap_or(0)),
         }),
         Some(_) => Err(invalid("the token or its agent was revoked")),
         None => Err(invalid("unknown token")),
     }
+}
+
+/// What the database says about a token when it is used.
+#[derive(sqlx::FromRow)]
+struct TokenState {
+    token_revoked_at: Option<i64>,
+    agent_revoked_at: Option<i64>,
+    roles: String,
+    scopes: String,
+    policy_version: Option<i64>,
 }
 
 /// Verifies a gateway-minted token's signature and claims with the tenant key (no revocation
@@ -443,5 +464,6 @@ fn principal_from_external(
         roles: strings(claims.get(&config.roles_claim)),
         scopes,
         jti: claims.get("jti").and_then(Value::as_str).map(str::to_string),
+        policy_version: None,
     })
 }

@@ -121,7 +121,11 @@ pub async fn invoke(
         }
         let decision = state
             .policy
-            .check(&state.db, &tenant_id, &agent.subjects(), &req.action)
+            .check(
+                &state.db,
+                agent.policy_version,
+                (&tenant_id, &agent.subjects(), &req.action),
+            )
             .await?;
         if let Decision::Deny(message) = decision {
             record_refusal(state, caller, &action, &req, "denied", "role_denied", &message).await?;

@@ -35,6 +35,11 @@ impl Format {
 /// The enabled actions this agent may invoke.
 pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result<Vec<Action>, ApiError> {
     let subjects = agent.subjects();
+    // One policy version for the whole listing.
+    let version = match agent.policy_version {
+        Some(v) => v,
+        None => crate::db::counter(&state.db, "policy").await?,
+    };
     let mut out = Vec::new();
     for action in store::list_enabled(&state.db, &agent.tenant_id).await? {
         let name = &action.declaration.name;
@@ -43,7 +48,7 @@ pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result
         }
         if state
             .policy
-            .check(&state.db, &agent.tenant_id, &subjects, name)
+            .check(&state.db, Some(version), (&agent.tenant_id, &subjects, name))
             .await?
             == Decision::Allow
         {

@@ -299,15 +299,18 @@ impl Policy {
         })
     }
 
-    /// Decides whether `subjects` (e.g. `agent:a1`, `role:support`) may invoke `action` in `tenant`.
+    /// Decides whether `subjects` (e.g. `agent:a1`, `role:support`) may invoke `action` in `tenant`
+    /// under the current policy (`version`, when the caller already read it, else read here).
     pub async fn check(
         self: &Arc<Self>,
         db: &Database,
-        tenant_id: &str,
-        subjects: &[String],
-        action: &str,
+        version: Option<i64>,
+        (tenant_id, subjects, action): (&str, &[String], &str),
     ) -> Result<Decision, PolicyError> {
-        let version = db::counter(db, "policy").await?;
+        let version = match version {
+            Some(v) => v,
+            None => db::counter(db, "policy").await?,
+        };
         let key = (tenant_id.to_string(), subjects.join(" "), action.to_string());
         {
             let loaded = self.loaded.read().await;
