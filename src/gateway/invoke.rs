@@ -220,18 +220,35 @@ pub async fn invoke(
         fanout: crate::events::Fanout::Among(state.engine.subscribers(&tenant_id).await?),
         now,
     };
-    let persisted = match state.invocation_writes.submit(job).await {
-        Ok(p) => p,
-        Err(e) if e.is_unique_violation() => {
-            // A concurrent duplicate won: answer like it.
-            let key = req.idempotency_key.clone().unwrap_or_default();
-            let hash = self::request_hash(&req.action, &req.arguments);
-            let existing = find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash)
-                .await?
-                .ok_or_else(|| ApiError::internal("idempotent invocation vanished"))?;
-            return wait_if_sync(state, &action, existing, req.wait).await;
+    let mut expired_key_cleared = false;
+    let persisted = loop {
+        match state.invocation_writes.submit(job.clone()).await {
+            Ok(p) => break p,
+            Err(e) if e.is_unique_violation() => {
+                // The key was used before: answer like that call did.
+                let key = req.idempotency_key.clone().unwrap_or_default();
+                let hash = self::request_hash(&req.action, &req.arguments);
+                if let Some(existing) =
+                    find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash).await?
+                {
+                    return wait_if_sync(state, &action, existing, req.wait).await;
+                }
+                if expired_key_cleared {
+                    return Err(ApiError::internal("idempotent invocation vanished"));
+                }
+                // Its record expired (keys last 24 hours) but the purge has not reached it yet.
+                state
+                    .db
+                    .execute(
+                        "DELETE FROM idempotency_records \
+                         WHERE tenant_id = $1 AND scope = $2 AND key = $3 AND expires_at <= $4",
+                        args![&tenant_id, caller.principal(), &key, now_ms()],
+                    )
+                    .await?;
+                expired_key_cleared = true;
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     };
     metrics::counter!("opsiq_invocations_total", "status" => if pending_approval { "pending_approval" } else { "queued" })
         .increment(1);
@@ -599,6 +616,7 @@ pub async fn invoke_for_rule(
 }
 
 /// The writes of an accepted invocation, run by the group-commit writer.
+#[derive(Clone)]
 pub struct PersistInvocation {
     tenant_id: String,
     invocation_id: String,

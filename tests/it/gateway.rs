@@ -318,6 +318,25 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     let billing2 = agent_token(&w.app, "agt_b2", &["billing"], &["invoke:*"]).await;
     let (_, theirs) = invoke(&w.app, &billing2, "refund_invoice", refund_args(), Some("k1")).await;
     assert_ne!(theirs["invocation_id"], first["invocation_id"]);
+
+    // Keys last 24 hours: once expired (even before the purge deletes it) a key is free again.
+    let db = opsiq::db::Database::connect(&w.app.database_url).await.unwrap();
+    let day_and_a_bit = 24 * 3600 * 1000 + 60_000;
+    db.execute(
+        "UPDATE idempotency_records SET created_at = created_at - $1, expires_at = expires_at - $1 WHERE key = $2",
+        opsiq::args![day_and_a_bit, "k1"],
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let mut other = refund_args();
+    other["amount"] = json!(77);
+    let (status, later) = invoke(&w.app, &billing, "refund_invoice", other, Some("k1")).await;
+    assert!(status == 200 || status == 202, "{status} {later}");
+    assert_ne!(later["invocation_id"], first["invocation_id"]);
+    // The first call, the read-only lookup, the other agent's call and this one.
+    let deliveries = w.rx.wait_for(4).await;
+    assert!(deliveries.iter().any(|d| d.json()["arguments"]["amount"] == 77));
 }
 
 async fn concurrent_duplicates_make_one_delivery(backend: Backend) {
