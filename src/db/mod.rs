@@ -355,8 +355,7 @@ impl Database {
                 // checkpoints keep that stall short (open-loop p99 2.5 ms instead of 5 ms at the
                 // default 1000 pages, for ~5 % of peak fan-out throughput).
                 .pragma("wal_autocheckpoint", "250");
-            // Scripts of many sizes come through the writer; keep their prepared statements.
-            let mut conn = options.clone().statement_cache_capacity(512).connect().await?;
+            let mut conn = options.clone().connect().await?;
             sqlx::migrate!("migrations/sqlite")
                 .run_direct(None, &mut conn, false)
                 .await?;
@@ -441,6 +440,36 @@ impl Database {
             Writer::Postgres(p) => p.close().await,
         }
     }
+}
+
+/// Inserts `rows` (each of `columns` values) with multi-row statements of up to fifty rows;
+/// `head` is `INSERT INTO t (a, b, …) VALUES`. The statements are deferred (see [`Tx::defer`]).
+pub async fn insert_rows(
+    tx: &mut Tx,
+    head: &str,
+    columns: usize,
+    rows: Vec<Vec<Arg>>,
+) -> Result<(), sqlx::Error> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let mut sql = String::from(head);
+        let mut values = Vec::with_capacity(50 * columns);
+        for (i, row) in rows.by_ref().take(50).enumerate() {
+            debug_assert_eq!(row.len(), columns);
+            sql.push_str(if i == 0 { " (" } else { ", (" });
+            for k in 0..columns {
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('$');
+                sql.push_str(&(i * columns + k + 1).to_string());
+            }
+            sql.push(')');
+            values.extend(row);
+        }
+        tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
+    }
+    Ok(())
 }
 
 /// Bumps a named change counter (read by caches and MCP sessions to notice changes).

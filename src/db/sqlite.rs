@@ -53,7 +53,7 @@ impl SqliteWriter {
     async fn lock(&self) -> Result<OwnedMutexGuard<WriterConnection>, sqlx::Error> {
         let mut guard = self.inner.clone().lock_owned().await;
         if guard.needs_rollback {
-            rollback_quietly(&mut guard.conn).await;
+            roll_back(&mut guard.conn).await?;
             guard.needs_rollback = false;
         }
         Ok(guard)
@@ -66,9 +66,11 @@ impl SqliteWriter {
         SqliteTx {
             writer: self.clone(),
             conn: None,
-            pending: String::from("BEGIN IMMEDIATE;\n"),
+            pending: String::from("BEGIN IMMEDIATE\n;\n"),
+            queued: 1,
             args: Vec::new(),
             sent: false,
+            poisoned: false,
         }
     }
 
@@ -81,10 +83,11 @@ impl SqliteWriter {
 
     /// Closes the connection (checkpointing the WAL).
     pub async fn close(&self) {
-        let mut guard = self.inner.lock().await;
         // A closed connection cannot be taken out of the mutex; a checkpoint is what closing
         // buys, so ask for it directly and leave the handle to be dropped with the process.
-        let _ = guard.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await;
+        if let Ok(mut guard) = self.lock().await {
+            let _ = guard.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await;
+        }
     }
 }
 
@@ -173,11 +176,20 @@ pub struct SqliteTx {
     conn: Option<OwnedMutexGuard<WriterConnection>>,
     /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
     pending: String,
+    /// How many statements `pending` holds.
+    queued: usize,
     /// The arguments of `pending`, numbered across all of its statements.
     args: Vec<Arg>,
     /// Whether anything was sent, i.e. whether there is a transaction to end.
     sent: bool,
+    /// A send failed or was cancelled part way: the transaction may be gone, so nothing more may
+    /// run in it (it would run outside any transaction); it can only be rolled back.
+    poisoned: bool,
 }
+
+/// Multi-statement scripts are prepared afresh each time: their text varies with batch sizes,
+/// and caching every variant would pin many large prepared statements for little reuse.
+const CACHED_SCRIPT_STATEMENTS: usize = 3;
 
 impl SqliteTx {
     async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
@@ -192,13 +204,36 @@ impl SqliteTx {
     /// the next statement that must run now, or with `COMMIT`.
     pub fn defer(&mut self, sql: &str, args: Vec<Arg>) {
         push_statement(&mut self.pending, &mut self.args, sql, args);
+        self.queued += 1;
     }
 
-    /// Takes the queued script and its arguments, appending `sql` (numbered after them).
-    fn take_with(&mut self, sql: &str, args: Vec<Arg>) -> (String, Vec<Arg>) {
-        push_statement(&mut self.pending, &mut self.args, sql, args);
+    /// Takes the queued script (with `sql` appended, if given) for sending: from here until
+    /// [`sent_ok`](Self::sent_ok) the transaction counts as poisoned.
+    fn take(&mut self, sql: Option<(&str, Vec<Arg>)>) -> Result<Script, sqlx::Error> {
+        if self.poisoned {
+            return Err(sqlx::Error::Protocol(
+                "an earlier statement of this transaction failed; it can only be rolled back".into(),
+            ));
+        }
+        if let Some((sql, args)) = sql {
+            self.defer(sql, args);
+        }
         self.sent = true;
-        (std::mem::take(&mut self.pending), std::mem::take(&mut self.args))
+        self.poisoned = true;
+        let persistent = self.queued <= CACHED_SCRIPT_STATEMENTS;
+        self.queued = 0;
+        Ok(Script {
+            text: std::mem::take(&mut self.pending),
+            args: std::mem::take(&mut self.args),
+            persistent,
+        })
+    }
+
+    fn sent_ok<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if result.is_ok() {
+            self.poisoned = false;
+        }
+        result
     }
 
     /// Sends whatever is queued.
@@ -206,28 +241,33 @@ impl SqliteTx {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.sent = true;
-        let (script, args) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.args));
-        bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
+        let script = self.take(None)?;
+        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
+            .persistent(script.persistent)
             .execute(self.conn().await?)
-            .await?;
-        Ok(())
+            .await;
+        self.sent_ok(result).map(|_| ())
     }
 
     /// Runs a statement now; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         // The count must be this statement's alone, so what is queued goes first.
         self.flush().await?;
-        let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        Ok(query.execute(self.conn().await?).await?.rows_affected())
+        let script = self.take(Some((sql, args)))?;
+        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
+            .execute(self.conn().await?)
+            .await;
+        self.sent_ok(result).map(|r| r.rows_affected())
     }
 
     /// Runs the queued statements and then `sql`, returning `sql`'s rows.
     pub async fn fetch_all<T: Row>(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<T>, sqlx::Error> {
-        let (script, args) = self.take_with(sql, args);
-        bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
+        let script = self.take(Some((sql, args)))?;
+        let result = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script.text)), script.args)
+            .persistent(script.persistent)
             .fetch_all(self.conn().await?)
-            .await
+            .await;
+        self.sent_ok(result)
     }
 
     /// Runs the queued statements and then `sql`, returning its first row.
@@ -236,63 +276,86 @@ impl SqliteTx {
         sql: &str,
         args: Vec<Arg>,
     ) -> Result<Option<T>, sqlx::Error> {
-        let (script, args) = self.take_with(sql, args);
-        bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script)), args)
+        let script = self.take(Some((sql, args)))?;
+        let result = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script.text)), script.args)
+            .persistent(script.persistent)
             .fetch_optional(self.conn().await?)
-            .await
+            .await;
+        self.sent_ok(result)
     }
 
     /// Sends what is queued and `COMMIT` together; on failure the transaction is rolled back.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        if !self.sent && self.args.is_empty() && self.pending == "BEGIN IMMEDIATE;\n" {
+        if !self.sent && self.args.is_empty() && self.pending == "BEGIN IMMEDIATE\n;\n" {
             // Nothing was written.
-            self.sent = false;
-            self.conn = None;
             return Ok(());
         }
-        let (script, args) = self.take_with("COMMIT", Vec::new());
-        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script)), args)
+        let script = self.take(Some(("COMMIT", Vec::new())))?;
+        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
+            .persistent(script.persistent)
             .execute(self.conn().await?)
             .await;
-        if result.is_err()
-            && let Some(guard) = self.conn.as_mut()
-        {
-            rollback_quietly(&mut guard.conn).await;
+        let result = self.sent_ok(result);
+        if result.is_err() {
+            self.end().await;
+        } else {
+            self.sent = false;
         }
-        self.sent = false;
-        self.conn = None;
         result.map(|_| ())
     }
 
     /// Rolls back.
     pub async fn rollback(mut self) {
+        self.end().await;
+    }
+
+    /// Rolls back if anything was sent, and releases the writer.
+    async fn end(&mut self) {
         if self.sent
             && let Some(guard) = self.conn.as_mut()
         {
-            rollback_quietly(&mut guard.conn).await;
+            match roll_back(&mut guard.conn).await {
+                Ok(()) => self.sent = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rolling back a write transaction failed; retrying at next use")
+                }
+            }
         }
-        self.sent = false;
-        self.conn = None;
     }
+}
+
+/// A script ready to send.
+struct Script {
+    text: String,
+    args: Vec<Arg>,
+    persistent: bool,
 }
 
 impl Drop for SqliteTx {
     fn drop(&mut self) {
-        if self.sent
-            && let Some(guard) = self.conn.as_mut()
-        {
-            guard.needs_rollback = true;
+        if !self.sent {
+            return;
+        }
+        let Some(mut guard) = self.conn.take() else { return };
+        guard.needs_rollback = true;
+        // Roll back now rather than at the writer's next use, so the file is not left locked
+        // (another process, `opsiq init --tenant` say, may be waiting for it).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if roll_back(&mut guard.conn).await.is_ok() {
+                    guard.needs_rollback = false;
+                }
+            });
         }
     }
 }
 
-/// `ROLLBACK`, ignoring "no transaction is active" (SQLite may already have rolled back).
-async fn rollback_quietly(conn: &mut SqliteConnection) {
-    if let Err(e) = conn.execute("ROLLBACK").await {
-        let message = e.to_string();
-        if !message.contains("no transaction is active") {
-            tracing::warn!(error = %message, "rolling back a write transaction failed");
-        }
+/// `ROLLBACK`; "no transaction is active" counts as done (SQLite may already have rolled back).
+async fn roll_back(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    match conn.execute("ROLLBACK").await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("no transaction is active") => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -315,6 +378,16 @@ fn push_statement(script: &mut String, script_args: &mut Vec<Arg>, sql: &str, ar
                     .iter()
                     .position(|&c| c == quote)
                     .map_or(bytes.len(), |p| i + 1 + p + 1);
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                // A line comment: a `$1` or quote in it is not SQL.
+                i = bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(bytes.len(), |p| i + p);
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i = sql[i + 2..].find("*/").map_or(bytes.len(), |p| i + 2 + p + 2);
             }
             b'$' if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 let end = bytes[i + 1..]
@@ -351,7 +424,8 @@ fn push_statement(script: &mut String, script_args: &mut Vec<Arg>, sql: &str, ar
         script_args.push(arg.unwrap_or(Arg::NullText));
     }
     script.push_str(&sql[copied..]);
-    script.push_str(";\n");
+    // On a line of its own, so a trailing line comment cannot swallow it.
+    script.push_str("\n;\n");
 }
 
 #[cfg(test)]
@@ -366,12 +440,12 @@ mod tests {
         push_statement(
             &mut script,
             &mut args,
-            "INSERT INTO t (a, b, c) VALUES ($2, '$1 é', $1), ($2, \"$1\", $3)",
+            "INSERT INTO t (a, b, c) VALUES ($2, '$1 é', $1), ($2, \"$1\", $3) -- $9 'x",
             vec![Arg::Int(1), Arg::Text("two".into())],
         );
         assert_eq!(
             script,
-            "SELECT ?;\nINSERT INTO t (a, b, c) VALUES (?, '$1 é', ?), (?, \"$1\", ?);\n"
+            "SELECT ?\n;\nINSERT INTO t (a, b, c) VALUES (?, '$1 é', ?), (?, \"$1\", ?) -- $9 'x\n;\n"
         );
         let shown: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
         assert_eq!(

@@ -601,7 +601,10 @@ pub async fn invoke_for_rule(
         fanout: crate::events::Fanout::Lookup,
         now,
     };
-    let persisted = persist.write_one(tx).await?;
+    let persisted = write_all(std::slice::from_ref(&persist), tx)
+        .await?
+        .pop()
+        .ok_or_else(|| DbError::Batch("the invocation was not written".into()))?;
     metrics::counter!("opsiq_invocations_total", "status" => "queued").increment(1);
     Ok(RuleInvocation {
         invocation_id,
@@ -654,124 +657,189 @@ impl Job for PersistInvocation {
         jobs: &'a [Self],
         tx: &'a mut Tx,
     ) -> crate::db::batch::BatchFuture<'a, Vec<Persisted>> {
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                out.push(job.write_one(tx).await?);
-            }
-            Ok(out)
-        })
+        Box::pin(write_all(jobs, tx))
     }
 }
 
-impl PersistInvocation {
-    async fn write_one(&self, tx: &mut Tx) -> Result<Persisted, DbError> {
-        {
-            let now = self.now;
-            if let Some(key) = &self.idempotency_key {
-                tx.defer(
-                    "INSERT INTO idempotency_records (tenant_id, scope, key, request_hash, resource_id, created_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    args![&self.tenant_id, &self.principal, key, &self.request_hash, &self.invocation_id, now,
-                        now + 24 * 3600 * 1000],
-                )
-                .await?;
-            }
-            let mut raised = Vec::new();
-            let job = if self.pending_approval {
-                let approval_id = ids::new_id("apr");
-                let reason = "the action requires approval for every call";
-                tx.defer(
-                    "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
-                     VALUES ($1, $2, $3, 'pending', $4, $5)",
-                    args![&approval_id, &self.tenant_id, &self.invocation_id, reason, now],
-                )
-                .await?;
-                let event = crate::events::NewEvent {
-                    tenant_id: self.tenant_id.clone(),
-                    event_type: "approval.requested".into(),
-                    data: json!({"approval_id": approval_id, "invocation_id": self.invocation_id,
-                        "action": self.action_name, "principal": self.principal, "reason": reason}),
-                    idempotency_key: None,
-                    source: "system".into(),
-                    depth: 0,
-                    fanout: self.fanout.clone(),
-                    rules: None,
-                };
-                raised = crate::events::record(tx, event, &self.lease, now)
-                    .await?
-                    .deliveries;
-                None
-            } else {
-                let delivery = NewDelivery {
-                    tenant_id: self.tenant_id.clone(),
-                    endpoint_id: self.endpoint_id.clone(),
-                    kind: outbox::Kind::Action,
-                    event_id: None,
-                    invocation_id: Some(self.invocation_id.clone()),
-                    label: self.action_name.clone(),
-                    idempotency_key: Some(derived_key(
-                        &self.tenant_id,
-                        &self.principal,
-                        self.idempotency_key.as_deref(),
-                        &self.invocation_id,
-                    )),
-                    body: self.body.clone(),
-                };
-                outbox::insert(tx, vec![delivery], &self.lease, now).await?.pop()
-            };
-            let status = if self.pending_approval {
-                "pending_approval"
-            } else {
-                "queued"
-            };
-            let invoked = crate::events::NewEvent {
-                tenant_id: self.tenant_id.clone(),
-                event_type: "action.invoked".into(),
-                data: json!({"invocation_id": self.invocation_id, "action": self.action_name,
-                    "version": self.action_version, "principal": self.principal, "status": status}),
-                idempotency_key: None,
-                source: "system".into(),
-                depth: 0,
-                fanout: self.fanout.clone(),
-                rules: None,
-            };
-            raised.extend(
-                crate::events::record(tx, invoked, &self.lease, now)
-                    .await?
-                    .deliveries,
-            );
-            let row = InvocationRow {
-                id: self.invocation_id.clone(),
-                tenant_id: self.tenant_id.clone(),
-                principal: self.principal.clone(),
-                agent_id: self.agent_id.clone(),
-                roles: serde_json::to_string(&self.roles).unwrap_or_default(),
-                action_name: self.action_name.clone(),
-                action_version: Some(self.action_version),
-                action_hash: Some(self.action_hash.clone()),
-                arguments: self.arguments.clone(),
-                status: status.to_string(),
-                result: None,
-                error: None,
-                idempotency_key: self.idempotency_key.clone(),
-                delivery_id: job.as_ref().map(|j| j.id.clone()),
-                created_at: now,
-                updated_at: now,
-                completed_at: None,
-            };
+const IDEMPOTENCY_INSERT: &str = "INSERT INTO idempotency_records \
+    (tenant_id, scope, key, request_hash, resource_id, created_at, expires_at) VALUES";
+const INVOCATION_INSERT: &str = "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, \
+    action_version, action_hash, arguments, status, idempotency_key, delivery_id, created_at, updated_at) VALUES";
+
+/// Writes accepted invocations with a few multi-row statements: their idempotency records,
+/// deliveries (or approval requests), `action.invoked` events and the invocations themselves.
+async fn write_all(jobs: &[PersistInvocation], tx: &mut Tx) -> Result<Vec<Persisted>, DbError> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    // One lease and one clock for the deliveries and events: the jobs came moments apart.
+    let (lease, now) = (&first.lease, first.now);
+    let keys = jobs
+        .iter()
+        .filter_map(PersistInvocation::idempotency_row)
+        .collect();
+    crate::db::insert_rows(tx, IDEMPOTENCY_INSERT, 7, keys).await?;
+
+    let mut events = Vec::with_capacity(jobs.len());
+    let mut event_owners = Vec::with_capacity(jobs.len());
+    let mut deliveries = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        if job.pending_approval {
+            let approval_id = ids::new_id("apr");
+            let reason = "the action requires approval for every call";
             tx.defer(
-                "INSERT INTO invocations (id, tenant_id, principal, agent_id, roles, action_name, action_version, action_hash, \
-                 arguments, status, idempotency_key, delivery_id, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
-                args![
-                    &row.id, &row.tenant_id, &row.principal, row.agent_id.clone(), &row.roles, &row.action_name,
-                    row.action_version, row.action_hash.clone(), &row.arguments, &row.status,
-                    row.idempotency_key.clone(), row.delivery_id.clone(), now
-                ],
+                "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
+                 VALUES ($1, $2, $3, 'pending', $4, $5)",
+                args![&approval_id, &job.tenant_id, &job.invocation_id, reason, job.now],
             )
             .await?;
-            Ok(Persisted { job, raised, row })
+            events.push(job.event(
+                "approval.requested",
+                json!({"approval_id": approval_id, "invocation_id": job.invocation_id,
+                    "action": job.action_name, "principal": job.principal, "reason": reason}),
+            ));
+            event_owners.push(i);
+        } else {
+            deliveries.push(job.delivery());
+        }
+    }
+    let mut delivered = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
+    let own: Vec<Option<outbox::Job>> = jobs
+        .iter()
+        .map(|job| {
+            if job.pending_approval {
+                None
+            } else {
+                delivered.next()
+            }
+        })
+        .collect();
+
+    for (i, job) in jobs.iter().enumerate() {
+        events.push(job.event(
+            "action.invoked",
+            json!({"invocation_id": job.invocation_id, "action": job.action_name,
+                "version": job.action_version, "principal": job.principal, "status": job.status()}),
+        ));
+        event_owners.push(i);
+    }
+    let mut raised: Vec<Vec<outbox::Job>> = vec![Vec::new(); jobs.len()];
+    let recorded = crate::events::record_many(tx, &events, lease, now).await?;
+    for (owner, event) in event_owners.into_iter().zip(recorded) {
+        raised[owner].extend(event.deliveries);
+    }
+
+    let rows: Vec<InvocationRow> = jobs
+        .iter()
+        .zip(&own)
+        .map(|(job, delivery)| job.row(delivery.as_ref().map(|d| d.id.clone())))
+        .collect();
+    crate::db::insert_rows(
+        tx,
+        INVOCATION_INSERT,
+        14,
+        rows.iter().map(invocation_values).collect(),
+    )
+    .await?;
+    Ok(own
+        .into_iter()
+        .zip(raised)
+        .zip(rows)
+        .map(|((job, raised), row)| Persisted { job, raised, row })
+        .collect())
+}
+
+fn invocation_values(row: &InvocationRow) -> Vec<crate::db::Arg> {
+    args![
+        &row.id,
+        &row.tenant_id,
+        &row.principal,
+        row.agent_id.clone(),
+        &row.roles,
+        &row.action_name,
+        row.action_version,
+        row.action_hash.clone(),
+        &row.arguments,
+        &row.status,
+        row.idempotency_key.clone(),
+        row.delivery_id.clone(),
+        row.created_at,
+        row.updated_at
+    ]
+}
+
+impl PersistInvocation {
+    fn status(&self) -> &'static str {
+        if self.pending_approval {
+            "pending_approval"
+        } else {
+            "queued"
+        }
+    }
+
+    fn idempotency_row(&self) -> Option<Vec<crate::db::Arg>> {
+        let key = self.idempotency_key.as_ref()?;
+        Some(args![
+            &self.tenant_id,
+            &self.principal,
+            key,
+            &self.request_hash,
+            &self.invocation_id,
+            self.now,
+            self.now + 24 * 3600 * 1000
+        ])
+    }
+
+    fn delivery(&self) -> NewDelivery {
+        NewDelivery {
+            tenant_id: self.tenant_id.clone(),
+            endpoint_id: self.endpoint_id.clone(),
+            kind: outbox::Kind::Action,
+            event_id: None,
+            invocation_id: Some(self.invocation_id.clone()),
+            label: self.action_name.clone(),
+            idempotency_key: Some(derived_key(
+                &self.tenant_id,
+                &self.principal,
+                self.idempotency_key.as_deref(),
+                &self.invocation_id,
+            )),
+            body: self.body.clone(),
+        }
+    }
+
+    fn event(&self, event_type: &str, data: Value) -> crate::events::NewEvent {
+        crate::events::NewEvent {
+            tenant_id: self.tenant_id.clone(),
+            event_type: event_type.into(),
+            data,
+            idempotency_key: None,
+            source: "system".into(),
+            depth: 0,
+            fanout: self.fanout.clone(),
+            rules: None,
+        }
+    }
+
+    fn row(&self, delivery_id: Option<String>) -> InvocationRow {
+        InvocationRow {
+            id: self.invocation_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            principal: self.principal.clone(),
+            agent_id: self.agent_id.clone(),
+            roles: serde_json::to_string(&self.roles).unwrap_or_default(),
+            action_name: self.action_name.clone(),
+            action_version: Some(self.action_version),
+            action_hash: Some(self.action_hash.clone()),
+            arguments: self.arguments.clone(),
+            status: self.status().to_string(),
+            result: None,
+            error: None,
+            idempotency_key: self.idempotency_key.clone(),
+            delivery_id,
+            created_at: self.now,
+            updated_at: self.now,
+            completed_at: None,
         }
     }
 }
