@@ -67,7 +67,6 @@ impl SqliteWriter {
             writer: self.clone(),
             conn: None,
             pending: String::from("BEGIN IMMEDIATE\n;\n"),
-            queued: 1,
             args: Vec::new(),
             sent: false,
             poisoned: false,
@@ -176,8 +175,6 @@ pub struct SqliteTx {
     conn: Option<OwnedMutexGuard<WriterConnection>>,
     /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
     pending: String,
-    /// How many statements `pending` holds.
-    queued: usize,
     /// The arguments of `pending`, numbered across all of its statements.
     args: Vec<Arg>,
     /// Whether anything was sent, i.e. whether there is a transaction to end.
@@ -187,9 +184,10 @@ pub struct SqliteTx {
     poisoned: bool,
 }
 
-/// Multi-statement scripts are prepared afresh each time: their text varies with batch sizes,
-/// and caching every variant would pin many large prepared statements for little reuse.
-const CACHED_SCRIPT_STATEMENTS: usize = 3;
+/// Scripts longer than this are prepared afresh each time: their text varies with batch sizes,
+/// and caching every variant would pin many large prepared statements for little reuse. Shorter
+/// ones (the batches of light load, where latency matters) stay in the statement cache.
+const CACHED_SCRIPT_BYTES: usize = 4096;
 
 impl SqliteTx {
     async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
@@ -204,7 +202,6 @@ impl SqliteTx {
     /// the next statement that must run now, or with `COMMIT`.
     pub fn defer(&mut self, sql: &str, args: Vec<Arg>) {
         push_statement(&mut self.pending, &mut self.args, sql, args);
-        self.queued += 1;
     }
 
     /// Takes the queued script (with `sql` appended, if given) for sending: from here until
@@ -220,8 +217,7 @@ impl SqliteTx {
         }
         self.sent = true;
         self.poisoned = true;
-        let persistent = self.queued <= CACHED_SCRIPT_STATEMENTS;
-        self.queued = 0;
+        let persistent = self.pending.len() <= CACHED_SCRIPT_BYTES;
         Ok(Script {
             text: std::mem::take(&mut self.pending),
             args: std::mem::take(&mut self.args),
