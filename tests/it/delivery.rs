@@ -385,18 +385,20 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
     }
 }
 
-async fn a_delivery_life_retries_then_gives_up(backend: Backend) {
-    let app = TestApp::on(backend).with(fast_delivery).start().await;
+/// An `invoice.*` endpoint whose receiver answers 500 to everything, and a second receiver
+/// subscribed to `alert_type`; returns both receivers and the failing endpoint's id.
+async fn failing_endpoint_and_alerts(app: &TestApp, alert_type: &str) -> (Receiver, Receiver, String) {
     let rx = Receiver::start().await;
     let alerts = Receiver::start().await;
     rx.always(500);
-    let (endpoint_id, _) = endpoint(&app, &rx.url("/fail"), json!({"event_types": ["invoice.*"]})).await;
-    endpoint(
-        &app,
-        &alerts.url("/alerts"),
-        json!({"event_types": ["delivery.failed"]}),
-    )
-    .await;
+    let (id, _) = endpoint(app, &rx.url("/fail"), json!({"event_types": ["invoice.*"]})).await;
+    endpoint(app, &alerts.url("/alerts"), json!({"event_types": [alert_type]})).await;
+    (rx, alerts, id)
+}
+
+async fn a_delivery_life_retries_then_gives_up(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let (rx, alerts, endpoint_id) = failing_endpoint_and_alerts(&app, "delivery.failed").await;
     send_event(&app, "invoice.updated", json!({"invoice_id": "in_1"})).await;
 
     // One first attempt plus one per schedule step (3), then give up.
@@ -864,16 +866,7 @@ async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
         })
         .start()
         .await;
-    let rx = Receiver::start().await;
-    let alerts = Receiver::start().await;
-    rx.always(500);
-    let (id, _) = endpoint(&app, &rx.url("/down"), json!({"event_types": ["invoice.*"]})).await;
-    endpoint(
-        &app,
-        &alerts.url("/alerts"),
-        json!({"event_types": ["endpoint.disabled"]}),
-    )
-    .await;
+    let (_rx, alerts, id) = failing_endpoint_and_alerts(&app, "endpoint.disabled").await;
     // Pretend its run of failures began six days ago (time cannot be waited out in a test).
     let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
     let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
