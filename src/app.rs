@@ -83,7 +83,13 @@ impl AppState {
         let config = Arc::new(config);
         let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
         let validators = Arc::new(Validators::default());
-        let (engine, receivers) = Engine::new(db.clone(), keys.clone(), config.clone(), validators.clone());
+        let rules = Arc::new(Rules::new());
+        let (engine, receivers) = Engine::new(
+            db.clone(),
+            keys.clone(),
+            config.clone(),
+            (validators.clone(), rules.clone()),
+        );
         // SQLite has one writer connection, but a batch takes it only to send: with two writer
         // tasks one builds its batch while the other's is being written.
         let writers = match db.dialect() {
@@ -98,7 +104,7 @@ impl AppState {
                 config.agent_rate_per_s,
                 config.action_rate_per_s,
             )),
-            rules: Arc::new(Rules::new()),
+            rules,
             api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),
             catalog: Arc::new(Catalog::load(&config.events_dir)?),
             policy,

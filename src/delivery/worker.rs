@@ -120,6 +120,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
     validators: Arc<Validators>,
+    /// The tenants' rules, run on the events the engine raises.
+    rules: Arc<crate::rules::Rules>,
 }
 
 /// The receiving halves created with the engine, consumed by [`Engine::start`].
@@ -134,7 +136,7 @@ impl Engine {
         db: Database,
         keys: MasterKey,
         config: Arc<Config>,
-        validators: Arc<Validators>,
+        (validators, rules): (Arc<Validators>, Arc<crate::rules::Rules>),
     ) -> (Self, EngineReceivers) {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
@@ -154,6 +156,7 @@ impl Engine {
             stop: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
             validators,
+            rules,
             config,
         };
         (
@@ -683,20 +686,28 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     let inner = &engine.inner;
     let now = now_ms();
     let lease = engine.lease();
-    // Settled actions raise `action.succeeded`/`action.failed`; their subscribers are looked up
+    // Settled actions raise `action.succeeded`/`action.failed`, failures may raise
+    // `delivery.failed`/`endpoint.disabled`: subscribers and rules are looked up (from caches)
     // before the writer is taken.
     let mut subscribers = std::collections::HashMap::new();
+    let mut rules = std::collections::HashMap::new();
     for o in batch
         .iter()
-        .filter(|o| o.job.is_action() && !matches!(o.next, Next::RetryAt { .. }))
+        .filter(|o| (o.job.is_action() && !matches!(o.next, Next::RetryAt { .. })) || !o.result.is_success())
     {
-        if !subscribers.contains_key(o.job.tenant_id.as_str()) {
-            subscribers.insert(
-                o.job.tenant_id.as_str(),
-                engine.subscribers(&o.job.tenant_id).await?,
+        let tenant_id = o.job.tenant_id.as_str();
+        if !subscribers.contains_key(tenant_id) {
+            subscribers.insert(tenant_id, engine.subscribers(tenant_id).await?);
+            rules.insert(
+                tenant_id,
+                inner
+                    .rules
+                    .context(&inner.db, tenant_id, &inner.validators)
+                    .await?,
             );
         }
     }
+    let rules_of = |tenant_id: &str| rules.get(tenant_id).cloned().flatten();
     let mut tx = inner.db.begin().await?;
     insert_attempts(&mut tx, batch).await?;
     let moved = move_deliveries(&mut tx, batch, now).await?;
@@ -724,14 +735,33 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
                     Some(list) => events::Fanout::Among(list.clone()),
                     None => events::Fanout::Lookup,
                 };
-                raised.extend(raise(&mut tx, &job.tenant_id, event_type, data, fanout, (&lease, now)).await?);
+                // Rules run on an agent's action events, not on those of a rule's own invocation
+                // (a rule invoking an action on `action.invoked` would otherwise never stop).
+                let rules = if requested_by_rule(job) {
+                    None
+                } else {
+                    rules_of(&job.tenant_id)
+                };
+                raised.extend(
+                    raise(
+                        &mut tx,
+                        &job.tenant_id,
+                        event_type,
+                        data,
+                        fanout,
+                        rules,
+                        (&lease, now),
+                    )
+                    .await?,
+                );
             }
         }
         metrics::counter!("opsiq_delivery_attempts_total", "outcome" => match o.next {
             Next::Succeeded => "succeeded", Next::RetryAt { .. } => "retry", Next::Failed { .. } => "failed" })
         .increment(1);
         if !o.url.is_empty() {
-            raised.extend(update_endpoint_health(engine, &mut tx, o, now, &lease).await?);
+            let rules = rules_of(&job.tenant_id);
+            raised.extend(update_endpoint_health(engine, &mut tx, o, rules, (&lease, now)).await?);
         }
         if let Next::Failed { reason, .. } = &o.next {
             metrics::counter!("opsiq_deliveries_failed_total").increment(1);
@@ -757,6 +787,7 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
                         "delivery.failed",
                         data,
                         events::Fanout::Lookup,
+                        rules_of(&job.tenant_id),
                         (&lease, now),
                     )
                     .await?,
@@ -776,6 +807,7 @@ async fn raise(
     event_type: &str,
     data: serde_json::Value,
     fanout: events::Fanout,
+    rules: Option<Arc<crate::rules::apply::RuleContext>>,
     (lease, now): (&Lease, i64),
 ) -> Result<Vec<Job>, crate::db::DbError> {
     let event = NewEvent {
@@ -786,9 +818,18 @@ async fn raise(
         source: "system".into(),
         depth: 0,
         fanout,
-        rules: None,
+        rules,
     };
     Ok(events::record(tx, event, lease, now).await?.deliveries)
+}
+
+/// Whether an action request was made by a rule (its body names the caller `rule:<id>`).
+fn requested_by_rule(job: &Job) -> bool {
+    serde_json::from_str::<serde_json::Value>(&job.body).is_ok_and(|body| {
+        body["agent"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("rule:"))
+    })
 }
 
 /// Tracks the endpoint's run of failures; disables it on 410 or after five days of failures.
@@ -796,8 +837,8 @@ async fn update_endpoint_health(
     engine: &Engine,
     tx: &mut Tx,
     o: &Outcome,
-    now: i64,
-    lease: &Lease,
+    rules: Option<Arc<crate::rules::apply::RuleContext>>,
+    (lease, now): (&Lease, i64),
 ) -> Result<Vec<Job>, crate::db::DbError> {
     let job = &o.job;
     let gone = matches!(
@@ -859,6 +900,7 @@ async fn update_endpoint_health(
         "endpoint.disabled",
         data,
         events::Fanout::Lookup,
+        rules,
         (lease, now),
     )
     .await

@@ -1,7 +1,5 @@
 //! `/v1/events`: ingestion with idempotency, listing and inspection.
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -145,13 +143,10 @@ async fn ingest_event(
         .catalog
         .validate(&state.db, &auth.tenant_id, &body.event_type, &body.data)
         .await?;
-    let rules = state.rules.for_tenant(&state.db, &auth.tenant_id).await?;
-    let rules = (!rules.is_empty()).then(|| {
-        Arc::new(crate::rules::apply::RuleContext {
-            rules,
-            validators: state.gateway.validators.clone(),
-        })
-    });
+    let rules = state
+        .rules
+        .context(&state.db, &auth.tenant_id, &state.gateway.validators)
+        .await?;
     let key = match idempotency_key(&headers)? {
         Some(k) => Some(k),
         None => body.id.clone().map(|id| format!("id:{id}")),

@@ -218,6 +218,10 @@ pub async fn invoke(
         pending_approval,
         lease: state.engine.lease(),
         fanout: crate::events::Fanout::Among(state.engine.subscribers(&tenant_id).await?),
+        rules: state
+            .rules
+            .context(&state.db, &tenant_id, &state.gateway.validators)
+            .await?,
         now,
     };
     let mut expired_key_cleared = false;
@@ -599,6 +603,7 @@ pub async fn invoke_for_rule(
         pending_approval,
         lease: lease.clone(),
         fanout: crate::events::Fanout::Lookup,
+        rules: None,
         now,
     };
     let persisted = write_all(std::slice::from_ref(&persist), tx)
@@ -638,6 +643,8 @@ pub struct PersistInvocation {
     lease: Lease,
     /// Who receives the events it raises (`action.invoked`, `approval.requested`).
     fanout: crate::events::Fanout,
+    /// The rules those events run (none for a rule's own invocation, which would loop).
+    rules: Option<Arc<crate::rules::apply::RuleContext>>,
     now: i64,
 }
 
@@ -817,7 +824,7 @@ impl PersistInvocation {
             source: "system".into(),
             depth: 0,
             fanout: self.fanout.clone(),
-            rules: None,
+            rules: self.rules.clone(),
         }
     }
 

@@ -90,6 +90,22 @@ impl Rules {
             .await
     }
 
+    /// What recording an event of this tenant needs to run its rules; `None` when it has none.
+    pub async fn context(
+        &self,
+        db: &Database,
+        tenant_id: &str,
+        validators: &Arc<crate::registry::validators::Validators>,
+    ) -> Result<Option<Arc<apply::RuleContext>>, DbError> {
+        let rules = self.for_tenant(db, tenant_id).await?;
+        Ok((!rules.is_empty()).then(|| {
+            Arc::new(apply::RuleContext {
+                rules,
+                validators: validators.clone(),
+            })
+        }))
+    }
+
     /// Forgets a tenant's compiled rules after a change here.
     pub fn changed(&self, tenant_id: &str) {
         self.sets.invalidate(&tenant_id.to_string());

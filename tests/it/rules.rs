@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, send_event};
 use crate::dual;
-use crate::gateway::{World, world};
+use crate::gateway::{World, agent_token, invoke, world};
 use crate::harness::{Backend, TestApp, error_code, eventually};
 use crate::receiver::Receiver;
 
@@ -21,6 +21,7 @@ dual!(
     emit_reaches_subscribers_and_chains_are_cut,
     malformed_rules_are_refused,
     dry_runs_send_and_write_nothing,
+    rules_run_on_the_gateways_own_events,
 );
 
 async fn count(app: &TestApp, path: &str) -> usize {
@@ -637,4 +638,53 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         escalations.received().is_empty() && rx.received().is_empty(),
         "a dry run sends nothing"
     );
+}
+
+async fn rules_run_on_the_gateways_own_events(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    let watcher = Receiver::start().await;
+    let (watch_ep, _) = endpoint(&app, &watcher.url("/watch"), json!({"event_types": ["none.*"]})).await;
+    create_rule(
+        &app,
+        json!({"name": "Tell finance about refunds", "when": {"event_type": "action.succeeded"},
+            "if": {"field": "data.action", "op": "eq", "value": "refund_invoice"},
+            "then": [{"deliver": {"endpoint_id": watch_ep}}]}),
+    )
+    .await;
+    // Every invocation opens a ticket: the ticket is the rule's own invocation, whose events run
+    // no rules, so this stops after one ticket instead of looping.
+    create_rule(
+        &app,
+        json!({"name": "Ticket for every call", "when": {"event_type": "action.invoked"},
+            "then": [{"invoke": {"action": "create_ticket",
+                "arguments": {"customer_id": "cus_1", "subject": "{{data.action}} called", "body": "by {{data.principal}}"}}}]}),
+    )
+    .await;
+    let billing = agent_token(&app, "agt_r", &["billing"], &["invoke:*"]).await;
+    let (status, body) = invoke(
+        &app,
+        &billing,
+        "refund_invoice",
+        json!({"invoice_id": "in_7", "amount": 10,
+        "currency": "eur", "reason": "duplicate"}),
+        Some("r-1"),
+    )
+    .await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+
+    let told = watcher.wait_for(1).await;
+    assert_eq!(told[0].json()["type"], "action.succeeded");
+    assert_eq!(told[0].json()["data"]["invocation_id"], body["invocation_id"]);
+    let calls = rx.wait_for(2).await;
+    let ticket = calls
+        .iter()
+        .map(|c| c.json())
+        .find(|c| c["action"]["name"] == "create_ticket")
+        .expect("the rule opened a ticket");
+    assert_eq!(ticket["arguments"]["subject"], "refund_invoice called");
+    assert_eq!(ticket["arguments"]["body"], "by agent:agt_r");
+    // Nothing more arrives: the ticket's own action.invoked started no second ticket.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.received().len(), 2);
+    assert_eq!(watcher.received().len(), 1);
 }
