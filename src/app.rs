@@ -61,6 +61,8 @@ pub struct AppState {
     /// Admin key lookups by hash (revocations through this process clear it at once; through
     /// another replica within a second).
     pub api_keys: Arc<ApiKeyCache>,
+    /// Slots for API requests in progress (see `max_requests_in_flight`).
+    pub request_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Cached admin key lookups: hash → (key id, tenant id, role), or `None` for no such live key.
@@ -106,6 +108,7 @@ impl AppState {
             )),
             rules,
             api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),
+            request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
             catalog: Arc::new(Catalog::load(&config.events_dir)?),
             policy,
             config,
@@ -151,8 +154,7 @@ impl AppState {
 /// The complete router with its middleware.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    Router::new()
-        .merge(ops::routes())
+    let api = Router::new()
         .merge(tenants::routes())
         .merge(registry::routes())
         .merge(delivery::routes())
@@ -163,6 +165,10 @@ pub fn router(state: AppState) -> Router {
         .merge(policy::routes())
         .merge(gateway::routes())
         .merge(mcp::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load));
+    Router::new()
+        .merge(ops::routes())
+        .merge(api)
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(DefaultBodyLimit::max(state.config.body_limit))
@@ -189,6 +195,26 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// Refuses an API request with 503 when `max_requests_in_flight` are already in progress:
+/// under overload an immediate, retryable refusal beats a queue that grows without bound.
+async fn shed_load(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Ok(_slot) = state.request_slots.clone().try_acquire_owned() else {
+        metrics::counter!("opsiq_requests_shed_total").increment(1);
+        let mut refusal = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server is at its limit of requests in progress; retry shortly",
+        );
+        refusal.retry_after = Some(1);
+        return refusal.into_response();
+    };
+    next.run(request).await
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, then drains and stops.

@@ -64,6 +64,9 @@ pub struct RawConfig {
     pub request_timeout: String,
     /// How many deliveries may be in flight at once in this process.
     pub max_in_flight: usize,
+    /// How many API requests may be in progress at once; more are refused with 503 at once
+    /// rather than queued (health and metrics routes are never refused).
+    pub max_requests_in_flight: usize,
     /// How long a claimed delivery stays reserved for the process that claimed it.
     pub lease: String,
     /// How often the worker looks for due deliveries it was not handed directly.
@@ -98,6 +101,7 @@ impl Default for RawConfig {
             connect_timeout: "5s".into(),
             request_timeout: "15s".into(),
             max_in_flight: 512,
+            max_requests_in_flight: 1024,
             lease: "60s".into(),
             poll_interval: "1s".into(),
             worker: true,
@@ -157,6 +161,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How many deliveries may be in flight at once in this process.
     pub max_in_flight: usize,
+    /// How many API requests may be in progress at once; more are refused with 503 at once
+    /// rather than queued (health and metrics routes are never refused).
+    pub max_requests_in_flight: usize,
     /// How long a claimed delivery stays reserved for the process that claimed it.
     pub lease: Duration,
     /// How often the worker looks for due deliveries it was not handed directly.
@@ -236,6 +243,12 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        if raw.max_requests_in_flight == 0 {
+            return Err(ConfigError::Invalid {
+                field: "max_requests_in_flight",
+                message: "must be at least 1".into(),
+            });
+        }
         let request_timeout = parse_duration("request_timeout", &raw.request_timeout)?;
         let lease = parse_duration("lease", &raw.lease)?;
         if lease <= request_timeout {
@@ -262,6 +275,7 @@ impl Config {
             connect_timeout: parse_duration("connect_timeout", &raw.connect_timeout)?,
             request_timeout,
             max_in_flight: raw.max_in_flight,
+            max_requests_in_flight: raw.max_requests_in_flight,
             lease,
             poll_interval: parse_duration("poll_interval", &raw.poll_interval)?,
             worker: raw.worker,

@@ -1096,3 +1096,59 @@ async fn invocations_raise_action_events_and_can_be_previewed(backend: Backend) 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.rx.received().len(), 1, "the preview sent nothing");
 }
+
+dual!(overload_is_refused_at_once_not_queued);
+
+async fn overload_is_refused_at_once_not_queued(backend: Backend) {
+    let w = world_with(backend, |raw, _| raw.max_requests_in_flight = 1).await;
+    // An endpoint that accepts connections and never answers keeps a sync call in progress.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hold", silent.local_addr().unwrap());
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let (ep, _) = endpoint(&w.app, &silent_url, json!({"event_types": ["none.*"]})).await;
+    let (_, mut action) = w.app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    action["endpoint_id"] = ep.into();
+    action["timeout_ms"] = 5000.into();
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(action))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let billing = agent_token(&w.app, "agt_busy", &["billing"], &["invoke:*"]).await;
+    let (http, url) = (w.app.http.clone(), w.app.url("/v1/actions/refund_invoice/invoke"));
+    let call = tokio::spawn(async move {
+        let resp = http
+            .post(url)
+            .bearer_auth(billing)
+            .header("Idempotency-Key", "busy-1")
+            .json(&json!({"arguments": refund_args()}))
+            .send()
+            .await
+            .unwrap();
+        read(resp).await
+    });
+
+    // Once its request reached the endpoint the call is waiting for the answer, holding the only
+    // slot: another request is refused at once; health checks still answer.
+    tokio::time::timeout(Duration::from_secs(30), accepted.recv())
+        .await
+        .expect("the action request reached the silent endpoint");
+    let (status, refused) = w.app.call(Method::GET, "/v1/actions", None).await;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(error_code(&refused), "overloaded");
+    let health = w.app.http.get(w.app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+
+    // The waiting call ends (202: still delivering) and frees its slot.
+    let (status, body) = call.await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = w.app.call(Method::GET, "/v1/actions", None).await;
+    assert_eq!(status, 200);
+}
