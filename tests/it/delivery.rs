@@ -20,6 +20,12 @@ pub fn fast_delivery(raw: &mut RawConfig, _: &std::path::Path) {
     raw.poll_interval = "50ms".into();
 }
 
+/// [`fast_delivery`] with a single retry after 100 ms.
+fn one_quick_retry(raw: &mut RawConfig, dir: &std::path::Path) {
+    fast_delivery(raw, dir);
+    raw.retry_schedule = "100ms".into();
+}
+
 /// Creates an endpoint and returns (id, secret).
 pub async fn endpoint(app: &TestApp, url: &str, extra: Value) -> (String, String) {
     let mut body = json!({"url": url, "description": "test"});
@@ -507,13 +513,7 @@ async fn gone_disables_the_endpoint(backend: Backend) {
 }
 
 async fn replay_and_recover(backend: Backend) {
-    let app = TestApp::on(backend)
-        .with(|raw, dir| {
-            fast_delivery(raw, dir);
-            raw.retry_schedule = "100ms".into();
-        })
-        .start()
-        .await;
+    let app = TestApp::on(backend).with(one_quick_retry).start().await;
     let rx = Receiver::start().await;
     rx.always(503);
     let (endpoint_id, _) = endpoint(&app, &rx.url("/r"), json!({"event_types": ["invoice.*"]})).await;
@@ -859,13 +859,7 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
 dual!(five_days_of_failures_disable_the_endpoint);
 
 async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
-    let app = TestApp::on(backend)
-        .with(|raw, dir| {
-            fast_delivery(raw, dir);
-            raw.retry_schedule = "100ms".into();
-        })
-        .start()
-        .await;
+    let app = TestApp::on(backend).with(one_quick_retry).start().await;
     let (_rx, alerts, id) = failing_endpoint_and_alerts(&app, "endpoint.disabled").await;
     // Pretend its run of failures began six days ago (time cannot be waited out in a test).
     let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
