@@ -56,7 +56,7 @@ impl DbError {
 
 /// Where reads go: SQLite's reader connections or the PostgreSQL pool.
 #[derive(Debug, Clone)]
-pub enum Pool {
+pub enum Readers {
     /// An embedded SQLite file.
     Sqlite(SqliteReaders),
     /// A PostgreSQL server.
@@ -225,11 +225,11 @@ impl Target<'_> {
     }
 }
 
-impl Pool {
+impl Readers {
     fn target(&self) -> Target<'_> {
         match self {
-            Pool::Sqlite(p) => Target::SqliteReaders(p),
-            Pool::Postgres(p) => Target::PgPool(p),
+            Readers::Sqlite(p) => Target::SqliteReaders(p),
+            Readers::Postgres(p) => Target::PgPool(p),
         }
     }
 }
@@ -324,7 +324,7 @@ enum Writer {
 /// The database handle every capability uses; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
-    read: Pool,
+    read: Readers,
     write: Writer,
 }
 
@@ -362,7 +362,7 @@ impl Database {
             let write = SqliteWriter::new(conn);
             let read = SqliteReaders::new(options, 4);
             Self {
-                read: Pool::Sqlite(read),
+                read: Readers::Sqlite(read),
                 write: Writer::Sqlite(write),
             }
         } else {
@@ -375,7 +375,7 @@ impl Database {
             // Two replicas starting at once must not both apply the same migration.
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
             Self {
-                read: Pool::Postgres(pool.clone()),
+                read: Readers::Postgres(pool.clone()),
                 write: Writer::Postgres(pool),
             }
         };
@@ -432,8 +432,8 @@ impl Database {
     /// Closes every connection, waiting for queries in progress.
     pub async fn close(&self) {
         match &self.read {
-            Pool::Sqlite(readers) => readers.close().await,
-            Pool::Postgres(pool) => pool.close().await,
+            Readers::Sqlite(readers) => readers.close().await,
+            Readers::Postgres(pool) => pool.close().await,
         }
         match &self.write {
             Writer::Sqlite(w) => w.close().await,

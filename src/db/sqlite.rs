@@ -66,7 +66,7 @@ impl SqliteWriter {
         SqliteTx {
             writer: self.clone(),
             conn: None,
-            pending: String::from("BEGIN IMMEDIATE\n;\n"),
+            pending: String::from(BEGIN),
             args: Vec::new(),
             sent: false,
             poisoned: false,
@@ -166,6 +166,9 @@ impl std::ops::DerefMut for ReaderConnection {
         self.0.as_mut().expect("opened in `get`")
     }
 }
+
+/// What a transaction sends first (with its first statements, in the same script).
+const BEGIN: &str = "BEGIN IMMEDIATE\n;\n";
 
 /// A write transaction on SQLite's writer connection. Dropped uncommitted, it is rolled back
 /// before the connection is next used.
@@ -282,7 +285,7 @@ impl SqliteTx {
 
     /// Sends what is queued and `COMMIT` together; on failure the transaction is rolled back.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        if !self.sent && self.args.is_empty() && self.pending == "BEGIN IMMEDIATE\n;\n" {
+        if !self.sent && self.pending == BEGIN {
             // Nothing was written.
             return Ok(());
         }

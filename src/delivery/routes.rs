@@ -502,18 +502,12 @@ async fn preview(
                     ApiError::invalid_field("/endpoint_id", "the action has no endpoint; name one")
                 })?;
             let endpoint = load_endpoint(&state, &auth, &endpoint_id).await?;
-            let validator = state
-                .gateway
-                .validators
-                .get(
-                    &auth.tenant_id,
-                    &call.name,
-                    action.version,
-                    crate::registry::validators::Which::Input,
-                    &action.declaration.input_schema,
-                )
-                .map_err(ApiError::internal)?;
-            let problems = crate::registry::model::schema_errors(&validator, &call.arguments);
+            let problems = crate::gateway::invoke::validate_arguments(
+                &state,
+                &auth.tenant_id,
+                &action,
+                &call.arguments,
+            )?;
             if !problems.is_empty() {
                 return Err(ApiError::validation(
                     "the arguments do not match the action's input schema",

@@ -331,7 +331,9 @@ pub async fn load(state: &AppState, tenant_id: &str, id: &str) -> Result<Option<
         .await?)
 }
 
-fn validate_arguments(
+/// Checks arguments against the action's input schema (compiled once per version); the
+/// problems, each with its JSON pointer, or none.
+pub(crate) fn validate_arguments(
     state: &AppState,
     tenant_id: &str,
     action: &Action,

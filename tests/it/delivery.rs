@@ -342,42 +342,20 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
     assert_eq!(rx.received().len(), 2, "one delivery per distinct event");
 
     // A developer key may send events; a viewer may not.
-    let (_, dev) = app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "d", "role": "developer"})),
-        )
-        .await;
-    let (_, viewer) = app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "v", "role": "viewer"})),
-        )
-        .await;
+    let dev = app.key_with_role("developer").await;
+    let viewer = app.key_with_role("viewer").await;
     let body =
         json!({"type": "customer.signed_up", "data": {"customer_id": "c1", "email": "c1@example.com"}});
     assert_eq!(
-        app.call_as(
-            dev["key"].as_str().unwrap(),
-            Method::POST,
-            "/v1/events",
-            Some(body.clone())
-        )
-        .await
-        .0,
+        app.call_as(&dev, Method::POST, "/v1/events", Some(body.clone()))
+            .await
+            .0,
         202
     );
     assert_eq!(
-        app.call_as(
-            viewer["key"].as_str().unwrap(),
-            Method::POST,
-            "/v1/events",
-            Some(body)
-        )
-        .await
-        .0,
+        app.call_as(&viewer, Method::POST, "/v1/events", Some(body))
+            .await
+            .0,
         403
     );
     for bad in [
@@ -791,16 +769,10 @@ async fn preview_and_test_send(backend: Backend) {
     assert!(rx.received().is_empty(), "a preview sends nothing");
 
     // Previews are signed with the real secret: viewers may not ask for them.
-    let (_, viewer) = app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "v", "role": "viewer"})),
-        )
-        .await;
+    let viewer = app.key_with_role("viewer").await;
     let (status, _) = app
         .call_as(
-            viewer["key"].as_str().unwrap(),
+            &viewer,
             Method::POST,
             "/v1/preview",
             Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid", "data": {}}})),

@@ -625,3 +625,44 @@ async fn shipped_example_actions_are_valid_and_load() {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
 }
+
+dual!(write_transactions_leave_nothing_behind_when_they_fail);
+
+/// The storage layer's write transactions: a statement that fails (sent with the commit, or on
+/// its own) undoes the whole transaction, nothing more runs in it, and a transaction dropped
+/// part way is rolled back before the next write.
+async fn write_transactions_leave_nothing_behind_when_they_fail(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
+
+    // Deferred statements go with the commit; the duplicate key fails it, and the first is undone.
+    let mut tx = db.begin().await.unwrap();
+    tx.defer(insert, opsiq::args!["t.a"]).await.unwrap();
+    let duplicate = tx.defer(insert, opsiq::args!["t.a"]).await;
+    let failed = match duplicate {
+        Ok(()) => tx.commit().await.is_err(),
+        // PostgreSQL runs a deferred statement at once.
+        Err(_) => {
+            tx.rollback().await;
+            true
+        }
+    };
+    assert!(failed, "a duplicate key must fail the transaction");
+    assert_eq!(opsiq::db::counter(&db, "t.a").await.unwrap(), 0);
+
+    // A failed statement ends the transaction's usefulness; dropping it rolls back what it wrote.
+    let mut tx = db.begin().await.unwrap();
+    tx.execute(insert, opsiq::args!["t.b"]).await.unwrap();
+    assert!(tx.execute(insert, opsiq::args!["t.b"]).await.is_err());
+    assert!(
+        tx.execute(insert, opsiq::args!["t.c"]).await.is_err(),
+        "nothing more runs in it"
+    );
+    drop(tx);
+    db.execute(insert, opsiq::args!["t.d"]).await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "t.b").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "t.c").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "t.d").await.unwrap(), 1);
+    db.close().await;
+}

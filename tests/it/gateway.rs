@@ -900,34 +900,17 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
         .find(|a| a["invocation_id"] == second["invocation_id"])
         .unwrap();
 
-    let (_, viewer) = w
-        .app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "v", "role": "viewer"})),
-        )
-        .await;
-    let (_, approver) = w
-        .app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "a", "role": "approver"})),
-        )
-        .await;
+    let viewer = w.app.key_with_role("viewer").await;
+    let approver = w.app.key_with_role("approver").await;
     let approve_path = format!("/v1/approvals/{}/approve", for_first["id"].as_str().unwrap());
     assert_eq!(
-        w.app
-            .call_as(viewer["key"].as_str().unwrap(), Method::POST, &approve_path, None)
-            .await
-            .0,
+        w.app.call_as(&viewer, Method::POST, &approve_path, None).await.0,
         403
     );
     let (status, decided) = w
         .app
         .call_as(
-            approver["key"].as_str().unwrap(),
+            &approver,
             Method::POST,
             &approve_path,
             Some(json!({"comment": "checked"})),

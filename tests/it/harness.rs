@@ -267,6 +267,19 @@ impl TestApp {
         self.call_as(&key, method, path, body).await
     }
 
+    /// Creates an admin API key with `role` (as the owner) and returns its secret.
+    pub async fn key_with_role(&self, role: &str) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/api-keys",
+                Some(serde_json::json!({"name": role, "role": role})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["key"].as_str().expect("the new key's secret").to_string()
+    }
+
     /// Sends `body` as JSON with `key` and returns (status, JSON body or Null).
     pub async fn call_as(
         &self,

@@ -610,16 +610,10 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         .await;
     assert_eq!(status, 422);
 
-    let (_, viewer) = app
-        .call(
-            Method::POST,
-            "/v1/api-keys",
-            Some(json!({"name": "v", "role": "viewer"})),
-        )
-        .await;
+    let viewer = app.key_with_role("viewer").await;
     let (status, _) = app
         .call_as(
-            viewer["key"].as_str().unwrap(),
+            &viewer,
             Method::POST,
             &format!("/v1/rules/{rule_id}/test"),
             Some(json!({"event": {"type": "ticket.created", "data": {}}})),
