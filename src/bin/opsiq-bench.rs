@@ -98,6 +98,54 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The server's latency histogram for `route` as (upper bound in seconds, cumulative count).
+async fn latency_buckets(http: &reqwest::Client, base: &str, route: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    let text = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    let route_label = format!("route=\"{route}\"");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("opsiq_http_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        if !rest.contains(&route_label) || !rest.contains("method=\"POST\"") {
+            continue;
+        }
+        let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+        if let (Some(le), Some(count)) = (le, count) {
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse()? };
+            buckets.push((le, count));
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// The `q` quantile of cumulative histogram buckets, interpolated within its bucket (as
+/// Prometheus's `histogram_quantile` does).
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return 0.0;
+    };
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let share = if count > lower.1 {
+                (rank - lower.1) / (count - lower.1)
+            } else {
+                0.0
+            };
+            return lower.0 + (le - lower.0) * share;
+        }
+        lower = (le, count);
+    }
+    lower.0
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -314,6 +362,11 @@ async fn main() -> anyhow::Result<()> {
     wait_delivered(&arrivals, args.warmup * per_call, Duration::from_secs(120)).await?;
     *arrivals.lock().unwrap() = Arrivals::default();
 
+    let route = match args.workload {
+        Workload::Events => "/v1/events",
+        Workload::Invoke => "/v1/actions/{name}/invoke",
+    };
+    let server_buckets_0 = latency_buckets(&http, &server.base, route).await?;
     let cpu_server_0 = proc_cpu_seconds(server.pid);
     let cpu_self_0 = proc_cpu_seconds(std::process::id());
     let started = Instant::now();
@@ -327,6 +380,12 @@ async fn main() -> anyhow::Result<()> {
     wait_delivered(&arrivals, accepted * per_call, Duration::from_secs(600)).await?;
     let delivered_elapsed = started.elapsed();
     let cpu_server = proc_cpu_seconds(server.pid) - cpu_server_0;
+    let server_buckets: Vec<(f64, f64)> = latency_buckets(&http, &server.base, route)
+        .await?
+        .into_iter()
+        .zip(server_buckets_0)
+        .map(|((le, n), (_, n0))| (le, n - n0))
+        .collect();
     let cpu_self = proc_cpu_seconds(std::process::id()) - cpu_self_0;
 
     let arrived = std::mem::take(&mut arrivals.lock().unwrap().at);
@@ -368,6 +427,11 @@ async fn main() -> anyhow::Result<()> {
         "  API latency  p50 {:.2} ms, p99 {:.2} ms",
         ms(percentile(&api, 0.5)),
         ms(percentile(&api, 0.99))
+    );
+    println!(
+        "  in server    p50 {:.2} ms, p99 {:.2} ms (request in to answer out, from /metrics)",
+        bucket_quantile(&server_buckets, 0.5) * 1000.0,
+        bucket_quantile(&server_buckets, 0.99) * 1000.0
     );
     println!(
         "  end to end   p50 {:.2} ms, p99 {:.2} ms",

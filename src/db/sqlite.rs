@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use super::{Arg, Row};
 
@@ -30,6 +30,8 @@ pub struct WriterConnection {
 #[derive(Clone)]
 pub struct SqliteWriter {
     inner: Arc<Mutex<WriterConnection>>,
+    /// Woken by every commit: the checkpointer has work.
+    committed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -46,7 +48,43 @@ impl SqliteWriter {
                 conn,
                 needs_rollback: false,
             })),
+            committed: Arc::new(Notify::new()),
         }
+    }
+
+    /// Checkpoints the WAL on `conn`, a connection of its own, whenever commits have added to
+    /// it, so that no commit waits for a checkpoint's fsyncs (the writer runs with
+    /// `wal_autocheckpoint = 0`). Ends when the writer is dropped.
+    pub fn spawn_checkpointer(&self, mut conn: SqliteConnection) {
+        let writer = Arc::downgrade(&self.inner);
+        let committed = self.committed.clone();
+        tokio::spawn(async move {
+            loop {
+                committed.notified().await;
+                // Let a few commits gather: the hot pages they share are copied once.
+                tokio::time::sleep(CHECKPOINT_DELAY).await;
+                let Some(writer) = writer.upgrade() else {
+                    return;
+                };
+                let wal_pages = match checkpoint(&mut conn).await {
+                    Ok(pages) => pages,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "checkpointing the WAL failed; retrying after the next commit");
+                        continue;
+                    }
+                };
+                // The WAL starts over only at a commit that finds all of it copied, and under
+                // steady load commits keep landing while a checkpoint runs, so it would only
+                // grow. Past a limit, copy the last few frames while no commit can run: the next
+                // commit then reuses the WAL from its start.
+                if wal_pages >= WAL_RESTART_PAGES {
+                    let _writer = writer.lock().await;
+                    if let Err(e) = checkpoint(&mut conn).await {
+                        tracing::warn!(error = %e, "checkpointing the WAL failed; retrying after the next commit");
+                    }
+                }
+            }
+        });
     }
 
     /// Waits for the connection, first undoing whatever a dropped transaction left open.
@@ -77,7 +115,9 @@ impl SqliteWriter {
     pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let mut guard = self.lock().await?;
         let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        Ok(query.execute(&mut guard.conn).await?.rows_affected())
+        let affected = query.execute(&mut guard.conn).await?.rows_affected();
+        self.committed.notify_one();
+        Ok(affected)
     }
 
     /// Closes the connection (checkpointing the WAL).
@@ -165,6 +205,20 @@ impl std::ops::DerefMut for ReaderConnection {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         self.0.as_mut().expect("opened in `get`")
     }
+}
+
+/// How long the checkpointer lets commits gather before it copies them into the database.
+const CHECKPOINT_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// WAL pages past which the checkpointer briefly holds commits back to let the WAL start over.
+const WAL_RESTART_PAGES: i64 = 4000;
+
+/// Runs a passive checkpoint; returns the WAL's size in pages when it began.
+async fn checkpoint(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
+    let (_busy, wal_pages, _copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(conn)
+        .await?;
+    Ok(wal_pages)
 }
 
 /// What a transaction sends first (with its first statements, in the same script).
@@ -299,6 +353,7 @@ impl SqliteTx {
             self.end().await;
         } else {
             self.sent = false;
+            self.writer.committed.notify_one();
         }
         result.map(|_| ())
     }

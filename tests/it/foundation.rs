@@ -1,6 +1,8 @@
 //! The foundation: registry CRUD and versions, declarative files, bad input, authentication and
 //! roles, tenant isolation, operations routes.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -664,5 +666,72 @@ async fn write_transactions_leave_nothing_behind_when_they_fail(backend: Backend
     assert_eq!(opsiq::db::counter(&db, "t.b").await.unwrap(), 0);
     assert_eq!(opsiq::db::counter(&db, "t.c").await.unwrap(), 0);
     assert_eq!(opsiq::db::counter(&db, "t.d").await.unwrap(), 1);
+    db.close().await;
+}
+
+/// SQLite commits do not checkpoint (that would make a commit wait for two fsyncs): a task of
+/// its own copies committed pages into the database file, and the WAL is reused from its start
+/// instead of growing.
+#[tokio::test]
+async fn sqlite_checkpoints_in_the_background_and_reuses_the_wal() {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsiq.db");
+    let db = opsiq::db::Database::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    db.execute(
+        "INSERT INTO change_counters (name, version) VALUES ($1, 7)",
+        opsiq::args!["checkpointed"],
+    )
+    .await
+    .unwrap();
+
+    // An immutable connection reads the database file alone, ignoring the WAL.
+    let file_only = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .immutable(true)
+        .read_only(true);
+    let in_file = |name: String, version: i64| {
+        let file_only = file_only.clone();
+        async move {
+            let mut conn = file_only.connect().await.unwrap();
+            // Until the first checkpoint even the tables are only in the WAL.
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM change_counters WHERE name = $1")
+                    .bind(&name)
+                    .fetch_optional(&mut conn)
+                    .await
+                    .ok()
+                    .flatten();
+            let _ = conn.close().await;
+            found == Some(version)
+        }
+    };
+    crate::harness::wait_until(Duration::from_secs(30), || in_file("checkpointed".into(), 7)).await;
+
+    // 40 MiB in 4 MiB steps, each waited for until it is in the file: once a checkpoint has
+    // copied the whole WAL, the next commit writes it from the start again.
+    let chunk = "x".repeat(256 * 1024);
+    for i in 0..160 {
+        db.execute(
+            "INSERT INTO change_counters (name, version) VALUES ($1, length($2))",
+            opsiq::args![format!("bulk-{i}"), &chunk],
+        )
+        .await
+        .unwrap();
+        if i % 16 == 15 {
+            crate::harness::wait_until(Duration::from_secs(30), || {
+                in_file(format!("bulk-{i}"), chunk.len() as i64)
+            })
+            .await;
+        }
+    }
+    let wal = dir.path().join("opsiq.db-wal");
+    let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        wal_bytes < 20 * 1024 * 1024,
+        "40 MiB were committed but the WAL holds {wal_bytes} bytes: it is not reused"
+    );
     db.close().await;
 }
