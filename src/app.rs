@@ -105,6 +105,7 @@ impl AppState {
                 validators,
                 config.agent_rate_per_s,
                 config.action_rate_per_s,
+                db.dialect() == crate::db::Dialect::Sqlite,
             )),
             rules,
             api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),

@@ -177,6 +177,7 @@ async fn revoke_agent(
             args![now_ms(), &auth.tenant_id, &id],
         )
         .await?;
+    state.gateway.token_states.clear();
     if n == 0 {
         return Err(ApiError::not_found("agent"));
     }
@@ -268,6 +269,7 @@ async fn revoke_token(
             args![now_ms(), &auth.tenant_id, &id, &jti],
         )
         .await?;
+    state.gateway.token_states.clear();
     if n == 0 {
         return Err(ApiError::not_found("token"));
     }

@@ -6,6 +6,7 @@
 //! Every failure is a 401 `invalid_token` with a reason, never a hint about other tenants.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
@@ -229,6 +230,7 @@ pub async fn authenticate(
     db: &Database,
     master: &MasterKey,
     keys: &TenantKeys,
+    states: &TokenStates,
     jwks_cache: &JwksCache,
     outbound: &crate::delivery::outbound::Outbound,
     token: &str,
@@ -245,7 +247,7 @@ pub async fn authenticate(
         .claims;
     let issuer = unverified.get("iss").and_then(Value::as_str).unwrap_or_default();
     if issuer == GATEWAY_ISSUER {
-        verify_gateway_token(db, master, keys, token, header.alg, &unverified).await
+        verify_gateway_token(db, master, keys, states, token, header.alg, &unverified).await
     } else {
         let audiences: Vec<&str> = match unverified.get("aud") {
             Some(Value::String(a)) => vec![a.as_str()],
@@ -260,6 +262,7 @@ async fn verify_gateway_token(
     db: &Database,
     master: &MasterKey,
     keys: &TenantKeys,
+    states: &TokenStates,
     token: &str,
     alg: Algorithm,
     unverified: &Value,
@@ -273,15 +276,17 @@ async fn verify_gateway_token(
         .await?
         .ok_or_else(|| invalid("signature does not match"))?;
     let claims = decode_gateway_token(token, &key)?;
-    let row: Option<TokenState> = db
-        .fetch_optional(
-            "SELECT t.revoked_at AS token_revoked_at, a.revoked_at AS agent_revoked_at, a.roles, t.scopes, \
-             (SELECT version FROM change_counters WHERE name = 'policy') AS policy_version FROM agent_tokens t \
-             JOIN agents a ON a.tenant_id = t.tenant_id AND a.id = t.agent_id \
-             WHERE t.jti = $1 AND t.tenant_id = $2 AND t.agent_id = $3",
-            args![&claims.jti, &claims.tid, &claims.sub],
-        )
-        .await?;
+    let row = match states.get(&claims) {
+        Some(state) => Some(state),
+        None => {
+            let read_under = states.generation();
+            let row = read_token_state(db, &claims).await?;
+            if let Some(state) = &row {
+                states.put(&claims, read_under, state);
+            }
+            row
+        }
+    };
     match row {
         Some(TokenState {
             token_revoked_at: None,
@@ -302,14 +307,107 @@ async fn verify_gateway_token(
     }
 }
 
+/// Reads a token's revocation state, its agent's roles and the policy version, in one query.
+async fn read_token_state(db: &Database, claims: &Claims) -> Result<Option<TokenState>, sqlx::Error> {
+    db.fetch_optional(
+        "SELECT t.revoked_at AS token_revoked_at, a.revoked_at AS agent_revoked_at, a.roles, t.scopes, \
+         (SELECT version FROM change_counters WHERE name = 'policy') AS policy_version FROM agent_tokens t \
+         JOIN agents a ON a.tenant_id = t.tenant_id AND a.id = t.agent_id \
+         WHERE t.jti = $1 AND t.tenant_id = $2 AND t.agent_id = $3",
+        args![&claims.jti, &claims.tid, &claims.sub],
+    )
+    .await
+}
+
 /// What the database says about a token when it is used.
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct TokenState {
     token_revoked_at: Option<i64>,
     agent_revoked_at: Option<i64>,
     roles: String,
     scopes: String,
     policy_version: Option<i64>,
+}
+
+/// Gateway tokens' database state (revocations, roles, scopes, policy version), kept in memory
+/// only where this process is the database's one writer (SQLite): every change to that state
+/// made here (revoking an agent or a token, replacing policy rows) calls [`TokenStates::clear`],
+/// so a cached state is never stale, and a call skips a read. On PostgreSQL other replicas write
+/// too, so it stays off there and every call reads.
+pub struct TokenStates {
+    enabled: bool,
+    /// Bumped by every clear; a state read under an older generation is not kept.
+    generation: AtomicU64,
+    /// By `jti`: the generation it was read under, and the state.
+    entries: Mutex<HashMap<String, (u64, CachedToken)>>,
+}
+
+/// A token's cached state and whose it is.
+#[derive(Clone)]
+struct CachedToken {
+    tenant_id: String,
+    agent_id: String,
+    state: TokenState,
+}
+
+/// Tokens kept at most; past it the cache starts over (tokens are reread at their next use).
+const MAX_CACHED_TOKENS: usize = 10_000;
+
+impl TokenStates {
+    /// A cache that keeps states only if `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            generation: AtomicU64::new(0),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets every state: call after committing anything that changes one.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.clear();
+        }
+    }
+
+    fn get(&self, claims: &Claims) -> Option<TokenState> {
+        if !self.enabled {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let entries = self.entries.lock().ok()?;
+        let (read_under, cached) = entries.get(&claims.jti)?;
+        (*read_under == generation && cached.tenant_id == claims.tid && cached.agent_id == claims.sub)
+            .then(|| cached.state.clone())
+    }
+
+    /// Keeps `state`, read after [`generation`](Self::generation) returned `read_under`, unless
+    /// a clear came in between.
+    fn put(&self, claims: &Claims, read_under: u64, state: &TokenState) {
+        if !self.enabled {
+            return;
+        }
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if self.generation.load(Ordering::SeqCst) != read_under {
+            return;
+        }
+        if entries.len() >= MAX_CACHED_TOKENS {
+            entries.clear();
+        }
+        let cached = CachedToken {
+            tenant_id: claims.tid.clone(),
+            agent_id: claims.sub.clone(),
+            state: state.clone(),
+        };
+        entries.insert(claims.jti.clone(), (read_under, cached));
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
 }
 
 /// Verifies a gateway-minted token's signature and claims with the tenant key (no revocation

@@ -20,7 +20,7 @@ use axum::http::request::Parts;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::AppState;
-use crate::agents::tokens::{self, AgentPrincipal, JwksCache, TenantKeys};
+use crate::agents::tokens::{self, AgentPrincipal, JwksCache, TenantKeys, TokenStates};
 use crate::http::ApiError;
 use crate::http::auth::bearer_token;
 use crate::registry::validators::Validators;
@@ -34,6 +34,8 @@ pub fn routes() -> axum::Router<AppState> {
 pub struct Gateway {
     /// Decrypted per-tenant token keys.
     pub tenant_keys: TenantKeys,
+    /// Gateway tokens' revocation state, where this process is the only writer.
+    pub token_states: TokenStates,
     /// Fetched JWKS documents of external issuers.
     pub jwks: JwksCache,
     /// Compiled schemas.
@@ -46,11 +48,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway state with per-agent and per-action limits (calls per second).
-    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32) -> Self {
+    /// Builds the gateway state with per-agent and per-action limits (calls per second);
+    /// `sole_writer` says whether this process is its database's only writer (SQLite).
+    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32, sole_writer: bool) -> Self {
         let quota = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
         Self {
             tenant_keys: TenantKeys::default(),
+            token_states: TokenStates::new(sole_writer),
             jwks: JwksCache::default(),
             validators,
             actions: crate::cache::TtlCache::new(std::time::Duration::from_secs(1)),
@@ -106,6 +110,7 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<AgentPrincipa
         &state.db,
         &state.keys,
         &state.gateway.tenant_keys,
+        &state.gateway.token_states,
         &state.gateway.jwks,
         state.engine.outbound(),
         token,

@@ -58,6 +58,8 @@ async fn put_policies(
         return Err(ApiError::validation("the policy rows are invalid", problems));
     }
     replace_rows(&state.db, &auth.tenant_id, &body.rows).await?;
+    // Cached token states carry the policy version.
+    state.gateway.token_states.clear();
     Ok(axum::Json(
         json!({"rows": body.rows, "file_rows": state.policy.file_rows()}),
     ))

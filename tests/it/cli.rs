@@ -144,6 +144,37 @@ async fn nonsense_configuration_exits_non_zero_with_a_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("body_limit"));
 }
 
+/// A SQLite database is served by one process (which keeps token revocations in memory on that
+/// ground): a second `serve` on the same file is refused with a reason; after the first is
+/// killed, a new one starts.
+#[tokio::test]
+async fn a_sqlite_database_is_served_by_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("one.db").display());
+    process::init(dir.path(), &url).await;
+    let mut first = process::serve(dir.path(), &url, &[]).await;
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another opsiq process is serving"), "{stderr}");
+    first.kill_9().await;
+    let again = process::serve(dir.path(), &url, &[]).await;
+    assert_eq!(
+        crate::harness::http_client()
+            .get(format!("{}/readyz", again.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
 #[tokio::test]
 async fn config_file_environment_and_flags_are_layered() {
     let dir = tempfile::tempdir().unwrap();
