@@ -152,7 +152,7 @@ async fn a_sqlite_database_is_served_by_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("one.db").display());
     process::init(dir.path(), &url).await;
-    let mut first = process::serve(dir.path(), &url, &[]).await;
+    let first = process::serve(dir.path(), &url, &[]).await;
     let out = process::opsiq()
         .current_dir(dir.path())
         .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
