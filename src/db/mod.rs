@@ -444,7 +444,32 @@ impl Database {
     }
 }
 
-/// Inserts `rows` (each of `columns` values) with multi-row statements of up to fifty rows;
+/// Row counts multi-row statements are cut into, largest first: a few statement texts that stay
+/// prepared (see `SqliteTx::send_all_but_last`; PostgreSQL likewise keeps statements prepared
+/// by their text), where a statement per batch size would be parsed and planned afresh.
+const CHUNK_SIZES: [usize; 4] = [50, 16, 4, 1];
+
+/// The sizes, from [`CHUNK_SIZES`] and largest first, that `total` rows are cut into.
+pub fn chunk_sizes(total: usize) -> impl Iterator<Item = usize> {
+    let mut rest = total;
+    std::iter::from_fn(move || {
+        let size = CHUNK_SIZES.into_iter().find(|&size| size <= rest)?;
+        rest -= size;
+        Some(size)
+    })
+}
+
+/// Cuts `items` into slices of the sizes [`chunk_sizes`] gives.
+pub fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    chunk_sizes(items.len()).map(move |size| {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        chunk
+    })
+}
+
+/// Inserts `rows` (each of `columns` values) with multi-row statements cut by [`chunks`];
 /// `head` is `INSERT INTO t (a, b, …) VALUES`. The statements are deferred (see [`Tx::defer`]).
 pub async fn insert_rows(
     tx: &mut Tx,
@@ -452,11 +477,12 @@ pub async fn insert_rows(
     columns: usize,
     rows: Vec<Vec<Arg>>,
 ) -> Result<(), sqlx::Error> {
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
+    let sizes = chunk_sizes(rows.len());
+    let mut rows = rows.into_iter();
+    for size in sizes {
         let mut sql = String::from(head);
-        let mut values = Vec::with_capacity(50 * columns);
-        for (i, row) in rows.by_ref().take(50).enumerate() {
+        let mut values = Vec::with_capacity(size * columns);
+        for (i, row) in rows.by_ref().take(size).enumerate() {
             debug_assert_eq!(row.len(), columns);
             sql.push_str(if i == 0 { " (" } else { ", (" });
             for k in 0..columns {
@@ -514,4 +540,26 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .ok()
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{chunk_sizes, chunks};
+
+    #[test]
+    fn rows_are_cut_into_a_few_fixed_sizes() {
+        assert_eq!(chunk_sizes(0).count(), 0);
+        assert_eq!(chunk_sizes(1).collect::<Vec<_>>(), [1]);
+        assert_eq!(chunk_sizes(37).collect::<Vec<_>>(), [16, 16, 4, 1]);
+        assert_eq!(chunk_sizes(121).collect::<Vec<_>>(), [50, 50, 16, 4, 1]);
+        for total in 0..300 {
+            let sizes: Vec<usize> = chunk_sizes(total).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), total);
+            assert!(sizes.iter().all(|s| [50, 16, 4, 1].contains(s)));
+        }
+        let items: Vec<u32> = (0..23).collect();
+        let cut: Vec<&[u32]> = chunks(&items).collect();
+        assert_eq!(cut.iter().map(|c| c.len()).collect::<Vec<_>>(), [16, 4, 1, 1, 1]);
+        assert_eq!(cut.concat(), items);
+    }
 }

@@ -105,6 +105,7 @@ impl SqliteWriter {
             writer: self.clone(),
             conn: None,
             pending: String::from(BEGIN),
+            ends: vec![(BEGIN.len(), 0)],
             args: Vec::new(),
             sent: false,
             poisoned: false,
@@ -221,6 +222,20 @@ async fn checkpoint(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
     Ok(wal_pages)
 }
 
+/// Sends `script` from `tx` (see [`SqliteTx::send_all_but_last`]) and runs its last statement
+/// as `$query(…).$run(connection)`.
+macro_rules! send_script {
+    ($tx:expr, $script:expr, $query:path, $run:ident) => {
+        async {
+            let script = $tx.send_all_but_last($script).await?;
+            bind_all!($query(sqlx::AssertSqlSafe(script.text)), script.args)
+                .$run($tx.conn().await?)
+                .await
+        }
+        .await
+    };
+}
+
 /// What a transaction sends first (with its first statements, in the same script).
 const BEGIN: &str = "BEGIN IMMEDIATE\n;\n";
 
@@ -232,6 +247,8 @@ pub struct SqliteTx {
     conn: Option<OwnedMutexGuard<WriterConnection>>,
     /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
     pending: String,
+    /// Where each statement of `pending` ends: (text, arguments), after its separator.
+    ends: Vec<(usize, usize)>,
     /// The arguments of `pending`, numbered across all of its statements.
     args: Vec<Arg>,
     /// Whether anything was sent, i.e. whether there is a transaction to end.
@@ -259,6 +276,7 @@ impl SqliteTx {
     /// the next statement that must run now, or with `COMMIT`.
     pub fn defer(&mut self, sql: &str, args: Vec<Arg>) {
         push_statement(&mut self.pending, &mut self.args, sql, args);
+        self.ends.push((self.pending.len(), self.args.len()));
     }
 
     /// Takes the queued script (with `sql` appended, if given) for sending: from here until
@@ -274,11 +292,38 @@ impl SqliteTx {
         }
         self.sent = true;
         self.poisoned = true;
-        let persistent = self.pending.len() <= CACHED_SCRIPT_BYTES;
         Ok(Script {
             text: std::mem::take(&mut self.pending),
             args: std::mem::take(&mut self.args),
-            persistent,
+            ends: std::mem::take(&mut self.ends),
+        })
+    }
+
+    /// Readies `script` for its last send. A script short enough to be cached as a whole goes
+    /// in one trip; a longer one (its text varies with batch sizes, and parsing its multi-row
+    /// statements afresh each time cost a tenth of the CPU under fan-out) is sent statement by
+    /// statement, each cached on its own (batches are cut into a few fixed row counts, so their
+    /// texts repeat), all but the last here. Returns what remains to send.
+    async fn send_all_but_last(&mut self, script: Script) -> Result<Script, sqlx::Error> {
+        if script.text.len() <= CACHED_SCRIPT_BYTES || script.ends.len() < 2 {
+            return Ok(script);
+        }
+        let Script { text, mut args, ends } = script;
+        let (mut text_from, mut args_from) = (0, 0);
+        let (last_text, last_args) = ends[ends.len() - 2];
+        for &(text_end, args_end) in &ends[..ends.len() - 1] {
+            let statement_args: Vec<Arg> = args.drain(..args_end - args_from).collect();
+            let statement = &text[text_from..text_end];
+            bind_all!(sqlx::query(sqlx::AssertSqlSafe(statement)), statement_args)
+                .execute(self.conn().await?)
+                .await?;
+            (text_from, args_from) = (text_end, args_end);
+        }
+        debug_assert_eq!((text_from, args_from), (last_text, last_args));
+        Ok(Script {
+            text: text[last_text..].to_string(),
+            args,
+            ends: Vec::new(),
         })
     }
 
@@ -295,10 +340,7 @@ impl SqliteTx {
             return Ok(());
         }
         let script = self.take(None)?;
-        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
-            .persistent(script.persistent)
-            .execute(self.conn().await?)
-            .await;
+        let result = send_script!(self, script, sqlx::query, execute);
         self.sent_ok(result).map(|_| ())
     }
 
@@ -307,19 +349,14 @@ impl SqliteTx {
         // The count must be this statement's alone, so what is queued goes first.
         self.flush().await?;
         let script = self.take(Some((sql, args)))?;
-        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
-            .execute(self.conn().await?)
-            .await;
+        let result = send_script!(self, script, sqlx::query, execute);
         self.sent_ok(result).map(|r| r.rows_affected())
     }
 
     /// Runs the queued statements and then `sql`, returning `sql`'s rows.
     pub async fn fetch_all<T: Row>(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<T>, sqlx::Error> {
         let script = self.take(Some((sql, args)))?;
-        let result = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script.text)), script.args)
-            .persistent(script.persistent)
-            .fetch_all(self.conn().await?)
-            .await;
+        let result = send_script!(self, script, sqlx::query_as, fetch_all);
         self.sent_ok(result)
     }
 
@@ -330,10 +367,7 @@ impl SqliteTx {
         args: Vec<Arg>,
     ) -> Result<Option<T>, sqlx::Error> {
         let script = self.take(Some((sql, args)))?;
-        let result = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(script.text)), script.args)
-            .persistent(script.persistent)
-            .fetch_optional(self.conn().await?)
-            .await;
+        let result = send_script!(self, script, sqlx::query_as, fetch_optional);
         self.sent_ok(result)
     }
 
@@ -344,10 +378,7 @@ impl SqliteTx {
             return Ok(());
         }
         let script = self.take(Some(("COMMIT", Vec::new())))?;
-        let result = bind_all!(sqlx::query(sqlx::AssertSqlSafe(script.text)), script.args)
-            .persistent(script.persistent)
-            .execute(self.conn().await?)
-            .await;
+        let result = send_script!(self, script, sqlx::query, execute);
         let result = self.sent_ok(result);
         if result.is_err() {
             self.end().await;
@@ -382,7 +413,8 @@ impl SqliteTx {
 struct Script {
     text: String,
     args: Vec<Arg>,
-    persistent: bool,
+    /// Where each statement ends (text, arguments).
+    ends: Vec<(usize, usize)>,
 }
 
 impl Drop for SqliteTx {

@@ -669,6 +669,64 @@ async fn write_transactions_leave_nothing_behind_when_they_fail(backend: Backend
     db.close().await;
 }
 
+dual!(long_write_transactions_commit_or_fail_whole);
+
+/// A transaction whose queued statements are too long to send as one cached script (SQLite sends
+/// them one by one then): multi-row inserts of odd sizes, a read at the end that sees them all,
+/// and a failure in the middle of a later one that undoes everything.
+async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let head = "INSERT INTO change_counters (name, version) VALUES";
+    let rows = |prefix: &str, n: usize| -> Vec<Vec<opsiq::db::Arg>> {
+        (0..n)
+            .map(|i| opsiq::args![format!("{prefix}.{i}"), i as i64])
+            .collect()
+    };
+
+    let mut tx = db.begin().await.unwrap();
+    opsiq::db::insert_rows(&mut tx, head, 2, rows("long", 523))
+        .await
+        .unwrap();
+    opsiq::db::insert_rows(&mut tx, head, 2, rows("more", 37))
+        .await
+        .unwrap();
+    let (count, total): (i64, i64) = tx
+        .fetch_optional(
+            "SELECT COUNT(*), CAST(SUM(version) AS BIGINT) FROM change_counters WHERE name LIKE $1 OR name LIKE $2",
+            opsiq::args!["long.%", "more.%"],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (count, total),
+        (560, (0..523).sum::<i64>() + (0..37).sum::<i64>())
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "long.522").await.unwrap(), 522);
+
+    // The 477th row repeats a committed name: the whole transaction goes.
+    let mut failing = rows("fresh", 476);
+    failing.push(opsiq::args!["long.5", 1i64]);
+    failing.extend(rows("later", 40));
+    let mut tx = db.begin().await.unwrap();
+    let queued = opsiq::db::insert_rows(&mut tx, head, 2, failing).await;
+    let failed = match queued {
+        Ok(()) => tx.commit().await.is_err(),
+        // PostgreSQL runs each statement at once.
+        Err(_) => {
+            tx.rollback().await;
+            true
+        }
+    };
+    assert!(failed, "a duplicate key must fail the transaction");
+    assert_eq!(opsiq::db::counter(&db, "fresh.0").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "later.39").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "long.5").await.unwrap(), 5);
+    db.close().await;
+}
+
 /// SQLite commits do not checkpoint (that would make a commit wait for two fsyncs): a task of
 /// its own copies committed pages into the database file, and the WAL is reused from its start
 /// instead of growing.
