@@ -203,10 +203,11 @@ impl Outbound {
         result
     }
 
-    /// POSTs `body` with `headers` to `url` and reports what happened; never fails.
+    /// POSTs `body` with `headers` to `url` (parsed once by the caller, or why it does not
+    /// parse) and reports what happened; never fails.
     pub async fn post(
         &self,
-        url: &str,
+        url: &Result<reqwest::Url, String>,
         headers: &[(&'static str, String)],
         body: bytes::Bytes,
     ) -> AttemptResult {
@@ -218,18 +219,18 @@ impl Outbound {
 
     async fn post_inner(
         &self,
-        url: &str,
+        url: &Result<reqwest::Url, String>,
         headers: &[(&'static str, String)],
         body: bytes::Bytes,
     ) -> AttemptResult {
-        let parsed = match reqwest::Url::parse(url) {
+        let parsed = match url {
             Ok(u) => u,
-            Err(e) => return failure("invalid_url", e.to_string()),
+            Err(e) => return failure("invalid_url", e.clone()),
         };
-        if let Err(message) = check_url(&parsed, self.allow_private) {
+        if let Err(message) = check_url(parsed, self.allow_private) {
             return failure("blocked_address", format!("the URL {message}"));
         }
-        let mut req = self.client.post(parsed);
+        let mut req = self.client.post(parsed.clone());
         for (name, value) in headers {
             req = req.header(*name, value);
         }

@@ -51,6 +51,8 @@ pub struct Settled {
 #[derive(Debug)]
 struct LiveEndpoint {
     url: String,
+    /// `url` parsed once (not per attempt), or why it does not parse.
+    parsed: Result<reqwest::Url, String>,
     enabled: bool,
     failing: bool,
     scheme: Scheme,
@@ -330,6 +332,7 @@ impl Engine {
         };
         let live = Arc::new(LiveEndpoint {
             url: row.url.clone(),
+            parsed: reqwest::Url::parse(&row.url).map_err(|e| e.to_string()),
             enabled: row.enabled,
             failing: row.failing_since.is_some(),
             scheme: row.scheme(),
@@ -449,8 +452,10 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
     }
 
     let url = endpoint.url.clone();
-    let target = reqwest::Url::parse(&url)
-        .map(|u| signing::request_target(&u))
+    let target = endpoint
+        .parsed
+        .as_ref()
+        .map(signing::request_target)
         .unwrap_or_default();
     let nonce = signing::generate_nonce();
     let secrets: Vec<&str> = endpoint.secrets.iter().map(String::as_str).collect();
@@ -474,7 +479,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
         },
     );
     let body = bytes::Bytes::from(job.body.clone());
-    let result = inner.outbound.post(&url, &headers, body).await;
+    let result = inner.outbound.post(&endpoint.parsed, &headers, body).await;
     metrics::histogram!("opsiq_delivery_attempt_duration_seconds").record(result.duration.as_secs_f64());
 
     let jitter = f64::from(u32::from_le_bytes(crate::crypto::random_bytes::<4>())) / f64::from(u32::MAX);
