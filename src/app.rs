@@ -63,6 +63,8 @@ pub struct AppState {
     pub api_keys: Arc<ApiKeyCache>,
     /// Slots for API requests in progress (see `max_requests_in_flight`).
     pub request_slots: Arc<tokio::sync::Semaphore>,
+    /// Whether this process is its database's only server (held for as long as it runs).
+    pub server_lock: crate::db::ServerLock,
 }
 
 /// Cached admin key lookups: hash → (key id, tenant id, role), or `None` for no such live key.
@@ -72,6 +74,8 @@ impl AppState {
     /// Connects to the database, loads the master key and applies the declarative files.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         crate::crypto::install_tls_provider();
+        let server_lock = crate::db::ServerLock::take(&config.database_url)
+            .with_context(|| format!("cannot lock {}", config.database_url))?;
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;
@@ -105,8 +109,9 @@ impl AppState {
                 validators,
                 config.agent_rate_per_s,
                 config.action_rate_per_s,
-                db.dialect() == crate::db::Dialect::Sqlite,
+                server_lock.is_sole(),
             )),
+            server_lock,
             rules,
             api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),
             request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
 use opsiq::config::{Config, LogFormat};
@@ -154,10 +153,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--dev: deliveries to loopback and private addresses are ALLOWED; never run this in production"
         );
     }
-    let _sole_server = lock_sqlite_database(&config.database_url)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let state = opsiq::AppState::open(config).await?;
+    if let opsiq::db::ServerLock::Contended(path) = &state.server_lock {
+        anyhow::bail!(
+            "another opsiq process is serving this database (it holds {}); a SQLite database is \
+             served by one process (several replicas need PostgreSQL)",
+            path.display()
+        );
+    }
     if let Some(tenant) = state.bootstrap_first_tenant().await? {
         println!(
             "Created tenant \"default\" ({}) on this new database.",
@@ -168,31 +173,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, "opsiq is ready");
     println!("listening on http://{addr}");
     opsiq::app::serve(state, listener, shutdown_signal()).await
-}
-
-/// Locks `<database>.lock` for as long as this process serves a SQLite database: a SQLite file
-/// is served by one process, which keeps some state (token revocations among it) in memory on
-/// that ground. The lock goes with the process, however it ends.
-fn lock_sqlite_database(url: &str) -> anyhow::Result<Option<std::fs::File>> {
-    if !url.starts_with("sqlite:") {
-        return Ok(None);
-    }
-    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
-    let mut path = options.get_filename().as_os_str().to_owned();
-    path.push(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another opsiq process is serving {url}; a SQLite database is served by one process \
-             (several replicas need PostgreSQL)"
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
-    }
 }
 
 async fn init(args: InitArgs) -> anyhow::Result<()> {

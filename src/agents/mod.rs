@@ -170,14 +170,15 @@ async fn revoke_agent(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let n = state
-        .db
-        .execute(
+    let db = state.db.clone();
+    let revoke = async move {
+        db.execute(
             "UPDATE agents SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
             args![now_ms(), &auth.tenant_id, &id],
         )
-        .await?;
-    state.gateway.token_states.clear();
+        .await
+    };
+    let n = state.gateway.change_token_state(revoke).await??;
     if n == 0 {
         return Err(ApiError::not_found("agent"));
     }
@@ -261,15 +262,16 @@ async fn revoke_token(
     Path((id, jti)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let n = state
-        .db
-        .execute(
+    let db = state.db.clone();
+    let revoke = async move {
+        db.execute(
             "UPDATE agent_tokens SET revoked_at = $1 WHERE tenant_id = $2 AND agent_id = $3 AND jti = $4 \
              AND revoked_at IS NULL",
             args![now_ms(), &auth.tenant_id, &id, &jti],
         )
-        .await?;
-    state.gateway.token_states.clear();
+        .await
+    };
+    let n = state.gateway.change_token_state(revoke).await??;
     if n == 0 {
         return Err(ApiError::not_found("token"));
     }

@@ -330,10 +330,11 @@ struct TokenState {
 }
 
 /// Gateway tokens' database state (revocations, roles, scopes, policy version), kept in memory
-/// only where this process is the database's one writer (SQLite): every change to that state
-/// made here (revoking an agent or a token, replacing policy rows) calls [`TokenStates::clear`],
-/// so a cached state is never stale, and a call skips a read. On PostgreSQL other replicas write
-/// too, so it stays off there and every call reads.
+/// only where this process alone serves the database (a locked SQLite file): every change to
+/// that state (revoking an agent or a token, replacing policy rows) runs through
+/// `Gateway::change_token_state`, which clears it once the change has run, even if the request
+/// went away, and a call skips a read. With replicas (PostgreSQL) it stays off and every call
+/// reads.
 pub struct TokenStates {
     enabled: bool,
     /// Bumped by every clear; a state read under an older generation is not kept.
@@ -371,6 +372,7 @@ impl TokenStates {
         }
     }
 
+    /// The cached state of `claims`' token, if it was read since the last clear.
     fn get(&self, claims: &Claims) -> Option<TokenState> {
         if !self.enabled {
             return None;
@@ -405,6 +407,7 @@ impl TokenStates {
         entries.insert(claims.jti.clone(), (read_under, cached));
     }
 
+    /// The current generation, to be passed to [`put`](Self::put) with what is read next.
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }

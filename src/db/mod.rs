@@ -361,7 +361,7 @@ impl Database {
                 .run_direct(None, &mut conn, false)
                 .await?;
             let write = SqliteWriter::new(conn);
-            write.spawn_checkpointer(options.clone().connect().await?);
+            write.spawn_checkpointer(options.clone());
             let read = SqliteReaders::new(options, 4);
             Self {
                 read: Readers::Sqlite(read),
@@ -441,6 +441,59 @@ impl Database {
             Writer::Sqlite(w) => w.close().await,
             Writer::Postgres(p) => p.close().await,
         }
+    }
+}
+
+/// Whether this process is the only one serving its database.
+#[derive(Debug, Clone)]
+pub enum ServerLock {
+    /// PostgreSQL: replicas share it; nothing is locked.
+    Shared,
+    /// SQLite: this process holds `<file>.lock` for as long as it runs (`None`: an in-memory
+    /// database, which no other process can open).
+    Sole(Option<std::sync::Arc<std::fs::File>>),
+    /// SQLite: another process, or another server in this one, holds this lock file.
+    Contended(std::path::PathBuf),
+}
+
+impl ServerLock {
+    /// Takes the lock for `url`: a SQLite file is served by one process, which may then keep
+    /// some of its state (token revocations) in memory. The lock goes with the process, however
+    /// it ends.
+    pub fn take(url: &str) -> std::io::Result<Self> {
+        if !url.starts_with("sqlite:") {
+            return Ok(Self::Shared);
+        }
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Ok(Self::Sole(None));
+        }
+        let options = SqliteConnectOptions::from_str(url).map_err(std::io::Error::other)?;
+        let database = options.get_filename();
+        // The same file reached through another path must find the same lock.
+        let database = match (database.parent(), database.file_name()) {
+            (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
+                std::fs::canonicalize(dir).map(|dir| dir.join(name))?
+            }
+            _ => database.to_path_buf(),
+        };
+        let mut path = database.into_os_string();
+        path.push(".lock");
+        let path = std::path::PathBuf::from(path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self::Sole(Some(std::sync::Arc::new(file)))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(Self::Contended(path)),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Whether this process alone writes the database.
+    pub fn is_sole(&self) -> bool {
+        matches!(self, Self::Sole(_))
     }
 }
 

@@ -30,8 +30,33 @@ pub struct WriterConnection {
 #[derive(Clone)]
 pub struct SqliteWriter {
     inner: Arc<Mutex<WriterConnection>>,
-    /// Woken by every commit: the checkpointer has work.
-    committed: Arc<Notify>,
+    checkpoints: Arc<CheckpointSignal>,
+    /// Stops the checkpointer when the last handle goes.
+    _stop_on_drop: Arc<StopCheckpointer>,
+}
+
+/// What the writer tells its checkpointer.
+#[derive(Default)]
+struct CheckpointSignal {
+    /// Woken by every commit (the checkpointer has work) and by a stop.
+    wake: Notify,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl CheckpointSignal {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// Stops the checkpointer when dropped.
+struct StopCheckpointer(Arc<CheckpointSignal>);
+
+impl Drop for StopCheckpointer {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -43,46 +68,55 @@ impl std::fmt::Debug for SqliteWriter {
 impl SqliteWriter {
     /// Wraps an open connection.
     pub fn new(conn: SqliteConnection) -> Self {
+        let checkpoints = Arc::new(CheckpointSignal::default());
         Self {
             inner: Arc::new(Mutex::new(WriterConnection {
                 conn,
                 needs_rollback: false,
             })),
-            committed: Arc::new(Notify::new()),
+            _stop_on_drop: Arc::new(StopCheckpointer(checkpoints.clone())),
+            checkpoints,
         }
     }
 
-    /// Checkpoints the WAL on `conn`, a connection of its own, whenever commits have added to
-    /// it, so that no commit waits for a checkpoint's fsyncs (the writer runs with
-    /// `wal_autocheckpoint = 0`). Ends when the writer is dropped.
-    pub fn spawn_checkpointer(&self, mut conn: SqliteConnection) {
+    /// Checkpoints the WAL on a connection of its own (opened with `options`) whenever commits
+    /// have added to it, so that no commit waits for a checkpoint's fsyncs (the writer runs with
+    /// `wal_autocheckpoint = 0`). Ends when the writer is closed or dropped.
+    pub fn spawn_checkpointer(&self, options: SqliteConnectOptions) {
         let writer = Arc::downgrade(&self.inner);
-        let committed = self.committed.clone();
+        let signal = self.checkpoints.clone();
+        // Waiting for readers to leave the WAL must not hold commits back for long.
+        let options = options.busy_timeout(std::time::Duration::from_millis(200));
         tokio::spawn(async move {
+            let mut conn: Option<SqliteConnection> = None;
+            let mut failing = false;
             loop {
-                committed.notified().await;
+                signal.wake.notified().await;
+                if signal.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
                 // Let a few commits gather: the hot pages they share are copied once.
                 tokio::time::sleep(CHECKPOINT_DELAY).await;
                 let Some(writer) = writer.upgrade() else {
-                    return;
+                    break;
                 };
-                let wal_pages = match checkpoint(&mut conn).await {
-                    Ok(pages) => pages,
+                match checkpoint_once(&options, &mut conn, &writer).await {
+                    Ok(()) => failing = false,
                     Err(e) => {
-                        tracing::warn!(error = %e, "checkpointing the WAL failed; retrying after the next commit");
-                        continue;
-                    }
-                };
-                // The WAL starts over only at a commit that finds all of it copied, and under
-                // steady load commits keep landing while a checkpoint runs, so it would only
-                // grow. Past a limit, copy the last few frames while no commit can run: the next
-                // commit then reuses the WAL from its start.
-                if wal_pages >= WAL_RESTART_PAGES {
-                    let _writer = writer.lock().await;
-                    if let Err(e) = checkpoint(&mut conn).await {
-                        tracing::warn!(error = %e, "checkpointing the WAL failed; retrying after the next commit");
+                        // Reconnect next time; say so once per run of failures, not every pass.
+                        conn = None;
+                        if !failing {
+                            tracing::warn!(error = %e, "checkpointing the WAL failed; retrying after the next commit");
+                        }
+                        failing = true;
+                        // Come back even if no commit follows.
+                        signal.wake.notify_one();
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     }
                 }
+            }
+            if let Some(conn) = conn {
+                let _ = conn.close().await;
             }
         });
     }
@@ -117,12 +151,13 @@ impl SqliteWriter {
         let mut guard = self.lock().await?;
         let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
         let affected = query.execute(&mut guard.conn).await?.rows_affected();
-        self.committed.notify_one();
+        self.checkpoints.wake.notify_one();
         Ok(affected)
     }
 
     /// Closes the connection (checkpointing the WAL).
     pub async fn close(&self) {
+        self.checkpoints.stop();
         // A closed connection cannot be taken out of the mutex; a checkpoint is what closing
         // buys, so ask for it directly and leave the handle to be dropped with the process.
         if let Ok(mut guard) = self.lock().await {
@@ -214,11 +249,34 @@ const CHECKPOINT_DELAY: std::time::Duration = std::time::Duration::from_millis(2
 /// WAL pages past which the checkpointer briefly holds commits back to let the WAL start over.
 const WAL_RESTART_PAGES: i64 = 4000;
 
-/// Runs a passive checkpoint; returns the WAL's size in pages when it began.
-async fn checkpoint(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
-    let (_busy, wal_pages, _copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-        .fetch_one(conn)
-        .await?;
+/// One round of checkpointing on `conn` (connecting first if needed).
+async fn checkpoint_once(
+    options: &SqliteConnectOptions,
+    conn: &mut Option<SqliteConnection>,
+    writer: &Mutex<WriterConnection>,
+) -> Result<(), sqlx::Error> {
+    let conn = match conn {
+        Some(conn) => conn,
+        None => conn.insert(options.connect().await?),
+    };
+    let wal_pages = checkpoint(conn, "PASSIVE").await?;
+    // The WAL starts over only at a commit that finds all of it copied and no reader in it;
+    // under steady load commits keep landing while a checkpoint runs, so it would only grow.
+    // Past a limit, copy the last frames and wait for readers to leave while no commit can run:
+    // the next commit then reuses the WAL from its start.
+    if wal_pages >= WAL_RESTART_PAGES {
+        let _writer = writer.lock().await;
+        checkpoint(conn, "RESTART").await?;
+    }
+    Ok(())
+}
+
+/// Runs a checkpoint in `mode`; returns the WAL's size in pages when it began (-1 if another
+/// checkpoint was running).
+async fn checkpoint(conn: &mut SqliteConnection, mode: &str) -> Result<i64, sqlx::Error> {
+    let sql = format!("PRAGMA wal_checkpoint({mode})");
+    let (_busy, wal_pages, _copied): (i64, i64, i64) =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(conn).await?;
     Ok(wal_pages)
 }
 
@@ -384,7 +442,7 @@ impl SqliteTx {
             self.end().await;
         } else {
             self.sent = false;
-            self.writer.committed.notify_one();
+            self.writer.checkpoints.wake.notify_one();
         }
         result.map(|_| ())
     }

@@ -49,12 +49,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway state with per-agent and per-action limits (calls per second);
-    /// `sole_writer` says whether this process is its database's only writer (SQLite).
-    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32, sole_writer: bool) -> Self {
+    /// `sole_server` says whether this process alone serves its database (a locked SQLite file).
+    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32, sole_server: bool) -> Self {
         let quota = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
         Self {
             tenant_keys: TenantKeys::default(),
-            token_states: TokenStates::new(sole_writer),
+            token_states: TokenStates::new(sole_server),
             jwks: JwksCache::default(),
             validators,
             actions: crate::cache::TtlCache::new(std::time::Duration::from_secs(1)),
@@ -101,6 +101,25 @@ impl FromRequestParts<AppState> for AgentAuth {
             )
         })?;
         authenticate(state, token).await.map(AgentAuth)
+    }
+}
+
+impl Gateway {
+    /// Runs `change` (a write to agents, tokens or policy rows) to its end even if the request
+    /// that asked for it goes away, then forgets the cached token states: a change committed
+    /// while the cache kept its old state would leave a revoked token working.
+    pub async fn change_token_state<T: Send + 'static>(
+        self: &Arc<Self>,
+        change: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            let out = change.await;
+            gateway.token_states.clear();
+            out
+        })
+        .await
+        .map_err(ApiError::internal)
     }
 }
 

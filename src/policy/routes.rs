@@ -57,9 +57,10 @@ async fn put_policies(
     if !problems.is_empty() {
         return Err(ApiError::validation("the policy rows are invalid", problems));
     }
-    replace_rows(&state.db, &auth.tenant_id, &body.rows).await?;
     // Cached token states carry the policy version.
-    state.gateway.token_states.clear();
+    let (db, tenant_id, rows) = (state.db.clone(), auth.tenant_id.clone(), body.rows.clone());
+    let replace = async move { replace_rows(&db, &tenant_id, &rows).await };
+    state.gateway.change_token_state(replace).await??;
     Ok(axum::Json(
         json!({"rows": body.rows, "file_rows": state.policy.file_rows()}),
     ))
