@@ -497,25 +497,34 @@ impl ServerLock {
     }
 }
 
-/// Row counts multi-row statements are cut into, largest first: a few statement texts that stay
-/// prepared (see `SqliteTx::send_all_but_last`; PostgreSQL likewise keeps statements prepared
-/// by their text), where a statement per batch size would be parsed and planned afresh.
-const CHUNK_SIZES: [usize; 4] = [50, 16, 4, 1];
+/// Row counts SQLite's multi-row statements are cut into, largest first: a few statement texts
+/// that stay prepared (see `SqliteTx::send_all_but_last`), where a statement per batch size would
+/// be parsed afresh each time.
+const SQLITE_CHUNK_SIZES: [usize; 4] = [50, 16, 4, 1];
 
-/// The sizes, from [`CHUNK_SIZES`] and largest first, that `total` rows are cut into.
-pub fn chunk_sizes(total: usize) -> impl Iterator<Item = usize> {
+/// Most rows in one PostgreSQL statement.
+const POSTGRES_CHUNK: usize = 50;
+
+/// The sizes that `total` rows are cut into for `dialect`. On SQLite, sizes from
+/// [`SQLITE_CHUNK_SIZES`]; on PostgreSQL, where every statement is a round trip, as few
+/// statements as [`POSTGRES_CHUNK`] allows.
+pub fn chunk_sizes(dialect: Dialect, total: usize) -> impl Iterator<Item = usize> {
     let mut rest = total;
     std::iter::from_fn(move || {
-        let size = CHUNK_SIZES.into_iter().find(|&size| size <= rest)?;
+        let size = match dialect {
+            Dialect::Sqlite => SQLITE_CHUNK_SIZES.into_iter().find(|&size| size <= rest)?,
+            Dialect::Postgres if rest == 0 => return None,
+            Dialect::Postgres => rest.min(POSTGRES_CHUNK),
+        };
         rest -= size;
         Some(size)
     })
 }
 
 /// Cuts `items` into slices of the sizes [`chunk_sizes`] gives.
-pub fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+pub fn chunks<T>(dialect: Dialect, items: &[T]) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
-    chunk_sizes(items.len()).map(move |size| {
+    chunk_sizes(dialect, items.len()).map(move |size| {
         let (chunk, tail) = rest.split_at(size);
         rest = tail;
         chunk
@@ -530,7 +539,7 @@ pub async fn insert_rows(
     columns: usize,
     rows: Vec<Vec<Arg>>,
 ) -> Result<(), sqlx::Error> {
-    let sizes = chunk_sizes(rows.len());
+    let sizes = chunk_sizes(tx.dialect(), rows.len());
     let mut rows = rows.into_iter();
     for size in sizes {
         let mut sql = String::from(head);
@@ -597,22 +606,32 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{chunk_sizes, chunks};
+    use super::{Dialect, chunk_sizes, chunks};
 
     #[test]
-    fn rows_are_cut_into_a_few_fixed_sizes() {
-        assert_eq!(chunk_sizes(0).count(), 0);
-        assert_eq!(chunk_sizes(1).collect::<Vec<_>>(), [1]);
-        assert_eq!(chunk_sizes(37).collect::<Vec<_>>(), [16, 16, 4, 1]);
-        assert_eq!(chunk_sizes(121).collect::<Vec<_>>(), [50, 50, 16, 4, 1]);
+    fn rows_are_cut_into_a_few_fixed_sizes_on_sqlite() {
+        let sizes = |n| chunk_sizes(Dialect::Sqlite, n).collect::<Vec<_>>();
+        assert!(sizes(0).is_empty());
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(37), [16, 16, 4, 1]);
+        assert_eq!(sizes(121), [50, 50, 16, 4, 1]);
         for total in 0..300 {
-            let sizes: Vec<usize> = chunk_sizes(total).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), total);
-            assert!(sizes.iter().all(|s| [50, 16, 4, 1].contains(s)));
+            let cut = sizes(total);
+            assert_eq!(cut.iter().sum::<usize>(), total);
+            assert!(cut.iter().all(|s| [50, 16, 4, 1].contains(s)));
         }
         let items: Vec<u32> = (0..23).collect();
-        let cut: Vec<&[u32]> = chunks(&items).collect();
+        let cut: Vec<&[u32]> = chunks(Dialect::Sqlite, &items).collect();
         assert_eq!(cut.iter().map(|c| c.len()).collect::<Vec<_>>(), [16, 4, 1, 1, 1]);
         assert_eq!(cut.concat(), items);
+    }
+
+    #[test]
+    fn rows_are_cut_into_few_statements_on_postgres() {
+        let sizes = |n| chunk_sizes(Dialect::Postgres, n).collect::<Vec<_>>();
+        assert!(sizes(0).is_empty());
+        assert_eq!(sizes(37), [37]);
+        assert_eq!(sizes(121), [50, 50, 21]);
+        assert_eq!(sizes(100), [50, 50]);
     }
 }

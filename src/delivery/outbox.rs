@@ -116,7 +116,7 @@ pub async fn insert(
     now: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
     let mut jobs = Vec::with_capacity(deliveries.len());
-    for chunk in crate::db::chunks(&deliveries) {
+    for chunk in crate::db::chunks(tx.dialect(), &deliveries) {
         let mut sql = String::from(
             "INSERT INTO deliveries (id, tenant_id, endpoint_id, kind, event_id, invocation_id, label, \
              idempotency_key, body, status, attempts, schedule_index, cycle_started_at, next_attempt_at, \

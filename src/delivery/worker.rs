@@ -598,7 +598,7 @@ async fn move_deliveries(
 ) -> Result<std::collections::HashSet<String>, crate::db::DbError> {
     const COLUMNS: usize = 7;
     let mut moved = std::collections::HashSet::with_capacity(batch.len());
-    for chunk in crate::db::chunks(batch) {
+    for chunk in crate::db::chunks(tx.dialect(), batch) {
         let mut rows = Vec::with_capacity(chunk.len());
         let mut values = args![now];
         for (i, o) in chunk.iter().enumerate() {
@@ -641,7 +641,7 @@ async fn move_deliveries(
 /// Inserts the attempt log rows of a batch, fifty per statement.
 async fn insert_attempts(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db::DbError> {
     const COLUMNS: usize = 13;
-    for chunk in crate::db::chunks(batch) {
+    for chunk in crate::db::chunks(tx.dialect(), batch) {
         let mut sql = String::from(
             "INSERT INTO delivery_attempts (id, tenant_id, delivery_id, attempt, url, request_headers, \
              response_status, response_headers, response_body, error_class, error_message, started_at, duration_ms) VALUES ",

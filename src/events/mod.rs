@@ -142,7 +142,7 @@ pub fn record_many<'a>(
         let mut deliveries = Vec::new();
         let mut per_event = Vec::with_capacity(events.len());
         let mut candidate_sets = std::collections::HashMap::new();
-        for chunk in crate::db::chunks(events) {
+        for chunk in crate::db::chunks(tx.dialect(), events) {
             let mut sql = String::from(
                 "INSERT INTO events (id, tenant_id, type, body, idempotency_key, source, depth, created_at, rule_trace) \
                  VALUES ",
