@@ -73,9 +73,15 @@ pub type ApiKeyCache = crate::cache::TtlCache<String, Option<(String, String, St
 impl AppState {
     /// Connects to the database, loads the master key and applies the declarative files.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
-        crate::crypto::install_tls_provider();
         let server_lock = crate::db::ServerLock::take(&config.database_url)
             .with_context(|| format!("cannot lock {}", config.database_url))?;
+        Self::open_locked(config, server_lock).await
+    }
+
+    /// Like [`open`](Self::open), with the server lock already taken (`opsiq serve` takes it
+    /// first, to refuse a contended database before starting anything).
+    pub async fn open_locked(config: Config, server_lock: crate::db::ServerLock) -> anyhow::Result<Self> {
+        crate::crypto::install_tls_provider();
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;

@@ -153,16 +153,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--dev: deliveries to loopback and private addresses are ALLOWED; never run this in production"
         );
     }
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    let state = opsiq::AppState::open(config).await?;
-    if let opsiq::db::ServerLock::Contended(path) = &state.server_lock {
+    // Refuse a database another process serves before opening it (and starting its workers).
+    let server_lock = opsiq::db::ServerLock::take(&config.database_url)?;
+    if let opsiq::db::ServerLock::Contended(path) = &server_lock {
         anyhow::bail!(
             "another opsiq process is serving this database (it holds {}); a SQLite database is \
              served by one process (several replicas need PostgreSQL)",
             path.display()
         );
     }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = opsiq::AppState::open_locked(config, server_lock).await?;
     if let Some(tenant) = state.bootstrap_first_tenant().await? {
         println!(
             "Created tenant \"default\" ({}) on this new database.",

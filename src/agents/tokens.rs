@@ -276,18 +276,10 @@ async fn verify_gateway_token(
         .await?
         .ok_or_else(|| invalid("signature does not match"))?;
     let claims = decode_gateway_token(token, &key)?;
-    let row = match states.get(&claims) {
-        Some(state) => Some(state),
-        None => {
-            let read_under = states.generation();
-            let row = read_token_state(db, &claims).await?;
-            if let Some(state) = &row {
-                states.put(&claims, read_under, state);
-            }
-            row
-        }
-    };
-    match row {
+    match states
+        .read_through(&claims, read_token_state(db, &claims))
+        .await?
+    {
         Some(TokenState {
             token_revoked_at: None,
             agent_revoked_at: None,
@@ -372,44 +364,40 @@ impl TokenStates {
         }
     }
 
-    /// The cached state of `claims`' token, if it was read since the last clear.
-    fn get(&self, claims: &Claims) -> Option<TokenState> {
+    /// `claims`' token's state: cached if it was read since the last clear, else `read` (kept
+    /// unless a clear came while it ran).
+    async fn read_through(
+        &self,
+        claims: &Claims,
+        read: impl std::future::Future<Output = Result<Option<TokenState>, sqlx::Error>>,
+    ) -> Result<Option<TokenState>, sqlx::Error> {
         if !self.enabled {
-            return None;
+            return read.await;
         }
-        let generation = self.generation.load(Ordering::SeqCst);
-        let entries = self.entries.lock().ok()?;
-        let (read_under, cached) = entries.get(&claims.jti)?;
-        (*read_under == generation && cached.tenant_id == claims.tid && cached.agent_id == claims.sub)
-            .then(|| cached.state.clone())
-    }
-
-    /// Keeps `state`, read after [`generation`](Self::generation) returned `read_under`, unless
-    /// a clear came in between.
-    fn put(&self, claims: &Claims, read_under: u64, state: &TokenState) {
-        if !self.enabled {
-            return;
+        let read_under = self.generation.load(Ordering::SeqCst);
+        if let Ok(entries) = self.entries.lock()
+            && let Some((generation, cached)) = entries.get(&claims.jti)
+            && *generation == read_under
+            && cached.tenant_id == claims.tid
+            && cached.agent_id == claims.sub
+        {
+            return Ok(Some(cached.state.clone()));
         }
-        let Ok(mut entries) = self.entries.lock() else {
-            return;
-        };
-        if self.generation.load(Ordering::SeqCst) != read_under {
-            return;
+        let state = read.await?;
+        if let (Some(state), Ok(mut entries)) = (&state, self.entries.lock())
+            && self.generation.load(Ordering::SeqCst) == read_under
+        {
+            if entries.len() >= MAX_CACHED_TOKENS {
+                entries.clear();
+            }
+            let cached = CachedToken {
+                tenant_id: claims.tid.clone(),
+                agent_id: claims.sub.clone(),
+                state: state.clone(),
+            };
+            entries.insert(claims.jti.clone(), (read_under, cached));
         }
-        if entries.len() >= MAX_CACHED_TOKENS {
-            entries.clear();
-        }
-        let cached = CachedToken {
-            tenant_id: claims.tid.clone(),
-            agent_id: claims.sub.clone(),
-            state: state.clone(),
-        };
-        entries.insert(claims.jti.clone(), (read_under, cached));
-    }
-
-    /// The current generation, to be passed to [`put`](Self::put) with what is read next.
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+        Ok(state)
     }
 }
 

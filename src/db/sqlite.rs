@@ -316,9 +316,9 @@ pub struct SqliteTx {
     poisoned: bool,
 }
 
-/// Scripts longer than this are prepared afresh each time: their text varies with batch sizes,
-/// and caching every variant would pin many large prepared statements for little reuse. Shorter
-/// ones (the batches of light load, where latency matters) stay in the statement cache.
+/// Scripts up to this long are sent whole and kept prepared (the batches of light load, where a
+/// round trip matters most); longer ones, whose text varies with the mix of a batch, are sent
+/// statement by statement, each kept prepared (see [`SqliteTx::send_all_but_last`]).
 const CACHED_SCRIPT_BYTES: usize = 4096;
 
 impl SqliteTx {

@@ -63,6 +63,23 @@ impl Gateway {
         }
     }
 
+    /// Runs `change` (a write to agents, tokens or policy rows) to its end even if the request
+    /// that asked for it goes away, then forgets the cached token states: a change committed
+    /// while the cache kept its old state would leave a revoked token working.
+    pub async fn change_token_state<T: Send + 'static>(
+        self: &Arc<Self>,
+        change: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            let out = change.await;
+            gateway.token_states.clear();
+            out
+        })
+        .await
+        .map_err(ApiError::internal)
+    }
+
     /// Takes one token from the agent's and the action's buckets, or says how long to wait.
     pub fn rate_limit(&self, tenant_id: &str, agent: Option<&str>, action: &str) -> Result<(), ApiError> {
         use governor::clock::Clock;
@@ -101,25 +118,6 @@ impl FromRequestParts<AppState> for AgentAuth {
             )
         })?;
         authenticate(state, token).await.map(AgentAuth)
-    }
-}
-
-impl Gateway {
-    /// Runs `change` (a write to agents, tokens or policy rows) to its end even if the request
-    /// that asked for it goes away, then forgets the cached token states: a change committed
-    /// while the cache kept its old state would leave a revoked token working.
-    pub async fn change_token_state<T: Send + 'static>(
-        self: &Arc<Self>,
-        change: impl std::future::Future<Output = T> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let gateway = self.clone();
-        tokio::spawn(async move {
-            let out = change.await;
-            gateway.token_states.clear();
-            out
-        })
-        .await
-        .map_err(ApiError::internal)
     }
 }
 

@@ -628,6 +628,18 @@ async fn shipped_example_actions_are_valid_and_load() {
     }
 }
 
+/// Whether `tx` failed: when its last queued statement did (PostgreSQL runs each at once), or
+/// else at its commit (SQLite sends deferred statements with it).
+async fn ends_in_failure(tx: opsiq::db::Tx, queued: Result<(), sqlx::Error>) -> bool {
+    match queued {
+        Ok(()) => tx.commit().await.is_err(),
+        Err(_) => {
+            tx.rollback().await;
+            true
+        }
+    }
+}
+
 dual!(write_transactions_leave_nothing_behind_when_they_fail);
 
 /// The storage layer's write transactions: a statement that fails (sent with the commit, or on
@@ -642,14 +654,7 @@ async fn write_transactions_leave_nothing_behind_when_they_fail(backend: Backend
     let mut tx = db.begin().await.unwrap();
     tx.defer(insert, opsiq::args!["t.a"]).await.unwrap();
     let duplicate = tx.defer(insert, opsiq::args!["t.a"]).await;
-    let failed = match duplicate {
-        Ok(()) => tx.commit().await.is_err(),
-        // PostgreSQL runs a deferred statement at once.
-        Err(_) => {
-            tx.rollback().await;
-            true
-        }
-    };
+    let failed = ends_in_failure(tx, duplicate).await;
     assert!(failed, "a duplicate key must fail the transaction");
     assert_eq!(opsiq::db::counter(&db, "t.a").await.unwrap(), 0);
 
@@ -712,14 +717,7 @@ async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
     failing.extend(rows("later", 40));
     let mut tx = db.begin().await.unwrap();
     let queued = opsiq::db::insert_rows(&mut tx, head, 2, failing).await;
-    let failed = match queued {
-        Ok(()) => tx.commit().await.is_err(),
-        // PostgreSQL runs each statement at once.
-        Err(_) => {
-            tx.rollback().await;
-            true
-        }
-    };
+    let failed = ends_in_failure(tx, queued).await;
     assert!(failed, "a duplicate key must fail the transaction");
     assert_eq!(opsiq::db::counter(&db, "fresh.0").await.unwrap(), 0);
     assert_eq!(opsiq::db::counter(&db, "later.39").await.unwrap(), 0);

@@ -102,13 +102,35 @@ pub async fn invoke(
     args: Value,
     key: Option<&str>,
 ) -> (u16, Value) {
-    let mut req = app
+    read(
+        invoke_request(app, token, action, args, key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Like [`invoke`] with `refund_invoice`, on a task of its own (to run calls side by side).
+fn spawn_refund(app: &TestApp, token: &str, key: &str) -> tokio::task::JoinHandle<(u16, Value)> {
+    let req = invoke_request(app, token, "refund_invoice", refund_args(), Some(key));
+    tokio::spawn(async move { read(req.send().await.unwrap()).await })
+}
+
+fn invoke_request(
+    app: &TestApp,
+    token: &str,
+    action: &str,
+    args: Value,
+    key: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let req = app
         .as_key(token, Method::POST, &format!("/v1/actions/{action}/invoke"))
         .json(&json!({"arguments": args}));
-    if let Some(k) = key {
-        req = req.header("Idempotency-Key", k);
+    match key {
+        Some(k) => req.header("Idempotency-Key", k),
+        None => req,
     }
-    read(req.send().await.unwrap()).await
 }
 
 fn refund_args() -> Value {
@@ -342,25 +364,7 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
 async fn concurrent_duplicates_make_one_delivery(backend: Backend) {
     let w = world(backend).await;
     let billing = agent_token(&w.app, "agt_c", &["billing"], &["invoke:*"]).await;
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (http, url, token) = (
-            w.app.http.clone(),
-            w.app.url("/v1/actions/refund_invoice/invoke"),
-            billing.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(token)
-                .header("Idempotency-Key", "same")
-                .json(&json!({"arguments": refund_args()}))
-                .send()
-                .await
-                .unwrap();
-            read(resp).await
-        }));
-    }
+    let tasks: Vec<_> = (0..16).map(|_| spawn_refund(&w.app, &billing, "same")).collect();
     let mut ids = HashSet::new();
     for t in tasks {
         let (status, body) = t.await.unwrap();
@@ -1105,18 +1109,7 @@ async fn overload_is_refused_at_once_not_queued(backend: Backend) {
         .await;
     assert_eq!(status, 200, "{body}");
     let billing = agent_token(&w.app, "agt_busy", &["billing"], &["invoke:*"]).await;
-    let (http, url) = (w.app.http.clone(), w.app.url("/v1/actions/refund_invoice/invoke"));
-    let call = tokio::spawn(async move {
-        let resp = http
-            .post(url)
-            .bearer_auth(billing)
-            .header("Idempotency-Key", "busy-1")
-            .json(&json!({"arguments": refund_args()}))
-            .send()
-            .await
-            .unwrap();
-        read(resp).await
-    });
+    let call = spawn_refund(&w.app, &billing, "busy-1");
 
     // Once its request reached the endpoint the call is waiting for the answer, holding the only
     // slot: another request is refused at once; health checks still answer.
