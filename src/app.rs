@@ -246,11 +246,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let db = state.db.clone();
+    let engine = state.engine.clone();
     let app = router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
+    // Requests are answered; now let attempts under way finish and record their outcomes.
+    engine.shutdown().await;
     tokio::time::timeout(Duration::from_secs(10), db.close())
         .await
         .ok();

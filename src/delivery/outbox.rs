@@ -230,6 +230,25 @@ pub async fn extend_lease(db: &Database, job: &Job, node: &str, until: i64) -> R
     Ok(n == 1)
 }
 
+/// Gives deliveries leased to `node` but never attempted back to the outbox, due now (on
+/// shutdown). Answers how many were still held; the others had been taken over.
+pub async fn release(db: &Database, node: &str, jobs: &[Job], now: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let mut released = 0;
+    for job in jobs {
+        released += tx
+            .execute(
+                "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, next_attempt_at = $1, \
+                 lease_until = NULL, leased_by = NULL, updated_at = $1 \
+                 WHERE id = $2 AND leased_by = $3 AND attempts = $4 AND status = 'delivering'",
+                args![now, &job.id, node, job.attempts],
+            )
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(released)
+}
+
 /// Puts a delivery back in the queue now (replay and recover): same id and idempotency key, a
 /// fresh retry cycle. Answers false if it does not exist or is being sent right now.
 pub async fn requeue(tx: &mut Tx, tenant_id: &str, id: &str, now: i64) -> Result<bool, sqlx::Error> {

@@ -119,8 +119,14 @@ struct Inner {
     subscribers: Mutex<HashMap<String, CachedSubscribers>>,
     waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<Settled>>>>,
     in_flight: Arc<Semaphore>,
+    /// Set on shutdown: no new attempts, no new leases.
     stop: watch::Sender<bool>,
-    tasks: Mutex<JoinSet<()>>,
+    /// Set on shutdown once no attempt is running: outcome writers record what is left and end.
+    drain: watch::Sender<bool>,
+    /// The dispatcher, poller and retention purge.
+    workers: Mutex<JoinSet<()>>,
+    /// The outcome writers, stopped after the workers so every attempt's outcome is recorded.
+    writers: Mutex<JoinSet<()>>,
     validators: Arc<Validators>,
     /// The tenants' rules, run on the events the engine raises.
     rules: Arc<crate::rules::Rules>,
@@ -156,7 +162,9 @@ impl Engine {
             subscribers: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
-            tasks: Mutex::new(JoinSet::new()),
+            drain: watch::channel(false).0,
+            workers: Mutex::new(JoinSet::new()),
+            writers: Mutex::new(JoinSet::new()),
             validators,
             rules,
             config,
@@ -175,21 +183,22 @@ impl Engine {
     /// Starts the dispatcher, poller, outcome writer and retention purge (if this process runs
     /// the worker).
     pub fn start(&self, receivers: EngineReceivers) {
-        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut writers = self.inner.writers.lock().unwrap_or_else(|e| e.into_inner());
         // On PostgreSQL several writers, so one batch is built and written while another
         // commits; SQLite writes one at a time and one writer makes the largest batches.
-        let writers = match self.inner.db.dialect() {
+        let writer_count = match self.inner.db.dialect() {
             crate::db::Dialect::Sqlite => 1,
             crate::db::Dialect::Postgres => 4,
         };
         let outcomes = Arc::new(tokio::sync::Mutex::new(receivers.outcomes));
-        for _ in 0..writers {
-            tasks.spawn(outcome_writer(self.clone(), outcomes.clone()));
+        for _ in 0..writer_count {
+            writers.spawn(outcome_writer(self.clone(), outcomes.clone()));
         }
         if self.inner.config.worker {
-            tasks.spawn(dispatcher(self.clone(), receivers.jobs));
-            tasks.spawn(poller(self.clone()));
-            tasks.spawn(super::retention::purge_loop(
+            workers.spawn(dispatcher(self.clone(), receivers.jobs));
+            workers.spawn(poller(self.clone()));
+            workers.spawn(super::retention::purge_loop(
                 self.inner.db.clone(),
                 self.inner.config.retention,
                 self.inner.config.purge_interval,
@@ -199,14 +208,17 @@ impl Engine {
     }
 
     /// Stops taking new work, lets attempts in flight finish (bounded by the request timeout),
-    /// records their outcomes, and returns.
+    /// hands queued but unstarted deliveries back to the outbox, records every outcome, and
+    /// returns. Nothing is lost without it (leases expire), but a restart then waits a lease.
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
         self.inner.poke.notify_waiters();
-        let mut tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         let deadline = self.inner.config.request_timeout + Duration::from_secs(5);
-        let _ = tokio::time::timeout(deadline, async { while tasks.join_next().await.is_some() {} }).await;
-        tasks.abort_all();
+        let workers = std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        join_within(workers, deadline).await;
+        let _ = self.inner.drain.send(true);
+        let writers = std::mem::take(&mut *self.inner.writers.lock().unwrap_or_else(|e| e.into_inner()));
+        join_within(writers, deadline).await;
     }
 
     /// How new deliveries are leased: to this process's worker, or left for any worker.
@@ -345,6 +357,12 @@ impl Engine {
     }
 }
 
+/// Waits for `tasks` to end, aborting those still running after `deadline`.
+async fn join_within(mut tasks: JoinSet<()>, deadline: Duration) {
+    let _ = tokio::time::timeout(deadline, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+}
+
 /// Receives jobs and runs each in its own task, at most `8 × max_in_flight` at once.
 async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
     let slots = Arc::new(Semaphore::new(engine.inner.config.max_in_flight * 8));
@@ -362,8 +380,24 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
         running.spawn(attempt(engine.clone(), job, slot));
         while running.try_join_next().is_some() {}
     }
-    // Let attempts already under way finish so their outcomes are recorded.
-    while running.join_next().await.is_some() {}
+    // Let attempts already under way finish so their outcomes are recorded; those still
+    // waiting for their turn, and jobs still queued, were never sent: give them back to the
+    // outbox so whichever worker runs next sends them at once instead of after their lease.
+    let mut queued = Vec::new();
+    while let Some(done) = running.join_next().await {
+        if let Ok(Some(unsent)) = done {
+            queued.push(unsent);
+        }
+    }
+    while let Ok(job) = jobs.try_recv() {
+        queued.push(job);
+    }
+    if !queued.is_empty() {
+        match outbox::release(&engine.inner.db, &engine.inner.node, &queued, now_ms()).await {
+            Ok(n) => tracing::info!(released = n, "returned unsent deliveries to the outbox"),
+            Err(e) => tracing::warn!(error = %e, "cannot return unsent deliveries; their leases will expire"),
+        }
+    }
 }
 
 /// Claims due deliveries every poll interval (or when poked).
@@ -392,7 +426,8 @@ async fn poller(engine: Engine) {
 }
 
 /// One attempt of one job: limits, lease check, sign, send, decide, hand the outcome on.
-async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
+/// Answers the job back, unsent, if shutdown came while it waited for its turn.
+async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Option<Job> {
     let inner = &engine.inner;
     let started_at = now_ms();
     let endpoint = match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
@@ -400,7 +435,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
         Err(e) => {
             // Storage trouble: leave the lease to expire and the job to be claimed again.
             tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
-            return;
+            return None;
         }
     };
     let Some(endpoint) = endpoint.filter(|ep| ep.enabled) else {
@@ -423,18 +458,23 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
             next,
         };
         send_outcome(inner, outcome).await;
-        return;
+        return None;
     };
 
-    if let Some(rate) = &endpoint.limits.rate {
-        rate.until_ready().await;
-    }
-    let Ok(_endpoint_permit) = endpoint.limits.in_flight.clone().acquire_owned().await else {
-        return;
+    let turn = async {
+        if let Some(rate) = &endpoint.limits.rate {
+            rate.until_ready().await;
+        }
+        let endpoint_permit = endpoint.limits.in_flight.clone().acquire_owned().await.ok()?;
+        let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
+        Some((endpoint_permit, global_permit))
     };
-    let Ok(_global_permit) = inner.in_flight.clone().acquire_owned().await else {
-        return;
-    };
+    let mut stop = inner.stop.subscribe();
+    // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
+    let _permits = (tokio::select! {
+        permits = turn => permits,
+        _ = stop.wait_for(|stopping| *stopping) => return Some(job),
+    })?;
 
     // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt.
     let now = now_ms();
@@ -443,10 +483,10 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
         let until = now + inner.config.lease.as_millis() as i64;
         match outbox::extend_lease(&inner.db, &job, &inner.node, until).await {
             Ok(true) => {}
-            Ok(false) => return, // another worker took it over
+            Ok(false) => return None, // another worker took it over
             Err(e) => {
                 tracing::warn!(delivery_id = %job.id, error = %e, "cannot extend the lease");
-                return;
+                return None;
             }
         }
     }
@@ -502,6 +542,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) {
         next,
     };
     send_outcome(inner, outcome).await;
+    None
 }
 
 async fn send_outcome(inner: &Inner, outcome: Outcome) {
@@ -512,18 +553,19 @@ async fn send_outcome(inner: &Inner, outcome: Outcome) {
 
 /// Writes outcomes in batches: one transaction for everything that finished meanwhile.
 async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::Receiver<Outcome>>>) {
-    let mut stop = engine.inner.stop.subscribe();
+    let mut drain = engine.inner.drain.subscribe();
     let mut batch = Vec::with_capacity(256);
     loop {
         {
             // Writers take turns collecting a batch; each then records its own.
             let mut outcomes = outcomes.lock().await;
-            let first = tokio::select! {
-                o = outcomes.recv() => o,
-                _ = stop.changed() => {
-                    // Drain what attempts still report, then stop.
-                    let deadline = engine.inner.config.request_timeout + Duration::from_secs(2);
-                    tokio::time::timeout(deadline, outcomes.recv()).await.unwrap_or_default()
+            // Draining, no attempt is running any more: record what is queued, then end.
+            let first = if *drain.borrow() {
+                outcomes.try_recv().ok()
+            } else {
+                tokio::select! {
+                    o = outcomes.recv() => o,
+                    _ = drain.changed() => outcomes.try_recv().ok(),
                 }
             };
             let Some(first) = first else { return };

@@ -85,6 +85,73 @@ async fn deliveries_owed_at_kill_9_are_sent_after_restart(backend: Backend) {
     server.kill_9().await;
 }
 
+dual!(a_graceful_stop_finishes_attempts_under_way_and_returns_the_rest);
+
+/// SIGTERM while one attempt is in flight and others wait for a sending slot: the process lets
+/// the first finish and records it, hands the waiting ones back to the outbox, and exits 0; the
+/// next process sends those at once (not after their ten-minute lease), each as attempt 1.
+async fn a_graceful_stop_finishes_attempts_under_way_and_returns_the_rest(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    rx.hold(Duration::from_millis(1500));
+    let one_at_a_time = |cmd: &mut tokio::process::Command| {
+        cmd.env("OPSIQ_POLL_INTERVAL", "50ms")
+            .env("OPSIQ_REQUEST_TIMEOUT", "10s")
+            .env("OPSIQ_LEASE", "600s")
+            .env("OPSIQ_MAX_IN_FLIGHT", "1");
+    };
+
+    let server = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
+    create_endpoint(&server.base, &key, &rx.url("/graceful")).await;
+    let events = post_events(&server.base, &key, 4, "graceful").await;
+    rx.wait_for(1).await;
+    let status = server.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+    assert_eq!(rx.received().len(), 1, "nothing new is sent once stopping");
+
+    rx.hold(Duration::ZERO);
+    let server = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
+    let got = rx
+        .wait_until(Duration::from_secs(60), |all| {
+            let ids: std::collections::HashSet<String> = all
+                .iter()
+                .map(|r| r.json()["id"].as_str().unwrap().to_string())
+                .collect();
+            events.iter().all(|e| ids.contains(e))
+        })
+        .await;
+    assert_eq!(got.len(), 4, "each event sent once");
+    for r in &got {
+        assert_eq!(
+            r.header("x-opsiq-attempt"),
+            Some("1"),
+            "a returned delivery is still attempt 1"
+        );
+    }
+    // Every delivery is recorded as delivered, the one finished during the stop included.
+    let http = http_client();
+    let deliveries = crate::harness::eventually(Duration::from_secs(60), || async {
+        let page: serde_json::Value = http
+            .get(format!("{}/v1/deliveries?limit=10", server.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let rows = page["data"].as_array()?.clone();
+        (rows.len() == 4 && rows.iter().all(|d| d["status"] == "succeeded")).then_some(rows)
+    })
+    .await;
+    for d in &deliveries {
+        assert_eq!(d["attempts"], 1, "{d}");
+    }
+    server.kill_9().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
     let Some(backend) = Backend::postgres("two_processes_on_one_postgres_never_send_an_attempt_twice") else {

@@ -92,4 +92,19 @@ impl Server {
     pub async fn kill_9(mut self) {
         self.child.kill().await.expect("kill -9");
     }
+
+    /// Sends SIGTERM (a graceful stop) and answers how the process exited, within `deadline`.
+    pub async fn terminate(mut self, deadline: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the process is running").to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(deadline, self.child.wait())
+            .await
+            .expect("the process stopped in time")
+            .expect("wait for the process")
+    }
 }

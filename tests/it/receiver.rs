@@ -48,6 +48,8 @@ type Plan = Box<dyn FnMut(&Received, usize) -> Answer + Send>;
 struct Shared {
     received: Mutex<Vec<Received>>,
     plan: Mutex<Plan>,
+    /// How long to wait before answering (the request is recorded at once).
+    hold: Mutex<Duration>,
     arrived: Notify,
 }
 
@@ -65,6 +67,7 @@ impl Receiver {
         let shared = Arc::new(Shared {
             received: Mutex::new(Vec::new()),
             plan: Mutex::new(Box::new(|_, _| (200, vec![], "{}".into()))),
+            hold: Mutex::new(Duration::ZERO),
             arrived: Notify::new(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -73,7 +76,12 @@ impl Receiver {
         let app =
             axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
                 let s = s.clone();
-                async move { record(s, method, uri, headers, body) }
+                async move {
+                    let hold = *s.hold.lock().unwrap();
+                    let answer = record(s, method, uri, headers, body);
+                    tokio::time::sleep(hold).await;
+                    answer
+                }
             });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -89,6 +97,11 @@ impl Receiver {
     /// Answers every request with `status`.
     pub fn always(&self, status: u16) {
         self.answer(move |_, _| (status, vec![], "{}".into()));
+    }
+
+    /// Holds every answer for `d` after recording the request (a slow endpoint).
+    pub fn hold(&self, d: Duration) {
+        *self.shared.hold.lock().unwrap() = d;
     }
 
     /// The URL of `path` on this receiver.
