@@ -9,6 +9,7 @@
 //! `BEGIN IMMEDIATE`.
 
 pub mod batch;
+mod sql;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -147,7 +148,9 @@ macro_rules! bind_all {
     }};
 }
 
+mod postgres;
 mod sqlite;
+pub use postgres::PgTx;
 pub use sqlite::{ReaderConnection, SqliteReaders, SqliteTx, SqliteWriter};
 
 /// A row type that decodes from both dialects (`#[derive(sqlx::FromRow)]` gives this).
@@ -178,7 +181,7 @@ macro_rules! dispatch {
                 .execute(p)
                 .await?
                 .rows_affected(),
-            Target::PgTx(t) => bind_all!(sqlx::query($sql), $args)
+            Target::PgTransaction(t) => bind_all!(sqlx::query($sql), $args)
                 .execute(&mut **t)
                 .await?
                 .rows_affected(),
@@ -192,7 +195,7 @@ macro_rules! dispatch {
                     .await?
             }
             Target::PgPool(p) => bind_all!(sqlx::query_as($sql), $args).$fetch(p).await?,
-            Target::PgTx(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
+            Target::PgTransaction(t) => bind_all!(sqlx::query_as($sql), $args).$fetch(&mut **t).await?,
         }
     };
 }
@@ -200,7 +203,7 @@ macro_rules! dispatch {
 enum Target<'a> {
     SqliteReaders(&'a SqliteReaders),
     PgPool(&'a PgPool),
-    PgTx(&'a mut sqlx::Transaction<'static, sqlx::Postgres>),
+    PgTransaction(&'a mut sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 impl Target<'_> {
@@ -239,7 +242,7 @@ pub enum Tx {
     /// On SQLite's writer connection.
     Sqlite(SqliteTx),
     /// On PostgreSQL.
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Postgres(PgTx),
 }
 
 impl Tx {
@@ -255,7 +258,7 @@ impl Tx {
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.execute(sql.into_sql_str().as_str(), args).await,
-            Tx::Postgres(t) => Target::PgTx(t).execute(sql, args).await,
+            Tx::Postgres(t) => t.execute(sql, args).await,
         }
     }
 
@@ -267,7 +270,10 @@ impl Tx {
                 t.defer(sql.into_sql_str().as_str(), args);
                 Ok(())
             }
-            Tx::Postgres(t) => Target::PgTx(t).execute(sql, args).await.map(|_| ()),
+            Tx::Postgres(t) => {
+                t.defer(sql, args);
+                Ok(())
+            }
         }
     }
 
@@ -279,7 +285,7 @@ impl Tx {
     ) -> Result<Vec<T>, sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.fetch_all(sql.into_sql_str().as_str(), args).await,
-            Tx::Postgres(t) => Target::PgTx(t).fetch_all(sql, args).await,
+            Tx::Postgres(t) => t.fetch_all(sql, args).await,
         }
     }
 
@@ -291,7 +297,7 @@ impl Tx {
     ) -> Result<Option<T>, sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.fetch_optional(sql.into_sql_str().as_str(), args).await,
-            Tx::Postgres(t) => Target::PgTx(t).fetch_optional(sql, args).await,
+            Tx::Postgres(t) => t.fetch_optional(sql, args).await,
         }
     }
 
@@ -307,9 +313,7 @@ impl Tx {
     pub async fn rollback(self) {
         match self {
             Tx::Sqlite(t) => t.rollback().await,
-            Tx::Postgres(t) => {
-                let _ = t.rollback().await;
-            }
+            Tx::Postgres(t) => t.rollback().await,
         }
     }
 }
@@ -396,7 +400,7 @@ impl Database {
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match &self.write {
             Writer::Sqlite(w) => Tx::Sqlite(w.begin()),
-            Writer::Postgres(p) => Tx::Postgres(p.begin().await?),
+            Writer::Postgres(p) => Tx::Postgres(PgTx::new(p.clone())),
         })
     }
 

@@ -273,10 +273,13 @@ async fn checkpoint_once(
 
 /// Runs a checkpoint in `mode`; returns the WAL's size in pages when it began (-1 if another
 /// checkpoint was running).
-async fn checkpoint(conn: &mut SqliteConnection, mode: &str) -> Result<i64, sqlx::Error> {
+async fn checkpoint(conn: &mut SqliteConnection, mode: &'static str) -> Result<i64, sqlx::Error> {
+    let started = std::time::Instant::now();
     let sql = format!("PRAGMA wal_checkpoint({mode})");
     let (_busy, wal_pages, _copied): (i64, i64, i64) =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(conn).await?;
+    metrics::histogram!("opsiq_sqlite_checkpoint_seconds", "mode" => mode)
+        .record(started.elapsed().as_secs_f64());
     Ok(wal_pages)
 }
 
@@ -510,40 +513,7 @@ async fn roll_back(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
 /// cheaper to bind: sqlx looks each named parameter up by name, which SQLite answers by scanning
 /// the statement's parameter list, so binding a 650-value multi-row insert by name is quadratic.
 fn push_statement(script: &mut String, script_args: &mut Vec<Arg>, sql: &str, args: Vec<Arg>) {
-    let bytes = sql.as_bytes();
-    // Each placeholder's byte range and number, outside quoted text.
-    let mut placeholders: Vec<(usize, usize, usize)> = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            quote @ (b'\'' | b'"') => {
-                // A quoted literal or identifier ('' escapes just close and reopen it).
-                i = bytes[i + 1..]
-                    .iter()
-                    .position(|&c| c == quote)
-                    .map_or(bytes.len(), |p| i + 1 + p + 1);
-            }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                // A line comment: a `$1` or quote in it is not SQL.
-                i = bytes[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(bytes.len(), |p| i + p);
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i = sql[i + 2..].find("*/").map_or(bytes.len(), |p| i + 2 + p + 2);
-            }
-            b'$' if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
-                let end = bytes[i + 1..]
-                    .iter()
-                    .position(|c| !c.is_ascii_digit())
-                    .map_or(bytes.len(), |p| i + 1 + p);
-                placeholders.push((i, end, sql[i + 1..end].parse().unwrap_or(0)));
-                i = end;
-            }
-            _ => i += 1,
-        }
-    }
+    let placeholders = super::sql::placeholders(sql);
     // The last use of each argument takes it; earlier uses (`$13, $13`) clone it.
     let mut last_use = vec![usize::MAX; args.len()];
     for (k, &(_, _, n)) in placeholders.iter().enumerate() {
