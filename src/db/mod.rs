@@ -332,6 +332,9 @@ pub struct Database {
     write: Writer,
 }
 
+/// A pooled PostgreSQL connection idle for longer than this is pinged before use.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// Which SQL dialect a [`Database`] speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -376,6 +379,18 @@ impl Database {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(30))
+                // sqlx pings a connection at every check-out by default: a round trip in front
+                // of every query. Ping only one that sat idle (as HikariCP does); a busy one was
+                // just checked by the ping sqlx sends when it is returned.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for > IDLE_BEFORE_PING {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(options)
                 .await?;
             // Two replicas starting at once must not both apply the same migration.

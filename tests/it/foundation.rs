@@ -791,3 +791,46 @@ async fn sqlite_checkpoints_in_the_background_and_reuses_the_wal() {
     );
     db.close().await;
 }
+
+/// PostgreSQL drops every connection the server holds (a restart, a failover, an idle
+/// timeout): the requests that follow still succeed, on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_succeed_after_postgres_drops_every_connection() {
+    use sqlx::Connection;
+    let Some(backend) = Backend::postgres("requests_succeed_after_postgres_drops_every_connection") else {
+        return;
+    };
+    let app = TestApp::start(backend).await;
+    let endpoint = json!({"url": "https://hooks.example.com/x", "event_types": ["none.*"]});
+    let (status, _) = app
+        .call(Method::POST, "/v1/endpoints", Some(endpoint.clone()))
+        .await;
+    assert_eq!(status, 201);
+
+    let mut admin = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!dropped.is_empty(), "the server held connections");
+    // The scenario, not a wait for a condition: the pool's connections sit idle past the
+    // point where they are checked before use (one second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    for i in 0..20 {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/v1/events",
+                Some(json!({"type": "invoice.updated", "data": {"n": i}})),
+            )
+            .await;
+        assert_eq!(status, 202, "event {i}: {body}");
+        let (status, body) = app.call(Method::GET, "/v1/endpoints", None).await;
+        assert_eq!(status, 200, "list {i}: {body}");
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(1));
+    }
+}
