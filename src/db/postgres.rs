@@ -114,9 +114,9 @@ impl PgTx {
 }
 
 /// The held statements as one: a lone statement as it is; several if they are all plain
-/// inserts (no `ON CONFLICT`, no `RETURNING`: as `WITH` clauses they run on one snapshot, which
-/// only an insert cannot tell) within [`COMBINED_ARGS_MAX`]. Takes them out of `held` when it
-/// combines them.
+/// `INSERT … VALUES` (no `SELECT`, `ON CONFLICT` or `RETURNING`: as `WITH` clauses they run on
+/// one snapshot and cannot see each other's rows, which only such an insert cannot tell) within
+/// [`COMBINED_ARGS_MAX`]. Takes them out of `held` when it combines them.
 fn combine(held: &mut Vec<(String, Vec<Arg>)>) -> Option<(String, Vec<Arg>)> {
     if held.len() == 1 {
         return held.pop();
@@ -124,8 +124,9 @@ fn combine(held: &mut Vec<(String, Vec<Arg>)>) -> Option<(String, Vec<Arg>)> {
     let plain_insert = |sql: &str| {
         let upper = sql.to_ascii_uppercase();
         upper.trim_start().starts_with("INSERT INTO ")
-            && !upper.contains(" ON CONFLICT")
-            && !upper.contains("RETURNING")
+            && !["SELECT", "ON CONFLICT", "RETURNING"]
+                .iter()
+                .any(|word| upper.contains(word))
     };
     let total_args: usize = held.iter().map(|(_, args)| args.len()).sum();
     if total_args > COMBINED_ARGS_MAX || !held.iter().all(|(sql, _)| plain_insert(sql)) {
@@ -181,6 +182,7 @@ mod tests {
             "UPDATE a SET x = $1",
             "INSERT INTO a (x) VALUES ($1) ON CONFLICT (x) DO NOTHING",
             "INSERT INTO a (x) VALUES ($1) RETURNING x",
+            "INSERT INTO a (x) SELECT x FROM b WHERE y = $1",
         ] {
             let mut statements = held(&[("INSERT INTO b (x) VALUES ($1)", 1), (other, 1)]);
             assert!(combine(&mut statements).is_none(), "{other}");
