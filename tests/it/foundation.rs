@@ -722,6 +722,14 @@ async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
     assert_eq!(opsiq::db::counter(&db, "fresh.0").await.unwrap(), 0);
     assert_eq!(opsiq::db::counter(&db, "later.39").await.unwrap(), 0);
     assert_eq!(opsiq::db::counter(&db, "long.5").await.unwrap(), 5);
+
+    // A name repeated within one transaction, rows apart (in different statements), fails it too.
+    let mut repeated = rows("twice", 60);
+    repeated.push(opsiq::args!["twice.3", 1i64]);
+    let mut tx = db.begin().await.unwrap();
+    let queued = opsiq::db::insert_rows(&mut tx, head, 2, repeated).await;
+    assert!(ends_in_failure(tx, queued).await, "a key repeated in one transaction fails it");
+    assert_eq!(opsiq::db::counter(&db, "twice.0").await.unwrap(), 0);
     db.close().await;
 }
 
