@@ -248,16 +248,17 @@ pub async fn serve(
     let db = state.db.clone();
     let engine = state.engine.clone();
     let app = router(state);
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .context("the HTTP server failed")?;
-    // Requests are answered; now let attempts under way finish and record their outcomes.
+        .context("the HTTP server failed");
+    // Requests are answered (or the server failed); either way let attempts under way finish
+    // and record their outcomes.
     engine.shutdown().await;
     tokio::time::timeout(Duration::from_secs(10), db.close())
         .await
         .ok();
-    Ok(())
+    served
 }
 
 /// `opsiq init`: creates the database (and master key file) if needed, then a tenant with an

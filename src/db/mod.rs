@@ -18,7 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, PgPool};
 
-/// Storage failures; the HTTP layer turns every one of them into a 500 without details.
+/// Storage failures; the HTTP layer answers a transient one (see [`DbError::is_transient`]) with
+/// a retryable 503 and every other with a 500, never with details.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The driver reported an error.
@@ -33,6 +34,10 @@ pub enum DbError {
     /// A grouped write failed or the writer stopped.
     #[error("batched write failed: {0}")]
     Batch(String),
+    /// A grouped write failed for a reason that may well be gone on a retry (see
+    /// [`DbError::is_transient`]).
+    #[error("batched write failed: {0}")]
+    BatchTransient(String),
 }
 
 impl DbError {
@@ -40,8 +45,21 @@ impl DbError {
     pub fn clone_for_reply(&self) -> DbError {
         if self.is_unique_violation() {
             DbError::Batch(format!("UNIQUE constraint failed: {self}"))
+        } else if self.is_transient() {
+            DbError::BatchTransient(self.to_string())
         } else {
             DbError::Batch(self.to_string())
+        }
+    }
+
+    /// Whether the database was unreachable or briefly unable to serve (a connection it
+    /// dropped, a restart, a full pool, a lock or serialization conflict): nothing was written,
+    /// and the same request retried (with its idempotency key) may well succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(e) => is_transient(e),
+            DbError::BatchTransient(_) => true,
+            _ => false,
         }
     }
 
@@ -52,6 +70,34 @@ impl DbError {
             DbError::Batch(m) => m.contains("UNIQUE") || m.contains("duplicate key"),
             _ => false,
         }
+    }
+}
+
+/// Whether a driver error is one that retrying may cure; see [`DbError::is_transient`].
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => {
+            if let Some(pg) = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                let code = pg.code();
+                // 08: connection exception; 53: insufficient resources; 57P01–57P03: the
+                // server is shutting down or starting; 40001/40P01: serialization, deadlock.
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+            } else {
+                // SQLite: SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
+                d.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+            }
+        }
+        _ => false,
     }
 }
 
@@ -262,8 +308,9 @@ impl Tx {
         }
     }
 
-    /// Runs a statement that returns no rows and whose row count is not needed. On SQLite it is
-    /// queued and sent with the next statement or the commit, saving a round trip each.
+    /// Runs a statement that returns no rows and whose row count is not needed. It is held and
+    /// sent with the next statement or the commit, saving a round trip each (on PostgreSQL a
+    /// batch of held inserts may even be sent as one statement, see `postgres.rs`).
     pub async fn defer(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<(), sqlx::Error> {
         match self {
             Tx::Sqlite(t) => {

@@ -13,8 +13,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::{Arg, Row, Target};
 
 /// Held inserts are sent as one statement up to this many arguments; larger batches (where a
-/// round trip matters less) keep one statement each, so statement texts, prepared and cached
-/// per connection, stay few.
+/// round trip matters less) keep one statement each. Each distinct combination is a statement
+/// text of its own, prepared and cached per connection (sqlx evicts the least recently used),
+/// so this cap also bounds how large those texts get.
 const COMBINED_ARGS_MAX: usize = 2_000;
 
 /// A write transaction on PostgreSQL; rolled back if dropped uncommitted.

@@ -234,16 +234,20 @@ impl Engine {
     }
 
     /// Hands freshly committed, leased jobs to the worker. Waits when the queue is full, which
-    /// slows producers down instead of dropping work.
+    /// slows producers down instead of dropping work. Once the worker has stopped, the jobs go
+    /// back to the outbox, due at once, for whichever worker runs next.
     pub async fn dispatch(&self, jobs: Vec<Job>) {
-        for job in jobs {
-            if job.lease_until.is_none() {
-                continue;
+        let mut jobs = jobs.into_iter().filter(|job| job.lease_until.is_some());
+        let mut unsent = Vec::new();
+        for job in jobs.by_ref() {
+            if let Err(refused) = self.inner.jobs.send(job).await {
+                unsent.push(refused.0);
+                break;
             }
-            if self.inner.jobs.send(job).await.is_err() {
-                // The worker stopped; the lease expires and another worker claims the job.
-                return;
-            }
+        }
+        unsent.extend(jobs);
+        if !unsent.is_empty() {
+            release_unsent(&self.inner, &unsent).await;
         }
     }
 
@@ -380,6 +384,9 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
         running.spawn(attempt(engine.clone(), job, slot));
         while running.try_join_next().is_some() {}
     }
+    // From here on `dispatch` is refused (and releases its jobs itself) instead of queueing
+    // behind a receiver nobody reads.
+    jobs.close();
     // Let attempts already under way finish so their outcomes are recorded; those still
     // waiting for their turn, and jobs still queued, were never sent: give them back to the
     // outbox so whichever worker runs next sends them at once instead of after their lease.
@@ -393,10 +400,15 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
         queued.push(job);
     }
     if !queued.is_empty() {
-        match outbox::release(&engine.inner.db, &engine.inner.node, &queued, now_ms()).await {
-            Ok(n) => tracing::info!(released = n, "returned unsent deliveries to the outbox"),
-            Err(e) => tracing::warn!(error = %e, "cannot return unsent deliveries; their leases will expire"),
-        }
+        release_unsent(&engine.inner, &queued).await;
+    }
+}
+
+/// Gives leased jobs that were never sent back to the outbox, due now.
+async fn release_unsent(inner: &Inner, jobs: &[Job]) {
+    match outbox::release(&inner.db, &inner.node, jobs, now_ms()).await {
+        Ok(n) => tracing::info!(released = n, "returned unsent deliveries to the outbox"),
+        Err(e) => tracing::warn!(error = %e, "cannot return unsent deliveries; their leases will expire"),
     }
 }
 
@@ -404,7 +416,8 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
 async fn poller(engine: Engine) {
     let inner = &engine.inner;
     let mut stop = inner.stop.subscribe();
-    loop {
+    // Checked before every claim: a stopping worker must not lease what it will not send.
+    while !*stop.borrow() {
         let free = inner.in_flight.available_permits().max(1) as i64;
         let lease_ms = inner.config.lease.as_millis() as i64;
         match outbox::claim_due(&inner.db, &inner.node, now_ms(), lease_ms, free.min(500)).await {

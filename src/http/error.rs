@@ -116,6 +116,20 @@ impl ApiError {
         )
     }
 
+    /// 503 with `Retry-After` when the database was briefly unable to serve; the same request
+    /// may be retried (an idempotency key makes that safe). The cause is logged.
+    pub fn storage_unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "database unavailable");
+        metrics::counter!("opsiq_storage_unavailable_total").increment(1);
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is briefly unavailable; retry shortly (with the same Idempotency-Key)",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
     /// Replaces the message.
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = message.into();
@@ -149,13 +163,21 @@ impl IntoResponse for ApiError {
 
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
-        Self::internal(e)
+        if e.is_transient() {
+            Self::storage_unavailable(e)
+        } else {
+            Self::internal(e)
+        }
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        Self::internal(e)
+        if crate::db::is_transient(&e) {
+            Self::storage_unavailable(e)
+        } else {
+            Self::internal(e)
+        }
     }
 }
 

@@ -33,7 +33,7 @@ impl From<StoreError> for ApiError {
                 "an action with this name already exists; use PUT /v1/actions/{name} to change it",
             ),
             StoreError::NotFound => ApiError::not_found("action"),
-            StoreError::Db(e) => ApiError::internal(e),
+            StoreError::Db(e) => e.into(),
         }
     }
 }

@@ -152,6 +152,61 @@ async fn a_graceful_stop_finishes_attempts_under_way_and_returns_the_rest(backen
     server.kill_9().await;
 }
 
+dual!(a_graceful_stop_claims_nothing_it_will_not_send);
+
+/// Deliveries already due in the outbox when SIGTERM arrives (written by a process that runs no
+/// worker, so they reach the worker only through its poller): the stopping worker returns what
+/// it claimed and claims nothing more, so the next process sends every one at once (not after a
+/// ten-minute lease), each as attempt 1.
+async fn a_graceful_stop_claims_nothing_it_will_not_send(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    let one_at_a_time = |cmd: &mut tokio::process::Command| {
+        cmd.env("OPSIQ_POLL_INTERVAL", "50ms")
+            .env("OPSIQ_REQUEST_TIMEOUT", "10s")
+            .env("OPSIQ_LEASE", "600s")
+            .env("OPSIQ_MAX_IN_FLIGHT", "1");
+    };
+
+    let api = process::serve_with(dir.path(), &url, FAST, |cmd| {
+        cmd.env("OPSIQ_WORKER", "false");
+    })
+    .await;
+    create_endpoint(&api.base, &key, &rx.url("/due")).await;
+    let events = post_events(&api.base, &key, 30, "due").await;
+    assert!(api.terminate(Duration::from_secs(60)).await.success());
+
+    rx.hold(Duration::from_millis(1500));
+    let worker = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
+    rx.wait_for(1).await;
+    let status = worker.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+    assert_eq!(rx.received().len(), 1, "nothing new is sent once stopping");
+
+    rx.hold(Duration::ZERO);
+    let worker = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
+    let got = rx
+        .wait_until(Duration::from_secs(60), |all| {
+            let ids: std::collections::HashSet<String> = all
+                .iter()
+                .map(|r| r.json()["id"].as_str().unwrap().to_string())
+                .collect();
+            events.iter().all(|e| ids.contains(e))
+        })
+        .await;
+    assert_eq!(got.len(), 30, "each event sent once");
+    for r in &got {
+        assert_eq!(
+            r.header("x-opsiq-attempt"),
+            Some("1"),
+            "a returned delivery is still attempt 1"
+        );
+    }
+    worker.kill_9().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
     let Some(backend) = Backend::postgres("two_processes_on_one_postgres_never_send_an_attempt_twice") else {

@@ -728,7 +728,10 @@ async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
     repeated.push(opsiq::args!["twice.3", 1i64]);
     let mut tx = db.begin().await.unwrap();
     let queued = opsiq::db::insert_rows(&mut tx, head, 2, repeated).await;
-    assert!(ends_in_failure(tx, queued).await, "a key repeated in one transaction fails it");
+    assert!(
+        ends_in_failure(tx, queued).await,
+        "a key repeated in one transaction fails it"
+    );
     assert_eq!(opsiq::db::counter(&db, "twice.0").await.unwrap(), 0);
     db.close().await;
 }
@@ -841,4 +844,70 @@ async fn requests_succeed_after_postgres_drops_every_connection() {
         assert_eq!(status, 200, "list {i}: {body}");
         assert_eq!(body["data"].as_array().map(Vec::len), Some(1));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_connections_postgres_just_dropped_are_refused_retryably() {
+    use sqlx::Connection;
+    let Some(backend) =
+        Backend::postgres("requests_on_connections_postgres_just_dropped_are_refused_retryably")
+    else {
+        return;
+    };
+    let app = TestApp::start(backend).await;
+    // Warm the pool with several connections, all of which PostgreSQL then drops.
+    let warm = (0..8).map(|_| app.call(Method::GET, "/v1/endpoints", None));
+    for (status, body) in futures_util::future::join_all(warm).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut admin = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!dropped.is_empty(), "the server held connections");
+
+    // At once, before the pool would check an idle connection: a request may land on a dead
+    // one. It is then a 503 the client can retry with its key, never a 500, and the retries
+    // record each event exactly once.
+    let mut refusals = 0;
+    for i in 0..20 {
+        let key = format!("dropped-{i}");
+        let mut accepted = None;
+        for _ in 0..20 {
+            let resp = app
+                .admin(Method::POST, "/v1/events")
+                .header("Idempotency-Key", &key)
+                .json(&json!({"type": "invoice.updated", "data": {"n": i}}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            let (status, body) = read(resp).await;
+            match status {
+                202 => {
+                    accepted = Some(body["event_id"].as_str().unwrap().to_string());
+                    break;
+                }
+                503 => {
+                    assert_eq!(error_code(&body), "unavailable", "{body}");
+                    assert!(retry_after.is_some(), "a 503 says when to retry");
+                    refusals += 1;
+                }
+                other => panic!("event {i}: {other} {body}"),
+            }
+        }
+        assert!(accepted.is_some(), "event {i} accepted on a retry");
+    }
+    let (status, body) = app.call(Method::GET, "/v1/events?limit=100", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["data"].as_array().map(Vec::len),
+        Some(20),
+        "each event once: {body}"
+    );
+    eprintln!("requests refused while connections were dead: {refusals}");
 }
