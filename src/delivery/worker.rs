@@ -666,7 +666,7 @@ async fn move_deliveries(
             let p = |k: usize| format!("${}", 2 + i * COLUMNS + k);
             rows.push(format!(
                 "(CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT), \
-                 CAST({} AS BIGINT), CAST({} AS TEXT))",
+                 CAST({} AS BIGINT), CAST({} AS TEXT), 'delivering')",
                 p(0), p(1), p(2), p(3), p(4), p(5), p(6)
             ));
             values.extend(args![
@@ -679,11 +679,15 @@ async fn move_deliveries(
                 last_error(&o.result)
             ]);
         }
+        // The status a row must still have is compared through `v`, not as a literal: given
+        // `status = 'delivering'`, PostgreSQL's planner may scan the partial lease index (every
+        // delivery in flight, and their dead versions: thousands under a backlog) and hash-join
+        // it, instead of looking each row up by its primary key.
         let sql = format!(
-            "WITH v(did, att, st, nxt, sched, code, err) AS (VALUES {}) \
+            "WITH v(did, att, st, nxt, sched, code, err, was) AS (VALUES {}) \
              UPDATE deliveries SET status = v.st, next_attempt_at = v.nxt, schedule_index = v.sched, \
              lease_until = NULL, leased_by = NULL, last_status_code = v.code, last_error = v.err, updated_at = $1 \
-             FROM v WHERE deliveries.id = v.did AND deliveries.attempts = v.att AND deliveries.status = 'delivering' \
+             FROM v WHERE deliveries.id = v.did AND deliveries.attempts = v.att AND deliveries.status = v.was \
              RETURNING id",
             rows.join(", ")
         );
