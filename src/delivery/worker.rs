@@ -372,17 +372,24 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
     let slots = Arc::new(Semaphore::new(engine.inner.config.max_in_flight * 8));
     let mut stop = engine.inner.stop.subscribe();
     let mut running = JoinSet::new();
+    // Jobs whose attempt ended unsent because shutdown began while they waited for their turn.
+    let mut queued = Vec::new();
     loop {
         let job = tokio::select! {
-            job = jobs.recv() => job,
+            biased;
             _ = stop.changed() => None,
+            job = jobs.recv() => job,
         };
         let Some(job) = job else { break };
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
         running.spawn(attempt(engine.clone(), job, slot));
-        while running.try_join_next().is_some() {}
+        while let Some(done) = running.try_join_next() {
+            if let Ok(Some(unsent)) = done {
+                queued.push(unsent);
+            }
+        }
     }
     // From here on `dispatch` is refused (and releases its jobs itself) instead of queueing
     // behind a receiver nobody reads.
@@ -390,7 +397,6 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
     // Let attempts already under way finish so their outcomes are recorded; those still
     // waiting for their turn, and jobs still queued, were never sent: give them back to the
     // outbox so whichever worker runs next sends them at once instead of after their lease.
-    let mut queued = Vec::new();
     while let Some(done) = running.join_next().await {
         if let Ok(Some(unsent)) = done {
             queued.push(unsent);
@@ -485,8 +491,9 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     let mut stop = inner.stop.subscribe();
     // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
     let _permits = (tokio::select! {
-        permits = turn => permits,
+        biased;
         _ = stop.wait_for(|stopping| *stopping) => return Some(job),
+        permits = turn => permits,
     })?;
 
     // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt.
