@@ -53,8 +53,9 @@ impl DbError {
     }
 
     /// Whether the database was unreachable or briefly unable to serve (a connection it
-    /// dropped, a restart, a full pool, a lock or serialization conflict): nothing was written,
-    /// and the same request retried (with its idempotency key) may well succeed.
+    /// dropped, a restart, a full pool, a lock or serialization conflict), so the same request
+    /// may well succeed when retried. A connection lost during COMMIT leaves the outcome
+    /// unknown, which is why the answer asks for a retry with the same idempotency key.
     pub fn is_transient(&self) -> bool {
         match self {
             DbError::Sqlx(e) => is_transient(e),
@@ -76,18 +77,18 @@ impl DbError {
 /// Whether a driver error is one that retrying may cure; see [`DbError::is_transient`].
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
+        // Protocol errors and a crashed SQLite worker are bugs or corruption, not load: they
+        // stay 500s so they are seen rather than retried.
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            true
+        }
         sqlx::Error::Database(d) => {
             if let Some(pg) = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
                 let code = pg.code();
-                // 08: connection exception; 53: insufficient resources; 57P01–57P03: the
-                // server is shutting down or starting; 40001/40P01: serialization, deadlock.
-                code.starts_with("08")
+                // 08: connection exception (but not 08P01, a protocol violation); 53:
+                // insufficient resources; 57P01–57P03: the server is shutting down or
+                // starting; 40001/40P01: serialization, deadlock.
+                (code.starts_with("08") && code != "08P01")
                     || code.starts_with("53")
                     || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
             } else {
@@ -672,7 +673,52 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dialect, chunk_sizes, chunks};
+    use super::{Dialect, chunk_sizes, chunks, is_transient};
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::SqliteConnectOptions;
+    use std::str::FromStr;
+
+    #[test]
+    fn only_errors_a_retry_may_cure_count_as_transient() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(is_transient(&sqlx::Error::Io(io)));
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::PoolClosed));
+        assert!(!is_transient(&sqlx::Error::Protocol("garbled".into())));
+        assert!(!is_transient(&sqlx::Error::WorkerCrashed));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+
+    #[tokio::test]
+    async fn a_locked_sqlite_file_is_transient_and_a_broken_constraint_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut holder = options.connect().await.unwrap();
+        let mut other = options.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut holder).await.unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(is_transient(&busy), "{busy}");
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let duplicate = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut holder)
+            .await
+            .unwrap_err();
+        assert!(!is_transient(&duplicate), "{duplicate}");
+    }
 
     #[test]
     fn rows_are_cut_into_a_few_fixed_sizes_on_sqlite() {

@@ -372,16 +372,23 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
     let slots = Arc::new(Semaphore::new(engine.inner.config.max_in_flight * 8));
     let mut stop = engine.inner.stop.subscribe();
     let mut running = JoinSet::new();
-    // Jobs whose attempt ended unsent because shutdown began while they waited for their turn.
+    // Jobs leased to this worker that it will not send, because shutdown came first.
     let mut queued = Vec::new();
     loop {
         let job = tokio::select! {
             biased;
-            _ = stop.changed() => None,
+            _ = stop.wait_for(|stopping| *stopping) => None,
             job = jobs.recv() => job,
         };
         let Some(job) = job else { break };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        // Shutdown can begin while every slot is taken; the job then goes back unsent.
+        let slot = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopping| *stopping) => None,
+            slot = slots.clone().acquire_owned() => slot.ok(),
+        };
+        let Some(slot) = slot else {
+            queued.push(job);
             break;
         };
         running.spawn(attempt(engine.clone(), job, slot));
@@ -392,21 +399,24 @@ async fn dispatcher(engine: Engine, mut jobs: mpsc::Receiver<Job>) {
         }
     }
     // From here on `dispatch` is refused (and releases its jobs itself) instead of queueing
-    // behind a receiver nobody reads.
+    // behind a receiver nobody reads. Jobs still queued were never sent: give them back to the
+    // outbox now, so another worker can send them while attempts under way finish here.
     jobs.close();
-    // Let attempts already under way finish so their outcomes are recorded; those still
-    // waiting for their turn, and jobs still queued, were never sent: give them back to the
-    // outbox so whichever worker runs next sends them at once instead of after their lease.
-    while let Some(done) = running.join_next().await {
-        if let Ok(Some(unsent)) = done {
-            queued.push(unsent);
-        }
-    }
     while let Ok(job) = jobs.try_recv() {
         queued.push(job);
     }
     if !queued.is_empty() {
-        release_unsent(&engine.inner, &queued).await;
+        release_unsent(&engine.inner, &std::mem::take(&mut queued)).await;
+    }
+    // Let attempts already under way finish so their outcomes are recorded; those that were
+    // still waiting for their turn come back unsent at once and are released as they come, not
+    // after the slowest attempt (the shutdown deadline could cut that wait short).
+    while let Some(done) = running.join_next().await {
+        let finished = std::iter::once(done).chain(std::iter::from_fn(|| running.try_join_next()));
+        queued.extend(finished.filter_map(|done| done.ok().flatten()));
+        if !queued.is_empty() {
+            release_unsent(&engine.inner, &std::mem::take(&mut queued)).await;
+        }
     }
 }
 

@@ -17,7 +17,11 @@ pub fn routes() -> Router<AppState> {
 
 impl From<PolicyError> for ApiError {
     fn from(e: PolicyError) -> Self {
-        ApiError::internal(e)
+        match e {
+            // Storage errors keep their own mapping, so a transient one stays a retryable 503.
+            PolicyError::Db(e) => e.into(),
+            other => ApiError::internal(other),
+        }
     }
 }
 

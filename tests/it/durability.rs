@@ -95,7 +95,9 @@ async fn a_graceful_stop_finishes_attempts_under_way_and_returns_the_rest(backen
     let url = backend.fresh_database_url(dir.path()).await;
     let (_, key) = process::init(dir.path(), &url).await;
     let rx = Receiver::start().await;
-    rx.hold(Duration::from_millis(1500));
+    // Long enough that SIGTERM surely lands while the first attempt is held, well inside the
+    // 10 s request timeout.
+    rx.hold(Duration::from_secs(5));
     let one_at_a_time = |cmd: &mut tokio::process::Command| {
         cmd.env("OPSIQ_POLL_INTERVAL", "50ms")
             .env("OPSIQ_REQUEST_TIMEOUT", "10s")
@@ -178,7 +180,9 @@ async fn a_graceful_stop_claims_nothing_it_will_not_send(backend: Backend) {
     let events = post_events(&api.base, &key, 30, "due").await;
     assert!(api.terminate(Duration::from_secs(60)).await.success());
 
-    rx.hold(Duration::from_millis(1500));
+    // Long enough that SIGTERM surely lands while the first attempt is held, well inside the
+    // 10 s request timeout.
+    rx.hold(Duration::from_secs(5));
     let worker = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
     rx.wait_for(1).await;
     let status = worker.terminate(Duration::from_secs(60)).await;
@@ -187,15 +191,38 @@ async fn a_graceful_stop_claims_nothing_it_will_not_send(backend: Backend) {
 
     rx.hold(Duration::ZERO);
     let worker = process::serve_with(dir.path(), &url, FAST, one_at_a_time).await;
-    let got = rx
-        .wait_until(Duration::from_secs(60), |all| {
+    let got = match rx
+        .try_wait_until(Duration::from_secs(60), |all| {
             let ids: std::collections::HashSet<String> = all
                 .iter()
                 .map(|r| r.json()["id"].as_str().unwrap().to_string())
                 .collect();
             events.iter().all(|e| ids.contains(e))
         })
-        .await;
+        .await
+    {
+        Ok(got) => got,
+        Err(got) => {
+            // Say which deliveries are stuck, and in what state, before failing.
+            let page: serde_json::Value = http_client()
+                .get(format!("{}/v1/deliveries?limit=100", worker.base))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let states: Vec<String> = page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["status"] != "succeeded")
+                .map(|d| format!("{} {} attempts={}", d["id"], d["status"], d["attempts"]))
+                .collect();
+            panic!("{} requests arrived; not delivered: {states:?}", got.len());
+        }
+    };
     assert_eq!(got.len(), 30, "each event sent once");
     for r in &got {
         assert_eq!(

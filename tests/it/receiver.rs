@@ -116,22 +116,34 @@ impl Receiver {
 
     /// Waits until `pred` holds over the received requests (polling on arrival), or panics.
     pub async fn wait_until(&self, deadline: Duration, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        match self.try_wait_until(deadline, pred).await {
+            Ok(got) => got,
+            Err(got) => panic!(
+                "receiver condition not met within {deadline:?}; got {} requests",
+                got.len()
+            ),
+        }
+    }
+
+    /// Waits until `pred` holds over the received requests (polling on arrival); on timeout
+    /// answers what did arrive, so the caller can say more about why.
+    pub async fn try_wait_until(
+        &self,
+        deadline: Duration,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Result<Vec<Received>, Vec<Received>> {
         let start = Instant::now();
         loop {
             let notified = self.shared.arrived.notified();
             {
                 let got = self.shared.received.lock().unwrap();
                 if pred(&got) {
-                    return got.clone();
+                    return Ok(got.clone());
                 }
             }
             let left = deadline.checked_sub(start.elapsed()).unwrap_or_default();
             if left.is_zero() {
-                let got = self.received();
-                panic!(
-                    "receiver condition not met within {deadline:?}; got {} requests",
-                    got.len()
-                );
+                return Err(self.received());
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
         }
