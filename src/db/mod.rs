@@ -410,14 +410,18 @@ impl Database {
                 .pragma("journal_size_limit", "67108864");
             // Commits do not checkpoint: a checkpoint fsyncs twice, and inline it made every
             // dozenth commit wait for that. A task checkpoints on a connection of its own instead.
-            let writer_options = options.clone().pragma("wal_autocheckpoint", "0");
+            let writer_options = options
+                .clone()
+                .pragma("wal_autocheckpoint", "0")
+                .thread_name(|_| "sqlite-writer".into());
             let mut conn = writer_options.connect().await?;
             sqlx::migrate!("migrations/sqlite")
                 .run_direct(None, &mut conn, false)
                 .await?;
             let write = SqliteWriter::new(conn);
-            write.spawn_checkpointer(options.clone());
-            let read = SqliteReaders::new(options, 4);
+            // Named threads, so `top -H` and profiles say which connection is busy.
+            write.spawn_checkpointer(options.clone().thread_name(|_| "sqlite-checkpt".into()));
+            let read = SqliteReaders::new(options.thread_name(|_| "sqlite-reader".into()), 4);
             Self {
                 read: Readers::Sqlite(read),
                 write: Writer::Sqlite(write),
