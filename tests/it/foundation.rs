@@ -819,14 +819,7 @@ async fn requests_succeed_after_postgres_drops_every_connection() {
     assert_eq!(status, 201);
 
     let mut admin = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-    let dropped: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert!(!dropped.is_empty(), "the server held connections");
+    terminate_server_connections(&mut admin).await;
     // The scenario, not a wait for a condition: the pool's connections sit idle past the
     // point where they are checked before use (one second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -844,6 +837,18 @@ async fn requests_succeed_after_postgres_drops_every_connection() {
         assert_eq!(status, 200, "list {i}: {body}");
         assert_eq!(body["data"].as_array().map(Vec::len), Some(1));
     }
+}
+
+/// Has PostgreSQL end every connection to the test database but `admin`'s own.
+async fn terminate_server_connections(admin: &mut sqlx::PgConnection) {
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    assert!(!dropped.is_empty(), "the server held connections");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -866,14 +871,7 @@ async fn requests_on_connections_postgres_just_dropped_are_refused_retryably() {
         for (status, body) in futures_util::future::join_all(warm).await {
             assert_eq!(status, 200, "{body}");
         }
-        let dropped: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .fetch_all(&mut admin)
-        .await
-        .unwrap();
-        assert!(!dropped.is_empty(), "the server held connections");
+        terminate_server_connections(&mut admin).await;
 
         // At once: a request may land on a dead connection. It is then a 503 the client can
         // retry with its key, never a 500, and the retries record each event exactly once.
