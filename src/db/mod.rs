@@ -410,6 +410,7 @@ impl Database {
                 .pragma("journal_size_limit", "67108864");
             // Commits do not checkpoint: a checkpoint fsyncs twice, and inline it made every
             // dozenth commit wait for that. A task checkpoints on a connection of its own instead.
+            // Each connection's worker thread is named, so `top -H` and profiles say which is busy.
             let writer_options = options
                 .clone()
                 .pragma("wal_autocheckpoint", "0")
@@ -419,7 +420,6 @@ impl Database {
                 .run_direct(None, &mut conn, false)
                 .await?;
             let write = SqliteWriter::new(conn);
-            // Named threads, so `top -H` and profiles say which connection is busy.
             write.spawn_checkpointer(options.clone().thread_name(|_| "sqlite-checkpt".into()));
             let read = SqliteReaders::new(options.thread_name(|_| "sqlite-reader".into()), 4);
             Self {
@@ -722,6 +722,42 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!is_transient(&duplicate), "{duplicate}");
+    }
+
+    /// The names of this process's threads (Linux).
+    #[cfg(target_os = "linux")]
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                    .map(|name| name.trim_end().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn every_sqlite_connection_runs_on_a_named_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = super::Database::connect(&url).await.unwrap();
+        // A commit wakes the checkpointer, which connects on first use; a read opens a reader.
+        let mut tx = db.begin().await.unwrap();
+        super::bump_counter(&mut tx, "named").await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(super::counter(&db, "named").await.unwrap(), 1);
+
+        let wanted = ["sqlite-writer", "sqlite-checkpt", "sqlite-reader"];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut names = thread_names();
+        while !wanted.iter().all(|w| names.iter().any(|n| n == w)) {
+            assert!(std::time::Instant::now() < deadline, "threads: {names:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            names = thread_names();
+        }
+        db.close().await;
     }
 
     #[test]
