@@ -218,13 +218,13 @@ async fn shed_load(
 ) -> axum::response::Response {
     let Ok(_slot) = state.request_slots.clone().try_acquire_owned() else {
         metrics::counter!("opsiq_requests_shed_total").increment(1);
-        let mut refusal = ApiError::new(
+        return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "the server is at its limit of requests in progress; retry shortly",
-        );
-        refusal.retry_after = Some(1);
-        return refusal.into_response();
+        )
+        .with_retry_after(1)
+        .into_response();
     };
     next.run(request).await
 }

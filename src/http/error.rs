@@ -99,11 +99,15 @@ impl ApiError {
         )
     }
 
+    /// The same error, telling the client to retry after `secs` seconds (at least one).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
     /// 429 with `Retry-After`.
     pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
-        e.retry_after = Some(retry_after_secs.max(1));
-        e
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).with_retry_after(retry_after_secs)
     }
 
     /// 500; the cause is logged here and never shown to the caller.
@@ -121,13 +125,12 @@ impl ApiError {
     pub fn storage_unavailable(cause: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "database unavailable");
         metrics::counter!("opsiq_storage_unavailable_total").increment(1);
-        let mut e = Self::new(
+        Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the database is briefly unavailable; retry shortly (with the same Idempotency-Key)",
-        );
-        e.retry_after = Some(1);
-        e
+        )
+        .with_retry_after(1)
     }
 
     /// Replaces the message.

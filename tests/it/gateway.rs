@@ -1116,9 +1116,16 @@ async fn overload_is_refused_at_once_not_queued(backend: Backend) {
     tokio::time::timeout(Duration::from_secs(30), accepted.recv())
         .await
         .expect("the action request reached the silent endpoint");
-    let (status, refused) = w.app.call(Method::GET, "/v1/actions", None).await;
+    let refused = w.app.admin(Method::GET, "/v1/actions").send().await.unwrap();
+    let retry_after = refused.headers().get("retry-after").cloned();
+    let (status, refused) = read(refused).await;
     assert_eq!(status, 503, "{refused}");
     assert_eq!(error_code(&refused), "overloaded");
+    assert_eq!(
+        retry_after.as_ref().map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "a 503 says when to retry"
+    );
     let health = w.app.http.get(w.app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
 
