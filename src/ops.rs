@@ -1,4 +1,5 @@
-//! Operational routes: liveness, readiness (the database answers) and Prometheus metrics.
+//! Operational routes: liveness, readiness (the database answers), Prometheus metrics and the
+//! OpenAPI document.
 
 use axum::Router;
 use axum::extract::State;
@@ -9,12 +10,24 @@ use serde_json::json;
 
 use crate::AppState;
 
-/// `/healthz`, `/readyz`, `/metrics`.
+/// `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The OpenAPI 3.1 document of the HTTP API, kept in the repository beside the other schemas;
+/// a test calls every operation it lists against the running server.
+const OPENAPI: &str = include_str!("../schemas/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI.replacen("\"VERSION\"", concat!("\"", env!("CARGO_PKG_VERSION"), "\""), 1),
+    )
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -917,3 +917,118 @@ async fn requests_on_connections_postgres_just_dropped_are_refused_retryably() {
         "each event once: {body}"
     );
 }
+
+/// Whether an answer came from the router's fallbacks (no such route, or not that method)
+/// rather than from a handler.
+fn unrouted(status: u16, body: &Value) -> bool {
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    (status == 404 && message == "no such route")
+        || (status == 405 && message == "this route does not accept that method")
+}
+
+/// The paths of every `.route("…", …)` in the Rust sources under `dir`.
+fn declared_routes(dir: &std::path::Path) -> Vec<String> {
+    let mut routes = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            routes.extend(declared_routes(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in text.match_indices(".route(") {
+                let rest = text[at + ".route(".len()..].trim_start();
+                if let Some(quoted) = rest.strip_prefix('"') {
+                    let end = quoted.find('"').unwrap();
+                    routes.push(quoted[..end].to_string());
+                }
+            }
+        }
+    }
+    routes
+}
+
+/// Every `$ref` in `value` that does not resolve within `doc`.
+fn dangling_refs(doc: &Value, value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(target)) = map.get("$ref") {
+                let resolves = target
+                    .strip_prefix('#')
+                    .is_some_and(|pointer| doc.pointer(pointer).is_some());
+                if !resolves {
+                    out.push(target.clone());
+                }
+            }
+            map.values().for_each(|v| dangling_refs(doc, v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| dangling_refs(doc, v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_only_routes_the_server_serves() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let resp = app.http.get(app.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let mut dangling = Vec::new();
+    dangling_refs(&doc, &doc, &mut dangling);
+    assert!(dangling.is_empty(), "unresolved references: {dangling:?}");
+
+    // The probe tells a missing route from a handler's own 404 and 405.
+    let probe = |method: Method, path: &str| {
+        let req = app.admin(method.clone(), path);
+        let req = if [Method::POST, Method::PUT, Method::PATCH].contains(&method) {
+            req.json(&json!({}))
+        } else {
+            req
+        };
+        async move { read(req.send().await.unwrap()).await }
+    };
+    let (status, body) = probe(Method::GET, "/v1/no-such-thing").await;
+    assert!(unrouted(status, &body), "{status} {body}");
+    let (status, body) = probe(Method::PATCH, "/v1/actions").await;
+    assert!(unrouted(status, &body), "{status} {body}");
+    let (status, body) = probe(Method::GET, "/v1/actions/doc-probe").await;
+    assert!(!unrouted(status, &body), "{status} {body}");
+
+    let paths = doc["paths"].as_object().expect("paths");
+    // And the other way: every route the source declares is documented.
+    let declared = declared_routes(&crate::harness::repo_path("src"));
+    assert!(declared.len() >= 40, "found only {declared:?}");
+    for route in declared {
+        assert!(
+            paths.contains_key(&route),
+            "{route} is served but not in schemas/openapi.json"
+        );
+    }
+
+    let mut operation_ids = std::collections::HashSet::new();
+    assert!(paths.len() >= 40, "{} paths", paths.len());
+    for (path, operations) in paths {
+        let concrete = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "doc-probe" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for (method, operation) in operations.as_object().expect("operations") {
+            let id = operation["operationId"].as_str().expect("operationId");
+            assert!(operation_ids.insert(id.to_string()), "operationId {id} twice");
+            assert!(
+                operation["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                "{method} {path} lists no responses"
+            );
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = probe(method.clone(), &concrete).await;
+            assert!(
+                !unrouted(status, &body),
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+            assert!(status < 500, "{method} {concrete}: {status} {body}");
+        }
+    }
+}
