@@ -1029,6 +1029,10 @@ async fn the_openapi_document_lists_only_routes_the_server_serves() {
                 "{method} {path} is documented but not served: {status} {body}"
             );
             assert!(status < 500, "{method} {concrete}: {status} {body}");
+            assert!(
+                operation["responses"].get(status.to_string()).is_some(),
+                "{method} {concrete} answered {status}, which the document does not list: {body}"
+            );
         }
     }
 }
