@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use super::check_event_type;
 use crate::cache::TtlCache;
 use crate::db::{Database, DbError, now_ms, rfc3339};
-use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Path as UrlPath, Permission};
+use crate::http::{
+    AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Page, PageQuery, Path as UrlPath, Permission, Query,
+};
 use crate::registry::model::{compile_schema, schema_errors};
 use crate::{AppState, args};
 
@@ -155,16 +157,27 @@ fn describe(t: &EventType, builtin: bool) -> Value {
     json!({"name": t.name, "description": t.description, "schema": t.schema, "builtin": builtin})
 }
 
-async fn list_types(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<axum::Json<Value>> {
-    let mut data: Vec<Value> = state
+/// The catalog, built-in and custom types together in name order, paginated by name.
+async fn list_types(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
+    let mut types: Vec<(&EventType, bool)> = state
         .catalog
         .builtin
         .values()
-        .map(|k| describe(&k.declared, true))
+        .map(|k| (&k.declared, true))
+        .chain(custom.values().map(|k| (&k.declared, false)))
+        .filter(|(t, _)| page.cursor.as_deref().is_none_or(|after| t.name.as_str() > after))
         .collect();
-    let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
-    data.extend(custom.values().map(|k| describe(&k.declared, false)));
-    Ok(axum::Json(json!({"data": data, "next_cursor": null})))
+    types.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let limit = page.limit();
+    types.truncate(limit as usize + 1);
+    Ok(axum::Json(
+        Page::from_rows(types, limit, |(t, _)| t.name.clone()).map(|(t, builtin)| describe(t, builtin)),
+    ))
 }
 
 async fn get_type(

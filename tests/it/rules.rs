@@ -186,6 +186,34 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
     );
     let (status, one) = app.call(Method::GET, "/v1/event-types/order.shipped", None).await;
     assert_eq!((status, one["builtin"].as_bool()), (200, Some(false)));
+
+    // The catalog pages by name, built-in and custom types together.
+    let (_, all) = app.call(Method::GET, "/v1/event-types?limit=200", None).await;
+    let all: Vec<String> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+    assert!(all.iter().any(|n| n == "order.shipped") && all.iter().any(|n| n == "invoice.paid"));
+    let (mut paged, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/event-types?limit=4&cursor={c}"),
+            None => "/v1/event-types?limit=4".to_string(),
+        };
+        let (status, page) = app.call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        let names = page["data"].as_array().unwrap();
+        assert!(names.len() <= 4);
+        paged.extend(names.iter().map(|t| t["name"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
     // Another tenant does not see this tenant's custom types.
     let (_, other) = app.new_tenant("globex").await;
     assert_eq!(
