@@ -31,7 +31,9 @@ use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
 use crate::policy::Policy;
 use crate::registry::validators::Validators;
 use crate::rules::Rules;
-use crate::{agents, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants};
+use crate::{
+    agents, audit, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants,
+};
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
 #[derive(Clone)]
@@ -177,6 +179,11 @@ pub fn router(state: AppState) -> Router {
         .merge(policy::routes())
         .merge(gateway::routes())
         .merge(mcp::routes())
+        .merge(audit::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_changes,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load));
     Router::new()
         .merge(ops::routes())

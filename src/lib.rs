@@ -17,7 +17,8 @@
 //! - [`gateway`]: invocation (scope → role → schema → idempotency → outbox), records, tool export.
 //! - [`mcp`]: the MCP server (both protocol eras) on top of the gateway.
 //! - [`rules`]: "when X happens, if …, do Y": conditions, templates, evaluation in the event's transaction.
-//! - [`ops`]: health, readiness, metrics.
+//! - [`audit`]: the hash-chained log of admin changes and its verification.
+//! - [`ops`]: health, readiness, metrics, the OpenAPI document.
 //! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
 //!
 //! [`run`] starts everything on a given listener; the binary and the tests both call it.
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod crypto;

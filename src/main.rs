@@ -29,6 +29,22 @@ enum Command {
     Listen(ListenArgs),
     /// Verify a received webhook: body on stdin, headers as flags.
     Verify(VerifyArgs),
+    /// The audit log of admin changes.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every tenant's hash chain; exit non-zero naming the first row that does not hold.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args, Serialize)]
+struct AuditVerifyArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +143,7 @@ fn main() -> ExitCode {
             Command::Init(args) => init(args).await,
             Command::Listen(args) => listen(args).await,
             Command::Verify(args) => return Ok(verify(args)),
+            Command::Audit(AuditCommand::Verify(args)) => return audit_verify(args).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -195,6 +212,30 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
         println!("Next: opsiq serve, then call the API with `Authorization: Bearer <key>`.");
     }
     Ok(())
+}
+
+async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(args.common.config.as_ref(), &args)?;
+    let db = opsiq::db::Database::connect(&config.database_url).await?;
+    let report = opsiq::audit::verify(&db).await;
+    db.close().await;
+    let report = report?;
+    match report.broken {
+        None => {
+            println!(
+                "the audit log holds: {} rows in {} chains",
+                report.rows, report.chains
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(row) => {
+            eprintln!(
+                "the audit log is broken at tenant {} row {} ({}): {}",
+                row.tenant_id, row.seq, row.id, row.reason
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {

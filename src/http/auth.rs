@@ -163,10 +163,14 @@ impl FromRequestParts<AppState> for AdminAuth {
             .clone()
             .ok_or_else(|| ApiError::unauthorized("invalid_api_key", "the API key is unknown or revoked"))?;
         let role = Role::parse(&role).ok_or_else(|| ApiError::internal("stored role is unknown"))?;
-        Ok(AdminAuth {
+        let auth = AdminAuth {
             tenant_id,
             key_id,
             role,
-        })
+        };
+        if let Some(actor) = parts.extensions.get::<crate::audit::AuditActor>() {
+            actor.set(&auth);
+        }
+        Ok(auth)
     }
 }

@@ -3,6 +3,7 @@
 mod harness;
 mod mcp;
 
+mod audit;
 mod cli;
 mod delivery;
 mod durability;

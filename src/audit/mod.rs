@@ -1,0 +1,433 @@
+//! The audit log: every configuration change an admin API key makes (creating, changing,
+//! deleting or rotating anything; deciding an approval; replaying a delivery), as one row per
+//! tenant in a hash chain. Each row's hash covers its fields and the previous row's hash, so
+//! editing, deleting or reordering a row breaks the chain from there on; `opsiq audit verify`
+//! walks every chain and names the first row that does not hold.
+//!
+//! Rows are written by a middleware after the change succeeded and before the answer leaves, so
+//! a change answered 2xx has its audit row (should writing it fail, the failure is logged and
+//! counted in `opsiq_audit_failures_total`; the change stands). A row keeps who, what route,
+//! which path, the status and the request id, never a body, so no secret reaches the log.
+//! Agents' invocations and ingested events are the data plane, recorded in their own tables.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::db::{Database, DbError, Dialect, now_ms, rfc3339};
+use crate::http::{AdminAuth, ApiResult, Page, PageQuery, Permission, Query};
+use crate::{AppState, args, crypto, ids};
+
+/// The `prev_hash` of a chain's first row.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Routes that take a POST but change no configuration (dry runs, checks) or belong to the data
+/// plane (invocations, events, MCP), which have records of their own.
+const NOT_AUDITED: &[&str] = &[
+    "/v1/actions/{name}/invoke",
+    "/v1/events",
+    "/v1/preview",
+    "/v1/signatures/verify",
+    "/v1/rules/test",
+    "/v1/rules/{id}/test",
+    "/mcp",
+];
+
+/// `GET /v1/audit`.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list))
+}
+
+/// Who made a change, filled in by [`AdminAuth`] when the request authenticates.
+#[derive(Clone, Default)]
+pub struct AuditActor(Arc<Mutex<Option<AdminAuth>>>);
+
+impl AuditActor {
+    /// Records the authenticated caller of this request.
+    pub fn set(&self, auth: &AdminAuth) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(auth.clone());
+    }
+
+    fn take(&self) -> Option<AdminAuth> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Middleware: after a successful change made with an admin API key, appends its audit row.
+pub async fn record_changes(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let audited = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) && route.as_deref().is_some_and(|r| !NOT_AUDITED.contains(&r));
+    if !audited {
+        return next.run(req).await;
+    }
+    let actor = AuditActor::default();
+    req.extensions_mut().insert(actor.clone());
+    let action = format!("{} {}", req.method(), route.unwrap_or_default());
+    let target = req.uri().path().to_string();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let response = next.run(req).await;
+    let Some(auth) = actor.take() else {
+        return response;
+    };
+    if !response.status().is_success() {
+        return response;
+    }
+    let details = json!({"status": response.status().as_u16(), "request_id": request_id});
+    let entry = Entry {
+        tenant_id: &auth.tenant_id,
+        actor: &auth.actor(),
+        action: &action,
+        target: &target,
+        details: &details,
+    };
+    if let Err(e) = append(&state.db, entry).await {
+        // The change itself is committed; answering an error would invite a second one.
+        metrics::counter!("opsiq_audit_failures_total").increment(1);
+        tracing::error!(error = %e, %action, %target, "writing the audit row failed");
+    }
+    response
+}
+
+/// One change to record.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// The tenant whose chain it joins.
+    pub tenant_id: &'a str,
+    /// Who made it (`key:<id>`).
+    pub actor: &'a str,
+    /// What was done: method and route (`DELETE /v1/endpoints/{id}`).
+    pub action: &'a str,
+    /// What it was done to: the request path.
+    pub target: &'a str,
+    /// Anything else worth keeping (never a secret).
+    pub details: &'a Value,
+}
+
+/// The hash of a row: SHA-256 over its fields and its predecessor's hash, as a JSON array so that
+/// no two different rows serialize alike.
+pub fn row_hash(prev_hash: &str, seq: i64, id: &str, entry: &Entry<'_>, created_at: i64) -> String {
+    let canonical = json!([
+        prev_hash,
+        seq,
+        entry.tenant_id,
+        id,
+        entry.actor,
+        entry.action,
+        entry.target,
+        entry.details,
+        created_at
+    ]);
+    crypto::sha256_hex(canonical.to_string().as_bytes())
+}
+
+/// Appends `entry` to its tenant's chain.
+pub async fn append(db: &Database, entry: Entry<'_>) -> Result<(), DbError> {
+    let mut tx = db.begin().await?;
+    if db.dialect() == Dialect::Postgres {
+        // Replicas append to the same chain: one at a time per tenant. (SQLite's single writer
+        // already serializes.)
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('opsiq.audit.' || $1, 0))",
+            args![entry.tenant_id],
+        )
+        .await?;
+    }
+    let last: Option<(i64, String)> = tx
+        .fetch_optional(
+            "SELECT seq, hash FROM audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
+            args![entry.tenant_id],
+        )
+        .await?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, GENESIS.to_string()),
+    };
+    let id = ids::new_id("aud");
+    let created_at = now_ms();
+    let hash = row_hash(&prev_hash, seq, &id, &entry, created_at);
+    tx.execute(
+        "INSERT INTO audit_log (seq, tenant_id, id, actor, action, target, details, prev_hash, hash, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        args![
+            seq,
+            entry.tenant_id,
+            &id,
+            entry.actor,
+            entry.action,
+            entry.target,
+            entry.details.to_string(),
+            &prev_hash,
+            &hash,
+            created_at
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A stored audit row.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct AuditRow {
+    /// Position in the tenant's chain, from 1.
+    pub seq: i64,
+    /// The tenant.
+    pub tenant_id: String,
+    /// `aud_…`.
+    pub id: String,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// To what.
+    pub target: String,
+    /// Details, as stored (JSON text).
+    pub details: String,
+    /// The previous row's hash.
+    pub prev_hash: String,
+    /// This row's hash.
+    pub hash: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl AuditRow {
+    /// The hash this row should have, given its stored fields.
+    fn expected_hash(&self) -> Result<String, String> {
+        let details: Value =
+            serde_json::from_str(&self.details).map_err(|e| format!("its details are not JSON: {e}"))?;
+        let entry = Entry {
+            tenant_id: &self.tenant_id,
+            actor: &self.actor,
+            action: &self.action,
+            target: &self.target,
+            details: &details,
+        };
+        Ok(row_hash(
+            &self.prev_hash,
+            self.seq,
+            &self.id,
+            &entry,
+            self.created_at,
+        ))
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "seq": self.seq,
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "details": serde_json::from_str::<Value>(&self.details).unwrap_or(Value::Null),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+            "created_at": rfc3339(self.created_at),
+        })
+    }
+}
+
+const SELECT_ROWS: &str =
+    "SELECT seq, tenant_id, id, actor, action, target, details, prev_hash, hash, created_at FROM audit_log";
+
+/// `GET /v1/audit`: the tenant's chain, newest first.
+async fn list(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    auth.require(Permission::Manage)?;
+    let limit = page.limit();
+    let before = match page.cursor.as_deref() {
+        None => i64::MAX,
+        Some(c) => c.parse::<i64>().map_err(|_| {
+            crate::http::ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor")
+        })?,
+    };
+    let rows: Vec<AuditRow> = state
+        .db
+        .fetch_all(
+            sqlx::AssertSqlSafe(format!(
+                "{SELECT_ROWS} WHERE tenant_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+            )),
+            args![&auth.tenant_id, before, limit + 1],
+        )
+        .await?;
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.seq.to_string()).map(|r| r.to_json()),
+    ))
+}
+
+/// Where a chain stops holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenRow {
+    /// The tenant whose chain it is.
+    pub tenant_id: String,
+    /// The row's position (or the position expected there).
+    pub seq: i64,
+    /// The row's id.
+    pub id: String,
+    /// Why it does not hold.
+    pub reason: String,
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Rows checked.
+    pub rows: u64,
+    /// Chains (tenants) checked.
+    pub chains: u64,
+    /// The first row that does not hold, if any.
+    pub broken: Option<BrokenRow>,
+}
+
+/// Walks every tenant's chain in order and reports the first row that does not hold: a hash
+/// that does not match its fields, a `prev_hash` that is not its predecessor's hash, or a gap.
+pub async fn verify(db: &Database) -> Result<Verification, DbError> {
+    const PAGE: i64 = 1000;
+    let tenants: Vec<(String,)> = db
+        .fetch_all(
+            "SELECT DISTINCT tenant_id FROM audit_log ORDER BY tenant_id",
+            args![],
+        )
+        .await?;
+    let mut report = Verification {
+        rows: 0,
+        chains: tenants.len() as u64,
+        broken: None,
+    };
+    for (tenant_id,) in tenants {
+        let (mut expected_seq, mut prev_hash) = (1_i64, GENESIS.to_string());
+        loop {
+            let rows: Vec<AuditRow> = db
+                .fetch_all(
+                    sqlx::AssertSqlSafe(format!(
+                        "{SELECT_ROWS} WHERE tenant_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                    )),
+                    args![&tenant_id, expected_seq, PAGE],
+                )
+                .await?;
+            let done = (rows.len() as i64) < PAGE;
+            for row in rows {
+                report.rows += 1;
+                let reason = if row.seq != expected_seq {
+                    Some(format!("row {expected_seq} is missing (the next is {})", row.seq))
+                } else if row.prev_hash != prev_hash {
+                    Some("its prev_hash is not the previous row's hash".to_string())
+                } else {
+                    match row.expected_hash() {
+                        Ok(hash) if hash == row.hash => None,
+                        Ok(_) => Some("its hash does not match its contents".to_string()),
+                        Err(e) => Some(e),
+                    }
+                };
+                if let Some(reason) = reason {
+                    report.broken = Some(BrokenRow {
+                        tenant_id: row.tenant_id,
+                        seq: row.seq,
+                        id: row.id,
+                        reason,
+                    });
+                    return Ok(report);
+                }
+                expected_seq += 1;
+                prev_hash = row.hash;
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Entry, append, verify};
+    use crate::args;
+    use crate::db::Database;
+    use serde_json::json;
+
+    async fn chain_of_three() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+        let db = Database::connect(&url).await.unwrap();
+        for target in ["/a", "/b", "/c"] {
+            let details = json!({"status": 201});
+            let entry = Entry {
+                tenant_id: "ten_1",
+                actor: "key:k1",
+                action: "POST /v1/things",
+                target,
+                details: &details,
+            };
+            append(&db, entry).await.unwrap();
+        }
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn a_removed_row_is_named_as_missing() {
+        let (_dir, db) = chain_of_three().await;
+        let report = verify(&db).await.unwrap();
+        assert_eq!((report.rows, report.chains, report.broken), (3, 1, None));
+        db.execute("DELETE FROM audit_log WHERE seq = 2", args![])
+            .await
+            .unwrap();
+        let broken = verify(&db).await.unwrap().broken.expect("broken");
+        assert_eq!(broken.seq, 3);
+        assert_eq!(broken.reason, "row 2 is missing (the next is 3)");
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_row_rewritten_with_a_fresh_hash_breaks_the_next_link() {
+        let (_dir, db) = chain_of_three().await;
+        // Recomputing the edited row's own hash is not enough: the next row points at the old one.
+        let (prev, id, created_at): (String, String, i64) = db
+            .fetch_optional(
+                "SELECT prev_hash, id, created_at FROM audit_log WHERE seq = 2",
+                args![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let details = json!({"status": 201});
+        let forged = Entry {
+            tenant_id: "ten_1",
+            actor: "key:k1",
+            action: "POST /v1/things",
+            target: "/forged",
+            details: &details,
+        };
+        let hash = super::row_hash(&prev, 2, &id, &forged, created_at);
+        db.execute(
+            "UPDATE audit_log SET target = '/forged', hash = $1 WHERE seq = 2",
+            args![&hash],
+        )
+        .await
+        .unwrap();
+        let broken = verify(&db).await.unwrap().broken.expect("broken");
+        assert_eq!(broken.seq, 3);
+        assert_eq!(broken.reason, "its prev_hash is not the previous row's hash");
+        db.close().await;
+    }
+}

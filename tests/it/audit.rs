@@ -1,0 +1,138 @@
+//! The audit log: admin changes in a per-tenant hash chain, listed over HTTP and checked by
+//! `opsiq audit verify`, which names the first row a direct edit of the database broke.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::dual;
+use crate::harness::{Backend, TestApp};
+use crate::process;
+
+dual!(admin_changes_are_chained_and_tampering_is_found);
+
+/// Runs `opsiq audit verify` on `database_url`: (success, stdout, stderr).
+async fn audit_verify(app: &TestApp) -> (bool, String, String) {
+    let out = process::opsiq()
+        .current_dir(app.dir.path())
+        .args(["audit", "verify", "--database-url", &app.database_url])
+        .output()
+        .await
+        .expect("opsiq audit verify runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn rows(page: &Value) -> Vec<Value> {
+    page["data"].as_array().expect("data").clone()
+}
+
+async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (status, endpoint) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://hooks.example.com/opsiq"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let id = endpoint["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/endpoints/{id}");
+    let (status, body) = app
+        .call(Method::PATCH, &path, Some(json!({"description": "billing"})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let policy = json!({"rows": [{"subject": "role:support", "object": "refund_*", "act": "invoke", "effect": "allow"}]});
+    let (status, body) = app.call(Method::PUT, "/v1/policies", Some(policy)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(app.call(Method::DELETE, &path, None).await.0, 204);
+    // Neither a refused change nor a read, a dry run or ingestion is an audited change.
+    assert_eq!(app.call(Method::DELETE, &path, None).await.0, 404);
+    app.call(Method::GET, "/v1/endpoints", None).await;
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(
+                json!({"type": "invoice.paid", "data": {"invoice_id": "i1", "amount": 1, "currency": "EUR"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 202);
+
+    let (status, page) = app.call(Method::GET, "/v1/audit", None).await;
+    assert_eq!(status, 200, "{page}");
+    let log = rows(&page);
+    let actions: Vec<&str> = log.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "DELETE /v1/endpoints/{id}",
+            "PUT /v1/policies",
+            "PATCH /v1/endpoints/{id}",
+            "POST /v1/endpoints"
+        ]
+    );
+    assert_eq!(log[0]["target"], path.as_str());
+    assert_eq!(log[0]["details"]["status"], 204);
+    let seqs: Vec<i64> = log.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [4, 3, 2, 1]);
+    for pair in log.windows(2) {
+        assert_eq!(pair[0]["prev_hash"], pair[1]["hash"]);
+    }
+    assert_eq!(log[3]["prev_hash"], "0".repeat(64));
+    assert!(
+        log.iter()
+            .all(|r| r["actor"].as_str().unwrap().starts_with("key:"))
+    );
+    // Nothing secret is kept: the endpoint's secret is in no row.
+    let secret = endpoint["secret"].as_str().unwrap();
+    assert!(!page.to_string().contains(secret));
+
+    // Pages by cursor.
+    let (_, first) = app.call(Method::GET, "/v1/audit?limit=3", None).await;
+    assert_eq!(rows(&first).len(), 3);
+    let cursor = first["next_cursor"].as_str().expect("a next page").to_string();
+    let (_, second) = app
+        .call(Method::GET, &format!("/v1/audit?limit=3&cursor={cursor}"), None)
+        .await;
+    assert_eq!(rows(&second).len(), 1);
+    assert_eq!(rows(&second)[0]["seq"], 1);
+    assert!(second["next_cursor"].is_null());
+
+    // Another tenant has a chain of its own.
+    let (_, other) = app.new_tenant("globex").await;
+    let (status, theirs) = app.call_as(&other, Method::GET, "/v1/audit", None).await;
+    assert_eq!(status, 200);
+    assert!(!theirs.to_string().contains(&id), "{theirs}");
+    // A viewer may not read it (creating that key is itself a change).
+    let viewer = app.key_with_role("viewer").await;
+    assert_eq!(app.call_as(&viewer, Method::GET, "/v1/audit", None).await.0, 403);
+    let (_, page) = app.call(Method::GET, "/v1/audit?limit=1", None).await;
+    assert_eq!(rows(&page)[0]["action"], "POST /v1/api-keys");
+
+    let (ok, stdout, stderr) = audit_verify(&app).await;
+    assert!(ok, "{stdout} {stderr}");
+    assert!(stdout.contains("the audit log holds"), "{stdout}");
+
+    // An edit made behind the API's back breaks the chain at that row.
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let edited = db
+        .execute(
+            "UPDATE audit_log SET target = '/v1/endpoints/ep_forged' WHERE tenant_id = $1 AND seq = 2",
+            opsiq::args![&app.tenant_id],
+        )
+        .await
+        .unwrap();
+    db.close().await;
+    assert_eq!(edited, 1);
+    let (ok, stdout, stderr) = audit_verify(&app).await;
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&format!("tenant {} row 2 ", app.tenant_id)) && stderr.contains("does not match"),
+        "{stderr}"
+    );
+}
