@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
 use opsiq::config::{Config, LogFormat};
@@ -216,6 +217,12 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
 
 async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(args.common.config.as_ref(), &args)?;
+    // Checking a database must not create one where none was.
+    if let Some(file) = sqlite_file(&config.database_url)?
+        && !file.exists()
+    {
+        anyhow::bail!("there is no database at {}", file.display());
+    }
     let db = opsiq::db::Database::connect(&config.database_url).await?;
     let report = opsiq::audit::verify(&db).await;
     db.close().await;
@@ -236,6 +243,15 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The file a `sqlite:` URL names (none for PostgreSQL or an in-memory database).
+fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    Ok(Some(options.get_filename().to_path_buf()))
 }
 
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {

@@ -10,6 +10,22 @@ use crate::process;
 
 dual!(admin_changes_are_chained_and_tampering_is_found);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_a_missing_database_creates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("absent.db");
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["audit", "verify", "--database-url"])
+        .arg(format!("sqlite://{}", file.display()))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no database at"));
+    assert!(!file.exists());
+}
+
 /// Runs `opsiq audit verify` on `database_url`: (success, stdout, stderr).
 async fn audit_verify(app: &TestApp) -> (bool, String, String) {
     let out = process::opsiq()
