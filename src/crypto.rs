@@ -39,14 +39,28 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// The 32-byte key that encrypts secrets at rest; its `Debug` never shows the key.
+/// The 32-byte key that encrypts secrets at rest, and the keys derived from it; its `Debug`
+/// never shows them.
 #[derive(Clone)]
-pub struct MasterKey(Aes256Gcm);
+pub struct MasterKey {
+    cipher: Aes256Gcm,
+    /// Keys the audit log's hash chain (see [`MasterKey::audit_chain_key`]).
+    audit_chain: [u8; 32],
+}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MasterKey(<redacted>)")
     }
+}
+
+/// A key for one purpose derived from `master`: HMAC-SHA256 keyed by it over `label` (one
+/// block of HKDF-Expand), so no derived key reveals the master key or another derived key.
+fn derive_key(master: &[u8], label: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, KeyInit as _, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(master).expect("HMAC accepts keys of any length");
+    mac.update(label);
+    mac.finalize().into_bytes().into()
 }
 
 impl MasterKey {
@@ -61,9 +75,18 @@ impl MasterKey {
                 bytes.len()
             )));
         }
-        Aes256Gcm::new_from_slice(&bytes)
-            .map(Self)
-            .map_err(|_| CryptoError::MasterKey("unusable key".into()))
+        let cipher =
+            Aes256Gcm::new_from_slice(&bytes).map_err(|_| CryptoError::MasterKey("unusable key".into()))?;
+        Ok(Self {
+            cipher,
+            audit_chain: derive_key(&bytes, b"opsiq audit chain v1"),
+        })
+    }
+
+    /// The key of the audit log's chain: without it, rows edited in the database cannot be given
+    /// hashes that verify.
+    pub fn audit_chain_key(&self) -> &[u8; 32] {
+        &self.audit_chain
     }
 
     /// A new random key and its base64 text.
@@ -103,7 +126,7 @@ impl MasterKey {
         let nonce_bytes = random_bytes::<12>();
         let nonce = Nonce::from(nonce_bytes);
         let ciphertext = self
-            .0
+            .cipher
             .encrypt(&nonce, plaintext.as_bytes())
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
         let mut out = nonce_bytes.to_vec();
@@ -120,7 +143,7 @@ impl MasterKey {
         let (nonce, ciphertext) = bytes.split_at(12);
         let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::Decrypt)?;
         let plaintext = self
-            .0
+            .cipher
             .decrypt(&Nonce::from(nonce), ciphertext)
             .map_err(|_| CryptoError::Decrypt)?;
         String::from_utf8(plaintext).map_err(|_| CryptoError::Decrypt)

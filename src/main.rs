@@ -223,8 +223,11 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     {
         anyhow::bail!("there is no database at {}", file.display());
     }
+    // The chain's key comes from the master key; without it nothing could be checked.
+    let (keys, _) =
+        opsiq::crypto::MasterKey::load(config.master_key.as_deref(), &config.master_key_file, false)?;
     let db = opsiq::db::Database::connect(&config.database_url).await?;
-    let report = opsiq::audit::verify(&db).await;
+    let report = opsiq::audit::verify(&db, keys.audit_chain_key()).await;
     db.close().await;
     let report = report?;
     match report.broken {

@@ -1,14 +1,20 @@
-//! The audit log: every configuration change an admin API key makes (creating, changing,
-//! deleting or rotating anything; deciding an approval; replaying a delivery), as one row per
-//! tenant in a hash chain. Each row's hash covers its fields and the previous row's hash, so
-//! editing, deleting or reordering a row breaks the chain from there on; `opsiq audit verify`
-//! walks every chain and names the first row that does not hold.
+//! The audit log: every configuration change an admin API key makes through the API (creating,
+//! changing, deleting or rotating anything; deciding an approval; replaying a delivery), and
+//! every reading of an endpoint's secret, as one row per tenant in a hash chain. Each row's hash
+//! is an HMAC, under a key derived from the master key, of its fields and the previous row's
+//! hash: editing, deleting or reordering a row breaks the chain from there on, and whoever can
+//! write to the database but does not hold the master key cannot forge hashes that verify.
+//! `opsiq audit verify` walks every chain and names the first row that does not hold. (Rows cut
+//! from a chain's end leave a shorter chain that holds: the log proves what was recorded, not
+//! that nothing followed.)
 //!
-//! Rows are written by a middleware after the change succeeded and before the answer leaves, so
-//! a change answered 2xx has its audit row (should writing it fail, the failure is logged and
-//! counted in `opsiq_audit_failures_total`; the change stands). A row keeps who, what route,
-//! which path, the status and the request id, never a body, so no secret reaches the log.
-//! Agents' invocations and ingested events are the data plane, recorded in their own tables.
+//! Rows are written by a middleware once the change has succeeded and before the answer leaves,
+//! in a task of its own so that a client hanging up cannot cancel it: a change answered 2xx has
+//! its row unless writing it failed, which is logged and counted in `opsiq_audit_failures_total`
+//! (the change stands; answering an error would invite a second one). A row keeps who, which
+//! route, which path, the status and the request id, never a body, so no secret reaches the log.
+//! Agents' invocations and ingested events are the data plane, recorded in their own tables;
+//! changes made outside the API (`opsiq init`, the declarative files read at start) are not here.
 
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::db::{Database, DbError, Dialect, now_ms, rfc3339};
 use crate::http::{AdminAuth, ApiResult, Page, PageQuery, Permission, Query};
-use crate::{AppState, args, crypto, ids};
+use crate::{AppState, args, ids};
 
 /// The `prev_hash` of a chain's first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -39,6 +45,12 @@ const NOT_AUDITED: &[&str] = &[
     "/v1/rules/{id}/test",
     "/mcp",
 ];
+
+/// Reads audited like changes: they reveal a secret.
+const AUDITED_READS: &[&str] = &["/v1/endpoints/{id}/secret"];
+
+/// Longest client-chosen request id kept in a row.
+const MAX_REQUEST_ID: usize = 128;
 
 /// `GET /v1/audit`.
 pub fn routes() -> Router<AppState> {
@@ -60,16 +72,20 @@ impl AuditActor {
     }
 }
 
-/// Middleware: after a successful change made with an admin API key, appends its audit row.
+/// Middleware: after a successful change made with an admin API key (or a secret read), appends
+/// its audit row.
 pub async fn record_changes(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string());
-    let audited = matches!(
-        *req.method(),
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    ) && route.as_deref().is_some_and(|r| !NOT_AUDITED.contains(&r));
+    let audited = match (req.method(), route.as_deref()) {
+        (&Method::POST | &Method::PUT | &Method::PATCH | &Method::DELETE, Some(r)) => {
+            !NOT_AUDITED.contains(&r)
+        }
+        (&Method::GET, Some(r)) => AUDITED_READS.contains(&r),
+        _ => false,
+    };
     if !audited {
         return next.run(req).await;
     }
@@ -81,6 +97,7 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= MAX_REQUEST_ID)
         .map(str::to_string);
     let response = next.run(req).await;
     let Some(auth) = actor.take() else {
@@ -89,19 +106,21 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
     if !response.status().is_success() {
         return response;
     }
-    let details = json!({"status": response.status().as_u16(), "request_id": request_id});
-    let entry = Entry {
-        tenant_id: &auth.tenant_id,
-        actor: &auth.actor(),
-        action: &action,
-        target: &target,
-        details: &details,
-    };
-    if let Err(e) = append(&state.db, entry).await {
-        // The change itself is committed; answering an error would invite a second one.
-        metrics::counter!("opsiq_audit_failures_total").increment(1);
-        tracing::error!(error = %e, %action, %target, "writing the audit row failed");
-    }
+    let details = json!({"status": response.status().as_u16(), "request_id": request_id}).to_string();
+    let write = tokio::spawn(async move {
+        let entry = Entry {
+            tenant_id: &auth.tenant_id,
+            actor: &auth.actor(),
+            action: &action,
+            target: &target,
+            details: &details,
+        };
+        if let Err(e) = append(&state.db, state.keys.audit_chain_key(), entry).await {
+            metrics::counter!("opsiq_audit_failures_total").increment(1);
+            tracing::error!(error = %e, %action, %target, "writing the audit row failed");
+        }
+    });
+    let _ = write.await;
     response
 }
 
@@ -116,13 +135,21 @@ pub struct Entry<'a> {
     pub action: &'a str,
     /// What it was done to: the request path.
     pub target: &'a str,
-    /// Anything else worth keeping (never a secret).
-    pub details: &'a Value,
+    /// Anything else worth keeping (never a secret), as JSON text: the hash covers these bytes.
+    pub details: &'a str,
 }
 
-/// The hash of a row: SHA-256 over its fields and its predecessor's hash, as a JSON array so that
-/// no two different rows serialize alike.
-pub fn row_hash(prev_hash: &str, seq: i64, id: &str, entry: &Entry<'_>, created_at: i64) -> String {
+/// The hash of a row: HMAC-SHA256 under `key` of its fields and its predecessor's hash, taken as
+/// a JSON array so that no two different rows serialize alike.
+pub fn row_hash(
+    key: &[u8],
+    prev_hash: &str,
+    seq: i64,
+    id: &str,
+    entry: &Entry<'_>,
+    created_at: i64,
+) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
     let canonical = json!([
         prev_hash,
         seq,
@@ -134,11 +161,13 @@ pub fn row_hash(prev_hash: &str, seq: i64, id: &str, entry: &Entry<'_>, created_
         entry.details,
         created_at
     ]);
-    crypto::sha256_hex(canonical.to_string().as_bytes())
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(canonical.to_string().as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
-/// Appends `entry` to its tenant's chain.
-pub async fn append(db: &Database, entry: Entry<'_>) -> Result<(), DbError> {
+/// Appends `entry` to its tenant's chain, hashed under `key`.
+pub async fn append(db: &Database, key: &[u8], entry: Entry<'_>) -> Result<(), DbError> {
     let mut tx = db.begin().await?;
     if db.dialect() == Dialect::Postgres {
         // Replicas append to the same chain: one at a time per tenant. (SQLite's single writer
@@ -161,7 +190,7 @@ pub async fn append(db: &Database, entry: Entry<'_>) -> Result<(), DbError> {
     };
     let id = ids::new_id("aud");
     let created_at = now_ms();
-    let hash = row_hash(&prev_hash, seq, &id, &entry, created_at);
+    let hash = row_hash(key, &prev_hash, seq, &id, &entry, created_at);
     tx.execute(
         "INSERT INTO audit_log (seq, tenant_id, id, actor, action, target, details, prev_hash, hash, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -172,7 +201,7 @@ pub async fn append(db: &Database, entry: Entry<'_>) -> Result<(), DbError> {
             entry.actor,
             entry.action,
             entry.target,
-            entry.details.to_string(),
+            entry.details,
             &prev_hash,
             &hash,
             created_at
@@ -209,24 +238,16 @@ pub struct AuditRow {
 }
 
 impl AuditRow {
-    /// The hash this row should have, given its stored fields.
-    fn expected_hash(&self) -> Result<String, String> {
-        let details: Value =
-            serde_json::from_str(&self.details).map_err(|e| format!("its details are not JSON: {e}"))?;
+    /// The hash this row should have under `key`, given its stored fields.
+    fn expected_hash(&self, key: &[u8]) -> String {
         let entry = Entry {
             tenant_id: &self.tenant_id,
             actor: &self.actor,
             action: &self.action,
             target: &self.target,
-            details: &details,
+            details: &self.details,
         };
-        Ok(row_hash(
-            &self.prev_hash,
-            self.seq,
-            &self.id,
-            &entry,
-            self.created_at,
-        ))
+        row_hash(key, &self.prev_hash, self.seq, &self.id, &entry, self.created_at)
     }
 
     fn to_json(&self) -> Value {
@@ -299,9 +320,10 @@ pub struct Verification {
     pub broken: Option<BrokenRow>,
 }
 
-/// Walks every tenant's chain in order and reports the first row that does not hold: a hash
-/// that does not match its fields, a `prev_hash` that is not its predecessor's hash, or a gap.
-pub async fn verify(db: &Database) -> Result<Verification, DbError> {
+/// Walks every tenant's chain in order and reports the first row that does not hold under `key`:
+/// a hash that does not match its fields, a `prev_hash` that is not its predecessor's hash, a
+/// gap, or a row out of sequence.
+pub async fn verify(db: &Database, key: &[u8]) -> Result<Verification, DbError> {
     const PAGE: i64 = 1000;
     let tenants: Vec<(String,)> = db
         .fetch_all(
@@ -316,28 +338,30 @@ pub async fn verify(db: &Database) -> Result<Verification, DbError> {
     };
     for (tenant_id,) in tenants {
         let (mut expected_seq, mut prev_hash) = (1_i64, GENESIS.to_string());
+        // Every row is read, whatever its number: one at 0 or below is out of sequence too.
+        let mut after = i64::MIN;
         loop {
             let rows: Vec<AuditRow> = db
                 .fetch_all(
                     sqlx::AssertSqlSafe(format!(
-                        "{SELECT_ROWS} WHERE tenant_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                        "{SELECT_ROWS} WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
                     )),
-                    args![&tenant_id, expected_seq, PAGE],
+                    args![&tenant_id, after, PAGE],
                 )
                 .await?;
             let done = (rows.len() as i64) < PAGE;
             for row in rows {
                 report.rows += 1;
-                let reason = if row.seq != expected_seq {
+                let reason = if row.seq > expected_seq {
                     Some(format!("row {expected_seq} is missing (the next is {})", row.seq))
+                } else if row.seq < expected_seq {
+                    Some(format!("it is out of sequence (row {expected_seq} was expected)"))
                 } else if row.prev_hash != prev_hash {
                     Some("its prev_hash is not the previous row's hash".to_string())
+                } else if row.expected_hash(key) != row.hash {
+                    Some("its hash does not match its contents".to_string())
                 } else {
-                    match row.expected_hash() {
-                        Ok(hash) if hash == row.hash => None,
-                        Ok(_) => Some("its hash does not match its contents".to_string()),
-                        Err(e) => Some(e),
-                    }
+                    None
                 };
                 if let Some(reason) = reason {
                     report.broken = Some(BrokenRow {
@@ -349,6 +373,7 @@ pub async fn verify(db: &Database) -> Result<Verification, DbError> {
                     return Ok(report);
                 }
                 expected_seq += 1;
+                after = row.seq;
                 prev_hash = row.hash;
             }
             if done {
@@ -361,25 +386,29 @@ pub async fn verify(db: &Database) -> Result<Verification, DbError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Entry, append, verify};
+    use super::{Entry, append, row_hash, verify};
     use crate::args;
     use crate::db::Database;
-    use serde_json::json;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const DETAILS: &str = r#"{"status":201}"#;
+
+    fn entry(target: &str) -> Entry<'_> {
+        Entry {
+            tenant_id: "ten_1",
+            actor: "key:k1",
+            action: "POST /v1/things",
+            target,
+            details: DETAILS,
+        }
+    }
 
     async fn chain_of_three() -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("audit.db").display());
         let db = Database::connect(&url).await.unwrap();
         for target in ["/a", "/b", "/c"] {
-            let details = json!({"status": 201});
-            let entry = Entry {
-                tenant_id: "ten_1",
-                actor: "key:k1",
-                action: "POST /v1/things",
-                target,
-                details: &details,
-            };
-            append(&db, entry).await.unwrap();
+            append(&db, KEY, entry(target)).await.unwrap();
         }
         (dir, db)
     }
@@ -387,21 +416,32 @@ mod tests {
     #[tokio::test]
     async fn a_removed_row_is_named_as_missing() {
         let (_dir, db) = chain_of_three().await;
-        let report = verify(&db).await.unwrap();
+        let report = verify(&db, KEY).await.unwrap();
         assert_eq!((report.rows, report.chains, report.broken), (3, 1, None));
         db.execute("DELETE FROM audit_log WHERE seq = 2", args![])
             .await
             .unwrap();
-        let broken = verify(&db).await.unwrap().broken.expect("broken");
+        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
         assert_eq!(broken.seq, 3);
         assert_eq!(broken.reason, "row 2 is missing (the next is 3)");
         db.close().await;
     }
 
     #[tokio::test]
-    async fn a_row_rewritten_with_a_fresh_hash_breaks_the_next_link() {
+    async fn a_row_numbered_out_of_sequence_is_found() {
         let (_dir, db) = chain_of_three().await;
-        // Recomputing the edited row's own hash is not enough: the next row points at the old one.
+        db.execute("UPDATE audit_log SET seq = 0 WHERE seq = 1", args![])
+            .await
+            .unwrap();
+        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
+        assert_eq!(broken.seq, 0);
+        assert_eq!(broken.reason, "it is out of sequence (row 1 was expected)");
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_row_needs_the_key_and_still_breaks_the_next_link() {
+        let (_dir, db) = chain_of_three().await;
         let (prev, id, created_at): (String, String, i64) = db
             .fetch_optional(
                 "SELECT prev_hash, id, created_at FROM audit_log WHERE seq = 2",
@@ -410,22 +450,25 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let details = json!({"status": 201});
-        let forged = Entry {
-            tenant_id: "ten_1",
-            actor: "key:k1",
-            action: "POST /v1/things",
-            target: "/forged",
-            details: &details,
-        };
-        let hash = super::row_hash(&prev, 2, &id, &forged, created_at);
+        // Without the key, a recomputed hash does not verify even for the row itself.
+        let guessed = row_hash(b"not the key", &prev, 2, &id, &entry("/forged"), created_at);
         db.execute(
             "UPDATE audit_log SET target = '/forged', hash = $1 WHERE seq = 2",
-            args![&hash],
+            args![&guessed],
         )
         .await
         .unwrap();
-        let broken = verify(&db).await.unwrap().broken.expect("broken");
+        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
+        assert_eq!(
+            (broken.seq, broken.reason.as_str()),
+            (2, "its hash does not match its contents")
+        );
+        // With the key, the row holds but the next one still points at the old hash.
+        let forged = row_hash(KEY, &prev, 2, &id, &entry("/forged"), created_at);
+        db.execute("UPDATE audit_log SET hash = $1 WHERE seq = 2", args![&forged])
+            .await
+            .unwrap();
+        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
         assert_eq!(broken.seq, 3);
         assert_eq!(broken.reason, "its prev_hash is not the previous row's hash");
         db.close().await;

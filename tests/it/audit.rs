@@ -57,6 +57,9 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     assert_eq!(status, 201, "{endpoint}");
     let id = endpoint["id"].as_str().unwrap().to_string();
     let path = format!("/v1/endpoints/{id}");
+    // Reading a secret is recorded like a change.
+    let (status, _) = app.call(Method::GET, &format!("{path}/secret"), None).await;
+    assert_eq!(status, 200);
     let (status, body) = app
         .call(Method::PATCH, &path, Some(json!({"description": "billing"})))
         .await;
@@ -89,17 +92,18 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
             "DELETE /v1/endpoints/{id}",
             "PUT /v1/policies",
             "PATCH /v1/endpoints/{id}",
+            "GET /v1/endpoints/{id}/secret",
             "POST /v1/endpoints"
         ]
     );
     assert_eq!(log[0]["target"], path.as_str());
     assert_eq!(log[0]["details"]["status"], 204);
     let seqs: Vec<i64> = log.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [4, 3, 2, 1]);
+    assert_eq!(seqs, [5, 4, 3, 2, 1]);
     for pair in log.windows(2) {
         assert_eq!(pair[0]["prev_hash"], pair[1]["hash"]);
     }
-    assert_eq!(log[3]["prev_hash"], "0".repeat(64));
+    assert_eq!(log[4]["prev_hash"], "0".repeat(64));
     assert!(
         log.iter()
             .all(|r| r["actor"].as_str().unwrap().starts_with("key:"))
@@ -115,8 +119,8 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     let (_, second) = app
         .call(Method::GET, &format!("/v1/audit?limit=3&cursor={cursor}"), None)
         .await;
-    assert_eq!(rows(&second).len(), 1);
-    assert_eq!(rows(&second)[0]["seq"], 1);
+    assert_eq!(rows(&second).len(), 2);
+    assert_eq!(rows(&second)[1]["seq"], 1);
     assert!(second["next_cursor"].is_null());
 
     // Another tenant has a chain of its own.
