@@ -413,15 +413,19 @@ mod tests {
         (dir, db)
     }
 
+    /// Runs `edit` on the chain and returns the first row `verify` then reports broken.
+    async fn broken_after(db: &Database, edit: &'static str) -> super::BrokenRow {
+        db.execute(edit, args![]).await.unwrap();
+        let report = verify(db, KEY).await.unwrap();
+        report.broken.expect("the edit breaks the chain")
+    }
+
     #[tokio::test]
     async fn a_removed_row_is_named_as_missing() {
         let (_dir, db) = chain_of_three().await;
         let report = verify(&db, KEY).await.unwrap();
         assert_eq!((report.rows, report.chains, report.broken), (3, 1, None));
-        db.execute("DELETE FROM audit_log WHERE seq = 2", args![])
-            .await
-            .unwrap();
-        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
+        let broken = broken_after(&db, "DELETE FROM audit_log WHERE seq = 2").await;
         assert_eq!(broken.seq, 3);
         assert_eq!(broken.reason, "row 2 is missing (the next is 3)");
         db.close().await;
@@ -430,10 +434,7 @@ mod tests {
     #[tokio::test]
     async fn a_row_numbered_out_of_sequence_is_found() {
         let (_dir, db) = chain_of_three().await;
-        db.execute("UPDATE audit_log SET seq = 0 WHERE seq = 1", args![])
-            .await
-            .unwrap();
-        let broken = verify(&db, KEY).await.unwrap().broken.expect("broken");
+        let broken = broken_after(&db, "UPDATE audit_log SET seq = 0 WHERE seq = 1").await;
         assert_eq!(broken.seq, 0);
         assert_eq!(broken.reason, "it is out of sequence (row 1 was expected)");
         db.close().await;
