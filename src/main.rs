@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
 use opsiq::config::{Config, LogFormat};
@@ -218,7 +217,7 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
 async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(args.common.config.as_ref(), &args)?;
     // Checking a database must not create one where none was.
-    if let Some(file) = sqlite_file(&config.database_url)?
+    if let Some(file) = opsiq::db::sqlite_file(&config.database_url)?
         && !file.exists()
     {
         anyhow::bail!("there is no database at {}", file.display());
@@ -246,15 +245,6 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
-}
-
-/// The file a `sqlite:` URL names (none for PostgreSQL or an in-memory database).
-fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
-    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
-        return Ok(None);
-    }
-    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
-    Ok(Some(options.get_filename().to_path_buf()))
 }
 
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {

@@ -24,7 +24,6 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::db::{Database, DbError, Dialect, now_ms, rfc3339};
@@ -75,23 +74,20 @@ impl AuditActor {
 /// Middleware: after a successful change made with an admin API key (or a secret read), appends
 /// its audit row.
 pub async fn record_changes(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
-    let audited = match (req.method(), route.as_deref()) {
-        (&Method::POST | &Method::PUT | &Method::PATCH | &Method::DELETE, Some(r)) => {
-            !NOT_AUDITED.contains(&r)
+    // Every API request passes here (agents' calls too): decide before allocating anything.
+    let action = match (req.method(), req.extensions().get::<MatchedPath>()) {
+        (&Method::POST | &Method::PUT | &Method::PATCH | &Method::DELETE, Some(route))
+            if !NOT_AUDITED.contains(&route.as_str()) =>
+        {
+            format!("{} {}", req.method(), route.as_str())
         }
-        (&Method::GET, Some(r)) => AUDITED_READS.contains(&r),
-        _ => false,
+        (&Method::GET, Some(route)) if AUDITED_READS.contains(&route.as_str()) => {
+            format!("GET {}", route.as_str())
+        }
+        _ => return next.run(req).await,
     };
-    if !audited {
-        return next.run(req).await;
-    }
     let actor = AuditActor::default();
     req.extensions_mut().insert(actor.clone());
-    let action = format!("{} {}", req.method(), route.unwrap_or_default());
     let target = req.uri().path().to_string();
     let request_id = req
         .headers()
@@ -213,7 +209,7 @@ pub async fn append(db: &Database, key: &[u8], entry: Entry<'_>) -> Result<(), D
 }
 
 /// A stored audit row.
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AuditRow {
     /// Position in the tenant's chain, from 1.
     pub seq: i64,

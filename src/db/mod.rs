@@ -535,11 +535,9 @@ impl ServerLock {
         if !url.starts_with("sqlite:") {
             return Ok(Self::Shared);
         }
-        if url.contains(":memory:") || url.contains("mode=memory") {
+        let Some(database) = sqlite_file(url).map_err(std::io::Error::other)? else {
             return Ok(Self::Sole(None));
-        }
-        let options = SqliteConnectOptions::from_str(url).map_err(std::io::Error::other)?;
-        let database = options.get_filename();
+        };
         // The same file reached through another path must find the same lock.
         let database = match (database.parent(), database.file_name()) {
             (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
@@ -566,6 +564,16 @@ impl ServerLock {
     pub fn is_sole(&self) -> bool {
         matches!(self, Self::Sole(_))
     }
+}
+
+/// The file a `sqlite:` URL names; `None` for PostgreSQL or an in-memory database.
+pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, sqlx::Error> {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    Ok(Some(
+        SqliteConnectOptions::from_str(url)?.get_filename().to_path_buf(),
+    ))
 }
 
 /// Row counts SQLite's multi-row statements are cut into, largest first: a few statement texts

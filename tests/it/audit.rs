@@ -8,7 +8,10 @@ use crate::dual;
 use crate::harness::{Backend, TestApp};
 use crate::process;
 
-dual!(admin_changes_are_chained_and_tampering_is_found);
+dual!(
+    admin_changes_are_chained_and_tampering_is_found,
+    concurrent_changes_extend_one_unbroken_chain
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifying_a_missing_database_creates_none() {
@@ -154,5 +157,34 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     assert!(
         stderr.contains(&format!("tenant {} row 2 ", app.tenant_id)) && stderr.contains("does not match"),
         "{stderr}"
+    );
+}
+
+async fn concurrent_changes_extend_one_unbroken_chain(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    // Sixteen changes at once: each appends after the others' rows (PostgreSQL: under the
+    // tenant's advisory lock), so the chain has no fork, gap or duplicate.
+    let creates = (0..16).map(|i| {
+        app.call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": format!("k{i}"), "role": "viewer"})),
+        )
+    });
+    for (status, body) in futures_util::future::join_all(creates).await {
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, page) = app.call(Method::GET, "/v1/audit?limit=50", None).await;
+    assert_eq!(status, 200);
+    let seqs: Vec<i64> = rows(&page).iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=16).rev().collect::<Vec<_>>());
+    let (ok, stdout, stderr) = audit_verify(&app).await;
+    assert!(ok, "{stdout} {stderr}");
+    assert!(stdout.contains("16 rows"), "{stdout}");
+
+    let (status, body) = app.call(Method::GET, "/v1/audit?cursor=latest", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_cursor"))
     );
 }
