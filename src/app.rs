@@ -32,7 +32,7 @@ use crate::policy::Policy;
 use crate::registry::validators::Validators;
 use crate::rules::Rules;
 use crate::{
-    agents, audit, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants,
+    agents, audit, console, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants,
 };
 
 /// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
@@ -187,6 +187,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load));
     Router::new()
         .merge(ops::routes())
+        .merge(console::routes())
         .merge(api)
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)

@@ -29,6 +29,7 @@ pub mod agents;
 pub mod audit;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod db;
 pub mod delivery;

@@ -5,6 +5,7 @@ mod mcp;
 
 mod audit;
 mod cli;
+mod console;
 mod delivery;
 mod durability;
 mod external;

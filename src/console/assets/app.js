@@ -1,0 +1,753 @@
+// The OpsIQ web console: a single page over the public HTTP API, signed in with an API key kept
+// in this tab's sessionStorage. Everything is built with DOM calls and textContent, never HTML
+// strings, so no value from the API can become markup.
+
+import {
+  OPERATORS,
+  describeRule,
+  emptyForm,
+  fieldsOf,
+  formFromRule,
+  newCondition,
+  newGroup,
+  newOutput,
+  ruleFromForm,
+  sampleOf,
+} from "./rule-builder.js";
+
+const KEY_SLOT = "opsiq.apiKey";
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+
+/** An error answer of the API, with the contract's `{code, message, details}`. */
+class ApiFailure extends Error {
+  constructor(status, error) {
+    super(error.message);
+    this.status = status;
+    this.code = error.code;
+    this.details = error.details ?? [];
+  }
+}
+
+async function api(method, path, body, headers = {}) {
+  const init = { method, headers: { authorization: `Bearer ${sessionStorage.getItem(KEY_SLOT)}`, ...headers } };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  if (res.status === 204) return null;
+  const data = await res.json().catch(() => null);
+  if (!res.ok) {
+    if (res.status === 401) signOut("The API key was not accepted; sign in again.");
+    throw new ApiFailure(res.status, data?.error ?? { code: `http_${res.status}`, message: res.statusText });
+  }
+  return data;
+}
+
+const enc = encodeURIComponent;
+
+/** Creates an element: `h("button", {class: "x", onclick}, "text", child…)`. */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else if (name === "value") el.value = value;
+    else if (name === "checked") el.checked = true;
+    else el.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+/** Replaces the page's content with `nodes` (arrays flattened, empty slots skipped). */
+function show(...nodes) {
+  main.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
+}
+
+function problem(err) {
+  const box = h("div", { class: "problem", role: "alert" }, err.message);
+  if (err.details?.length) {
+    box.append(h("ul", {}, err.details.map((d) => h("li", {}, h("code", {}, d.path || "/"), " ", d.message))));
+  }
+  return box;
+}
+
+function table(headers, rows, empty) {
+  if (rows.length === 0) return h("p", { class: "muted" }, empty);
+  return h("table", {}, h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
+}
+
+function link(href, text) {
+  return h("a", { href }, text);
+}
+
+function when(ts) {
+  return ts ? new Date(ts).toLocaleString() : "";
+}
+
+function pre(value) {
+  return h("pre", {}, typeof value === "string" ? value : JSON.stringify(value, null, 2));
+}
+
+/** Every item of a list route (`path` without a query), up to 1,000. */
+async function listAll(path) {
+  const items = [];
+  let cursor = null;
+  do {
+    const query = new URLSearchParams({ limit: "100" });
+    if (cursor) query.set("cursor", cursor);
+    const page = await api("GET", `${path}?${query}`);
+    items.push(...page.data);
+    cursor = page.next_cursor;
+  } while (cursor && items.length < 1000);
+  return items;
+}
+
+// ---------------------------------------------------------------- sign in
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY_SLOT);
+  nav.hidden = true;
+  showSignIn(message);
+}
+
+function showSignIn(message) {
+  const input = h("input", { type: "password", id: "api-key", autocomplete: "off", placeholder: "opsiq_sk_…", required: true });
+  const form = h(
+    "form",
+    {
+      class: "card narrow",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        sessionStorage.setItem(KEY_SLOT, input.value.trim());
+        try {
+          await api("GET", `/v1/rules?limit=1`);
+          if (!location.hash || location.hash === "#/") history.replaceState(null, "", "#/rules");
+          route();
+        } catch (err) {
+          if (sessionStorage.getItem(KEY_SLOT)) sessionStorage.removeItem(KEY_SLOT);
+          if (!(err instanceof ApiFailure && err.status === 401)) form.append(problem(err));
+        }
+      },
+    },
+    h("h2", {}, "Sign in"),
+    h("p", { class: "muted" }, "Paste an API key of your workspace. It stays in this browser tab only."),
+    message ? h("div", { class: "problem", role: "alert" }, message) : null,
+    h("label", { for: "api-key" }, "API key"),
+    input,
+    h("button", { type: "submit", id: "sign-in" }, "Sign in"),
+  );
+  show(form);
+}
+
+// ---------------------------------------------------------------- rules
+
+async function showRules() {
+  const rules = await listAll(`/v1/rules`);
+  show(
+    h("div", { class: "bar" }, h("h2", {}, "Rules"), h("a", { class: "button", href: "#/rules/new", id: "new-rule" }, "New rule")),
+    h("p", { class: "muted" }, "When an event happens and the conditions hold, a rule delivers it, invokes an action or emits another event."),
+    table(
+      ["Name", "What it does", "Enabled", "Updated"],
+      rules.map((r) =>
+        h("tr", {}, h("td", {}, link(`#/rules/${enc(r.id)}`, r.name)), h("td", {}, describeRule(r)), h("td", {}, r.enabled === false ? "no" : "yes"), h("td", {}, when(r.updated_at))),
+      ),
+      "No rules yet. Create one with the builder.",
+    ),
+  );
+}
+
+/** Loads what the builder offers in its lists: event types, endpoints and actions. */
+async function builderChoices() {
+  const [eventTypes, endpoints, actions] = await Promise.all([
+    listAll(`/v1/event-types`),
+    listAll(`/v1/endpoints`),
+    listAll(`/v1/actions`),
+  ]);
+  return { eventTypes, endpoints, actions };
+}
+
+async function showRuleEditor(id) {
+  const choices = await builderChoices();
+  let stored = null;
+  if (id) stored = await api("GET", `/v1/rules/${enc(id)}`);
+  const form = stored ? formFromRule(stored) : emptyForm();
+  const editor = new RuleEditor(form, choices, stored?.id ?? null);
+  show(editor.root);
+}
+
+/** The visual builder: edits a form, shows the rule it makes, dry-runs and saves it. */
+class RuleEditor {
+  constructor(form, choices, ruleId) {
+    this.form = form;
+    this.choices = choices;
+    this.ruleId = ruleId;
+    this.preview = h("pre", { id: "rule-json" });
+    this.messages = h("div", { id: "rule-messages" });
+    this.conditionsBox = h("div", { id: "conditions" });
+    this.outputsBox = h("div", { id: "outputs" });
+    this.sample = h("textarea", { id: "sample-event", rows: 10, spellcheck: "false" });
+    this.testResult = h("div", { id: "test-result" });
+    this.fieldList = h("datalist", { id: "field-list" });
+    this.root = this.build();
+    this.refreshFields(true);
+    this.renderConditions();
+    this.renderOutputs();
+    this.update();
+  }
+
+  build() {
+    const f = this.form;
+    const typeList = h("datalist", { id: "event-type-list" }, this.choices.eventTypes.map((t) => h("option", { value: t.name }, t.description ?? "")));
+    const eventType = h("input", {
+      id: "rule-event-type",
+      list: "event-type-list",
+      value: f.eventType,
+      placeholder: "ticket.created, invoice.*, or *",
+      oninput: (e) => {
+        f.eventType = e.target.value;
+        this.refreshFields(false);
+        this.update();
+      },
+    });
+    return h(
+      "div",
+      { class: "builder" },
+      h("div", { class: "bar" }, h("h2", {}, this.ruleId ? "Edit rule" : "New rule"), link("#/rules", "All rules")),
+      h(
+        "section",
+        { class: "card" },
+        h("label", { for: "rule-name" }, "Name"),
+        h("input", { id: "rule-name", value: f.name, oninput: (e) => { f.name = e.target.value; this.update(); } }),
+        h("label", { for: "rule-description" }, "Description (optional)"),
+        h("input", { id: "rule-description", value: f.description, oninput: (e) => { f.description = e.target.value; this.update(); } }),
+        h("label", { class: "inline" }, h("input", { type: "checkbox", id: "rule-enabled", checked: f.enabled, onchange: (e) => { f.enabled = e.target.checked; this.update(); } }), " Enabled"),
+      ),
+      h("section", { class: "card" }, h("h3", {}, "When this happens"), eventType, typeList),
+      h("section", { class: "card" }, h("h3", {}, "If these conditions hold"), h("p", { class: "muted" }, "No conditions: the rule runs on every such event."), this.conditionsBox, this.fieldList),
+      h(
+        "section",
+        { class: "card" },
+        h("h3", {}, "Then do this"),
+        this.outputsBox,
+        h(
+          "div",
+          { class: "row" },
+          h("button", { type: "button", id: "add-deliver", onclick: () => this.addOutput("deliver") }, "+ Deliver to an endpoint"),
+          h("button", { type: "button", id: "add-invoke", onclick: () => this.addOutput("invoke") }, "+ Invoke an action"),
+          h("button", { type: "button", id: "add-emit", onclick: () => this.addOutput("emit") }, "+ Emit an event"),
+        ),
+      ),
+      h(
+        "section",
+        { class: "card" },
+        h("h3", {}, "Try it on a sample event"),
+        h("p", { class: "muted" }, "A dry run: shows which conditions hold and the exact signed requests, sends nothing."),
+        this.sample,
+        h("div", { class: "row" }, h("button", { type: "button", id: "test-rule", onclick: () => this.test() }, "Test")),
+        this.testResult,
+      ),
+      h("section", { class: "card" }, h("h3", {}, "The rule as JSON"), this.preview),
+      this.messages,
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "button", id: "save-rule", class: "primary", onclick: () => this.save() }, "Save rule"),
+        this.ruleId ? h("button", { type: "button", id: "delete-rule", class: "danger", onclick: () => this.remove() }, "Delete") : null,
+      ),
+    );
+  }
+
+  /** The catalog entry of the chosen event type, if it names one exactly. */
+  eventTypeSchema() {
+    return this.choices.eventTypes.find((t) => t.name === this.form.eventType.trim())?.schema ?? null;
+  }
+
+  /** Offers the chosen event type's fields; fills the sample from its schema when asked to. */
+  refreshFields(keepSample) {
+    const schema = this.eventTypeSchema();
+    this.fields = fieldsOf(schema);
+    this.fieldList.replaceChildren(...this.fields.map((f) => h("option", { value: f.path })));
+    if (!keepSample || this.sample.value.trim() === "") {
+      const type = this.form.eventType.trim().replace(/\*$/, "example");
+      this.sample.value = JSON.stringify({ type: type || "example", data: sampleOf(schema) ?? {} }, null, 2);
+    }
+  }
+
+  update() {
+    const { rule, errors } = ruleFromForm(this.form);
+    this.preview.textContent = JSON.stringify(rule, null, 2);
+    this.localErrors = errors;
+  }
+
+  renderConditions() {
+    this.conditionsBox.replaceChildren(this.groupView(this.form.conditions, null, 0));
+    this.update();
+  }
+
+  groupView(group, parent, depth) {
+    const mode = h(
+      "select",
+      { class: "group-mode", onchange: (e) => { group.mode = e.target.value; this.update(); } },
+      h("option", { value: "all", selected: group.mode === "all" }, "all of"),
+      h("option", { value: "any", selected: group.mode === "any" }, "any of"),
+    );
+    const items = group.items.map((item) =>
+      item.kind === "group" ? this.groupView(item, group, depth + 1) : this.conditionView(item, group),
+    );
+    return h(
+      "div",
+      { class: depth === 0 ? "group top" : "group" },
+      h(
+        "div",
+        { class: "row" },
+        this.negateToggle(group),
+        h("span", {}, "Match"),
+        mode,
+        h("span", {}, "these:"),
+        parent ? h("button", { type: "button", class: "link", onclick: () => this.removeFrom(parent, group) }, "remove group") : null,
+      ),
+      items,
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "button", class: "add-condition", onclick: () => { group.items.push(newCondition()); this.renderConditions(); } }, "+ Condition"),
+        depth < 4 ? h("button", { type: "button", class: "add-group", onclick: () => { group.items.push({ ...newGroup("any"), items: [newCondition()] }); this.renderConditions(); } }, "+ Group") : null,
+      ),
+    );
+  }
+
+  negateToggle(node) {
+    return h(
+      "label",
+      { class: "inline negate", title: "Holds when the condition does not" },
+      h("input", { type: "checkbox", class: "negate", checked: node.negate, onchange: (e) => { node.negate = e.target.checked; this.update(); } }),
+      " not",
+    );
+  }
+
+  conditionView(cond, group) {
+    const enumFor = () => this.fields.find((f) => f.path === cond.field.trim())?.enum ?? [];
+    const valueList = h("datalist", { id: `values-${Math.random().toString(36).slice(2)}` });
+    const fillValues = () => valueList.replaceChildren(...enumFor().map((v) => h("option", { value: typeof v === "string" ? v : JSON.stringify(v) })));
+    fillValues();
+    const value = cond.op === "exists"
+      ? h(
+          "select",
+          { class: "cond-value", onchange: (e) => { cond.value = e.target.value; this.update(); } },
+          h("option", { value: "true", selected: cond.value !== "false" }, "yes"),
+          h("option", { value: "false", selected: cond.value === "false" }, "no (absent)"),
+        )
+      : h("input", {
+          class: "cond-value",
+          list: valueList.id,
+          value: cond.value,
+          placeholder: cond.op === "in" || cond.op === "not_in" ? "high, urgent" : "value",
+          oninput: (e) => { cond.value = e.target.value; this.update(); },
+        });
+    return h(
+      "div",
+      { class: "condition row" },
+      this.negateToggle(cond),
+      h("input", {
+        class: "cond-field",
+        list: "field-list",
+        value: cond.field,
+        placeholder: "data.customer.tier",
+        oninput: (e) => { cond.field = e.target.value; fillValues(); this.update(); },
+      }),
+      h(
+        "select",
+        {
+          class: "cond-op",
+          onchange: (e) => {
+            const wasExists = cond.op === "exists";
+            cond.op = e.target.value;
+            if (wasExists !== (cond.op === "exists")) {
+              cond.value = cond.op === "exists" ? "true" : "";
+              this.renderConditions();
+            } else this.update();
+          },
+        },
+        OPERATORS.map((o) => h("option", { value: o.op, selected: o.op === cond.op }, o.label)),
+      ),
+      value,
+      valueList,
+      h("button", { type: "button", class: "link remove-condition", onclick: () => this.removeFrom(group, cond) }, "remove"),
+    );
+  }
+
+  removeFrom(group, node) {
+    group.items.splice(group.items.indexOf(node), 1);
+    this.renderConditions();
+  }
+
+  addOutput(kind) {
+    this.form.outputs.push(newOutput(kind));
+    this.renderOutputs();
+  }
+
+  renderOutputs() {
+    const views = this.form.outputs.map((output, i) => {
+      const remove = h("button", { type: "button", class: "link", onclick: () => { this.form.outputs.splice(i, 1); this.renderOutputs(); } }, "remove");
+      let body;
+      switch (output.kind) {
+        case "deliver":
+          body = [
+            h("span", {}, "Deliver the event to"),
+            h(
+              "select",
+              { class: "out-endpoint", onchange: (e) => { output.endpointId = e.target.value; this.update(); } },
+              h("option", { value: "" }, "choose an endpoint…"),
+              this.choices.endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === output.endpointId }, `${ep.url} (${ep.id})`)),
+            ),
+          ];
+          break;
+        case "invoke":
+          body = [
+            h("span", {}, "Invoke"),
+            h(
+              "select",
+              { class: "out-action", onchange: (e) => { output.action = e.target.value; this.update(); } },
+              h("option", { value: "" }, "choose an action…"),
+              this.choices.actions.map((a) => h("option", { value: a.name, selected: a.name === output.action }, a.title ? `${a.title} (${a.name})` : a.name)),
+            ),
+            h("span", { class: "muted" }, "with arguments (JSON; {{data.field}} inserts a value from the event):"),
+            h("textarea", { class: "out-arguments", rows: 4, spellcheck: "false", value: output.arguments, placeholder: '{"license_id": "{{data.license_id}}", "days": 7}', oninput: (e) => { output.arguments = e.target.value; this.update(); } }),
+          ];
+          break;
+        default:
+          body = [
+            h("span", {}, "Emit the event"),
+            h("input", { class: "out-type", value: output.type, placeholder: "escalation.opened", oninput: (e) => { output.type = e.target.value; this.update(); } }),
+            h("span", { class: "muted" }, "with data (JSON, templates allowed):"),
+            h("textarea", { class: "out-data", rows: 3, spellcheck: "false", value: output.data, placeholder: '{"ticket": "{{data.ticket_id}}"}', oninput: (e) => { output.data = e.target.value; this.update(); } }),
+          ];
+      }
+      return h("div", { class: "output" }, h("div", { class: "row" }, h("strong", {}, `${i + 1}.`), body, remove));
+    });
+    this.outputsBox.replaceChildren(...views);
+    this.update();
+  }
+
+  /** The form's rule, or `null` after showing what is wrong with it. */
+  ruleOrErrors() {
+    this.update();
+    if (this.localErrors.length) {
+      this.messages.replaceChildren(problem({ message: "The rule is not complete yet:", details: this.localErrors }));
+      return null;
+    }
+    this.messages.replaceChildren();
+    return ruleFromForm(this.form).rule;
+  }
+
+  async test() {
+    const rule = this.ruleOrErrors();
+    if (!rule) return;
+    let event;
+    try {
+      event = JSON.parse(this.sample.value);
+    } catch (e) {
+      this.testResult.replaceChildren(problem({ message: `The sample event is not valid JSON (${e.message}).` }));
+      return;
+    }
+    try {
+      const result = await api("POST", `/v1/rules/test`, { rule, event });
+      this.testResult.replaceChildren(dryRunView(result));
+    } catch (err) {
+      this.testResult.replaceChildren(problem(err));
+    }
+  }
+
+  async save() {
+    const rule = this.ruleOrErrors();
+    if (!rule) return;
+    try {
+      const saved = this.ruleId
+        ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule)
+        : await api("POST", `/v1/rules`, rule);
+      this.ruleId = saved.id;
+      this.messages.replaceChildren(h("div", { class: "ok", role: "status", id: "saved" }, `Saved as ${saved.id}.`));
+      history.replaceState(null, "", `#/rules/${enc(saved.id)}`);
+    } catch (err) {
+      this.messages.replaceChildren(problem(err));
+    }
+  }
+
+  async remove() {
+    if (!confirm("Delete this rule?")) return;
+    try {
+      await api("DELETE", `/v1/rules/${enc(this.ruleId)}`);
+      location.hash = "#/rules";
+    } catch (err) {
+      this.messages.replaceChildren(problem(err));
+    }
+  }
+}
+
+function dryRunView(result) {
+  const verdict = !result.triggered
+    ? "Not triggered: the event type does not match."
+    : result.matched
+      ? `Matched: ${result.outputs.length} output(s) would run.`
+      : "Triggered, but the conditions do not hold.";
+  return h(
+    "div",
+    { class: result.matched ? "ok" : "muted-box" },
+    h("p", { id: "test-verdict" }, verdict),
+    table(
+      ["Condition", "Field held", "Held"],
+      (result.conditions ?? []).map((c) =>
+        h("tr", {}, h("td", {}, `${c.field} ${c.op} ${JSON.stringify(c.value ?? true)}`), h("td", {}, c.actual === undefined ? "(absent)" : JSON.stringify(c.actual)), h("td", {}, c.held ? "✔" : "✘")),
+      ),
+      "No conditions.",
+    ),
+    (result.outputs ?? []).map((o) => h("details", {}, h("summary", {}, JSON.stringify(o.deliver ?? o.invoke ?? o.emit ?? o).slice(0, 120)), pre(o))),
+  );
+}
+
+// ---------------------------------------------------------------- endpoints
+
+async function showEndpoints() {
+  const endpoints = await listAll(`/v1/endpoints`);
+  const secretBox = h("div");
+  const url = h("input", { id: "endpoint-url", type: "url", placeholder: "https://example.com/webhooks", required: true });
+  const types = h("input", { id: "endpoint-types", placeholder: "* or invoice.*, ticket.created" });
+  const description = h("input", { id: "endpoint-description", placeholder: "optional" });
+  const create = h(
+    "form",
+    {
+      class: "card",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        const eventTypes = types.value.split(",").map((t) => t.trim()).filter(Boolean);
+        try {
+          const ep = await api("POST", `/v1/endpoints`, { url: url.value.trim(), description: description.value.trim() || undefined, event_types: eventTypes.length ? eventTypes : ["*"] });
+          await showEndpoints();
+          main.prepend(h("div", { class: "ok", role: "status" }, `Created ${ep.id}. Its signing secret (shown again under "secret"): `, h("code", { class: "secret" }, ep.secret)));
+        } catch (err) {
+          secretBox.replaceChildren(problem(err));
+        }
+      },
+    },
+    h("h3", {}, "Add an endpoint"),
+    h("label", { for: "endpoint-url" }, "URL"),
+    url,
+    h("label", { for: "endpoint-types" }, "Event types (comma-separated patterns)"),
+    types,
+    h("label", { for: "endpoint-description" }, "Description"),
+    description,
+    h("button", { type: "submit" }, "Add endpoint"),
+    secretBox,
+  );
+  const action = (label, fn) => h("button", { type: "button", class: "link", onclick: fn }, label);
+  const out = h("div");
+  const run = async (fn) => {
+    try {
+      out.replaceChildren(await fn());
+    } catch (err) {
+      out.replaceChildren(problem(err));
+    }
+  };
+  const rows = endpoints.map((ep) =>
+    h(
+      "tr",
+      {},
+      h("td", {}, ep.url, h("div", { class: "muted" }, ep.id)),
+      h("td", {}, (ep.event_types ?? []).join(", ")),
+      h("td", {}, ep.enabled ? "enabled" : `disabled${ep.disabled_reason ? ` (${ep.disabled_reason})` : ""}`),
+      h(
+        "td",
+        {},
+        action("send test", () => run(async () => { const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/test`, {}); return h("div", { class: "ok" }, `Test event sent: delivery `, link(`#/deliveries/${enc(r.delivery_id)}`, r.delivery_id)); })),
+        action("secret", () => run(async () => pre(await api("GET", `/v1/endpoints/${enc(ep.id)}/secret`)))),
+        action("rotate secret", () => run(async () => { if (!confirm("Rotate the secret? The old one keeps signing during the overlap.")) return ""; return pre(await api("POST", `/v1/endpoints/${enc(ep.id)}/rotate-secret`, {})); })),
+        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }); await showEndpoints(); return ""; })),
+        action("deliveries", () => { location.hash = `#/deliveries?endpoint_id=${enc(ep.id)}`; }),
+        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`); await showEndpoints(); return ""; })),
+      ),
+    ),
+  );
+  show(h("h2", {}, "Endpoints"), table(["URL", "Event types", "State", ""], rows, "No endpoints yet."), out, create);
+}
+
+// ---------------------------------------------------------------- deliveries
+
+async function showDeliveries(params) {
+  const status = params.get("status") ?? "";
+  const query = new URLSearchParams();
+  if (status) query.set("status", status);
+  if (params.get("endpoint_id")) query.set("endpoint_id", params.get("endpoint_id"));
+  query.set("limit", "50");
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
+  const page = await api("GET", `/v1/deliveries?${query}`);
+  const filter = h(
+    "select",
+    {
+      id: "delivery-status",
+      onchange: (e) => {
+        const next = new URLSearchParams(params);
+        next.delete("cursor");
+        if (e.target.value) next.set("status", e.target.value);
+        else next.delete("status");
+        location.hash = `#/deliveries?${next}`;
+      },
+    },
+    ["", "pending", "delivering", "succeeded", "failed"].map((s) => h("option", { value: s, selected: s === status }, s || "any status")),
+  );
+  const rows = page.data.map((d) =>
+    h("tr", {}, h("td", {}, link(`#/deliveries/${enc(d.id)}`, d.id)), h("td", {}, d.event_type ?? d.action ?? d.kind), h("td", {}, d.status), h("td", {}, String(d.attempts)), h("td", {}, d.last_status_code ?? d.last_error ?? ""), h("td", {}, when(d.created_at))),
+  );
+  const next = page.next_cursor ? (() => { const p = new URLSearchParams(params); p.set("cursor", page.next_cursor); return link(`#/deliveries?${p}`, "Older →"); })() : null;
+  show(h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter), table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."), next);
+}
+
+async function showDelivery(id) {
+  const d = await api("GET", `/v1/deliveries/${enc(id)}`);
+  const out = h("div");
+  const attempts = (d.attempts_log ?? []).map((a) =>
+    h(
+      "details",
+      { open: true },
+      h("summary", {}, `Attempt ${a.attempt} — ${a.response ? `HTTP ${a.response.status}` : a.error_class ?? "no answer"} in ${a.duration_ms ?? "?"} ms, ${when(a.started_at)}`),
+      h("h4", {}, "Request"),
+      pre(a.request),
+      h("h4", {}, "Response"),
+      a.response ? pre(a.response) : h("p", {}, a.error ?? "none"),
+    ),
+  );
+  show(
+    h("div", { class: "bar" }, h("h2", {}, `Delivery ${d.id}`), link("#/deliveries", "All deliveries")),
+    h("p", {}, `${d.status}, ${d.attempts} attempt(s), endpoint ${d.endpoint_id}, idempotency key `, h("code", {}, d.idempotency_key)),
+    h(
+      "button",
+      {
+        type: "button",
+        id: "replay",
+        onclick: async () => {
+          try {
+            const r = await api("POST", `/v1/deliveries/${enc(d.id)}/replay`, {});
+            out.replaceChildren(h("div", { class: "ok" }, `Replay queued (${r.status}).`));
+          } catch (err) {
+            out.replaceChildren(problem(err));
+          }
+        },
+      },
+      "Replay",
+    ),
+    out,
+    h("h3", {}, "Body"),
+    pre(d.body),
+    h("h3", {}, "Attempts"),
+    attempts.length ? attempts : h("p", { class: "muted" }, "Not attempted yet."),
+  );
+}
+
+// ---------------------------------------------------------------- actions, event types, audit
+
+async function showActions() {
+  const actions = await listAll(`/v1/actions`);
+  show(
+    h("h2", {}, "Actions"),
+    h("p", { class: "muted" }, "What agents may run, declared as JSON-Schema tools. Declare them with the API or files in schemas/actions."),
+    table(
+      ["Name", "Description", "Mode", "Version", "Enabled"],
+      actions.map((a) => h("tr", {}, h("td", {}, h("code", {}, a.name)), h("td", {}, a.description ?? ""), h("td", {}, a.mode ?? ""), h("td", {}, String(a.version ?? "")), h("td", {}, a.enabled === false ? "no" : "yes"))),
+      "No actions declared yet.",
+    ),
+  );
+}
+
+async function showEventTypes() {
+  const types = await listAll(`/v1/event-types`);
+  const name = h("input", { id: "type-name", placeholder: "escalation.opened", required: true });
+  const description = h("input", { id: "type-description", placeholder: "What happened" });
+  const out = h("div");
+  show(
+    h("h2", {}, "Event types"),
+    table(
+      ["Name", "Description", "Fields"],
+      types.map((t) => h("tr", {}, h("td", {}, h("code", {}, t.name), t.builtin ? h("span", { class: "muted" }, " built in") : null), h("td", {}, t.description ?? ""), h("td", {}, fieldsOf(t.schema).slice(2).map((f) => f.path).join(", ")))),
+      "No event types.",
+    ),
+    h(
+      "form",
+      {
+        class: "card",
+        onsubmit: async (e) => {
+          e.preventDefault();
+          try {
+            await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined });
+            await showEventTypes();
+          } catch (err) {
+            out.replaceChildren(problem(err));
+          }
+        },
+      },
+      h("h3", {}, "Add a custom event type"),
+      h("label", { for: "type-name" }, "Name"),
+      name,
+      h("label", { for: "type-description" }, "Description"),
+      description,
+      h("button", { type: "submit" }, "Add"),
+      out,
+    ),
+  );
+}
+
+async function showAudit() {
+  const page = await api("GET", `/v1/audit?limit=100`);
+  show(
+    h("h2", {}, "Audit log"),
+    h("p", { class: "muted" }, "Every change made with an admin key, hash-chained; `opsiq audit verify` checks the chain."),
+    table(
+      ["#", "When", "Who", "What", "Target"],
+      page.data.map((r) => h("tr", {}, h("td", {}, String(r.seq)), h("td", {}, when(r.created_at)), h("td", {}, r.actor), h("td", {}, r.action), h("td", {}, r.target ?? ""))),
+      "Nothing recorded yet.",
+    ),
+  );
+}
+
+// ---------------------------------------------------------------- routing
+
+const VIEWS = [
+  [/^#\/rules\/new$/, () => showRuleEditor(null)],
+  [/^#\/rules\/([^/?]+)$/, (m) => showRuleEditor(decodeURIComponent(m[1]))],
+  [/^#\/rules$/, showRules],
+  [/^#\/endpoints$/, showEndpoints],
+  [/^#\/deliveries\/([^/?]+)$/, (m) => showDelivery(decodeURIComponent(m[1]))],
+  [/^#\/deliveries(\?.*)?$/, (m) => showDeliveries(new URLSearchParams(m[1] ?? ""))],
+  [/^#\/actions$/, showActions],
+  [/^#\/event-types$/, showEventTypes],
+  [/^#\/audit$/, showAudit],
+];
+
+async function route() {
+  if (!sessionStorage.getItem(KEY_SLOT)) {
+    nav.hidden = true;
+    showSignIn();
+    return;
+  }
+  nav.hidden = false;
+  const hash = location.hash || "#/rules";
+  for (const a of nav.querySelectorAll("a")) a.classList.toggle("current", hash.startsWith(a.getAttribute("href")));
+  const view = VIEWS.find(([pattern]) => pattern.test(hash));
+  if (!view) {
+    location.hash = "#/rules";
+    return;
+  }
+  try {
+    await view[1](hash.match(view[0]));
+  } catch (err) {
+    if (sessionStorage.getItem(KEY_SLOT)) show(problem(err));
+  }
+}
+
+document.getElementById("sign-out").addEventListener("click", () => signOut("Signed out."));
+window.addEventListener("hashchange", route);
+route();

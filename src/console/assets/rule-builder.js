@@ -1,0 +1,356 @@
+// The visual rule builder's model: a *form* (plain data the page edits, every value as the text
+// the user typed) and a *rule* (the JSON that /v1/rules stores), converted both ways.
+// No DOM here, so the same functions run in the browser and in Node (the tests drive them
+// against the real server).
+
+/** The comparison operators, in the order the builder offers them, with their labels. */
+export const OPERATORS = [
+  { op: "eq", label: "equals" },
+  { op: "neq", label: "does not equal" },
+  { op: "contains", label: "contains" },
+  { op: "starts_with", label: "starts with" },
+  { op: "in", label: "is one of" },
+  { op: "not_in", label: "is none of" },
+  { op: "gt", label: "is greater than" },
+  { op: "gte", label: "is at least" },
+  { op: "lt", label: "is less than" },
+  { op: "lte", label: "is at most" },
+  { op: "matches", label: "matches the pattern" },
+  { op: "exists", label: "is present" },
+];
+
+const KNOWN_OPS = new Set(OPERATORS.map((o) => o.op));
+
+/** An empty form: a rule for every event, no conditions, no outputs yet. */
+export function emptyForm() {
+  return {
+    name: "",
+    description: "",
+    enabled: true,
+    eventType: "",
+    conditions: newGroup(),
+    outputs: [],
+  };
+}
+
+/** A new group of conditions that must all hold. */
+export function newGroup(mode = "all") {
+  return { kind: "group", mode, negate: false, items: [] };
+}
+
+/** A new comparison row. */
+export function newCondition(field = "", op = "eq", value = "") {
+  return { kind: "condition", field, op, value, negate: false };
+}
+
+/** A new output of the given kind (`deliver`, `invoke` or `emit`). */
+export function newOutput(kind) {
+  switch (kind) {
+    case "deliver":
+      return { kind, endpointId: "" };
+    case "invoke":
+      return { kind, action: "", arguments: "" };
+    case "emit":
+      return { kind, type: "", data: "" };
+    default:
+      throw new Error(`unknown output kind ${kind}`);
+  }
+}
+
+/**
+ * Reads a typed value: text that is a JSON number, boolean, null, array, object or quoted string
+ * is that value; anything else is the string itself (so `enterprise` and `"enterprise"` are the
+ * same, and `"42"` is the string 42 while `42` is the number).
+ */
+export function parseScalar(text) {
+  const t = text.trim();
+  if (t === "") return "";
+  if (/^(-?\d+(\.\d+)?([eE][+-]?\d+)?|true|false|null)$/.test(t) || /^["[{]/.test(t)) {
+    try {
+      return JSON.parse(t);
+    } catch {
+      return t;
+    }
+  }
+  return t;
+}
+
+/** The text that [`parseScalar`] reads back as `value`. */
+export function formatScalar(value) {
+  if (typeof value === "string") {
+    return parseScalar(value) === value ? value : JSON.stringify(value);
+  }
+  return JSON.stringify(value);
+}
+
+/** The value of a comparison from its text, as the operator expects it. */
+export function parseValue(op, text) {
+  switch (op) {
+    case "exists":
+      return text.trim() === "false" ? false : undefined;
+    case "matches":
+    case "starts_with":
+      return text;
+    case "in":
+    case "not_in": {
+      const t = text.trim();
+      if (t.startsWith("[")) {
+        const list = parseScalar(t);
+        if (Array.isArray(list)) return list;
+        throw new BuilderError("a list in brackets must be a JSON array, e.g. [\"high\", \"urgent\"]");
+      }
+      if (t === "") return [];
+      return t.split(",").map((item) => parseScalar(item));
+    }
+    default:
+      return parseScalar(text);
+  }
+}
+
+/** The text a comparison's value is edited as (the inverse of [`parseValue`]). */
+export function formatValue(op, value) {
+  switch (op) {
+    case "exists":
+      return value === false ? "false" : "true";
+    case "matches":
+    case "starts_with":
+      return typeof value === "string" ? value : JSON.stringify(value);
+    case "in":
+    case "not_in": {
+      if (!Array.isArray(value)) return JSON.stringify(value);
+      const plain = value.every(
+        (v) => typeof v !== "string" || (!v.includes(",") && formatScalar(v) === v && v.trim() === v && v !== ""),
+      );
+      return plain ? value.map(formatScalar).join(", ") : JSON.stringify(value);
+    }
+    default:
+      return value === undefined ? "" : formatScalar(value);
+  }
+}
+
+/** A mistake in the form, reported before anything is sent. */
+export class BuilderError extends Error {}
+
+function parseObjectText(text, what) {
+  if (text.trim() === "") return undefined;
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw new BuilderError(`${what} is not valid JSON (${e.message})`);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new BuilderError(`${what} must be a JSON object, like {"key": "value"}`);
+  }
+  return value;
+}
+
+function conditionFromNode(node, at, errors) {
+  let condition;
+  if (node.kind === "group") {
+    if (node.items.length === 0) {
+      errors.push({ path: at, message: "this group has no conditions: add one or remove the group" });
+      return null;
+    }
+    const items = node.items
+      .map((item, i) => conditionFromNode(item, `${at}/${node.mode}/${i}`, errors))
+      .filter((c) => c !== null);
+    condition = { [node.mode]: items };
+  } else {
+    if (node.field.trim() === "") {
+      errors.push({ path: `${at}/field`, message: "choose the field to compare, e.g. data.customer.tier" });
+    }
+    if (!KNOWN_OPS.has(node.op)) {
+      errors.push({ path: `${at}/op`, message: `unknown operator ${node.op}` });
+    }
+    condition = { field: node.field.trim(), op: node.op };
+    try {
+      const value = parseValue(node.op, node.value);
+      if (value !== undefined) condition.value = value;
+    } catch (e) {
+      errors.push({ path: `${at}/value`, message: e.message });
+    }
+  }
+  return node.negate ? { not: condition } : condition;
+}
+
+/**
+ * The rule a form describes, and the mistakes that keep it from being valid
+ * (`[{path, message}]`, paths as JSON pointers into the rule, like the API's 422 details).
+ */
+export function ruleFromForm(form) {
+  const errors = [];
+  const rule = { name: form.name.trim(), enabled: form.enabled };
+  if (rule.name === "") errors.push({ path: "/name", message: "give the rule a name" });
+  if (form.description.trim() !== "") rule.description = form.description.trim();
+  const eventType = form.eventType.trim();
+  if (eventType === "") {
+    errors.push({ path: "/when/event_type", message: "choose the event that triggers the rule (or * for any)" });
+  }
+  rule.when = { event_type: eventType };
+
+  const top = form.conditions;
+  if (top.items.length > 0) {
+    // A single, plain condition needs no group around it.
+    const sole = top.items.length === 1 && !top.negate ? top.items[0] : top;
+    rule.if = conditionFromNode(sole, "/if", errors);
+  }
+
+  rule.then = form.outputs.map((output, i) => {
+    const at = `/then/${i}`;
+    switch (output.kind) {
+      case "deliver":
+        if (output.endpointId === "") errors.push({ path: `${at}/deliver/endpoint_id`, message: "choose an endpoint" });
+        return { deliver: { endpoint_id: output.endpointId } };
+      case "invoke": {
+        if (output.action === "") errors.push({ path: `${at}/invoke/action`, message: "choose an action" });
+        const invoke = { action: output.action };
+        try {
+          const args = parseObjectText(output.arguments, "the arguments");
+          if (args !== undefined) invoke.arguments = args;
+        } catch (e) {
+          errors.push({ path: `${at}/invoke/arguments`, message: e.message });
+        }
+        return { invoke };
+      }
+      case "emit": {
+        if (output.type.trim() === "") errors.push({ path: `${at}/emit/type`, message: "name the event to emit" });
+        const emit = { type: output.type.trim() };
+        try {
+          const data = parseObjectText(output.data, "the event data");
+          if (data !== undefined) emit.data = data;
+        } catch (e) {
+          errors.push({ path: `${at}/emit/data`, message: e.message });
+        }
+        return { emit };
+      }
+      default:
+        errors.push({ path: at, message: `unknown output ${output.kind}` });
+        return {};
+    }
+  });
+  if (rule.then.length === 0) {
+    errors.push({ path: "/then", message: "add at least one thing to do: deliver, invoke or emit" });
+  }
+  return { rule, errors };
+}
+
+function nodeFromCondition(condition) {
+  if (condition && typeof condition === "object") {
+    if ("not" in condition) {
+      const inner = nodeFromCondition(condition.not);
+      inner.negate = !inner.negate;
+      return inner;
+    }
+    for (const mode of ["all", "any"]) {
+      if (Array.isArray(condition[mode])) {
+        return { kind: "group", mode, negate: false, items: condition[mode].map(nodeFromCondition) };
+      }
+    }
+    const op = condition.op ?? "eq";
+    return newCondition(condition.field ?? "", op, formatValue(op, condition.value));
+  }
+  return newCondition();
+}
+
+/** The form that edits a stored rule (the inverse of [`ruleFromForm`]). */
+export function formFromRule(rule) {
+  const form = emptyForm();
+  form.name = rule.name ?? "";
+  form.description = rule.description ?? "";
+  form.enabled = rule.enabled !== false;
+  form.eventType = rule.when?.event_type ?? "";
+  if (rule.if !== undefined) {
+    const node = nodeFromCondition(rule.if);
+    form.conditions = node.kind === "group" ? node : { ...newGroup(), items: [node] };
+  }
+  form.outputs = (rule.then ?? []).map((output) => {
+    if (output.deliver) return { kind: "deliver", endpointId: output.deliver.endpoint_id ?? "" };
+    if (output.invoke) {
+      return {
+        kind: "invoke",
+        action: output.invoke.action ?? "",
+        arguments: output.invoke.arguments === undefined ? "" : JSON.stringify(output.invoke.arguments, null, 2),
+      };
+    }
+    if (output.emit) {
+      return {
+        kind: "emit",
+        type: output.emit.type ?? "",
+        data: output.emit.data === undefined ? "" : JSON.stringify(output.emit.data, null, 2),
+      };
+    }
+    return newOutput("deliver");
+  });
+  return form;
+}
+
+/**
+ * The fields a condition can compare for events described by `schema` (a JSON Schema of the
+ * event's `data`), as `{path, enum?}` with dotted paths from the event (`data.customer.tier`).
+ */
+export function fieldsOf(schema) {
+  const fields = [{ path: "type" }, { path: "id" }];
+  const walk = (node, path, depth) => {
+    if (!node || typeof node !== "object" || depth > 6) return;
+    for (const [name, prop] of Object.entries(node.properties ?? {})) {
+      const here = `${path}.${name}`;
+      const field = { path: here };
+      if (Array.isArray(prop?.enum)) field.enum = prop.enum;
+      fields.push(field);
+      walk(prop, here, depth + 1);
+    }
+  };
+  walk(schema, "data", 0);
+  return fields;
+}
+
+/** A plausible example of data matching `schema`, to start a dry run from. */
+export function sampleOf(schema, depth = 0) {
+  if (!schema || typeof schema !== "object" || depth > 6) return null;
+  if (schema.examples?.length) return schema.examples[0];
+  if (schema.const !== undefined) return schema.const;
+  if (Array.isArray(schema.enum) && schema.enum.length) return schema.enum[0];
+  const type = Array.isArray(schema.type) ? schema.type[0] : schema.type;
+  switch (type ?? (schema.properties ? "object" : null)) {
+    case "object": {
+      const out = {};
+      for (const [name, prop] of Object.entries(schema.properties ?? {})) out[name] = sampleOf(prop, depth + 1);
+      return out;
+    }
+    case "array":
+      return schema.items ? [sampleOf(schema.items, depth + 1)] : [];
+    case "integer":
+      return 100;
+    case "number":
+      return 1.5;
+    case "boolean":
+      return true;
+    case "string":
+      return schema.format === "email" ? "ada@example.com" : schema.format === "date-time" ? new Date(0).toISOString() : "example";
+    default:
+      return null;
+  }
+}
+
+function describeCondition(c) {
+  if (c.all) return `(${c.all.map(describeCondition).join(" and ")})`;
+  if (c.any) return `(${c.any.map(describeCondition).join(" or ")})`;
+  if (c.not) return `not ${describeCondition(c.not)}`;
+  const label = OPERATORS.find((o) => o.op === c.op)?.label ?? c.op;
+  if (c.op === "exists") return `${c.field} ${c.value === false ? "is absent" : label}`;
+  return `${c.field} ${label} ${JSON.stringify(c.value)}`;
+}
+
+/** One sentence saying what a rule does, for lists. */
+export function describeRule(rule) {
+  const when = rule.when?.event_type === "*" ? "any event" : rule.when?.event_type;
+  const cond = rule.if ? `, if ${describeCondition(rule.if).replace(/^\((.*)\)$/, "$1")}` : "";
+  const outputs = (rule.then ?? []).map((o) => {
+    if (o.deliver) return `deliver to ${o.deliver.endpoint_id}`;
+    if (o.invoke) return `invoke ${o.invoke.action}`;
+    if (o.emit) return `emit ${o.emit.type}`;
+    return "?";
+  });
+  return `When ${when} happens${cond}: ${outputs.join(", then ")}.`;
+}

@@ -1,0 +1,89 @@
+//! The web console at `/`: a single page (HTML, a stylesheet, an icon, two ES modules) compiled into the
+//! binary and run in the browser over the public API, signed in with an API key. It includes
+//! the visual rule builder, so people who do not write JSON can compose rules.
+//!
+//! The page holds no data and needs no authentication; every call it makes carries the key the
+//! user typed. A strict Content-Security-Policy allows only this origin's scripts and styles,
+//! so nothing injected into the page could run.
+
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::AppState;
+use crate::http::ApiError;
+
+/// The page's only sources are this origin; forms never submit, frames never embed it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// One file of the console.
+struct Asset {
+    name: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+}
+
+/// Every file the console serves under `/console/`.
+const ASSETS: &[Asset] = &[
+    Asset {
+        name: "app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("assets/app.js"),
+    },
+    Asset {
+        name: "rule-builder.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("assets/rule-builder.js"),
+    },
+    Asset {
+        name: "icon.svg",
+        content_type: "image/svg+xml",
+        body: include_str!("assets/icon.svg"),
+    },
+    Asset {
+        name: "style.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_str!("assets/style.css"),
+    },
+];
+
+const INDEX: &str = include_str!("assets/index.html");
+
+/// `/` (the page) and `/console/{asset}` (its script and style files).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(index))
+        .route("/console/{asset}", get(asset))
+}
+
+async fn index() -> Response {
+    serve("text/html; charset=utf-8", INDEX)
+}
+
+async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    match ASSETS.iter().find(|a| a.name == name) {
+        Some(a) => serve(a.content_type, a.body),
+        None => ApiError::not_found("console file").into_response(),
+    }
+}
+
+fn serve(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // The files change with the binary: a browser must not pair an old script with a new page.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}

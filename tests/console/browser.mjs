@@ -1,0 +1,149 @@
+// A person uses the web console in headless Chromium: signs in, builds a rule with the visual
+// builder, dry-runs it, saves it, sends an event and follows its delivery in the log.
+// Usage: node browser.mjs <base-url> <admin-key> <endpoint-id>
+// Prints {"rule_id", "rule", "delivery_id"} on success; any failed step exits non-zero.
+
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const [base, key, endpointId] = process.argv.slice(2);
+const executablePath = process.env.OPSIQ_CHROMIUM || "/usr/bin/chromium";
+const WAIT = { timeout: 30_000 };
+
+const browser = await chromium.launch({ executablePath, args: ["--no-sandbox", "--disable-gpu"] });
+const problems = [];
+const page = await browser.newPage();
+try {
+  // Script errors and refused resources (a CSP violation shows up as a console error) fail the run.
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() === "error" && !/status of 401/.test(m.text())) problems.push(`console: ${m.text()}`);
+  });
+  page.setDefaultTimeout(WAIT.timeout);
+
+  // A wrong key is refused with a message; the right one opens the rules.
+  await page.goto(`${base}/`);
+  await page.fill("#api-key", "opsiq_sk_not_a_key");
+  await page.click("#sign-in");
+  await page.getByText("The API key was not accepted").waitFor();
+  await page.fill("#api-key", key);
+  await page.click("#sign-in");
+  await page.getByText("No rules yet").waitFor();
+
+  // Build: when ticket.created, if tier is enterprise and priority is high or urgent and
+  // (the subject mentions an outage or it is not tagged test), deliver to the endpoint.
+  await page.click("#new-rule");
+  await page.fill("#rule-name", "Escalate enterprise tickets");
+  await page.fill("#rule-event-type", "ticket.created");
+  const top = page.locator("#conditions > .group.top");
+  const rows = page.locator(".condition");
+  const setRow = async (i, field, op, value) => {
+    const row = rows.nth(i);
+    await row.locator(".cond-field").fill(field);
+    await row.locator(".cond-op").selectOption(op);
+    await row.locator(".cond-value").fill(value);
+  };
+  await top.locator(":scope > .row > .add-condition").click();
+  await setRow(0, "data.customer.tier", "eq", "enterprise");
+  await top.locator(":scope > .row > .add-condition").click();
+  await setRow(1, "data.priority", "in", "high, urgent");
+  await top.locator(":scope > .row > .add-group").click();
+  const nested = top.locator(":scope > .group");
+  await setRow(2, "data.subject", "contains", "outage");
+  await nested.locator(":scope > .row > .add-condition").click();
+  await setRow(3, "data.tags", "contains", "test");
+  await rows.nth(3).locator("input.negate").check();
+  await page.click("#add-deliver");
+  await page.locator(".out-endpoint").selectOption(endpointId);
+
+  const expected = {
+    name: "Escalate enterprise tickets",
+    enabled: true,
+    when: { event_type: "ticket.created" },
+    if: {
+      all: [
+        { field: "data.customer.tier", op: "eq", value: "enterprise" },
+        { field: "data.priority", op: "in", value: ["high", "urgent"] },
+        {
+          any: [
+            { field: "data.subject", op: "contains", value: "outage" },
+            { not: { field: "data.tags", op: "contains", value: "test" } },
+          ],
+        },
+      ],
+    },
+    then: [{ deliver: { endpoint_id: endpointId } }],
+  };
+  assert.deepEqual(JSON.parse(await page.textContent("#rule-json")), expected);
+
+  // The sample comes from the catalog's schema of ticket.created; it is not an enterprise ticket.
+  const sample = JSON.parse(await page.inputValue("#sample-event"));
+  assert.equal(sample.type, "ticket.created");
+  assert.equal(sample.data.priority, "low");
+  await page.click("#test-rule");
+  await page.getByText("Triggered, but the conditions do not hold.").waitFor();
+  const matching = { type: "ticket.created", data: { ticket_id: "t_1", subject: "Checkout outage", priority: "urgent", customer: { id: "c_1", tier: "enterprise" }, tags: [] } };
+  await page.fill("#sample-event", JSON.stringify(matching));
+  await page.click("#test-rule");
+  await page.getByText("Matched: 1 output(s) would run.").waitFor();
+
+  await page.click("#save-rule");
+  const saved = await page.locator("#saved").textContent(WAIT);
+  const ruleId = saved.match(/rul_[0-9A-Za-z]+/)?.[0];
+  assert.ok(ruleId, saved);
+
+  // The list says what it does; opening it again shows the same rule.
+  await page.goto(`${base}/#/rules`);
+  await page.getByText("When ticket.created happens, if data.customer.tier equals \"enterprise\"").waitFor();
+  await page.getByRole("link", { name: "Escalate enterprise tickets" }).click();
+  await page.locator("#rule-name").waitFor();
+  assert.equal(await page.inputValue("#rule-name"), "Escalate enterprise tickets");
+  assert.deepEqual(JSON.parse(await page.textContent("#rule-json")), expected);
+
+  // An incomplete rule is explained, not sent.
+  await page.goto(`${base}/#/rules/new`);
+  await page.click("#save-rule");
+  await page.getByText("give the rule a name").waitFor();
+
+  // The endpoints page lists the endpoint and sends it a signed test event.
+  await page.goto(`${base}/#/endpoints`);
+  await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "send test" }).click();
+  await page.getByText("Test event sent: delivery").waitFor();
+
+  // An event that matches is delivered; the log shows it and its attempt.
+  const sent = await page.evaluate(async ([k, event]) => {
+    const res = await fetch("/v1/events", {
+      method: "POST",
+      headers: { authorization: `Bearer ${k}`, "content-type": "application/json", "idempotency-key": "console-browser-1" },
+      body: JSON.stringify(event),
+    });
+    return { status: res.status, body: await res.json() };
+  }, [key, matching]);
+  assert.equal(sent.status, 202, JSON.stringify(sent.body));
+  let deliveryId = null;
+  const deadline = Date.now() + 60_000;
+  await page.goto(`${base}/#/deliveries?status=succeeded&endpoint_id=${endpointId}`);
+  while (!deliveryId) {
+    assert.ok(Date.now() < deadline, "the delivery never showed as succeeded in the log");
+    await page.locator("h2", { hasText: "Deliveries" }).waitFor();
+    const link = page.locator("tr", { hasText: "ticket.created" }).locator("a").first();
+    if (await link.count()) {
+      deliveryId = (await link.textContent()).trim();
+    } else {
+      await page.waitForTimeout(200);
+      await page.reload();
+    }
+  }
+  await page.getByRole("link", { name: deliveryId }).click();
+  await page.getByText("Attempt 1 — HTTP 200").waitFor();
+
+  assert.deepEqual(problems, []);
+  console.log(JSON.stringify({ rule_id: ruleId, rule: expected, delivery_id: deliveryId }));
+} catch (e) {
+  // What the person would have seen, to tell a broken page from a broken step.
+  console.error(`at ${page.url()} the page showed:\n${await page.innerText("body").catch(() => "(nothing)")}`);
+  console.error(`page problems: ${JSON.stringify(problems)}`);
+  throw e;
+} finally {
+  await browser.close();
+}

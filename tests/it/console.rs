@@ -1,0 +1,272 @@
+//! The web console: its files are served with a strict policy, every API call it makes is a
+//! documented route, its rule builder's model agrees with the server (Node.js), and a person
+//! can build, test and save a rule with it in a real browser (headless Chromium).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::delivery::{endpoint, fast_delivery, send_event};
+use crate::gateway::{World, world};
+use crate::harness::{Backend, TestApp, error_code, read, repo_path, skip_or_fail};
+use crate::receiver::Receiver;
+
+/// Runs a Node.js script from tests/console against the app; `None` when Node.js (or what the
+/// script needs) is missing outside CI.
+async fn run_node(script: &str, app: &TestApp, endpoint_id: &str) -> Option<Value> {
+    let probe = tokio::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .await;
+    if !probe.is_ok_and(|o| o.status.success()) {
+        skip_or_fail(&format!("console {script}"), "node is not installed");
+        return None;
+    }
+    let out = tokio::process::Command::new("node")
+        .arg(repo_path(&format!("tests/console/{script}")))
+        .args([app.base.as_str(), app.admin_key.as_str(), endpoint_id])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    Some(serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed {stdout}: {e}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_its_files_are_served_with_a_strict_policy() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let resp = app.http.get(app.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    let page = resp.text().await.unwrap();
+    assert!(
+        !page.contains("<script>"),
+        "no inline script, which the policy would refuse"
+    );
+
+    // Every file the page and its modules load is served with its type and the same policy.
+    let mut wanted: Vec<String> = ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attr| {
+            page.split(attr)
+                .skip(1)
+                .map(|s| s[..s.find('"').unwrap()].to_string())
+        })
+        .filter(|target| target.starts_with("/console/"))
+        .collect();
+    wanted.push("/console/rule-builder.js".into());
+    assert!(wanted.contains(&"/console/app.js".to_string()), "{wanted:?}");
+    for path in &wanted {
+        let resp = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let expected = match path.rsplit('.').next() {
+            Some("css") => "text/css; charset=utf-8",
+            Some("svg") => "image/svg+xml",
+            _ => "text/javascript; charset=utf-8",
+        };
+        assert_eq!(resp.headers()["content-type"], expected, "{path}");
+        assert!(resp.headers().contains_key("content-security-policy"), "{path}");
+        let body = resp.text().await.unwrap();
+        // A module's relative imports are files this route serves too.
+        for import in body.split("from \"./").skip(1) {
+            let file = &import[..import.find('"').unwrap()];
+            assert!(
+                wanted.contains(&format!("/console/{file}")),
+                "{path} imports {file}"
+            );
+        }
+    }
+
+    let (status, body) = read(
+        app.http
+            .get(app.url("/console/..%2FCargo.toml"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = read(app.http.get(app.url("/console/secrets.js")).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = read(app.http.post(app.url("/")).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (405, "method_not_allowed"));
+}
+
+/// The API calls in the console's script — `api("METHOD", `/v1/…${x}…?query`)` and
+/// `listAll(`/v1/…`)` (a GET) — as (method, path with `{}` for each interpolation).
+fn console_api_calls(script: &str) -> Vec<(String, String)> {
+    let mut calls = Vec::new();
+    let mut templates = Vec::new();
+    for rest in script.split("api(\"").skip(1) {
+        let Some((method, rest)) = rest.split_once('"') else {
+            continue;
+        };
+        if let Some(template) = rest.trim_start_matches([',', ' ']).strip_prefix('`') {
+            templates.push((method.to_string(), template));
+        }
+    }
+    for rest in script.split("listAll(`").skip(1) {
+        templates.push(("GET".to_string(), rest));
+    }
+    for (method, template) in templates {
+        let template = &template[..template.find('`').expect("a closed template literal")];
+        let mut path = String::new();
+        let mut rest = template.split('?').next().unwrap_or_default();
+        while let Some(start) = rest.find("${") {
+            let end = rest[start..].find('}').expect("a closed interpolation");
+            path.push_str(&rest[..start]);
+            path.push_str("{}");
+            rest = &rest[start + end + 1..];
+        }
+        path.push_str(rest);
+        // `${path}` inside listAll itself is the generic helper, not a route.
+        if path.starts_with('/') {
+            calls.push((method, path));
+        }
+    }
+    calls
+}
+
+#[test]
+fn every_api_call_of_the_console_is_a_documented_route() {
+    let script = std::fs::read_to_string(repo_path("src/console/assets/app.js")).unwrap();
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("schemas/openapi.json")).unwrap()).unwrap();
+    let mut documented = HashSet::new();
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        // `/v1/rules/{id}` and the script's `/v1/rules/${enc(id)}` both become `/v1/rules/{}`.
+        let template: String = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "{}" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in operations.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), template.clone()));
+        }
+    }
+    let calls = console_api_calls(&script);
+    assert!(calls.len() >= 20, "found only {calls:?}");
+    for call in &calls {
+        assert!(
+            documented.contains(call),
+            "the console calls {call:?}, which the API does not document"
+        );
+    }
+    // And the check can fail: an invented route is not documented.
+    assert!(!documented.contains(&("GET".into(), "/v1/rules/{}/history".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rule_builders_model_agrees_with_the_server() {
+    let World { app, rx: _ } = world(Backend::Sqlite).await;
+    let rx = Receiver::start().await;
+    let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
+    let Some(out) = run_node("builder-model.mjs", &app, &endpoint_id).await else {
+        return;
+    };
+    let rule_id = out["rule_id"].as_str().unwrap();
+
+    // The rule the model built runs: a ticket that does not match is not delivered, one that
+    // matches is, to the endpoint it names.
+    let ticket = |tier: &str| {
+        json!({"ticket_id": format!("t_{tier}"), "subject": "Checkout outage", "priority": "urgent",
+               "customer": {"id": "c_1", "tier": tier}, "tags": []})
+    };
+    send_event(&app, "ticket.created", ticket("free")).await;
+    let matching = send_event(&app, "ticket.created", ticket("enterprise")).await;
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].target, "/escalations");
+    assert_eq!(got[0].json()["id"], matching.as_str());
+    let (status, event) = app
+        .call(Method::GET, &format!("/v1/events/{matching}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        event.to_string().contains(rule_id),
+        "the event's trace names the rule: {event}"
+    );
+    // Rules run as an event is recorded, so any delivery the first ticket caused exists by now.
+    let (_, deliveries) = app
+        .call(
+            Method::GET,
+            &format!("/v1/deliveries?endpoint_id={endpoint_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        deliveries["data"].as_array().map(Vec::len),
+        Some(1),
+        "{deliveries}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_builds_tests_and_saves_a_rule_in_the_browser() {
+    let chromium = std::env::var("OPSIQ_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        skip_or_fail(
+            "console in a browser",
+            "Chromium is not installed (run .ci/setup-external)",
+        );
+        return;
+    }
+    if !repo_path("tests/console/node_modules/playwright-core").exists() {
+        skip_or_fail(
+            "console in a browser",
+            "run .ci/setup-external to install playwright-core",
+        );
+        return;
+    }
+    let app = TestApp::on(Backend::Sqlite).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
+    let Some(out) = tokio::time::timeout(
+        Duration::from_secs(300),
+        run_node("browser.mjs", &app, &endpoint_id),
+    )
+    .await
+    .expect("the browser session finished") else {
+        return;
+    };
+
+    // What the page saved is exactly the rule the person composed.
+    let rule_id = out["rule_id"].as_str().unwrap();
+    let (status, mut stored) = app.call(Method::GET, &format!("/v1/rules/{rule_id}"), None).await;
+    assert_eq!(status, 200, "{stored}");
+    for field in ["id", "created_at", "updated_at"] {
+        stored.as_object_mut().unwrap().remove(field);
+    }
+    assert_eq!(stored, out["rule"]);
+
+    // The endpoint got the page's test event and, from the rule, the ticket the page sent.
+    let got = rx.wait_for(2).await;
+    let mut types: Vec<String> = got
+        .iter()
+        .map(|r| r.json()["type"].as_str().unwrap().to_string())
+        .collect();
+    types.sort();
+    assert_eq!(types, ["opsiq.test", "ticket.created"]);
+    let ticket = got.iter().find(|r| r.json()["type"] == "ticket.created").unwrap();
+    assert_eq!(ticket.target, "/escalations");
+    assert_eq!(ticket.header("x-opsiq-id"), out["delivery_id"].as_str());
+}
