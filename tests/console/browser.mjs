@@ -1,7 +1,10 @@
 // A person uses the web console in headless Chromium: signs in, builds a rule with the visual
-// builder, dry-runs it, saves it, sends an event and follows its delivery in the log.
+// builder, dry-runs it, saves it, sends an event and follows its delivery in the log; then adds
+// an agent, mints its token, grants its role an action in the policies, and approves the
+// agent's call of that action in the approval queue.
 // Usage: node browser.mjs <base-url> <admin-key> <endpoint-id>
-// Prints {"rule_id", "rule", "delivery_id"} on success; any failed step exits non-zero.
+// Expects an action wire_funds with approval "always". Prints {"rule_id", "rule",
+// "delivery_id", "invocation_id"} on success; any failed step exits non-zero.
 
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
@@ -137,8 +140,52 @@ try {
   await page.getByRole("link", { name: deliveryId }).click();
   await page.getByText("Attempt 1 — HTTP 200").waitFor();
 
+  // Gateway: the page adds an agent with role finance and mints it a token for wire_* ...
+  await page.goto(`${base}/#/agents`);
+  await page.fill("#agent-id", "treasury-bot");
+  await page.fill("#agent-roles", "finance");
+  await page.getByRole("button", { name: "Add agent" }).click();
+  const agentRow = page.locator("tr", { hasText: "treasury-bot" });
+  await agentRow.locator(".token-scopes").fill("invoke:wire_*");
+  await agentRow.getByRole("button", { name: "Mint token" }).click();
+  const token = (await page.locator("code.secret").textContent(WAIT)).trim();
+  // ... lets role finance invoke wire_* ...
+  await page.goto(`${base}/#/policies`);
+  await page.click("#add-policy-row");
+  const policyRow = page.locator("#policy-rows tr").last();
+  await policyRow.locator(".policy-subject").fill("role:finance");
+  await policyRow.locator(".policy-object").fill("wire_*");
+  await page.click("#save-policies");
+  await page.getByText("Saved; every replica applies it at once.").waitFor();
+  // ... the agent's call of an action that needs approval waits for a person ...
+  const call = await page.evaluate(async (t) => {
+    const res = await fetch("/v1/actions/wire_funds/invoke", {
+      method: "POST",
+      headers: { authorization: `Bearer ${t}`, "content-type": "application/json", "idempotency-key": "wire-1" },
+      body: JSON.stringify({ arguments: { amount: 1200, iban: "DE89370400440532013000" } }),
+    });
+    return { status: res.status, body: await res.json() };
+  }, token);
+  assert.equal(call.status, 202, JSON.stringify(call.body));
+  assert.equal(call.body.status, "pending_approval");
+  // ... who approves it in the queue, after which it runs and its record says so.
+  await page.goto(`${base}/#/approvals`);
+  const card = page.locator(".approval", { hasText: "wire_funds by treasury-bot" });
+  await card.getByText('"amount": 1200').waitFor();
+  await card.locator(".approval-comment").fill("checked with finance");
+  await card.getByRole("button", { name: "Approve" }).click();
+  await page.getByText("Nothing waits for a decision.").waitFor();
+  const invocationId = call.body.invocation_id;
+  const invDeadline = Date.now() + 60_000;
+  await page.goto(`${base}/#/invocations/${invocationId}`);
+  while (!(await page.getByText(/^succeeded — wire_funds v1, by treasury-bot/).count())) {
+    assert.ok(Date.now() < invDeadline, "the approved invocation never showed as succeeded");
+    await page.waitForTimeout(200);
+    await page.reload();
+  }
+
   assert.deepEqual(problems, []);
-  console.log(JSON.stringify({ rule_id: ruleId, rule: expected, delivery_id: deliveryId }));
+  console.log(JSON.stringify({ rule_id: ruleId, rule: expected, delivery_id: deliveryId, invocation_id: invocationId }));
 } catch (e) {
   // What the person would have seen, to tell a broken page from a broken step.
   console.error(`at ${page.url()} the page showed:\n${await page.innerText("body").catch(() => "(nothing)")}`);

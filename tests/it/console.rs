@@ -1,6 +1,7 @@
 //! The web console: its files are served with a strict policy, every API call it makes is a
 //! documented route, its rule builder's model agrees with the server (Node.js), and a person
-//! can build, test and save a rule with it in a real browser (headless Chromium).
+//! can build, test and save a rule, and approve an agent's call, in a real browser (headless
+//! Chromium).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -221,7 +222,7 @@ async fn the_rule_builders_model_agrees_with_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_builds_tests_and_saves_a_rule_in_the_browser() {
+async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
     let chromium = std::env::var("OPSIQ_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !std::path::Path::new(&chromium).exists() {
         skip_or_fail(
@@ -240,6 +241,21 @@ async fn a_person_builds_tests_and_saves_a_rule_in_the_browser() {
     let app = TestApp::on(Backend::Sqlite).with(fast_delivery).start().await;
     let rx = Receiver::start().await;
     let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
+    let (payments, _) = endpoint(&app, &rx.url("/payments"), json!({"event_types": ["none.*"]})).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/actions",
+            Some(json!({
+                "name": "wire_funds",
+                "description": "Send a bank transfer.",
+                "input_schema": {"type": "object", "required": ["amount", "iban"],
+                    "properties": {"amount": {"type": "integer", "minimum": 1}, "iban": {"type": "string"}}},
+                "endpoint_id": payments, "mode": "async", "approval": "always"
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
     let Some(out) = tokio::time::timeout(
         Duration::from_secs(300),
         run_node("browser.mjs", &app, &endpoint_id),
@@ -259,14 +275,34 @@ async fn a_person_builds_tests_and_saves_a_rule_in_the_browser() {
     assert_eq!(stored, out["rule"]);
 
     // The endpoint got the page's test event and, from the rule, the ticket the page sent.
-    let got = rx.wait_for(2).await;
-    let mut types: Vec<String> = got
+    let got = rx.wait_until(Duration::from_secs(30), |r| r.len() >= 3).await;
+    let at = |target: &str| got.iter().filter(|r| r.target == target).collect::<Vec<_>>();
+    let mut types: Vec<String> = at("/escalations")
         .iter()
         .map(|r| r.json()["type"].as_str().unwrap().to_string())
         .collect();
     types.sort();
     assert_eq!(types, ["opsiq.test", "ticket.created"]);
     let ticket = got.iter().find(|r| r.json()["type"] == "ticket.created").unwrap();
-    assert_eq!(ticket.target, "/escalations");
     assert_eq!(ticket.header("x-opsiq-id"), out["delivery_id"].as_str());
+
+    // The approved call reached the action's endpoint once, as the agent made it.
+    let wire = at("/payments");
+    assert_eq!(wire.len(), 1);
+    let request = wire[0].json();
+    assert_eq!(request["action"]["name"], "wire_funds");
+    assert_eq!(
+        request["arguments"],
+        json!({"amount": 1200, "iban": "DE89370400440532013000"})
+    );
+    let invocation_id = out["invocation_id"].as_str().unwrap();
+    let (_, invocation) = app
+        .call(Method::GET, &format!("/v1/invocations/{invocation_id}"), None)
+        .await;
+    assert_eq!(invocation["status"], "succeeded", "{invocation}");
+    let (_, approvals) = app.call(Method::GET, "/v1/approvals?status=approved", None).await;
+    assert_eq!(
+        approvals["data"][0]["comment"], "checked with finance",
+        "{approvals}"
+    );
 }

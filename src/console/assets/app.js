@@ -713,6 +713,240 @@ async function showAudit() {
   );
 }
 
+// ---------------------------------------------------------------- agents: invocations, approvals, agents, policies
+
+function statusFilter(id, current, statuses, params, base) {
+  return h(
+    "select",
+    {
+      id,
+      onchange: (e) => {
+        const next = new URLSearchParams(params);
+        next.delete("cursor");
+        // Kept even when empty: "any status" must not fall back to a view's default filter.
+        next.set("status", e.target.value);
+        location.hash = `${base}?${next}`;
+      },
+    },
+    ["", ...statuses].map((s) => h("option", { value: s, selected: s === current }, s || "any status")),
+  );
+}
+
+function olderLink(base, params, cursor) {
+  if (!cursor) return null;
+  const p = new URLSearchParams(params);
+  p.set("cursor", cursor);
+  return link(`${base}?${p}`, "Older →");
+}
+
+async function showInvocations(params) {
+  const status = params.get("status") ?? "";
+  const query = new URLSearchParams({ limit: "50" });
+  for (const name of ["status", "agent_id", "action", "cursor"]) if (params.get(name)) query.set(name, params.get(name));
+  const page = await api("GET", `/v1/invocations?${query}`);
+  const statuses = ["pending_approval", "queued", "delivering", "succeeded", "failed", "denied"];
+  show(
+    h("div", { class: "bar" }, h("h2", {}, "Invocations"), statusFilter("invocation-status", status, statuses, params, "#/invocations")),
+    h("p", { class: "muted" }, "Every call of an action by an agent or a rule — denied ones too."),
+    table(
+      ["Invocation", "Action", "Caller", "Status", "Created"],
+      page.data.map((i) => h("tr", {}, h("td", {}, link(`#/invocations/${enc(i.id)}`, i.id)), h("td", {}, h("code", {}, i.action?.name ?? ""), ` v${i.action?.version ?? "?"}`), h("td", {}, i.agent_id ?? i.principal ?? ""), h("td", {}, i.status), h("td", {}, when(i.created_at)))),
+      "No invocations match.",
+    ),
+    olderLink("#/invocations", params, page.next_cursor),
+  );
+}
+
+async function showInvocation(id) {
+  const inv = await api("GET", `/v1/invocations/${enc(id)}`);
+  show(
+    h("div", { class: "bar" }, h("h2", {}, `Invocation ${inv.id}`), link("#/invocations", "All invocations")),
+    h("p", {}, `${inv.status} — ${inv.action?.name} v${inv.action?.version}, by ${inv.agent_id ?? inv.principal}`, inv.duration_ms != null ? `, ${inv.duration_ms} ms` : ""),
+    inv.delivery_id ? h("p", {}, "Delivery: ", link(`#/deliveries/${enc(inv.delivery_id)}`, inv.delivery_id)) : null,
+    h("h3", {}, "Arguments"),
+    pre(inv.arguments),
+    inv.result != null ? [h("h3", {}, "Result"), pre(inv.result)] : null,
+    inv.error != null ? [h("h3", {}, "Error"), pre(inv.error)] : null,
+  );
+}
+
+async function showApprovals(params) {
+  const status = params.has("status") ? params.get("status") : "pending";
+  const query = new URLSearchParams({ limit: "50" });
+  if (status) query.set("status", status);
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
+  const page = await api("GET", `/v1/approvals?${query}`);
+  const invocations = await Promise.all(page.data.map((a) => api("GET", `/v1/invocations/${enc(a.invocation_id)}`).catch(() => null)));
+  const filterParams = new URLSearchParams(params);
+  filterParams.set("status", status);
+  const items = page.data.map((a, i) => {
+    const inv = invocations[i];
+    const comment = h("input", { class: "approval-comment", placeholder: "comment (optional)" });
+    const out = h("div");
+    const decide = (approve) => async () => {
+      const body = comment.value.trim() ? { comment: comment.value.trim() } : {};
+      try {
+        if (approve) await api("POST", `/v1/approvals/${enc(a.id)}/approve`, body);
+        else await api("POST", `/v1/approvals/${enc(a.id)}/deny`, body);
+        await showApprovals(params);
+      } catch (err) {
+        out.replaceChildren(problem(err));
+      }
+    };
+    return h(
+      "section",
+      { class: "card approval" },
+      h("div", { class: "bar" }, h("h3", {}, inv ? `${inv.action?.name} by ${inv.agent_id ?? inv.principal}` : a.invocation_id), h("span", { class: "muted" }, `${a.status}, ${when(a.created_at)}`)),
+      a.reason ? h("p", {}, `Why approval is needed: ${a.reason}`) : null,
+      inv ? pre(inv.arguments) : null,
+      h("p", {}, "Invocation ", link(`#/invocations/${enc(a.invocation_id)}`, a.invocation_id)),
+      a.status === "pending"
+        ? h("div", { class: "row" }, comment, h("button", { type: "button", class: "primary approve", onclick: decide(true) }, "Approve"), h("button", { type: "button", class: "danger deny", onclick: decide(false) }, "Deny"))
+        : h("p", { class: "muted" }, `Decided by ${a.decided_by ?? "?"}${a.comment ? `: ${a.comment}` : ""}`),
+      out,
+    );
+  });
+  show(
+    h("div", { class: "bar" }, h("h2", {}, "Approvals"), statusFilter("approval-status", status, ["pending", "approved", "denied"], filterParams, "#/approvals")),
+    items.length ? items : h("p", { class: "muted" }, status === "pending" ? "Nothing waits for a decision." : "No approvals match."),
+    olderLink("#/approvals", filterParams, page.next_cursor),
+  );
+}
+
+async function showAgents() {
+  const agents = await listAll(`/v1/agents`);
+  const out = h("div");
+  const run = async (fn) => {
+    try {
+      out.replaceChildren(await fn());
+    } catch (err) {
+      out.replaceChildren(problem(err));
+    }
+  };
+  const mint = (agent) => {
+    const scopes = h("input", { class: "token-scopes", value: "invoke:*", "aria-label": "scopes" });
+    const ttl = h("input", { class: "token-ttl", type: "number", min: 60, value: 3600, "aria-label": "lifetime in seconds" });
+    return h(
+      "form",
+      {
+        class: "row",
+        onsubmit: (e) => {
+          e.preventDefault();
+          run(async () => {
+            const t = await api("POST", `/v1/agents/${enc(agent.id)}/tokens`, { scopes: scopes.value.split(/[\s,]+/).filter(Boolean), ttl_seconds: Number(ttl.value) });
+            return h("div", { class: "ok", role: "status" }, `Token for ${agent.id} (jti ${t.jti}, expires ${when(t.expires_at)}), shown once: `, h("code", { class: "secret" }, t.token));
+          });
+        },
+      },
+      scopes,
+      ttl,
+      h("button", { type: "submit" }, "Mint token"),
+    );
+  };
+  const id = h("input", { id: "agent-id", placeholder: "support-bot", required: true });
+  const name = h("input", { id: "agent-name", placeholder: "Support bot" });
+  const roles = h("input", { id: "agent-roles", placeholder: "support, billing" });
+  show(
+    h("h2", {}, "Agents"),
+    table(
+      ["Agent", "Roles", "State", "Tokens"],
+      agents.map((a) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, a.name ?? a.id, h("div", { class: "muted" }, a.id)),
+          h("td", {}, (a.roles ?? []).join(", ")),
+          h("td", {}, a.revoked ? "revoked" : "active"),
+          h(
+            "td",
+            {},
+            a.revoked ? null : mint(a),
+            a.revoked ? null : h("button", { type: "button", class: "link", onclick: () => run(async () => { if (!confirm(`Revoke ${a.id} and every token it holds?`)) return ""; await api("DELETE", `/v1/agents/${enc(a.id)}`); await showAgents(); return ""; }) }, "revoke agent"),
+          ),
+        ),
+      ),
+      "No agents yet.",
+    ),
+    out,
+    h(
+      "form",
+      {
+        class: "card",
+        onsubmit: (e) => {
+          e.preventDefault();
+          run(async () => {
+            await api("POST", `/v1/agents`, { id: id.value.trim(), name: name.value.trim() || id.value.trim(), roles: roles.value.split(",").map((r) => r.trim()).filter(Boolean) });
+            await showAgents();
+            return "";
+          });
+        },
+      },
+      h("h3", {}, "Add an agent"),
+      h("label", { for: "agent-id" }, "Id"),
+      id,
+      h("label", { for: "agent-name" }, "Name"),
+      name,
+      h("label", { for: "agent-roles" }, "Roles (comma-separated; policies grant actions to roles)"),
+      roles,
+      h("button", { type: "submit" }, "Add agent"),
+    ),
+  );
+}
+
+async function showPolicies() {
+  const policy = await api("GET", `/v1/policies`);
+  const rows = policy.rows.map((r) => ({ ...r }));
+  const body = h("tbody", { id: "policy-rows" });
+  const out = h("div");
+  const render = () => {
+    body.replaceChildren(
+      ...rows.map((r, i) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, h("input", { class: "policy-subject", value: r.subject, placeholder: "role:support or agent:<id>", "aria-label": "subject", oninput: (e) => { r.subject = e.target.value; } })),
+          h("td", {}, h("input", { class: "policy-object", value: r.object, placeholder: "refund_* or *", "aria-label": "actions", oninput: (e) => { r.object = e.target.value; } })),
+          h("td", {}, h("select", { class: "policy-effect", "aria-label": "effect", onchange: (e) => { r.effect = e.target.value; } }, ["allow", "deny"].map((v) => h("option", { value: v, selected: v === r.effect }, v)))),
+          h("td", {}, h("button", { type: "button", class: "link", onclick: () => { rows.splice(i, 1); render(); } }, "remove")),
+        ),
+      ),
+    );
+  };
+  render();
+  const fileRows = policy.file_rows ?? [];
+  show(
+    h("h2", {}, "Policies"),
+    h("p", { class: "muted" }, "Which roles (or agents) may invoke which actions. Deny wins over allow; a token also needs the scope."),
+    h("table", {}, h("thead", {}, h("tr", {}, ["Subject", "Actions", "Effect", ""].map((t) => h("th", {}, t)))), body),
+    h(
+      "div",
+      { class: "row" },
+      h("button", { type: "button", id: "add-policy-row", onclick: () => { rows.push({ subject: "role:", object: "*", act: "invoke", effect: "allow" }); render(); } }, "+ Row"),
+      h(
+        "button",
+        {
+          type: "button",
+          id: "save-policies",
+          class: "primary",
+          onclick: async () => {
+            try {
+              await api("PUT", `/v1/policies`, { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) });
+              out.replaceChildren(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
+            } catch (err) {
+              out.replaceChildren(problem(err));
+            }
+          },
+        },
+        "Save policies",
+      ),
+    ),
+    out,
+    fileRows.length
+      ? [h("h3", {}, "From policies/ files (read-only here)"), table(["Subject", "Actions", "Effect"], fileRows.map((r) => h("tr", {}, h("td", {}, r.subject ?? ""), h("td", {}, r.object ?? ""), h("td", {}, r.effect ?? ""))), "")]
+      : null,
+  );
+}
+
 // ---------------------------------------------------------------- routing
 
 const VIEWS = [
@@ -722,6 +956,11 @@ const VIEWS = [
   [/^#\/endpoints$/, showEndpoints],
   [/^#\/deliveries\/([^/?]+)$/, (m) => showDelivery(decodeURIComponent(m[1]))],
   [/^#\/deliveries(\?.*)?$/, (m) => showDeliveries(new URLSearchParams(m[1] ?? ""))],
+  [/^#\/invocations\/([^/?]+)$/, (m) => showInvocation(decodeURIComponent(m[1]))],
+  [/^#\/invocations(\?.*)?$/, (m) => showInvocations(new URLSearchParams(m[1] ?? ""))],
+  [/^#\/approvals(\?.*)?$/, (m) => showApprovals(new URLSearchParams(m[1] ?? ""))],
+  [/^#\/agents$/, showAgents],
+  [/^#\/policies$/, showPolicies],
   [/^#\/actions$/, showActions],
   [/^#\/event-types$/, showEventTypes],
   [/^#\/audit$/, showAudit],
