@@ -145,7 +145,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Declarative action files (`*.json`), applied to every tenant at start.
     pub actions_dir: PathBuf,
-    /// Event type schemas (`*.json`), the built-in catalog.
+    /// Event type schemas (`*.json`) added to, or replacing, the compiled-in catalog.
     pub events_dir: PathBuf,
     /// `model.conf` and `policy.csv`.
     pub policies_dir: PathBuf,

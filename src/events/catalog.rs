@@ -1,5 +1,5 @@
-//! The event catalog: built-in types (JSON Schemas in `schemas/events/`, the same for every
-//! tenant) and each tenant's custom types, declared with or without a schema. Events of a type
+//! The event catalog: built-in types (JSON Schemas in `schemas/events/`, compiled in, the same
+//! for every tenant) and each tenant's custom types, declared with or without a schema. Events of a type
 //! with a schema are validated on ingestion; undeclared types are accepted free-form.
 
 use std::collections::BTreeMap;
@@ -56,29 +56,92 @@ pub struct CatalogError {
     message: String,
 }
 
+/// The built-in types, compiled in so that a binary started from any directory has them; the
+/// files of the events directory add types or replace these by name.
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "action.failed.json",
+        include_str!("../../schemas/events/action.failed.json"),
+    ),
+    (
+        "action.invoked.json",
+        include_str!("../../schemas/events/action.invoked.json"),
+    ),
+    (
+        "action.succeeded.json",
+        include_str!("../../schemas/events/action.succeeded.json"),
+    ),
+    (
+        "approval.requested.json",
+        include_str!("../../schemas/events/approval.requested.json"),
+    ),
+    (
+        "chat.human_requested.json",
+        include_str!("../../schemas/events/chat.human_requested.json"),
+    ),
+    (
+        "customer.signed_up.json",
+        include_str!("../../schemas/events/customer.signed_up.json"),
+    ),
+    (
+        "delivery.failed.json",
+        include_str!("../../schemas/events/delivery.failed.json"),
+    ),
+    (
+        "endpoint.disabled.json",
+        include_str!("../../schemas/events/endpoint.disabled.json"),
+    ),
+    (
+        "invoice.paid.json",
+        include_str!("../../schemas/events/invoice.paid.json"),
+    ),
+    (
+        "license.expired.json",
+        include_str!("../../schemas/events/license.expired.json"),
+    ),
+    (
+        "ticket.created.json",
+        include_str!("../../schemas/events/ticket.created.json"),
+    ),
+];
+
+impl Known {
+    fn parse(origin: &str, text: &str) -> Result<Self, CatalogError> {
+        let fail = |message: String| CatalogError {
+            path: origin.to_string(),
+            message,
+        };
+        let declared: EventType = serde_json::from_str(text).map_err(|e| fail(e.to_string()))?;
+        check_event_type(&declared.name).map_err(fail)?;
+        let validator = match &declared.schema {
+            Some(s) => Some(Arc::new(
+                compile_schema(s).map_err(|(at, m)| fail(format!("schema{at}: {m}")))?,
+            )),
+            None => None,
+        };
+        Ok(Known { declared, validator })
+    }
+}
+
 impl Catalog {
-    /// Reads `*.json` from the events directory (missing directory: no built-in types).
+    /// The compiled-in types, then `*.json` from the events directory (which may be missing).
     pub fn load(dir: &Path) -> Result<Self, CatalogError> {
         let mut builtin = BTreeMap::new();
+        for (file, text) in BUILT_IN {
+            let known = Known::parse(&format!("built-in {file}"), text)?;
+            builtin.insert(known.declared.name.clone(), known);
+        }
         let files = crate::registry::files::json_files(dir).map_err(|e| CatalogError {
             path: dir.display().to_string(),
             message: e.to_string(),
         })?;
         for path in files {
-            let fail = |message: String| CatalogError {
+            let text = std::fs::read_to_string(&path).map_err(|e| CatalogError {
                 path: path.display().to_string(),
-                message,
-            };
-            let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-            let declared: EventType = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
-            check_event_type(&declared.name).map_err(fail)?;
-            let validator = match &declared.schema {
-                Some(s) => Some(Arc::new(
-                    compile_schema(s).map_err(|(at, m)| fail(format!("schema{at}: {m}")))?,
-                )),
-                None => None,
-            };
-            builtin.insert(declared.name.clone(), Known { declared, validator });
+                message: e.to_string(),
+            })?;
+            let known = Known::parse(&path.display().to_string(), &text)?;
+            builtin.insert(known.declared.name.clone(), known);
         }
         Ok(Self {
             builtin,

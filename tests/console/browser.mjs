@@ -105,6 +105,7 @@ try {
 
   // An incomplete rule is explained, not sent.
   await page.goto(`${base}/#/rules/new`);
+  await page.locator("h2", { hasText: "New rule" }).waitFor();
   await page.click("#save-rule");
   await page.getByText("give the rule a name").waitFor();
 

@@ -9,6 +9,7 @@ import {
   fieldsOf,
   formFromRule,
   formatValue,
+  kindsOf,
   newCondition,
   newGroup,
   newOutput,
@@ -29,31 +30,56 @@ async function call(method, path, body) {
   return { status: res.status, body: text ? JSON.parse(text) : null };
 }
 
-// Values are typed the way a person reads them.
+// Values are typed the way a person reads them, and as the event's schema types the field.
 const values = [
-  ["eq", "42", 42],
-  ["eq", '"42"', "42"],
-  ["eq", " enterprise ", "enterprise"],
-  ["eq", "true", true],
-  ["gt", "1e3", 1000],
-  ["eq", "-2.5", -2.5],
-  ["eq", "null", null],
-  ["contains", "outage", "outage"],
-  ["in", "high, urgent", ["high", "urgent"]],
-  ["in", "1, two, 3", [1, "two", 3]],
-  ["not_in", '["a,b", "c"]', ["a,b", "c"]],
-  ["matches", "^\\d{3} +$", "^\\d{3} +$"],
-  ["starts_with", " lead", " lead"],
-  ["exists", "true", undefined],
-  ["exists", "false", false],
+  ["eq", "42", undefined, 42],
+  ["eq", '"42"', undefined, "42"],
+  ["eq", "42", "string", "42"],
+  ["contains", "500", "string", "500"],
+  ["eq", "42", "number", 42],
+  ["eq", " enterprise ", undefined, "enterprise"],
+  ["eq", "true", undefined, true],
+  ["gt", "1e3", undefined, 1000],
+  ["eq", "-2.5", undefined, -2.5],
+  ["eq", "null", undefined, null],
+  ["eq", '""', undefined, ""],
+  ["eq", '{"a": 1}', undefined, { a: 1 }],
+  ["contains", "outage", undefined, "outage"],
+  ["in", "high, urgent", undefined, ["high", "urgent"]],
+  ["in", "1, two, 3", undefined, [1, "two", 3]],
+  ["in", "1, 2", "string", ["1", "2"]],
+  ["in", '"a,b", c', undefined, ["a,b", "c"]],
+  ["not_in", '["a,b", "c"]', undefined, ["a,b", "c"]],
+  ["in", "[[1, 2]]", undefined, [[1, 2]]],
+  ["matches", "^\\d{3} +$", undefined, "^\\d{3} +$"],
+  ["starts_with", " lead", undefined, " lead"],
+  ["exists", "true", undefined, undefined],
+  ["exists", "false", undefined, false],
 ];
-for (const [op, text, expected] of values) {
-  const value = parseValue(op, text);
-  assert.deepEqual(value, expected, `${op} ${JSON.stringify(text)}`);
+for (const [op, text, kind, expected] of values) {
+  const value = parseValue(op, text, kind);
+  assert.deepEqual(value, expected, `${op} ${JSON.stringify(text)} (${kind})`);
   // What the builder shows for a stored value reads back as that value.
-  assert.deepEqual(parseValue(op, formatValue(op, value)), value, `round trip of ${op} ${JSON.stringify(text)}`);
+  assert.deepEqual(parseValue(op, formatValue(op, value, kind), kind), value, `round trip of ${op} ${JSON.stringify(text)}`);
 }
-assert.throws(() => parseValue("in", "[1, 2"), /JSON array/);
+// Stored lists of any shape edit back as themselves.
+for (const list of [[[1, 2]], [{ a: 1, b: 2 }], [[1, 2], [3, 4]], ["[draft]", "final"], ["a,b", "c"], ["", "x"], [' "q"', "{x}"]]) {
+  assert.deepEqual(parseValue("in", formatValue("in", list)), list, JSON.stringify(list));
+}
+// What cannot be a value is said, not guessed.
+for (const [op, text, kind, message] of [
+  ["in", "[1, 2", undefined, /JSON array/],
+  ["in", "a,,b", undefined, /empty item/],
+  ["in", "", undefined, /one or more values/],
+  ["in", '"a, b', undefined, /quote/],
+  ["eq", "", undefined, /enter a value/],
+  ["eq", '"open', undefined, /quote/],
+  ["matches", "", undefined, /pattern/],
+  ["eq", "9007199254740993", undefined, /too large/],
+  ["gt", "lots", "number", /holds numbers/],
+]) {
+  assert.throws(() => parseValue(op, text, kind), message, `${op} ${JSON.stringify(text)}`);
+}
 
 // The contract's example, composed the way the page composes it.
 const form = emptyForm();
@@ -121,6 +147,43 @@ const small = await dry({ type: "invoice.paid", data: { invoice_id: "in_2", amou
 assert.equal(small.matched, false, JSON.stringify(small));
 assert.equal(small.conditions[0].held, false);
 
+// Rules written through the API in shapes the builder would not make itself edit back to rules
+// that decide every event the same way.
+const shapes = [
+  { not: { any: [{ field: "data.priority", op: "eq", value: "low" }, { field: "data.customer.tier", op: "eq", value: "free" }] } },
+  { not: { not: { field: "data.priority", op: "in", value: ["high", "urgent"] } } },
+  { any: [{ field: "data.customer.tier", op: "eq", value: "enterprise" }] },
+  { field: "data.tags", op: "in", value: [["a", "b"], ["c"]] },
+  { field: "data.subject", op: "in", value: ["[draft]", "final, really"] },
+  { all: [{ field: "data.priority", op: "exists", value: true }, { not: { field: "data.body", op: "exists" } }] },
+];
+const tickets = [
+  { ticket_id: "t1", subject: "final, really", priority: "urgent", customer: { id: "c", tier: "enterprise" }, tags: [] },
+  { ticket_id: "t2", subject: "[draft]", priority: "low", customer: { id: "c", tier: "free" }, tags: ["a", "b"], body: "x" },
+  { ticket_id: "t3", subject: "other", priority: "high", customer: { id: "c", tier: "free" }, tags: ["c"] },
+];
+const ticketKinds = kindsOf((await call("GET", "/v1/event-types/ticket.created")).body.schema);
+for (const shape of shapes) {
+  const original = { name: "shape", enabled: true, when: { event_type: "ticket.created" }, if: shape, then: [{ deliver: { endpoint_id: endpointId } }] };
+  const made = await call("POST", "/v1/rules", original);
+  assert.equal(made.status, 201, JSON.stringify(made.body));
+  const stored = (await call("GET", `/v1/rules/${made.body.id}`)).body;
+  const rebuilt = ruleFromForm(formFromRule(stored, ticketKinds), ticketKinds);
+  assert.deepEqual(rebuilt.errors, [], JSON.stringify(shape));
+  for (const data of tickets) {
+    const event = { type: "ticket.created", data };
+    const before = (await call("POST", "/v1/rules/test", { rule: original, event })).body.matched;
+    const after = (await call("POST", "/v1/rules/test", { rule: rebuilt.rule, event })).body.matched;
+    assert.equal(after, before, `${JSON.stringify(shape)} on ${data.ticket_id}`);
+  }
+  assert.equal((await call("DELETE", `/v1/rules/${made.body.id}`)).status, 204);
+}
+// Lists and "not" around a group come back exactly as written.
+for (const shape of [shapes[0], shapes[3], shapes[4]]) {
+  const form = formFromRule({ name: "x", when: { event_type: "ticket.created" }, if: shape, then: [] }, ticketKinds);
+  assert.deepEqual(ruleFromForm(form, ticketKinds).rule.if, shape);
+}
+
 // What is incomplete is said before anything is sent, at the path the server would name.
 const blank = ruleFromForm(emptyForm()).errors.map((e) => e.path);
 assert.deepEqual(blank, ["/name", "/when/event_type", "/then"]);
@@ -134,6 +197,14 @@ assert.deepEqual(
   ruleFromForm(broken).errors.map((e) => e.path),
   ["/if", "/then/0/invoke/arguments", "/then/1/emit/data"],
 );
+const negatedBlank = newCondition("data.priority", "eq", "");
+negatedBlank.negate = true;
+broken.conditions.items = [newCondition("data.subject", "contains", "x"), { ...newGroup("any"), items: [negatedBlank] }];
+assert.deepEqual(ruleFromForm(broken).errors.map((e) => e.path).slice(0, 1), ["/if/all/1/any/0/not/value"]);
+const negatedEmpty = emptyForm();
+Object.assign(negatedEmpty, { name: "x", eventType: "*", outputs: [{ ...newOutput("deliver"), endpointId }] });
+negatedEmpty.conditions.negate = true;
+assert.deepEqual(ruleFromForm(negatedEmpty).errors.map((e) => e.path), ["/if"]);
 // What only the server knows comes back as a 422 with details the page lists.
 const missing = { ...singleRule, then: [{ deliver: { endpoint_id: "ep_missing" } }] };
 const refused = await call("POST", "/v1/rules", missing);

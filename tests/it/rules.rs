@@ -710,3 +710,30 @@ async fn rules_run_on_the_gateways_own_events(backend: Backend) {
     assert_eq!(rx.received().len(), 2);
     assert_eq!(watcher.received().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_event_types_are_there_without_their_files() {
+    // A binary started away from the repository (no schemas/events beside it).
+    let app = TestApp::on(Backend::Sqlite)
+        .with(|raw, dir| raw.events_dir = dir.join("no-such-dir"))
+        .start()
+        .await;
+    let (status, body) = app
+        .call(Method::GET, "/v1/event-types/ticket.created", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["builtin"], true);
+    assert_eq!(
+        body["schema"]["properties"]["priority"]["enum"],
+        json!(["low", "normal", "high", "urgent"])
+    );
+    // And its schema still guards ingestion.
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": "ticket.created", "data": {"ticket_id": "t", "subject": "s", "priority": "soon"}})),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
+}

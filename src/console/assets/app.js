@@ -8,9 +8,11 @@ import {
   emptyForm,
   fieldsOf,
   formFromRule,
+  kindsOf,
   newCondition,
   newGroup,
   newOutput,
+  parseValue,
   ruleFromForm,
   sampleOf,
 } from "./rule-builder.js";
@@ -37,7 +39,10 @@ async function api(method, path, body, headers = {}) {
   }
   const res = await fetch(path, init);
   if (res.status === 204) return null;
-  const data = await res.json().catch(() => null);
+  const data = await res.json().catch(() => undefined);
+  if (res.ok && data === undefined) {
+    throw new ApiFailure(res.status, { code: "unreadable_answer", message: `${method} ${path.split("?")[0]} answered ${res.status} without JSON` });
+  }
   if (!res.ok) {
     if (res.status === 401) signOut("The API key was not accepted; sign in again.");
     throw new ApiFailure(res.status, data?.error ?? { code: `http_${res.status}`, message: res.statusText });
@@ -57,7 +62,7 @@ function h(tag, attrs = {}, ...children) {
     else if (name === "checked") el.checked = true;
     else el.setAttribute(name, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     el.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -66,7 +71,7 @@ function h(tag, attrs = {}, ...children) {
 
 /** Replaces the page's content with `nodes` (arrays flattened, empty slots skipped). */
 function show(...nodes) {
-  main.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
+  main.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 function problem(err) {
@@ -111,6 +116,7 @@ async function listAll(path) {
 // ---------------------------------------------------------------- sign in
 
 function signOut(message) {
+  navigation++;
   sessionStorage.removeItem(KEY_SLOT);
   nav.hidden = true;
   showSignIn(message);
@@ -149,7 +155,7 @@ function showSignIn(message) {
 
 async function showRules() {
   const rules = await listAll(`/v1/rules`);
-  show(
+  return [
     h("div", { class: "bar" }, h("h2", {}, "Rules"), h("a", { class: "button", href: "#/rules/new", id: "new-rule" }, "New rule")),
     h("p", { class: "muted" }, "When an event happens and the conditions hold, a rule delivers it, invokes an action or emits another event."),
     table(
@@ -159,7 +165,7 @@ async function showRules() {
       ),
       "No rules yet. Create one with the builder.",
     ),
-  );
+  ];
 }
 
 /** Loads what the builder offers in its lists: event types, endpoints and actions. */
@@ -176,9 +182,22 @@ async function showRuleEditor(id) {
   const choices = await builderChoices();
   let stored = null;
   if (id) stored = await api("GET", `/v1/rules/${enc(id)}`);
-  const form = stored ? formFromRule(stored) : emptyForm();
+  const schema = choices.eventTypes.find((t) => t.name === stored?.when?.event_type)?.schema;
+  const form = stored ? formFromRule(stored, kindsOf(schema)) : emptyForm();
   const editor = new RuleEditor(form, choices, stored?.id ?? null);
-  show(editor.root);
+  return [editor.root];
+}
+
+/** How a condition's value text reads: `{value: "number 42"}` or `{errors: "…"}`. */
+function readValue(cond, kindOf) {
+  if (cond.value.trim() === "" && cond.field.trim() === "") return { value: "" };
+  try {
+    const v = parseValue(cond.op, cond.value, kindOf(cond.field, cond.op));
+    const name = (x) => (x === null ? "null" : Array.isArray(x) ? `a list of ${x.length}` : typeof x === "string" ? "text" : typeof x);
+    return { value: `read as ${name(v)}` };
+  } catch (e) {
+    return { errors: e.message };
+  }
 }
 
 /** The visual builder: edits a form, shows the rule it makes, dry-runs and saves it. */
@@ -191,11 +210,21 @@ class RuleEditor {
     this.messages = h("div", { id: "rule-messages" });
     this.conditionsBox = h("div", { id: "conditions" });
     this.outputsBox = h("div", { id: "outputs" });
-    this.sample = h("textarea", { id: "sample-event", rows: 10, spellcheck: "false" });
+    this.sample = h("textarea", {
+      id: "sample-event",
+      rows: 10,
+      spellcheck: "false",
+      "aria-label": "Sample event (JSON)",
+      oninput: () => { this.sampleEdited = true; },
+    });
+    this.sampleEdited = false;
+    this.heading = h("h2", {}, ruleId ? "Edit rule" : "New rule");
+    this.deleteButton = h("button", { type: "button", id: "delete-rule", class: "danger", hidden: !ruleId, onclick: () => this.remove() }, "Delete");
+    this.noConditions = h("p", { class: "muted" }, "No conditions: the rule runs on every such event.");
     this.testResult = h("div", { id: "test-result" });
     this.fieldList = h("datalist", { id: "field-list" });
     this.root = this.build();
-    this.refreshFields(true);
+    this.refreshFields();
     this.renderConditions();
     this.renderOutputs();
     this.update();
@@ -209,16 +238,17 @@ class RuleEditor {
       list: "event-type-list",
       value: f.eventType,
       placeholder: "ticket.created, invoice.*, or *",
+      "aria-label": "Event type that triggers the rule",
       oninput: (e) => {
         f.eventType = e.target.value;
-        this.refreshFields(false);
+        this.refreshFields();
         this.update();
       },
     });
     return h(
       "div",
       { class: "builder" },
-      h("div", { class: "bar" }, h("h2", {}, this.ruleId ? "Edit rule" : "New rule"), link("#/rules", "All rules")),
+      h("div", { class: "bar" }, this.heading, link("#/rules", "All rules")),
       h(
         "section",
         { class: "card" },
@@ -229,7 +259,7 @@ class RuleEditor {
         h("label", { class: "inline" }, h("input", { type: "checkbox", id: "rule-enabled", checked: f.enabled, onchange: (e) => { f.enabled = e.target.checked; this.update(); } }), " Enabled"),
       ),
       h("section", { class: "card" }, h("h3", {}, "When this happens"), eventType, typeList),
-      h("section", { class: "card" }, h("h3", {}, "If these conditions hold"), h("p", { class: "muted" }, "No conditions: the rule runs on every such event."), this.conditionsBox, this.fieldList),
+      h("section", { class: "card" }, h("h3", {}, "If these conditions hold"), this.noConditions, this.conditionsBox, this.fieldList),
       h(
         "section",
         { class: "card" },
@@ -258,7 +288,7 @@ class RuleEditor {
         "div",
         { class: "row" },
         h("button", { type: "button", id: "save-rule", class: "primary", onclick: () => this.save() }, "Save rule"),
-        this.ruleId ? h("button", { type: "button", id: "delete-rule", class: "danger", onclick: () => this.remove() }, "Delete") : null,
+        this.deleteButton,
       ),
     );
   }
@@ -268,24 +298,29 @@ class RuleEditor {
     return this.choices.eventTypes.find((t) => t.name === this.form.eventType.trim())?.schema ?? null;
   }
 
-  /** Offers the chosen event type's fields; fills the sample from its schema when asked to. */
-  refreshFields(keepSample) {
+  /**
+   * Offers the chosen event type's fields and reads values as its schema types them; fills the
+   * sample from the schema unless the user has written one.
+   */
+  refreshFields() {
     const schema = this.eventTypeSchema();
     this.fields = fieldsOf(schema);
+    this.kindOf = kindsOf(schema);
     this.fieldList.replaceChildren(...this.fields.map((f) => h("option", { value: f.path })));
-    if (!keepSample || this.sample.value.trim() === "") {
+    if (!this.sampleEdited || this.sample.value.trim() === "") {
       const type = this.form.eventType.trim().replace(/\*$/, "example");
       this.sample.value = JSON.stringify({ type: type || "example", data: sampleOf(schema) ?? {} }, null, 2);
     }
   }
 
   update() {
-    const { rule, errors } = ruleFromForm(this.form);
+    const { rule, errors } = ruleFromForm(this.form, this.kindOf);
     this.preview.textContent = JSON.stringify(rule, null, 2);
     this.localErrors = errors;
   }
 
   renderConditions() {
+    this.noConditions.hidden = this.form.conditions.items.length > 0;
     this.conditionsBox.replaceChildren(this.groupView(this.form.conditions, null, 0));
     this.update();
   }
@@ -293,7 +328,7 @@ class RuleEditor {
   groupView(group, parent, depth) {
     const mode = h(
       "select",
-      { class: "group-mode", onchange: (e) => { group.mode = e.target.value; this.update(); } },
+      { class: "group-mode", "aria-label": "Match all or any", onchange: (e) => { group.mode = e.target.value; this.update(); } },
       h("option", { value: "all", selected: group.mode === "all" }, "all of"),
       h("option", { value: "any", selected: group.mode === "any" }, "any of"),
     );
@@ -325,8 +360,14 @@ class RuleEditor {
   negateToggle(node) {
     return h(
       "label",
-      { class: "inline negate", title: "Holds when the condition does not" },
-      h("input", { type: "checkbox", class: "negate", checked: node.negate, onchange: (e) => { node.negate = e.target.checked; this.update(); } }),
+      { class: "inline negate", title: node.kind === "group" ? "Holds when the group does not" : "Holds when the condition does not" },
+      h("input", {
+        type: "checkbox",
+        class: "negate",
+        checked: node.negate,
+        "aria-label": node.kind === "group" ? "Negate this group" : "Negate this condition",
+        onchange: (e) => { node.negate = e.target.checked; this.update(); },
+      }),
       " not",
     );
   }
@@ -336,10 +377,17 @@ class RuleEditor {
     const valueList = h("datalist", { id: `values-${Math.random().toString(36).slice(2)}` });
     const fillValues = () => valueList.replaceChildren(...enumFor().map((v) => h("option", { value: typeof v === "string" ? v : JSON.stringify(v) })));
     fillValues();
+    // Says how the value will be read (text, number, a list…), or what is wrong with it.
+    const readAs = h("span", { class: "muted read-as" });
+    const describe = () => {
+      const { errors, value } = readValue(cond, this.kindOf);
+      readAs.textContent = errors ?? value;
+      readAs.classList.toggle("warn", errors !== undefined);
+    };
     const value = cond.op === "exists"
       ? h(
           "select",
-          { class: "cond-value", onchange: (e) => { cond.value = e.target.value; this.update(); } },
+          { class: "cond-value", "aria-label": "Present or absent", onchange: (e) => { cond.value = e.target.value; this.update(); } },
           h("option", { value: "true", selected: cond.value !== "false" }, "yes"),
           h("option", { value: "false", selected: cond.value === "false" }, "no (absent)"),
         )
@@ -348,8 +396,10 @@ class RuleEditor {
           list: valueList.id,
           value: cond.value,
           placeholder: cond.op === "in" || cond.op === "not_in" ? "high, urgent" : "value",
-          oninput: (e) => { cond.value = e.target.value; this.update(); },
+          "aria-label": "Value",
+          oninput: (e) => { cond.value = e.target.value; describe(); this.update(); },
         });
+    describe();
     return h(
       "div",
       { class: "condition row" },
@@ -359,25 +409,31 @@ class RuleEditor {
         list: "field-list",
         value: cond.field,
         placeholder: "data.customer.tier",
-        oninput: (e) => { cond.field = e.target.value; fillValues(); this.update(); },
+        "aria-label": "Field",
+        oninput: (e) => { cond.field = e.target.value; fillValues(); describe(); this.update(); },
       }),
       h(
         "select",
         {
           class: "cond-op",
+          "aria-label": "Operator",
           onchange: (e) => {
             const wasExists = cond.op === "exists";
             cond.op = e.target.value;
             if (wasExists !== (cond.op === "exists")) {
               cond.value = cond.op === "exists" ? "true" : "";
               this.renderConditions();
-            } else this.update();
+            } else {
+              describe();
+              this.update();
+            }
           },
         },
         OPERATORS.map((o) => h("option", { value: o.op, selected: o.op === cond.op }, o.label)),
       ),
       value,
       valueList,
+      cond.op === "exists" ? null : readAs,
       h("button", { type: "button", class: "link remove-condition", onclick: () => this.removeFrom(group, cond) }, "remove"),
     );
   }
@@ -402,9 +458,13 @@ class RuleEditor {
             h("span", {}, "Deliver the event to"),
             h(
               "select",
-              { class: "out-endpoint", onchange: (e) => { output.endpointId = e.target.value; this.update(); } },
+              { class: "out-endpoint", "aria-label": `Output ${i + 1}: endpoint`, onchange: (e) => { output.endpointId = e.target.value; this.update(); } },
               h("option", { value: "" }, "choose an endpoint…"),
               this.choices.endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === output.endpointId }, `${ep.url} (${ep.id})`)),
+              // A stored rule may name an endpoint deleted since: show it rather than a blank.
+              output.endpointId && !this.choices.endpoints.some((ep) => ep.id === output.endpointId)
+                ? h("option", { value: output.endpointId, selected: true }, `${output.endpointId} (no longer exists)`)
+                : null,
             ),
           ];
           break;
@@ -413,23 +473,26 @@ class RuleEditor {
             h("span", {}, "Invoke"),
             h(
               "select",
-              { class: "out-action", onchange: (e) => { output.action = e.target.value; this.update(); } },
+              { class: "out-action", "aria-label": `Output ${i + 1}: action`, onchange: (e) => { output.action = e.target.value; this.update(); } },
               h("option", { value: "" }, "choose an action…"),
               this.choices.actions.map((a) => h("option", { value: a.name, selected: a.name === output.action }, a.title ? `${a.title} (${a.name})` : a.name)),
+              output.action && !this.choices.actions.some((a) => a.name === output.action)
+                ? h("option", { value: output.action, selected: true }, `${output.action} (no longer exists)`)
+                : null,
             ),
             h("span", { class: "muted" }, "with arguments (JSON; {{data.field}} inserts a value from the event):"),
-            h("textarea", { class: "out-arguments", rows: 4, spellcheck: "false", value: output.arguments, placeholder: '{"license_id": "{{data.license_id}}", "days": 7}', oninput: (e) => { output.arguments = e.target.value; this.update(); } }),
+            h("textarea", { class: "out-arguments", "aria-label": `Output ${i + 1}: arguments (JSON)`, rows: 4, spellcheck: "false", value: output.arguments, placeholder: '{"license_id": "{{data.license_id}}", "days": 7}', oninput: (e) => { output.arguments = e.target.value; this.update(); } }),
           ];
           break;
         default:
           body = [
             h("span", {}, "Emit the event"),
-            h("input", { class: "out-type", value: output.type, placeholder: "escalation.opened", oninput: (e) => { output.type = e.target.value; this.update(); } }),
+            h("input", { class: "out-type", "aria-label": `Output ${i + 1}: event type to emit`, value: output.type, placeholder: "escalation.opened", oninput: (e) => { output.type = e.target.value; this.update(); } }),
             h("span", { class: "muted" }, "with data (JSON, templates allowed):"),
-            h("textarea", { class: "out-data", rows: 3, spellcheck: "false", value: output.data, placeholder: '{"ticket": "{{data.ticket_id}}"}', oninput: (e) => { output.data = e.target.value; this.update(); } }),
+            h("textarea", { class: "out-data", "aria-label": `Output ${i + 1}: event data (JSON)`, rows: 3, spellcheck: "false", value: output.data, placeholder: '{"ticket": "{{data.ticket_id}}"}', oninput: (e) => { output.data = e.target.value; this.update(); } }),
           ];
       }
-      return h("div", { class: "output" }, h("div", { class: "row" }, h("strong", {}, `${i + 1}.`), body, remove));
+      return h("div", { class: "output" }, h("div", { class: "row" }, h("strong", {}, `${i + 1}.`), body), h("div", { class: "row" }, remove));
     });
     this.outputsBox.replaceChildren(...views);
     this.update();
@@ -443,7 +506,7 @@ class RuleEditor {
       return null;
     }
     this.messages.replaceChildren();
-    return ruleFromForm(this.form).rule;
+    return ruleFromForm(this.form, this.kindOf).rule;
   }
 
   async test() {
@@ -472,8 +535,11 @@ class RuleEditor {
         ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule)
         : await api("POST", `/v1/rules`, rule);
       this.ruleId = saved.id;
+      this.heading.textContent = "Edit rule";
+      this.deleteButton.hidden = false;
       this.messages.replaceChildren(h("div", { class: "ok", role: "status", id: "saved" }, `Saved as ${saved.id}.`));
       history.replaceState(null, "", `#/rules/${enc(saved.id)}`);
+      main.dataset.view = location.hash;
     } catch (err) {
       this.messages.replaceChildren(problem(err));
     }
@@ -490,24 +556,48 @@ class RuleEditor {
   }
 }
 
+/** What an output of a dry run would fail on, if anything. */
+function outputProblem(o) {
+  if (o.error) return o.error;
+  if (o.valid === false) return `its arguments do not fit the action: ${(o.details ?? []).map((d) => `${d.path || "/"} ${d.message}`).join("; ")}`;
+  return null;
+}
+
 function dryRunView(result) {
+  const outputs = result.outputs ?? [];
+  const failing = outputs.filter(outputProblem).length;
   const verdict = !result.triggered
     ? "Not triggered: the event type does not match."
-    : result.matched
-      ? `Matched: ${result.outputs.length} output(s) would run.`
-      : "Triggered, but the conditions do not hold.";
+    : !result.matched
+      ? "Triggered, but the conditions do not hold."
+      : failing
+        ? `Matched, but ${failing} of ${outputs.length} output(s) would fail.`
+        : `Matched: ${outputs.length} output(s) would run.`;
+  // A comparison under an odd number of "not"s counts against the rule when it holds.
+  const negated = (c) => ((c.at ?? "").match(/\/not(?=\/|$)/g) ?? []).length % 2 === 1;
   return h(
     "div",
-    { class: result.matched ? "ok" : "muted-box" },
+    { class: result.matched && !failing ? "ok" : result.matched ? "problem" : "muted-box" },
     h("p", { id: "test-verdict" }, verdict),
     table(
-      ["Condition", "Field held", "Held"],
+      ["Condition", "The event has", "Comparison held", "Counts as"],
       (result.conditions ?? []).map((c) =>
-        h("tr", {}, h("td", {}, `${c.field} ${c.op} ${JSON.stringify(c.value ?? true)}`), h("td", {}, c.actual === undefined ? "(absent)" : JSON.stringify(c.actual)), h("td", {}, c.held ? "✔" : "✘")),
+        h(
+          "tr",
+          {},
+          h("td", {}, `${negated(c) ? "not " : ""}${c.field} ${c.op} ${JSON.stringify(c.value ?? true)}`),
+          h("td", {}, c.actual === undefined ? "(absent)" : JSON.stringify(c.actual)),
+          h("td", {}, c.held ? "yes" : "no"),
+          h("td", {}, c.held !== negated(c) ? "✔ true" : "✘ false"),
+        ),
       ),
       "No conditions.",
     ),
-    (result.outputs ?? []).map((o) => h("details", {}, h("summary", {}, JSON.stringify(o.deliver ?? o.invoke ?? o.emit ?? o).slice(0, 120)), pre(o))),
+    outputs.map((o) => {
+      const trouble = outputProblem(o);
+      const what = o.deliver ? `deliver to ${o.deliver.endpoint_id}` : o.invoke ? `invoke ${o.invoke.action}` : o.emit ? `emit ${o.emit.type}` : "output";
+      return h("details", { open: Boolean(trouble) }, h("summary", {}, trouble ? `✘ ${what}: ${trouble}` : what), pre(o));
+    }),
   );
 }
 
@@ -528,8 +618,8 @@ async function showEndpoints() {
         const eventTypes = types.value.split(",").map((t) => t.trim()).filter(Boolean);
         try {
           const ep = await api("POST", `/v1/endpoints`, { url: url.value.trim(), description: description.value.trim() || undefined, event_types: eventTypes.length ? eventTypes : ["*"] });
-          await showEndpoints();
-          main.prepend(h("div", { class: "ok", role: "status" }, `Created ${ep.id}. Its signing secret (shown again under "secret"): `, h("code", { class: "secret" }, ep.secret)));
+          await route();
+          notice(h("div", { class: "ok", role: "status" }, `Created ${ep.id}. Its signing secret (shown again under "secret"): `, h("code", { class: "secret" }, ep.secret)));
         } catch (err) {
           secretBox.replaceChildren(problem(err));
         }
@@ -567,13 +657,13 @@ async function showEndpoints() {
         action("send test", () => run(async () => { const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/test`, {}); return h("div", { class: "ok" }, `Test event sent: delivery `, link(`#/deliveries/${enc(r.delivery_id)}`, r.delivery_id)); })),
         action("secret", () => run(async () => pre(await api("GET", `/v1/endpoints/${enc(ep.id)}/secret`)))),
         action("rotate secret", () => run(async () => { if (!confirm("Rotate the secret? The old one keeps signing during the overlap.")) return ""; return pre(await api("POST", `/v1/endpoints/${enc(ep.id)}/rotate-secret`, {})); })),
-        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }); await showEndpoints(); return ""; })),
+        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }); await route(); return ""; })),
         action("deliveries", () => { location.hash = `#/deliveries?endpoint_id=${enc(ep.id)}`; }),
-        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`); await showEndpoints(); return ""; })),
+        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`); await route(); return ""; })),
       ),
     ),
   );
-  show(h("h2", {}, "Endpoints"), table(["URL", "Event types", "State", ""], rows, "No endpoints yet."), out, create);
+  return [h("h2", {}, "Endpoints"), table(["URL", "Event types", "State", ""], rows, "No endpoints yet."), out, create];
 }
 
 // ---------------------------------------------------------------- deliveries
@@ -604,7 +694,7 @@ async function showDeliveries(params) {
     h("tr", {}, h("td", {}, link(`#/deliveries/${enc(d.id)}`, d.id)), h("td", {}, d.event_type ?? d.action ?? d.kind), h("td", {}, d.status), h("td", {}, String(d.attempts)), h("td", {}, d.last_status_code ?? d.last_error ?? ""), h("td", {}, when(d.created_at))),
   );
   const next = page.next_cursor ? (() => { const p = new URLSearchParams(params); p.set("cursor", page.next_cursor); return link(`#/deliveries?${p}`, "Older →"); })() : null;
-  show(h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter), table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."), next);
+  return [h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter), table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."), next];
 }
 
 async function showDelivery(id) {
@@ -621,7 +711,7 @@ async function showDelivery(id) {
       a.response ? pre(a.response) : h("p", {}, a.error ?? "none"),
     ),
   );
-  show(
+  return [
     h("div", { class: "bar" }, h("h2", {}, `Delivery ${d.id}`), link("#/deliveries", "All deliveries")),
     h("p", {}, `${d.status}, ${d.attempts} attempt(s), endpoint ${d.endpoint_id}, idempotency key `, h("code", {}, d.idempotency_key)),
     h(
@@ -632,7 +722,8 @@ async function showDelivery(id) {
         onclick: async () => {
           try {
             const r = await api("POST", `/v1/deliveries/${enc(d.id)}/replay`, {});
-            out.replaceChildren(h("div", { class: "ok" }, `Replay queued (${r.status}).`));
+            await route();
+            notice(h("div", { class: "ok", role: "status" }, `Replay queued (${r.status}); reload to follow it.`));
           } catch (err) {
             out.replaceChildren(problem(err));
           }
@@ -645,14 +736,14 @@ async function showDelivery(id) {
     pre(d.body),
     h("h3", {}, "Attempts"),
     attempts.length ? attempts : h("p", { class: "muted" }, "Not attempted yet."),
-  );
+  ];
 }
 
 // ---------------------------------------------------------------- actions, event types, audit
 
 async function showActions() {
   const actions = await listAll(`/v1/actions`);
-  show(
+  return [
     h("h2", {}, "Actions"),
     h("p", { class: "muted" }, "What agents may run, declared as JSON-Schema tools. Declare them with the API or files in schemas/actions."),
     table(
@@ -660,7 +751,7 @@ async function showActions() {
       actions.map((a) => h("tr", {}, h("td", {}, h("code", {}, a.name)), h("td", {}, a.description ?? ""), h("td", {}, a.mode ?? ""), h("td", {}, String(a.version ?? "")), h("td", {}, a.enabled === false ? "no" : "yes"))),
       "No actions declared yet.",
     ),
-  );
+  ];
 }
 
 async function showEventTypes() {
@@ -668,7 +759,7 @@ async function showEventTypes() {
   const name = h("input", { id: "type-name", placeholder: "escalation.opened", required: true });
   const description = h("input", { id: "type-description", placeholder: "What happened" });
   const out = h("div");
-  show(
+  return [
     h("h2", {}, "Event types"),
     table(
       ["Name", "Description", "Fields"],
@@ -683,7 +774,7 @@ async function showEventTypes() {
           e.preventDefault();
           try {
             await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined });
-            await showEventTypes();
+            await route();
           } catch (err) {
             out.replaceChildren(problem(err));
           }
@@ -697,12 +788,14 @@ async function showEventTypes() {
       h("button", { type: "submit" }, "Add"),
       out,
     ),
-  );
+  ];
 }
 
-async function showAudit() {
-  const page = await api("GET", `/v1/audit?limit=100`);
-  show(
+async function showAudit(params) {
+  const query = new URLSearchParams({ limit: "100" });
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
+  const page = await api("GET", `/v1/audit?${query}`);
+  return [
     h("h2", {}, "Audit log"),
     h("p", { class: "muted" }, "Every change made with an admin key, hash-chained; `opsiq audit verify` checks the chain."),
     table(
@@ -710,7 +803,8 @@ async function showAudit() {
       page.data.map((r) => h("tr", {}, h("td", {}, String(r.seq)), h("td", {}, when(r.created_at)), h("td", {}, r.actor), h("td", {}, r.action), h("td", {}, r.target ?? ""))),
       "Nothing recorded yet.",
     ),
-  );
+    olderLink("#/audit", params, page.next_cursor),
+  ];
 }
 
 // ---------------------------------------------------------------- agents: invocations, approvals, agents, policies
@@ -745,7 +839,7 @@ async function showInvocations(params) {
   for (const name of ["status", "agent_id", "action", "cursor"]) if (params.get(name)) query.set(name, params.get(name));
   const page = await api("GET", `/v1/invocations?${query}`);
   const statuses = ["pending_approval", "queued", "delivering", "succeeded", "failed", "denied"];
-  show(
+  return [
     h("div", { class: "bar" }, h("h2", {}, "Invocations"), statusFilter("invocation-status", status, statuses, params, "#/invocations")),
     h("p", { class: "muted" }, "Every call of an action by an agent or a rule — denied ones too."),
     table(
@@ -754,12 +848,12 @@ async function showInvocations(params) {
       "No invocations match.",
     ),
     olderLink("#/invocations", params, page.next_cursor),
-  );
+  ];
 }
 
 async function showInvocation(id) {
   const inv = await api("GET", `/v1/invocations/${enc(id)}`);
-  show(
+  return [
     h("div", { class: "bar" }, h("h2", {}, `Invocation ${inv.id}`), link("#/invocations", "All invocations")),
     h("p", {}, `${inv.status} — ${inv.action?.name} v${inv.action?.version}, by ${inv.agent_id ?? inv.principal}`, inv.duration_ms != null ? `, ${inv.duration_ms} ms` : ""),
     inv.delivery_id ? h("p", {}, "Delivery: ", link(`#/deliveries/${enc(inv.delivery_id)}`, inv.delivery_id)) : null,
@@ -767,7 +861,7 @@ async function showInvocation(id) {
     pre(inv.arguments),
     inv.result != null ? [h("h3", {}, "Result"), pre(inv.result)] : null,
     inv.error != null ? [h("h3", {}, "Error"), pre(inv.error)] : null,
-  );
+  ];
 }
 
 async function showApprovals(params) {
@@ -788,7 +882,7 @@ async function showApprovals(params) {
       try {
         if (approve) await api("POST", `/v1/approvals/${enc(a.id)}/approve`, body);
         else await api("POST", `/v1/approvals/${enc(a.id)}/deny`, body);
-        await showApprovals(params);
+        await route();
       } catch (err) {
         out.replaceChildren(problem(err));
       }
@@ -806,11 +900,11 @@ async function showApprovals(params) {
       out,
     );
   });
-  show(
+  return [
     h("div", { class: "bar" }, h("h2", {}, "Approvals"), statusFilter("approval-status", status, ["pending", "approved", "denied"], filterParams, "#/approvals")),
     items.length ? items : h("p", { class: "muted" }, status === "pending" ? "Nothing waits for a decision." : "No approvals match."),
     olderLink("#/approvals", filterParams, page.next_cursor),
-  );
+  ];
 }
 
 async function showAgents() {
@@ -846,7 +940,7 @@ async function showAgents() {
   const id = h("input", { id: "agent-id", placeholder: "support-bot", required: true });
   const name = h("input", { id: "agent-name", placeholder: "Support bot" });
   const roles = h("input", { id: "agent-roles", placeholder: "support, billing" });
-  show(
+  return [
     h("h2", {}, "Agents"),
     table(
       ["Agent", "Roles", "State", "Tokens"],
@@ -861,7 +955,7 @@ async function showAgents() {
             "td",
             {},
             a.revoked ? null : mint(a),
-            a.revoked ? null : h("button", { type: "button", class: "link", onclick: () => run(async () => { if (!confirm(`Revoke ${a.id} and every token it holds?`)) return ""; await api("DELETE", `/v1/agents/${enc(a.id)}`); await showAgents(); return ""; }) }, "revoke agent"),
+            a.revoked ? null : h("button", { type: "button", class: "link", onclick: () => run(async () => { if (!confirm(`Revoke ${a.id} and every token it holds?`)) return ""; await api("DELETE", `/v1/agents/${enc(a.id)}`); await route(); return ""; }) }, "revoke agent"),
           ),
         ),
       ),
@@ -876,7 +970,7 @@ async function showAgents() {
           e.preventDefault();
           run(async () => {
             await api("POST", `/v1/agents`, { id: id.value.trim(), name: name.value.trim() || id.value.trim(), roles: roles.value.split(",").map((r) => r.trim()).filter(Boolean) });
-            await showAgents();
+            await route();
             return "";
           });
         },
@@ -890,7 +984,7 @@ async function showAgents() {
       roles,
       h("button", { type: "submit" }, "Add agent"),
     ),
-  );
+  ];
 }
 
 async function showPolicies() {
@@ -914,7 +1008,7 @@ async function showPolicies() {
   };
   render();
   const fileRows = policy.file_rows ?? [];
-  show(
+  return [
     h("h2", {}, "Policies"),
     h("p", { class: "muted" }, "Which roles (or agents) may invoke which actions. Deny wins over allow; a token also needs the scope."),
     h("table", {}, h("thead", {}, h("tr", {}, ["Subject", "Actions", "Effect", ""].map((t) => h("th", {}, t)))), body),
@@ -944,7 +1038,7 @@ async function showPolicies() {
     fileRows.length
       ? [h("h3", {}, "From policies/ files (read-only here)"), table(["Subject", "Actions", "Effect"], fileRows.map((r) => h("tr", {}, h("td", {}, r.subject ?? ""), h("td", {}, r.object ?? ""), h("td", {}, r.effect ?? ""))), "")]
       : null,
-  );
+  ];
 }
 
 // ---------------------------------------------------------------- routing
@@ -963,10 +1057,18 @@ const VIEWS = [
   [/^#\/policies$/, showPolicies],
   [/^#\/actions$/, showActions],
   [/^#\/event-types$/, showEventTypes],
-  [/^#\/audit$/, showAudit],
+  [/^#\/audit(\?.*)?$/, (m) => showAudit(new URLSearchParams(m[1] ?? ""))],
 ];
 
+let navigation = 0;
+
+/**
+ * Renders the view the address names. Views load their data and return their nodes; a view
+ * that finishes after the user went elsewhere is dropped, and the old one is cleared at once,
+ * so a slow answer can never put a stale page (and its buttons) under a new address.
+ */
 async function route() {
+  const mine = ++navigation;
   if (!sessionStorage.getItem(KEY_SLOT)) {
     nav.hidden = true;
     showSignIn();
@@ -980,11 +1082,20 @@ async function route() {
     location.hash = "#/rules";
     return;
   }
+  if (main.dataset.view !== hash) show(h("p", { class: "muted", id: "loading" }, "Loading…"));
+  main.dataset.view = hash;
+  let nodes;
   try {
-    await view[1](hash.match(view[0]));
+    nodes = await view[1](hash.match(view[0]));
   } catch (err) {
-    if (sessionStorage.getItem(KEY_SLOT)) show(problem(err));
+    nodes = sessionStorage.getItem(KEY_SLOT) ? problem(err) : null;
   }
+  if (mine === navigation && nodes) show(nodes);
+}
+
+/** Shows a message above the current view (after a refresh, say). */
+function notice(node) {
+  main.prepend(node);
 }
 
 document.getElementById("sign-out").addEventListener("click", () => signOut("Signed out."));

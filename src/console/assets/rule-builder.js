@@ -58,14 +58,34 @@ export function newOutput(kind) {
 }
 
 /**
- * Reads a typed value: text that is a JSON number, boolean, null, array, object or quoted string
- * is that value; anything else is the string itself (so `enterprise` and `"enterprise"` are the
- * same, and `"42"` is the string 42 while `42` is the number).
+ * Reads one typed value. `kind` is what the event's schema says the field holds (`"string"`,
+ * `"number"`, `"boolean"`) or `undefined` when it does not say. Quoted text (`"42"`) is always
+ * that string. Otherwise, on a text field the text is the string; on other fields a JSON number,
+ * boolean, null, array or object is that value and anything else is a string — so `enterprise`
+ * and `"enterprise"` are the same, and on a field of unknown type `42` is the number.
  */
-export function parseScalar(text) {
+export function parseScalar(text, kind) {
   const t = text.trim();
-  if (t === "") return "";
-  if (/^(-?\d+(\.\d+)?([eE][+-]?\d+)?|true|false|null)$/.test(t) || /^["[{]/.test(t)) {
+  if (t.startsWith('"')) {
+    try {
+      const value = JSON.parse(t);
+      if (typeof value === "string") return value;
+    } catch {
+      // reported below
+    }
+    throw new BuilderError(`${t} opens a quote it does not close (write "text in quotes")`);
+  }
+  if (kind === "string") return t;
+  if (/^-?\d+(\.\d+)?([eE][+-]?\d+)?$/.test(t)) {
+    const n = Number(t);
+    if (/^-?\d+$/.test(t) && !Number.isSafeInteger(n)) {
+      throw new BuilderError(`${t} is too large to compare exactly; put it in quotes to compare it as text`);
+    }
+    return n;
+  }
+  if (kind === "number") throw new BuilderError(`this field holds numbers, and ${t || "nothing"} is not one`);
+  if (t === "true" || t === "false" || t === "null") return JSON.parse(t);
+  if (/^[[{]/.test(t)) {
     try {
       return JSON.parse(t);
     } catch {
@@ -75,40 +95,82 @@ export function parseScalar(text) {
   return t;
 }
 
-/** The text that [`parseScalar`] reads back as `value`. */
-export function formatScalar(value) {
-  if (typeof value === "string") {
-    return parseScalar(value) === value ? value : JSON.stringify(value);
+/** The text that [`parseScalar`] reads back as `value` for a field of `kind`. */
+export function formatScalar(value, kind) {
+  if (typeof value !== "string") return JSON.stringify(value);
+  const plain = value === value.trim() && value !== "" && !/^["[{]/.test(value) && !value.includes(",");
+  if (!plain) return JSON.stringify(value);
+  if (kind === "string") return value;
+  let readBack;
+  try {
+    readBack = parseScalar(value, kind);
+  } catch {
+    return JSON.stringify(value);
   }
-  return JSON.stringify(value);
+  return readBack === value ? value : JSON.stringify(value);
 }
 
-/** The value of a comparison from its text, as the operator expects it. */
-export function parseValue(op, text) {
+/** Splits `a, "b, c", d` at the commas outside quotes. */
+function splitList(text) {
+  const items = [];
+  let current = "";
+  let quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === "\\" && quoted) {
+      current += c + (text[i + 1] ?? "");
+      i++;
+    } else if (c === '"') {
+      quoted = !quoted;
+      current += c;
+    } else if (c === "," && !quoted) {
+      items.push(current);
+      current = "";
+    } else {
+      current += c;
+    }
+  }
+  if (quoted) throw new BuilderError("a quote in the list is not closed");
+  items.push(current);
+  return items;
+}
+
+/** The value of a comparison from its text, as the operator expects it (see [`parseScalar`]). */
+export function parseValue(op, text, kind) {
   switch (op) {
     case "exists":
       return text.trim() === "false" ? false : undefined;
     case "matches":
     case "starts_with":
+      if (text === "") throw new BuilderError(op === "matches" ? "enter a pattern" : "enter the text it starts with");
       return text;
     case "in":
     case "not_in": {
       const t = text.trim();
+      if (t === "") throw new BuilderError("enter one or more values, separated by commas");
       if (t.startsWith("[")) {
-        const list = parseScalar(t);
+        let list;
+        try {
+          list = JSON.parse(t);
+        } catch {
+          list = null;
+        }
         if (Array.isArray(list)) return list;
-        throw new BuilderError("a list in brackets must be a JSON array, e.g. [\"high\", \"urgent\"]");
+        throw new BuilderError('a list in brackets must be a JSON array, e.g. ["high", "urgent"]');
       }
-      if (t === "") return [];
-      return t.split(",").map((item) => parseScalar(item));
+      return splitList(t).map((item) => {
+        if (item.trim() === "") throw new BuilderError("the list has an empty item; separate values with single commas");
+        return parseScalar(item, kind);
+      });
     }
     default:
-      return parseScalar(text);
+      if (text.trim() === "") throw new BuilderError('enter a value to compare with (write "" for empty text)');
+      return parseScalar(text, kind);
   }
 }
 
 /** The text a comparison's value is edited as (the inverse of [`parseValue`]). */
-export function formatValue(op, value) {
+export function formatValue(op, value, kind) {
   switch (op) {
     case "exists":
       return value === false ? "false" : "true";
@@ -117,15 +179,26 @@ export function formatValue(op, value) {
       return typeof value === "string" ? value : JSON.stringify(value);
     case "in":
     case "not_in": {
-      if (!Array.isArray(value)) return JSON.stringify(value);
-      const plain = value.every(
-        (v) => typeof v !== "string" || (!v.includes(",") && formatScalar(v) === v && v.trim() === v && v !== ""),
-      );
-      return plain ? value.map(formatScalar).join(", ") : JSON.stringify(value);
+      const scalar = (v) => v === null || ["string", "number", "boolean"].includes(typeof v);
+      if (!Array.isArray(value) || value.length === 0 || !value.every(scalar)) return JSON.stringify(value);
+      return value.map((v) => formatScalar(v, kind)).join(", ");
     }
     default:
-      return value === undefined ? "" : formatScalar(value);
+      return value === undefined ? "" : formatScalar(value, kind);
   }
+}
+
+/**
+ * What a comparison's value is read as, from the event's schema: a function of the field's
+ * path and the operator (for `contains` on a list, the kind of its items).
+ */
+export function kindsOf(schema) {
+  const fields = new Map(fieldsOf(schema).map((f) => [f.path, f]));
+  return (path, op) => {
+    const field = fields.get(path.trim());
+    if (!field) return undefined;
+    return op === "contains" && field.type === "array" ? field.items : field.type === "array" ? undefined : field.type;
+  };
 }
 
 /** A mistake in the form, reported before anything is sent. */
@@ -145,7 +218,9 @@ function parseObjectText(text, what) {
   return value;
 }
 
-function conditionFromNode(node, at, errors) {
+function conditionFromNode(node, outer, errors, kindOf) {
+  // A negated node sits inside `{"not": …}`, and the server's pointers say so.
+  const at = node.negate ? `${outer}/not` : outer;
   let condition;
   if (node.kind === "group") {
     if (node.items.length === 0) {
@@ -153,19 +228,20 @@ function conditionFromNode(node, at, errors) {
       return null;
     }
     const items = node.items
-      .map((item, i) => conditionFromNode(item, `${at}/${node.mode}/${i}`, errors))
+      .map((item, i) => conditionFromNode(item, `${at}/${node.mode}/${i}`, errors, kindOf))
       .filter((c) => c !== null);
     condition = { [node.mode]: items };
   } else {
-    if (node.field.trim() === "") {
+    const field = node.field.trim();
+    if (field === "") {
       errors.push({ path: `${at}/field`, message: "choose the field to compare, e.g. data.customer.tier" });
     }
     if (!KNOWN_OPS.has(node.op)) {
       errors.push({ path: `${at}/op`, message: `unknown operator ${node.op}` });
     }
-    condition = { field: node.field.trim(), op: node.op };
+    condition = { field, op: node.op };
     try {
-      const value = parseValue(node.op, node.value);
+      const value = parseValue(node.op, node.value, kindOf(field, node.op));
       if (value !== undefined) condition.value = value;
     } catch (e) {
       errors.push({ path: `${at}/value`, message: e.message });
@@ -178,7 +254,7 @@ function conditionFromNode(node, at, errors) {
  * The rule a form describes, and the mistakes that keep it from being valid
  * (`[{path, message}]`, paths as JSON pointers into the rule, like the API's 422 details).
  */
-export function ruleFromForm(form) {
+export function ruleFromForm(form, kindOf = () => undefined) {
   const errors = [];
   const rule = { name: form.name.trim(), enabled: form.enabled };
   if (rule.name === "") errors.push({ path: "/name", message: "give the rule a name" });
@@ -193,7 +269,9 @@ export function ruleFromForm(form) {
   if (top.items.length > 0) {
     // A single, plain condition needs no group around it.
     const sole = top.items.length === 1 && !top.negate ? top.items[0] : top;
-    rule.if = conditionFromNode(sole, "/if", errors);
+    rule.if = conditionFromNode(sole, "/if", errors, kindOf);
+  } else if (top.negate) {
+    errors.push({ path: "/if", message: "\"not\" needs conditions to negate: add one or untick it" });
   }
 
   rule.then = form.outputs.map((output, i) => {
@@ -235,33 +313,37 @@ export function ruleFromForm(form) {
   return { rule, errors };
 }
 
-function nodeFromCondition(condition) {
+function nodeFromCondition(condition, kindOf) {
   if (condition && typeof condition === "object") {
     if ("not" in condition) {
-      const inner = nodeFromCondition(condition.not);
+      const inner = nodeFromCondition(condition.not, kindOf);
       inner.negate = !inner.negate;
       return inner;
     }
     for (const mode of ["all", "any"]) {
       if (Array.isArray(condition[mode])) {
-        return { kind: "group", mode, negate: false, items: condition[mode].map(nodeFromCondition) };
+        return { kind: "group", mode, negate: false, items: condition[mode].map((c) => nodeFromCondition(c, kindOf)) };
       }
     }
     const op = condition.op ?? "eq";
-    return newCondition(condition.field ?? "", op, formatValue(op, condition.value));
+    const field = condition.field ?? "";
+    return newCondition(field, op, formatValue(op, condition.value, kindOf(field, op)));
   }
   return newCondition();
 }
 
-/** The form that edits a stored rule (the inverse of [`ruleFromForm`]). */
-export function formFromRule(rule) {
+/**
+ * The form that edits a stored rule (the inverse of [`ruleFromForm`], up to equivalent shapes:
+ * a double `not` reads as none, and a group of one condition at the top as that condition).
+ */
+export function formFromRule(rule, kindOf = () => undefined) {
   const form = emptyForm();
   form.name = rule.name ?? "";
   form.description = rule.description ?? "";
   form.enabled = rule.enabled !== false;
   form.eventType = rule.when?.event_type ?? "";
   if (rule.if !== undefined) {
-    const node = nodeFromCondition(rule.if);
+    const node = nodeFromCondition(rule.if, kindOf);
     form.conditions = node.kind === "group" ? node : { ...newGroup(), items: [node] };
   }
   form.outputs = (rule.then ?? []).map((output) => {
@@ -285,17 +367,29 @@ export function formFromRule(rule) {
   return form;
 }
 
+/** `"string"`, `"number"`, `"boolean"`, `"array"`, `"object"`, or `undefined` (unknown or mixed). */
+function kindOfSchema(schema) {
+  if (!schema || typeof schema !== "object") return undefined;
+  const type = schema.type ?? (Array.isArray(schema.enum) && schema.enum.every((v) => typeof v === "string") ? "string" : undefined);
+  if (typeof type !== "string") return undefined;
+  return type === "integer" ? "number" : type === "null" ? undefined : type;
+}
+
 /**
  * The fields a condition can compare for events described by `schema` (a JSON Schema of the
  * event's `data`), as `{path, enum?}` with dotted paths from the event (`data.customer.tier`).
  */
 export function fieldsOf(schema) {
-  const fields = [{ path: "type" }, { path: "id" }];
+  const fields = [
+    { path: "type", type: "string" },
+    { path: "id", type: "string" },
+  ];
   const walk = (node, path, depth) => {
     if (!node || typeof node !== "object" || depth > 6) return;
     for (const [name, prop] of Object.entries(node.properties ?? {})) {
       const here = `${path}.${name}`;
-      const field = { path: here };
+      const field = { path: here, type: kindOfSchema(prop) };
+      if (field.type === "array") field.items = kindOfSchema(prop?.items);
       if (Array.isArray(prop?.enum)) field.enum = prop.enum;
       fields.push(field);
       walk(prop, here, depth + 1);
