@@ -1,15 +1,15 @@
 // A person uses the web console in headless Chromium: signs in, builds a rule with the visual
-// builder, dry-runs it, saves it, sends an event and follows its delivery in the log; then adds
-// an agent, mints its token, grants its role an action in the policies, and approves the
-// agent's call of that action in the approval queue.
-// Usage: node browser.mjs <base-url> <admin-key> <endpoint-id>
-// Expects an action wire_funds with approval "always". Prints {"rule_id", "rule",
+// builder, dry-runs it, saves it, sends an event and follows its delivery in the log; then
+// declares an action that needs approval, adds an agent, mints its token, grants its role the
+// action in the policies, and approves the agent's call of it in the approval queue.
+// Usage: node browser.mjs <base-url> <admin-key> <endpoint-id> <payments-endpoint-id>
+// Prints {"rule_id", "rule",
 // "delivery_id", "invocation_id"} on success; any failed step exits non-zero.
 
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 
-const [base, key, endpointId] = process.argv.slice(2);
+const [base, key, endpointId, paymentsId] = process.argv.slice(2);
 const executablePath = process.env.OPSIQ_CHROMIUM || "/usr/bin/chromium";
 const WAIT = { timeout: 30_000 };
 
@@ -19,8 +19,11 @@ const page = await browser.newPage();
 try {
   // Script errors and refused resources (a CSP violation shows up as a console error) fail the run.
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  // Chromium logs every error answer; a step that provokes one on purpose names its status.
+  const expectedStatuses = new Set([401]);
   page.on("console", (m) => {
-    if (m.type() === "error" && !/status of 401/.test(m.text())) problems.push(`console: ${m.text()}`);
+    const status = Number(m.text().match(/responded with a status of (\d+)/)?.[1]);
+    if (m.type() === "error" && !expectedStatuses.has(status)) problems.push(`console: ${m.text()}`);
   });
   page.setDefaultTimeout(WAIT.timeout);
 
@@ -115,15 +118,13 @@ try {
   await page.getByText("Test event sent: delivery").waitFor();
 
   // An event that matches is delivered; the log shows it and its attempt.
-  const sent = await page.evaluate(async ([k, event]) => {
-    const res = await fetch("/v1/events", {
-      method: "POST",
-      headers: { authorization: `Bearer ${k}`, "content-type": "application/json", "idempotency-key": "console-browser-1" },
-      body: JSON.stringify(event),
-    });
-    return { status: res.status, body: await res.json() };
-  }, [key, matching]);
-  assert.equal(sent.status, 202, JSON.stringify(sent.body));
+  // (sent from the event types page, whose form starts from the type's schema)
+  await page.goto(`${base}/#/event-types`);
+  await page.fill("#send-type", "ticket.created");
+  assert.equal(JSON.parse(await page.inputValue("#send-data")).priority, "low");
+  await page.fill("#send-data", JSON.stringify(matching.data));
+  await page.click("#send-event");
+  await page.locator("#send-result", { hasText: "accepted" }).waitFor();
   let deliveryId = null;
   const deadline = Date.now() + 60_000;
   await page.goto(`${base}/#/deliveries?status=succeeded&endpoint_id=${endpointId}`);
@@ -141,7 +142,31 @@ try {
   await page.getByRole("link", { name: deliveryId }).click();
   await page.getByText("Attempt 1 — HTTP 200").waitFor();
 
-  // Gateway: the page adds an agent with role finance and mints it a token for wire_* ...
+  // Gateway: the page declares an action that needs a person's approval ...
+  const wireSchema = {
+    type: "object",
+    properties: { amount: { type: "integer", minimum: 1 }, iban: { type: "string" } },
+    required: ["amount", "iban"],
+    additionalProperties: false,
+  };
+  await page.goto(`${base}/#/actions/new`);
+  await page.locator("h2", { hasText: "New action" }).waitFor();
+  await page.fill("#action-name", "wire_funds");
+  await page.fill("#action-description", "Send a bank transfer.");
+  await page.fill("#action-input-schema", JSON.stringify(wireSchema));
+  await page.selectOption("#action-endpoint", paymentsId);
+  await page.selectOption("#action-approval", "always");
+  const tool = JSON.parse(await page.textContent("#tool-preview"));
+  assert.deepEqual(tool, { type: "function", function: { name: "wire_funds", description: "Send a bank transfer.", parameters: wireSchema } });
+  await page.click("#save-action");
+  await page.getByText("Saved wire_funds, version 1.").waitFor();
+  // (a schema that does not compile is refused with the server's reasons, and changes nothing)
+  expectedStatuses.add(422);
+  await page.fill("#action-input-schema", '{"type": "object", "properties": {"amount": {"type": "money"}}}');
+  await page.click("#save-action");
+  await page.locator("#action-messages .problem li").first().waitFor();
+
+  // ... adds an agent with role finance and mints it a token for wire_* ...
   await page.goto(`${base}/#/agents`);
   await page.fill("#agent-id", "treasury-bot");
   await page.fill("#agent-roles", "finance");

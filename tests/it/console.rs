@@ -16,7 +16,7 @@ use crate::receiver::Receiver;
 
 /// Runs a Node.js script from tests/console against the app; `None` when Node.js (or what the
 /// script needs) is missing outside CI.
-async fn run_node(script: &str, app: &TestApp, endpoint_id: &str) -> Option<Value> {
+async fn run_node(script: &str, app: &TestApp, endpoint_ids: &[&str]) -> Option<Value> {
     let probe = tokio::process::Command::new("node")
         .arg("--version")
         .output()
@@ -27,7 +27,8 @@ async fn run_node(script: &str, app: &TestApp, endpoint_id: &str) -> Option<Valu
     }
     let out = tokio::process::Command::new("node")
         .arg(repo_path(&format!("tests/console/{script}")))
-        .args([app.base.as_str(), app.admin_key.as_str(), endpoint_id])
+        .args([app.base.as_str(), app.admin_key.as_str()])
+        .args(endpoint_ids)
         .kill_on_drop(true)
         .output()
         .await
@@ -190,7 +191,7 @@ async fn the_rule_builders_model_agrees_with_the_server() {
     let World { app, rx: _ } = world(Backend::Sqlite).await;
     let rx = Receiver::start().await;
     let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
-    let Some(out) = run_node("builder-model.mjs", &app, &endpoint_id).await else {
+    let Some(out) = run_node("builder-model.mjs", &app, &[&endpoint_id]).await else {
         return;
     };
     let rule_id = out["rule_id"].as_str().unwrap();
@@ -250,23 +251,9 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
     let rx = Receiver::start().await;
     let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
     let (payments, _) = endpoint(&app, &rx.url("/payments"), json!({"event_types": ["none.*"]})).await;
-    let (status, body) = app
-        .call(
-            Method::POST,
-            "/v1/actions",
-            Some(json!({
-                "name": "wire_funds",
-                "description": "Send a bank transfer.",
-                "input_schema": {"type": "object", "required": ["amount", "iban"],
-                    "properties": {"amount": {"type": "integer", "minimum": 1}, "iban": {"type": "string"}}},
-                "endpoint_id": payments, "mode": "async", "approval": "always"
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
     let Some(out) = tokio::time::timeout(
         Duration::from_secs(300),
-        run_node("browser.mjs", &app, &endpoint_id),
+        run_node("browser.mjs", &app, &[&endpoint_id, &payments]),
     )
     .await
     .expect("the browser session finished") else {
@@ -303,6 +290,14 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
         request["arguments"],
         json!({"amount": 1200, "iban": "DE89370400440532013000"})
     );
+    // The action is as the page declared it (the refused edit changed nothing).
+    let (_, action) = app.call(Method::GET, "/v1/actions/wire_funds", None).await;
+    assert_eq!(
+        (action["version"].as_i64(), action["approval"].as_str()),
+        (Some(1), Some("always")),
+        "{action}"
+    );
+    assert_eq!(action["endpoint_id"], payments.as_str());
     let invocation_id = out["invocation_id"].as_str().unwrap();
     let (_, invocation) = app
         .call(Method::GET, &format!("/v1/invocations/{invocation_id}"), None)

@@ -52,6 +52,11 @@ async function api(method, path, body, headers = {}) {
 
 const enc = encodeURIComponent;
 
+/** 128 random bits in hex (crypto.randomUUID needs a secure context; this does not). */
+function randomKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /** Creates an element: `h("button", {class: "x", onclick}, "text", child…)`. */
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
@@ -744,14 +749,153 @@ async function showDelivery(id) {
 async function showActions() {
   const actions = await listAll(`/v1/actions`);
   return [
-    h("h2", {}, "Actions"),
-    h("p", { class: "muted" }, "What agents may run, declared as JSON-Schema tools. Declare them with the API or files in schemas/actions."),
+    h("div", { class: "bar" }, h("h2", {}, "Actions"), h("a", { class: "button", href: "#/actions/new", id: "new-action" }, "New action")),
+    h("p", { class: "muted" }, "What agents may run, declared as JSON-Schema tools. Each change makes a new version; invocations record the version they ran."),
     table(
-      ["Name", "Description", "Mode", "Version", "Enabled"],
-      actions.map((a) => h("tr", {}, h("td", {}, h("code", {}, a.name)), h("td", {}, a.description ?? ""), h("td", {}, a.mode ?? ""), h("td", {}, String(a.version ?? "")), h("td", {}, a.enabled === false ? "no" : "yes"))),
+      ["Name", "Description", "Mode", "Approval", "Version", "Enabled"],
+      actions.map((a) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, link(`#/actions/${enc(a.name)}`, a.name)),
+          h("td", {}, a.description ?? ""),
+          h("td", {}, a.mode ?? ""),
+          h("td", {}, a.approval ?? ""),
+          h("td", {}, String(a.version ?? "")),
+          h("td", {}, a.enabled === false ? "no" : "yes"),
+        ),
+      ),
       "No actions declared yet.",
     ),
   ];
+}
+
+const ANNOTATIONS = [
+  ["read_only", "Read-only (no Idempotency-Key needed)"],
+  ["destructive", "Destructive"],
+  ["idempotent", "Idempotent"],
+  ["open_world", "Reaches outside your system"],
+];
+
+const STARTER_SCHEMA = {
+  type: "object",
+  properties: { customer_id: { type: "string", description: "The customer's id." } },
+  required: ["customer_id"],
+  additionalProperties: false,
+};
+
+/** Declares or edits an action: a form for its settings, JSON for its schemas and guards. */
+async function showActionEditor(name) {
+  const [endpoints, stored] = await Promise.all([listAll(`/v1/endpoints`), name ? api("GET", `/v1/actions/${enc(name)}`) : null]);
+  const a = stored ?? { input_schema: STARTER_SCHEMA, mode: "async", approval: "never", timeout_ms: 10000, enabled: true, annotations: {} };
+  const input = (id, label, value, extra = {}) => [h("label", { for: id }, label), h("input", { id, value: value ?? "", ...extra })];
+  const json = (value) => (value === undefined || value === null ? "" : JSON.stringify(value, null, 2));
+  let root = null;
+  const field = (id) => root.querySelector(`#${id}`);
+  const out = h("div", { id: "action-messages" });
+  const preview = h("pre", { id: "tool-preview" });
+  const showPreview = () => {
+    let parameters;
+    try {
+      parameters = JSON.parse(field("action-input-schema").value);
+    } catch {
+      parameters = "(the input schema is not valid JSON yet)";
+    }
+    const tool = { type: "function", function: { name: field("action-name").value.trim(), description: field("action-description").value.trim(), parameters } };
+    preview.textContent = JSON.stringify(tool, null, 2);
+  };
+  const readJson = (id, what, optional) => {
+    const text = field(id).value.trim();
+    if (text === "" && optional) return undefined;
+    try {
+      return JSON.parse(text);
+    } catch (e) {
+      throw new ApiFailure(0, { code: "invalid_json", message: `${what} is not valid JSON (${e.message}).` });
+    }
+  };
+  const save = async () => {
+    try {
+      const declaration = {
+        name: field("action-name").value.trim(),
+        title: field("action-title").value.trim() || undefined,
+        description: field("action-description").value.trim(),
+        input_schema: readJson("action-input-schema", "The input schema"),
+        output_schema: readJson("action-output-schema", "The output schema", true),
+        guards: readJson("action-guards", "The guards", true),
+        endpoint_id: field("action-endpoint").value || undefined,
+        mode: field("action-mode").value,
+        timeout_ms: Number(field("action-timeout").value),
+        approval: field("action-approval").value,
+        enabled: field("action-enabled").checked,
+        annotations: Object.fromEntries(ANNOTATIONS.map(([key]) => [key, field(`action-${key}`).checked])),
+      };
+      const saved = stored
+        ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration)
+        : await api("POST", `/v1/actions`, declaration);
+      // Re-read from the server (its version, its hash); a new action gets its own address.
+      if (!stored) history.replaceState(null, "", `#/actions/${enc(saved.name)}`);
+      await route();
+      notice(h("div", { class: "ok", role: "status", id: "action-saved" }, `Saved ${saved.name}, version ${saved.version}.`));
+    } catch (err) {
+      out.replaceChildren(problem(err));
+    }
+  };
+  const remove = async () => {
+    if (!confirm(`Delete ${stored.name}? Agents can no longer call it.`)) return;
+    try {
+      await api("DELETE", `/v1/actions/${enc(stored.name)}`);
+      location.hash = "#/actions";
+    } catch (err) {
+      out.replaceChildren(problem(err));
+    }
+  };
+  root = h(
+    "div",
+    {},
+    h("div", { class: "bar" }, h("h2", {}, stored ? `Action ${stored.name}` : "New action"), link("#/actions", "All actions")),
+    stored ? h("p", { class: "muted" }, `Version ${stored.version} (${stored.content_hash}), from ${stored.source ?? "the API"}.`) : null,
+    h(
+      "section",
+      { class: "card", oninput: showPreview },
+      input("action-name", "Name (letters, digits, _ and -; what the model calls)", a.name, { readonly: Boolean(stored), placeholder: "refund_invoice" }),
+      input("action-title", "Title (optional)", a.title),
+      h("label", { for: "action-description" }, "Description (the model reads this to decide when to call it)"),
+      h("textarea", { id: "action-description", rows: 2, value: a.description ?? "" }),
+      h("label", { for: "action-input-schema" }, "Input schema (JSON Schema 2020-12; arguments are validated against it)"),
+      h("textarea", { id: "action-input-schema", rows: 10, spellcheck: "false", value: json(a.input_schema) }),
+    ),
+    h(
+      "section",
+      { class: "card" },
+      h("label", { for: "action-endpoint" }, "Endpoint that receives each call"),
+      h("select", { id: "action-endpoint" }, h("option", { value: "" }, "none yet"), endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === a.endpoint_id }, `${ep.url} (${ep.id})`))),
+      h("label", { for: "action-mode" }, "Mode"),
+      h("select", { id: "action-mode" }, [["async", "async: answer 202 at once"], ["sync", "sync: wait for the endpoint's answer"]].map(([v, t]) => h("option", { value: v, selected: v === a.mode }, t))),
+      input("action-timeout", "Timeout for sync calls (ms)", String(a.timeout_ms ?? 10000), { type: "number", min: 1 }),
+      h("label", { for: "action-approval" }, "Approval"),
+      h("select", { id: "action-approval" }, [["never", "never"], ["always", "always: a person approves each call"]].map(([v, t]) => h("option", { value: v, selected: v === a.approval }, t))),
+      h("div", { class: "row" }, ANNOTATIONS.map(([key, label]) => h("label", { class: "inline" }, h("input", { type: "checkbox", id: `action-${key}`, checked: Boolean(a.annotations?.[key]) }), ` ${label}`))),
+      h("label", { class: "inline" }, h("input", { type: "checkbox", id: "action-enabled", checked: a.enabled !== false }), " Enabled"),
+    ),
+    h(
+      "section",
+      { class: "card" },
+      h("label", { for: "action-output-schema" }, "Output schema (optional; sync results are checked against it)"),
+      h("textarea", { id: "action-output-schema", rows: 4, spellcheck: "false", value: json(a.output_schema) }),
+      h("label", { for: "action-guards" }, 'Guards (optional; e.g. [{"if": {"field": "arguments.amount", "op": "gt", "value": 50000}, "then": "require_approval", "reason": "large refund"}])'),
+      h("textarea", { id: "action-guards", rows: 4, spellcheck: "false", value: a.guards?.length ? json(a.guards) : "" }),
+    ),
+    h("section", { class: "card" }, h("h3", {}, "How a model sees it (OpenAI tool format)"), preview),
+    out,
+    h(
+      "div",
+      { class: "row" },
+      h("button", { type: "button", id: "save-action", class: "primary", onclick: save }, "Save action"),
+      stored ? h("button", { type: "button", id: "delete-action", class: "danger", onclick: remove }, "Delete") : null,
+    ),
+  );
+  showPreview();
+  return root;
 }
 
 async function showEventTypes() {
@@ -759,6 +903,31 @@ async function showEventTypes() {
   const name = h("input", { id: "type-name", placeholder: "escalation.opened", required: true });
   const description = h("input", { id: "type-description", placeholder: "What happened" });
   const out = h("div");
+  // Sending an event by hand: the quickest way to see a first webhook arrive.
+  const sendType = h("input", { id: "send-type", list: "send-type-list", placeholder: "ticket.created", required: true });
+  const sendData = h("textarea", { id: "send-data", rows: 8, spellcheck: "false", value: "{}" });
+  const sent = h("div", { id: "send-result" });
+  sendType.addEventListener("input", () => {
+    const schema = types.find((t) => t.name === sendType.value.trim())?.schema;
+    if (schema) sendData.value = JSON.stringify(sampleOf(schema), null, 2);
+  });
+  const send = async (e) => {
+    e.preventDefault();
+    let data;
+    try {
+      data = JSON.parse(sendData.value);
+    } catch (err) {
+      sent.replaceChildren(problem({ message: `The data is not valid JSON (${err.message}).` }));
+      return;
+    }
+    try {
+      // A fresh key per click: this form sends a new event each time.
+      const r = await api("POST", `/v1/events`, { type: sendType.value.trim(), data }, { "idempotency-key": randomKey() });
+      sent.replaceChildren(h("div", { class: "ok", role: "status" }, `Event ${r.event_id} accepted: ${r.deliveries} delivery(ies). `, link("#/deliveries", "See the delivery log")));
+    } catch (err) {
+      sent.replaceChildren(problem(err));
+    }
+  };
   return [
     h("h2", {}, "Event types"),
     table(
@@ -787,6 +956,19 @@ async function showEventTypes() {
       description,
       h("button", { type: "submit" }, "Add"),
       out,
+    ),
+    h(
+      "form",
+      { class: "card", onsubmit: send },
+      h("h3", {}, "Send an event"),
+      h("p", { class: "muted" }, "It goes to every endpoint subscribed to its type and through your rules, like one your system sends."),
+      h("label", { for: "send-type" }, "Type"),
+      sendType,
+      h("datalist", { id: "send-type-list" }, types.map((t) => h("option", { value: t.name }))),
+      h("label", { for: "send-data" }, "Data (JSON)"),
+      sendData,
+      h("button", { type: "submit", id: "send-event" }, "Send event"),
+      sent,
     ),
   ];
 }
@@ -1055,6 +1237,8 @@ const VIEWS = [
   [/^#\/approvals(\?.*)?$/, (m) => showApprovals(new URLSearchParams(m[1] ?? ""))],
   [/^#\/agents$/, showAgents],
   [/^#\/policies$/, showPolicies],
+  [/^#\/actions\/new$/, () => showActionEditor(null)],
+  [/^#\/actions\/([^/?]+)$/, (m) => showActionEditor(decodeURIComponent(m[1]))],
   [/^#\/actions$/, showActions],
   [/^#\/event-types$/, showEventTypes],
   [/^#\/audit(\?.*)?$/, (m) => showAudit(new URLSearchParams(m[1] ?? ""))],
