@@ -19,6 +19,8 @@ const page = await browser.newPage();
 try {
   // Script errors and refused resources (a CSP violation shows up as a console error) fail the run.
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  // The person says yes to every "are you sure?".
+  page.on("dialog", (d) => d.accept());
   // Chromium logs every error answer; a step that provokes one on purpose names its status.
   const expectedStatuses = new Set([401]);
   page.on("console", (m) => {
@@ -116,6 +118,13 @@ try {
   await page.goto(`${base}/#/endpoints`);
   await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "send test" }).click();
   await page.getByText("Test event sent: delivery").waitFor();
+  // ... and edits its subscriptions and rate limit.
+  await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "edit" }).click();
+  await page.fill("#edit-endpoint-types", "none.*, escalation.*");
+  await page.fill("#edit-endpoint-rate", "50");
+  await page.click("#save-endpoint");
+  await page.getByText(`Saved ${endpointId}.`).waitFor();
+  await page.locator("tr", { hasText: endpointId }).getByText("none.*, escalation.*").waitFor();
 
   // An event that matches is delivered; the log shows it and its attempt.
   // (sent from the event types page, whose form starts from the type's schema)
@@ -209,6 +218,19 @@ try {
     await page.waitForTimeout(200);
     await page.reload();
   }
+
+  // A read-only key for a dashboard: made, shown once, usable, then revoked at once.
+  await page.goto(`${base}/#/api-keys`);
+  await page.fill("#key-name", "dashboard");
+  await page.selectOption("#key-role", "viewer");
+  await page.click("#make-key");
+  const viewerKey = (await page.locator("code.secret").textContent(WAIT)).trim();
+  assert.match(viewerKey, /^opsiq_sk_/);
+  const statusWith = (k) => page.evaluate(async (key) => (await fetch("/v1/rules", { headers: { authorization: `Bearer ${key}` } })).status, k);
+  assert.equal(await statusWith(viewerKey), 200);
+  await page.locator("tr", { hasText: "dashboard" }).getByRole("button", { name: "revoke" }).click();
+  await page.locator("tr", { hasText: "dashboard" }).waitFor({ state: "detached" });
+  assert.equal(await statusWith(viewerKey), 401);
 
   assert.deepEqual(problems, []);
   console.log(JSON.stringify({ rule_id: ruleId, rule: expected, delivery_id: deliveryId, invocation_id: invocationId }));

@@ -269,6 +269,22 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
     }
     assert_eq!(stored, out["rule"]);
 
+    // The endpoint as the page edited it.
+    let (_, ep) = app
+        .call(Method::GET, &format!("/v1/endpoints/{endpoint_id}"), None)
+        .await;
+    assert_eq!(ep["event_types"], json!(["none.*", "escalation.*"]), "{ep}");
+    assert_eq!(ep["rate_limit_per_s"], 50);
+    // The dashboard key the page made is gone; the owner's remains.
+    let (_, keys) = app.call(Method::GET, "/v1/api-keys", None).await;
+    let roles: Vec<&str> = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["owner"], "{keys}");
+
     // The endpoint got the page's test event and, from the rule, the ticket the page sent.
     let got = rx.wait_until(Duration::from_secs(30), |r| r.len() >= 3).await;
     let at = |target: &str| got.iter().filter(|r| r.target == target).collect::<Vec<_>>();

@@ -608,6 +608,82 @@ function dryRunView(result) {
 
 // ---------------------------------------------------------------- endpoints
 
+/** Edits an endpoint's settings in place (PATCH; the secret is rotated separately). */
+function endpointEditor(ep, out) {
+  const url = h("input", { id: "edit-endpoint-url", type: "url", value: ep.url, required: true });
+  const description = h("input", { id: "edit-endpoint-description", value: ep.description ?? "" });
+  const types = h("input", { id: "edit-endpoint-types", value: (ep.event_types ?? []).join(", ") });
+  const rate = h("input", { id: "edit-endpoint-rate", type: "number", min: 1, value: ep.rate_limit_per_s ?? "", placeholder: "no limit" });
+  const scheme = h(
+    "select",
+    { id: "edit-endpoint-scheme" },
+    [["opsiq-v1", "opsiq-v1 (X-OpsIQ-Signature)"], ["standard-webhooks", "Standard Webhooks (webhook-signature)"]].map(([v, t]) => h("option", { value: v, selected: v === ep.signature_scheme }, t)),
+  );
+  const problems = h("div");
+  return h(
+    "form",
+    {
+      class: "card",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        const eventTypes = types.value.split(",").map((t) => t.trim()).filter(Boolean);
+        try {
+          await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, {
+            url: url.value.trim(),
+            description: description.value.trim(),
+            event_types: eventTypes.length ? eventTypes : ["*"],
+            rate_limit_per_s: rate.value === "" ? null : Number(rate.value),
+            signature_scheme: scheme.value,
+          });
+          await route();
+          notice(h("div", { class: "ok", role: "status" }, `Saved ${ep.id}.`));
+        } catch (err) {
+          problems.replaceChildren(problem(err));
+        }
+      },
+    },
+    h("h3", {}, `Edit ${ep.id}`),
+    h("label", { for: "edit-endpoint-url" }, "URL"),
+    url,
+    h("label", { for: "edit-endpoint-description" }, "Description"),
+    description,
+    h("label", { for: "edit-endpoint-types" }, "Event types (comma-separated patterns)"),
+    types,
+    h("label", { for: "edit-endpoint-rate" }, "Rate limit (deliveries per second)"),
+    rate,
+    h("label", { for: "edit-endpoint-scheme" }, "Signature scheme"),
+    scheme,
+    h("div", { class: "row" }, h("button", { type: "submit", class: "primary", id: "save-endpoint" }, "Save"), h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")),
+    problems,
+  );
+}
+
+/** Re-queues an endpoint's failed deliveries since a time (after an outage, say). */
+function recoverForm(ep, out) {
+  const since = h("input", { id: "recover-since", type: "datetime-local", required: true, value: new Date(Date.now() - 86_400_000 - new Date().getTimezoneOffset() * 60_000).toISOString().slice(0, 16) });
+  const result = h("div");
+  return h(
+    "form",
+    {
+      class: "card",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        try {
+          const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/recover`, { since: new Date(since.value).toISOString() });
+          result.replaceChildren(h("div", { class: "ok", role: "status" }, `${r.recovered} failed delivery(ies) queued again.`));
+        } catch (err) {
+          result.replaceChildren(problem(err));
+        }
+      },
+    },
+    h("h3", {}, `Recover failed deliveries to ${ep.url}`),
+    h("label", { for: "recover-since" }, "Failed since (your local time)"),
+    since,
+    h("div", { class: "row" }, h("button", { type: "submit", id: "recover" }, "Recover"), h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")),
+    result,
+  );
+}
+
 async function showEndpoints() {
   const endpoints = await listAll(`/v1/endpoints`);
   const secretBox = h("div");
@@ -663,7 +739,9 @@ async function showEndpoints() {
         action("secret", () => run(async () => pre(await api("GET", `/v1/endpoints/${enc(ep.id)}/secret`)))),
         action("rotate secret", () => run(async () => { if (!confirm("Rotate the secret? The old one keeps signing during the overlap.")) return ""; return pre(await api("POST", `/v1/endpoints/${enc(ep.id)}/rotate-secret`, {})); })),
         action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }); await route(); return ""; })),
+        action("edit", () => out.replaceChildren(endpointEditor(ep, out))),
         action("deliveries", () => { location.hash = `#/deliveries?endpoint_id=${enc(ep.id)}`; }),
+        action("recover", () => out.replaceChildren(recoverForm(ep, out))),
         action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`); await route(); return ""; })),
       ),
     ),
@@ -1223,6 +1301,73 @@ async function showPolicies() {
   ];
 }
 
+// ---------------------------------------------------------------- API keys
+
+async function showApiKeys() {
+  const keys = await listAll(`/v1/api-keys`);
+  const name = h("input", { id: "key-name", placeholder: "dashboard", required: true });
+  const role = h(
+    "select",
+    { id: "key-role" },
+    [["viewer", "viewer: read only"], ["developer", "developer: read, send events"], ["approver", "approver: read, decide approvals"], ["admin", "admin: everything but owner keys"], ["owner", "owner"]].map(([v, t]) => h("option", { value: v }, t)),
+  );
+  const out = h("div");
+  return [
+    h("h2", {}, "API keys"),
+    h("p", { class: "muted" }, "Keys for people and systems using this API (agents use tokens instead). Stored hashed: a key is shown once, when it is made."),
+    table(
+      ["Name", "Role", "Key", "Created", ""],
+      keys.map((k) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, k.name, h("div", { class: "muted" }, k.id)),
+          h("td", {}, k.role),
+          h("td", {}, h("code", {}, `${k.key_prefix ?? ""}…`)),
+          h("td", {}, when(k.created_at)),
+          h("td", {}, h("button", {
+            type: "button",
+            class: "link",
+            onclick: async () => {
+              if (!confirm(`Revoke ${k.name}? Whatever uses it stops working at once.`)) return;
+              try {
+                await api("DELETE", `/v1/api-keys/${enc(k.id)}`);
+                await route();
+              } catch (err) {
+                out.replaceChildren(problem(err));
+              }
+            },
+          }, "revoke")),
+        ),
+      ),
+      "No keys.",
+    ),
+    out,
+    h(
+      "form",
+      {
+        class: "card",
+        onsubmit: async (e) => {
+          e.preventDefault();
+          try {
+            const k = await api("POST", `/v1/api-keys`, { name: name.value.trim(), role: role.value });
+            await route();
+            notice(h("div", { class: "ok", role: "status" }, `Key ${k.name} (${k.role}), shown once: `, h("code", { class: "secret" }, k.key)));
+          } catch (err) {
+            out.replaceChildren(problem(err));
+          }
+        },
+      },
+      h("h3", {}, "Make a key"),
+      h("label", { for: "key-name" }, "Name"),
+      name,
+      h("label", { for: "key-role" }, "Role"),
+      role,
+      h("button", { type: "submit", id: "make-key" }, "Make key"),
+    ),
+  ];
+}
+
 // ---------------------------------------------------------------- routing
 
 const VIEWS = [
@@ -1241,6 +1386,7 @@ const VIEWS = [
   [/^#\/actions\/([^/?]+)$/, (m) => showActionEditor(decodeURIComponent(m[1]))],
   [/^#\/actions$/, showActions],
   [/^#\/event-types$/, showEventTypes],
+  [/^#\/api-keys$/, showApiKeys],
   [/^#\/audit(\?.*)?$/, (m) => showAudit(new URLSearchParams(m[1] ?? ""))],
 ];
 
