@@ -125,6 +125,24 @@ try {
   await page.click("#save-endpoint");
   await page.getByText(`Saved ${endpointId}.`).waitFor();
   await page.locator("tr", { hasText: endpointId }).getByText("none.*, escalation.*").waitFor();
+  // Recovering its failed deliveries of the last day finds none; an endpoint added here shows
+  // its secret once and can be deleted again.
+  await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "recover" }).click();
+  await page.click("#recover");
+  await page.getByText("0 failed delivery(ies) queued again.").waitFor();
+  await page.fill("#endpoint-url", "http://127.0.0.1:9/unused");
+  await page.fill("#endpoint-types", "audit.*");
+  await page.click("#add-endpoint");
+  const created = await page.locator("div.ok", { hasText: "Created ep_" }).textContent(WAIT);
+  assert.match(created, /whsec_/);
+  await page.locator("tr", { hasText: "127.0.0.1:9/unused" }).getByRole("button", { name: "delete" }).click();
+  await page.locator("tr", { hasText: "127.0.0.1:9/unused" }).waitFor({ state: "detached" });
+  // A custom event type joins the catalog.
+  await page.goto(`${base}/#/event-types`);
+  await page.fill("#type-name", "escalation.opened");
+  await page.fill("#type-description", "A ticket was escalated");
+  await page.click("#add-type");
+  await page.locator("tr", { hasText: "escalation.opened" }).getByText("A ticket was escalated").waitFor();
 
   // An event that matches is delivered; the log shows it and its attempt.
   // (sent from the event types page, whose form starts from the type's schema)

@@ -275,6 +275,16 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
         .await;
     assert_eq!(ep["event_types"], json!(["none.*", "escalation.*"]), "{ep}");
     assert_eq!(ep["rate_limit_per_s"], 50);
+    let (_, endpoints) = app.call(Method::GET, "/v1/endpoints", None).await;
+    assert_eq!(
+        endpoints["data"].as_array().map(Vec::len),
+        Some(2),
+        "the added one was deleted: {endpoints}"
+    );
+    let (status, _) = app
+        .call(Method::GET, "/v1/event-types/escalation.opened", None)
+        .await;
+    assert_eq!(status, 200);
     // The dashboard key the page made is gone; the owner's remains.
     let (_, keys) = app.call(Method::GET, "/v1/api-keys", None).await;
     let roles: Vec<&str> = keys["data"]

@@ -105,6 +105,38 @@ function pre(value) {
 }
 
 /** Every item of a list route (`path` without a query), up to 1,000. */
+/** Runs `fn` and shows in `box` what it returns (nothing for `""`), or the error it throws. */
+async function showOutcome(box, fn) {
+  try {
+    const shown = await fn();
+    box.replaceChildren(...[shown].flat(Infinity).filter((n) => n !== "" && n !== null && n !== undefined));
+  } catch (err) {
+    box.replaceChildren(problem(err));
+  }
+}
+
+/** Splits "a, b , c" into ["a", "b", "c"]. */
+function commaList(text) {
+  return text.split(",").map((t) => t.trim()).filter(Boolean);
+}
+
+/**
+ * A card holding a form: a title, `[label, control, …extras]` fields, a submit button and
+ * `buttons`; on submit, `submit` runs and its result or error shows under the buttons.
+ */
+function formCard({ title, intro, fields, submitLabel, submitId, submit, buttons = [], outId }) {
+  const out = h("div", { id: outId });
+  return h(
+    "form",
+    { class: "card", onsubmit: (e) => { e.preventDefault(); showOutcome(out, submit); } },
+    title ? h("h3", {}, title) : null,
+    intro ? h("p", { class: "muted" }, intro) : null,
+    fields.map(([label, control, ...extras]) => [h("label", { for: control.id }, label), control, extras]),
+    h("div", { class: "row" }, h("button", { type: "submit", id: submitId }, submitLabel), buttons),
+    out,
+  );
+}
+
 async function listAll(path) {
   const items = [];
   let cursor = null;
@@ -619,112 +651,76 @@ function endpointEditor(ep, out) {
     { id: "edit-endpoint-scheme" },
     [["opsiq-v1", "opsiq-v1 (X-OpsIQ-Signature)"], ["standard-webhooks", "Standard Webhooks (webhook-signature)"]].map(([v, t]) => h("option", { value: v, selected: v === ep.signature_scheme }, t)),
   );
-  const problems = h("div");
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        const eventTypes = types.value.split(",").map((t) => t.trim()).filter(Boolean);
-        try {
-          await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, {
-            url: url.value.trim(),
-            description: description.value.trim(),
-            event_types: eventTypes.length ? eventTypes : ["*"],
-            rate_limit_per_s: rate.value === "" ? null : Number(rate.value),
-            signature_scheme: scheme.value,
-          });
-          await route();
-          notice(h("div", { class: "ok", role: "status" }, `Saved ${ep.id}.`));
-        } catch (err) {
-          problems.replaceChildren(problem(err));
-        }
-      },
+  return formCard({
+    title: `Edit ${ep.id}`,
+    fields: [
+      ["URL", url],
+      ["Description", description],
+      ["Event types (comma-separated patterns)", types],
+      ["Rate limit (deliveries per second)", rate],
+      ["Signature scheme", scheme],
+    ],
+    submitLabel: "Save",
+    submitId: "save-endpoint",
+    buttons: [h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")],
+    submit: async () => {
+      const eventTypes = commaList(types.value);
+      await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, {
+        url: url.value.trim(),
+        description: description.value.trim(),
+        event_types: eventTypes.length ? eventTypes : ["*"],
+        rate_limit_per_s: rate.value === "" ? null : Number(rate.value),
+        signature_scheme: scheme.value,
+      });
+      await route();
+      notice(h("div", { class: "ok", role: "status" }, `Saved ${ep.id}.`));
+      return "";
     },
-    h("h3", {}, `Edit ${ep.id}`),
-    h("label", { for: "edit-endpoint-url" }, "URL"),
-    url,
-    h("label", { for: "edit-endpoint-description" }, "Description"),
-    description,
-    h("label", { for: "edit-endpoint-types" }, "Event types (comma-separated patterns)"),
-    types,
-    h("label", { for: "edit-endpoint-rate" }, "Rate limit (deliveries per second)"),
-    rate,
-    h("label", { for: "edit-endpoint-scheme" }, "Signature scheme"),
-    scheme,
-    h("div", { class: "row" }, h("button", { type: "submit", class: "primary", id: "save-endpoint" }, "Save"), h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")),
-    problems,
-  );
+  });
 }
 
 /** Re-queues an endpoint's failed deliveries since a time (after an outage, say). */
 function recoverForm(ep, out) {
-  const since = h("input", { id: "recover-since", type: "datetime-local", required: true, value: new Date(Date.now() - 86_400_000 - new Date().getTimezoneOffset() * 60_000).toISOString().slice(0, 16) });
-  const result = h("div");
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        try {
-          const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/recover`, { since: new Date(since.value).toISOString() });
-          result.replaceChildren(h("div", { class: "ok", role: "status" }, `${r.recovered} failed delivery(ies) queued again.`));
-        } catch (err) {
-          result.replaceChildren(problem(err));
-        }
-      },
+  const dayAgo = new Date(Date.now() - 86_400_000 - new Date().getTimezoneOffset() * 60_000);
+  const since = h("input", { id: "recover-since", type: "datetime-local", required: true, value: dayAgo.toISOString().slice(0, 16) });
+  return formCard({
+    title: `Recover failed deliveries to ${ep.url}`,
+    fields: [["Failed since (your local time)", since]],
+    submitLabel: "Recover",
+    submitId: "recover",
+    buttons: [h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")],
+    submit: async () => {
+      const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/recover`, { since: new Date(since.value).toISOString() });
+      return h("div", { class: "ok", role: "status" }, `${r.recovered} failed delivery(ies) queued again.`);
     },
-    h("h3", {}, `Recover failed deliveries to ${ep.url}`),
-    h("label", { for: "recover-since" }, "Failed since (your local time)"),
-    since,
-    h("div", { class: "row" }, h("button", { type: "submit", id: "recover" }, "Recover"), h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")),
-    result,
-  );
+  });
 }
 
 async function showEndpoints() {
   const endpoints = await listAll(`/v1/endpoints`);
-  const secretBox = h("div");
   const url = h("input", { id: "endpoint-url", type: "url", placeholder: "https://example.com/webhooks", required: true });
   const types = h("input", { id: "endpoint-types", placeholder: "* or invoice.*, ticket.created" });
   const description = h("input", { id: "endpoint-description", placeholder: "optional" });
-  const create = h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (e) => {
-        e.preventDefault();
-        const eventTypes = types.value.split(",").map((t) => t.trim()).filter(Boolean);
-        try {
-          const ep = await api("POST", `/v1/endpoints`, { url: url.value.trim(), description: description.value.trim() || undefined, event_types: eventTypes.length ? eventTypes : ["*"] });
-          await route();
-          notice(h("div", { class: "ok", role: "status" }, `Created ${ep.id}. Its signing secret (shown again under "secret"): `, h("code", { class: "secret" }, ep.secret)));
-        } catch (err) {
-          secretBox.replaceChildren(problem(err));
-        }
-      },
+  const create = formCard({
+    title: "Add an endpoint",
+    fields: [
+      ["URL", url],
+      ["Event types (comma-separated patterns)", types],
+      ["Description", description],
+    ],
+    submitLabel: "Add endpoint",
+    submitId: "add-endpoint",
+    submit: async () => {
+      const eventTypes = commaList(types.value);
+      const ep = await api("POST", `/v1/endpoints`, { url: url.value.trim(), description: description.value.trim() || undefined, event_types: eventTypes.length ? eventTypes : ["*"] });
+      await route();
+      notice(h("div", { class: "ok", role: "status" }, `Created ${ep.id}. Its signing secret (shown again under "secret"): `, h("code", { class: "secret" }, ep.secret)));
+      return "";
     },
-    h("h3", {}, "Add an endpoint"),
-    h("label", { for: "endpoint-url" }, "URL"),
-    url,
-    h("label", { for: "endpoint-types" }, "Event types (comma-separated patterns)"),
-    types,
-    h("label", { for: "endpoint-description" }, "Description"),
-    description,
-    h("button", { type: "submit" }, "Add endpoint"),
-    secretBox,
-  );
+  });
   const action = (label, fn) => h("button", { type: "button", class: "link", onclick: fn }, label);
   const out = h("div");
-  const run = async (fn) => {
-    try {
-      out.replaceChildren(await fn());
-    } catch (err) {
-      out.replaceChildren(problem(err));
-    }
-  };
+  const run = (fn) => showOutcome(out, fn);
   const rows = endpoints.map((ep) =>
     h(
       "tr",
@@ -980,32 +976,13 @@ async function showEventTypes() {
   const types = await listAll(`/v1/event-types`);
   const name = h("input", { id: "type-name", placeholder: "escalation.opened", required: true });
   const description = h("input", { id: "type-description", placeholder: "What happened" });
-  const out = h("div");
   // Sending an event by hand: the quickest way to see a first webhook arrive.
   const sendType = h("input", { id: "send-type", list: "send-type-list", placeholder: "ticket.created", required: true });
   const sendData = h("textarea", { id: "send-data", rows: 8, spellcheck: "false", value: "{}" });
-  const sent = h("div", { id: "send-result" });
   sendType.addEventListener("input", () => {
     const schema = types.find((t) => t.name === sendType.value.trim())?.schema;
     if (schema) sendData.value = JSON.stringify(sampleOf(schema), null, 2);
   });
-  const send = async (e) => {
-    e.preventDefault();
-    let data;
-    try {
-      data = JSON.parse(sendData.value);
-    } catch (err) {
-      sent.replaceChildren(problem({ message: `The data is not valid JSON (${err.message}).` }));
-      return;
-    }
-    try {
-      // A fresh key per click: this form sends a new event each time.
-      const r = await api("POST", `/v1/events`, { type: sendType.value.trim(), data }, { "idempotency-key": randomKey() });
-      sent.replaceChildren(h("div", { class: "ok", role: "status" }, `Event ${r.event_id} accepted: ${r.deliveries} delivery(ies). `, link("#/deliveries", "See the delivery log")));
-    } catch (err) {
-      sent.replaceChildren(problem(err));
-    }
-  };
   return [
     h("h2", {}, "Event types"),
     table(
@@ -1013,41 +990,42 @@ async function showEventTypes() {
       types.map((t) => h("tr", {}, h("td", {}, h("code", {}, t.name), t.builtin ? h("span", { class: "muted" }, " built in") : null), h("td", {}, t.description ?? ""), h("td", {}, fieldsOf(t.schema).slice(2).map((f) => f.path).join(", ")))),
       "No event types.",
     ),
-    h(
-      "form",
-      {
-        class: "card",
-        onsubmit: async (e) => {
-          e.preventDefault();
-          try {
-            await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined });
-            await route();
-          } catch (err) {
-            out.replaceChildren(problem(err));
-          }
-        },
+    formCard({
+      title: "Add a custom event type",
+      fields: [
+        ["Name", name],
+        ["Description", description],
+      ],
+      submitLabel: "Add",
+      submitId: "add-type",
+      submit: async () => {
+        await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined });
+        await route();
+        return "";
       },
-      h("h3", {}, "Add a custom event type"),
-      h("label", { for: "type-name" }, "Name"),
-      name,
-      h("label", { for: "type-description" }, "Description"),
-      description,
-      h("button", { type: "submit" }, "Add"),
-      out,
-    ),
-    h(
-      "form",
-      { class: "card", onsubmit: send },
-      h("h3", {}, "Send an event"),
-      h("p", { class: "muted" }, "It goes to every endpoint subscribed to its type and through your rules, like one your system sends."),
-      h("label", { for: "send-type" }, "Type"),
-      sendType,
-      h("datalist", { id: "send-type-list" }, types.map((t) => h("option", { value: t.name }))),
-      h("label", { for: "send-data" }, "Data (JSON)"),
-      sendData,
-      h("button", { type: "submit", id: "send-event" }, "Send event"),
-      sent,
-    ),
+    }),
+    formCard({
+      title: "Send an event",
+      intro: "It goes to every endpoint subscribed to its type and through your rules, like one your system sends.",
+      fields: [
+        ["Type", sendType, h("datalist", { id: "send-type-list" }, types.map((t) => h("option", { value: t.name })))],
+        ["Data (JSON)", sendData],
+      ],
+      submitLabel: "Send event",
+      submitId: "send-event",
+      outId: "send-result",
+      submit: async () => {
+        let data;
+        try {
+          data = JSON.parse(sendData.value);
+        } catch (err) {
+          throw new ApiFailure(0, { code: "invalid_json", message: `The data is not valid JSON (${err.message}).` });
+        }
+        // A fresh key per click: this form sends a new event each time.
+        const r = await api("POST", `/v1/events`, { type: sendType.value.trim(), data }, { "idempotency-key": randomKey() });
+        return h("div", { class: "ok", role: "status" }, `Event ${r.event_id} accepted: ${r.deliveries} delivery(ies). `, link("#/deliveries", "See the delivery log"));
+      },
+    }),
   ];
 }
 
@@ -1170,13 +1148,7 @@ async function showApprovals(params) {
 async function showAgents() {
   const agents = await listAll(`/v1/agents`);
   const out = h("div");
-  const run = async (fn) => {
-    try {
-      out.replaceChildren(await fn());
-    } catch (err) {
-      out.replaceChildren(problem(err));
-    }
-  };
+  const run = (fn) => showOutcome(out, fn);
   const mint = (agent) => {
     const scopes = h("input", { class: "token-scopes", value: "invoke:*", "aria-label": "scopes" });
     const ttl = h("input", { class: "token-ttl", type: "number", min: 60, value: 3600, "aria-label": "lifetime in seconds" });
@@ -1222,28 +1194,21 @@ async function showAgents() {
       "No agents yet.",
     ),
     out,
-    h(
-      "form",
-      {
-        class: "card",
-        onsubmit: (e) => {
-          e.preventDefault();
-          run(async () => {
-            await api("POST", `/v1/agents`, { id: id.value.trim(), name: name.value.trim() || id.value.trim(), roles: roles.value.split(",").map((r) => r.trim()).filter(Boolean) });
-            await route();
-            return "";
-          });
-        },
+    formCard({
+      title: "Add an agent",
+      fields: [
+        ["Id", id],
+        ["Name", name],
+        ["Roles (comma-separated; policies grant actions to roles)", roles],
+      ],
+      submitLabel: "Add agent",
+      submitId: "add-agent",
+      submit: async () => {
+        await api("POST", `/v1/agents`, { id: id.value.trim(), name: name.value.trim() || id.value.trim(), roles: commaList(roles.value) });
+        await route();
+        return "";
       },
-      h("h3", {}, "Add an agent"),
-      h("label", { for: "agent-id" }, "Id"),
-      id,
-      h("label", { for: "agent-name" }, "Name"),
-      name,
-      h("label", { for: "agent-roles" }, "Roles (comma-separated; policies grant actions to roles)"),
-      roles,
-      h("button", { type: "submit" }, "Add agent"),
-    ),
+    }),
   ];
 }
 
@@ -1343,28 +1308,21 @@ async function showApiKeys() {
       "No keys.",
     ),
     out,
-    h(
-      "form",
-      {
-        class: "card",
-        onsubmit: async (e) => {
-          e.preventDefault();
-          try {
-            const k = await api("POST", `/v1/api-keys`, { name: name.value.trim(), role: role.value });
-            await route();
-            notice(h("div", { class: "ok", role: "status" }, `Key ${k.name} (${k.role}), shown once: `, h("code", { class: "secret" }, k.key)));
-          } catch (err) {
-            out.replaceChildren(problem(err));
-          }
-        },
+    formCard({
+      title: "Make a key",
+      fields: [
+        ["Name", name],
+        ["Role", role],
+      ],
+      submitLabel: "Make key",
+      submitId: "make-key",
+      submit: async () => {
+        const k = await api("POST", `/v1/api-keys`, { name: name.value.trim(), role: role.value });
+        await route();
+        notice(h("div", { class: "ok", role: "status" }, `Key ${k.name} (${k.role}), shown once: `, h("code", { class: "secret" }, k.key)));
+        return "";
       },
-      h("h3", {}, "Make a key"),
-      h("label", { for: "key-name" }, "Name"),
-      name,
-      h("label", { for: "key-role" }, "Role"),
-      role,
-      h("button", { type: "submit", id: "make-key" }, "Make key"),
-    ),
+    }),
   ];
 }
 
