@@ -217,7 +217,8 @@ pub fn routes() -> Router<AppState> {
 }
 
 fn describe(t: &EventType, builtin: bool) -> Value {
-    json!({"name": t.name, "description": t.description, "schema": t.schema, "builtin": builtin})
+    json!({"name": t.name, "description": t.description, "schema": t.schema, "builtin": builtin,
+           "reserved": super::is_reserved(&t.name)})
 }
 
 /// The catalog, built-in and custom types together in name order, paginated by name.

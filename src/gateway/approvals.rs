@@ -14,6 +14,7 @@ use super::invoke::derived_key;
 use crate::db::{now_ms, rfc3339};
 use crate::delivery::outbox::{self, Kind, NewDelivery};
 use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJson, Page, Path, Permission, Query};
+use crate::registry::store;
 use crate::{AppState, args};
 
 /// The approval routes.
@@ -132,6 +133,14 @@ fn already_decided(row: &ApprovalRow) -> ApiError {
     )
 }
 
+/// The conflict for a decision that lost a race: says what the other decision was.
+async fn decided_meanwhile(state: &AppState, tenant_id: &str, id: &str) -> ApiError {
+    match load(state, tenant_id, id).await {
+        Ok(row) => already_decided(&row),
+        Err(e) => e,
+    }
+}
+
 async fn approve(
     State(state): State<AppState>,
     auth: AdminAuth,
@@ -152,6 +161,25 @@ async fn approve(
         )
         .await?
         .ok_or_else(|| ApiError::internal("approved invocation vanished"))?;
+    // A call approved now runs now: not if its action was deleted or disabled while it waited.
+    match store::get(&state.db, &auth.tenant_id, &invocation.action_name).await? {
+        None => {
+            return Err(ApiError::conflict(
+                "action_unavailable",
+                "the action was deleted after this call was made; deny the call",
+            ));
+        }
+        Some(action) if !action.declaration.enabled => {
+            return Err(ApiError::conflict(
+                "action_unavailable",
+                format!(
+                    "the action {} is disabled; enable it to approve this call, or deny it",
+                    action.declaration.name
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
     let version = invocation.action_version.unwrap_or(0);
     let declaration: Option<(String,)> = state
         .db
@@ -190,7 +218,8 @@ async fn approve(
         )
         .await?;
     if decided == 0 {
-        return Err(already_decided(&approval));
+        drop(tx);
+        return Err(decided_meanwhile(&state, &auth.tenant_id, &id).await);
     }
     let delivery = NewDelivery {
         tenant_id: auth.tenant_id.clone(),
@@ -237,7 +266,8 @@ async fn deny(
         )
         .await?;
     if decided == 0 {
-        return Err(already_decided(&approval));
+        drop(tx);
+        return Err(decided_meanwhile(&state, &auth.tenant_id, &id).await);
     }
     let error = json!({
         "code": "approval_denied",

@@ -191,7 +191,13 @@ try {
   expectedStatuses.add(422);
   await page.fill("#action-input-schema", '{"type": "object", "properties": {"amount": {"type": "money"}}}');
   await page.click("#save-action");
-  await page.locator("#action-messages .problem li").first().waitFor();
+  await page.locator("#action-messages .problem").first().waitFor();
+  // (and saving it again untouched changes nothing, not even its version)
+  await page.goto(`${base}/#/actions`);
+  await page.getByRole("link", { name: "wire_funds" }).click();
+  await page.locator("h2", { hasText: "Action wire_funds" }).waitFor();
+  await page.click("#save-action");
+  await page.getByText("No changes: wire_funds is still version 1.").waitFor();
 
   // ... adds an agent with role finance and mints it a token for wire_* ...
   await page.goto(`${base}/#/agents`);

@@ -925,10 +925,18 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     assert_eq!(decided["comment"], "checked");
     let sent = w.rx.wait_for(1).await;
     assert_eq!(sent[0].json()["id"], first["invocation_id"]);
+    let (status, again) = w.app.call(Method::POST, &approve_path, None).await;
     assert_eq!(
-        w.app.call(Method::POST, &approve_path, None).await.0,
-        409,
+        (status, error_code(&again)),
+        (409, "already_decided"),
         "decided once"
+    );
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already approved"),
+        "{again}"
     );
     let id = first["invocation_id"].as_str().unwrap();
     let (_, settled) = w
@@ -956,6 +964,61 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     assert_eq!(
         w.app.call_as(&other, Method::POST, &approve_path, None).await.0,
         404
+    );
+
+    // A call waiting while its action is disabled, then deleted, cannot be approved into a
+    // delivery; it can still be denied.
+    let (status, third) = invoke(
+        &w.app,
+        &billing,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-3"),
+    )
+    .await;
+    assert_eq!(status, 202, "{third}");
+    let (_, pending) = w
+        .app
+        .call(Method::GET, "/v1/approvals?status=pending", None)
+        .await;
+    let approval_id = pending["data"][0]["id"].as_str().unwrap().to_string();
+    let approve_path = format!("/v1/approvals/{approval_id}/approve");
+    let (_, mut declared) = w
+        .app
+        .call(Method::GET, "/v1/actions/refund_with_approval", None)
+        .await;
+    declared["enabled"] = json!(false);
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_with_approval", Some(declared))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = w.app.call(Method::POST, &approve_path, None).await;
+    assert_eq!((status, error_code(&body)), (409, "action_unavailable"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("disabled"),
+        "{body}"
+    );
+    let (status, _) = w
+        .app
+        .call(Method::DELETE, "/v1/actions/refund_with_approval", None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = w.app.call(Method::POST, &approve_path, None).await;
+    assert_eq!((status, error_code(&body)), (409, "action_unavailable"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("deleted"),
+        "{body}"
+    );
+    let (status, body) = w
+        .app
+        .call(Method::POST, &format!("/v1/approvals/{approval_id}/deny"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        w.rx.received().len(),
+        1,
+        "only the first, approved call was ever sent"
     );
 }
 

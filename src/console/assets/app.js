@@ -31,6 +31,22 @@ class ApiFailure extends Error {
   }
 }
 
+/** Marks an API answer that held whole numbers a browser cannot keep exactly (beyond 2^53). */
+const LOSSY = Symbol("lossy");
+
+/**
+ * Parses JSON and says whether it held whole numbers beyond 2^53, which JavaScript rounds (read
+ * from the source text where the browser offers it to revivers).
+ */
+function parseExact(text) {
+  let lossy = false;
+  const value = JSON.parse(text, (_key, v, context) => {
+    if (typeof v === "number" && !Number.isSafeInteger(v) && /^-?\d+$/.test(context?.source ?? "")) lossy = true;
+    return v;
+  });
+  return { value, lossy };
+}
+
 async function api(method, path, body, headers = {}) {
   const init = { method, headers: { authorization: `Bearer ${sessionStorage.getItem(KEY_SLOT)}`, ...headers } };
   if (body !== undefined) {
@@ -39,7 +55,14 @@ async function api(method, path, body, headers = {}) {
   }
   const res = await fetch(path, init);
   if (res.status === 204) return null;
-  const data = await res.json().catch(() => undefined);
+  let data;
+  try {
+    const parsed = parseExact(await res.text());
+    data = parsed.value;
+    if (parsed.lossy && data && typeof data === "object") Object.defineProperty(data, LOSSY, { value: true });
+  } catch {
+    data = undefined;
+  }
   if (res.ok && data === undefined) {
     throw new ApiFailure(res.status, { code: "unreadable_answer", message: `${method} ${path.split("?")[0]} answered ${res.status} without JSON` });
   }
@@ -81,7 +104,8 @@ function show(...nodes) {
 
 function problem(err) {
   const box = h("div", { class: "problem", role: "alert" }, err.message);
-  if (err.details?.length) {
+  const sole = err.details?.length === 1 && err.message.includes(err.details[0].message);
+  if (err.details?.length && !sole) {
     box.append(h("ul", {}, err.details.map((d) => h("li", {}, h("code", {}, d.path || "/"), " ", d.message))));
   }
   return box;
@@ -126,13 +150,24 @@ function commaList(text) {
  */
 function formCard({ title, intro, fields, submitLabel, submitId, submit, buttons = [], outId }) {
   const out = h("div", { id: outId });
+  const button = h("button", { type: "submit", id: submitId }, submitLabel);
+  // One submission at a time: a double click must not send twice.
+  const onsubmit = async (e) => {
+    e.preventDefault();
+    button.disabled = true;
+    try {
+      await showOutcome(out, submit);
+    } finally {
+      button.disabled = false;
+    }
+  };
   return h(
     "form",
-    { class: "card", onsubmit: (e) => { e.preventDefault(); showOutcome(out, submit); } },
+    { class: "card", onsubmit },
     title ? h("h3", {}, title) : null,
     intro ? h("p", { class: "muted" }, intro) : null,
     fields.map(([label, control, ...extras]) => [h("label", { for: control.id }, label), control, extras]),
-    h("div", { class: "row" }, h("button", { type: "submit", id: submitId }, submitLabel), buttons),
+    h("div", { class: "row" }, button, buttons),
     out,
   );
 }
@@ -875,24 +910,35 @@ async function showActionEditor(name) {
     } catch {
       parameters = "(the input schema is not valid JSON yet)";
     }
-    const tool = { type: "function", function: { name: field("action-name").value.trim(), description: field("action-description").value.trim(), parameters } };
+    const description = field("action-description").value || field("action-title").value;
+    const tool = { type: "function", function: { name: field("action-name").value.trim(), description, parameters } };
     preview.textContent = JSON.stringify(tool, null, 2);
   };
   const readJson = (id, what, optional) => {
     const text = field(id).value.trim();
     if (text === "" && optional) return undefined;
+    let parsed;
     try {
-      return JSON.parse(text);
+      parsed = parseExact(text);
     } catch (e) {
       throw new ApiFailure(0, { code: "invalid_json", message: `${what} is not valid JSON (${e.message}).` });
     }
+    if (parsed.lossy) {
+      throw new ApiFailure(0, { code: "inexact_number", message: `${what} holds a whole number beyond 2^53, which the console cannot send exactly; use the API for it.` });
+    }
+    return parsed.value;
   };
+  // A browser has already rounded such numbers in the stored action: saving would change them.
+  const lossy = Boolean(stored?.[LOSSY]);
   const save = async () => {
     try {
+      if (lossy) throw new ApiFailure(0, { code: "inexact_number", message: "This action holds whole numbers beyond 2^53, which a browser cannot keep exactly; change it through the API." });
+      const title = field("action-title").value;
       const declaration = {
         name: field("action-name").value.trim(),
-        title: field("action-title").value.trim() || undefined,
-        description: field("action-description").value.trim(),
+        // Kept as typed (an unchanged save must not change the action); empty means none.
+        title: title === "" && stored?.title !== "" ? undefined : title,
+        description: field("action-description").value,
         input_schema: readJson("action-input-schema", "The input schema"),
         output_schema: readJson("action-output-schema", "The output schema", true),
         guards: readJson("action-guards", "The guards", true),
@@ -906,16 +952,18 @@ async function showActionEditor(name) {
       const saved = stored
         ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration)
         : await api("POST", `/v1/actions`, declaration);
-      // Re-read from the server (its version, its hash); a new action gets its own address.
-      if (!stored) history.replaceState(null, "", `#/actions/${enc(saved.name)}`);
+      // Re-read from the server (its version, its hash); a new action gets its own address,
+      // unless the user has gone elsewhere meanwhile.
+      if (!stored && location.hash === "#/actions/new") history.replaceState(null, "", `#/actions/${enc(saved.name)}`);
       await route();
-      notice(h("div", { class: "ok", role: "status", id: "action-saved" }, `Saved ${saved.name}, version ${saved.version}.`));
+      const said = stored && saved.version === stored.version ? `No changes: ${saved.name} is still version ${saved.version}.` : `Saved ${saved.name}, version ${saved.version}.`;
+      notice(h("div", { class: "ok", role: "status", id: "action-saved" }, said));
     } catch (err) {
       out.replaceChildren(problem(err));
     }
   };
   const remove = async () => {
-    if (!confirm(`Delete ${stored.name}? Agents can no longer call it.`)) return;
+    if (!confirm(`Delete ${stored.name}? Agents can no longer call it, and calls waiting for approval can no longer be approved.`)) return;
     try {
       await api("DELETE", `/v1/actions/${enc(stored.name)}`);
       location.hash = "#/actions";
@@ -927,7 +975,11 @@ async function showActionEditor(name) {
     "div",
     {},
     h("div", { class: "bar" }, h("h2", {}, stored ? `Action ${stored.name}` : "New action"), link("#/actions", "All actions")),
-    stored ? h("p", { class: "muted" }, `Version ${stored.version} (${stored.content_hash}), from ${stored.source ?? "the API"}.`) : null,
+    stored ? h("p", { class: "muted" }, `Version ${stored.version} (${stored.content_hash}).`) : null,
+    stored?.source === "file"
+      ? h("p", { class: "muted" }, "Declared in a file under schemas/actions: a change made here stands until that file changes, which applies the file again.")
+      : null,
+    lossy ? h("div", { class: "problem", role: "alert" }, "This action holds whole numbers beyond 2^53, which a browser cannot keep exactly, so it cannot be saved from here; change it through the API.") : null,
     h(
       "section",
       { class: "card", oninput: showPreview },
@@ -942,10 +994,19 @@ async function showActionEditor(name) {
       "section",
       { class: "card" },
       h("label", { for: "action-endpoint" }, "Endpoint that receives each call"),
-      h("select", { id: "action-endpoint" }, h("option", { value: "" }, "none yet"), endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === a.endpoint_id }, `${ep.url} (${ep.id})`))),
+      h(
+        "select",
+        { id: "action-endpoint" },
+        h("option", { value: "" }, "none yet"),
+        endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === a.endpoint_id }, `${ep.url} (${ep.id})`)),
+        // Deleted since: kept selected (calls fail until another is chosen) rather than dropped.
+        a.endpoint_id && !endpoints.some((ep) => ep.id === a.endpoint_id)
+          ? h("option", { value: a.endpoint_id, selected: true }, `${a.endpoint_id} (deleted: calls fail until you choose another)`)
+          : null,
+      ),
       h("label", { for: "action-mode" }, "Mode"),
       h("select", { id: "action-mode" }, [["async", "async: answer 202 at once"], ["sync", "sync: wait for the endpoint's answer"]].map(([v, t]) => h("option", { value: v, selected: v === a.mode }, t))),
-      input("action-timeout", "Timeout for sync calls (ms)", String(a.timeout_ms ?? 10000), { type: "number", min: 1 }),
+      input("action-timeout", "Timeout for sync calls (milliseconds, 100 to 120000)", String(a.timeout_ms ?? 10000), { type: "number", min: 100, max: 120000 }),
       h("label", { for: "action-approval" }, "Approval"),
       h("select", { id: "action-approval" }, [["never", "never"], ["always", "always: a person approves each call"]].map(([v, t]) => h("option", { value: v, selected: v === a.approval }, t))),
       h("div", { class: "row" }, ANNOTATIONS.map(([key, label]) => h("label", { class: "inline" }, h("input", { type: "checkbox", id: `action-${key}`, checked: Boolean(a.annotations?.[key]) }), ` ${label}`))),
@@ -976,12 +1037,19 @@ async function showEventTypes() {
   const types = await listAll(`/v1/event-types`);
   const name = h("input", { id: "type-name", placeholder: "escalation.opened", required: true });
   const description = h("input", { id: "type-description", placeholder: "What happened" });
+  const typeSchema = h("textarea", { id: "type-schema", rows: 5, spellcheck: "false", placeholder: '{"type": "object", "properties": {"ticket": {"type": "string"}}, "required": ["ticket"]}' });
   // Sending an event by hand: the quickest way to see a first webhook arrive.
+  const sendable = types.filter((t) => !t.reserved);
   const sendType = h("input", { id: "send-type", list: "send-type-list", placeholder: "ticket.created", required: true });
   const sendData = h("textarea", { id: "send-data", rows: 8, spellcheck: "false", value: "{}" });
+  let lastSample = "{}";
   sendType.addEventListener("input", () => {
-    const schema = types.find((t) => t.name === sendType.value.trim())?.schema;
-    if (schema) sendData.value = JSON.stringify(sampleOf(schema), null, 2);
+    const schema = sendable.find((t) => t.name === sendType.value.trim())?.schema;
+    // Only what the form itself put there is replaced, never data the user wrote.
+    if (schema && sendData.value === lastSample) {
+      lastSample = JSON.stringify(sampleOf(schema), null, 2);
+      sendData.value = lastSample;
+    }
   });
   return [
     h("h2", {}, "Event types"),
@@ -995,12 +1063,22 @@ async function showEventTypes() {
       fields: [
         ["Name", name],
         ["Description", description],
+        ["Schema of its data (optional JSON Schema; events of this type are then checked against it)", typeSchema],
       ],
       submitLabel: "Add",
       submitId: "add-type",
       submit: async () => {
-        await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined });
+        let schema;
+        if (typeSchema.value.trim() !== "") {
+          try {
+            schema = JSON.parse(typeSchema.value);
+          } catch (err) {
+            throw new ApiFailure(0, { code: "invalid_json", message: `The schema is not valid JSON (${err.message}).` });
+          }
+        }
+        const added = await api("POST", `/v1/event-types`, { name: name.value.trim(), description: description.value.trim() || undefined, schema });
         await route();
+        notice(h("div", { class: "ok", role: "status" }, `Added ${added.name}.`));
         return "";
       },
     }),
@@ -1008,7 +1086,7 @@ async function showEventTypes() {
       title: "Send an event",
       intro: "It goes to every endpoint subscribed to its type and through your rules, like one your system sends.",
       fields: [
-        ["Type", sendType, h("datalist", { id: "send-type-list" }, types.map((t) => h("option", { value: t.name })))],
+        ["Type", sendType, h("datalist", { id: "send-type-list" }, sendable.map((t) => h("option", { value: t.name })))],
         ["Data (JSON)", sendData],
       ],
       submitLabel: "Send event",
@@ -1082,7 +1160,7 @@ async function showInvocations(params) {
     h("p", { class: "muted" }, "Every call of an action by an agent or a rule — denied ones too."),
     table(
       ["Invocation", "Action", "Caller", "Status", "Created"],
-      page.data.map((i) => h("tr", {}, h("td", {}, link(`#/invocations/${enc(i.id)}`, i.id)), h("td", {}, h("code", {}, i.action?.name ?? ""), ` v${i.action?.version ?? "?"}`), h("td", {}, i.agent_id ?? i.principal ?? ""), h("td", {}, i.status), h("td", {}, when(i.created_at)))),
+      page.data.map((i) => h("tr", {}, h("td", {}, link(`#/invocations/${enc(i.id)}`, i.id)), h("td", {}, h("code", {}, i.action?.name ?? ""), i.action?.version != null ? ` v${i.action.version}` : ""), h("td", {}, i.agent_id ?? i.principal ?? ""), h("td", {}, i.status), h("td", {}, when(i.created_at)))),
       "No invocations match.",
     ),
     olderLink("#/invocations", params, page.next_cursor),
@@ -1093,7 +1171,7 @@ async function showInvocation(id) {
   const inv = await api("GET", `/v1/invocations/${enc(id)}`);
   return [
     h("div", { class: "bar" }, h("h2", {}, `Invocation ${inv.id}`), link("#/invocations", "All invocations")),
-    h("p", {}, `${inv.status} — ${inv.action?.name} v${inv.action?.version}, by ${inv.agent_id ?? inv.principal}`, inv.duration_ms != null ? `, ${inv.duration_ms} ms` : ""),
+    h("p", {}, `${inv.status} — ${inv.action?.name}${inv.action?.version != null ? ` v${inv.action.version}` : ""}, by ${inv.agent_id ?? inv.principal}`, inv.duration_ms != null ? `, ${inv.duration_ms} ms` : ""),
     inv.delivery_id ? h("p", {}, "Delivery: ", link(`#/deliveries/${enc(inv.delivery_id)}`, inv.delivery_id)) : null,
     h("h3", {}, "Arguments"),
     pre(inv.arguments),
@@ -1121,8 +1199,16 @@ async function showApprovals(params) {
         if (approve) await api("POST", `/v1/approvals/${enc(a.id)}/approve`, body);
         else await api("POST", `/v1/approvals/${enc(a.id)}/deny`, body);
         await route();
+        const what = inv ? `${inv.action?.name} by ${inv.agent_id ?? inv.principal}` : a.invocation_id;
+        notice(h("div", { class: "ok", role: "status" }, `${approve ? "Approved" : "Denied"}: ${what}.`));
       } catch (err) {
-        out.replaceChildren(problem(err));
+        // Decided elsewhere meanwhile: show the queue as it is now, with the reason on top.
+        if (err.status === 409) {
+          await route();
+          notice(problem(err));
+        } else {
+          out.replaceChildren(problem(err));
+        }
       }
     };
     return h(
@@ -1130,9 +1216,9 @@ async function showApprovals(params) {
       { class: "card approval" },
       h("div", { class: "bar" }, h("h3", {}, inv ? `${inv.action?.name} by ${inv.agent_id ?? inv.principal}` : a.invocation_id), h("span", { class: "muted" }, `${a.status}, ${when(a.created_at)}`)),
       a.reason ? h("p", {}, `Why approval is needed: ${a.reason}`) : null,
-      inv ? pre(inv.arguments) : null,
+      inv ? pre(inv.arguments) : h("div", { class: "problem" }, "The call's arguments could not be loaded; reload before deciding."),
       h("p", {}, "Invocation ", link(`#/invocations/${enc(a.invocation_id)}`, a.invocation_id)),
-      a.status === "pending"
+      a.status === "pending" && inv
         ? h("div", { class: "row" }, comment, h("button", { type: "button", class: "primary approve", onclick: decide(true) }, "Approve"), h("button", { type: "button", class: "danger deny", onclick: decide(false) }, "Deny"))
         : h("p", { class: "muted" }, `Decided by ${a.decided_by ?? "?"}${a.comment ? `: ${a.comment}` : ""}`),
       out,
@@ -1145,13 +1231,17 @@ async function showApprovals(params) {
   ];
 }
 
+function revokeToken(agentId, jti) {
+  return api("DELETE", `/v1/agents/${enc(agentId)}/tokens/${enc(jti)}`);
+}
+
 async function showAgents() {
   const agents = await listAll(`/v1/agents`);
   const out = h("div");
   const run = (fn) => showOutcome(out, fn);
   const mint = (agent) => {
-    const scopes = h("input", { class: "token-scopes", value: "invoke:*", "aria-label": "scopes" });
-    const ttl = h("input", { class: "token-ttl", type: "number", min: 60, value: 3600, "aria-label": "lifetime in seconds" });
+    const scopes = h("input", { class: "token-scopes", value: "invoke:*", "aria-label": "Scopes, e.g. invoke:billing_*" });
+    const ttl = h("input", { class: "token-ttl", type: "number", min: 1, value: 3600, "aria-label": "Lifetime in seconds" });
     return h(
       "form",
       {
@@ -1160,18 +1250,22 @@ async function showAgents() {
           e.preventDefault();
           run(async () => {
             const t = await api("POST", `/v1/agents/${enc(agent.id)}/tokens`, { scopes: scopes.value.split(/[\s,]+/).filter(Boolean), ttl_seconds: Number(ttl.value) });
-            return h("div", { class: "ok", role: "status" }, `Token for ${agent.id} (jti ${t.jti}, expires ${when(t.expires_at)}), shown once: `, h("code", { class: "secret" }, t.token));
+            const revoke = h("button", { type: "button", class: "link" }, "revoke this token");
+            revoke.addEventListener("click", () => run(async () => { await revokeToken(agent.id, t.jti); return h("div", { class: "ok", role: "status" }, `Token ${t.jti} revoked.`); }));
+            return h("div", { class: "ok", role: "status" }, `Token for ${agent.id} (id ${t.jti}, expires ${when(t.expires_at)}), shown once: `, h("code", { class: "secret" }, t.token), " ", revoke);
           });
         },
       },
-      scopes,
-      ttl,
+      h("label", { class: "inline" }, "scopes ", scopes),
+      h("label", { class: "inline" }, "lifetime (s) ", ttl),
       h("button", { type: "submit" }, "Mint token"),
     );
   };
   const id = h("input", { id: "agent-id", placeholder: "support-bot", required: true });
   const name = h("input", { id: "agent-name", placeholder: "Support bot" });
   const roles = h("input", { id: "agent-roles", placeholder: "support, billing" });
+  const tokenAgent = h("input", { id: "token-agent", placeholder: "support-bot", required: true });
+  const tokenId = h("input", { id: "token-id", placeholder: "the token's id", required: true });
   return [
     h("h2", {}, "Agents"),
     table(
@@ -1201,12 +1295,27 @@ async function showAgents() {
         ["Name", name],
         ["Roles (comma-separated; policies grant actions to roles)", roles],
       ],
+      intro: "An agent's id is kept forever, even after it is revoked.",
       submitLabel: "Add agent",
       submitId: "add-agent",
       submit: async () => {
         await api("POST", `/v1/agents`, { id: id.value.trim(), name: name.value.trim() || id.value.trim(), roles: commaList(roles.value) });
         await route();
         return "";
+      },
+    }),
+    formCard({
+      title: "Revoke one token",
+      intro: "A leaked token is revoked by its id (shown when it was minted); the agent and its other tokens keep working.",
+      fields: [
+        ["Agent id", tokenAgent],
+        ["Token id", tokenId],
+      ],
+      submitLabel: "Revoke token",
+      submitId: "revoke-token",
+      submit: async () => {
+        await revokeToken(tokenAgent.value.trim(), tokenId.value.trim());
+        return h("div", { class: "ok", role: "status" }, `Token ${tokenId.value.trim()} revoked.`);
       },
     }),
   ];
@@ -1216,6 +1325,7 @@ async function showPolicies() {
   const policy = await api("GET", `/v1/policies`);
   const rows = policy.rows.map((r) => ({ ...r }));
   const body = h("tbody", { id: "policy-rows" });
+  // Row numbers match the "row N" of error messages.
   const out = h("div");
   const render = () => {
     body.replaceChildren(
@@ -1223,6 +1333,7 @@ async function showPolicies() {
         h(
           "tr",
           {},
+          h("td", { class: "muted" }, String(i + 1)),
           h("td", {}, h("input", { class: "policy-subject", value: r.subject, placeholder: "role:support or agent:<id>", "aria-label": "subject", oninput: (e) => { r.subject = e.target.value; } })),
           h("td", {}, h("input", { class: "policy-object", value: r.object, placeholder: "refund_* or *", "aria-label": "actions", oninput: (e) => { r.object = e.target.value; } })),
           h("td", {}, h("select", { class: "policy-effect", "aria-label": "effect", onchange: (e) => { r.effect = e.target.value; } }, ["allow", "deny"].map((v) => h("option", { value: v, selected: v === r.effect }, v)))),
@@ -1236,7 +1347,7 @@ async function showPolicies() {
   return [
     h("h2", {}, "Policies"),
     h("p", { class: "muted" }, "Which roles (or agents) may invoke which actions. Deny wins over allow; a token also needs the scope."),
-    h("table", {}, h("thead", {}, h("tr", {}, ["Subject", "Actions", "Effect", ""].map((t) => h("th", {}, t)))), body),
+    h("table", {}, h("thead", {}, h("tr", {}, ["Row", "Subject", "Actions", "Effect", ""].map((t) => h("th", {}, t)))), body),
     h(
       "div",
       { class: "row" },
@@ -1248,11 +1359,15 @@ async function showPolicies() {
           id: "save-policies",
           class: "primary",
           onclick: async () => {
+            if (rows.length === 0 && !confirm("Save no rows? Every grant made here is removed (rows from policies/ files stay).")) return;
             try {
               await api("PUT", `/v1/policies`, { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) });
-              out.replaceChildren(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
+              await route();
+              notice(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
             } catch (err) {
-              out.replaceChildren(problem(err));
+              // The API counts rows from 0; the table shows them from 1.
+              const details = (err.details ?? []).map((d) => ({ ...d, path: d.path.replace(/^\/rows\/(\d+)/, (_, n) => `row ${Number(n) + 1}`) }));
+              out.replaceChildren(problem({ message: err.message, details }));
             }
           },
         },
@@ -1367,8 +1482,9 @@ async function route() {
   for (const a of nav.querySelectorAll("a")) a.classList.toggle("current", hash.startsWith(a.getAttribute("href")));
   const view = VIEWS.find(([pattern]) => pattern.test(hash));
   if (!view) {
-    location.hash = "#/rules";
-    return;
+    // Replaced, not pushed: Back must not return to the address that bounced.
+    history.replaceState(null, "", "#/rules");
+    return route();
   }
   if (main.dataset.view !== hash) show(h("p", { class: "muted", id: "loading" }, "Loading…"));
   main.dataset.view = hash;

@@ -218,6 +218,16 @@ function parseObjectText(text, what) {
   return value;
 }
 
+/** Sets `target[key]` to the JSON object in `text` (nothing when blank), or records why not. */
+function putObject(target, key, text, what, path, errors) {
+  try {
+    const value = parseObjectText(text, what);
+    if (value !== undefined) target[key] = value;
+  } catch (e) {
+    errors.push({ path, message: e.message });
+  }
+}
+
 function conditionFromNode(node, outer, errors, kindOf) {
   // A negated node sits inside `{"not": …}`, and the server's pointers say so.
   const at = node.negate ? `${outer}/not` : outer;
@@ -283,23 +293,13 @@ export function ruleFromForm(form, kindOf = () => undefined) {
       case "invoke": {
         if (output.action === "") errors.push({ path: `${at}/invoke/action`, message: "choose an action" });
         const invoke = { action: output.action };
-        try {
-          const args = parseObjectText(output.arguments, "the arguments");
-          if (args !== undefined) invoke.arguments = args;
-        } catch (e) {
-          errors.push({ path: `${at}/invoke/arguments`, message: e.message });
-        }
+        putObject(invoke, "arguments", output.arguments, "the arguments", `${at}/invoke/arguments`, errors);
         return { invoke };
       }
       case "emit": {
         if (output.type.trim() === "") errors.push({ path: `${at}/emit/type`, message: "name the event to emit" });
         const emit = { type: output.type.trim() };
-        try {
-          const data = parseObjectText(output.data, "the event data");
-          if (data !== undefined) emit.data = data;
-        } catch (e) {
-          errors.push({ path: `${at}/emit/data`, message: e.message });
-        }
+        putObject(emit, "data", output.data, "the event data", `${at}/emit/data`, errors);
         return { emit };
       }
       default:
