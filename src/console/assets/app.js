@@ -454,7 +454,8 @@ class RuleEditor {
     const describe = () => {
       const { errors, value } = readValue(cond, this.kindOf);
       readAs.textContent = errors ?? value;
-      readAs.classList.toggle("warn", errors !== undefined);
+      // A row still being filled in is not yet a mistake.
+      readAs.classList.toggle("warn", errors !== undefined && cond.value.trim() !== "");
     };
     const value = cond.op === "exists"
       ? h(
