@@ -75,6 +75,14 @@ async function api(method, path, body, headers = {}) {
 
 const enc = encodeURIComponent;
 
+let lastId = 0;
+
+/** An element id no other element on the page has. */
+function uniqueId(prefix) {
+  lastId += 1;
+  return `${prefix}-${lastId}`;
+}
+
 /** 128 random bits in hex (crypto.randomUUID needs a secure context; this does not). */
 function randomKey() {
   return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -260,6 +268,164 @@ async function showRuleEditor(id) {
   return [editor.root];
 }
 
+/** Edits a condition tree in place: nested all-of / any-of groups of comparisons, each negatable. */
+class ConditionTree {
+  /**
+   * `fields()` and `kindOf()` give the comparable fields and how their values are typed;
+   * `changed(structural)` runs after every edit (structural: rows or groups added or removed).
+   */
+  constructor(group, { fields, kindOf, changed, id }) {
+    this.group = group;
+    this.fieldsNow = fields;
+    this.kindOfNow = kindOf;
+    this.changed = changed;
+    this.fieldList = h("datalist", { id: uniqueId("fields") });
+    this.element = h("div", { id, class: "conditions" });
+  }
+
+  get fields() {
+    return this.fieldsNow() ?? [];
+  }
+
+  get kindOf() {
+    return this.kindOfNow() ?? (() => undefined);
+  }
+
+  /** Draws the tree again (after rows or groups were added or removed). */
+  render() {
+    this.element.replaceChildren(this.groupView(this.group, null, 0), this.fieldList);
+    this.changed(true);
+  }
+
+  /** Offers the current fields in every field box. */
+  refreshFields() {
+    this.fieldList.replaceChildren(...this.fields.map((f) => h("option", { value: f.path })));
+  }
+
+  update() {
+    this.changed(false);
+  }
+
+  groupView(group, parent, depth) {
+    const mode = h(
+      "select",
+      { class: "group-mode", "aria-label": "Match all or any", onchange: (e) => { group.mode = e.target.value; this.update(); } },
+      h("option", { value: "all", selected: group.mode === "all" }, "all of"),
+      h("option", { value: "any", selected: group.mode === "any" }, "any of"),
+    );
+    const items = group.items.map((item) =>
+      item.kind === "group" ? this.groupView(item, group, depth + 1) : this.conditionView(item, group),
+    );
+    return h(
+      "div",
+      { class: depth === 0 ? "group top" : "group" },
+      h(
+        "div",
+        { class: "row" },
+        this.negateToggle(group),
+        h("span", {}, "Match"),
+        mode,
+        h("span", {}, "these:"),
+        parent ? h("button", { type: "button", class: "link", onclick: () => this.removeFrom(parent, group) }, "remove group") : null,
+      ),
+      items,
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "button", class: "add-condition", onclick: () => { group.items.push(newCondition()); this.render(); } }, "+ Condition"),
+        depth < 4 ? h("button", { type: "button", class: "add-group", onclick: () => { group.items.push({ ...newGroup("any"), items: [newCondition()] }); this.render(); } }, "+ Group") : null,
+      ),
+    );
+  }
+
+  negateToggle(node) {
+    return h(
+      "label",
+      { class: "inline negate", title: node.kind === "group" ? "Holds when the group does not" : "Holds when the condition does not" },
+      h("input", {
+        type: "checkbox",
+        class: "negate",
+        checked: node.negate,
+        "aria-label": node.kind === "group" ? "Negate this group" : "Negate this condition",
+        onchange: (e) => { node.negate = e.target.checked; this.update(); },
+      }),
+      " not",
+    );
+  }
+
+  conditionView(cond, group) {
+    const enumFor = () => this.fields.find((f) => f.path === cond.field.trim())?.enum ?? [];
+    const valueList = h("datalist", { id: uniqueId("values") });
+    const fillValues = () => valueList.replaceChildren(...enumFor().map((v) => h("option", { value: typeof v === "string" ? v : JSON.stringify(v) })));
+    fillValues();
+    // Says how the value will be read (text, number, a list…), or what is wrong with it.
+    const readAs = h("span", { class: "muted read-as" });
+    const describe = () => {
+      const { errors, value } = readValue(cond, this.kindOf);
+      readAs.textContent = errors ?? value;
+      // A row still being filled in is not yet a mistake.
+      readAs.classList.toggle("warn", errors !== undefined && cond.value.trim() !== "");
+    };
+    const value = cond.op === "exists"
+      ? h(
+          "select",
+          { class: "cond-value", "aria-label": "Present or absent", onchange: (e) => { cond.value = e.target.value; this.update(); } },
+          h("option", { value: "true", selected: cond.value !== "false" }, "yes"),
+          h("option", { value: "false", selected: cond.value === "false" }, "no (absent)"),
+        )
+      : h("input", {
+          class: "cond-value",
+          list: valueList.id,
+          value: cond.value,
+          placeholder: cond.op === "in" || cond.op === "not_in" ? "high, urgent" : "value",
+          "aria-label": "Value",
+          oninput: (e) => { cond.value = e.target.value; describe(); this.update(); },
+        });
+    describe();
+    return h(
+      "div",
+      { class: "condition row" },
+      this.negateToggle(cond),
+      h("input", {
+        class: "cond-field",
+        list: this.fieldList.id,
+        value: cond.field,
+        placeholder: "data.customer.tier",
+        "aria-label": "Field",
+        oninput: (e) => { cond.field = e.target.value; fillValues(); describe(); this.update(); },
+      }),
+      h(
+        "select",
+        {
+          class: "cond-op",
+          "aria-label": "Operator",
+          onchange: (e) => {
+            const wasExists = cond.op === "exists";
+            cond.op = e.target.value;
+            if (wasExists !== (cond.op === "exists")) {
+              cond.value = cond.op === "exists" ? "true" : "";
+              this.render();
+            } else {
+              describe();
+              this.update();
+            }
+          },
+        },
+        OPERATORS.map((o) => h("option", { value: o.op, selected: o.op === cond.op }, o.label)),
+      ),
+      value,
+      valueList,
+      cond.op === "exists" ? null : readAs,
+      h("button", { type: "button", class: "link remove-condition", onclick: () => this.removeFrom(group, cond) }, "remove"),
+    );
+  }
+
+  removeFrom(group, node) {
+    group.items.splice(group.items.indexOf(node), 1);
+    this.render();
+  }
+}
+
 /** How a condition's value text reads: `{value: "number 42"}` or `{errors: "…"}`. */
 function readValue(cond, kindOf) {
   if (cond.value.trim() === "" && cond.field.trim() === "") return { value: "" };
@@ -280,7 +446,7 @@ class RuleEditor {
     this.ruleId = ruleId;
     this.preview = h("pre", { id: "rule-json" });
     this.messages = h("div", { id: "rule-messages" });
-    this.conditionsBox = h("div", { id: "conditions" });
+
     this.outputsBox = h("div", { id: "outputs" });
     this.sample = h("textarea", {
       id: "sample-event",
@@ -294,7 +460,15 @@ class RuleEditor {
     this.deleteButton = h("button", { type: "button", id: "delete-rule", class: "danger", hidden: !ruleId, onclick: () => this.remove() }, "Delete");
     this.noConditions = h("p", { class: "muted" }, "No conditions: the rule runs on every such event.");
     this.testResult = h("div", { id: "test-result" });
-    this.fieldList = h("datalist", { id: "field-list" });
+    this.tree = new ConditionTree(form.conditions, {
+      id: "conditions",
+      fields: () => this.fields,
+      kindOf: () => this.kindOf,
+      changed: (structural) => {
+        if (structural) this.noConditions.hidden = this.form.conditions.items.length > 0;
+        this.update();
+      },
+    });
     this.root = this.build();
     this.refreshFields();
     this.renderConditions();
@@ -331,7 +505,7 @@ class RuleEditor {
         h("label", { class: "inline" }, h("input", { type: "checkbox", id: "rule-enabled", checked: f.enabled, onchange: (e) => { f.enabled = e.target.checked; this.update(); } }), " Enabled"),
       ),
       h("section", { class: "card" }, h("h3", {}, "When this happens"), eventType, typeList),
-      h("section", { class: "card" }, h("h3", {}, "If these conditions hold"), this.noConditions, this.conditionsBox, this.fieldList),
+      h("section", { class: "card" }, h("h3", {}, "If these conditions hold"), this.noConditions, this.tree.element),
       h(
         "section",
         { class: "card" },
@@ -378,7 +552,7 @@ class RuleEditor {
     const schema = this.eventTypeSchema();
     this.fields = fieldsOf(schema);
     this.kindOf = kindsOf(schema);
-    this.fieldList.replaceChildren(...this.fields.map((f) => h("option", { value: f.path })));
+    this.tree.refreshFields();
     if (!this.sampleEdited || this.sample.value.trim() === "") {
       const type = this.form.eventType.trim().replace(/\*$/, "example");
       this.sample.value = JSON.stringify({ type: type || "example", data: sampleOf(schema) ?? {} }, null, 2);
@@ -392,128 +566,7 @@ class RuleEditor {
   }
 
   renderConditions() {
-    this.noConditions.hidden = this.form.conditions.items.length > 0;
-    this.conditionsBox.replaceChildren(this.groupView(this.form.conditions, null, 0));
-    this.update();
-  }
-
-  groupView(group, parent, depth) {
-    const mode = h(
-      "select",
-      { class: "group-mode", "aria-label": "Match all or any", onchange: (e) => { group.mode = e.target.value; this.update(); } },
-      h("option", { value: "all", selected: group.mode === "all" }, "all of"),
-      h("option", { value: "any", selected: group.mode === "any" }, "any of"),
-    );
-    const items = group.items.map((item) =>
-      item.kind === "group" ? this.groupView(item, group, depth + 1) : this.conditionView(item, group),
-    );
-    return h(
-      "div",
-      { class: depth === 0 ? "group top" : "group" },
-      h(
-        "div",
-        { class: "row" },
-        this.negateToggle(group),
-        h("span", {}, "Match"),
-        mode,
-        h("span", {}, "these:"),
-        parent ? h("button", { type: "button", class: "link", onclick: () => this.removeFrom(parent, group) }, "remove group") : null,
-      ),
-      items,
-      h(
-        "div",
-        { class: "row" },
-        h("button", { type: "button", class: "add-condition", onclick: () => { group.items.push(newCondition()); this.renderConditions(); } }, "+ Condition"),
-        depth < 4 ? h("button", { type: "button", class: "add-group", onclick: () => { group.items.push({ ...newGroup("any"), items: [newCondition()] }); this.renderConditions(); } }, "+ Group") : null,
-      ),
-    );
-  }
-
-  negateToggle(node) {
-    return h(
-      "label",
-      { class: "inline negate", title: node.kind === "group" ? "Holds when the group does not" : "Holds when the condition does not" },
-      h("input", {
-        type: "checkbox",
-        class: "negate",
-        checked: node.negate,
-        "aria-label": node.kind === "group" ? "Negate this group" : "Negate this condition",
-        onchange: (e) => { node.negate = e.target.checked; this.update(); },
-      }),
-      " not",
-    );
-  }
-
-  conditionView(cond, group) {
-    const enumFor = () => this.fields.find((f) => f.path === cond.field.trim())?.enum ?? [];
-    const valueList = h("datalist", { id: `values-${Math.random().toString(36).slice(2)}` });
-    const fillValues = () => valueList.replaceChildren(...enumFor().map((v) => h("option", { value: typeof v === "string" ? v : JSON.stringify(v) })));
-    fillValues();
-    // Says how the value will be read (text, number, a list…), or what is wrong with it.
-    const readAs = h("span", { class: "muted read-as" });
-    const describe = () => {
-      const { errors, value } = readValue(cond, this.kindOf);
-      readAs.textContent = errors ?? value;
-      // A row still being filled in is not yet a mistake.
-      readAs.classList.toggle("warn", errors !== undefined && cond.value.trim() !== "");
-    };
-    const value = cond.op === "exists"
-      ? h(
-          "select",
-          { class: "cond-value", "aria-label": "Present or absent", onchange: (e) => { cond.value = e.target.value; this.update(); } },
-          h("option", { value: "true", selected: cond.value !== "false" }, "yes"),
-          h("option", { value: "false", selected: cond.value === "false" }, "no (absent)"),
-        )
-      : h("input", {
-          class: "cond-value",
-          list: valueList.id,
-          value: cond.value,
-          placeholder: cond.op === "in" || cond.op === "not_in" ? "high, urgent" : "value",
-          "aria-label": "Value",
-          oninput: (e) => { cond.value = e.target.value; describe(); this.update(); },
-        });
-    describe();
-    return h(
-      "div",
-      { class: "condition row" },
-      this.negateToggle(cond),
-      h("input", {
-        class: "cond-field",
-        list: "field-list",
-        value: cond.field,
-        placeholder: "data.customer.tier",
-        "aria-label": "Field",
-        oninput: (e) => { cond.field = e.target.value; fillValues(); describe(); this.update(); },
-      }),
-      h(
-        "select",
-        {
-          class: "cond-op",
-          "aria-label": "Operator",
-          onchange: (e) => {
-            const wasExists = cond.op === "exists";
-            cond.op = e.target.value;
-            if (wasExists !== (cond.op === "exists")) {
-              cond.value = cond.op === "exists" ? "true" : "";
-              this.renderConditions();
-            } else {
-              describe();
-              this.update();
-            }
-          },
-        },
-        OPERATORS.map((o) => h("option", { value: o.op, selected: o.op === cond.op }, o.label)),
-      ),
-      value,
-      valueList,
-      cond.op === "exists" ? null : readAs,
-      h("button", { type: "button", class: "link remove-condition", onclick: () => this.removeFrom(group, cond) }, "remove"),
-    );
-  }
-
-  removeFrom(group, node) {
-    group.items.splice(group.items.indexOf(node), 1);
-    this.renderConditions();
+    this.tree.render();
   }
 
   addOutput(kind) {

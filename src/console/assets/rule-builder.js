@@ -193,7 +193,12 @@ export function formatValue(op, value, kind) {
  * path and the operator (for `contains` on a list, the kind of its items).
  */
 export function kindsOf(schema) {
-  const fields = new Map(fieldsOf(schema).map((f) => [f.path, f]));
+  return kindsFrom(fieldsOf(schema));
+}
+
+/** [`kindsOf`] for a list of fields such as [`fieldsOf`] or [`guardFieldsOf`] give. */
+export function kindsFrom(fieldList) {
+  const fields = new Map(fieldList.map((f) => [f.path, f]));
   return (path, op) => {
     const field = fields.get(path.trim());
     if (!field) return undefined;
@@ -260,6 +265,76 @@ function conditionFromNode(node, outer, errors, kindOf) {
   return node.negate ? { not: condition } : condition;
 }
 
+/** The condition a top-level group describes, or `undefined` when it has none (always holds). */
+function conditionOfGroup(top, at, errors, kindOf) {
+  if (top.items.length > 0) {
+    // A single, plain condition needs no group around it.
+    const sole = top.items.length === 1 && !top.negate ? top.items[0] : top;
+    return conditionFromNode(sole, at, errors, kindOf);
+  }
+  if (top.negate) errors.push({ path: at, message: "\"not\" needs conditions to negate: add one or untick it" });
+  return undefined;
+}
+
+/** The verdicts a guard can give, with their labels. */
+export const GUARD_VERDICTS = [
+  { then: "require_approval", label: "hold it for a person's approval" },
+  { then: "deny", label: "refuse it" },
+  { then: "allow", label: "allow it (and stop checking guards)" },
+];
+
+/** A new guard: holds every call for approval until conditions are added. */
+export function newGuard() {
+  return { conditions: newGroup(), then: "require_approval", reason: "" };
+}
+
+/**
+ * An action's guards from their forms, and the mistakes in them (paths under `/guards`, as
+ * the API's 422 details).
+ */
+export function guardsFromForm(forms, kindOf = () => undefined) {
+  const errors = [];
+  const guards = forms.map((form, i) => {
+    const guard = {};
+    const condition = conditionOfGroup(form.conditions, `/guards/${i}/if`, errors, kindOf);
+    if (condition !== undefined) guard.if = condition;
+    if (!GUARD_VERDICTS.some((v) => v.then === form.then)) errors.push({ path: `/guards/${i}/then`, message: "choose what the guard does" });
+    guard.then = form.then;
+    if (form.reason.trim() !== "") guard.reason = form.reason.trim();
+    return guard;
+  });
+  return { guards, errors };
+}
+
+/** The forms that edit an action's guards (the inverse of [`guardsFromForm`]). */
+export function formFromGuards(guards, kindOf = () => undefined) {
+  return (guards ?? []).map((g) => {
+    const form = newGuard();
+    if (g.if !== undefined) {
+      const node = nodeFromCondition(g.if, kindOf);
+      form.conditions = node.kind === "group" ? node : { ...newGroup(), items: [node] };
+    }
+    form.then = g.then ?? "require_approval";
+    form.reason = g.reason ?? "";
+    return form;
+  });
+}
+
+/**
+ * The fields a guard can compare for an action whose arguments `inputSchema` describes: the
+ * agent's id and roles, the action's name and version, and `arguments.*`.
+ */
+export function guardFieldsOf(inputSchema) {
+  const fields = [
+    { path: "agent.id", type: "string" },
+    { path: "agent.roles", type: "array", items: "string" },
+    { path: "action.name", type: "string" },
+    { path: "action.version", type: "number" },
+  ];
+  walkFields(inputSchema, "arguments", fields);
+  return fields;
+}
+
 /**
  * The rule a form describes, and the mistakes that keep it from being valid
  * (`[{path, message}]`, paths as JSON pointers into the rule, like the API's 422 details).
@@ -275,14 +350,8 @@ export function ruleFromForm(form, kindOf = () => undefined) {
   }
   rule.when = { event_type: eventType };
 
-  const top = form.conditions;
-  if (top.items.length > 0) {
-    // A single, plain condition needs no group around it.
-    const sole = top.items.length === 1 && !top.negate ? top.items[0] : top;
-    rule.if = conditionFromNode(sole, "/if", errors, kindOf);
-  } else if (top.negate) {
-    errors.push({ path: "/if", message: "\"not\" needs conditions to negate: add one or untick it" });
-  }
+  const condition = conditionOfGroup(form.conditions, "/if", errors, kindOf);
+  if (condition !== undefined) rule.if = condition;
 
   rule.then = form.outputs.map((output, i) => {
     const at = `/then/${i}`;
@@ -384,19 +453,21 @@ export function fieldsOf(schema) {
     { path: "type", type: "string" },
     { path: "id", type: "string" },
   ];
-  const walk = (node, path, depth) => {
-    if (!node || typeof node !== "object" || depth > 6) return;
-    for (const [name, prop] of Object.entries(node.properties ?? {})) {
-      const here = `${path}.${name}`;
-      const field = { path: here, type: kindOfSchema(prop) };
-      if (field.type === "array") field.items = kindOfSchema(prop?.items);
-      if (Array.isArray(prop?.enum)) field.enum = prop.enum;
-      fields.push(field);
-      walk(prop, here, depth + 1);
-    }
-  };
-  walk(schema, "data", 0);
+  walkFields(schema, "data", fields);
   return fields;
+}
+
+/** Adds the properties `schema` describes to `fields`, as dotted paths under `prefix`. */
+function walkFields(schema, prefix, fields, depth = 0) {
+  if (!schema || typeof schema !== "object" || depth > 6) return;
+  for (const [name, prop] of Object.entries(schema.properties ?? {})) {
+    const here = `${prefix}.${name}`;
+    const field = { path: here, type: kindOfSchema(prop) };
+    if (field.type === "array") field.items = kindOfSchema(prop?.items);
+    if (Array.isArray(prop?.enum)) field.enum = prop.enum;
+    fields.push(field);
+    walkFields(prop, here, fields, depth + 1);
+  }
 }
 
 /** A plausible example of data matching `schema`, to start a dry run from. */
