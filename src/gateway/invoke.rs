@@ -152,7 +152,7 @@ pub async fn invoke(
         return Err(ApiError::validation(message, problems));
     }
 
-    let mut pending_approval = action.declaration.approval == Approval::Always;
+    let mut approval_reason = always_approve(&action);
     let guards = crate::registry::guards::compile(&action.declaration.guards).unwrap_or_default();
     let agent_id = caller
         .agent_id()
@@ -171,9 +171,10 @@ pub async fn invoke(
             record_refusal(state, caller, &action, &req, "denied", "guard_denied", &message).await?;
             return Err(ApiError::forbidden("guard_denied", message));
         }
-        Some((Verdict::RequireApproval, _)) => pending_approval = true,
+        Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
         Some((Verdict::Allow, _)) | None => {}
     }
+    let pending_approval = approval_reason.is_some();
 
     let read_only = action.declaration.annotations.read_only;
     if req.idempotency_key.is_none() && !read_only {
@@ -215,7 +216,7 @@ pub async fn invoke(
         request_hash,
         endpoint_id,
         body: body.into(),
-        pending_approval,
+        approval_reason,
         lease: state.engine.lease(),
         fanout: crate::events::Fanout::Among(state.engine.subscribers(&tenant_id).await?),
         rules: state
@@ -587,7 +588,8 @@ pub async fn invoke_for_rule(
         });
     }
     let action = action.expect("checked above");
-    let pending_approval = action.declaration.approval == Approval::Always;
+    let approval_reason = always_approve(&action);
+    let pending_approval = approval_reason.is_some();
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),
         invocation_id: invocation_id.clone(),
@@ -602,7 +604,7 @@ pub async fn invoke_for_rule(
         request_hash: request_hash(action_name, arguments),
         endpoint_id: action.declaration.endpoint_id.clone().unwrap_or_default(),
         body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
-        pending_approval,
+        approval_reason,
         lease: lease.clone(),
         fanout: crate::events::Fanout::Lookup,
         rules: None,
@@ -625,6 +627,12 @@ pub async fn invoke_for_rule(
     })
 }
 
+/// The approval reason of an action that holds every call for a person, if it does.
+fn always_approve(action: &Action) -> Option<String> {
+    (action.declaration.approval == Approval::Always)
+        .then(|| "the action requires approval for every call".to_string())
+}
+
 /// The writes of an accepted invocation, run by the group-commit writer.
 #[derive(Clone)]
 pub struct PersistInvocation {
@@ -641,7 +649,8 @@ pub struct PersistInvocation {
     request_hash: String,
     endpoint_id: String,
     body: Arc<str>,
-    pending_approval: bool,
+    /// Why a person must approve the call first, when one must.
+    approval_reason: Option<String>,
     lease: Lease,
     /// Who receives the events it raises (`action.invoked`, `approval.requested`).
     fanout: crate::events::Fanout,
@@ -693,9 +702,8 @@ async fn write_all(jobs: &[PersistInvocation], tx: &mut Tx) -> Result<Vec<Persis
     let mut event_owners = Vec::with_capacity(jobs.len());
     let mut deliveries = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
-        if job.pending_approval {
+        if let Some(reason) = &job.approval_reason {
             let approval_id = ids::new_id("apr");
-            let reason = "the action requires approval for every call";
             tx.defer(
                 "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
                  VALUES ($1, $2, $3, 'pending', $4, $5)",
@@ -716,7 +724,7 @@ async fn write_all(jobs: &[PersistInvocation], tx: &mut Tx) -> Result<Vec<Persis
     let own: Vec<Option<outbox::Job>> = jobs
         .iter()
         .map(|job| {
-            if job.pending_approval {
+            if job.approval_reason.is_some() {
                 None
             } else {
                 delivered.next()
@@ -779,7 +787,7 @@ fn invocation_values(row: &InvocationRow) -> Vec<crate::db::Arg> {
 
 impl PersistInvocation {
     fn status(&self) -> &'static str {
-        if self.pending_approval {
+        if self.approval_reason.is_some() {
             "pending_approval"
         } else {
             "queued"

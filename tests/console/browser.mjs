@@ -169,7 +169,7 @@ try {
   await page.getByRole("link", { name: deliveryId }).click();
   await page.getByText("Attempt 1 — HTTP 200").waitFor();
 
-  // Gateway: the page declares an action that needs a person's approval ...
+  // Gateway: the page declares an action whose large calls need a person's approval ...
   const wireSchema = {
     type: "object",
     properties: { amount: { type: "integer", minimum: 1 }, iban: { type: "string" } },
@@ -182,7 +182,15 @@ try {
   await page.fill("#action-description", "Send a bank transfer.");
   await page.fill("#action-input-schema", JSON.stringify(wireSchema));
   await page.selectOption("#action-endpoint", paymentsId);
-  await page.selectOption("#action-approval", "always");
+  // A guard holds large transfers for a person; small ones would go straight through.
+  await page.click("#add-guard");
+  const guard = page.locator(".guard").first();
+  await guard.locator(".group.top > .row > .add-condition").click();
+  const guardRow = guard.locator(".condition").first();
+  await guardRow.locator(".cond-field").fill("arguments.amount");
+  await guardRow.locator(".cond-op").selectOption("gt");
+  await guardRow.locator(".cond-value").fill("1000");
+  await guard.locator(".guard-reason").fill("large transfer");
   const tool = JSON.parse(await page.textContent("#tool-preview"));
   assert.deepEqual(tool, { type: "function", function: { name: "wire_funds", description: "Send a bank transfer.", parameters: wireSchema } });
   await page.click("#save-action");
@@ -230,6 +238,7 @@ try {
   // ... who approves it in the queue, after which it runs and its record says so.
   await page.goto(`${base}/#/approvals`);
   const card = page.locator(".approval", { hasText: "wire_funds by treasury-bot" });
+  await card.getByText("large transfer").waitFor();
   await card.getByText('"amount": 1200').waitFor();
   await card.locator(".approval-comment").fill("checked with finance");
   await card.getByRole("button", { name: "Approve" }).click();

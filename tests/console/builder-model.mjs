@@ -7,11 +7,16 @@ import assert from "node:assert/strict";
 import {
   emptyForm,
   fieldsOf,
+  formFromGuards,
   formFromRule,
   formatValue,
+  guardFieldsOf,
+  guardsFromForm,
+  kindsFrom,
   kindsOf,
   newCondition,
   newGroup,
+  newGuard,
   newOutput,
   parseValue,
   ruleFromForm,
@@ -224,5 +229,38 @@ const ingested = await fetch(`${base}/v1/events`, {
   body: JSON.stringify({ type: "ticket.created", data: sample }),
 });
 assert.equal(ingested.status, 202, await ingested.text());
+
+// Guards: composed like rule conditions over the call, typed by the action's input schema,
+// accepted by the server as built, and edited back as the same forms.
+const inputSchema = { type: "object", properties: { amount: { type: "integer" }, note: { type: "string" } }, required: ["amount"] };
+const guardKinds = kindsFrom(guardFieldsOf(inputSchema));
+assert.ok(guardFieldsOf(inputSchema).some((f) => f.path === "arguments.amount"));
+const bigRefund = newGuard();
+bigRefund.conditions.items.push(newCondition("arguments.amount", "gt", "50000"));
+const juniors = newCondition("agent.roles", "contains", "senior");
+juniors.negate = true;
+bigRefund.conditions.items.push(juniors);
+bigRefund.reason = "large refunds by juniors";
+const noted = newGuard();
+noted.conditions.items.push(newCondition("arguments.note", "eq", "123"));
+noted.then = "deny";
+const built2 = guardsFromForm([bigRefund, noted], guardKinds);
+assert.deepEqual(built2.errors, []);
+assert.deepEqual(built2.guards, [
+  {
+    if: { all: [{ field: "arguments.amount", op: "gt", value: 50000 }, { not: { field: "agent.roles", op: "contains", value: "senior" } }] },
+    then: "require_approval",
+    reason: "large refunds by juniors",
+  },
+  // A text argument keeps 123 as text.
+  { if: { field: "arguments.note", op: "eq", value: "123" }, then: "deny" },
+]);
+const declared = await call("POST", "/v1/actions", { name: "guarded_refund", description: "x", input_schema: inputSchema, endpoint_id: endpointId, guards: built2.guards });
+assert.equal(declared.status, 201, JSON.stringify(declared.body));
+const reread = (await call("GET", "/v1/actions/guarded_refund")).body;
+assert.deepEqual(guardsFromForm(formFromGuards(reread.guards, guardKinds), guardKinds).guards, built2.guards);
+const unfinished = newGuard();
+unfinished.conditions.items.push(newCondition("arguments.amount", "gt", "lots"));
+assert.deepEqual(guardsFromForm([unfinished], guardKinds).errors.map((e) => e.path), ["/guards/0/if/value"]);
 
 console.log(JSON.stringify({ rule_id: created.body.id }));

@@ -320,8 +320,13 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
     let (_, action) = app.call(Method::GET, "/v1/actions/wire_funds", None).await;
     assert_eq!(
         (action["version"].as_i64(), action["approval"].as_str()),
-        (Some(1), Some("always")),
+        (Some(1), Some("never")),
         "{action}"
+    );
+    assert_eq!(
+        action["guards"],
+        json!([{"if": {"field": "arguments.amount", "op": "gt", "value": 1000},
+                "then": "require_approval", "reason": "large transfer"}])
     );
     assert_eq!(action["endpoint_id"], payments.as_str());
     let invocation_id = out["invocation_id"].as_str().unwrap();

@@ -1030,7 +1030,8 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
     refund["guards"] = json!([
         {"if": {"field": "arguments.amount", "op": "gt", "value": 100000}, "then": "deny", "reason": "refunds over 1,000 need finance"},
         {"if": {"all": [{"field": "arguments.amount", "op": "gt", "value": 50000},
-                        {"not": {"field": "agent.roles", "op": "contains", "value": "senior"}}]}, "then": "require_approval"}
+                        {"not": {"field": "agent.roles", "op": "contains", "value": "senior"}}]}, "then": "require_approval",
+         "reason": "large refunds by juniors"}
     ]);
     let (status, body) = w
         .app
@@ -1066,6 +1067,16 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         (status, body["status"].as_str()),
         (202, Some("pending_approval")),
         "{body}"
+    );
+    // The approval says which guard held the call.
+    let (_, pending) = w
+        .app
+        .call(Method::GET, "/v1/approvals?status=pending", None)
+        .await;
+    assert_eq!(pending["data"][0]["invocation_id"], body["invocation_id"]);
+    assert_eq!(
+        pending["data"][0]["reason"], "large refunds by juniors",
+        "{pending}"
     );
     let (status, body) = invoke(&w.app, &billing, "refund_invoice", with_amount(1_500), Some("g3")).await;
     assert_eq!(

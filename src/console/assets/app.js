@@ -3,14 +3,20 @@
 // strings, so no value from the API can become markup.
 
 import {
+  GUARD_VERDICTS,
   OPERATORS,
   describeRule,
   emptyForm,
   fieldsOf,
+  formFromGuards,
   formFromRule,
+  guardFieldsOf,
+  guardsFromForm,
+  kindsFrom,
   kindsOf,
   newCondition,
   newGroup,
+  newGuard,
   newOutput,
   parseValue,
   ruleFromForm,
@@ -947,7 +953,71 @@ const STARTER_SCHEMA = {
   additionalProperties: false,
 };
 
-/** Declares or edits an action: a form for its settings, JSON for its schemas and guards. */
+/**
+ * An action's guards as forms: each a condition tree over the call (arguments, agent, action),
+ * a verdict and a reason, checked in order; the first whose condition holds decides.
+ */
+class GuardList {
+  constructor(guards, inputSchema) {
+    this.inputSchema = inputSchema;
+    this.fields = guardFieldsOf(inputSchema());
+    this.kindOf = kindsFrom(this.fields);
+    this.forms = formFromGuards(guards, this.kindOf);
+    this.list = h("div", { id: "guards" });
+    this.element = h(
+      "div",
+      {},
+      this.list,
+      h("button", { type: "button", id: "add-guard", onclick: () => { this.forms.push(newGuard()); this.render(); } }, "+ Guard"),
+    );
+    this.render();
+  }
+
+  /** Offers the arguments the input schema declares (called when it changes). */
+  refreshFields() {
+    this.fields = guardFieldsOf(this.inputSchema());
+    this.kindOf = kindsFrom(this.fields);
+    for (const tree of this.trees) tree.refreshFields();
+  }
+
+  render() {
+    this.trees = [];
+    this.list.replaceChildren(
+      ...this.forms.map((form, i) => {
+        const tree = new ConditionTree(form.conditions, { fields: () => this.fields, kindOf: () => this.kindOf, changed: () => {} });
+        tree.render();
+        tree.refreshFields();
+        this.trees.push(tree);
+        return h(
+          "div",
+          { class: "guard output" },
+          h("div", { class: "row" }, h("strong", {}, `Guard ${i + 1}.`), h("span", { class: "muted" }, "If the call matches (no conditions: every call)"), h("button", { type: "button", class: "link", onclick: () => { this.forms.splice(i, 1); this.render(); } }, "remove")),
+          tree.element,
+          h(
+            "div",
+            { class: "row" },
+            h("span", {}, "then"),
+            h(
+              "select",
+              { class: "guard-then", "aria-label": `Guard ${i + 1}: what it does`, onchange: (e) => { form.then = e.target.value; } },
+              GUARD_VERDICTS.map((v) => h("option", { value: v.then, selected: v.then === form.then }, v.label)),
+            ),
+            h("input", { class: "guard-reason", "aria-label": `Guard ${i + 1}: reason`, placeholder: "reason, shown to the caller", value: form.reason, oninput: (e) => { form.reason = e.target.value; } }),
+          ),
+        );
+      }),
+    );
+  }
+
+  /** The guards, or a refusal naming what is incomplete. */
+  value() {
+    const { guards, errors } = guardsFromForm(this.forms, this.kindOf);
+    if (errors.length) throw new ApiFailure(0, { code: "incomplete_guard", message: "A guard is not complete yet:", details: errors });
+    return guards;
+  }
+}
+
+/** Declares or edits an action: a form for its settings and guards, JSON for its schemas. */
 async function showActionEditor(name) {
   const [endpoints, stored] = await Promise.all([listAll(`/v1/endpoints`), name ? api("GET", `/v1/actions/${enc(name)}`) : null]);
   const a = stored ?? { input_schema: STARTER_SCHEMA, mode: "async", approval: "never", timeout_ms: 10000, enabled: true, annotations: {} };
@@ -984,6 +1054,13 @@ async function showActionEditor(name) {
   };
   // A browser has already rounded such numbers in the stored action: saving would change them.
   const lossy = Boolean(stored?.[LOSSY]);
+  const guardList = new GuardList(a.guards, () => {
+    try {
+      return JSON.parse(field("action-input-schema").value);
+    } catch {
+      return root ? null : a.input_schema;
+    }
+  });
   const save = async () => {
     try {
       if (lossy) throw new ApiFailure(0, { code: "inexact_number", message: "This action holds whole numbers beyond 2^53, which a browser cannot keep exactly; change it through the API." });
@@ -995,7 +1072,7 @@ async function showActionEditor(name) {
         description: field("action-description").value,
         input_schema: readJson("action-input-schema", "The input schema"),
         output_schema: readJson("action-output-schema", "The output schema", true),
-        guards: readJson("action-guards", "The guards", true),
+        guards: guardList.value(),
         endpoint_id: field("action-endpoint").value || undefined,
         mode: field("action-mode").value,
         timeout_ms: Number(field("action-timeout").value),
@@ -1036,7 +1113,7 @@ async function showActionEditor(name) {
     lossy ? h("div", { class: "problem", role: "alert" }, "This action holds whole numbers beyond 2^53, which a browser cannot keep exactly, so it cannot be saved from here; change it through the API.") : null,
     h(
       "section",
-      { class: "card", oninput: showPreview },
+      { class: "card", oninput: () => { showPreview(); guardList.refreshFields(); } },
       input("action-name", "Name (letters, digits, _ and -; what the model calls)", a.name, { readonly: Boolean(stored), placeholder: "refund_invoice" }),
       input("action-title", "Title (optional)", a.title),
       h("label", { for: "action-description" }, "Description (the model reads this to decide when to call it)"),
@@ -1071,8 +1148,13 @@ async function showActionEditor(name) {
       { class: "card" },
       h("label", { for: "action-output-schema" }, "Output schema (optional; sync results are checked against it)"),
       h("textarea", { id: "action-output-schema", rows: 4, spellcheck: "false", value: json(a.output_schema) }),
-      h("label", { for: "action-guards" }, 'Guards (optional; e.g. [{"if": {"field": "arguments.amount", "op": "gt", "value": 50000}, "then": "require_approval", "reason": "large refund"}])'),
-      h("textarea", { id: "action-guards", rows: 4, spellcheck: "false", value: a.guards?.length ? json(a.guards) : "" }),
+    ),
+    h(
+      "section",
+      { class: "card" },
+      h("h3", {}, "Guards (optional)"),
+      h("p", { class: "muted" }, "Checked on every call, in order; the first whose conditions hold decides. Compare arguments.*, agent.id, agent.roles or action.name."),
+      guardList.element,
     ),
     h("section", { class: "card" }, h("h3", {}, "How a model sees it (OpenAI tool format)"), preview),
     out,
