@@ -498,7 +498,7 @@ async fn record_refusal(
 pub struct RuleInvocation {
     /// The recorded invocation.
     pub invocation_id: String,
-    /// `queued`, `pending_approval` or `failed`.
+    /// `queued`, `pending_approval`, `denied` (by a guard) or `failed`.
     pub status: &'static str,
     /// Why it failed, when it did.
     pub error: Option<Value>,
@@ -588,7 +588,43 @@ pub async fn invoke_for_rule(
         });
     }
     let action = action.expect("checked above");
-    let approval_reason = always_approve(&action);
+    // Guards hold for a rule's calls as for an agent's; the caller is the rule, with no roles.
+    let guards = crate::registry::guards::compile(&action.declaration.guards).unwrap_or_default();
+    let mut approval_reason = always_approve(&action);
+    match crate::registry::guards::decide(
+        &guards,
+        arguments,
+        &caller.principal(),
+        &[],
+        action_name,
+        action.version,
+    ) {
+        Some((Verdict::Deny, reason)) => {
+            let error = failure(
+                "guard_denied",
+                format!("a guard on {action_name} refused this call: {reason}"),
+                Vec::new(),
+            );
+            let refusal = Refusal {
+                caller: &caller,
+                action_name,
+                action: Some(&action),
+                arguments,
+                idempotency_key: Some(key),
+                status: "denied",
+                error: error.clone(),
+            };
+            tx.execute(REFUSAL_SQL, refusal.args(&invocation_id, now)).await?;
+            return Ok(RuleInvocation {
+                invocation_id,
+                status: "denied",
+                error: Some(error),
+                jobs: Vec::new(),
+            });
+        }
+        Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
+        Some((Verdict::Allow, _)) | None => {}
+    }
     let pending_approval = approval_reason.is_some();
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),
@@ -614,7 +650,8 @@ pub async fn invoke_for_rule(
         .await?
         .pop()
         .ok_or_else(|| DbError::Batch("the invocation was not written".into()))?;
-    metrics::counter!("opsiq_invocations_total", "status" => "queued").increment(1);
+    metrics::counter!("opsiq_invocations_total", "status" => if pending_approval { "pending_approval" } else { "queued" })
+        .increment(1);
     Ok(RuleInvocation {
         invocation_id,
         status: if pending_approval {

@@ -2,6 +2,8 @@
 //! evaluated on every invocation over `{arguments, agent: {id, roles}, action: {name, version}}`;
 //! the first guard whose condition holds decides. Conditions are the rules' condition trees.
 
+use std::sync::LazyLock;
+
 use serde_json::{Value, json};
 
 use crate::http::ErrorDetail;
@@ -27,12 +29,37 @@ pub struct Guard {
     pub reason: String,
 }
 
-/// Compiles an action's guards; problems carry JSON pointers under `/guards`.
+/// `$defs/guard` of `schemas/rule.schema.json`: the same condition trees as rules, so an
+/// empty group or a comparison without its value is refused here as it is in a rule.
+static GUARD_SCHEMA: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
+    let rules: Value =
+        serde_json::from_str(crate::rules::RULE_SCHEMA).expect("the rule schema is valid JSON");
+    let guard = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": rules["$defs"],
+        "$ref": "#/$defs/guard",
+    });
+    jsonschema::draft202012::new(&guard).expect("the guard schema compiles")
+});
+
+/// Checks an action's guards against their schema and compiles them; problems carry JSON
+/// pointers under `/guards`.
 pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
     let mut out = Vec::with_capacity(guards.len());
     let mut problems = Vec::new();
     for (i, g) in guards.iter().enumerate() {
         let at = format!("/guards/{i}");
+        let shape: Vec<ErrorDetail> = GUARD_SCHEMA
+            .iter_errors(g)
+            .map(|e| ErrorDetail {
+                path: format!("{at}{}", e.instance_path()),
+                message: e.to_string(),
+            })
+            .collect();
+        if !shape.is_empty() {
+            problems.extend(shape);
+            continue;
+        }
         let verdict = match g.get("then").and_then(Value::as_str) {
             Some("allow") => Verdict::Allow,
             Some("deny") => Verdict::Deny,

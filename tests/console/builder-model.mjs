@@ -161,6 +161,8 @@ const shapes = [
   { field: "data.tags", op: "in", value: [["a", "b"], ["c"]] },
   { field: "data.subject", op: "in", value: ["[draft]", "final, really"] },
   { all: [{ field: "data.priority", op: "exists", value: true }, { not: { field: "data.body", op: "exists" } }] },
+  // A number on a text field (written before a schema change, say) stays a number.
+  { field: "data.subject", op: "eq", value: 123 },
 ];
 const tickets = [
   { ticket_id: "t1", subject: "final, really", priority: "urgent", customer: { id: "c", tier: "enterprise" }, tags: [] },
@@ -184,7 +186,7 @@ for (const shape of shapes) {
   assert.equal((await call("DELETE", `/v1/rules/${made.body.id}`)).status, 204);
 }
 // Lists and "not" around a group come back exactly as written.
-for (const shape of [shapes[0], shapes[3], shapes[4]]) {
+for (const shape of [shapes[0], shapes[3], shapes[4], shapes[6]]) {
   const form = formFromRule({ name: "x", when: { event_type: "ticket.created" }, if: shape, then: [] }, ticketKinds);
   assert.deepEqual(ruleFromForm(form, ticketKinds).rule.if, shape);
 }

@@ -1038,6 +1038,25 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund.clone()))
         .await;
     assert_eq!(status, 200, "{body}");
+    // Guards are checked like rule conditions: an empty group or a missing value is refused.
+    let mut malformed = refund.clone();
+    malformed["guards"] = json!([
+        {"if": {"any": []}, "then": "allow"},
+        {"if": {"field": "arguments.amount", "op": "gt"}, "then": "deny", "reason": 5}
+    ]);
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(malformed))
+        .await;
+    assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
+    let paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["path"].as_str())
+        .collect();
+    assert!(paths.iter().any(|p| p.starts_with("/guards/0/if")), "{body}");
+    assert!(paths.iter().any(|p| p.starts_with("/guards/1")), "{body}");
     let billing = agent_token(&w.app, "agt_g", &["billing"], &["invoke:*"]).await;
     let with_amount = |n: i64| {
         let mut a = refund_args();

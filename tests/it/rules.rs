@@ -22,6 +22,7 @@ dual!(
     malformed_rules_are_refused,
     dry_runs_send_and_write_nothing,
     rules_run_on_the_gateways_own_events,
+    guards_refuse_or_hold_a_rules_calls,
 );
 
 async fn count(app: &TestApp, path: &str) -> usize {
@@ -736,4 +737,64 @@ async fn built_in_event_types_are_there_without_their_files() {
         )
         .await;
     assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
+}
+
+async fn guards_refuse_or_hold_a_rules_calls(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    let (_, mut action) = app.call(Method::GET, "/v1/actions/extend_license", None).await;
+    action["guards"] = json!([
+        {"if": {"field": "arguments.days", "op": "gt", "value": 20}, "then": "deny", "reason": "long extensions need sales"},
+        {"if": {"field": "arguments.days", "op": "gt", "value": 10}, "then": "require_approval", "reason": "over ten days"}
+    ]);
+    let (status, body) = app
+        .call(Method::PUT, "/v1/actions/extend_license", Some(action))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    create_rule(
+        &app,
+        json!({"name": "Grace", "when": {"event_type": "license.expired"},
+            "then": [{"invoke": {"action": "extend_license",
+                                 "arguments": {"license_id": "{{data.license_id}}", "days": "{{data.grace_days}}"}}}]}),
+    )
+    .await;
+    let mut outcomes = Vec::new();
+    for days in [25, 14, 5] {
+        let event_id = send_event(
+            &app,
+            "license.expired",
+            json!({"license_id": format!("lic_{days}"), "customer_id": "c", "grace_days": days}),
+        )
+        .await;
+        let (_, event) = app
+            .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+            .await;
+        outcomes.push(event["rules"][0]["outputs"][0].clone());
+    }
+    assert_eq!(outcomes[0]["status"], "denied", "{}", outcomes[0]);
+    assert_eq!(outcomes[0]["error"]["code"], "guard_denied");
+    assert!(
+        outcomes[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("need sales")
+    );
+    assert_eq!(outcomes[1]["status"], "pending_approval", "{}", outcomes[1]);
+    let (_, pending) = app.call(Method::GET, "/v1/approvals?status=pending", None).await;
+    assert_eq!(pending["data"][0]["invocation_id"], outcomes[1]["invocation_id"]);
+    assert_eq!(pending["data"][0]["reason"], "over ten days");
+    assert_eq!(outcomes[2]["status"], "queued", "{}", outcomes[2]);
+    // Only the call no guard stopped reaches the endpoint.
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].json()["arguments"]["license_id"], "lic_5");
+    let (_, denied) = app
+        .call(
+            Method::GET,
+            &format!(
+                "/v1/invocations/{}",
+                outcomes[0]["invocation_id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(denied["status"], "denied", "{denied}");
 }

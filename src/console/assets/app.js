@@ -280,8 +280,9 @@ class ConditionTree {
    * `fields()` and `kindOf()` give the comparable fields and how their values are typed;
    * `changed(structural)` runs after every edit (structural: rows or groups added or removed).
    */
-  constructor(group, { fields, kindOf, changed, id }) {
+  constructor(group, { fields, kindOf, changed, id, placeholder = "data.customer.tier" }) {
     this.group = group;
+    this.placeholder = placeholder;
     this.fieldsNow = fields;
     this.kindOfNow = kindOf;
     this.changed = changed;
@@ -303,9 +304,10 @@ class ConditionTree {
     this.changed(true);
   }
 
-  /** Offers the current fields in every field box. */
+  /** Offers the current fields in every field box, and says again how each value reads. */
   refreshFields() {
     this.fieldList.replaceChildren(...this.fields.map((f) => h("option", { value: f.path })));
+    this.element.replaceChildren(this.groupView(this.group, null, 0), this.fieldList);
   }
 
   update() {
@@ -367,7 +369,7 @@ class ConditionTree {
     // Says how the value will be read (text, number, a list…), or what is wrong with it.
     const readAs = h("span", { class: "muted read-as" });
     const describe = () => {
-      const { errors, value } = readValue(cond, this.kindOf);
+      const { errors, value } = readValue(cond, cond.untyped ? () => undefined : this.kindOf);
       readAs.textContent = errors ?? value;
       // A row still being filled in is not yet a mistake.
       readAs.classList.toggle("warn", errors !== undefined && cond.value.trim() !== "");
@@ -396,7 +398,7 @@ class ConditionTree {
         class: "cond-field",
         list: this.fieldList.id,
         value: cond.field,
-        placeholder: "data.customer.tier",
+        placeholder: this.placeholder,
         "aria-label": "Field",
         oninput: (e) => { cond.field = e.target.value; fillValues(); describe(); this.update(); },
       }),
@@ -963,6 +965,8 @@ class GuardList {
     this.fields = guardFieldsOf(inputSchema());
     this.kindOf = kindsFrom(this.fields);
     this.forms = formFromGuards(guards, this.kindOf);
+    // Guards nobody edited are sent back exactly as stored, so an untouched save changes nothing.
+    this.forms.forEach((form, i) => { form.stored = guards[i]; });
     this.list = h("div", { id: "guards" });
     this.element = h(
       "div",
@@ -984,9 +988,12 @@ class GuardList {
     this.trees = [];
     this.list.replaceChildren(
       ...this.forms.map((form, i) => {
-        const tree = new ConditionTree(form.conditions, { fields: () => this.fields, kindOf: () => this.kindOf, changed: () => {} });
+        const touch = () => { form.stored = undefined; };
+        let drawn = false;
+        const tree = new ConditionTree(form.conditions, { fields: () => this.fields, kindOf: () => this.kindOf, changed: () => drawn && touch(), placeholder: "arguments.amount" });
         tree.render();
         tree.refreshFields();
+        drawn = true;
         this.trees.push(tree);
         return h(
           "div",
@@ -999,10 +1006,10 @@ class GuardList {
             h("span", {}, "then"),
             h(
               "select",
-              { class: "guard-then", "aria-label": `Guard ${i + 1}: what it does`, onchange: (e) => { form.then = e.target.value; } },
+              { class: "guard-then", "aria-label": `Guard ${i + 1}: what it does`, onchange: (e) => { form.then = e.target.value; touch(); } },
               GUARD_VERDICTS.map((v) => h("option", { value: v.then, selected: v.then === form.then }, v.label)),
             ),
-            h("input", { class: "guard-reason", "aria-label": `Guard ${i + 1}: reason`, placeholder: "reason, shown to the caller", value: form.reason, oninput: (e) => { form.reason = e.target.value; } }),
+            h("input", { class: "guard-reason", "aria-label": `Guard ${i + 1}: reason`, placeholder: "reason, shown to the caller", value: form.reason, oninput: (e) => { form.reason = e.target.value; touch(); } }),
           ),
         );
       }),
@@ -1012,8 +1019,10 @@ class GuardList {
   /** The guards, or a refusal naming what is incomplete. */
   value() {
     const { guards, errors } = guardsFromForm(this.forms, this.kindOf);
-    if (errors.length) throw new ApiFailure(0, { code: "incomplete_guard", message: "A guard is not complete yet:", details: errors });
-    return guards;
+    // An untouched guard's mistakes are the server's to judge, as they were when it was stored.
+    const mine = errors.filter((e) => this.forms[Number(e.path.split("/")[2])]?.stored === undefined);
+    if (mine.length) throw new ApiFailure(0, { code: "incomplete_guard", message: "A guard is not complete yet:", details: mine });
+    return guards.map((g, i) => this.forms[i].stored ?? g);
   }
 }
 
@@ -1153,7 +1162,7 @@ async function showActionEditor(name) {
       "section",
       { class: "card" },
       h("h3", {}, "Guards (optional)"),
-      h("p", { class: "muted" }, "Checked on every call, in order; the first whose conditions hold decides. Compare arguments.*, agent.id, agent.roles or action.name."),
+      h("p", { class: "muted" }, "Checked on every call, by agents and by rules, in order; the first whose conditions hold decides. Compare arguments.*, agent.id, agent.roles, action.name or action.version."),
       guardList.element,
     ),
     h("section", { class: "card" }, h("h3", {}, "How a model sees it (OpenAI tool format)"), preview),

@@ -256,7 +256,7 @@ function conditionFromNode(node, outer, errors, kindOf) {
     }
     condition = { field, op: node.op };
     try {
-      const value = parseValue(node.op, node.value, kindOf(field, node.op));
+      const value = parseValue(node.op, node.value, node.untyped ? undefined : kindOf(field, node.op));
       if (value !== undefined) condition.value = value;
     } catch (e) {
       errors.push({ path: `${at}/value`, message: e.message });
@@ -280,7 +280,7 @@ function conditionOfGroup(top, at, errors, kindOf) {
 export const GUARD_VERDICTS = [
   { then: "require_approval", label: "hold it for a person's approval" },
   { then: "deny", label: "refuse it" },
-  { then: "allow", label: "allow it (and stop checking guards)" },
+  { then: "allow", label: "allow it (skip later guards; an action that always needs approval still does)" },
 ];
 
 /** A new guard: holds every call for approval until conditions are added. */
@@ -300,7 +300,8 @@ export function guardsFromForm(forms, kindOf = () => undefined) {
     if (condition !== undefined) guard.if = condition;
     if (!GUARD_VERDICTS.some((v) => v.then === form.then)) errors.push({ path: `/guards/${i}/then`, message: "choose what the guard does" });
     guard.then = form.then;
-    if (form.reason.trim() !== "") guard.reason = form.reason.trim();
+    // Kept as typed: an empty reason is left out (the server then gives its default).
+    if (form.reason !== "") guard.reason = form.reason;
     return guard;
   });
   return { guards, errors };
@@ -315,7 +316,7 @@ export function formFromGuards(guards, kindOf = () => undefined) {
       form.conditions = node.kind === "group" ? node : { ...newGroup(), items: [node] };
     }
     form.then = g.then ?? "require_approval";
-    form.reason = g.reason ?? "";
+    form.reason = String(g.reason ?? "");
     return form;
   });
 }
@@ -396,7 +397,15 @@ function nodeFromCondition(condition, kindOf) {
     }
     const op = condition.op ?? "eq";
     const field = condition.field ?? "";
-    return newCondition(field, op, formatValue(op, condition.value, kindOf(field, op)));
+    let kind = kindOf(field, op);
+    // A stored value of another type than the schema now gives (written before the schema
+    // changed, say) is edited untyped, so that saving keeps it as it is.
+    const values = Array.isArray(condition.value) && ["in", "not_in"].includes(op) ? condition.value : [condition.value];
+    const untyped = kind === "string" && values.some((v) => v !== undefined && typeof v !== "string");
+    if (untyped) kind = undefined;
+    const row = newCondition(field, op, formatValue(op, condition.value, kind));
+    if (untyped) row.untyped = true;
+    return row;
   }
   return newCondition();
 }
