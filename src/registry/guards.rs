@@ -42,24 +42,33 @@ static GUARD_SCHEMA: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
     jsonschema::draft202012::new(&guard).expect("the guard schema compiles")
 });
 
-/// Checks an action's guards against their schema and compiles them; problems carry JSON
-/// pointers under `/guards`.
+/// Checks an action's declared guards against their schema, then compiles them; problems carry
+/// JSON pointers under `/guards`.
+pub fn check(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
+    let problems: Vec<ErrorDetail> = guards
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| {
+            GUARD_SCHEMA.iter_errors(g).map(move |e| ErrorDetail {
+                path: format!("/guards/{i}{}", e.instance_path()),
+                message: e.to_string(),
+            })
+        })
+        .collect();
+    if problems.is_empty() {
+        compile(guards)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Compiles guards that passed [`check`] when they were declared (calls compile them without
+/// checking the schema again).
 pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
     let mut out = Vec::with_capacity(guards.len());
     let mut problems = Vec::new();
     for (i, g) in guards.iter().enumerate() {
         let at = format!("/guards/{i}");
-        let shape: Vec<ErrorDetail> = GUARD_SCHEMA
-            .iter_errors(g)
-            .map(|e| ErrorDetail {
-                path: format!("{at}{}", e.instance_path()),
-                message: e.to_string(),
-            })
-            .collect();
-        if !shape.is_empty() {
-            problems.extend(shape);
-            continue;
-        }
         let verdict = match g.get("then").and_then(Value::as_str) {
             Some("allow") => Verdict::Allow,
             Some("deny") => Verdict::Deny,

@@ -159,7 +159,7 @@ impl ActionDeclaration {
         }
         if self.guards.len() > 32 {
             problems.push(detail("/guards", "at most 32 guards"));
-        } else if let Err(p) = super::guards::compile(&self.guards) {
+        } else if let Err(p) = super::guards::check(&self.guards) {
             problems.extend(p);
         }
         match name {
