@@ -468,6 +468,45 @@ impl Refusal<'_> {
     }
 }
 
+/// A rule's call, as recorded when it is refused.
+struct RuleCall<'a> {
+    caller: &'a Caller,
+    action_name: &'a str,
+    arguments: &'a Value,
+    key: &'a str,
+    invocation_id: &'a str,
+    now: i64,
+}
+
+impl RuleCall<'_> {
+    /// Records the call as refused before anything was sent (`failed` or `denied`).
+    async fn refuse(
+        &self,
+        tx: &mut Tx,
+        action: Option<&Action>,
+        status: &'static str,
+        error: Value,
+    ) -> Result<RuleInvocation, DbError> {
+        let refusal = Refusal {
+            caller: self.caller,
+            action_name: self.action_name,
+            action,
+            arguments: self.arguments,
+            idempotency_key: Some(self.key),
+            status,
+            error,
+        };
+        tx.execute(REFUSAL_SQL, refusal.args(self.invocation_id, self.now))
+            .await?;
+        Ok(RuleInvocation {
+            invocation_id: self.invocation_id.to_string(),
+            status,
+            error: Some(refusal.error),
+            jobs: Vec::new(),
+        })
+    }
+}
+
 async fn record_refusal(
     state: &AppState,
     caller: &Caller,
@@ -569,23 +608,16 @@ pub async fn invoke_for_rule(
             }
         },
     };
+    let call = RuleCall {
+        caller: &caller,
+        action_name,
+        arguments,
+        key,
+        invocation_id: &invocation_id,
+        now,
+    };
     if let Some(error) = problem {
-        let refusal = Refusal {
-            caller: &caller,
-            action_name,
-            action: action.as_ref(),
-            arguments,
-            idempotency_key: Some(key),
-            status: "failed",
-            error: error.clone(),
-        };
-        tx.execute(REFUSAL_SQL, refusal.args(&invocation_id, now)).await?;
-        return Ok(RuleInvocation {
-            invocation_id,
-            status: "failed",
-            error: Some(error),
-            jobs: Vec::new(),
-        });
+        return call.refuse(tx, action.as_ref(), "failed", error).await;
     }
     let action = action.expect("checked above");
     // Guards hold for a rule's calls as for an agent's; the caller is the rule, with no roles.
@@ -605,22 +637,7 @@ pub async fn invoke_for_rule(
                 format!("a guard on {action_name} refused this call: {reason}"),
                 Vec::new(),
             );
-            let refusal = Refusal {
-                caller: &caller,
-                action_name,
-                action: Some(&action),
-                arguments,
-                idempotency_key: Some(key),
-                status: "denied",
-                error: error.clone(),
-            };
-            tx.execute(REFUSAL_SQL, refusal.args(&invocation_id, now)).await?;
-            return Ok(RuleInvocation {
-                invocation_id,
-                status: "denied",
-                error: Some(error),
-                jobs: Vec::new(),
-            });
+            return call.refuse(tx, Some(&action), "denied", error).await;
         }
         Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
         Some((Verdict::Allow, _)) | None => {}
