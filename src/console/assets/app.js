@@ -125,6 +125,19 @@ function problem(err) {
   return box;
 }
 
+/**
+ * `<option>`s: an empty choice, then `choices` (`[value, text]`), marking `selected`; a
+ * `selected` value no longer among them (deleted since) stays chosen, with `missing` beside it,
+ * so a save never drops it silently.
+ */
+function choiceOptions(empty, choices, selected, missing = "no longer exists") {
+  return [
+    h("option", { value: "" }, empty),
+    choices.map(([value, text]) => h("option", { value, selected: value === selected }, text)),
+    selected && !choices.some(([value]) => value === selected) ? h("option", { value: selected, selected: true }, `${selected} (${missing})`) : null,
+  ];
+}
+
 function table(headers, rows, empty) {
   if (rows.length === 0) return h("p", { class: "muted" }, empty);
   return h("table", {}, h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
@@ -593,12 +606,7 @@ class RuleEditor {
             h(
               "select",
               { class: "out-endpoint", "aria-label": `Output ${i + 1}: endpoint`, onchange: (e) => { output.endpointId = e.target.value; this.update(); } },
-              h("option", { value: "" }, "choose an endpoint…"),
-              this.choices.endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === output.endpointId }, `${ep.url} (${ep.id})`)),
-              // A stored rule may name an endpoint deleted since: show it rather than a blank.
-              output.endpointId && !this.choices.endpoints.some((ep) => ep.id === output.endpointId)
-                ? h("option", { value: output.endpointId, selected: true }, `${output.endpointId} (no longer exists)`)
-                : null,
+              choiceOptions("choose an endpoint…", this.choices.endpoints.map((ep) => [ep.id, `${ep.url} (${ep.id})`]), output.endpointId),
             ),
           ];
           break;
@@ -608,11 +616,7 @@ class RuleEditor {
             h(
               "select",
               { class: "out-action", "aria-label": `Output ${i + 1}: action`, onchange: (e) => { output.action = e.target.value; this.update(); } },
-              h("option", { value: "" }, "choose an action…"),
-              this.choices.actions.map((a) => h("option", { value: a.name, selected: a.name === output.action }, a.title ? `${a.title} (${a.name})` : a.name)),
-              output.action && !this.choices.actions.some((a) => a.name === output.action)
-                ? h("option", { value: output.action, selected: true }, `${output.action} (no longer exists)`)
-                : null,
+              choiceOptions("choose an action…", this.choices.actions.map((a) => [a.name, a.title ? `${a.title} (${a.name})` : a.name]), output.action),
             ),
             h("span", { class: "muted" }, "with arguments (JSON; {{data.field}} inserts a value from the event):"),
             h("textarea", { class: "out-arguments", "aria-label": `Output ${i + 1}: arguments (JSON)`, rows: 4, spellcheck: "false", value: output.arguments, placeholder: '{"license_id": "{{data.license_id}}", "days": 7}', oninput: (e) => { output.arguments = e.target.value; this.update(); } }),
@@ -852,25 +856,15 @@ async function showDeliveries(params) {
   query.set("limit", "50");
   if (params.get("cursor")) query.set("cursor", params.get("cursor"));
   const page = await api("GET", `/v1/deliveries?${query}`);
-  const filter = h(
-    "select",
-    {
-      id: "delivery-status",
-      onchange: (e) => {
-        const next = new URLSearchParams(params);
-        next.delete("cursor");
-        if (e.target.value) next.set("status", e.target.value);
-        else next.delete("status");
-        location.hash = `#/deliveries?${next}`;
-      },
-    },
-    ["", "pending", "delivering", "succeeded", "failed"].map((s) => h("option", { value: s, selected: s === status }, s || "any status")),
-  );
+  const filter = statusFilter("delivery-status", status, ["pending", "delivering", "succeeded", "failed"], params, "#/deliveries");
   const rows = page.data.map((d) =>
     h("tr", {}, h("td", {}, link(`#/deliveries/${enc(d.id)}`, d.id)), h("td", {}, d.event_type ?? d.action ?? d.kind), h("td", {}, d.status), h("td", {}, String(d.attempts)), h("td", {}, d.last_status_code ?? d.last_error ?? ""), h("td", {}, when(d.created_at))),
   );
-  const next = page.next_cursor ? (() => { const p = new URLSearchParams(params); p.set("cursor", page.next_cursor); return link(`#/deliveries?${p}`, "Older →"); })() : null;
-  return [h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter), table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."), next];
+  return [
+    h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter),
+    table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."),
+    olderLink("#/deliveries", params, page.next_cursor),
+  ];
 }
 
 async function showDelivery(id) {
@@ -1137,12 +1131,7 @@ async function showActionEditor(name) {
       h(
         "select",
         { id: "action-endpoint" },
-        h("option", { value: "" }, "none yet"),
-        endpoints.map((ep) => h("option", { value: ep.id, selected: ep.id === a.endpoint_id }, `${ep.url} (${ep.id})`)),
-        // Deleted since: kept selected (calls fail until another is chosen) rather than dropped.
-        a.endpoint_id && !endpoints.some((ep) => ep.id === a.endpoint_id)
-          ? h("option", { value: a.endpoint_id, selected: true }, `${a.endpoint_id} (deleted: calls fail until you choose another)`)
-          : null,
+        choiceOptions("none yet", endpoints.map((ep) => [ep.id, `${ep.url} (${ep.id})`]), a.endpoint_id, "deleted: calls fail until you choose another"),
       ),
       h("label", { for: "action-mode" }, "Mode"),
       h("select", { id: "action-mode" }, [["async", "async: answer 202 at once"], ["sync", "sync: wait for the endpoint's answer"]].map(([v, t]) => h("option", { value: v, selected: v === a.mode }, t))),
