@@ -12,6 +12,13 @@ pub fn time_floor(prefix: &str, ms: i64) -> String {
     format!("{prefix}_{:012x}", ms.clamp(0, (1 << 48) - 1))
 }
 
+/// A cursor after every id with this prefix, for lists read newest first (`id < cursor`).
+/// Not a symbol such as `~`: byte order puts that after letters, but the collations of a
+/// PostgreSQL database made with an English locale (ICU or glibc) put it before them.
+pub fn after_all(prefix: &str) -> String {
+    format!("{prefix}_g")
+}
+
 /// Answers whether `id` looks like one of ours with this prefix (cheap guard before a query).
 pub fn has_prefix(id: &str, prefix: &str) -> bool {
     id.len() <= 128 && id.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('_'))
@@ -28,5 +35,7 @@ mod tests {
         assert!(!super::has_prefix(&a, "ev"));
         let now = crate::db::now_ms();
         assert!(super::time_floor("evt", now - 5) <= a && a < super::time_floor("evt", now + 5));
+        assert!(b < super::after_all("evt"));
+        assert!(super::time_floor("evt", i64::MAX) < super::after_all("evt"));
     }
 }

@@ -210,7 +210,10 @@ async fn list_events(
     );
     let mut values: Vec<Arg> = args![
         &auth.tenant_id,
-        filter.cursor.clone().unwrap_or_else(|| "~".into())
+        filter
+            .cursor
+            .clone()
+            .unwrap_or_else(|| crate::ids::after_all("evt"))
     ];
     if let Some(t) = &filter.event_type {
         values.push(t.into());

@@ -68,7 +68,10 @@ async fn list_approvals(
     Query(filter): Query<ApprovalFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
     let limit = crate::http::page::page_size(filter.limit);
-    let cursor = filter.cursor.clone().unwrap_or_else(|| "~".into());
+    let cursor = filter
+        .cursor
+        .clone()
+        .unwrap_or_else(|| crate::ids::after_all("apr"));
     let rows: Vec<ApprovalRow> = match &filter.status {
         Some(status) => {
             state

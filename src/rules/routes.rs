@@ -165,7 +165,9 @@ async fn list_rules(
              ORDER BY id DESC LIMIT $3",
             args![
                 &auth.tenant_id,
-                page.cursor.clone().unwrap_or_else(|| "~".into()),
+                page.cursor
+                    .clone()
+                    .unwrap_or_else(|| crate::ids::after_all("rul")),
                 limit + 1
             ],
         )

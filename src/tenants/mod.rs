@@ -191,7 +191,10 @@ async fn list_keys(
 ) -> ApiResult<axum::Json<Page<serde_json::Value>>> {
     auth.require(Permission::Manage)?;
     let limit = page.limit();
-    let cursor = page.cursor.clone().unwrap_or_else(|| "~".into());
+    let cursor = page
+        .cursor
+        .clone()
+        .unwrap_or_else(|| crate::ids::after_all("key"));
     let rows: Vec<ApiKeyRow> = state
         .db
         .fetch_all(

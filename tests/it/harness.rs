@@ -56,10 +56,19 @@ impl Backend {
                 let mut conn = sqlx::PgConnection::connect(admin_url)
                     .await
                     .expect("PostgreSQL at OPSIQ_TEST_POSTGRES_URL is unreachable");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
-                    .await
-                    .expect("cannot create a test database");
+                // An English ICU collation, as a database made with an English locale has:
+                // symbols sort before digits and letters there, unlike byte order.
+                let icu =
+                    format!("CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en'");
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(icu)).execute(&mut conn).await {
+                    eprintln!(
+                        "this PostgreSQL cannot create an ICU database ({e}); using its default collation"
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                        .execute(&mut conn)
+                        .await
+                        .expect("cannot create a test database");
+                }
                 replace_database_name(admin_url, &name)
             }
         }
