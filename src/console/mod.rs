@@ -10,6 +10,7 @@ use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::AppState;
 use crate::http::ApiError;
@@ -51,11 +52,20 @@ const ASSETS: &[Asset] = &[
 
 const INDEX: &str = include_str!("assets/index.html");
 
-/// `/` (the page) and `/console/{asset}` (its script and style files).
+/// `/` (the page) and `/console/{asset}` (its script and style files), every answer with the
+/// console's security headers.
 pub fn routes() -> Router<AppState> {
+    let security =
+        |name, value: &'static str| SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value));
     Router::new()
         .route("/", get(index))
         .route("/console/{asset}", get(asset))
+        .layer(security(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
+        .layer(security(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .layer(security(header::X_FRAME_OPTIONS, "DENY"))
+        .layer(security(header::REFERRER_POLICY, "no-referrer"))
+        // The files change with the binary: a browser must not pair an old script with a new page.
+        .layer(security(header::CACHE_CONTROL, "no-cache"))
 }
 
 async fn index() -> Response {
@@ -70,20 +80,5 @@ async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Respon
 }
 
 fn serve(content_type: &'static str, body: &'static str) -> Response {
-    let mut response = body.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    // The files change with the binary: a browser must not pair an old script with a new page.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }

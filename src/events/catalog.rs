@@ -140,6 +140,14 @@ impl Catalog {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
+            // The repository's own events directory holds the compiled-in files themselves.
+            let file_name = path.file_name().and_then(|n| n.to_str());
+            if BUILT_IN
+                .iter()
+                .any(|(name, built_in)| Some(*name) == file_name && *built_in == text)
+            {
+                continue;
+            }
             let known = Known::parse(&path.display().to_string(), &text)?;
             builtin.insert(known.declared.name.clone(), known);
         }
@@ -306,4 +314,51 @@ async fn create_type(
     let mut out = describe(&body, false);
     out["created_at"] = rfc3339(now_ms()).into();
     Ok((StatusCode::CREATED, axum::Json(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file added to `schemas/events` is only built in once it is listed in `BUILT_IN`.
+    #[test]
+    fn built_in_list_is_the_events_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
+        let on_disk: BTreeMap<String, String> = crate::registry::files::json_files(&dir)
+            .expect("schemas/events is readable")
+            .into_iter()
+            .map(|path| {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let text = std::fs::read_to_string(&path).expect("an event type file is readable");
+                (name, text)
+            })
+            .collect();
+        let built_in: BTreeMap<String, String> = BUILT_IN
+            .iter()
+            .map(|(name, text)| (name.to_string(), text.to_string()))
+            .collect();
+        assert_eq!(
+            on_disk.keys().collect::<Vec<_>>(),
+            built_in.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(on_disk, built_in);
+        for (name, text) in BUILT_IN {
+            let known = Known::parse(name, text).expect("a built-in type parses");
+            assert_eq!(format!("{}.json", known.declared.name), *name);
+        }
+    }
+
+    /// Loading the repository's own directory keeps exactly the built-in types.
+    #[test]
+    fn loading_the_events_directory_keeps_the_built_ins() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
+        let catalog = Catalog::load(&dir).expect("the catalog loads");
+        assert_eq!(catalog.builtin.len(), BUILT_IN.len());
+        let missing = Catalog::load(&dir.join("no-such-dir")).expect("a missing directory is fine");
+        assert_eq!(missing.builtin.len(), BUILT_IN.len());
+    }
 }

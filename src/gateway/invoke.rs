@@ -92,15 +92,16 @@ pub async fn invoke(
         .gateway
         .rate_limit(&tenant_id, caller.agent_id(), &req.action)?;
 
-    let action = state
+    let cached = state
         .gateway
         .actions
         .get_or_load(&(tenant_id.clone(), req.action.clone()), || {
             store::get(&state.db, &tenant_id, &req.action)
         })
-        .await?
+        .await?;
+    let action = cached
         .as_ref()
-        .clone()
+        .as_ref()
         .filter(|a| a.declaration.enabled)
         .ok_or_else(|| {
             ApiError::not_found("action").with_message(format!(
@@ -116,7 +117,7 @@ pub async fn invoke(
                 agent.scopes.join(" "),
                 req.action
             );
-            record_refusal(state, caller, &action, &req, "denied", "scope_denied", &message).await?;
+            record_refusal(state, caller, action, &req, "denied", "scope_denied", &message).await?;
             return Err(ApiError::forbidden("scope_denied", message));
         }
         let decision = state
@@ -128,12 +129,12 @@ pub async fn invoke(
             )
             .await?;
         if let Decision::Deny(message) = decision {
-            record_refusal(state, caller, &action, &req, "denied", "role_denied", &message).await?;
+            record_refusal(state, caller, action, &req, "denied", "role_denied", &message).await?;
             return Err(ApiError::forbidden("role_denied", message));
         }
     }
 
-    let problems = validate_arguments(state, &tenant_id, &action, &req.arguments)?;
+    let problems = validate_arguments(state, &tenant_id, action, &req.arguments)?;
     if !problems.is_empty() {
         let message = format!(
             "the arguments for {} do not match its input schema; fix the fields listed in details and call again",
@@ -142,7 +143,7 @@ pub async fn invoke(
         record_refusal(
             state,
             caller,
-            &action,
+            action,
             &req,
             "failed",
             "validation_failed",
@@ -152,14 +153,19 @@ pub async fn invoke(
         return Err(ApiError::validation(message, problems));
     }
 
-    let mut approval_reason = always_approve(&action);
-    let guards = crate::registry::guards::compile(&action.declaration.guards).unwrap_or_default();
+    let mut approval_reason = always_approve(action);
+    let guards = state.gateway.validators.guards(
+        &tenant_id,
+        &req.action,
+        action.version,
+        &action.declaration.guards,
+    );
     let agent_id = caller
         .agent_id()
         .map(str::to_string)
         .unwrap_or_else(|| caller.principal());
     match crate::registry::guards::decide(
-        &guards,
+        guards.as_deref().unwrap_or_default(),
         &req.arguments,
         &agent_id,
         &caller.roles(),
@@ -168,7 +174,7 @@ pub async fn invoke(
     ) {
         Some((Verdict::Deny, reason)) => {
             let message = format!("a guard on {} refused this call: {reason}", req.action);
-            record_refusal(state, caller, &action, &req, "denied", "guard_denied", &message).await?;
+            record_refusal(state, caller, action, &req, "denied", "guard_denied", &message).await?;
             return Err(ApiError::forbidden("guard_denied", message));
         }
         Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
@@ -201,7 +207,7 @@ pub async fn invoke(
 
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
-    let body = action_request_body(&invocation_id, &action, &req.arguments, caller, now);
+    let body = action_request_body(&invocation_id, action, &req.arguments, caller, now);
     let job = PersistInvocation {
         tenant_id: tenant_id.clone(),
         invocation_id: invocation_id.clone(),
@@ -236,7 +242,7 @@ pub async fn invoke(
                 if let Some(existing) =
                     find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash).await?
                 {
-                    return wait_if_sync(state, &action, existing, req.wait).await;
+                    return wait_if_sync(state, action, existing, req.wait).await;
                 }
                 if expired_key_cleared {
                     return Err(ApiError::internal("idempotent invocation vanished"));
@@ -272,7 +278,7 @@ pub async fn invoke(
         // Nothing to wait for: the row as written is the answer (no read back).
         return Ok(persisted.row);
     };
-    let _ = tokio::time::timeout(wait_for(&action, req.wait), watch).await;
+    let _ = tokio::time::timeout(wait_for(action, req.wait), watch).await;
     load(state, &tenant_id, &invocation_id)
         .await?
         .ok_or_else(|| ApiError::internal("invocation vanished"))
@@ -621,10 +627,10 @@ pub async fn invoke_for_rule(
     }
     let action = action.expect("checked above");
     // Guards hold for a rule's calls as for an agent's; the caller is the rule, with no roles.
-    let guards = crate::registry::guards::compile(&action.declaration.guards).unwrap_or_default();
+    let guards = validators.guards(tenant_id, action_name, action.version, &action.declaration.guards);
     let mut approval_reason = always_approve(&action);
     match crate::registry::guards::decide(
-        &guards,
+        guards.as_deref().unwrap_or_default(),
         arguments,
         &caller.principal(),
         &[],

@@ -25,8 +25,6 @@ pub fn page_size(limit: Option<u32>) -> i64 {
     i64::from(limit.unwrap_or(50).clamp(1, 200))
 }
 
-impl PageQuery {}
-
 /// One page of a list.
 #[derive(Debug, Clone, Serialize)]
 pub struct Page<T> {

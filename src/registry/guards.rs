@@ -62,8 +62,8 @@ pub fn check(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
     }
 }
 
-/// Compiles guards that passed [`check`] when they were declared (calls compile them without
-/// checking the schema again).
+/// Compiles guards that passed [`check`] when they were declared; calls get them compiled once
+/// per action version from `Validators::guards`.
 pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
     let mut out = Vec::with_capacity(guards.len());
     let mut problems = Vec::new();

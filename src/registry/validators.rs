@@ -1,11 +1,12 @@
-//! Compiled JSON Schema validators, cached by (tenant, action, version): compiling is far more
-//! expensive than validating, and a version's schema never changes.
+//! Compiled JSON Schema validators and guards, cached by (tenant, action, version): compiling is
+//! far more expensive than evaluating, and a version's declaration never changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use super::guards::{self, Guard};
 use super::model::compile_schema;
 
 /// Which schema of an action.
@@ -19,6 +20,9 @@ pub enum Which {
 
 type Key = (String, String, i64, Which);
 
+/// (tenant, action, version).
+type VersionKey = (String, String, i64);
+
 /// An action version's compiled output schema, or `None` when it declares none.
 type OutputSchema = Option<Arc<jsonschema::Validator>>;
 
@@ -27,7 +31,9 @@ type OutputSchema = Option<Arc<jsonschema::Validator>>;
 pub struct Validators {
     map: Mutex<HashMap<Key, Arc<jsonschema::Validator>>>,
     /// Output schemas by (tenant, action, version), including "this version has none".
-    outputs: Mutex<HashMap<(String, String, i64), OutputSchema>>,
+    outputs: Mutex<HashMap<VersionKey, OutputSchema>>,
+    /// Compiled guards by (tenant, action, version).
+    guards: Mutex<HashMap<VersionKey, Arc<[Guard]>>>,
 }
 
 impl Validators {
@@ -86,5 +92,31 @@ impl Validators {
         }
         map.insert(key, compiled.clone());
         Ok(compiled)
+    }
+
+    /// The compiled guards of an action version (`None` when it declares none), compiling them
+    /// on first use. Guards were checked against their schema when declared; a stored set that
+    /// no longer compiles counts as none, as it did before this cache.
+    pub fn guards(
+        &self,
+        tenant_id: &str,
+        action: &str,
+        version: i64,
+        declared: &[Value],
+    ) -> Option<Arc<[Guard]>> {
+        if declared.is_empty() {
+            return None;
+        }
+        let key = (tenant_id.to_string(), action.to_string(), version);
+        if let Some(g) = self.guards.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Some(g.clone());
+        }
+        let compiled: Arc<[Guard]> = Arc::from(guards::compile(declared).unwrap_or_default());
+        let mut map = self.guards.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 50_000 {
+            map.clear();
+        }
+        map.insert(key, compiled.clone());
+        Some(compiled)
     }
 }
