@@ -7,7 +7,7 @@ pub mod tokens;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,7 +22,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/agents", get(list_agents).post(create_agent))
         .route("/v1/agents/{id}", get(get_agent).delete(revoke_agent))
-        .route("/v1/agents/{id}/tokens", post(create_token))
+        .route("/v1/agents/{id}/tokens", get(list_tokens).post(create_token))
         .route("/v1/agents/{id}/tokens/{jti}", delete(revoke_token))
         .route(
             "/v1/token-issuer",
@@ -51,6 +51,34 @@ impl AgentRow {
             "roles": self.roles(),
             "created_at": rfc3339(self.created_at),
             "revoked": self.revoked_at.is_some(),
+        })
+    }
+}
+
+/// A token as listed: what it allows and until when, never the token itself.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct TokenRow {
+    jti: String,
+    scopes: String,
+    created_at: i64,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl TokenRow {
+    fn to_json(&self, now: i64) -> Value {
+        let status = match self.revoked_at {
+            Some(_) => "revoked",
+            None if self.expires_at <= now => "expired",
+            None => "active",
+        };
+        json!({
+            "jti": self.jti,
+            "scopes": serde_json::from_str::<Value>(&self.scopes).unwrap_or_else(|_| json!([])),
+            "status": status,
+            "created_at": rfc3339(self.created_at),
+            "expires_at": rfc3339(self.expires_at),
+            "revoked_at": self.revoked_at.map(rfc3339),
         })
     }
 }
@@ -253,6 +281,37 @@ async fn create_token(
         axum::Json(
             json!({"token": token, "jti": jti, "expires_at": rfc3339(exp as i64 * 1000), "scopes": body.scopes}),
         ),
+    ))
+}
+
+/// An agent's tokens, newest first; revoking one needs its `jti`, and the token itself was
+/// shown only when it was minted.
+async fn list_tokens(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<Value>>> {
+    load_agent(&state, &auth.tenant_id, &id).await?;
+    let limit = page.limit();
+    let rows: Vec<TokenRow> = state
+        .db
+        .fetch_all(
+            "SELECT jti, scopes, created_at, expires_at, revoked_at FROM agent_tokens \
+             WHERE tenant_id = $1 AND agent_id = $2 AND jti < $3 ORDER BY jti DESC LIMIT $4",
+            args![
+                &auth.tenant_id,
+                &id,
+                page.cursor
+                    .clone()
+                    .unwrap_or_else(|| crate::ids::after_all("jti")),
+                limit + 1
+            ],
+        )
+        .await?;
+    let now = now_ms();
+    Ok(axum::Json(
+        Page::from_rows(rows, limit, |r| r.jti.clone()).map(|r| r.to_json(now)),
     ))
 }
 

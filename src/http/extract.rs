@@ -202,6 +202,46 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
+/// `If-Match: "<version>"`: change the object only if it is still at the version a read
+/// returned as its `ETag`. Absent or `*` is `None` (no condition).
+#[derive(Debug, Clone, Copy)]
+pub struct IfMatch(pub Option<i64>);
+
+impl IfMatch {
+    /// The `ETag` of an object at `version`.
+    pub fn etag(version: i64) -> [(header::HeaderName, String); 1] {
+        [(header::ETAG, format!("\"{version}\""))]
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all(header::IF_MATCH).iter();
+        let text = match (values.next(), values.next()) {
+            (None, _) => return Ok(IfMatch(None)),
+            (Some(value), None) => value.to_str().unwrap_or_default().trim(),
+            (Some(_), Some(_)) => "",
+        };
+        if text == "*" {
+            return Ok(IfMatch(None));
+        }
+        text.strip_prefix("W/")
+            .unwrap_or(text)
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| t.parse::<i64>().ok())
+            .map(|v| IfMatch(Some(v)))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_if_match",
+                    "If-Match must be one ETag as a read answered it, such as \"3\"",
+                )
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

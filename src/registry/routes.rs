@@ -3,6 +3,7 @@
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::Value;
@@ -11,7 +12,7 @@ use super::model::ActionDeclaration;
 use super::store::{self, Source, StoreError, UpsertMode};
 use crate::AppState;
 use crate::args;
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, IfMatch, Json, Page, PageQuery, Path, Permission, Query};
 
 /// The registry routes.
 pub fn routes() -> Router<AppState> {
@@ -33,6 +34,13 @@ impl From<StoreError> for ApiError {
                 "an action with this name already exists; use PUT /v1/actions/{name} to change it",
             ),
             StoreError::NotFound => ApiError::not_found("action"),
+            StoreError::VersionMismatch { current } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "version_mismatch",
+                format!(
+                    "the action was changed meanwhile and is at version {current} now; read it again and apply your change to that version"
+                ),
+            ),
             StoreError::Db(e) => e.into(),
         }
     }
@@ -70,7 +78,7 @@ async fn create_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Json(decl): Json<ActionDeclaration>,
-) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
     let (action, _) = store::upsert(
@@ -82,15 +90,20 @@ async fn create_action(
     )
     .await?;
     state.registry_changed(&auth.tenant_id);
-    Ok((StatusCode::CREATED, axum::Json(action.to_json())))
+    Ok((
+        StatusCode::CREATED,
+        IfMatch::etag(action.version),
+        axum::Json(action.to_json()),
+    ))
 }
 
 async fn replace_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(name): Path<String>,
+    IfMatch(expected_version): IfMatch,
     Json(mut body): Json<Value>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     let Some(map) = body.as_object_mut() else {
         return Err(ApiError::invalid_field(
@@ -129,22 +142,22 @@ async fn replace_action(
         &auth.tenant_id,
         &decl,
         Source::Api,
-        UpsertMode::UpdateOnly,
+        UpsertMode::UpdateOnly(expected_version),
     )
     .await?;
     state.registry_changed(&auth.tenant_id);
-    Ok(axum::Json(action.to_json()))
+    Ok((IfMatch::etag(action.version), axum::Json(action.to_json())))
 }
 
 async fn get_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(name): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<impl IntoResponse> {
     let action = store::get(&state.db, &auth.tenant_id, &name)
         .await?
         .ok_or_else(|| ApiError::not_found("action"))?;
-    Ok(axum::Json(action.to_json()))
+    Ok((IfMatch::etag(action.version), axum::Json(action.to_json())))
 }
 
 async fn list_actions(
@@ -164,9 +177,10 @@ async fn delete_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(name): Path<String>,
+    IfMatch(expected_version): IfMatch,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    if !store::delete(&state.db, &auth.tenant_id, &name).await? {
+    if !store::delete(&state.db, &auth.tenant_id, &name, expected_version).await? {
         return Err(ApiError::not_found("action"));
     }
     state.registry_changed(&auth.tenant_id);

@@ -130,8 +130,9 @@ pub enum Upserted {
 pub enum UpsertMode {
     /// Fail with `Conflict` if it exists (POST).
     CreateOnly,
-    /// Fail with `NotFound` unless it exists (PUT).
-    UpdateOnly,
+    /// Fail with `NotFound` unless it exists (PUT); given a version (`If-Match`), also fail
+    /// with `VersionMismatch` unless the action is at that version.
+    UpdateOnly(Option<i64>),
     /// Apply a declarative file: only when the file changed since it was last applied.
     ApplyFile,
 }
@@ -145,6 +146,12 @@ pub enum StoreError {
     /// PUT of a name that does not exist.
     #[error("no such action")]
     NotFound,
+    /// A conditional change (`If-Match`) of an action that has changed since that version.
+    #[error("the action is at version {current}")]
+    VersionMismatch {
+        /// The version it is at.
+        current: i64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -247,7 +254,10 @@ pub async fn upsert(
     let live = existing.as_ref().filter(|r| r.deleted_at.is_none());
     let (row, kind) = match (mode, &existing, live) {
         (UpsertMode::CreateOnly, _, Some(_)) => return Err(StoreError::Conflict),
-        (UpsertMode::UpdateOnly, _, None) => return Err(StoreError::NotFound),
+        (UpsertMode::UpdateOnly(_), _, None) => return Err(StoreError::NotFound),
+        (UpsertMode::UpdateOnly(Some(expected)), _, Some(row)) if row.version != expected => {
+            return Err(StoreError::VersionMismatch { current: row.version });
+        }
         (UpsertMode::ApplyFile, Some(row), _) if row.file_hash.as_deref() == Some(hash.as_str()) => {
             return Ok((Action::from_row(row.clone())?, Upserted::Skipped));
         }
@@ -299,23 +309,37 @@ pub async fn upsert(
                 deleted_at: None,
                 ..old.clone()
             };
-            tx.execute(
-                "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
-                 file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
-                 WHERE tenant_id = $8 AND name = $9",
-                args![
-                    row.version,
-                    &row.declaration,
-                    &row.content_hash,
-                    &row.source,
-                    row.file_hash.clone(),
-                    row.created_at,
-                    now,
-                    tenant_id,
-                    name
-                ],
-            )
-            .await?;
+            // On the version read above: a concurrent change (PostgreSQL) makes this a no-op.
+            let changed = tx
+                .execute(
+                    "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
+                     file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
+                     WHERE tenant_id = $8 AND name = $9 AND version = $10",
+                    args![
+                        row.version,
+                        &row.declaration,
+                        &row.content_hash,
+                        &row.source,
+                        row.file_hash.clone(),
+                        row.created_at,
+                        now,
+                        tenant_id,
+                        name,
+                        old.version
+                    ],
+                )
+                .await?;
+            if changed == 0 {
+                let current: Option<(i64,)> = tx
+                    .fetch_optional(
+                        "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2",
+                        args![tenant_id, name],
+                    )
+                    .await?;
+                return Err(StoreError::VersionMismatch {
+                    current: current.map_or(old.version, |(v,)| v),
+                });
+            }
             (
                 row,
                 if revived {
@@ -344,10 +368,31 @@ pub async fn upsert(
     Ok((Action::from_row(row)?, kind))
 }
 
-/// Soft-deletes an action; answers whether one was deleted.
-pub async fn delete(db: &Database, tenant_id: &str, name: &str) -> Result<bool, DbError> {
+/// Soft-deletes an action (given a version, only if it is at that version); answers whether
+/// one was deleted.
+pub async fn delete(
+    db: &Database,
+    tenant_id: &str,
+    name: &str,
+    expected_version: Option<i64>,
+) -> Result<bool, StoreError> {
     let now = now_ms();
     let mut tx = db.begin().await?;
+    if let Some(expected) = expected_version {
+        let current: Option<(i64,)> = tx
+            .fetch_optional(
+                "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
+                args![tenant_id, name],
+            )
+            .await?;
+        match current {
+            None => return Ok(false),
+            Some((current,)) if current != expected => {
+                return Err(StoreError::VersionMismatch { current });
+            }
+            Some(_) => {}
+        }
+    }
     let n = tx
         .execute(
             "UPDATE actions SET deleted_at = $1, updated_at = $1 \

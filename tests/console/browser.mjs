@@ -206,6 +206,22 @@ try {
   await page.locator("h2", { hasText: "Action wire_funds" }).waitFor();
   await page.click("#save-action");
   await page.getByText("No changes: wire_funds is still version 1.").waitFor();
+  // (and a save over someone else's change made meanwhile is refused, not silently lost)
+  const meanwhile = await page.evaluate(async (k) => {
+    const headers = { authorization: `Bearer ${k}`, "content-type": "application/json" };
+    const stored = await (await fetch("/v1/actions/wire_funds", { headers })).json();
+    stored.description = "Changed by someone else.";
+    return (await fetch("/v1/actions/wire_funds", { method: "PUT", headers, body: JSON.stringify(stored) })).status;
+  }, key);
+  assert.equal(meanwhile, 200);
+  await page.fill("#action-description", "My change.");
+  expectedStatuses.add(412);
+  await page.click("#save-action");
+  await page.locator("#action-messages .problem", { hasText: "changed meanwhile and is at version 2" }).waitFor();
+  await page.reload();
+  await page.locator("p", { hasText: "Version 2 (" }).waitFor();
+  assert.equal(await page.inputValue("#action-description"), "Changed by someone else.");
+  expectedStatuses.delete(412);
 
   // ... adds an agent with role finance and mints it a token for wire_* ...
   await page.goto(`${base}/#/agents`);
@@ -246,11 +262,24 @@ try {
   const invocationId = call.body.invocation_id;
   const invDeadline = Date.now() + 60_000;
   await page.goto(`${base}/#/invocations/${invocationId}`);
-  while (!(await page.getByText(/^succeeded — wire_funds v1, by treasury-bot/).count())) {
+  while (!(await page.getByText(/^succeeded — wire_funds v2, by treasury-bot/).count())) {
     assert.ok(Date.now() < invDeadline, "the approved invocation never showed as succeeded");
     await page.waitForTimeout(200);
     await page.reload();
   }
+
+  // The agent's token is listed with its scopes, never itself, and revoked from the list.
+  await page.goto(`${base}/#/agents`);
+  const botRow = page.locator("tr", { hasText: "treasury-bot" }).first();
+  await botRow.locator("summary", { hasText: "Tokens" }).click();
+  const tokenRow = botRow.locator(".token-list tr", { hasText: "invoke:wire_*" });
+  await tokenRow.getByText("active").waitFor();
+  assert.ok(!(await page.innerText("body")).includes(token), "a minted token is shown only once");
+  const toolsWith = (t) => page.evaluate(async (bearer) => (await fetch("/v1/tools", { headers: { authorization: `Bearer ${bearer}` } })).status, t);
+  assert.equal(await toolsWith(token), 200);
+  await tokenRow.getByRole("button", { name: "revoke" }).click();
+  await tokenRow.getByText("revoked").waitFor();
+  assert.equal(await toolsWith(token), 401);
 
   // A read-only key for a dashboard: made, shown once, usable, then revoked at once.
   await page.goto(`${base}/#/api-keys`);

@@ -60,6 +60,9 @@ async fn the_page_and_its_files_are_served_with_a_strict_policy() {
         assert!(csp.contains(directive), "{csp}");
     }
     assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    assert_eq!(headers["cache-control"], "no-cache");
     let page = resp.text().await.unwrap();
     // The policy refuses inline code and styles; the page must not need any.
     for tag in page.split("<script").skip(1) {
@@ -95,7 +98,15 @@ async fn the_page_and_its_files_are_served_with_a_strict_policy() {
             _ => "text/javascript; charset=utf-8",
         };
         assert_eq!(resp.headers()["content-type"], expected, "{path}");
-        assert!(resp.headers().contains_key("content-security-policy"), "{path}");
+        for name in [
+            "content-security-policy",
+            "x-content-type-options",
+            "x-frame-options",
+            "referrer-policy",
+            "cache-control",
+        ] {
+            assert_eq!(resp.headers()[name], headers[name], "{path} {name}");
+        }
         let body = resp.text().await.unwrap();
         // A module's relative imports are files this route serves too.
         for import in body.split("from \"./").skip(1) {
@@ -316,11 +327,16 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
         request["arguments"],
         json!({"amount": 1200, "iban": "DE89370400440532013000"})
     );
-    // The action is as the page declared it (the refused edit changed nothing).
+    // The action is as the page declared it, plus the other person's change: the refused
+    // edits (a bad schema, then a save over a version changed meanwhile) changed nothing.
     let (_, action) = app.call(Method::GET, "/v1/actions/wire_funds", None).await;
     assert_eq!(
-        (action["version"].as_i64(), action["approval"].as_str()),
-        (Some(1), Some("never")),
+        (
+            action["version"].as_i64(),
+            action["approval"].as_str(),
+            action["description"].as_str()
+        ),
+        (Some(2), Some("never"), Some("Changed by someone else.")),
         "{action}"
     );
     assert_eq!(

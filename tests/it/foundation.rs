@@ -29,6 +29,7 @@ fn refund_action() -> Value {
 
 dual!(
     registry_create_read_update_delete,
+    actions_change_only_at_the_version_read,
     registry_versions_and_hashes,
     registry_rejects_bad_declarations,
     action_files_are_applied_at_start,
@@ -113,6 +114,76 @@ async fn registry_create_read_update_delete(backend: Backend) {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted, seen);
+}
+
+/// `If-Match` with the `ETag` a read gave: a change made meanwhile is a 412, not overwritten.
+async fn actions_change_only_at_the_version_read(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let path = "/v1/actions/refund_invoice";
+    let created = app
+        .as_key(&app.admin_key, Method::POST, "/v1/actions")
+        .json(&refund_action())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["etag"], "\"1\"");
+    let read_at = app
+        .as_key(&app.admin_key, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    let etag = read_at.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, "\"1\"");
+
+    let put = |if_match: &str, description: &str| {
+        let mut declaration = refund_action();
+        declaration["description"] = json!(description);
+        app.as_key(&app.admin_key, Method::PUT, path)
+            .header("if-match", if_match)
+            .json(&declaration)
+    };
+    // Two people read version 1; the first to save wins, the second learns of it.
+    let first = put(&etag, "First edit.").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["etag"], "\"2\"");
+    let (status, lost) = read(put(&etag, "Second edit.").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&lost)), (412, "version_mismatch"), "{lost}");
+    assert!(
+        lost["error"]["message"].as_str().unwrap().contains("version 2"),
+        "{lost}"
+    );
+    let (_, now) = app.call(Method::GET, path, None).await;
+    assert_eq!(
+        (now["version"].clone(), now["description"].clone()),
+        (json!(2), json!("First edit."))
+    );
+
+    // A weak ETag and `*` are accepted; a malformed one is a 400 that changes nothing.
+    assert_eq!(put("W/\"2\"", "Third edit.").send().await.unwrap().status(), 200);
+    assert_eq!(put("*", "Fourth edit.").send().await.unwrap().status(), 200);
+    for bad in ["3", "\"three\"", "\"4\", \"5\""] {
+        let (status, body) = read(put(bad, "Bad edit.").send().await.unwrap()).await;
+        assert_eq!((status, error_code(&body)), (400, "invalid_if_match"), "{bad}");
+    }
+    let (_, now) = app.call(Method::GET, path, None).await;
+    assert_eq!(
+        (now["version"].clone(), now["description"].clone()),
+        (json!(4), json!("Fourth edit."))
+    );
+
+    // A delete at an old version is refused too; at the current one it deletes.
+    let delete = |if_match: &str| {
+        app.as_key(&app.admin_key, Method::DELETE, path)
+            .header("if-match", if_match)
+    };
+    let (status, body) = read(delete("\"3\"").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{body}");
+    assert_eq!(app.call(Method::GET, path, None).await.0, 200);
+    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 204);
+    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 404);
+    let (status, _) = read(put("\"4\"", "After delete.").send().await.unwrap()).await;
+    assert_eq!(status, 404);
 }
 
 async fn registry_versions_and_hashes(backend: Backend) {

@@ -565,6 +565,38 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
     );
     assert_eq!(w.app.call_as(t2, Method::GET, "/v1/tools", None).await.0, 401);
     assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 200);
+
+    // The agent's tokens are listed newest first, a page at a time, with their state and
+    // never the token itself.
+    let mut listed: Vec<Value> = Vec::new();
+    let mut path = "/v1/agents/agt_f/tokens?limit=1".to_string();
+    loop {
+        let (status, page) = w.app.call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        listed.extend(page["data"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/agents/agt_f/tokens?limit=1&cursor={c}"),
+            None => break,
+        }
+    }
+    let jtis: Vec<&str> = listed.iter().map(|t| t["jti"].as_str().unwrap()).collect();
+    assert!(
+        jtis.windows(2).all(|w| w[0] > w[1]),
+        "newest first, once each: {jtis:?}"
+    );
+    assert_eq!(listed[0]["jti"], jti, "the newest is the one just revoked");
+    assert_eq!(listed[0]["status"], "revoked");
+    assert!(listed[0]["revoked_at"].is_string());
+    assert_eq!(listed[0]["scopes"], json!(["invoke:*"]));
+    assert_eq!(listed[1]["status"], "expired", "the one-second token: {listed:?}");
+    assert!(listed.iter().any(|t| t["status"] == "active"), "{listed:?}");
+    assert!(listed.iter().all(|t| t.get("token").is_none()));
+    assert!(!serde_json::to_string(&listed).unwrap().contains(&good));
+    let (status, _) = w
+        .app
+        .call(Method::GET, "/v1/agents/agt_nobody/tokens", None)
+        .await;
+    assert_eq!(status, 404);
     assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
     assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 401);
 }
@@ -937,6 +969,18 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
             .unwrap()
             .contains("already approved"),
         "{again}"
+    );
+    // Deny has no early check: a late deny is the decision that loses at the UPDATE, and the
+    // conflict names the decision that won.
+    let late_deny = format!("/v1/approvals/{}/deny", for_first["id"].as_str().unwrap());
+    let (status, lost) = w.app.call(Method::POST, &late_deny, None).await;
+    assert_eq!((status, error_code(&lost)), (409, "already_decided"), "{lost}");
+    assert!(
+        lost["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already approved"),
+        "{lost}"
     );
     let id = first["invocation_id"].as_str().unwrap();
     let (_, settled) = w

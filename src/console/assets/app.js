@@ -81,6 +81,11 @@ async function api(method, path, body, headers = {}) {
 
 const enc = encodeURIComponent;
 
+/** Change only the version this page shows: someone else's save meanwhile is a 412, not lost. */
+function ifMatch(stored) {
+  return { "if-match": `"${stored.version}"` };
+}
+
 let lastId = 0;
 
 /** An element id no other element on the page has. */
@@ -155,7 +160,6 @@ function pre(value) {
   return h("pre", {}, typeof value === "string" ? value : JSON.stringify(value, null, 2));
 }
 
-/** Every item of a list route (`path` without a query), up to 1,000. */
 /** Runs `fn` and shows in `box` what it returns (nothing for `""`), or the error it throws. */
 async function showOutcome(box, fn) {
   try {
@@ -199,6 +203,7 @@ function formCard({ title, intro, fields, submitLabel, submitId, submit, buttons
   );
 }
 
+/** Every item of a list route (`path` without a query), up to 1,000. */
 async function listAll(path) {
   const items = [];
   let cursor = null;
@@ -1084,7 +1089,7 @@ async function showActionEditor(name) {
         annotations: Object.fromEntries(ANNOTATIONS.map(([key]) => [key, field(`action-${key}`).checked])),
       };
       const saved = stored
-        ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration)
+        ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration, ifMatch(stored))
         : await api("POST", `/v1/actions`, declaration);
       // Re-read from the server (its version, its hash); a new action gets its own address,
       // unless the user has gone elsewhere meanwhile.
@@ -1099,7 +1104,7 @@ async function showActionEditor(name) {
   const remove = async () => {
     if (!confirm(`Delete ${stored.name}? Agents can no longer call it, and calls waiting for approval can no longer be approved.`)) return;
     try {
-      await api("DELETE", `/v1/actions/${enc(stored.name)}`);
+      await api("DELETE", `/v1/actions/${enc(stored.name)}`, undefined, ifMatch(stored));
       location.hash = "#/actions";
     } catch (err) {
       out.replaceChildren(problem(err));
@@ -1373,6 +1378,31 @@ async function showAgents() {
   const agents = await listAll(`/v1/agents`);
   const out = h("div");
   const run = (fn) => showOutcome(out, fn);
+  // An agent's recent tokens, read when opened: their ids, scopes and state, never the tokens.
+  const tokenList = (agent) => {
+    const box = h("div", { class: "token-list" });
+    const load = () =>
+      showOutcome(box, async () => {
+        const page = await api("GET", `/v1/agents/${enc(agent.id)}/tokens?limit=20`);
+        const revoke = (t) =>
+          h("button", {
+            type: "button",
+            class: "link revoke-token",
+            onclick: () => revokeToken(agent.id, t.jti).then(load, (err) => box.replaceChildren(problem(err))),
+          }, "revoke");
+        return [
+          table(
+            ["Token id", "Scopes", "State", "Expires"],
+            page.data.map((t) =>
+              h("tr", {}, h("td", {}, h("code", {}, t.jti)), h("td", {}, t.scopes.join(" ")), h("td", {}, t.status, " ", t.status === "active" ? revoke(t) : null), h("td", {}, when(t.expires_at))),
+            ),
+            "No tokens yet.",
+          ),
+          page.next_cursor ? h("p", { class: "muted" }, "The 20 newest are shown.") : null,
+        ];
+      });
+    return h("details", { ontoggle: (e) => e.target.open && load() }, h("summary", {}, "Tokens"), box);
+  };
   const mint = (agent) => {
     const scopes = h("input", { class: "token-scopes", value: "invoke:*", "aria-label": "Scopes, e.g. invoke:billing_*" });
     const ttl = h("input", { class: "token-ttl", type: "number", min: 1, value: 3600, "aria-label": "Lifetime in seconds" });
@@ -1415,6 +1445,7 @@ async function showAgents() {
             "td",
             {},
             a.revoked ? null : mint(a),
+            tokenList(a),
             a.revoked ? null : h("button", { type: "button", class: "link", onclick: () => run(async () => { if (!confirm(`Revoke ${a.id} and every token it holds?`)) return ""; await api("DELETE", `/v1/agents/${enc(a.id)}`); await route(); return ""; }) }, "revoke agent"),
           ),
         ),
