@@ -137,14 +137,18 @@ async fn replace_action(
     let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
     let decl: ActionDeclaration = crate::http::extract::parse_json(&bytes, state.config.max_json_depth)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
-    let (action, _) = store::upsert(
-        &state.db,
-        &auth.tenant_id,
-        &decl,
-        Source::Api,
-        UpsertMode::UpdateOnly(expected_version),
-    )
-    .await?;
+    let mode = UpsertMode::UpdateOnly(expected_version);
+    let mut attempts = 0;
+    let action = loop {
+        match store::upsert(&state.db, &auth.tenant_id, &decl, Source::Api, mode).await {
+            Ok((action, _)) => break action,
+            // Without If-Match the last writer wins: a concurrent change only means reading again.
+            Err(StoreError::VersionMismatch { .. }) if expected_version.is_none() && attempts < 5 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     state.registry_changed(&auth.tenant_id);
     Ok((IfMatch::etag(action.version), axum::Json(action.to_json())))
 }

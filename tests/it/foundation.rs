@@ -184,6 +184,51 @@ async fn actions_change_only_at_the_version_read(backend: Backend) {
     assert_eq!(delete("\"4\"").send().await.unwrap().status(), 404);
     let (status, _) = read(put("\"4\"", "After delete.").send().await.unwrap()).await;
     assert_eq!(status, 404);
+
+    // Concurrent saves: of eight made at version 5 exactly one wins; eight made without
+    // If-Match all land, one version each.
+    assert_eq!(
+        app.call(Method::POST, "/v1/actions", Some(refund_action()))
+            .await
+            .0,
+        201
+    );
+    let statuses = futures_util::future::join_all((0..8).map(|i| async move {
+        put("\"5\"", &format!("Edit {i}."))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }))
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, [200, 412, 412, 412, 412, 412, 412, 412], "{statuses:?}");
+    let app = &app;
+    let statuses = futures_util::future::join_all((0..8).map(|i| async move {
+        let mut declaration = refund_action();
+        declaration["description"] = json!(format!("Blind edit {i}."));
+        let resp = app
+            .as_key(&app.admin_key, Method::PUT, path)
+            .json(&declaration)
+            .send()
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }))
+    .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (_, versions) = app
+        .call(Method::GET, &format!("{path}/versions?limit=200"), None)
+        .await;
+    let numbers: Vec<i64> = versions["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=14).rev().collect::<Vec<i64>>());
 }
 
 async fn registry_versions_and_hashes(backend: Backend) {
