@@ -17,6 +17,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::changes::Change;
 use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::db::batch::Batcher;
@@ -97,7 +98,7 @@ impl AppState {
         let config = Arc::new(config);
         let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
         let validators = Arc::new(Validators::default());
-        let rules = Arc::new(Rules::new());
+        let rules = Arc::new(Rules::new(config.cache_ttl));
         let (engine, receivers) = Engine::new(
             db.clone(),
             keys.clone(),
@@ -118,12 +119,13 @@ impl AppState {
                 config.agent_rate_per_s,
                 config.action_rate_per_s,
                 server_lock.is_sole(),
+                config.cache_ttl,
             )),
             server_lock,
             rules,
-            api_keys: Arc::new(ApiKeyCache::new(Duration::from_secs(1))),
+            api_keys: Arc::new(ApiKeyCache::new(config.cache_ttl)),
             request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
-            catalog: Arc::new(Catalog::load(&config.events_dir)?),
+            catalog: Arc::new(Catalog::load(&config.events_dir, config.cache_ttl)?),
             policy,
             config,
             db,
@@ -159,9 +161,30 @@ impl AppState {
         Ok(Some(created))
     }
 
-    /// Tells listeners (MCP sessions, caches) that a tenant's registry changed.
-    pub fn registry_changed(&self, _tenant_id: &str) {
+    /// Forgets what this process cached about a committed change and tells the other replicas.
+    pub async fn changed(&self, change: Change) {
+        self.forget(&change);
+        crate::changes::publish(&self.db, &change).await;
+    }
+
+    /// Forgets what this process cached about a change.
+    pub fn forget(&self, change: &Change) {
+        match change {
+            Change::Actions(_) => self.gateway.actions.clear(),
+            Change::Endpoint(_, endpoint_id) => self.engine.forget_endpoint(endpoint_id),
+            Change::Rules(tenant_id) => self.rules.changed(tenant_id),
+            Change::EventTypes(tenant_id) => self.catalog.forget(tenant_id),
+            Change::ApiKeys => self.api_keys.clear(),
+        }
+    }
+
+    /// Forgets every cached piece of configuration (after changes may have been missed).
+    pub fn forget_everything(&self) {
         self.gateway.actions.clear();
+        self.engine.forget_endpoints();
+        self.rules.forget_all();
+        self.catalog.forget_all();
+        self.api_keys.clear();
     }
 }
 
@@ -255,11 +278,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let db = state.db.clone();
     let engine = state.engine.clone();
+    let changes = crate::changes::spawn_listener(state.clone());
     let app = router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed");
+    if let Some(changes) = changes {
+        changes.abort();
+    }
     // Requests are answered (or the server failed); either way let attempts under way finish
     // and record their outcomes.
     engine.shutdown().await;

@@ -75,6 +75,9 @@ pub struct RawConfig {
     pub worker: bool,
     /// How often old records are purged.
     pub purge_interval: String,
+    /// Longest time a process keeps cached configuration (actions, endpoints, rules, event
+    /// types, API keys); on PostgreSQL other replicas' changes also clear it at once.
+    pub cache_ttl: String,
     /// Invocations per second one agent may make (token bucket).
     pub agent_rate_per_s: u32,
     /// Invocations per second of one action across agents (token bucket).
@@ -106,6 +109,7 @@ impl Default for RawConfig {
             poll_interval: "1s".into(),
             worker: true,
             purge_interval: "1h".into(),
+            cache_ttl: "1s".into(),
             agent_rate_per_s: 100,
             action_rate_per_s: 1000,
         }
@@ -172,6 +176,8 @@ pub struct Config {
     pub worker: bool,
     /// How often old records are purged.
     pub purge_interval: Duration,
+    /// Longest time a process keeps cached configuration; see [`RawConfig::cache_ttl`].
+    pub cache_ttl: Duration,
     /// Invocations per second one agent may make (token bucket).
     pub agent_rate_per_s: u32,
     /// Invocations per second of one action across agents (token bucket).
@@ -280,6 +286,7 @@ impl Config {
             poll_interval: parse_duration("poll_interval", &raw.poll_interval)?,
             worker: raw.worker,
             purge_interval: parse_duration("purge_interval", &raw.purge_interval)?,
+            cache_ttl: parse_duration("cache_ttl", &raw.cache_ttl)?,
             agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
             action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
         })

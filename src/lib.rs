@@ -28,6 +28,7 @@
 pub mod agents;
 pub mod audit;
 pub mod cache;
+pub mod changes;
 pub mod config;
 pub mod console;
 pub mod crypto;

@@ -12,6 +12,7 @@ use super::endpoints::{self, EndpointInput};
 use super::outbox;
 use super::signing::{self, Carries, SignedAttempt};
 use super::verify;
+use crate::changes::Change;
 use crate::db::{Arg, now_ms, parse_rfc3339, rfc3339};
 use crate::events::{self, NewEvent};
 use crate::http::{
@@ -52,7 +53,9 @@ async fn create_endpoint(
     auth.require(Permission::Manage)?;
     endpoints::check_input(&input, true, state.config.dev)?;
     let (row, secret) = endpoints::create(&state.db, &state.keys, &auth.tenant_id, input).await?;
-    state.engine.forget_endpoint(&row.id);
+    state
+        .changed(Change::Endpoint(auth.tenant_id.clone(), row.id.clone()))
+        .await;
     let mut body = row.to_json();
     body["secret"] = secret.into();
     Ok((StatusCode::CREATED, axum::Json(body)))
@@ -101,7 +104,9 @@ async fn update_endpoint(
     let row = endpoints::update(&state.db, &auth.tenant_id, &id, input)
         .await?
         .ok_or_else(|| ApiError::not_found("endpoint"))?;
-    state.engine.forget_endpoint(&id);
+    state
+        .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
+        .await;
     Ok(axum::Json(row.to_json()))
 }
 
@@ -114,7 +119,9 @@ async fn delete_endpoint(
     if !endpoints::delete(&state.db, &auth.tenant_id, &id).await? {
         return Err(ApiError::not_found("endpoint"));
     }
-    state.engine.forget_endpoint(&id);
+    state
+        .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -162,7 +169,9 @@ async fn rotate_secret(
         endpoints::rotate_secret(&state.db, &state.keys, &auth.tenant_id, &id, new_secret, overlap)
             .await?
             .ok_or_else(|| ApiError::not_found("endpoint"))?;
-    state.engine.forget_endpoint(&id);
+    state
+        .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
+        .await;
     Ok(axum::Json(
         json!({"secret": secret, "previous_expires_at": rfc3339(until)}),
     ))

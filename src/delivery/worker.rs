@@ -20,6 +20,7 @@ use super::outbound::{AttemptResult, Outbound};
 use super::outbox::{self, Job, Lease};
 use super::retry::{self, Next};
 use super::signing::{self, Carries, Scheme, SignedAttempt};
+use crate::changes::Change;
 use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::db::{Database, Tx, now_ms};
@@ -27,10 +28,6 @@ use crate::events::{self, NewEvent};
 use crate::gateway::invocations;
 use crate::registry::validators::Validators;
 use crate::{args, ids};
-
-/// How long a cached endpoint (URL, secrets, limits) is trusted before it is read again; changes
-/// made through this process are seen at once, those made through another replica within this.
-const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// An endpoint failing without a single success for this long is disabled.
 const FAILING_DISABLE_AFTER_MS: i64 = 5 * 24 * 3600 * 1000;
@@ -269,7 +266,21 @@ impl Engine {
         rx
     }
 
-    /// Forgets a cached endpoint (and the cached subscriber lists) after it changed here.
+    /// Forgets every cached endpoint and subscriber list.
+    pub fn forget_endpoints(&self) {
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Forgets a cached endpoint (and the cached subscriber lists) after it changed.
     pub fn forget_endpoint(&self, endpoint_id: &str) {
         self.inner
             .endpoints
@@ -283,8 +294,8 @@ impl Engine {
             .clear();
     }
 
-    /// The enabled endpoints of a tenant, for event fan-out; cached as long as endpoints (changes
-    /// made through this process are seen at once, other replicas' within the cache time).
+    /// The enabled endpoints of a tenant, for event fan-out; cached as long as endpoints (until a
+    /// change here or, on PostgreSQL, on another replica; at most `cache_ttl`).
     pub async fn subscribers(&self, tenant_id: &str) -> Result<Arc<Vec<EndpointRow>>, crate::db::DbError> {
         if let Some((at, list)) = self
             .inner
@@ -292,7 +303,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(tenant_id)
-            && at.elapsed() < ENDPOINT_CACHE_TTL
+            && at.elapsed() < self.inner.config.cache_ttl
         {
             return Ok(list.clone());
         }
@@ -321,7 +332,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(endpoint_id)
-            && ep.fetched.elapsed() < ENDPOINT_CACHE_TTL
+            && ep.fetched.elapsed() < self.inner.config.cache_ttl
         {
             return Ok(Some(ep.clone()));
         }
@@ -948,8 +959,13 @@ async fn update_endpoint_health(
         .await?
         == 1;
     if started_failing {
-        // The next success must clear the run of failures: make the sender see it.
+        // The next success must clear the run of failures: make the senders see it.
         engine.forget_endpoint(&job.endpoint_id);
+        crate::changes::publish_in(
+            tx,
+            &Change::Endpoint(job.tenant_id.clone(), job.endpoint_id.clone()),
+        )
+        .await?;
     }
     let row: Option<EndpointRow> = tx
         .fetch_optional("SELECT * FROM endpoints WHERE id = $1", args![&job.endpoint_id])
@@ -972,6 +988,11 @@ async fn update_endpoint_health(
     )
     .await?;
     engine.forget_endpoint(&job.endpoint_id);
+    crate::changes::publish_in(
+        tx,
+        &Change::Endpoint(job.tenant_id.clone(), job.endpoint_id.clone()),
+    )
+    .await?;
     tracing::warn!(endpoint_id = %job.endpoint_id, reason, "endpoint disabled");
     metrics::counter!("opsiq_endpoints_disabled_total").increment(1);
     let data = json!({"endpoint_id": row.id, "url": row.url, "reason": reason});

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::check_event_type;
 use crate::cache::TtlCache;
+use crate::changes::Change;
 use crate::db::{Database, DbError, now_ms, rfc3339};
 use crate::http::{
     AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Page, PageQuery, Path as UrlPath, Permission, Query,
@@ -124,8 +125,18 @@ impl Known {
 }
 
 impl Catalog {
+    /// Forgets a tenant's cached custom types after a change.
+    pub fn forget(&self, tenant_id: &str) {
+        self.custom.invalidate(&tenant_id.to_string());
+    }
+
+    /// Forgets every tenant's cached custom types.
+    pub fn forget_all(&self) {
+        self.custom.clear();
+    }
+
     /// The compiled-in types, then `*.json` from the events directory (which may be missing).
-    pub fn load(dir: &Path) -> Result<Self, CatalogError> {
+    pub fn load(dir: &Path, cache_ttl: Duration) -> Result<Self, CatalogError> {
         let mut builtin = BTreeMap::new();
         for (file, text) in BUILT_IN {
             let known = Known::parse(&format!("built-in {file}"), text)?;
@@ -153,7 +164,7 @@ impl Catalog {
         }
         Ok(Self {
             builtin,
-            custom: TtlCache::new(Duration::from_secs(1)),
+            custom: TtlCache::new(cache_ttl),
         })
     }
 
@@ -310,7 +321,7 @@ async fn create_type(
             "an event type with this name already exists",
         ));
     }
-    state.catalog.custom.invalidate(&auth.tenant_id);
+    state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
     let mut out = describe(&body, false);
     out["created_at"] = rfc3339(now_ms()).into();
     Ok((StatusCode::CREATED, axum::Json(out)))
@@ -356,9 +367,10 @@ mod tests {
     #[test]
     fn loading_the_events_directory_keeps_the_built_ins() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
-        let catalog = Catalog::load(&dir).expect("the catalog loads");
+        let catalog = Catalog::load(&dir, Duration::from_secs(1)).expect("the catalog loads");
         assert_eq!(catalog.builtin.len(), BUILT_IN.len());
-        let missing = Catalog::load(&dir.join("no-such-dir")).expect("a missing directory is fine");
+        let missing = Catalog::load(&dir.join("no-such-dir"), Duration::from_secs(1))
+            .expect("a missing directory is fine");
         assert_eq!(missing.builtin.len(), BUILT_IN.len());
     }
 }

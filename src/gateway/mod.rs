@@ -40,8 +40,8 @@ pub struct Gateway {
     pub jwks: JwksCache,
     /// Compiled schemas.
     pub validators: Arc<Validators>,
-    /// Current action declarations by (tenant, name); cleared on every registry change here,
-    /// refreshed within a second after a change through another replica.
+    /// Current action declarations by (tenant, name); cleared on every registry change here and,
+    /// on PostgreSQL, on another replica's (`changes`); kept at most `cache_ttl`.
     pub actions: crate::cache::TtlCache<(String, String), Option<crate::registry::Action>>,
     agent_limiter: DefaultKeyedRateLimiter<String>,
     action_limiter: DefaultKeyedRateLimiter<String>,
@@ -50,14 +50,20 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway state with per-agent and per-action limits (calls per second);
     /// `sole_server` says whether this process alone serves its database (a locked SQLite file).
-    pub fn new(validators: Arc<Validators>, agent_per_s: u32, action_per_s: u32, sole_server: bool) -> Self {
+    pub fn new(
+        validators: Arc<Validators>,
+        agent_per_s: u32,
+        action_per_s: u32,
+        sole_server: bool,
+        cache_ttl: std::time::Duration,
+    ) -> Self {
         let quota = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
         Self {
             tenant_keys: TenantKeys::default(),
             token_states: TokenStates::new(sole_server),
             jwks: JwksCache::default(),
             validators,
-            actions: crate::cache::TtlCache::new(std::time::Duration::from_secs(1)),
+            actions: crate::cache::TtlCache::new(cache_ttl),
             agent_limiter: RateLimiter::keyed(quota(agent_per_s)),
             action_limiter: RateLimiter::keyed(quota(action_per_s)),
         }

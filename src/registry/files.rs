@@ -82,7 +82,12 @@ pub async fn apply_to_tenant(
 ) -> Result<usize, FileError> {
     let mut changed = 0;
     for decl in decls {
-        let (_, what) = store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile).await?;
+        let upsert = || store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile);
+        let (_, what) = match upsert().await {
+            // Another replica starting at the same moment created it first: apply over theirs.
+            Err(store::StoreError::Conflict) => upsert().await?,
+            done => done?,
+        };
         if matches!(what, Upserted::Created | Upserted::Updated) {
             changed += 1;
         }

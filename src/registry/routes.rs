@@ -12,6 +12,7 @@ use super::model::ActionDeclaration;
 use super::store::{self, Source, StoreError, UpsertMode};
 use crate::AppState;
 use crate::args;
+use crate::changes::Change;
 use crate::http::{AdminAuth, ApiError, ApiResult, IfMatch, Json, Page, PageQuery, Path, Permission, Query};
 
 /// The registry routes.
@@ -89,7 +90,7 @@ async fn create_action(
         UpsertMode::CreateOnly,
     )
     .await?;
-    state.registry_changed(&auth.tenant_id);
+    state.changed(Change::Actions(auth.tenant_id.clone())).await;
     Ok((
         StatusCode::CREATED,
         IfMatch::etag(action.version),
@@ -137,19 +138,15 @@ async fn replace_action(
     let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
     let decl: ActionDeclaration = crate::http::extract::parse_json(&bytes, state.config.max_json_depth)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
-    let mode = UpsertMode::UpdateOnly(expected_version);
-    let mut attempts = 0;
-    let action = loop {
-        match store::upsert(&state.db, &auth.tenant_id, &decl, Source::Api, mode).await {
-            Ok((action, _)) => break action,
-            // Without If-Match the last writer wins: a concurrent change only means reading again.
-            Err(StoreError::VersionMismatch { .. }) if expected_version.is_none() && attempts < 5 => {
-                attempts += 1;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    state.registry_changed(&auth.tenant_id);
+    let (action, _) = store::upsert(
+        &state.db,
+        &auth.tenant_id,
+        &decl,
+        Source::Api,
+        UpsertMode::UpdateOnly(expected_version),
+    )
+    .await?;
+    state.changed(Change::Actions(auth.tenant_id.clone())).await;
     Ok((IfMatch::etag(action.version), axum::Json(action.to_json())))
 }
 
@@ -187,7 +184,7 @@ async fn delete_action(
     if !store::delete(&state.db, &auth.tenant_id, &name, expected_version).await? {
         return Err(ApiError::not_found("action"));
     }
-    state.registry_changed(&auth.tenant_id);
+    state.changed(Change::Actions(auth.tenant_id.clone())).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -245,9 +245,16 @@ pub async fn upsert(
     let name = decl.name.as_str();
     let file_hash = (mode == UpsertMode::ApplyFile).then(|| hash.clone());
     let mut tx = db.begin().await?;
+    // Concurrent changes of one action queue here on PostgreSQL (SQLite's write transactions
+    // are serial already), so each applies to the version the one before it left.
     let existing: Option<ActionRow> = tx
         .fetch_optional(
-            "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2",
+            match tx.dialect() {
+                db::Dialect::Postgres => {
+                    "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 FOR UPDATE"
+                }
+                db::Dialect::Sqlite => "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2",
+            },
             args![tenant_id, name],
         )
         .await?;
@@ -276,24 +283,29 @@ pub async fn upsert(
                 updated_at: now,
                 deleted_at: None,
             };
-            tx.execute(
-                "INSERT INTO actions (tenant_id, name, id, version, declaration, content_hash, \
-                 source, file_hash, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                args![
-                    tenant_id,
-                    name,
-                    &row.id,
-                    row.version,
-                    &row.declaration,
-                    &row.content_hash,
-                    &row.source,
-                    row.file_hash.clone(),
-                    now,
-                    now
-                ],
-            )
-            .await?;
+            // ON CONFLICT: a concurrent create of the same name (PostgreSQL) found no row to lock.
+            let inserted = tx
+                .execute(
+                    "INSERT INTO actions (tenant_id, name, id, version, declaration, content_hash, \
+                     source, file_hash, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                    args![
+                        tenant_id,
+                        name,
+                        &row.id,
+                        row.version,
+                        &row.declaration,
+                        &row.content_hash,
+                        &row.source,
+                        row.file_hash.clone(),
+                        now,
+                        now
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict);
+            }
             (row, Upserted::Created)
         }
         (_, Some(old), _) => {
@@ -309,7 +321,7 @@ pub async fn upsert(
                 deleted_at: None,
                 ..old.clone()
             };
-            // On the version read above: a concurrent change (PostgreSQL) makes this a no-op.
+            // On the version read above, in case anything changed it regardless of the lock.
             let changed = tx
                 .execute(
                     "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \

@@ -37,12 +37,12 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Compiles the rule schema.
-    pub fn new() -> Self {
+    /// Compiles the rule schema; compiled rule sets are kept at most `cache_ttl`.
+    pub fn new(cache_ttl: Duration) -> Self {
         let schema: Value = serde_json::from_str(RULE_SCHEMA).expect("the rule schema is valid JSON");
         Self {
             schema: jsonschema::draft202012::new(&schema).expect("the rule schema compiles"),
-            sets: TtlCache::new(Duration::from_secs(1)),
+            sets: TtlCache::new(cache_ttl),
         }
     }
 
@@ -106,14 +106,13 @@ impl Rules {
         }))
     }
 
-    /// Forgets a tenant's compiled rules after a change here.
+    /// Forgets a tenant's compiled rules after a change.
     pub fn changed(&self, tenant_id: &str) {
         self.sets.invalidate(&tenant_id.to_string());
     }
-}
 
-impl Default for Rules {
-    fn default() -> Self {
-        Self::new()
+    /// Forgets every tenant's compiled rules.
+    pub fn forget_all(&self) {
+        self.sets.clear();
     }
 }

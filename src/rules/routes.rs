@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::engine::{CompiledRule, Output};
+use crate::changes::Change;
 use crate::db::{now_ms, rfc3339};
 use crate::delivery::endpoints;
 use crate::delivery::signing::Carries;
@@ -123,7 +124,7 @@ async fn create_rule(
             args![&id, &auth.tenant_id, &rule.name, rule.enabled, &rule.pattern, definition.to_string(), now],
         )
         .await?;
-    state.rules.changed(&auth.tenant_id);
+    state.changed(Change::Rules(auth.tenant_id.clone())).await;
     let row = RuleRow {
         id,
         definition: definition.to_string(),
@@ -204,7 +205,7 @@ async fn replace_rule(
             ],
         )
         .await?;
-    state.rules.changed(&auth.tenant_id);
+    state.changed(Change::Rules(auth.tenant_id.clone())).await;
     let row = RuleRow {
         id,
         definition: definition.to_string(),
@@ -230,7 +231,7 @@ async fn delete_rule(
     if n == 0 {
         return Err(ApiError::not_found("rule"));
     }
-    state.rules.changed(&auth.tenant_id);
+    state.changed(Change::Rules(auth.tenant_id.clone())).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use serde::{Deserialize, Serialize};
 
+use crate::changes::Change;
 use crate::crypto::{self, MasterKey};
 use crate::db::{Database, DbError, Tx, now_ms, rfc3339};
 use crate::http::auth::API_KEY_PREFIX;
@@ -266,6 +267,6 @@ async fn revoke_key(
     )
     .await?;
     tx.commit().await?;
-    state.api_keys.clear();
+    state.changed(Change::ApiKeys).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -185,14 +185,37 @@ async fn actions_change_only_at_the_version_read(backend: Backend) {
     let (status, _) = read(put("\"4\"", "After delete.").send().await.unwrap()).await;
     assert_eq!(status, 404);
 
-    // Concurrent saves: of eight made at version 5 exactly one wins; eight made without
+    // Concurrent saves: of eight creates of a new name, or of a deleted one, one wins and seven
+    // find it exists; of eight saves made at version 5 exactly one wins; eight made without
     // If-Match all land, one version each.
-    assert_eq!(
-        app.call(Method::POST, "/v1/actions", Some(refund_action()))
+    let mut fresh = refund_action();
+    fresh["name"] = json!("made_at_once");
+    let statuses = futures_util::future::join_all((0..8).map(|_| async {
+        let resp = app
+            .as_key(&app.admin_key, Method::POST, "/v1/actions")
+            .json(&fresh)
+            .send()
             .await
-            .0,
-        201
-    );
+            .unwrap();
+        resp.status().as_u16()
+    }))
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, [201, 409, 409, 409, 409, 409, 409, 409], "{statuses:?}");
+    let statuses = futures_util::future::join_all((0..8).map(|_| async {
+        let resp = app
+            .as_key(&app.admin_key, Method::POST, "/v1/actions")
+            .json(&refund_action())
+            .send()
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }))
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, [201, 409, 409, 409, 409, 409, 409, 409], "{statuses:?}");
     let statuses = futures_util::future::join_all((0..8).map(|i| async move {
         put("\"5\"", &format!("Edit {i}."))
             .send()

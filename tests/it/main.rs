@@ -13,5 +13,6 @@ mod foundation;
 mod gateway;
 mod process;
 mod receiver;
+mod replicas;
 mod rules;
 mod samples;

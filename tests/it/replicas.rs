@@ -1,0 +1,174 @@
+//! Several `opsiq serve` processes on one PostgreSQL: a change made through one replica is seen
+//! by the others at once, not when their caches expire.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, http_client, read, wait_until};
+use crate::process;
+use crate::receiver::Receiver;
+
+/// Both replicas keep cached configuration for an hour: only the change feed can refresh it.
+fn long_caches(cmd: &mut tokio::process::Command) {
+    cmd.env("OPSIQ_CACHE_TTL", "1h");
+}
+
+async fn call(base: &str, key: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = http_client()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    read(req.send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_through_one_replica_reach_the_others_at_once() {
+    let Some(backend) = Backend::postgres("changes_made_through_one_replica_reach_the_others_at_once") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    let a = process::serve_with(dir.path(), &url, &["--dev"], long_caches).await;
+    let b = process::serve_with(dir.path(), &url, &["--dev"], long_caches).await;
+    let deadline = Duration::from_secs(30);
+
+    // Endpoints: B caches who subscribes to an event; an endpoint added through A is sent
+    // B's next events.
+    let (status, first) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/first")})),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let send = |n: usize| {
+        let (base, key) = (b.base.clone(), key.clone());
+        async move {
+            let body = json!({"type": "order.placed", "data": {"n": n}});
+            let (status, sent) = call(&base, &key, Method::POST, "/v1/events", Some(body)).await;
+            assert_eq!(status, 202, "{sent}");
+        }
+    };
+    send(0).await;
+    rx.wait_until(deadline, |r| r.iter().any(|r| r.target == "/first"))
+        .await;
+    let (status, second) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/second")})),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    let mut n = 1;
+    wait_until(deadline, || {
+        n += 1;
+        let send = send(n);
+        let rx = &rx;
+        async move {
+            send.await;
+            rx.received().iter().any(|r| r.target == "/second")
+        }
+    })
+    .await;
+
+    // Actions: B caches an action's declaration for its agents' calls; one disabled through A
+    // is refused by B.
+    let declaration = json!({
+        "name": "look_up",
+        "description": "Look something up.",
+        "input_schema": {"type": "object"},
+        "endpoint_id": second["id"],
+        "mode": "async",
+        "annotations": {"read_only": true},
+    });
+    let (status, body) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/actions",
+        Some(declaration.clone()),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let rows = json!({"rows": [{"subject": "role:ops", "object": "*", "act": "invoke", "effect": "allow"}]});
+    assert_eq!(
+        call(&a.base, &key, Method::PUT, "/v1/policies", Some(rows))
+            .await
+            .0,
+        200
+    );
+    let agent = json!({"id": "agt_r", "name": "r", "roles": ["ops"]});
+    assert_eq!(
+        call(&a.base, &key, Method::POST, "/v1/agents", Some(agent))
+            .await
+            .0,
+        201
+    );
+    let (_, minted) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/agents/agt_r/tokens",
+        Some(json!({"scopes": ["invoke:*"]})),
+    )
+    .await;
+    let token = minted["token"].as_str().unwrap().to_string();
+    let invoke = || {
+        let (base, token) = (b.base.clone(), token.clone());
+        async move {
+            call(
+                &base,
+                &token,
+                Method::POST,
+                "/v1/actions/look_up/invoke",
+                Some(json!({"arguments": {}})),
+            )
+            .await
+        }
+    };
+    let (status, body) = invoke().await;
+    assert_eq!(status, 202, "{body}");
+    let mut disabled = declaration.clone();
+    disabled["enabled"] = json!(false);
+    assert_eq!(
+        call(&a.base, &key, Method::PUT, "/v1/actions/look_up", Some(disabled))
+            .await
+            .0,
+        200
+    );
+    wait_until(deadline, || async { invoke().await.0 == 404 }).await;
+
+    // API keys: B caches a key it has seen; one revoked through A stops working on B.
+    let (_, viewer) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/api-keys",
+        Some(json!({"name": "v", "role": "viewer"})),
+    )
+    .await;
+    let viewer_key = viewer["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(&b.base, &viewer_key, Method::GET, "/v1/rules", None).await.0,
+        200
+    );
+    let path = format!("/v1/api-keys/{}", viewer["id"].as_str().unwrap());
+    assert_eq!(call(&a.base, &key, Method::DELETE, &path, None).await.0, 204);
+    wait_until(deadline, || async {
+        call(&b.base, &viewer_key, Method::GET, "/v1/rules", None).await.0 == 401
+    })
+    .await;
+
+    a.kill_9().await;
+    b.kill_9().await;
+}
