@@ -144,6 +144,8 @@ impl AppState {
             let changed = registry::files::apply_to_tenant(&self.db, &tenant_id, &actions).await?;
             if changed > 0 {
                 tracing::info!(tenant_id, changed, "applied action files");
+                // Replicas still running (a rolling start) hold the old declarations.
+                crate::changes::publish(&self.db, &Change::Actions(tenant_id.clone())).await;
             }
         }
         Ok(())
@@ -164,7 +166,9 @@ impl AppState {
     /// Forgets what this process cached about a committed change and tells the other replicas.
     pub async fn changed(&self, change: Change) {
         self.forget(&change);
-        crate::changes::publish(&self.db, &change).await;
+        let db = self.db.clone();
+        // In a task of its own: a client hanging up must not cancel telling the others.
+        let _ = tokio::spawn(async move { crate::changes::publish(&db, &change).await }).await;
     }
 
     /// Forgets what this process cached about a change.

@@ -1,10 +1,12 @@
 //! A small time-bounded cache for per-tenant configuration that the hot path reads on every
-//! request (subscribed endpoints, rules, custom event types). Changes made through this process
-//! invalidate it at once; changes made through another replica are seen within the TTL.
+//! request (actions, rules, custom event types, API keys). Changes made through this process
+//! invalidate it at once, and so do other replicas' changes on PostgreSQL (`changes`); `ttl`
+//! bounds what any missed invalidation can leave behind.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,9 @@ use std::time::{Duration, Instant};
 pub struct TtlCache<K, V> {
     ttl: Duration,
     entries: Mutex<HashMap<K, (Instant, Arc<V>)>>,
+    /// Bumped by every invalidation: a value loaded across one may predate the change, so it
+    /// is used once but not kept.
+    generation: AtomicU64,
 }
 
 impl<K: Eq + Hash + Clone, V> TtlCache<K, V> {
@@ -20,6 +25,7 @@ impl<K: Eq + Hash + Clone, V> TtlCache<K, V> {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -34,8 +40,12 @@ impl<K: Eq + Hash + Clone, V> TtlCache<K, V> {
         {
             return Ok(v.clone());
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let value = Arc::new(load().await?);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) != generation {
+            return Ok(value);
+        }
         if entries.len() > 10_000 {
             entries.clear();
         }
@@ -45,11 +55,45 @@ impl<K: Eq + Hash + Clone, V> TtlCache<K, V> {
 
     /// Drops one entry.
     pub fn invalidate(&self, key: &K) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.remove(key);
     }
 
     /// Drops every entry.
     pub fn clear(&self) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_value_loaded_across_an_invalidation_is_not_kept() {
+        let cache: TtlCache<&str, &str> = TtlCache::new(Duration::from_secs(3600));
+        // The change lands (and invalidates) while the old value is being read.
+        let old = cache
+            .get_or_load(&"k", || async {
+                cache.invalidate(&"k");
+                Ok::<_, ()>("old")
+            })
+            .await
+            .unwrap();
+        assert_eq!(*old, "old", "the caller still gets what it read");
+        let next = cache
+            .get_or_load(&"k", || async { Ok::<_, ()>("new") })
+            .await
+            .unwrap();
+        assert_eq!(*next, "new");
+        // A load with no invalidation meanwhile is kept.
+        let kept = cache
+            .get_or_load(&"k", || async { Ok::<_, ()>("newer") })
+            .await
+            .unwrap();
+        assert_eq!(*kept, "new");
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use opsiq::config::{Config, LogFormat};
 use serde::Serialize;
@@ -225,10 +226,13 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     // The chain's key comes from the master key; without it nothing could be checked.
     let (keys, _) =
         opsiq::crypto::MasterKey::load(config.master_key.as_deref(), &config.master_key_file, false)?;
-    let db = opsiq::db::Database::connect(&config.database_url).await?;
+    // As it is: checking must not migrate (or otherwise change) what it checks.
+    let db = opsiq::db::Database::connect_existing(&config.database_url).await?;
     let report = opsiq::audit::verify(&db, keys.audit_chain_key()).await;
     db.close().await;
-    let report = report?;
+    let report = report.context(
+        "cannot read the audit log; is this an OpsIQ database that `opsiq serve` or `opsiq init` has brought up to date?",
+    )?;
     match report.broken {
         None => {
             println!(

@@ -66,8 +66,10 @@ struct TokenRow {
 }
 
 impl TokenRow {
-    fn to_json(&self, now: i64) -> Value {
-        let status = match self.revoked_at {
+    /// The token as listed; revoking its agent revoked it too (`agent_revoked_at`).
+    fn to_json(&self, now: i64, agent_revoked_at: Option<i64>) -> Value {
+        let revoked_at = self.revoked_at.or(agent_revoked_at);
+        let status = match revoked_at {
             Some(_) => "revoked",
             None if self.expires_at <= now => "expired",
             None => "active",
@@ -78,7 +80,7 @@ impl TokenRow {
             "status": status,
             "created_at": rfc3339(self.created_at),
             "expires_at": rfc3339(self.expires_at),
-            "revoked_at": self.revoked_at.map(rfc3339),
+            "revoked_at": revoked_at.map(rfc3339),
         })
     }
 }
@@ -292,7 +294,7 @@ async fn list_tokens(
     Path(id): Path<String>,
     Query(page): Query<PageQuery>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
-    load_agent(&state, &auth.tenant_id, &id).await?;
+    let agent = load_agent(&state, &auth.tenant_id, &id).await?;
     let limit = page.limit();
     let rows: Vec<TokenRow> = state
         .db
@@ -311,7 +313,7 @@ async fn list_tokens(
         .await?;
     let now = now_ms();
     Ok(axum::Json(
-        Page::from_rows(rows, limit, |r| r.jti.clone()).map(|r| r.to_json(now)),
+        Page::from_rows(rows, limit, |r| r.jti.clone()).map(|r| r.to_json(now, agent.revoked_at)),
     ))
 }
 

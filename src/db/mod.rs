@@ -395,9 +395,19 @@ pub enum Dialect {
 impl Database {
     /// Connects (creating a SQLite file if missing) and applies the migrations.
     pub async fn connect(url: &str) -> Result<Self, DbError> {
+        Self::open(url, true).await
+    }
+
+    /// Connects to a database as it is, for tools that inspect it (`opsiq audit verify`): a
+    /// SQLite file must exist, and no migration is applied.
+    pub async fn connect_existing(url: &str) -> Result<Self, DbError> {
+        Self::open(url, false).await
+    }
+
+    async fn open(url: &str, prepare: bool) -> Result<Self, DbError> {
         let db = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
+                .create_if_missing(prepare)
                 .journal_mode(SqliteJournalMode::Wal)
                 // With WAL, NORMAL keeps every committed transaction across a process crash;
                 // only an OS crash or power loss can drop the last commits.
@@ -416,9 +426,11 @@ impl Database {
                 .pragma("wal_autocheckpoint", "0")
                 .thread_name(|_| "sqlite-writer".into());
             let mut conn = writer_options.connect().await?;
-            sqlx::migrate!("migrations/sqlite")
-                .run_direct(None, &mut conn, false)
-                .await?;
+            if prepare {
+                sqlx::migrate!("migrations/sqlite")
+                    .run_direct(None, &mut conn, false)
+                    .await?;
+            }
             let write = SqliteWriter::new(conn);
             write.spawn_checkpointer(options.clone().thread_name(|_| "sqlite-checkpt".into()));
             let read = SqliteReaders::new(options.thread_name(|_| "sqlite-reader".into()), 4);
@@ -445,8 +457,10 @@ impl Database {
                 })
                 .connect_with(options)
                 .await?;
-            // Two replicas starting at once must not both apply the same migration.
-            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            if prepare {
+                // Two replicas starting at once must not both apply the same migration.
+                sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            }
             Self {
                 read: Readers::Postgres(pool.clone()),
                 write: Writer::Postgres(pool),

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,9 @@ struct LiveEndpoint {
     secrets: Vec<String>,
     limits: Arc<Limits>,
     fetched: Instant,
+    /// Set when the endpoint changed: read it again, but keep its limits (and their in-flight
+    /// count) unless they changed too.
+    stale: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -114,6 +118,8 @@ struct Inner {
     poke: Notify,
     endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
     subscribers: Mutex<HashMap<String, CachedSubscribers>>,
+    /// Bumped by every endpoint change: what was read across one is used once, not kept fresh.
+    endpoint_changes: AtomicU64,
     waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<Settled>>>>,
     in_flight: Arc<Semaphore>,
     /// Set on shutdown: no new attempts, no new leases.
@@ -157,6 +163,7 @@ impl Engine {
             poke: Notify::new(),
             endpoints: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            endpoint_changes: AtomicU64::new(0),
             waiters: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
             drain: watch::channel(false).0,
@@ -268,30 +275,24 @@ impl Engine {
 
     /// Forgets every cached endpoint and subscriber list.
     pub fn forget_endpoints(&self) {
-        self.inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.forget_endpoints_where(|_| true);
     }
 
     /// Forgets a cached endpoint (and the cached subscriber lists) after it changed.
     pub fn forget_endpoint(&self, endpoint_id: &str) {
-        self.inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(endpoint_id);
-        self.inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.forget_endpoints_where(|id| id == endpoint_id);
+    }
+
+    fn forget_endpoints_where(&self, changed: impl Fn(&str) -> bool) {
+        let endpoints = self.inner.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subscribers = self.inner.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.endpoint_changes.fetch_add(1, Ordering::AcqRel);
+        for (id, live) in endpoints.iter() {
+            if changed(id) {
+                live.stale.store(true, Ordering::Release);
+            }
+        }
+        subscribers.clear();
     }
 
     /// The enabled endpoints of a tenant, for event fan-out; cached as long as endpoints (until a
@@ -307,12 +308,12 @@ impl Engine {
         {
             return Ok(list.clone());
         }
+        let changes = self.inner.endpoint_changes.load(Ordering::Acquire);
         let list = Arc::new(super::endpoints::enabled_for_tenant(&self.inner.db, tenant_id).await?);
-        self.inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant_id.to_string(), (Instant::now(), list.clone()));
+        let mut subscribers = self.inner.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.endpoint_changes.load(Ordering::Acquire) == changes {
+            subscribers.insert(tenant_id.to_string(), (Instant::now(), list.clone()));
+        }
         Ok(list)
     }
 
@@ -332,15 +333,21 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(endpoint_id)
+            && !ep.stale.load(Ordering::Acquire)
             && ep.fetched.elapsed() < self.inner.config.cache_ttl
         {
             return Ok(Some(ep.clone()));
         }
+        let changes = self.inner.endpoint_changes.load(Ordering::Acquire);
         let row = super::endpoints::get(&self.inner.db, tenant_id, endpoint_id)
             .await
             .map_err(|e| e.to_string())?;
         let Some(row) = row else {
-            self.forget_endpoint(endpoint_id);
+            self.inner
+                .endpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(endpoint_id);
             return Ok(None);
         };
         let secrets = row
@@ -366,6 +373,7 @@ impl Engine {
             secrets,
             limits,
             fetched: Instant::now(),
+            stale: AtomicBool::new(self.inner.endpoint_changes.load(Ordering::Acquire) != changes),
         });
         cache.insert(endpoint_id.to_string(), live.clone());
         Ok(Some(live))

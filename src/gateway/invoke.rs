@@ -154,12 +154,16 @@ pub async fn invoke(
     }
 
     let mut approval_reason = always_approve(action);
-    let guards = state.gateway.validators.guards(
-        &tenant_id,
-        &req.action,
-        action.version,
-        &action.declaration.guards,
-    );
+    let guards = state
+        .gateway
+        .validators
+        .guards(
+            &tenant_id,
+            &req.action,
+            action.version,
+            &action.declaration.guards,
+        )
+        .map_err(ApiError::internal)?;
     let agent_id = caller
         .agent_id()
         .map(str::to_string)
@@ -627,7 +631,20 @@ pub async fn invoke_for_rule(
     }
     let action = action.expect("checked above");
     // Guards hold for a rule's calls as for an agent's; the caller is the rule, with no roles.
-    let guards = validators.guards(tenant_id, action_name, action.version, &action.declaration.guards);
+    let guards = match validators.guards(tenant_id, action_name, action.version, &action.declaration.guards) {
+        Ok(guards) => guards,
+        Err(e) => {
+            tracing::error!(error = %e, "refusing a rule's call");
+            return call
+                .refuse(
+                    tx,
+                    Some(&action),
+                    "failed",
+                    failure("internal_error", e, Vec::new()),
+                )
+                .await;
+        }
+    };
     let mut approval_reason = always_approve(&action);
     match crate::registry::guards::decide(
         guards.as_deref().unwrap_or_default(),

@@ -227,16 +227,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
         if text == "*" {
             return Ok(IfMatch(None));
         }
-        text.strip_prefix("W/")
-            .unwrap_or(text)
-            .strip_prefix('"')
+        // A weak tag (W/"3") never matches under If-Match's strong comparison; it is refused
+        // like any other ETag this server did not give.
+        text.strip_prefix('"')
             .and_then(|t| t.strip_suffix('"'))
             .and_then(|t| t.parse::<i64>().ok())
             .map(|v| IfMatch(Some(v)))
             .ok_or_else(|| {
                 ApiError::bad_request(
                     "invalid_if_match",
-                    "If-Match must be one ETag as a read answered it, such as \"3\"",
+                    "If-Match must be one ETag as a read answered it, such as \"3\" (not a weak W/ tag)",
                 )
             })
     }

@@ -163,6 +163,16 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// `select` locking the rows it reads until the transaction ends: concurrent changes of one
+/// action queue on PostgreSQL, so each applies to the version the one before it left (SQLite's
+/// write transactions run one at a time already).
+fn locking(tx: &crate::db::Tx, select: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(match tx.dialect() {
+        db::Dialect::Postgres => format!("{select} FOR UPDATE"),
+        db::Dialect::Sqlite => select.to_string(),
+    })
+}
+
 /// The current version of an action, unless deleted.
 pub async fn get(db: &Database, tenant_id: &str, name: &str) -> Result<Option<Action>, DbError> {
     let row: Option<ActionRow> = db
@@ -245,16 +255,9 @@ pub async fn upsert(
     let name = decl.name.as_str();
     let file_hash = (mode == UpsertMode::ApplyFile).then(|| hash.clone());
     let mut tx = db.begin().await?;
-    // Concurrent changes of one action queue here on PostgreSQL (SQLite's write transactions
-    // are serial already), so each applies to the version the one before it left.
     let existing: Option<ActionRow> = tx
         .fetch_optional(
-            match tx.dialect() {
-                db::Dialect::Postgres => {
-                    "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2 FOR UPDATE"
-                }
-                db::Dialect::Sqlite => "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2",
-            },
+            locking(&tx, "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2"),
             args![tenant_id, name],
         )
         .await?;
@@ -321,7 +324,8 @@ pub async fn upsert(
                 deleted_at: None,
                 ..old.clone()
             };
-            // On the version read above, in case anything changed it regardless of the lock.
+            // On the version read (and locked) above: a change that got past the lock anyway is
+            // reported rather than overwritten.
             let changed = tx
                 .execute(
                     "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
@@ -393,7 +397,10 @@ pub async fn delete(
     if let Some(expected) = expected_version {
         let current: Option<(i64,)> = tx
             .fetch_optional(
-                "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
+                locking(
+                    &tx,
+                    "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
+                ),
                 args![tenant_id, name],
             )
             .await?;

@@ -96,27 +96,33 @@ impl Validators {
 
     /// The compiled guards of an action version (`None` when it declares none), compiling them
     /// on first use. Guards were checked against their schema when declared; a stored set that
-    /// no longer compiles counts as none, as it did before this cache.
+    /// no longer compiles is an error, so a call is refused rather than let past its guards.
     pub fn guards(
         &self,
         tenant_id: &str,
         action: &str,
         version: i64,
         declared: &[Value],
-    ) -> Option<Arc<[Guard]>> {
+    ) -> Result<Option<Arc<[Guard]>>, String> {
         if declared.is_empty() {
-            return None;
+            return Ok(None);
         }
         let key = (tenant_id.to_string(), action.to_string(), version);
         if let Some(g) = self.guards.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Some(g.clone());
+            return Ok(Some(g.clone()));
         }
-        let compiled: Arc<[Guard]> = Arc::from(guards::compile(declared).unwrap_or_default());
+        let compiled: Arc<[Guard]> = Arc::from(guards::compile(declared).map_err(|problems| {
+            let first = problems.first().map(|p| format!("{}: {}", p.path, p.message));
+            format!(
+                "the stored guards of {action} version {version} do not compile ({})",
+                first.unwrap_or_default()
+            )
+        })?);
         let mut map = self.guards.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 50_000 {
             map.clear();
         }
         map.insert(key, compiled.clone());
-        Some(compiled)
+        Ok(Some(compiled))
     }
 }

@@ -10,8 +10,48 @@ use crate::process;
 
 dual!(
     admin_changes_are_chained_and_tampering_is_found,
-    concurrent_changes_extend_one_unbroken_chain
+    concurrent_changes_extend_one_unbroken_chain,
+    verifying_a_database_changes_nothing_in_it
 );
+
+/// A database without OpsIQ's tables is reported, not migrated: checking changes nothing.
+async fn verifying_a_database_changes_nothing_in_it(backend: Backend) {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let tables = "SELECT count(*) FROM sqlite_master WHERE type = 'table'";
+    let count_tables = |url: String| async move {
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc"))
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, i64>(tables)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        } else {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+        }
+    };
+    // An empty database (for SQLite, an empty file that exists).
+    assert_eq!(count_tables(url.clone()).await, 0);
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["audit", "verify", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot read the audit log"), "{stderr}");
+    assert_eq!(count_tables(url).await, 0, "verify created tables");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifying_a_missing_database_creates_none() {

@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, fast_delivery, send_event};
+use crate::dual;
 use crate::gateway::{World, world};
 use crate::harness::{Backend, TestApp, error_code, read, repo_path, skip_or_fail};
 use crate::receiver::Receiver;
@@ -241,8 +242,10 @@ async fn the_rule_builders_model_agrees_with_the_server() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
+// The console talks to the same API on either database; the browser run covers both.
+dual!(a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser);
+
+async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser(backend: Backend) {
     let chromium = std::env::var("OPSIQ_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !std::path::Path::new(&chromium).exists() {
         skip_or_fail(
@@ -258,7 +261,7 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser() {
         );
         return;
     }
-    let app = TestApp::on(Backend::Sqlite).with(fast_delivery).start().await;
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
     let rx = Receiver::start().await;
     let (endpoint_id, _) = endpoint(&app, &rx.url("/escalations"), json!({"event_types": ["none.*"]})).await;
     let (payments, _) = endpoint(&app, &rx.url("/payments"), json!({"event_types": ["none.*"]})).await;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, fast_delivery};
 use crate::dual;
-use crate::harness::{Backend, TestApp, error_code, read};
+use crate::harness::{Backend, TestApp, error_code, read, wait_until};
 use crate::receiver::Receiver;
 
 /// An app with loopback delivery, the shipped example actions bound to `rx`, and the shipped policy.
@@ -496,7 +496,7 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
         &jsonwebtoken::EncodingKey::from_secret(b"not the tenant key"),
     )
     .unwrap();
-    let (other_tenant, _) = w.app.new_tenant("globex").await;
+    let (other_tenant, other_key) = w.app.new_tenant("globex").await;
     let cases = [
         ("alg none", alg_none),
         (
@@ -597,8 +597,23 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
         .call(Method::GET, "/v1/agents/agt_nobody/tokens", None)
         .await;
     assert_eq!(status, 404);
+    let (status, _) = w
+        .app
+        .call_as(&other_key, Method::GET, "/v1/agents/agt_f/tokens", None)
+        .await;
+    assert_eq!(status, 404, "another tenant's agent is not there");
     assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
     assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 401);
+    // Revoking the agent revoked every token it held, and the list says so.
+    let (_, page) = w.app.call(Method::GET, "/v1/agents/agt_f/tokens", None).await;
+    let tokens = page["data"].as_array().unwrap();
+    assert!(!tokens.is_empty());
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t["status"] == "revoked" && t["revoked_at"].is_string()),
+        "{page}"
+    );
 }
 
 async fn endpoint_client_errors_become_tool_errors(backend: Backend) {
@@ -1162,6 +1177,42 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         body["error"]["details"].to_string().contains("/guards/0/then"),
         "{body}"
     );
+
+    // Guards stored before they were checked, that no longer compile (a broken regex), refuse
+    // the call: a guard that cannot be evaluated must not let it through.
+    let db = opsiq::db::Database::connect(&w.app.database_url).await.unwrap();
+    let (declaration,): (String,) = db
+        .fetch_optional(
+            "SELECT declaration FROM actions WHERE tenant_id = $1 AND name = 'refund_invoice'",
+            opsiq::args![&w.app.tenant_id],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let mut declaration: Value = serde_json::from_str(&declaration).unwrap();
+    declaration["guards"] =
+        json!([{"if": {"field": "arguments.reason", "op": "matches", "value": "("}, "then": "deny"}]);
+    let edited = db
+        .execute(
+            // A version of its own: a stored version's guards are compiled once and kept.
+            "UPDATE actions SET declaration = $1, version = version + 1 \
+             WHERE tenant_id = $2 AND name = 'refund_invoice'",
+            opsiq::args![declaration.to_string(), &w.app.tenant_id],
+        )
+        .await
+        .unwrap();
+    db.close().await;
+    assert_eq!(edited, 1);
+    let mut n = 0;
+    wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let (app, senior, key) = (&w.app, senior.clone(), format!("g-broken-{n}"));
+        async move {
+            let (status, body) = invoke(app, &senior, "refund_invoice", refund_args(), Some(&key)).await;
+            status == 500 && error_code(&body) == "internal_error"
+        }
+    })
+    .await;
 }
 
 dual!(invocations_raise_action_events_and_can_be_previewed);

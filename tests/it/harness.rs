@@ -61,6 +61,11 @@ impl Backend {
                 let icu =
                     format!("CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en'");
                 if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(icu)).execute(&mut conn).await {
+                    // CI runs where ICU exists; elsewhere the default collation is still a test.
+                    assert!(
+                        std::env::var("OPSIQ_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                        "cannot create an ICU test database: {e}"
+                    );
                     eprintln!(
                         "this PostgreSQL cannot create an ICU database ({e}); using its default collation"
                     );

@@ -81,6 +81,21 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
     })
     .await;
 
+    // Event types: B caches a tenant's custom types; one declared through A (with a schema
+    // `order.placed` events must now meet) is checked by B.
+    let declared = json!({"name": "order.placed", "description": "An order was placed",
+        "schema": {"type": "object", "required": ["order_id"]}});
+    let (status, body) = call(&a.base, &key, Method::POST, "/v1/event-types", Some(declared)).await;
+    assert_eq!(status, 201, "{body}");
+    wait_until(deadline, || async {
+        let body = json!({"type": "order.placed", "data": {"n": 0}});
+        call(&b.base, &key, Method::POST, "/v1/events", Some(body))
+            .await
+            .0
+            == 422
+    })
+    .await;
+
     // Actions: B caches an action's declaration for its agents' calls; one disabled through A
     // is refused by B.
     let declaration = json!({
