@@ -202,15 +202,30 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
-/// `If-Match: "<version>"`: change the object only if it is still at the version a read
-/// returned as its `ETag`. Absent or `*` is `None` (no condition).
-#[derive(Debug, Clone, Copy)]
-pub struct IfMatch(pub Option<i64>);
+/// `If-Match: "<tag>"`: change the object only if it is still as it was when a read returned
+/// that `ETag` (an action's version, a hash of a tenant's policy rows). Absent or `*` is `None`
+/// (no condition).
+#[derive(Debug, Clone)]
+pub struct IfMatch(pub Option<String>);
+
+const INVALID_IF_MATCH: &str =
+    "If-Match must be one ETag as a read answered it, such as \"3\" (not a weak W/ tag)";
 
 impl IfMatch {
-    /// The `ETag` of an object at `version`.
-    pub fn etag(version: i64) -> [(header::HeaderName, String); 1] {
-        [(header::ETAG, format!("\"{version}\""))]
+    /// The `ETag` header of an object whose tag is `tag`.
+    pub fn etag(tag: impl std::fmt::Display) -> [(header::HeaderName, String); 1] {
+        [(header::ETAG, format!("\"{tag}\""))]
+    }
+
+    /// The tag as a version number, for objects whose tags are versions.
+    pub fn version(&self) -> Result<Option<i64>, ApiError> {
+        self.0
+            .as_deref()
+            .map(|tag| {
+                tag.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request("invalid_if_match", INVALID_IF_MATCH))
+            })
+            .transpose()
     }
 }
 
@@ -231,14 +246,11 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
         // like any other ETag this server did not give.
         text.strip_prefix('"')
             .and_then(|t| t.strip_suffix('"'))
-            .and_then(|t| t.parse::<i64>().ok())
-            .map(|v| IfMatch(Some(v)))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_if_match",
-                    "If-Match must be one ETag as a read answered it, such as \"3\" (not a weak W/ tag)",
-                )
+            .filter(|t| {
+                (1..=128).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             })
+            .map(|t| IfMatch(Some(t.to_string())))
+            .ok_or_else(|| ApiError::bad_request("invalid_if_match", INVALID_IF_MATCH))
     }
 }
 

@@ -101,6 +101,9 @@ pub enum PolicyError {
         /// What went wrong.
         message: String,
     },
+    /// A conditional replace (`If-Match`) of rows that changed since they were read.
+    #[error("the policy rows changed since they were read")]
+    Changed,
     /// Storage failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -363,9 +366,39 @@ fn explain_denial(
     })
 }
 
-/// Replaces a tenant's API-managed rows and bumps the policy version (in one transaction).
-pub async fn replace_rows(db: &Database, tenant_id: &str, rows: &[PolicyRow]) -> Result<(), PolicyError> {
+/// The `ETag` of a tenant's API-managed rows: a hash of them in order.
+pub fn rows_tag(rows: &[PolicyRow]) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(rows).unwrap_or_default();
+    hex::encode(&Sha256::digest(text.as_bytes())[..16])
+}
+
+/// Replaces a tenant's API-managed rows and bumps the policy version, in one transaction; given
+/// a tag (`If-Match`), only if the rows are still those it was taken of. Answers the new tag.
+pub async fn replace_rows(
+    db: &Database,
+    tenant_id: &str,
+    rows: &[PolicyRow],
+    expected_tag: Option<&str>,
+) -> Result<String, PolicyError> {
     let mut tx = db.begin().await?;
+    // One replace at a time per tenant: on PostgreSQL two interleaved ones would otherwise each
+    // delete only the rows they saw and leave both sets behind.
+    if tx.dialect() == db::Dialect::Postgres {
+        tx.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", args![tenant_id])
+            .await?;
+    }
+    if let Some(expected) = expected_tag {
+        let current: Vec<(String, String, String, String)> = tx
+            .fetch_all(
+                "SELECT subject, object, act, effect FROM policy_rows WHERE tenant_id = $1 ORDER BY position",
+                args![tenant_id],
+            )
+            .await?;
+        if rows_tag(&current.into_iter().map(PolicyRow::from).collect::<Vec<_>>()) != expected {
+            return Err(PolicyError::Changed);
+        }
+    }
     tx.execute("DELETE FROM policy_rows WHERE tenant_id = $1", args![tenant_id])
         .await?;
     for (i, r) in rows.iter().enumerate() {
@@ -377,7 +410,18 @@ pub async fn replace_rows(db: &Database, tenant_id: &str, rows: &[PolicyRow]) ->
     }
     db::bump_counter(&mut tx, "policy").await?;
     tx.commit().await?;
-    Ok(())
+    Ok(rows_tag(rows))
+}
+
+impl From<(String, String, String, String)> for PolicyRow {
+    fn from((subject, object, act, effect): (String, String, String, String)) -> Self {
+        PolicyRow {
+            subject,
+            object,
+            act,
+            effect,
+        }
+    }
 }
 
 /// A tenant's API-managed rows.
@@ -388,15 +432,7 @@ pub async fn tenant_rows(db: &Database, tenant_id: &str) -> Result<Vec<PolicyRow
             args![tenant_id],
         )
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(subject, object, act, effect)| PolicyRow {
-            subject,
-            object,
-            act,
-            effect,
-        })
-        .collect())
+    Ok(rows.into_iter().map(PolicyRow::from).collect())
 }
 
 #[cfg(test)]

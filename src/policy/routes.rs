@@ -2,13 +2,14 @@
 
 use axum::Router;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{PolicyError, PolicyRow, replace_rows, tenant_rows};
+use super::{PolicyError, PolicyRow, replace_rows, rows_tag, tenant_rows};
 use crate::AppState;
-use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Permission};
+use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, Permission};
 
 /// The policy routes.
 pub fn routes() -> Router<AppState> {
@@ -20,6 +21,11 @@ impl From<PolicyError> for ApiError {
         match e {
             // Storage errors keep their own mapping, so a transient one stays a retryable 503.
             PolicyError::Db(e) => e.into(),
+            PolicyError::Changed => ApiError::new(
+                axum::http::StatusCode::PRECONDITION_FAILED,
+                "version_mismatch",
+                "the policy rows were changed meanwhile; read them again and apply your change to them",
+            ),
             other => ApiError::internal(other),
         }
     }
@@ -31,18 +37,20 @@ struct PolicyBody {
     rows: Vec<PolicyRow>,
 }
 
-async fn get_policies(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<axum::Json<Value>> {
+async fn get_policies(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<impl IntoResponse> {
     let rows = tenant_rows(&state.db, &auth.tenant_id).await?;
-    Ok(axum::Json(
-        json!({"rows": rows, "file_rows": state.policy.file_rows()}),
+    Ok((
+        IfMatch::etag(rows_tag(&rows)),
+        axum::Json(json!({"rows": rows, "file_rows": state.policy.file_rows()})),
     ))
 }
 
 async fn put_policies(
     State(state): State<AppState>,
     auth: AdminAuth,
+    IfMatch(expected_tag): IfMatch,
     Json(body): Json<PolicyBody>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     if body.rows.len() > 10_000 {
         return Err(ApiError::invalid_field("/rows", "at most 10000 rows"));
@@ -63,9 +71,10 @@ async fn put_policies(
     }
     // Cached token states carry the policy version.
     let (db, tenant_id, rows) = (state.db.clone(), auth.tenant_id.clone(), body.rows.clone());
-    let replace = async move { replace_rows(&db, &tenant_id, &rows).await };
-    state.gateway.change_token_state(replace).await??;
-    Ok(axum::Json(
-        json!({"rows": body.rows, "file_rows": state.policy.file_rows()}),
+    let replace = async move { replace_rows(&db, &tenant_id, &rows, expected_tag.as_deref()).await };
+    let tag = state.gateway.change_token_state(replace).await??;
+    Ok((
+        IfMatch::etag(tag),
+        axum::Json(json!({"rows": body.rows, "file_rows": state.policy.file_rows()})),
     ))
 }

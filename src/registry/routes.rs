@@ -102,7 +102,7 @@ async fn replace_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(name): Path<String>,
-    IfMatch(expected_version): IfMatch,
+    if_match: IfMatch,
     Json(mut body): Json<Value>,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
@@ -143,7 +143,7 @@ async fn replace_action(
         &auth.tenant_id,
         &decl,
         Source::Api,
-        UpsertMode::UpdateOnly(expected_version),
+        UpsertMode::UpdateOnly(if_match.version()?),
     )
     .await?;
     state.changed(Change::Actions(auth.tenant_id.clone())).await;
@@ -178,9 +178,10 @@ async fn delete_action(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(name): Path<String>,
-    IfMatch(expected_version): IfMatch,
+    if_match: IfMatch,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
+    let expected_version = if_match.version()?;
     if !store::delete(&state.db, &auth.tenant_id, &name, expected_version).await? {
         return Err(ApiError::not_found("action"));
     }

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dual;
-use crate::harness::{Backend, TestApp, error_code, read};
+use crate::harness::{Backend, TestApp, at_once, error_code, read};
 
 fn refund_action() -> Value {
     json!({
@@ -114,14 +114,6 @@ async fn registry_create_read_update_delete(backend: Backend) {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted, seen);
-}
-
-/// Sends the requests at once; their statuses, sorted.
-async fn at_once(requests: impl Iterator<Item = reqwest::RequestBuilder>) -> Vec<u16> {
-    let sent = requests.map(|r| async { r.send().await.unwrap().status().as_u16() });
-    let mut statuses = futures_util::future::join_all(sent).await;
-    statuses.sort();
-    statuses
 }
 
 /// `If-Match` with the `ETag` a read gave: a change made meanwhile is a 412, not overwritten.

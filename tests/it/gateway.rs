@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, fast_delivery};
 use crate::dual;
-use crate::harness::{Backend, TestApp, error_code, read, wait_until};
+use crate::harness::{Backend, TestApp, at_once, error_code, read, wait_until};
 use crate::receiver::Receiver;
 
 /// An app with loopback delivery, the shipped example actions bound to `rx`, and the shipped policy.
@@ -1213,6 +1213,70 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         }
     })
     .await;
+}
+
+dual!(policy_saves_never_mix_or_overwrite_unseen_changes);
+
+async fn policy_saves_never_mix_or_overwrite_unseen_changes(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let rows_for = |role: &str| {
+        json!({"rows": [{"subject": format!("role:{role}"), "object": "*", "effect": "allow"},
+                        {"subject": format!("role:{role}"), "object": "wire_*", "effect": "deny"}]})
+    };
+    let put = |body: Value, if_match: Option<&str>| {
+        let req = app
+            .as_key(&app.admin_key, Method::PUT, "/v1/policies")
+            .json(&body);
+        match if_match {
+            Some(tag) => req.header("if-match", tag),
+            None => req,
+        }
+    };
+    let read_policy = || async {
+        let resp = app
+            .as_key(&app.admin_key, Method::GET, "/v1/policies")
+            .send()
+            .await
+            .unwrap();
+        let tag = resp.headers()["etag"].to_str().unwrap().to_string();
+        (tag, read(resp).await.1)
+    };
+
+    // Eight saves at once: one of them stands, whole; rows of two are never mixed.
+    let roles: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+    assert_eq!(
+        at_once(roles.iter().map(|r| put(rows_for(r), None))).await,
+        vec![200; 8]
+    );
+    let (tag, policy) = read_policy().await;
+    let subjects: Vec<&str> = policy["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects.len(), 2, "{policy}");
+    assert_eq!(subjects[0], subjects[1], "{policy}");
+
+    // With the ETag a read gave: the first save applies, a second one made from the same read
+    // is refused and changes nothing, and of eight made from one read exactly one applies.
+    let resp = put(rows_for("first"), Some(&tag)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let new_tag = resp.headers()["etag"].to_str().unwrap().to_string();
+    assert_ne!(new_tag, tag);
+    let (status, body) = read(put(rows_for("second"), Some(&tag)).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{body}");
+    let (current, policy) = read_policy().await;
+    assert_eq!(current, new_tag);
+    assert_eq!(policy["rows"][0]["subject"], "role:first");
+    let mut expected = vec![412; 8];
+    expected[0] = 200;
+    assert_eq!(
+        at_once(roles.iter().map(|r| put(rows_for(r), Some(&current)))).await,
+        expected
+    );
+    let (status, body) = read(put(rows_for("weak"), Some("W/\"abc\"")).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_if_match"), "{body}");
 }
 
 dual!(invocations_raise_action_events_and_can_be_previewed);

@@ -318,6 +318,14 @@ pub async fn read(resp: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// Sends the requests at once; their statuses, sorted.
+pub async fn at_once(requests: impl Iterator<Item = reqwest::RequestBuilder>) -> Vec<u16> {
+    let sent = requests.map(|r| async { r.send().await.expect("request sent").status().as_u16() });
+    let mut statuses = futures_util::future::join_all(sent).await;
+    statuses.sort();
+    statuses
+}
+
 /// Polls `check` every 20 ms until it holds; panics after `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, mut check: F)
 where

@@ -40,6 +40,9 @@ class ApiFailure extends Error {
 /** Marks an API answer that held whole numbers a browser cannot keep exactly (beyond 2^53). */
 const LOSSY = Symbol("lossy");
 
+/** The `ETag` an API answer came with, if any: sent back as If-Match, a save never overwrites unseen changes. */
+const ETAG = Symbol("etag");
+
 /**
  * Parses JSON and says whether it held whole numbers beyond 2^53, which JavaScript rounds (read
  * from the source text where the browser offers it to revivers).
@@ -66,6 +69,8 @@ async function api(method, path, body, headers = {}) {
     const parsed = parseExact(await res.text());
     data = parsed.value;
     if (parsed.lossy && data && typeof data === "object") Object.defineProperty(data, LOSSY, { value: true });
+    const etag = res.headers.get("etag");
+    if (etag && data && typeof data === "object") Object.defineProperty(data, ETAG, { value: etag });
   } catch {
     data = undefined;
   }
@@ -83,7 +88,7 @@ const enc = encodeURIComponent;
 
 /** Change only the version this page shows: someone else's save meanwhile is a 412, not lost. */
 function ifMatch(stored) {
-  return { "if-match": `"${stored.version}"` };
+  return { "if-match": stored[ETAG] ?? `"${stored.version}"` };
 }
 
 let lastId = 0;
@@ -1526,7 +1531,8 @@ async function showPolicies() {
           onclick: async () => {
             if (rows.length === 0 && !confirm("Save no rows? Every grant made here is removed (rows from policies/ files stay).")) return;
             try {
-              await api("PUT", `/v1/policies`, { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) });
+              const changed = { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) };
+              await api("PUT", `/v1/policies`, changed, policy[ETAG] ? { "if-match": policy[ETAG] } : {});
               await route();
               notice(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
             } catch (err) {
