@@ -655,6 +655,16 @@ pub async fn insert_rows(
     Ok(())
 }
 
+/// `select` locking the rows it reads until the transaction ends: concurrent read-modify-writes
+/// of one row queue on PostgreSQL, so each applies to what the one before it left (SQLite's
+/// write transactions run one at a time already).
+pub fn locking(tx: &Tx, select: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(match tx.dialect() {
+        Dialect::Postgres => format!("{select} FOR UPDATE"),
+        Dialect::Sqlite => select.to_string(),
+    })
+}
+
 /// Bumps a named change counter (read by caches and MCP sessions to notice changes).
 pub async fn bump_counter(tx: &mut Tx, name: &str) -> Result<(), sqlx::Error> {
     tx.execute(

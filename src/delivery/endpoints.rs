@@ -298,7 +298,10 @@ pub async fn update(
     id: &str,
     input: EndpointInput,
 ) -> Result<Option<EndpointRow>, DbError> {
-    let Some(mut row) = get(db, tenant_id, id).await? else {
+    // Read and write in one transaction on a locked row: two updates of different fields (or an
+    // update beside the engine disabling the endpoint) must not undo each other.
+    let mut tx = db.begin().await?;
+    let Some(mut row) = locked(&mut tx, tenant_id, id).await? else {
         return Ok(None);
     };
     if let Some(url) = input.url {
@@ -327,7 +330,7 @@ pub async fn update(
         row.signature_scheme = s.as_str().into();
     }
     row.updated_at = now_ms();
-    db.execute(
+    tx.execute(
         "UPDATE endpoints SET url = $1, description = $2, event_types = $3, enabled = $4, \
          rate_limit_per_s = $5, max_in_flight = $6, signature_scheme = $7, disabled_reason = $8, \
          failing_since = $9, updated_at = $10 WHERE tenant_id = $11 AND id = $12 AND deleted_at IS NULL",
@@ -347,7 +350,17 @@ pub async fn update(
         ],
     )
     .await?;
+    tx.commit().await?;
     Ok(Some(row))
+}
+
+/// An endpoint read for a change, locked until the transaction ends.
+async fn locked(tx: &mut crate::db::Tx, tenant_id: &str, id: &str) -> Result<Option<EndpointRow>, DbError> {
+    let select = crate::db::locking(
+        tx,
+        "SELECT * FROM endpoints WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
+    );
+    Ok(tx.fetch_optional(select, args![tenant_id, id]).await?)
 }
 
 /// Soft-deletes an endpoint; answers whether it existed.
@@ -373,17 +386,21 @@ pub async fn rotate_secret(
     new_secret: Option<String>,
     overlap_ms: i64,
 ) -> Result<Option<(String, i64)>, DbError> {
-    let Some(row) = get(db, tenant_id, id).await? else {
+    // Locked: of two rotations at once, the second keeps the first's new secret as its previous
+    // one (rather than the secret both read), so no secret handed out stops verifying at once.
+    let mut tx = db.begin().await?;
+    let Some(row) = locked(&mut tx, tenant_id, id).await? else {
         return Ok(None);
     };
     let now = now_ms();
     let secret = new_secret.unwrap_or_else(signing::generate_secret);
     let expires = now + overlap_ms;
-    db.execute(
+    tx.execute(
         "UPDATE endpoints SET secret_enc = $1, previous_secret_enc = $2, previous_expires_at = $3, updated_at = $4 \
          WHERE tenant_id = $5 AND id = $6",
         args![keys.seal(&secret), row.secret_enc, expires, now, tenant_id, id],
     )
     .await?;
+    tx.commit().await?;
     Ok(Some((secret, expires)))
 }

@@ -384,10 +384,11 @@ pub async fn replace_rows(
     let mut tx = db.begin().await?;
     // One replace at a time per tenant: on PostgreSQL two interleaved ones would otherwise each
     // delete only the rows they saw and leave both sets behind.
-    if tx.dialect() == db::Dialect::Postgres {
-        tx.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", args![tenant_id])
-            .await?;
-    }
+    tx.execute(
+        db::locking(&tx, "SELECT 1 FROM tenants WHERE id = $1"),
+        args![tenant_id],
+    )
+    .await?;
     if let Some(expected) = expected_tag {
         let current: Vec<(String, String, String, String)> = tx
             .fetch_all(

@@ -163,16 +163,6 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// `select` locking the rows it reads until the transaction ends: concurrent changes of one
-/// action queue on PostgreSQL, so each applies to the version the one before it left (SQLite's
-/// write transactions run one at a time already).
-fn locking(tx: &crate::db::Tx, select: &'static str) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(match tx.dialect() {
-        db::Dialect::Postgres => format!("{select} FOR UPDATE"),
-        db::Dialect::Sqlite => select.to_string(),
-    })
-}
-
 /// The current version of an action, unless deleted.
 pub async fn get(db: &Database, tenant_id: &str, name: &str) -> Result<Option<Action>, DbError> {
     let row: Option<ActionRow> = db
@@ -257,7 +247,7 @@ pub async fn upsert(
     let mut tx = db.begin().await?;
     let existing: Option<ActionRow> = tx
         .fetch_optional(
-            locking(&tx, "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2"),
+            db::locking(&tx, "SELECT * FROM actions WHERE tenant_id = $1 AND name = $2"),
             args![tenant_id, name],
         )
         .await?;
@@ -397,7 +387,7 @@ pub async fn delete(
     if let Some(expected) = expected_version {
         let current: Option<(i64,)> = tx
             .fetch_optional(
-                locking(
+                db::locking(
                     &tx,
                     "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL",
                 ),

@@ -233,6 +233,13 @@ async fn revoke_key(
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
     let mut tx = state.db.begin().await?;
+    // Revocations in one tenant queue on its row (PostgreSQL): two owners revoking each other
+    // at once must not both see the other as the remaining owner.
+    tx.execute(
+        crate::db::locking(&tx, "SELECT 1 FROM tenants WHERE id = $1"),
+        args![&auth.tenant_id],
+    )
+    .await?;
     let target: Option<(String,)> = tx
         .fetch_optional(
             "SELECT role FROM api_keys WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",

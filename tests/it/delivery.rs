@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dual;
-use crate::harness::{Backend, TestApp, error_code, eventually, wait_until};
+use crate::harness::{Backend, TestApp, at_once, error_code, eventually, wait_until};
 use crate::receiver::Receiver;
 
 /// Loopback delivery allowed and a compressed retry schedule.
@@ -866,4 +866,66 @@ async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
         (ep["enabled"].as_bool(), ep["failing_since"].is_null()),
         (Some(true), true)
     );
+}
+
+dual!(endpoint_changes_made_at_once_all_stand);
+
+/// Changes of one endpoint made at once (different fields, several rotations) all stand: none
+/// is undone by another that read the endpoint before it.
+async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://hooks.example.com/a"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let path = format!("/v1/endpoints/{id}");
+    let changes = [
+        json!({"url": "https://hooks.example.com/b"}),
+        json!({"description": "billing hooks"}),
+        json!({"event_types": ["invoice.*"]}),
+        json!({"rate_limit_per_s": 7}),
+        json!({"max_in_flight": 3}),
+        json!({"signature_scheme": "standard-webhooks"}),
+        json!({"enabled": false}),
+    ];
+    let patches = changes
+        .iter()
+        .map(|c| app.as_key(&app.admin_key, Method::PATCH, &path).json(c));
+    assert_eq!(at_once(patches).await, vec![200; changes.len()]);
+    let (_, now) = app.call(Method::GET, &path, None).await;
+    for change in &changes {
+        for (field, value) in change.as_object().unwrap() {
+            assert_eq!(&now[field], value, "{field} was undone: {now}");
+        }
+    }
+
+    // Eight rotations at once: the secret in use and the one still beside it are both secrets
+    // a rotation handed out, never the original one both read.
+    let (_, original) = app.call(Method::GET, &format!("{path}/secret"), None).await;
+    let rotate = format!("{path}/rotate-secret");
+    let rotations = (0..8).map(|_| async {
+        let (status, body) = app.call(Method::POST, &rotate, None).await;
+        assert_eq!(status, 200, "{body}");
+        body["secret"].as_str().unwrap().to_string()
+    });
+    let handed_out: HashSet<String> = futures_util::future::join_all(rotations)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(handed_out.len(), 8);
+    let (_, secrets) = app.call(Method::GET, &format!("{path}/secret"), None).await;
+    assert!(
+        handed_out.contains(secrets["secret"].as_str().unwrap()),
+        "{secrets}"
+    );
+    assert!(
+        handed_out.contains(secrets["previous_secret"].as_str().unwrap()),
+        "{secrets}"
+    );
+    assert_ne!(secrets["previous_secret"], original["secret"]);
 }

@@ -624,6 +624,47 @@ async fn api_keys_are_shown_once_and_revocable(backend: Backend) {
     let stored = dump_api_key_hashes(&app.database_url).await;
     assert!(!stored.iter().any(|h| h.contains(secret)));
     assert!(stored.contains(&opsiq::crypto::sha256_hex(secret.as_bytes())));
+
+    // Two owners revoking each other at once: one revocation stands, one owner remains.
+    let (_, second) = app
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            Some(json!({"name": "second owner", "role": "owner"})),
+        )
+        .await;
+    let second_key = second["key"].as_str().unwrap();
+    let (_, list) = app.call(Method::GET, "/v1/api-keys", None).await;
+    let owner_ids: Vec<String> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["role"] == "owner")
+        .map(|k| k["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(owner_ids.len(), 2, "{list}");
+    let first_id = owner_ids.iter().find(|id| **id != second["id"]).unwrap();
+    let statuses = at_once(
+        [
+            app.as_key(
+                &app.admin_key,
+                Method::DELETE,
+                &format!("/v1/api-keys/{}", second["id"].as_str().unwrap()),
+            ),
+            app.as_key(second_key, Method::DELETE, &format!("/v1/api-keys/{first_id}")),
+        ]
+        .into_iter(),
+    )
+    .await;
+    // The loser is refused as the last owner, or (if it came in after) no longer authenticates.
+    assert!(statuses == [204, 409] || statuses == [204, 401], "{statuses:?}");
+    let mut working = 0;
+    for key in [app.admin_key.as_str(), second_key] {
+        if app.call_as(key, Method::GET, "/v1/api-keys", None).await.0 == 200 {
+            working += 1;
+        }
+    }
+    assert_eq!(working, 1, "exactly one owner key remains");
 }
 
 async fn dump_api_key_hashes(url: &str) -> Vec<String> {
