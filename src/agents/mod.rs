@@ -373,21 +373,30 @@ async fn put_issuer(
             args![&config.issuer, &config.audience, &auth.tenant_id],
         )
         .await?;
-    if taken.is_some() {
-        return Err(ApiError::conflict(
+    let in_use = || {
+        ApiError::conflict(
             "audience_in_use",
             "this issuer and audience pair cannot be used; give this workspace an audience of its own",
-        ));
+        )
+    };
+    if taken.is_some() {
+        return Err(in_use());
     }
     let text = serde_json::to_string(&config).map_err(ApiError::internal)?;
-    state
+    let stored = state
         .db
         .execute(
             "INSERT INTO token_issuers (tenant_id, issuer, audience, config, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tenant_id) DO UPDATE SET issuer = $2, audience = $3, config = $4, updated_at = $5",
             args![&auth.tenant_id, &config.issuer, &config.audience, text, now_ms()],
         )
-        .await?;
+        .await
+        .map_err(crate::db::DbError::from);
+    match stored {
+        // Another workspace claimed the pair between the check above and this write.
+        Err(e) if e.is_unique_violation() => return Err(in_use()),
+        other => other?,
+    };
     Ok(axum::Json(
         serde_json::to_value(&config).map_err(ApiError::internal)?,
     ))

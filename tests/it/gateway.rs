@@ -869,6 +869,16 @@ async fn external_issuer_tokens(backend: Backend) {
         200,
         "acme's tokens still work"
     );
+    // Two workspaces claiming one new pair at once: one gets it, the other a 409 (not a 500).
+    let (_, initech) = w.app.new_tenant("initech").await;
+    let (_, umbrella) = w.app.new_tenant("umbrella").await;
+    for round in 0..10 {
+        let pair = json!({"issuer": "https://idp2.example.com", "audience": format!("shared-{round}"), "public_key_pem": pem});
+        let claims = [&initech, &umbrella]
+            .into_iter()
+            .map(|key| w.app.as_key(key, Method::PUT, "/v1/token-issuer").json(&pair));
+        assert_eq!(at_once(claims).await, [200, 409], "round {round}");
+    }
 
     for (name, token) in [
         ("not yet valid", mint(&|c| c["nbf"] = (now + 3600).into())),
