@@ -212,7 +212,7 @@ pub fn router(state: AppState) -> Router {
             audit::record_changes,
         ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load));
-    Router::new()
+    let app = Router::new()
         .merge(ops::routes())
         .merge(console::routes())
         .merge(api)
@@ -241,7 +241,8 @@ pub fn router(state: AppState) -> Router {
         ]))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(state)
+        .with_state(state);
+    console::with_security_headers(app)
 }
 
 /// Refuses an API request with 503 when `max_requests_in_flight` are already in progress:

@@ -68,7 +68,11 @@ struct TokenRow {
 impl TokenRow {
     /// The token as listed; revoking its agent revoked it too (`agent_revoked_at`).
     fn to_json(&self, now: i64, agent_revoked_at: Option<i64>) -> Value {
-        let revoked_at = self.revoked_at.or(agent_revoked_at);
+        // Whichever came first: revoking a token of a revoked agent does not move its time.
+        let revoked_at = match (self.revoked_at, agent_revoked_at) {
+            (Some(token), Some(agent)) => Some(token.min(agent)),
+            (token, agent) => token.or(agent),
+        };
         let status = match revoked_at {
             Some(_) => "revoked",
             None if self.expires_at <= now => "expired",
@@ -304,9 +308,7 @@ async fn list_tokens(
             args![
                 &auth.tenant_id,
                 &id,
-                page.cursor
-                    .clone()
-                    .unwrap_or_else(|| crate::ids::after_all("jti")),
+                crate::http::page::newest_first_cursor(page.cursor.as_deref(), "jti")?,
                 limit + 1
             ],
         )

@@ -52,14 +52,21 @@ const ASSETS: &[Asset] = &[
 
 const INDEX: &str = include_str!("assets/index.html");
 
-/// `/` (the page) and `/console/{asset}` (its script and style files), every answer with the
-/// console's security headers.
+/// `/` (the page) and `/console/{asset}` (its script and style files).
 pub fn routes() -> Router<AppState> {
-    let security =
-        |name, value: &'static str| SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value));
     Router::new()
         .route("/", get(index))
         .route("/console/{asset}", get(asset))
+}
+
+/// Every answer of the server gets the console's security headers unless it set its own: the
+/// page's, but also a 405 on `/` or a 404 under `/console/`, and the API's JSON, which no
+/// browser should sniff, frame or cache either.
+pub fn with_security_headers(router: Router) -> Router {
+    let security = |name, value: &'static str| {
+        SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
+    };
+    router
         .layer(security(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
         .layer(security(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .layer(security(header::X_FRAME_OPTIONS, "DENY"))

@@ -694,9 +694,20 @@ pub fn now_ms() -> i64 {
 
 /// Formats a stored millisecond timestamp as RFC 3339 for API answers.
 pub fn rfc3339(ms: i64) -> String {
+    // Always three fractional digits, so that times compare as text the way they do as times.
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
+        })
         .unwrap_or_default()
 }
 
@@ -709,7 +720,14 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dialect, chunk_sizes, chunks, is_transient};
+    use super::{Dialect, chunk_sizes, chunks, is_transient, rfc3339};
+
+    #[test]
+    fn times_have_three_fractional_digits() {
+        assert_eq!(rfc3339(1_764_700_000_210), "2025-12-02T18:26:40.210Z");
+        assert_eq!(rfc3339(1_764_700_000_000), "2025-12-02T18:26:40.000Z");
+        assert!(rfc3339(1_764_700_000_009) < rfc3339(1_764_700_000_010));
+    }
     use sqlx::ConnectOptions;
     use sqlx::sqlite::SqliteConnectOptions;
     use std::str::FromStr;

@@ -71,7 +71,7 @@ async fn list_endpoints(
         .db
         .fetch_all(
             "SELECT * FROM endpoints WHERE tenant_id = $1 AND deleted_at IS NULL AND id < $2 ORDER BY id DESC LIMIT $3",
-            args![&auth.tenant_id, page.cursor.clone().unwrap_or_else(|| crate::ids::after_all("ep")), limit + 1],
+            args![&auth.tenant_id, crate::http::page::newest_first_cursor(page.cursor.as_deref(), "ep")?, limit + 1],
         )
         .await?;
     Ok(axum::Json(
@@ -313,10 +313,7 @@ async fn list_deliveries(
     let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE tenant_id = $1 AND id < $2");
     let mut values: Vec<Arg> = args![
         &auth.tenant_id,
-        filter
-            .cursor
-            .clone()
-            .unwrap_or_else(|| crate::ids::after_all("dlv"))
+        crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "dlv")?
     ];
     if let Some(status) = &filter.status {
         if !matches!(status.as_str(), "pending" | "delivering" | "succeeded" | "failed") {

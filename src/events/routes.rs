@@ -210,10 +210,7 @@ async fn list_events(
     );
     let mut values: Vec<Arg> = args![
         &auth.tenant_id,
-        filter
-            .cursor
-            .clone()
-            .unwrap_or_else(|| crate::ids::after_all("evt"))
+        crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "evt")?
     ];
     if let Some(t) = &filter.event_type {
         values.push(t.into());

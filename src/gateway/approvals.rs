@@ -68,10 +68,7 @@ async fn list_approvals(
     Query(filter): Query<ApprovalFilter>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
     let limit = crate::http::page::page_size(filter.limit);
-    let cursor = filter
-        .cursor
-        .clone()
-        .unwrap_or_else(|| crate::ids::after_all("apr"));
+    let cursor = crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "apr")?;
     let rows: Vec<ApprovalRow> = match &filter.status {
         Some(status) => {
             state

@@ -145,10 +145,7 @@ async fn list_invocations(
     let mut sql = String::from("SELECT * FROM invocations WHERE tenant_id = $1 AND id < $2");
     let mut values: Vec<Arg> = args![
         viewer.tenant_id(),
-        filter
-            .cursor
-            .clone()
-            .unwrap_or_else(|| crate::ids::after_all("inv"))
+        crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "inv")?
     ];
     let agent = viewer.agent_id().map(str::to_string).or(filter.agent_id.clone());
     if let Some(agent) = agent {

@@ -208,6 +208,9 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
 #[derive(Debug, Clone)]
 pub struct IfMatch(pub Option<String>);
 
+/// What a tag that names no version asks for: versions start at 1.
+const NO_VERSION: i64 = 0;
+
 const INVALID_IF_MATCH: &str =
     "If-Match must be one ETag as a read answered it, such as \"3\" (not a weak W/ tag)";
 
@@ -217,15 +220,15 @@ impl IfMatch {
         [(header::ETAG, format!("\"{tag}\""))]
     }
 
-    /// The tag as a version number, for objects whose tags are versions.
-    pub fn version(&self) -> Result<Option<i64>, ApiError> {
-        self.0
-            .as_deref()
-            .map(|tag| {
-                tag.parse::<i64>()
-                    .map_err(|_| ApiError::bad_request("invalid_if_match", INVALID_IF_MATCH))
-            })
-            .transpose()
+    /// The tag as a version number, for objects whose tags are versions. Tags compare as text:
+    /// one that is not a version as this server writes it (`"02"`, `"x"`) matches none.
+    pub fn version(&self) -> Option<i64> {
+        self.0.as_deref().map(|tag| {
+            tag.parse::<i64>()
+                .ok()
+                .filter(|v| v.to_string() == tag && *v > 0)
+                .unwrap_or(NO_VERSION)
+        })
     }
 }
 

@@ -25,6 +25,20 @@ pub fn page_size(limit: Option<u32>) -> i64 {
     i64::from(limit.unwrap_or(50).clamp(1, 200))
 }
 
+/// Where a newest-first list of ids with `prefix` goes on from: the cursor a previous page gave,
+/// or (none, or empty) the newest item. A cursor the list could not have given is a 400, not a
+/// silently empty or restarted page.
+pub fn newest_first_cursor(cursor: Option<&str>, prefix: &str) -> Result<String, crate::http::ApiError> {
+    match cursor {
+        None | Some("") => Ok(crate::ids::after_all(prefix)),
+        Some(c) if crate::ids::has_prefix(c, prefix) => Ok(c.to_string()),
+        Some(_) => Err(crate::http::ApiError::bad_request(
+            "invalid_cursor",
+            "cursor must be a next_cursor this list answered",
+        )),
+    }
+}
+
 /// One page of a list.
 #[derive(Debug, Clone, Serialize)]
 pub struct Page<T> {

@@ -143,7 +143,7 @@ async fn replace_action(
         &auth.tenant_id,
         &decl,
         Source::Api,
-        UpsertMode::UpdateOnly(if_match.version()?),
+        UpsertMode::UpdateOnly(if_match.version()),
     )
     .await?;
     state.changed(Change::Actions(auth.tenant_id.clone())).await;
@@ -181,7 +181,7 @@ async fn delete_action(
     if_match: IfMatch,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let expected_version = if_match.version()?;
+    let expected_version = if_match.version();
     if !store::delete(&state.db, &auth.tenant_id, &name, expected_version).await? {
         return Err(ApiError::not_found("action"));
     }

@@ -166,9 +166,7 @@ async fn list_rules(
              ORDER BY id DESC LIMIT $3",
             args![
                 &auth.tenant_id,
-                page.cursor
-                    .clone()
-                    .unwrap_or_else(|| crate::ids::after_all("rul")),
+                crate::http::page::newest_first_cursor(page.cursor.as_deref(), "rul")?,
                 limit + 1
             ],
         )

@@ -192,10 +192,7 @@ async fn list_keys(
 ) -> ApiResult<axum::Json<Page<serde_json::Value>>> {
     auth.require(Permission::Manage)?;
     let limit = page.limit();
-    let cursor = page
-        .cursor
-        .clone()
-        .unwrap_or_else(|| crate::ids::after_all("key"));
+    let cursor = crate::http::page::newest_first_cursor(page.cursor.as_deref(), "key")?;
     let rows: Vec<ApiKeyRow> = state
         .db
         .fetch_all(

@@ -64,6 +64,31 @@ async fn the_page_and_its_files_are_served_with_a_strict_policy() {
     assert_eq!(headers["x-frame-options"], "DENY");
     assert_eq!(headers["referrer-policy"], "no-referrer");
     assert_eq!(headers["cache-control"], "no-cache");
+    // So does every other answer: a 405 on the page, a 404 under /console/, the API's JSON.
+    for (method, path, status) in [
+        (Method::POST, "/", 405),
+        (Method::OPTIONS, "/console/app.js", 405),
+        (Method::GET, "/console/", 404),
+        (Method::GET, "/console/app.js/", 404),
+        (Method::GET, "/console/nope.js", 404),
+        (Method::GET, "/v1/actions", 401),
+    ] {
+        let resp = app
+            .http
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        for name in [
+            "content-security-policy",
+            "x-content-type-options",
+            "x-frame-options",
+            "referrer-policy",
+        ] {
+            assert_eq!(resp.headers()[name], headers[name], "{method} {path} {name}");
+        }
+    }
     let page = resp.text().await.unwrap();
     // The policy refuses inline code and styles; the page must not need any.
     for tag in page.split("<script").skip(1) {

@@ -162,9 +162,14 @@ async fn actions_change_only_at_the_version_read(backend: Backend) {
     // `*` is accepted; a weak or malformed ETag is a 400 that changes nothing.
     assert_eq!(put("\"2\"", "Third edit.").send().await.unwrap().status(), 200);
     assert_eq!(put("*", "Fourth edit.").send().await.unwrap().status(), 200);
-    for bad in ["3", "W/\"3\"", "\"three\"", "\"4\", \"5\""] {
+    for bad in ["3", "W/\"3\"", "\"4\", \"5\"", "\"+4\""] {
         let (status, body) = read(put(bad, "Bad edit.").send().await.unwrap()).await;
         assert_eq!((status, error_code(&body)), (400, "invalid_if_match"), "{bad}");
+    }
+    // Tags compare as text: one this server never gave matches nothing, even "04" at version 4.
+    for other in ["\"04\"", "\"three\"", "\"99999999999999999999\"", "\"0\""] {
+        let (status, body) = read(put(other, "Odd edit.").send().await.unwrap()).await;
+        assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{other}");
     }
     let (_, now) = app.call(Method::GET, path, None).await;
     assert_eq!(
@@ -416,6 +421,27 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         .with(|raw, _| raw.body_limit = 4096)
         .start()
         .await;
+    // A cursor no list gave is refused; an empty one starts at the newest item.
+    for list in [
+        "/v1/deliveries",
+        "/v1/events",
+        "/v1/invocations",
+        "/v1/approvals",
+        "/v1/rules",
+        "/v1/endpoints",
+        "/v1/api-keys",
+    ] {
+        let (status, body) = app
+            .call(Method::GET, &format!("{list}?cursor=garbage"), None)
+            .await;
+        assert_eq!((status, error_code(&body)), (400, "invalid_cursor"), "{list}");
+        let (status, first) = app.call(Method::GET, list, None).await;
+        assert_eq!(status, 200, "{list}");
+        let (status, empty) = app.call(Method::GET, &format!("{list}?cursor="), None).await;
+        assert_eq!((status, &empty["data"]), (200, &first["data"]), "{list}");
+    }
+    let (_, keys) = app.call(Method::GET, "/v1/api-keys?cursor=", None).await;
+    assert!(!keys["data"].as_array().unwrap().is_empty());
     let post = |body: reqwest::Body, ctype: Option<&str>| {
         let mut req = app.admin(Method::POST, "/v1/actions").body(body);
         if let Some(ctype) = ctype {

@@ -614,6 +614,21 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
             .all(|t| t["status"] == "revoked" && t["revoked_at"].is_string()),
         "{page}"
     );
+    // Revoking one of them again later does not move the time it was revoked.
+    let active_before = tokens.iter().find(|t| t["jti"] != jti).unwrap();
+    let path = format!(
+        "/v1/agents/agt_f/tokens/{}",
+        active_before["jti"].as_str().unwrap()
+    );
+    w.app.call(Method::DELETE, &path, None).await;
+    let (_, again) = w.app.call(Method::GET, "/v1/agents/agt_f/tokens", None).await;
+    let after = again["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["jti"] == active_before["jti"])
+        .unwrap();
+    assert_eq!(after["revoked_at"], active_before["revoked_at"]);
 }
 
 async fn endpoint_client_errors_become_tool_errors(backend: Backend) {
