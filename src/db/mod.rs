@@ -657,10 +657,12 @@ pub async fn insert_rows(
 
 /// `select` locking the rows it reads until the transaction ends: concurrent read-modify-writes
 /// of one row queue on PostgreSQL, so each applies to what the one before it left (SQLite's
-/// write transactions run one at a time already).
+/// write transactions run one at a time already). `NO KEY UPDATE`, not `UPDATE`: the lock must
+/// not stop inserts whose foreign keys point at the row (every tenant-owned row points at its
+/// tenant's), which only take `KEY SHARE`.
 pub fn locking(tx: &Tx, select: &'static str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(match tx.dialect() {
-        Dialect::Postgres => format!("{select} FOR UPDATE"),
+        Dialect::Postgres => format!("{select} FOR NO KEY UPDATE"),
         Dialect::Sqlite => select.to_string(),
     })
 }
