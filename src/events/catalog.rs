@@ -363,14 +363,30 @@ mod tests {
         }
     }
 
-    /// Loading the repository's own directory keeps exactly the built-in types.
+    /// A file identical to a built-in one is skipped; a changed one replaces it, and a new one
+    /// adds a type.
     #[test]
-    fn loading_the_events_directory_keeps_the_built_ins() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
-        let catalog = Catalog::load(&dir, Duration::from_secs(1)).expect("the catalog loads");
+    fn files_replace_or_add_to_the_built_ins() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
+        let catalog = Catalog::load(&repo, Duration::from_secs(1)).expect("the catalog loads");
         assert_eq!(catalog.builtin.len(), BUILT_IN.len());
-        let missing = Catalog::load(&dir.join("no-such-dir"), Duration::from_secs(1))
-            .expect("a missing directory is fine");
-        assert_eq!(missing.builtin.len(), BUILT_IN.len());
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (name, text) = BUILT_IN[0];
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let (changed_name, changed_text) = BUILT_IN[1];
+        let mut changed: serde_json::Value = serde_json::from_str(changed_text).unwrap();
+        changed["description"] = "changed here".into();
+        std::fs::write(dir.path().join(changed_name), changed.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("order.placed.json"),
+            r#"{"name": "order.placed", "description": "added here"}"#,
+        )
+        .unwrap();
+        let catalog = Catalog::load(dir.path(), Duration::from_secs(1)).expect("the catalog loads");
+        assert_eq!(catalog.builtin.len(), BUILT_IN.len() + 1);
+        let replaced = &catalog.builtin[changed["name"].as_str().unwrap()];
+        assert_eq!(replaced.declared.description, "changed here");
+        assert_eq!(catalog.builtin["order.placed"].declared.description, "added here");
     }
 }

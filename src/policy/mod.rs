@@ -402,13 +402,29 @@ pub async fn replace_rows(
     }
     tx.execute("DELETE FROM policy_rows WHERE tenant_id = $1", args![tenant_id])
         .await?;
-    for (i, r) in rows.iter().enumerate() {
-        tx.execute(
-            "INSERT INTO policy_rows (id, tenant_id, subject, object, act, effect, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            args![crate::ids::new_id("pol"), tenant_id, &r.subject, &r.object, &r.act, &r.effect, i as i64],
-        )
-        .await?;
-    }
+    // Multi-row inserts: the tenant's lock is held for a few statements, not one per row.
+    let values = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            args![
+                crate::ids::new_id("pol"),
+                tenant_id,
+                &r.subject,
+                &r.object,
+                &r.act,
+                &r.effect,
+                i as i64
+            ]
+        })
+        .collect();
+    db::insert_rows(
+        &mut tx,
+        "INSERT INTO policy_rows (id, tenant_id, subject, object, act, effect, position) VALUES",
+        7,
+        values,
+    )
+    .await?;
     db::bump_counter(&mut tx, "policy").await?;
     tx.commit().await?;
     Ok(rows_tag(rows))

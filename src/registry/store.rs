@@ -314,38 +314,23 @@ pub async fn upsert(
                 deleted_at: None,
                 ..old.clone()
             };
-            // On the version read (and locked) above: a change that got past the lock anyway is
-            // reported rather than overwritten.
-            let changed = tx
-                .execute(
-                    "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
-                     file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
-                     WHERE tenant_id = $8 AND name = $9 AND version = $10",
-                    args![
-                        row.version,
-                        &row.declaration,
-                        &row.content_hash,
-                        &row.source,
-                        row.file_hash.clone(),
-                        row.created_at,
-                        now,
-                        tenant_id,
-                        name,
-                        old.version
-                    ],
-                )
-                .await?;
-            if changed == 0 {
-                let current: Option<(i64,)> = tx
-                    .fetch_optional(
-                        "SELECT version FROM actions WHERE tenant_id = $1 AND name = $2",
-                        args![tenant_id, name],
-                    )
-                    .await?;
-                return Err(StoreError::VersionMismatch {
-                    current: current.map_or(old.version, |(v,)| v),
-                });
-            }
+            tx.execute(
+                "UPDATE actions SET version = $1, declaration = $2, content_hash = $3, source = $4, \
+                 file_hash = $5, created_at = $6, updated_at = $7, deleted_at = NULL \
+                 WHERE tenant_id = $8 AND name = $9",
+                args![
+                    row.version,
+                    &row.declaration,
+                    &row.content_hash,
+                    &row.source,
+                    row.file_hash.clone(),
+                    row.created_at,
+                    now,
+                    tenant_id,
+                    name
+                ],
+            )
+            .await?;
             (
                 row,
                 if revived {

@@ -61,11 +61,8 @@ impl Validators {
         schema: Option<&Value>,
     ) -> Option<Arc<jsonschema::Validator>> {
         let compiled = schema.and_then(|s| compile_schema(s).ok()).map(Arc::new);
-        let mut outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
-        if outputs.len() > 50_000 {
-            outputs.clear();
-        }
-        outputs.insert(
+        remember(
+            &self.outputs,
             (tenant_id.to_string(), action.to_string(), version),
             compiled.clone(),
         );
@@ -86,11 +83,7 @@ impl Validators {
             return Ok(v.clone());
         }
         let compiled = Arc::new(compile_schema(schema).map_err(|(_, m)| m)?);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 50_000 {
-            map.clear();
-        }
-        map.insert(key, compiled.clone());
+        remember(&self.map, key, compiled.clone());
         Ok(compiled)
     }
 
@@ -118,11 +111,17 @@ impl Validators {
                 first.unwrap_or_default()
             )
         })?);
-        let mut map = self.guards.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 50_000 {
-            map.clear();
-        }
-        map.insert(key, compiled.clone());
+        remember(&self.guards, key, compiled.clone());
         Ok(Some(compiled))
     }
+}
+
+/// Keeps a compiled value; a map grown past any real registry's size starts over rather than
+/// grow without bound.
+fn remember<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, V>>, key: K, value: V) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() > 50_000 {
+        map.clear();
+    }
+    map.insert(key, value);
 }
