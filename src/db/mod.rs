@@ -689,6 +689,22 @@ pub async fn counter(db: &Database, name: &str) -> Result<i64, sqlx::Error> {
     Ok(row.map(|r| r.0).unwrap_or(0))
 }
 
+/// The outcome of a change that may name the version it was based on (`If-Match`).
+#[derive(Debug)]
+pub enum Versioned<T> {
+    /// Applied; the object as it is now.
+    Done(T),
+    /// There is no such object.
+    Missing,
+    /// The object is at this other version now; nothing was changed.
+    Changed(i64),
+}
+
+/// Whether a change based on `expected` (none: unconditional) may apply to an object at `current`.
+pub fn version_holds(expected: Option<i64>, current: i64) -> bool {
+    expected.is_none_or(|v| v == current)
+}
+
 /// Unix time in milliseconds, the representation of every timestamp column.
 pub fn now_ms() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000

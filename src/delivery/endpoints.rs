@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::signing::{self, Scheme};
 use crate::crypto::MasterKey;
-use crate::db::{Database, DbError, now_ms, rfc3339};
+use crate::db::{Database, DbError, Versioned, now_ms, rfc3339, version_holds};
 use crate::http::{ApiError, ErrorDetail};
 use crate::{args, ids};
 
@@ -48,6 +48,9 @@ pub struct EndpointRow {
     pub updated_at: i64,
     /// Soft-deletion time (ms).
     pub deleted_at: Option<i64>,
+    /// Bumped by every change of its configuration (the API's, the engine disabling it); the
+    /// `ETag` that `If-Match` names.
+    pub version: i64,
 }
 
 impl EndpointRow {
@@ -96,6 +99,7 @@ impl EndpointRow {
             "failing_since": self.failing_since.map(rfc3339),
             "created_at": rfc3339(self.created_at),
             "updated_at": rfc3339(self.updated_at),
+            "version": self.version,
         })
     }
 }
@@ -267,6 +271,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
         deleted_at: None,
+        version: 1,
     };
     db.execute(
         "INSERT INTO endpoints (id, tenant_id, url, description, event_types, enabled, rate_limit_per_s, \
@@ -291,19 +296,24 @@ pub async fn create(
     Ok((row, secret))
 }
 
-/// Applies a partial update; returns the updated row, or `None` if there is no such endpoint.
+/// Applies a partial update, given `expected` only to an endpoint still at that version; answers
+/// the updated row.
 pub async fn update(
     db: &Database,
     tenant_id: &str,
     id: &str,
     input: EndpointInput,
-) -> Result<Option<EndpointRow>, DbError> {
+    expected: Option<i64>,
+) -> Result<Versioned<EndpointRow>, DbError> {
     // Read and write in one transaction on a locked row: two updates of different fields (or an
     // update beside the engine disabling the endpoint) must not undo each other.
     let mut tx = db.begin().await?;
     let Some(mut row) = locked(&mut tx, tenant_id, id).await? else {
-        return Ok(None);
+        return Ok(Versioned::Missing);
     };
+    if !version_holds(expected, row.version) {
+        return Ok(Versioned::Changed(row.version));
+    }
     if let Some(url) = input.url {
         row.url = url;
     }
@@ -330,10 +340,11 @@ pub async fn update(
         row.signature_scheme = s.as_str().into();
     }
     row.updated_at = now_ms();
+    row.version += 1;
     tx.execute(
         "UPDATE endpoints SET url = $1, description = $2, event_types = $3, enabled = $4, \
          rate_limit_per_s = $5, max_in_flight = $6, signature_scheme = $7, disabled_reason = $8, \
-         failing_since = $9, updated_at = $10 WHERE tenant_id = $11 AND id = $12 AND deleted_at IS NULL",
+         failing_since = $9, updated_at = $10, version = $11 WHERE tenant_id = $12 AND id = $13 AND deleted_at IS NULL",
         args![
             &row.url,
             &row.description,
@@ -345,13 +356,14 @@ pub async fn update(
             row.disabled_reason.clone(),
             row.failing_since,
             row.updated_at,
+            row.version,
             tenant_id,
             id
         ],
     )
     .await?;
     tx.commit().await?;
-    Ok(Some(row))
+    Ok(Versioned::Done(row))
 }
 
 /// An endpoint read for a change, locked until the transaction ends.
@@ -363,17 +375,29 @@ async fn locked(tx: &mut crate::db::Tx, tenant_id: &str, id: &str) -> Result<Opt
     Ok(tx.fetch_optional(select, args![tenant_id, id]).await?)
 }
 
-/// Soft-deletes an endpoint; answers whether it existed.
-pub async fn delete(db: &Database, tenant_id: &str, id: &str) -> Result<bool, DbError> {
+/// Soft-deletes an endpoint, given `expected` only if it is still at that version.
+pub async fn delete(
+    db: &Database,
+    tenant_id: &str,
+    id: &str,
+    expected: Option<i64>,
+) -> Result<Versioned<()>, DbError> {
+    let mut tx = db.begin().await?;
+    let Some(row) = locked(&mut tx, tenant_id, id).await? else {
+        return Ok(Versioned::Missing);
+    };
+    if !version_holds(expected, row.version) {
+        return Ok(Versioned::Changed(row.version));
+    }
     let now = now_ms();
-    let n = db
-        .execute(
-            "UPDATE endpoints SET deleted_at = $1, enabled = $2, updated_at = $1 \
-             WHERE tenant_id = $3 AND id = $4 AND deleted_at IS NULL",
-            args![now, false, tenant_id, id],
-        )
-        .await?;
-    Ok(n > 0)
+    tx.execute(
+        "UPDATE endpoints SET deleted_at = $1, enabled = $2, updated_at = $1, version = version + 1 \
+         WHERE tenant_id = $3 AND id = $4",
+        args![now, false, tenant_id, id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Versioned::Done(()))
 }
 
 /// Rotates the secret: the new one signs from now on, the old one beside it until

@@ -4,6 +4,7 @@
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -13,10 +14,10 @@ use super::outbox;
 use super::signing::{self, Carries, SignedAttempt};
 use super::verify;
 use crate::changes::Change;
-use crate::db::{Arg, now_ms, parse_rfc3339, rfc3339};
+use crate::db::{Arg, Versioned, now_ms, parse_rfc3339, rfc3339};
 use crate::events::{self, NewEvent};
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, Json, OptionalJson, Page, PageQuery, Path, Permission, Query,
+    AdminAuth, ApiError, ApiResult, IfMatch, Json, OptionalJson, Page, PageQuery, Path, Permission, Query,
 };
 use crate::{AppState, args};
 
@@ -49,7 +50,7 @@ async fn create_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Json(input): Json<EndpointInput>,
-) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     endpoints::check_input(&input, true, state.config.dev)?;
     let (row, secret) = endpoints::create(&state.db, &state.keys, &auth.tenant_id, input).await?;
@@ -58,7 +59,7 @@ async fn create_endpoint(
         .await;
     let mut body = row.to_json();
     body["secret"] = secret.into();
-    Ok((StatusCode::CREATED, axum::Json(body)))
+    Ok((StatusCode::CREATED, IfMatch::etag(row.version), axum::Json(body)))
 }
 
 async fn list_endpoints(
@@ -83,16 +84,18 @@ async fn get_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
-    Ok(axum::Json(load_endpoint(&state, &auth, &id).await?.to_json()))
+) -> ApiResult<impl IntoResponse> {
+    let row = load_endpoint(&state, &auth, &id).await?;
+    Ok((IfMatch::etag(row.version), axum::Json(row.to_json())))
 }
 
 async fn update_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    if_match: IfMatch,
     Json(input): Json<EndpointInput>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     if input.secret.is_some() {
         return Err(ApiError::invalid_field(
@@ -101,23 +104,28 @@ async fn update_endpoint(
         ));
     }
     endpoints::check_input(&input, false, state.config.dev)?;
-    let row = endpoints::update(&state.db, &auth.tenant_id, &id, input)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let row = match endpoints::update(&state.db, &auth.tenant_id, &id, input, if_match.version()).await? {
+        Versioned::Done(row) => row,
+        Versioned::Missing => return Err(ApiError::not_found("endpoint")),
+        Versioned::Changed(current) => return Err(ApiError::version_mismatch("endpoint", current)),
+    };
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
         .await;
-    Ok(axum::Json(row.to_json()))
+    Ok((IfMatch::etag(row.version), axum::Json(row.to_json())))
 }
 
 async fn delete_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    if_match: IfMatch,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    if !endpoints::delete(&state.db, &auth.tenant_id, &id).await? {
-        return Err(ApiError::not_found("endpoint"));
+    match endpoints::delete(&state.db, &auth.tenant_id, &id, if_match.version()).await? {
+        Versioned::Done(()) => {}
+        Versioned::Missing => return Err(ApiError::not_found("endpoint")),
+        Versioned::Changed(current) => return Err(ApiError::version_mismatch("endpoint", current)),
     }
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))

@@ -991,7 +991,7 @@ async fn update_endpoint_health(
         "the endpoint failed every delivery for 5 days"
     };
     tx.execute(
-        "UPDATE endpoints SET enabled = $1, disabled_reason = $2, updated_at = $3 WHERE id = $4",
+        "UPDATE endpoints SET enabled = $1, disabled_reason = $2, updated_at = $3, version = version + 1 WHERE id = $4",
         args![false, reason, now, &job.endpoint_id],
     )
     .await?;

@@ -72,6 +72,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"))
     }
 
+    /// 412 for a change made against a version (`If-Match`) the object has moved on from.
+    pub fn version_mismatch(what: &str, current: i64) -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "version_mismatch",
+            format!(
+                "the {what} was changed meanwhile and is at version {current} now; read it again and apply your change to that version"
+            ),
+        )
+    }
+
     /// 409 for a conflict (duplicate name, idempotency key reused with other arguments).
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)

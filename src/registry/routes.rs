@@ -35,13 +35,7 @@ impl From<StoreError> for ApiError {
                 "an action with this name already exists; use PUT /v1/actions/{name} to change it",
             ),
             StoreError::NotFound => ApiError::not_found("action"),
-            StoreError::VersionMismatch { current } => ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                "version_mismatch",
-                format!(
-                    "the action was changed meanwhile and is at version {current} now; read it again and apply your change to that version"
-                ),
-            ),
+            StoreError::VersionMismatch { current } => ApiError::version_mismatch("action", current),
             StoreError::Db(e) => e.into(),
         }
     }

@@ -4,17 +4,18 @@
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::engine::{CompiledRule, Output};
 use crate::changes::Change;
-use crate::db::{now_ms, rfc3339};
+use crate::db::{Versioned, now_ms, rfc3339, version_holds};
 use crate::delivery::endpoints;
 use crate::delivery::signing::Carries;
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Page, PageQuery, Path, Permission, Query,
+    AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, Page, PageQuery, Path, Permission, Query,
 };
 use crate::registry::store;
 use crate::{AppState, args, ids};
@@ -37,6 +38,8 @@ struct RuleRow {
     definition: String,
     created_at: i64,
     updated_at: i64,
+    /// Bumped by every change; the `ETag` that `If-Match` names.
+    version: i64,
 }
 
 impl RuleRow {
@@ -45,14 +48,20 @@ impl RuleRow {
         v["id"] = self.id.clone().into();
         v["created_at"] = rfc3339(self.created_at).into();
         v["updated_at"] = rfc3339(self.updated_at).into();
+        v["version"] = self.version.into();
         v
+    }
+
+    /// The answer to a read or a change: the rule and its `ETag`.
+    fn answer(&self) -> impl IntoResponse + use<> {
+        (IfMatch::etag(self.version), axum::Json(self.to_json()))
     }
 }
 
 /// Strips server-managed fields so a GET body can be PUT back.
 fn definition_of(mut body: Value) -> Value {
     if let Some(map) = body.as_object_mut() {
-        for f in ["id", "created_at", "updated_at"] {
+        for f in ["id", "created_at", "updated_at", "version"] {
             map.remove(f);
         }
     }
@@ -110,7 +119,7 @@ async fn create_rule(
     State(state): State<AppState>,
     auth: AdminAuth,
     Json(body): Json<Value>,
-) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     let definition = definition_of(body);
     let id = ids::new_id("rul");
@@ -130,27 +139,37 @@ async fn create_rule(
         definition: definition.to_string(),
         created_at: now,
         updated_at: now,
+        version: 1,
     };
-    Ok((StatusCode::CREATED, axum::Json(row.to_json())))
+    Ok((StatusCode::CREATED, row.answer()))
 }
 
 async fn load(state: &AppState, tenant_id: &str, id: &str) -> ApiResult<RuleRow> {
     state
         .db
         .fetch_optional(
-            "SELECT id, definition, created_at, updated_at FROM rules WHERE tenant_id = $1 AND id = $2",
+            "SELECT id, definition, created_at, updated_at, version FROM rules WHERE tenant_id = $1 AND id = $2",
             args![tenant_id, id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("rule"))
 }
 
+/// A rule read for a change, locked until the transaction ends.
+async fn locked(tx: &mut crate::db::Tx, tenant_id: &str, id: &str) -> ApiResult<Option<RuleRow>> {
+    let select = crate::db::locking(
+        tx,
+        "SELECT id, definition, created_at, updated_at, version FROM rules WHERE tenant_id = $1 AND id = $2",
+    );
+    Ok(tx.fetch_optional(select, args![tenant_id, id]).await?)
+}
+
 async fn get_rule(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
-    Ok(axum::Json(load(&state, &auth.tenant_id, &id).await?.to_json()))
+) -> ApiResult<impl IntoResponse> {
+    Ok(load(&state, &auth.tenant_id, &id).await?.answer())
 }
 
 async fn list_rules(
@@ -162,7 +181,7 @@ async fn list_rules(
     let rows: Vec<RuleRow> = state
         .db
         .fetch_all(
-            "SELECT id, definition, created_at, updated_at FROM rules WHERE tenant_id = $1 AND id < $2 \
+            "SELECT id, definition, created_at, updated_at, version FROM rules WHERE tenant_id = $1 AND id < $2 \
              ORDER BY id DESC LIMIT $3",
             args![
                 &auth.tenant_id,
@@ -180,54 +199,77 @@ async fn replace_rule(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    if_match: IfMatch,
     Json(body): Json<Value>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
-    let existing = load(&state, &auth.tenant_id, &id).await?;
+    // Checked before the transaction: it reads the endpoints and actions the rule names.
+    load(&state, &auth.tenant_id, &id).await?;
     let definition = definition_of(body);
     let rule = check_rule(&state, &auth.tenant_id, &id, &definition).await?;
-    let now = now_ms();
-    state
-        .db
-        .execute(
-            "UPDATE rules SET name = $1, enabled = $2, event_pattern = $3, definition = $4, updated_at = $5 \
-             WHERE tenant_id = $6 AND id = $7",
-            args![
-                &rule.name,
-                rule.enabled,
-                &rule.pattern,
-                definition.to_string(),
-                now,
-                &auth.tenant_id,
-                &id
-            ],
-        )
-        .await?;
-    state.changed(Change::Rules(auth.tenant_id.clone())).await;
+    let mut tx = state.db.begin().await?;
+    let Some(existing) = locked(&mut tx, &auth.tenant_id, &id).await? else {
+        return Err(ApiError::not_found("rule"));
+    };
+    if !version_holds(if_match.version(), existing.version) {
+        return Err(ApiError::version_mismatch("rule", existing.version));
+    }
     let row = RuleRow {
         id,
         definition: definition.to_string(),
         created_at: existing.created_at,
-        updated_at: now,
+        updated_at: now_ms(),
+        version: existing.version + 1,
     };
-    Ok(axum::Json(row.to_json()))
+    tx.execute(
+        "UPDATE rules SET name = $1, enabled = $2, event_pattern = $3, definition = $4, updated_at = $5, \
+         version = $6 WHERE tenant_id = $7 AND id = $8",
+        args![
+            &rule.name,
+            rule.enabled,
+            &rule.pattern,
+            &row.definition,
+            row.updated_at,
+            row.version,
+            &auth.tenant_id,
+            &row.id
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    state.changed(Change::Rules(auth.tenant_id.clone())).await;
+    Ok(row.answer())
 }
 
 async fn delete_rule(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    if_match: IfMatch,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    let n = state
-        .db
-        .execute(
-            "DELETE FROM rules WHERE tenant_id = $1 AND id = $2",
-            args![&auth.tenant_id, &id],
-        )
-        .await?;
-    if n == 0 {
-        return Err(ApiError::not_found("rule"));
+    let outcome = {
+        let mut tx = state.db.begin().await?;
+        match locked(&mut tx, &auth.tenant_id, &id).await? {
+            None => Versioned::Missing,
+            Some(existing) if !version_holds(if_match.version(), existing.version) => {
+                Versioned::Changed(existing.version)
+            }
+            Some(_) => {
+                tx.execute(
+                    "DELETE FROM rules WHERE tenant_id = $1 AND id = $2",
+                    args![&auth.tenant_id, &id],
+                )
+                .await?;
+                tx.commit().await?;
+                Versioned::Done(())
+            }
+        }
+    };
+    match outcome {
+        Versioned::Done(()) => {}
+        Versioned::Missing => return Err(ApiError::not_found("rule")),
+        Versioned::Changed(current) => return Err(ApiError::version_mismatch("rule", current)),
     }
     state.changed(Change::Rules(auth.tenant_id.clone())).await;
     Ok(StatusCode::NO_CONTENT)

@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dual;
-use crate::harness::{Backend, TestApp, at_once, error_code, eventually, wait_until};
+use crate::harness::{Backend, TestApp, at_once, error_code, eventually, read, wait_until};
 use crate::receiver::Receiver;
 
 /// Loopback delivery allowed and a compressed retry schedule.
@@ -479,6 +479,8 @@ async fn gone_disables_the_endpoint(backend: Backend) {
     let (_, ep) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
     assert_eq!(ep["enabled"], false);
     assert!(ep["disabled_reason"].as_str().unwrap().contains("410"));
+    // Disabling is a change of the endpoint: an edit based on the version before it is refused.
+    assert_eq!(ep["version"], 2, "{ep}");
     assert_eq!(rx.received().len(), 1, "410 is not retried");
     let (_, accepted) = app
         .call(
@@ -868,7 +870,118 @@ async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
     );
 }
 
-dual!(endpoint_changes_made_at_once_all_stand);
+dual!(
+    endpoint_changes_made_at_once_all_stand,
+    endpoint_changes_apply_only_at_the_version_read
+);
+
+/// `If-Match` on an endpoint: a PATCH or DELETE based on a version someone changed meanwhile is
+/// a 412 and changes nothing; of changes made at once at one version, one lands.
+async fn endpoint_changes_apply_only_at_the_version_read(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let created = app
+        .as_key(&app.admin_key, Method::POST, "/v1/endpoints")
+        .json(&json!({"url": "https://hooks.example.com/a", "description": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["etag"], "\"1\"");
+    let (_, created) = read(created).await;
+    assert_eq!(created["version"], 1, "{created}");
+    let path = format!("/v1/endpoints/{}", created["id"].as_str().unwrap());
+    let read_at = app
+        .as_key(&app.admin_key, Method::GET, &path)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_at.headers()["etag"], "\"1\"");
+
+    let patch = |if_match: &str, change: Value| {
+        app.as_key(&app.admin_key, Method::PATCH, &path)
+            .header("if-match", if_match)
+            .json(&change)
+    };
+    let first = patch("\"1\"", json!({"description": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["etag"], "\"2\"");
+    let (status, lost) = read(
+        patch("\"1\"", json!({"url": "https://hooks.example.com/lost"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, error_code(&lost)), (412, "version_mismatch"), "{lost}");
+    assert!(
+        lost["error"]["message"].as_str().unwrap().contains("version 2"),
+        "{lost}"
+    );
+    let (_, now) = app.call(Method::GET, &path, None).await;
+    assert_eq!(
+        (
+            now["url"].clone(),
+            now["description"].clone(),
+            now["version"].clone()
+        ),
+        (json!("https://hooks.example.com/a"), json!("second"), json!(2))
+    );
+    // The list shows the same version, so an edit can start from a list.
+    let (_, list) = app.call(Method::GET, "/v1/endpoints", None).await;
+    assert_eq!(list["data"][0]["version"], 2, "{list}");
+
+    // Rotating the secret changes no configuration: an edit at version 2 still applies.
+    let (status, _) = app
+        .call(Method::POST, &format!("{path}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        patch("\"2\"", json!({"enabled": false}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Weak or malformed tags are refused; `*` and no header are unconditional.
+    let (status, body) = read(patch("W/\"3\"", json!({"enabled": true})).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_if_match"), "{body}");
+    assert_eq!(
+        patch("*", json!({"enabled": true}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Eight edits made at once at version 4: one lands, seven learn of it.
+    let edits = (0..8).map(|i| patch("\"4\"", json!({"description": format!("edit {i}")})));
+    let mut statuses = at_once(edits).await;
+    statuses.sort();
+    assert_eq!(statuses, [200, 412, 412, 412, 412, 412, 412, 412]);
+
+    let delete = |if_match: &str| {
+        app.as_key(&app.admin_key, Method::DELETE, &path)
+            .header("if-match", if_match)
+    };
+    let (status, body) = read(delete("\"4\"").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{body}");
+    assert_eq!(app.call(Method::GET, &path, None).await.0, 200);
+    assert_eq!(delete("\"5\"").send().await.unwrap().status(), 204);
+    assert_eq!(delete("\"5\"").send().await.unwrap().status(), 404);
+    assert_eq!(
+        patch("\"6\"", json!({"enabled": true}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
 
 /// Changes of one endpoint made at once (different fields, several rotations) all stand: none
 /// is undone by another that read the endpoint before it.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::delivery::{endpoint, send_event};
 use crate::dual;
 use crate::gateway::{World, agent_token, invoke, world};
-use crate::harness::{Backend, TestApp, error_code, eventually};
+use crate::harness::{Backend, TestApp, error_code, eventually, read};
 use crate::receiver::Receiver;
 
 dual!(
@@ -23,7 +23,83 @@ dual!(
     dry_runs_send_and_write_nothing,
     rules_run_on_the_gateways_own_events,
     guards_refuse_or_hold_a_rules_calls,
+    rule_changes_apply_only_at_the_version_read,
 );
+
+/// `If-Match` on a rule: a save or delete based on a version someone changed meanwhile is a 412
+/// and changes nothing; a rule read can be saved back as it is.
+async fn rule_changes_apply_only_at_the_version_read(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let rule = |name: &str| {
+        json!({"name": name, "enabled": true,
+        "when": {"event_type": "ticket.created"},
+        "then": [{"emit": {"type": "ticket.triaged", "data": {}}}]})
+    };
+    let created = app
+        .as_key(&app.admin_key, Method::POST, "/v1/rules")
+        .json(&rule("first"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["etag"], "\"1\"");
+    let (_, created) = read(created).await;
+    assert_eq!(created["version"], 1, "{created}");
+    let path = format!("/v1/rules/{}", created["id"].as_str().unwrap());
+    let put = |if_match: &str, body: Value| {
+        app.as_key(&app.admin_key, Method::PUT, &path)
+            .header("if-match", if_match)
+            .json(&body)
+    };
+
+    // What a read answered goes back as it is, its server fields ignored.
+    let read_at = app
+        .as_key(&app.admin_key, Method::GET, &path)
+        .send()
+        .await
+        .unwrap();
+    let tag = read_at.headers()["etag"].to_str().unwrap().to_string();
+    let (_, mut body) = read(read_at).await;
+    body["name"] = json!("second");
+    let saved = put(&tag, body.clone()).send().await.unwrap();
+    assert_eq!(saved.status(), 200);
+    assert_eq!(saved.headers()["etag"], "\"2\"");
+    let (_, saved) = read(saved).await;
+    assert_eq!(
+        (saved["name"].clone(), saved["version"].clone()),
+        (json!("second"), json!(2))
+    );
+
+    body["name"] = json!("lost");
+    let (status, lost) = read(put(&tag, body).send().await.unwrap()).await;
+    assert_eq!((status, error_code(&lost)), (412, "version_mismatch"), "{lost}");
+    assert!(
+        lost["error"]["message"].as_str().unwrap().contains("version 2"),
+        "{lost}"
+    );
+    let (_, now) = app.call(Method::GET, &path, None).await;
+    assert_eq!(now["name"], "second", "{now}");
+
+    // Eight saves at once at version 2: one lands. Without If-Match, saves are unconditional.
+    let saves = (0..8).map(|i| put("\"2\"", rule(&format!("edit {i}"))));
+    let mut statuses = crate::harness::at_once(saves).await;
+    statuses.sort();
+    assert_eq!(statuses, [200, 412, 412, 412, 412, 412, 412, 412]);
+    let (status, blind) = app.call(Method::PUT, &path, Some(rule("blind"))).await;
+    assert_eq!((status, blind["version"].clone()), (200, json!(4)), "{blind}");
+
+    let delete = |if_match: &str| {
+        app.as_key(&app.admin_key, Method::DELETE, &path)
+            .header("if-match", if_match)
+    };
+    let (status, body) = read(delete("\"3\"").send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{body}");
+    assert_eq!(app.call(Method::GET, &path, None).await.0, 200);
+    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 204);
+    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 404);
+    let (status, _) = read(put("\"4\"", rule("after")).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+}
 
 async fn count(app: &TestApp, path: &str) -> usize {
     app.call(Method::GET, path, None).await.1["data"]

@@ -293,7 +293,7 @@ async function showRuleEditor(id) {
   if (id) stored = await api("GET", `/v1/rules/${enc(id)}`);
   const schema = choices.eventTypes.find((t) => t.name === stored?.when?.event_type)?.schema;
   const form = stored ? formFromRule(stored, kindsOf(schema)) : emptyForm();
-  const editor = new RuleEditor(form, choices, stored?.id ?? null);
+  const editor = new RuleEditor(form, choices, stored);
   return [editor.root];
 }
 
@@ -471,10 +471,12 @@ function readValue(cond, kindOf) {
 
 /** The visual builder: edits a form, shows the rule it makes, dry-runs and saves it. */
 class RuleEditor {
-  constructor(form, choices, ruleId) {
+  constructor(form, choices, stored) {
     this.form = form;
     this.choices = choices;
-    this.ruleId = ruleId;
+    /** The rule as last read or saved (its ETag included), or null for a new one. */
+    this.stored = stored;
+    this.ruleId = stored?.id ?? null;
     this.preview = h("pre", { id: "rule-json" });
     this.messages = h("div", { id: "rule-messages" });
 
@@ -487,8 +489,8 @@ class RuleEditor {
       oninput: () => { this.sampleEdited = true; },
     });
     this.sampleEdited = false;
-    this.heading = h("h2", {}, ruleId ? "Edit rule" : "New rule");
-    this.deleteButton = h("button", { type: "button", id: "delete-rule", class: "danger", hidden: !ruleId, onclick: () => this.remove() }, "Delete");
+    this.heading = h("h2", {}, this.ruleId ? "Edit rule" : "New rule");
+    this.deleteButton = h("button", { type: "button", id: "delete-rule", class: "danger", hidden: !this.ruleId, onclick: () => this.remove() }, "Delete");
     this.noConditions = h("p", { class: "muted" }, "No conditions: the rule runs on every such event.");
     this.testResult = h("div", { id: "test-result" });
     this.tree = new ConditionTree(form.conditions, {
@@ -680,8 +682,9 @@ class RuleEditor {
     if (!rule) return;
     try {
       const saved = this.ruleId
-        ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule)
+        ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule, ifMatch(this.stored))
         : await api("POST", `/v1/rules`, rule);
+      this.stored = saved;
       this.ruleId = saved.id;
       this.heading.textContent = "Edit rule";
       this.deleteButton.hidden = false;
@@ -696,7 +699,7 @@ class RuleEditor {
   async remove() {
     if (!confirm("Delete this rule?")) return;
     try {
-      await api("DELETE", `/v1/rules/${enc(this.ruleId)}`);
+      await api("DELETE", `/v1/rules/${enc(this.ruleId)}`, undefined, ifMatch(this.stored));
       location.hash = "#/rules";
     } catch (err) {
       this.messages.replaceChildren(problem(err));
@@ -782,7 +785,7 @@ function endpointEditor(ep, out) {
         event_types: eventTypes.length ? eventTypes : ["*"],
         rate_limit_per_s: rate.value === "" ? null : Number(rate.value),
         signature_scheme: scheme.value,
-      });
+      }, ifMatch(ep));
       await route();
       notice(h("div", { class: "ok", role: "status" }, `Saved ${ep.id}.`));
       return "";
@@ -845,11 +848,11 @@ async function showEndpoints() {
         action("send test", () => run(async () => { const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/test`, {}); return h("div", { class: "ok" }, `Test event sent: delivery `, link(`#/deliveries/${enc(r.delivery_id)}`, r.delivery_id)); })),
         action("secret", () => run(async () => pre(await api("GET", `/v1/endpoints/${enc(ep.id)}/secret`)))),
         action("rotate secret", () => run(async () => { if (!confirm("Rotate the secret? The old one keeps signing during the overlap.")) return ""; return pre(await api("POST", `/v1/endpoints/${enc(ep.id)}/rotate-secret`, {})); })),
-        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }); await route(); return ""; })),
+        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }, ifMatch(ep)); await route(); return ""; })),
         action("edit", () => out.replaceChildren(endpointEditor(ep, out))),
         action("deliveries", () => { location.hash = `#/deliveries?endpoint_id=${enc(ep.id)}`; }),
         action("recover", () => out.replaceChildren(recoverForm(ep, out))),
-        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`); await route(); return ""; })),
+        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`, undefined, ifMatch(ep)); await route(); return ""; })),
       ),
     ),
   );
