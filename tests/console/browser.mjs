@@ -125,6 +125,19 @@ try {
   await page.click("#save-endpoint");
   await page.getByText(`Saved ${endpointId}.`).waitFor();
   await page.locator("tr", { hasText: endpointId }).getByText("none.*, escalation.*").waitFor();
+  // An edit over someone else's change made meanwhile is refused, not silently lost.
+  await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "edit" }).click();
+  const endpointChanged = await page.evaluate(async ([k, id]) => {
+    const headers = { authorization: `Bearer ${k}`, "content-type": "application/json" };
+    const body = JSON.stringify({ description: "Changed by someone else." });
+    return (await fetch(`/v1/endpoints/${id}`, { method: "PATCH", headers, body })).status;
+  }, [key, endpointId]);
+  assert.equal(endpointChanged, 200);
+  await page.fill("#edit-endpoint-rate", "60");
+  expectedStatuses.add(412);
+  await page.click("#save-endpoint");
+  await page.getByText("the endpoint was changed meanwhile and is at version 3").waitFor();
+  expectedStatuses.delete(412);
   // Recovering its failed deliveries of the last day finds none; an endpoint added here shows
   // its secret once and can be deleted again.
   await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "recover" }).click();
