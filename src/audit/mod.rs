@@ -8,10 +8,11 @@
 //! from a chain's end leave a shorter chain that holds: the log proves what was recorded, not
 //! that nothing followed.)
 //!
-//! Rows are written by a middleware once the change has succeeded and before the answer leaves,
-//! in a task of its own so that a client hanging up cannot cancel it: a change answered 2xx has
-//! its row unless writing it failed, which is logged and counted in `opsiq_audit_failures_total`
-//! (the change stands; answering an error would invite a second one). A row keeps who, which
+//! Rows are written by a middleware once the change has succeeded and before the answer leaves.
+//! The change and its row run in a task of their own, so a client hanging up cancels neither: a
+//! change answered 2xx, or made for a client that left, has its row unless writing it failed,
+//! which is logged and counted in `opsiq_audit_failures_total` (the change stands; answering an
+//! error would invite a second one). A row keeps who, which
 //! route, which path, the status and the request id, never a body, so no secret reaches the log.
 //! Agents' invocations and ingested events are the data plane, recorded in their own tables;
 //! changes made outside the API (`opsiq init`, the declarative files read at start) are not here.
@@ -20,14 +21,15 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::db::{Database, DbError, Dialect, now_ms, rfc3339};
-use crate::http::{AdminAuth, ApiResult, Page, PageQuery, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, Page, PageQuery, Permission, Query};
 use crate::{AppState, args, ids};
 
 /// The `prev_hash` of a chain's first row.
@@ -95,29 +97,46 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= MAX_REQUEST_ID)
         .map(str::to_string);
-    let response = next.run(req).await;
-    let Some(auth) = actor.take() else {
-        return response;
-    };
-    if !response.status().is_success() {
-        return response;
-    }
-    let details = json!({"status": response.status().as_u16(), "request_id": request_id}).to_string();
-    let write = tokio::spawn(async move {
-        let entry = Entry {
-            tenant_id: &auth.tenant_id,
-            actor: &auth.actor(),
-            action: &action,
-            target: &target,
-            details: &details,
-        };
-        if let Err(e) = append(&state.db, state.keys.audit_chain_key(), entry).await {
-            metrics::counter!("opsiq_audit_failures_total").increment(1);
-            tracing::error!(error = %e, %action, %target, "writing the audit row failed");
+    // The change and its row run in a task of their own: a client hanging up drops only this
+    // future, so a change is never stopped between its commit and what follows it (announcing
+    // it to the other replicas, this row).
+    let change = tokio::spawn(
+        async move {
+            let response = next.run(req).await;
+            let Some(auth) = actor.take() else {
+                return response;
+            };
+            if !response.status().is_success() {
+                return response;
+            }
+            let details = json!({"status": response.status().as_u16(), "request_id": request_id}).to_string();
+            let entry = Entry {
+                tenant_id: &auth.tenant_id,
+                actor: &auth.actor(),
+                action: &action,
+                target: &target,
+                details: &details,
+            };
+            if let Err(e) = append(&state.db, state.keys.audit_chain_key(), entry).await {
+                metrics::counter!("opsiq_audit_failures_total").increment(1);
+                tracing::error!(error = %e, %action, %target, "writing the audit row failed");
+            }
+            response
         }
-    });
-    let _ = write.await;
-    response
+        .instrument(tracing::Span::current()),
+    );
+    match change.await {
+        Ok(response) => response,
+        // Re-raised here, where the panic layer turns it into the contract's 500.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is shutting down; retry shortly",
+        )
+        .with_retry_after(1)
+        .into_response(),
+    }
 }
 
 /// One change to record.

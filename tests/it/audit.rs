@@ -11,8 +11,68 @@ use crate::process;
 dual!(
     admin_changes_are_chained_and_tampering_is_found,
     concurrent_changes_extend_one_unbroken_chain,
-    verifying_a_database_changes_nothing_in_it
+    verifying_a_database_changes_nothing_in_it,
+    a_change_is_finished_and_recorded_when_its_client_hangs_up
 );
+
+/// A client that gives up while its change waits for the database does not undo half of it: the
+/// change is made, announced and recorded in the audit log all the same.
+async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Backend) {
+    use sqlx::{Connection, Executor};
+    let app = TestApp::start(backend).await;
+    // Hold the endpoints table so the change waits for it.
+    let mut blocker: Box<dyn std::any::Any + Send> = if app.database_url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+        conn.execute("BEGIN IMMEDIATE").await.unwrap();
+        Box::new(conn)
+    } else {
+        let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+        conn.execute("BEGIN").await.unwrap();
+        conn.execute("LOCK TABLE endpoints IN SHARE ROW EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        Box::new(conn)
+    };
+    let url = "https://hooks.example.com/after-hang-up";
+    let gave_up = app
+        .as_key(&app.admin_key, Method::POST, "/v1/endpoints")
+        .timeout(std::time::Duration::from_millis(1500))
+        .json(&json!({"url": url}))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()), "the change did not wait");
+    // Release the table: the rolled-back transaction ends with its connection.
+    if let Some(conn) = blocker.downcast_mut::<sqlx::SqliteConnection>() {
+        conn.execute("ROLLBACK").await.unwrap();
+    } else if let Some(conn) = blocker.downcast_mut::<sqlx::PgConnection>() {
+        conn.execute("ROLLBACK").await.unwrap();
+    }
+    drop(blocker);
+
+    let deadline = std::time::Duration::from_secs(30);
+    let endpoint_id = crate::harness::eventually(deadline, || async {
+        let (_, page) = app.call(Method::GET, "/v1/endpoints", None).await;
+        page["data"]
+            .as_array()?
+            .iter()
+            .find(|e| e["url"] == url)
+            .map(|e| e["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    crate::harness::eventually(deadline, || async {
+        let (_, page) = app.call(Method::GET, "/v1/audit", None).await;
+        page["data"]
+            .as_array()?
+            .iter()
+            .find(|row| row["action"] == "POST /v1/endpoints")
+            .map(|_| ())
+    })
+    .await;
+    let (status, _) = app
+        .call(Method::GET, &format!("/v1/endpoints/{endpoint_id}"), None)
+        .await;
+    assert_eq!(status, 200);
+}
 
 /// A database without OpsIQ's tables is reported, not migrated: checking changes nothing.
 async fn verifying_a_database_changes_nothing_in_it(backend: Backend) {
