@@ -264,6 +264,7 @@ struct DeliveryFilter {
     endpoint_id: Option<String>,
     event_type: Option<String>,
     since: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,
     cursor: Option<String>,
 }

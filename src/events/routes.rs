@@ -194,6 +194,7 @@ struct EventFilter {
     #[serde(rename = "type")]
     event_type: Option<String>,
     since: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,
     cursor: Option<String>,
 }

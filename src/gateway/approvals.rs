@@ -58,6 +58,7 @@ const COLUMNS: &str = "id, invocation_id, status, reason, decided_by, comment, c
 #[derive(Debug, Deserialize)]
 struct ApprovalFilter {
     status: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,
     cursor: Option<String>,
 }

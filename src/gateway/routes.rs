@@ -132,6 +132,7 @@ struct InvocationFilter {
     status: Option<String>,
     action: Option<String>,
     agent_id: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,
     cursor: Option<String>,
 }

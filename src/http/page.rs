@@ -2,12 +2,13 @@
 //! out. Cursors are the sort key of the last item returned, so pages stay stable while rows are
 //! added.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Query parameters common to list routes.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct PageQuery {
     /// How many items to return (1–200, default 50).
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -20,9 +21,23 @@ impl PageQuery {
     }
 }
 
+/// Largest page a list answers.
+const MAX_LIMIT: u32 = 200;
+
 /// The effective page size for a requested `limit` (1–200, default 50).
 pub fn page_size(limit: Option<u32>) -> i64 {
-    i64::from(limit.unwrap_or(50).clamp(1, 200))
+    i64::from(limit.unwrap_or(50).clamp(1, MAX_LIMIT))
+}
+
+/// Reads a list's `limit`, refusing (as a 400) one outside 1–200 rather than answering a page
+/// of another size than asked.
+pub fn limit<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    match Option::<u32>::deserialize(deserializer)? {
+        Some(n) if !(1..=MAX_LIMIT).contains(&n) => Err(serde::de::Error::custom(format!(
+            "limit must be between 1 and {MAX_LIMIT}, not {n}"
+        ))),
+        limit => Ok(limit),
+    }
 }
 
 /// Where a newest-first list of ids with `prefix` goes on from: the cursor a previous page gave,

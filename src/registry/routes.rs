@@ -185,6 +185,7 @@ async fn delete_action(
 
 #[derive(Debug, Deserialize)]
 struct VersionPage {
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,
     cursor: Option<i64>,
 }

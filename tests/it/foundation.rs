@@ -439,6 +439,33 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         assert_eq!(status, 200, "{list}");
         let (status, empty) = app.call(Method::GET, &format!("{list}?cursor="), None).await;
         assert_eq!((status, &empty["data"]), (200, &first["data"]), "{list}");
+        // A page size outside 1–200 is refused, not quietly changed.
+        for limit in ["0", "201", "-1", "ten", "4294967296"] {
+            let (status, body) = app
+                .call(Method::GET, &format!("{list}?limit={limit}"), None)
+                .await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (400, "invalid_query"),
+                "{list} {limit}"
+            );
+        }
+        for limit in ["1", "200"] {
+            let (status, _) = app
+                .call(Method::GET, &format!("{list}?limit={limit}"), None)
+                .await;
+            assert_eq!(status, 200, "{list} {limit}");
+        }
+    }
+    for list in [
+        "/v1/actions",
+        "/v1/actions/refund_invoice/versions",
+        "/v1/agents",
+        "/v1/audit",
+        "/v1/event-types",
+    ] {
+        let (status, body) = app.call(Method::GET, &format!("{list}?limit=201"), None).await;
+        assert_eq!((status, error_code(&body)), (400, "invalid_query"), "{list}");
     }
     let (_, keys) = app.call(Method::GET, "/v1/api-keys?cursor=", None).await;
     assert!(!keys["data"].as_array().unwrap().is_empty());
