@@ -68,6 +68,9 @@ pub struct AppState {
     pub request_slots: Arc<tokio::sync::Semaphore>,
     /// Whether this process is its database's only server (held for as long as it runs).
     pub server_lock: crate::db::ServerLock,
+    /// Held shared by every admin change while it runs in its own task (its client may be gone);
+    /// shutdown takes it exclusively to let them finish.
+    pub unfinished_changes: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Cached admin key lookups: hash → (key id, tenant id, role), or `None` for no such live key.
@@ -125,6 +128,7 @@ impl AppState {
             rules,
             api_keys: Arc::new(ApiKeyCache::new(config.cache_ttl)),
             request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
+            unfinished_changes: Arc::default(),
             catalog: Arc::new(Catalog::load(&config.events_dir, config.cache_ttl)?),
             policy,
             config,
@@ -207,11 +211,13 @@ pub fn router(state: AppState) -> Router {
         .merge(gateway::routes())
         .merge(mcp::routes())
         .merge(audit::routes())
+        // Inside the audit layer, which runs a change in a task of its own: a change keeps its
+        // request slot until it ends, even if its client has gone.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::record_changes,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), shed_load));
+        ));
     let app = Router::new()
         .merge(ops::routes())
         .merge(console::routes())
@@ -283,12 +289,18 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let db = state.db.clone();
     let engine = state.engine.clone();
+    let unfinished_changes = state.unfinished_changes.clone();
     let changes = crate::changes::spawn_listener(state.clone());
     let app = router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed");
+    // Changes whose clients left before the answer are not connections graceful shutdown
+    // waits for; wait for them here, before the change feed and the database go.
+    tokio::time::timeout(Duration::from_secs(10), unfinished_changes.write())
+        .await
+        .ok();
     if let Some(changes) = changes {
         changes.abort();
     }

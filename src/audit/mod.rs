@@ -100,8 +100,10 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
     // The change and its row run in a task of their own: a client hanging up drops only this
     // future, so a change is never stopped between its commit and what follows it (announcing
     // it to the other replicas, this row).
+    let running = state.unfinished_changes.clone().read_owned().await;
     let change = tokio::spawn(
         async move {
+            let _running = running;
             let response = next.run(req).await;
             let Some(auth) = actor.take() else {
                 return response;

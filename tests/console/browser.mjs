@@ -138,6 +138,16 @@ try {
   await page.click("#save-endpoint");
   await page.getByText("the endpoint was changed meanwhile and is at version 3").waitFor();
   expectedStatuses.delete(412);
+  const afterRefusal = await page.evaluate(async ([k, id]) => {
+    return (await fetch(`/v1/endpoints/${id}`, { headers: { authorization: `Bearer ${k}` } })).json();
+  }, [key, endpointId]);
+  assert.equal(afterRefusal.rate_limit_per_s, 50, "the refused edit changed nothing");
+  // The list was read again: editing from it now starts at the current version and lands.
+  await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "edit" }).click();
+  assert.equal(await page.inputValue("#edit-endpoint-description"), "Changed by someone else.");
+  await page.fill("#edit-endpoint-rate", "60");
+  await page.click("#save-endpoint");
+  await page.getByText(`Saved ${endpointId}.`).waitFor();
   // Recovering its failed deliveries of the last day finds none; an endpoint added here shows
   // its secret once and can be deleted again.
   await page.locator("tr", { hasText: endpointId }).getByRole("button", { name: "recover" }).click();

@@ -16,10 +16,14 @@ dual!(
 );
 
 /// A client that gives up while its change waits for the database does not undo half of it: the
-/// change is made, announced and recorded in the audit log all the same.
+/// change is made, announced and recorded in the audit log all the same, and it keeps its
+/// request slot until then.
 async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Backend) {
     use sqlx::{Connection, Executor};
-    let app = TestApp::start(backend).await;
+    let app = TestApp::on(backend)
+        .with(|raw, _| raw.max_requests_in_flight = 1)
+        .start()
+        .await;
     // Hold the endpoints table so the change waits for it.
     let mut blocker: Box<dyn std::any::Any + Send> = if app.database_url.starts_with("sqlite:") {
         let mut conn = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
@@ -41,6 +45,13 @@ async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Bac
         .send()
         .await;
     assert!(gave_up.is_err_and(|e| e.is_timeout()), "the change did not wait");
+    // The abandoned change still holds the only request slot.
+    let (status, body) = app.call(Method::GET, "/v1/endpoints", None).await;
+    assert_eq!(
+        (status, crate::harness::error_code(&body)),
+        (503, "overloaded"),
+        "{body}"
+    );
     // Release the table: the rolled-back transaction ends with its connection.
     if let Some(conn) = blocker.downcast_mut::<sqlx::SqliteConnection>() {
         conn.execute("ROLLBACK").await.unwrap();

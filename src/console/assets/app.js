@@ -91,6 +91,22 @@ function ifMatch(stored) {
   return { "if-match": stored[ETAG] ?? `"${stored.version}"` };
 }
 
+/**
+ * Runs a change made from a list; one refused because the object changed meanwhile (412) shows
+ * the list again as it is now, with the server's message above it, so the next try starts from
+ * the current version.
+ */
+async function changeFromList(fn) {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err.status !== 412) throw err;
+    await route();
+    notice(problem(err));
+    return "";
+  }
+}
+
 let lastId = 0;
 
 /** An element id no other element on the page has. */
@@ -777,7 +793,7 @@ function endpointEditor(ep, out) {
     submitLabel: "Save",
     submitId: "save-endpoint",
     buttons: [h("button", { type: "button", onclick: () => out.replaceChildren() }, "Cancel")],
-    submit: async () => {
+    submit: () => changeFromList(async () => {
       const eventTypes = commaList(types.value);
       await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, {
         url: url.value.trim(),
@@ -789,7 +805,7 @@ function endpointEditor(ep, out) {
       await route();
       notice(h("div", { class: "ok", role: "status" }, `Saved ${ep.id}.`));
       return "";
-    },
+    }),
   });
 }
 
@@ -848,11 +864,11 @@ async function showEndpoints() {
         action("send test", () => run(async () => { const r = await api("POST", `/v1/endpoints/${enc(ep.id)}/test`, {}); return h("div", { class: "ok" }, `Test event sent: delivery `, link(`#/deliveries/${enc(r.delivery_id)}`, r.delivery_id)); })),
         action("secret", () => run(async () => pre(await api("GET", `/v1/endpoints/${enc(ep.id)}/secret`)))),
         action("rotate secret", () => run(async () => { if (!confirm("Rotate the secret? The old one keeps signing during the overlap.")) return ""; return pre(await api("POST", `/v1/endpoints/${enc(ep.id)}/rotate-secret`, {})); })),
-        action(ep.enabled ? "disable" : "enable", () => run(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }, ifMatch(ep)); await route(); return ""; })),
+        action(ep.enabled ? "disable" : "enable", () => run(() => changeFromList(async () => { await api("PATCH", `/v1/endpoints/${enc(ep.id)}`, { enabled: !ep.enabled }, ifMatch(ep)); await route(); return ""; }))),
         action("edit", () => out.replaceChildren(endpointEditor(ep, out))),
         action("deliveries", () => { location.hash = `#/deliveries?endpoint_id=${enc(ep.id)}`; }),
         action("recover", () => out.replaceChildren(recoverForm(ep, out))),
-        action("delete", () => run(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`, undefined, ifMatch(ep)); await route(); return ""; })),
+        action("delete", () => run(() => changeFromList(async () => { if (!confirm(`Delete ${ep.url}?`)) return ""; await api("DELETE", `/v1/endpoints/${enc(ep.id)}`, undefined, ifMatch(ep)); await route(); return ""; }))),
       ),
     ),
   );
