@@ -178,15 +178,7 @@ async fn actions_change_only_at_the_version_read(backend: Backend) {
     );
 
     // A delete at an old version is refused too; at the current one it deletes.
-    let delete = |if_match: &str| {
-        app.as_key(&app.admin_key, Method::DELETE, path)
-            .header("if-match", if_match)
-    };
-    let (status, body) = read(delete("\"3\"").send().await.unwrap()).await;
-    assert_eq!((status, error_code(&body)), (412, "version_mismatch"), "{body}");
-    assert_eq!(app.call(Method::GET, path, None).await.0, 200);
-    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 204);
-    assert_eq!(delete("\"4\"").send().await.unwrap().status(), 404);
+    crate::harness::delete_checks_version(&app, path, "\"3\"", "\"4\"").await;
     let (status, _) = read(put("\"4\"", "After delete.").send().await.unwrap()).await;
     assert_eq!(status, 404);
 

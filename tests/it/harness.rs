@@ -326,6 +326,24 @@ pub async fn at_once(requests: impl Iterator<Item = reqwest::RequestBuilder>) ->
     statuses
 }
 
+/// `If-Match` on `DELETE path`: a `stale` tag is a 412 that leaves the object, the `current` one
+/// deletes it, and a second delete finds nothing.
+pub async fn delete_checks_version(app: &TestApp, path: &str, stale: &str, current: &str) {
+    let delete = |tag: &str| {
+        app.as_key(&app.admin_key, reqwest::Method::DELETE, path)
+            .header("if-match", tag)
+    };
+    let (status, body) = read(delete(stale).send().await.unwrap()).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (412, "version_mismatch"),
+        "{path}: {body}"
+    );
+    assert_eq!(app.call(reqwest::Method::GET, path, None).await.0, 200, "{path}");
+    assert_eq!(delete(current).send().await.unwrap().status(), 204, "{path}");
+    assert_eq!(delete(current).send().await.unwrap().status(), 404, "{path}");
+}
+
 /// Polls `check` every 20 ms until it holds; panics after `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, mut check: F)
 where
