@@ -107,6 +107,28 @@ try {
   await page.locator("#rule-name").waitFor();
   assert.equal(await page.inputValue("#rule-name"), "Escalate enterprise tickets");
   assert.deepEqual(JSON.parse(await page.textContent("#rule-json")), expected);
+  // A save over someone else's change made meanwhile is refused; the person loads the current
+  // version from the message and saves again.
+  const ruleChanged = await page.evaluate(async ([k, id]) => {
+    const headers = { authorization: `Bearer ${k}`, "content-type": "application/json" };
+    const stored = await (await fetch(`/v1/rules/${id}`, { headers })).json();
+    for (const field of ["id", "created_at", "updated_at", "version"]) delete stored[field];
+    return (await fetch(`/v1/rules/${id}`, { method: "PUT", headers, body: JSON.stringify(stored) })).status;
+  }, [key, ruleId]);
+  assert.equal(ruleChanged, 200);
+  expectedStatuses.add(412);
+  await page.click("#save-rule");
+  const staleRule = page.locator(".problem", { hasText: "the rule was changed meanwhile and is at version 2" });
+  await staleRule.waitFor();
+  expectedStatuses.delete(412);
+  await page.click("#load-current");
+  await staleRule.waitFor({ state: "detached" });
+  await page.click("#save-rule");
+  await page.getByText(`Saved as ${ruleId}.`).waitFor();
+  const ruleVersion = await page.evaluate(async ([k, id]) => {
+    return (await (await fetch(`/v1/rules/${id}`, { headers: { authorization: `Bearer ${k}` } })).json()).version;
+  }, [key, ruleId]);
+  assert.equal(ruleVersion, 3, "the second save landed on the version it loaded");
 
   // An incomplete rule is explained, not sent.
   await page.goto(`${base}/#/rules/new`);
@@ -241,7 +263,9 @@ try {
   expectedStatuses.add(412);
   await page.click("#save-action");
   await page.locator("#action-messages .problem", { hasText: "changed meanwhile and is at version 2" }).waitFor();
-  await page.reload();
+  // The form keeps the person's edit until they load the current version.
+  assert.equal(await page.inputValue("#action-description"), "My change.");
+  await page.click("#load-current");
   await page.locator("p", { hasText: "Version 2 (" }).waitFor();
   assert.equal(await page.inputValue("#action-description"), "Changed by someone else.");
   expectedStatuses.delete(412);

@@ -152,6 +152,17 @@ function problem(err) {
 }
 
 /**
+ * A problem with an editor's save or delete. One refused because the object changed meanwhile
+ * (412) also offers to load the current version; until the person asks, the form keeps their
+ * edits, so nothing they typed is lost to someone else's change.
+ */
+function editorProblem(err) {
+  if (err.status !== 412) return problem(err);
+  const reload = h("button", { type: "button", id: "load-current", onclick: () => route() }, "Load the current version");
+  return h("div", {}, problem(err), h("p", {}, reload, " ", h("span", { class: "muted" }, "(the edits here are discarded)")));
+}
+
+/**
  * `<option>`s: an empty choice, then `choices` (`[value, text]`), marking `selected`; a
  * `selected` value no longer among them (deleted since) stays chosen, with `missing` beside it,
  * so a save never drops it silently.
@@ -708,7 +719,7 @@ class RuleEditor {
       history.replaceState(null, "", `#/rules/${enc(saved.id)}`);
       main.dataset.view = location.hash;
     } catch (err) {
-      this.messages.replaceChildren(problem(err));
+      this.messages.replaceChildren(editorProblem(err));
     }
   }
 
@@ -718,7 +729,7 @@ class RuleEditor {
       await api("DELETE", `/v1/rules/${enc(this.ruleId)}`, undefined, ifMatch(this.stored));
       location.hash = "#/rules";
     } catch (err) {
-      this.messages.replaceChildren(problem(err));
+      this.messages.replaceChildren(editorProblem(err));
     }
   }
 }
@@ -1122,7 +1133,7 @@ async function showActionEditor(name) {
       const said = stored && saved.version === stored.version ? `No changes: ${saved.name} is still version ${saved.version}.` : `Saved ${saved.name}, version ${saved.version}.`;
       notice(h("div", { class: "ok", role: "status", id: "action-saved" }, said));
     } catch (err) {
-      out.replaceChildren(problem(err));
+      out.replaceChildren(editorProblem(err));
     }
   };
   const remove = async () => {
@@ -1131,7 +1142,7 @@ async function showActionEditor(name) {
       await api("DELETE", `/v1/actions/${enc(stored.name)}`, undefined, ifMatch(stored));
       location.hash = "#/actions";
     } catch (err) {
-      out.replaceChildren(problem(err));
+      out.replaceChildren(editorProblem(err));
     }
   };
   root = h(
