@@ -12,32 +12,44 @@ dual!(
     admin_changes_are_chained_and_tampering_is_found,
     concurrent_changes_extend_one_unbroken_chain,
     verifying_a_database_changes_nothing_in_it,
-    a_change_is_finished_and_recorded_when_its_client_hangs_up
+    a_change_is_finished_and_recorded_when_its_client_hangs_up,
+    a_change_under_way_at_shutdown_is_finished_and_recorded_first
 );
 
-/// A client that gives up while its change waits for the database does not undo half of it: the
-/// change is made, announced and recorded in the audit log all the same, and it keeps its
-/// request slot until then.
-async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Backend) {
-    use sqlx::{Connection, Executor};
-    let app = TestApp::on(backend)
-        .with(|raw, _| raw.max_requests_in_flight = 1)
-        .start()
-        .await;
-    // Hold the endpoints table so the change waits for it.
-    let mut blocker: Box<dyn std::any::Any + Send> = if app.database_url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
-        conn.execute("BEGIN IMMEDIATE").await.unwrap();
-        Box::new(conn)
-    } else {
-        let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-        conn.execute("BEGIN").await.unwrap();
-        conn.execute("LOCK TABLE endpoints IN SHARE ROW EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        Box::new(conn)
-    };
-    let url = "https://hooks.example.com/after-hang-up";
+/// A transaction on a connection of the test's own that holds the endpoints table, so that a
+/// change to an endpoint waits for it.
+struct TableHold(Box<dyn std::any::Any + Send>);
+
+impl TableHold {
+    async fn endpoints(app: &TestApp) -> TableHold {
+        use sqlx::{Connection, Executor};
+        if app.database_url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+            conn.execute("BEGIN IMMEDIATE").await.unwrap();
+            TableHold(Box::new(conn))
+        } else {
+            let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+            conn.execute("BEGIN").await.unwrap();
+            conn.execute("LOCK TABLE endpoints IN SHARE ROW EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            TableHold(Box::new(conn))
+        }
+    }
+
+    /// Rolls the transaction back and closes its connection.
+    async fn release(mut self) {
+        use sqlx::Executor;
+        if let Some(conn) = self.0.downcast_mut::<sqlx::SqliteConnection>() {
+            conn.execute("ROLLBACK").await.unwrap();
+        } else if let Some(conn) = self.0.downcast_mut::<sqlx::PgConnection>() {
+            conn.execute("ROLLBACK").await.unwrap();
+        }
+    }
+}
+
+/// Creates an endpoint for `url` with a client that gives up after 1.5 s, and checks it gave up.
+async fn create_endpoint_and_hang_up(app: &TestApp, url: &str) {
     let gave_up = app
         .as_key(&app.admin_key, Method::POST, "/v1/endpoints")
         .timeout(std::time::Duration::from_millis(1500))
@@ -45,6 +57,19 @@ async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Bac
         .send()
         .await;
     assert!(gave_up.is_err_and(|e| e.is_timeout()), "the change did not wait");
+}
+
+/// A client that gives up while its change waits for the database does not undo half of it: the
+/// change is made, announced and recorded in the audit log all the same, and it keeps its
+/// request slot until then.
+async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, _| raw.max_requests_in_flight = 1)
+        .start()
+        .await;
+    let hold = TableHold::endpoints(&app).await;
+    let url = "https://hooks.example.com/after-hang-up";
+    create_endpoint_and_hang_up(&app, url).await;
     // The abandoned change still holds the only request slot.
     let (status, body) = app.call(Method::GET, "/v1/endpoints", None).await;
     assert_eq!(
@@ -52,13 +77,7 @@ async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Bac
         (503, "overloaded"),
         "{body}"
     );
-    // Release the table: the rolled-back transaction ends with its connection.
-    if let Some(conn) = blocker.downcast_mut::<sqlx::SqliteConnection>() {
-        conn.execute("ROLLBACK").await.unwrap();
-    } else if let Some(conn) = blocker.downcast_mut::<sqlx::PgConnection>() {
-        conn.execute("ROLLBACK").await.unwrap();
-    }
-    drop(blocker);
+    hold.release().await;
 
     let deadline = std::time::Duration::from_secs(30);
     let endpoint_id = crate::harness::eventually(deadline, || async {
@@ -83,6 +102,45 @@ async fn a_change_is_finished_and_recorded_when_its_client_hangs_up(backend: Bac
         .call(Method::GET, &format!("/v1/endpoints/{endpoint_id}"), None)
         .await;
     assert_eq!(status, 200);
+}
+
+/// Stopping the server while an abandoned change still waits for the database lets the change
+/// finish, with its audit row, before the database is closed: nothing is left half done.
+async fn a_change_under_way_at_shutdown_is_finished_and_recorded_first(backend: Backend) {
+    let mut app = TestApp::start(backend).await;
+    let hold = TableHold::endpoints(&app).await;
+    let url = "https://hooks.example.com/during-shutdown";
+    create_endpoint_and_hang_up(&app, url).await;
+
+    let base = app.base.clone();
+    let http = app.http.clone();
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+        app
+    });
+    // Once the server no longer accepts connections it is shutting down. The database stays
+    // slow for a second more — time the shutdown would use to close the database under the
+    // waiting change if it did not wait for it (it waits up to 10 s) — and then lets it go on.
+    crate::harness::wait_until(std::time::Duration::from_secs(30), || async {
+        http.get(format!("{base}/readyz")).send().await.is_err()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    hold.release().await;
+    let mut app = stopping.await.unwrap();
+
+    // Started again on the same database, the server has both the endpoint and its audit row at
+    // once: they were written before the first one closed the database.
+    app.restart().await;
+    let (_, endpoints) = app.call(Method::GET, "/v1/endpoints", None).await;
+    let created = endpoints["data"].as_array().unwrap();
+    assert!(created.iter().any(|e| e["url"] == url), "{endpoints}");
+    let (_, audit) = app.call(Method::GET, "/v1/audit", None).await;
+    let recorded = audit["data"].as_array().unwrap();
+    assert!(
+        recorded.iter().any(|row| row["action"] == "POST /v1/endpoints"),
+        "{audit}"
+    );
 }
 
 /// A database without OpsIQ's tables is reported, not migrated: checking changes nothing.
