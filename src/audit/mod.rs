@@ -8,15 +8,18 @@
 //! from a chain's end leave a shorter chain that holds: the log proves what was recorded, not
 //! that nothing followed.)
 //!
-//! Rows are written by a middleware once the change has succeeded and before the answer leaves.
-//! The change and its row run in a task of their own, so a client hanging up cancels neither: a
-//! change answered 2xx, or made for a client that left, has its row unless writing it failed,
-//! which is logged and counted in `opsiq_audit_failures_total` (the change stands; answering an
-//! error would invite a second one). A row keeps who, which
-//! route, which path, the status and the request id, never a body, so no secret reaches the log.
+//! A middleware prepares each change's row; the first transaction of the request that changes a
+//! row writes it before its own `COMMIT`, so a change and its row are committed together or not
+//! at all (a crash cannot keep one without the other, and a row that cannot be written fails the
+//! change, which is then safe to retry). What changes no row in a transaction of the request's
+//! task — a secret read, a change made in a task of its own — has its row written after it
+//! succeeded, before the answer leaves. The change and its row run in a task of their own, so a
+//! client hanging up cancels neither. A row keeps who, which route, which path and the request
+//! id, never a body, so no secret reaches the log.
 //! Agents' invocations and ingested events are the data plane, recorded in their own tables;
 //! changes made outside the API (`opsiq init`, the declarative files read at start) are not here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -28,7 +31,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::db::{Database, DbError, Dialect, now_ms, rfc3339};
+use crate::db::{Database, DbError, Dialect, Tx, now_ms, rfc3339};
 use crate::http::{AdminAuth, ApiError, ApiResult, Page, PageQuery, Permission, Query};
 use crate::{AppState, args, ids};
 
@@ -68,9 +71,89 @@ impl AuditActor {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(auth.clone());
     }
 
-    fn take(&self) -> Option<AdminAuth> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn get(&self) -> Option<AdminAuth> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+tokio::task_local! {
+    /// The row of the change the current task is making, until a transaction writes it.
+    static PENDING_ROW: Arc<PendingRow>;
+}
+
+/// A change's audit row before it is written.
+struct PendingRow {
+    actor: AuditActor,
+    action: String,
+    target: String,
+    details: String,
+    key: [u8; 32],
+    /// Whether the transaction under way has changed a row.
+    changed: AtomicBool,
+    /// Whether a committed transaction holds the row.
+    written: AtomicBool,
+}
+
+/// Runs `change` (to be spawned) with the audit row of the change the current task is making, so
+/// that its transactions write that row as the task's own would.
+pub fn carry<F: std::future::Future>(change: F) -> impl std::future::Future<Output = F::Output> {
+    let pending = PENDING_ROW.try_with(Arc::clone).ok();
+    async move {
+        match pending {
+            Some(pending) => PENDING_ROW.scope(pending, change).await,
+            None => change.await,
+        }
+    }
+}
+
+/// Notes that a transaction begins (the database layer calls this).
+pub(crate) fn note_begin() {
+    let _ = PENDING_ROW.try_with(|p| p.changed.store(false, Ordering::Relaxed));
+}
+
+/// Notes that the transaction under way changed rows (the database layer calls this).
+pub(crate) fn note_change() {
+    let _ = PENDING_ROW.try_with(|p| p.changed.store(true, Ordering::Relaxed));
+}
+
+/// Whether the current task makes an audited change whose row is not written yet.
+pub(crate) fn row_pending() -> bool {
+    PENDING_ROW
+        .try_with(|p| !p.written.load(Ordering::Relaxed))
+        .unwrap_or(false)
+}
+
+/// Before `tx` commits: writes the current task's pending row in it if it changed rows. Returns
+/// whether it did; [`pending_row_committed`] is called once the commit has succeeded.
+pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> {
+    let Some(pending) = PENDING_ROW
+        .try_with(Arc::clone)
+        .ok()
+        .filter(|p| p.changed.load(Ordering::Relaxed) && !p.written.load(Ordering::Relaxed))
+    else {
+        return Ok(false);
+    };
+    // A change before authentication cannot happen: the handlers authenticate first.
+    let Some(auth) = pending.actor.get() else {
+        return Ok(false);
+    };
+    let entry = Entry {
+        tenant_id: &auth.tenant_id,
+        actor: &auth.actor(),
+        action: &pending.action,
+        target: &pending.target,
+        details: &pending.details,
+    };
+    append_in(tx, &pending.key, entry).await.inspect_err(|e| {
+        metrics::counter!("opsiq_audit_failures_total").increment(1);
+        tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed; the change is not made");
+    })?;
+    Ok(true)
+}
+
+/// After a commit that [`write_pending_row`] wrote the row in: the row is written.
+pub(crate) fn pending_row_committed() {
+    let _ = PENDING_ROW.try_with(|p| p.written.store(true, Ordering::Relaxed));
 }
 
 /// Middleware: after a successful change made with an admin API key (or a secret read), appends
@@ -97,31 +180,39 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= MAX_REQUEST_ID)
         .map(str::to_string);
+    let pending = Arc::new(PendingRow {
+        actor,
+        action,
+        target,
+        details: json!({"request_id": request_id}).to_string(),
+        key: *state.keys.audit_chain_key(),
+        changed: AtomicBool::new(false),
+        written: AtomicBool::new(false),
+    });
     // The change and its row run in a task of their own: a client hanging up drops only this
     // future, so a change is never stopped between its commit and what follows it (announcing
-    // it to the other replicas, this row).
+    // it to the other replicas, a row written after it).
     let running = state.unfinished_changes.clone().read_owned().await;
     let change = tokio::spawn(
         async move {
             let _running = running;
-            let response = next.run(req).await;
-            let Some(auth) = actor.take() else {
-                return response;
-            };
-            if !response.status().is_success() {
+            let response = PENDING_ROW.scope(pending.clone(), next.run(req)).await;
+            if pending.written.load(Ordering::Relaxed) || !response.status().is_success() {
                 return response;
             }
-            let details = json!({"status": response.status().as_u16(), "request_id": request_id}).to_string();
+            let Some(auth) = pending.actor.get() else {
+                return response;
+            };
             let entry = Entry {
                 tenant_id: &auth.tenant_id,
                 actor: &auth.actor(),
-                action: &action,
-                target: &target,
-                details: &details,
+                action: &pending.action,
+                target: &pending.target,
+                details: &pending.details,
             };
-            if let Err(e) = append(&state.db, state.keys.audit_chain_key(), entry).await {
+            if let Err(e) = append(&state.db, &pending.key, entry).await {
                 metrics::counter!("opsiq_audit_failures_total").increment(1);
-                tracing::error!(error = %e, %action, %target, "writing the audit row failed");
+                tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed");
             }
             response
         }
@@ -183,10 +274,17 @@ pub fn row_hash(
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// Appends `entry` to its tenant's chain, hashed under `key`.
+/// Appends `entry` to its tenant's chain, hashed under `key`, in a transaction of its own.
 pub async fn append(db: &Database, key: &[u8], entry: Entry<'_>) -> Result<(), DbError> {
     let mut tx = db.begin().await?;
-    if db.dialect() == Dialect::Postgres {
+    append_in(&mut tx, key, entry).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Appends `entry` to its tenant's chain, hashed under `key`, in `tx`.
+async fn append_in(tx: &mut Tx, key: &[u8], entry: Entry<'_>) -> Result<(), sqlx::Error> {
+    if tx.dialect() == Dialect::Postgres {
         // Replicas append to the same chain: one at a time per tenant. (SQLite's single writer
         // already serializes.)
         tx.execute(
@@ -225,7 +323,6 @@ pub async fn append(db: &Database, key: &[u8], entry: Entry<'_>) -> Result<(), D
         ],
     )
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 

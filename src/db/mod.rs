@@ -303,16 +303,21 @@ impl Tx {
 
     /// Runs a statement; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
-        match self {
+        let affected = match self {
             Tx::Sqlite(t) => t.execute(sql.into_sql_str().as_str(), args).await,
             Tx::Postgres(t) => t.execute(sql, args).await,
+        }?;
+        if affected > 0 {
+            crate::audit::note_change();
         }
+        Ok(affected)
     }
 
     /// Runs a statement that returns no rows and whose row count is not needed. It is held and
     /// sent with the next statement or the commit, saving a round trip each (on PostgreSQL a
     /// batch of held inserts may even be sent as one statement, see `postgres.rs`).
     pub async fn defer(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<(), sqlx::Error> {
+        crate::audit::note_change();
         match self {
             Tx::Sqlite(t) => {
                 t.defer(sql.into_sql_str().as_str(), args);
@@ -349,12 +354,18 @@ impl Tx {
         }
     }
 
-    /// Commits.
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
+    /// Commits, with the audit row of the change this task is making if this transaction is the
+    /// one that makes it (see `audit`).
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let with_row = crate::audit::write_pending_row(&mut self).await?;
         match self {
             Tx::Sqlite(t) => t.commit().await,
             Tx::Postgres(t) => t.commit().await,
+        }?;
+        if with_row {
+            crate::audit::pending_row_committed();
         }
+        Ok(())
     }
 
     /// Rolls back (dropping does too, but later).
@@ -479,6 +490,7 @@ impl Database {
 
     /// Begins a write transaction.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        crate::audit::note_begin();
         Ok(match &self.write {
             Writer::Sqlite(w) => Tx::Sqlite(w.begin()),
             Writer::Postgres(p) => Tx::Postgres(PgTx::new(p.clone())),
@@ -487,6 +499,13 @@ impl Database {
 
     /// Runs one write statement in its own transaction.
     pub async fn execute(&self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        if crate::audit::row_pending() {
+            // An audited change: its row commits with it.
+            let mut tx = self.begin().await?;
+            let affected = tx.execute(sql, args).await?;
+            tx.commit().await?;
+            return Ok(affected);
+        }
         match &self.write {
             Writer::Sqlite(w) => w.execute(sql.into_sql_str().as_str(), args).await,
             Writer::Postgres(p) => Target::PgPool(p).execute(sql, args).await,

@@ -77,11 +77,12 @@ impl Gateway {
         change: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let gateway = self.clone();
-        tokio::spawn(async move {
+        // The change keeps its audit row: it commits with the change.
+        tokio::spawn(crate::audit::carry(async move {
             let out = change.await;
             gateway.token_states.clear();
             out
-        })
+        }))
         .await
         .map_err(ApiError::internal)
     }

@@ -13,7 +13,8 @@ dual!(
     concurrent_changes_extend_one_unbroken_chain,
     verifying_a_database_changes_nothing_in_it,
     a_change_is_finished_and_recorded_when_its_client_hangs_up,
-    a_change_under_way_at_shutdown_is_finished_and_recorded_first
+    a_change_under_way_at_shutdown_is_finished_and_recorded_first,
+    a_change_whose_row_cannot_be_written_is_not_made
 );
 
 /// A transaction on a connection of the test's own that holds the endpoints table, so that a
@@ -143,6 +144,99 @@ async fn a_change_under_way_at_shutdown_is_finished_and_recorded_first(backend: 
     );
 }
 
+/// A change and its audit row commit together: while the log refuses rows, changes fail with the
+/// contract's error and leave nothing behind, whether made in a transaction of several
+/// statements (an endpoint's edit) or in one statement (an endpoint's creation).
+async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
+    use sqlx::{Connection, Executor};
+    let app = TestApp::start(backend).await;
+    let (status, endpoint) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://hooks.example.com/kept"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let path = format!("/v1/endpoints/{}", endpoint["id"].as_str().unwrap());
+
+    let sqlite = app.database_url.starts_with("sqlite:");
+    let (refuse, allow): (&[&str], &[&str]) = if sqlite {
+        (
+            &["CREATE TRIGGER refuse_rows BEFORE INSERT ON audit_log \
+               BEGIN SELECT RAISE(ABORT, 'the audit log refuses rows'); END"],
+            &["DROP TRIGGER refuse_rows"],
+        )
+    } else {
+        (
+            &[
+                "CREATE FUNCTION refuse_rows() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'the audit log refuses rows'; END $$",
+                "CREATE TRIGGER refuse_rows BEFORE INSERT ON audit_log \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_rows()",
+            ],
+            &[
+                "DROP TRIGGER refuse_rows ON audit_log",
+                "DROP FUNCTION refuse_rows()",
+            ],
+        )
+    };
+    let run = |statements: &'static [&'static str]| {
+        let url = app.database_url.clone();
+        async move {
+            if url.starts_with("sqlite:") {
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                for sql in statements {
+                    conn.execute(*sql).await.unwrap();
+                }
+            } else {
+                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                for sql in statements {
+                    conn.execute(*sql).await.unwrap();
+                }
+            }
+        }
+    };
+    run(refuse).await;
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://hooks.example.com/refused"})),
+        )
+        .await;
+    assert!(status >= 500, "{status} {body}");
+    assert!(!crate::harness::error_code(&body).is_empty(), "{body}");
+    let (status, body) = app
+        .call(Method::PATCH, &path, Some(json!({"description": "refused"})))
+        .await;
+    assert!(status >= 500, "{status} {body}");
+    assert!(!crate::harness::error_code(&body).is_empty(), "{body}");
+
+    run(allow).await;
+    let (_, page) = app.call(Method::GET, "/v1/endpoints", None).await;
+    let listed = rows(&page);
+    let urls: Vec<&str> = listed.iter().map(|e| e["url"].as_str().unwrap()).collect();
+    assert_eq!(urls, ["https://hooks.example.com/kept"]);
+    let (_, kept) = app.call(Method::GET, &path, None).await;
+    assert_eq!(
+        (kept["description"].clone(), kept["version"].clone()),
+        (json!(""), json!(1)),
+        "{kept}"
+    );
+    let (_, log) = app.call(Method::GET, "/v1/audit", None).await;
+    assert_eq!(rows(&log).len(), 1, "{log}");
+
+    // With rows accepted again, the same edit is made and recorded.
+    let (status, body) = app
+        .call(Method::PATCH, &path, Some(json!({"description": "accepted"})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, log) = app.call(Method::GET, "/v1/audit", None).await;
+    assert_eq!(rows(&log)[0]["action"], "PATCH /v1/endpoints/{id}", "{log}");
+}
+
 /// A database without OpsIQ's tables is reported, not migrated: checking changes nothing.
 async fn verifying_a_database_changes_nothing_in_it(backend: Backend) {
     use sqlx::Connection;
@@ -239,7 +333,13 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     let policy = json!({"rows": [{"subject": "role:support", "object": "refund_*", "act": "invoke", "effect": "allow"}]});
     let (status, body) = app.call(Method::PUT, "/v1/policies", Some(policy)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(app.call(Method::DELETE, &path, None).await.0, 204);
+    let deleted = app
+        .as_key(&app.admin_key, Method::DELETE, &path)
+        .header("x-request-id", "req-delete-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
     // Neither a refused change nor a read, a dry run or ingestion is an audited change.
     assert_eq!(app.call(Method::DELETE, &path, None).await.0, 404);
     app.call(Method::GET, "/v1/endpoints", None).await;
@@ -269,7 +369,7 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
         ]
     );
     assert_eq!(log[0]["target"], path.as_str());
-    assert_eq!(log[0]["details"]["status"], 204);
+    assert_eq!(log[0]["details"], json!({"request_id": "req-delete-1"}));
     let seqs: Vec<i64> = log.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, [5, 4, 3, 2, 1]);
     for pair in log.windows(2) {
