@@ -144,6 +144,9 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
         target: &pending.target,
         details: &pending.details,
     };
+    // Statements the change deferred are sent first, so that their failures are not taken for
+    // the row's.
+    tx.execute("SELECT 1", Vec::new()).await?;
     append_in(tx, &pending.key, entry).await.inspect_err(|e| {
         metrics::counter!("opsiq_audit_failures_total").increment(1);
         tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed; the change is not made");

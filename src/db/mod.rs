@@ -284,6 +284,13 @@ impl Readers {
     }
 }
 
+/// Whether `sql` begins with `keyword` (ASCII, any case, after leading white space).
+fn starts_with_keyword(sql: &str, keyword: &str) -> bool {
+    sql.trim_start()
+        .get(..keyword.len())
+        .is_some_and(|word| word.eq_ignore_ascii_case(keyword))
+}
+
 /// A write transaction (`BEGIN IMMEDIATE` on SQLite); rolled back if dropped uncommitted.
 pub enum Tx {
     /// On SQLite's writer connection.
@@ -303,11 +310,15 @@ impl Tx {
 
     /// Runs a statement; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        let sql = sql.into_sql_str();
+        // A SELECT's "rows affected" are rows locked or read (or on SQLite a stale count), not
+        // changes.
+        let changes_rows = !starts_with_keyword(sql.as_str(), "SELECT");
         let affected = match self {
-            Tx::Sqlite(t) => t.execute(sql.into_sql_str().as_str(), args).await,
+            Tx::Sqlite(t) => t.execute(sql.as_str(), args).await,
             Tx::Postgres(t) => t.execute(sql, args).await,
         }?;
-        if affected > 0 {
+        if changes_rows && affected > 0 {
             crate::audit::note_change();
         }
         Ok(affected)

@@ -394,7 +394,11 @@ pub async fn delete(
             args![now, tenant_id, name],
         )
         .await?;
+    if n == 0 {
+        // Nothing to delete: nothing to announce or record either.
+        return Ok(false);
+    }
     db::bump_counter(&mut tx, &format!("registry:{tenant_id}")).await?;
     tx.commit().await?;
-    Ok(n > 0)
+    Ok(true)
 }

@@ -342,6 +342,7 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     assert_eq!(deleted.status(), 204);
     // Neither a refused change nor a read, a dry run or ingestion is an audited change.
     assert_eq!(app.call(Method::DELETE, &path, None).await.0, 404);
+    assert_eq!(app.call(Method::DELETE, "/v1/actions/nope", None).await.0, 404);
     app.call(Method::GET, "/v1/endpoints", None).await;
     let (status, _) = app
         .call(
