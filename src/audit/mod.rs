@@ -94,6 +94,19 @@ struct PendingRow {
     written: AtomicBool,
 }
 
+impl PendingRow {
+    /// The row, made by `actor` of `tenant_id`.
+    fn entry<'a>(&'a self, tenant_id: &'a str, actor: &'a str) -> Entry<'a> {
+        Entry {
+            tenant_id,
+            actor,
+            action: &self.action,
+            target: &self.target,
+            details: &self.details,
+        }
+    }
+}
+
 /// Runs `change` (to be spawned) with the audit row of the change the current task is making, so
 /// that its transactions write that row as the task's own would.
 pub fn carry<F: std::future::Future>(change: F) -> impl std::future::Future<Output = F::Output> {
@@ -137,13 +150,8 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
     let Some(auth) = pending.actor.get() else {
         return Ok(false);
     };
-    let entry = Entry {
-        tenant_id: &auth.tenant_id,
-        actor: &auth.actor(),
-        action: &pending.action,
-        target: &pending.target,
-        details: &pending.details,
-    };
+    let actor = auth.actor();
+    let entry = pending.entry(&auth.tenant_id, &actor);
     // Statements the change deferred are sent first, so that their failures are not taken for
     // the row's.
     tx.execute("SELECT 1", Vec::new()).await?;
@@ -206,13 +214,8 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
             let Some(auth) = pending.actor.get() else {
                 return response;
             };
-            let entry = Entry {
-                tenant_id: &auth.tenant_id,
-                actor: &auth.actor(),
-                action: &pending.action,
-                target: &pending.target,
-                details: &pending.details,
-            };
+            let actor = auth.actor();
+            let entry = pending.entry(&auth.tenant_id, &actor);
             if let Err(e) = append(&state.db, &pending.key, entry).await {
                 metrics::counter!("opsiq_audit_failures_total").increment(1);
                 tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed");

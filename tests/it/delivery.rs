@@ -881,17 +881,12 @@ dual!(
 /// a 412 and changes nothing; of changes made at once at one version, one lands.
 async fn endpoint_changes_apply_only_at_the_version_read(backend: Backend) {
     let app = TestApp::start(backend).await;
-    let created = app
-        .as_key(&app.admin_key, Method::POST, "/v1/endpoints")
-        .json(&json!({"url": "https://hooks.example.com/a", "description": "first"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    assert_eq!(created.headers()["etag"], "\"1\"");
-    let (_, created) = read(created).await;
-    assert_eq!(created["version"], 1, "{created}");
-    let path = format!("/v1/endpoints/{}", created["id"].as_str().unwrap());
+    let (_, path) = crate::harness::create_at_version_1(
+        &app,
+        "/v1/endpoints",
+        &json!({"url": "https://hooks.example.com/a", "description": "first"}),
+    )
+    .await;
     let read_at = app
         .as_key(&app.admin_key, Method::GET, &path)
         .send()

@@ -326,6 +326,23 @@ pub async fn at_once(requests: impl Iterator<Item = reqwest::RequestBuilder>) ->
     statuses
 }
 
+/// Creates an object with `POST collection`, checks that it starts at version 1 (in its body and
+/// its `ETag`), and returns it with its path.
+pub async fn create_at_version_1(app: &TestApp, collection: &str, body: &Value) -> (Value, String) {
+    let created = app
+        .as_key(&app.admin_key, reqwest::Method::POST, collection)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "{collection}");
+    assert_eq!(created.headers()["etag"], "\"1\"", "{collection}");
+    let (_, created) = read(created).await;
+    assert_eq!(created["version"], 1, "{created}");
+    let path = format!("{collection}/{}", created["id"].as_str().unwrap());
+    (created, path)
+}
+
 /// `If-Match` on `DELETE path`: a `stale` tag is a 412 that leaves the object, the `current` one
 /// deletes it, and a second delete finds nothing.
 pub async fn delete_checks_version(app: &TestApp, path: &str, stale: &str, current: &str) {

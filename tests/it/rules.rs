@@ -35,17 +35,7 @@ async fn rule_changes_apply_only_at_the_version_read(backend: Backend) {
         "when": {"event_type": "ticket.created"},
         "then": [{"emit": {"type": "ticket.triaged", "data": {}}}]})
     };
-    let created = app
-        .as_key(&app.admin_key, Method::POST, "/v1/rules")
-        .json(&rule("first"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    assert_eq!(created.headers()["etag"], "\"1\"");
-    let (_, created) = read(created).await;
-    assert_eq!(created["version"], 1, "{created}");
-    let path = format!("/v1/rules/{}", created["id"].as_str().unwrap());
+    let (_, path) = crate::harness::create_at_version_1(&app, "/v1/rules", &rule("first")).await;
     let put = |if_match: &str, body: Value| {
         app.as_key(&app.admin_key, Method::PUT, &path)
             .header("if-match", if_match)
