@@ -11,11 +11,11 @@
 //! A middleware prepares each change's row; the first transaction of the request that changes a
 //! row writes it before its own `COMMIT`, so a change and its row are committed together or not
 //! at all (a crash cannot keep one without the other, and a row that cannot be written fails the
-//! change, which is then safe to retry). What changes no row in a transaction of the request's
-//! task — a secret read, a change made in a task of its own — has its row written after it
-//! succeeded, before the answer leaves. The change and its row run in a task of their own, so a
-//! client hanging up cancels neither. A row keeps who, which route, which path and the request
-//! id, never a body, so no secret reaches the log.
+//! change, which is then safe to retry). A change made in a task of its own takes the row along
+//! through [`carry`]. What changes no row in a transaction of the request's task — a secret read —
+//! has its row written after it succeeded, before the answer leaves. The change and its row run
+//! in a task of their own, so a client hanging up cancels neither. A row keeps who, which route,
+//! which path and the request id, never a body, so no secret reaches the log.
 //! Agents' invocations and ingested events are the data plane, recorded in their own tables;
 //! changes made outside the API (`opsiq init`, the declarative files read at start) are not here.
 
