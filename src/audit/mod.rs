@@ -105,6 +105,12 @@ impl PendingRow {
             details: &self.details,
         }
     }
+
+    /// Logs and counts a row that could not be written; `outcome` says what became of the change.
+    fn report_failure(&self, error: &dyn std::fmt::Display, outcome: &str) {
+        metrics::counter!("opsiq_audit_failures_total").increment(1);
+        tracing::error!(%error, action = %self.action, target = %self.target, "writing the audit row failed; {outcome}");
+    }
 }
 
 /// Runs `change` (to be spawned) with the audit row of the change the current task is making, so
@@ -154,11 +160,10 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
     let entry = pending.entry(&auth.tenant_id, &actor);
     // Statements the change deferred are sent first, so that their failures are not taken for
     // the row's.
-    tx.execute("SELECT 1", Vec::new()).await?;
-    append_in(tx, &pending.key, entry).await.inspect_err(|e| {
-        metrics::counter!("opsiq_audit_failures_total").increment(1);
-        tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed; the change is not made");
-    })?;
+    tx.flush().await?;
+    append_in(tx, &pending.key, entry)
+        .await
+        .inspect_err(|e| pending.report_failure(e, "the change is not made"))?;
     Ok(true)
 }
 
@@ -217,8 +222,7 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
             let actor = auth.actor();
             let entry = pending.entry(&auth.tenant_id, &actor);
             if let Err(e) = append(&state.db, &pending.key, entry).await {
-                metrics::counter!("opsiq_audit_failures_total").increment(1);
-                tracing::error!(error = %e, action = %pending.action, target = %pending.target, "writing the audit row failed");
+                pending.report_failure(&e, "the change stands");
             }
             response
         }

@@ -311,14 +311,13 @@ impl Tx {
     /// Runs a statement; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let sql = sql.into_sql_str();
-        // A SELECT's "rows affected" are rows locked or read (or on SQLite a stale count), not
-        // changes.
-        let changes_rows = !starts_with_keyword(sql.as_str(), "SELECT");
         let affected = match self {
             Tx::Sqlite(t) => t.execute(sql.as_str(), args).await,
-            Tx::Postgres(t) => t.execute(sql, args).await,
+            Tx::Postgres(t) => t.execute(sql.clone(), args).await,
         }?;
-        if changes_rows && affected > 0 {
+        // A SELECT's "rows affected" are rows locked or read (or on SQLite a stale count), not
+        // changes.
+        if affected > 0 && !starts_with_keyword(sql.as_str(), "SELECT") {
             crate::audit::note_change();
         }
         Ok(affected)
@@ -362,6 +361,14 @@ impl Tx {
         match self {
             Tx::Sqlite(t) => t.fetch_optional(sql.into_sql_str().as_str(), args).await,
             Tx::Postgres(t) => t.fetch_optional(sql, args).await,
+        }
+    }
+
+    /// Sends the statements held by [`Tx::defer`] now.
+    pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.flush().await,
+            Tx::Postgres(t) => t.flush().await,
         }
     }
 

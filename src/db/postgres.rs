@@ -56,6 +56,11 @@ impl PgTx {
         Ok(tx)
     }
 
+    /// Sends what was held.
+    pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        self.transaction().await.map(|_| ())
+    }
+
     /// Runs a statement now; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         Target::PgTransaction(self.transaction().await?)

@@ -396,7 +396,7 @@ impl SqliteTx {
     }
 
     /// Sends whatever is queued.
-    async fn flush(&mut self) -> Result<(), sqlx::Error> {
+    pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
         if self.pending.is_empty() {
             return Ok(());
         }

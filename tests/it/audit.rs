@@ -17,35 +17,58 @@ dual!(
     a_change_whose_row_cannot_be_written_is_not_made
 );
 
+/// A connection of the test's own to the app's database, beside the app's.
+enum Direct {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Direct {
+    async fn to(app: &TestApp) -> Direct {
+        use sqlx::Connection;
+        if app.database_url.starts_with("sqlite:") {
+            Direct::Sqlite(sqlx::SqliteConnection::connect(&app.database_url).await.unwrap())
+        } else {
+            Direct::Postgres(sqlx::PgConnection::connect(&app.database_url).await.unwrap())
+        }
+    }
+
+    fn is_sqlite(&self) -> bool {
+        matches!(self, Direct::Sqlite(_))
+    }
+
+    /// Runs each statement in turn.
+    async fn run(&mut self, statements: &[&'static str]) {
+        use sqlx::Executor;
+        for sql in statements {
+            match self {
+                Direct::Sqlite(conn) => conn.execute(*sql).await.map(drop),
+                Direct::Postgres(conn) => conn.execute(*sql).await.map(drop),
+            }
+            .unwrap();
+        }
+    }
+}
+
 /// A transaction on a connection of the test's own that holds the endpoints table, so that a
 /// change to an endpoint waits for it.
-struct TableHold(Box<dyn std::any::Any + Send>);
+struct TableHold(Direct);
 
 impl TableHold {
     async fn endpoints(app: &TestApp) -> TableHold {
-        use sqlx::{Connection, Executor};
-        if app.database_url.starts_with("sqlite:") {
-            let mut conn = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
-            conn.execute("BEGIN IMMEDIATE").await.unwrap();
-            TableHold(Box::new(conn))
+        let mut conn = Direct::to(app).await;
+        if conn.is_sqlite() {
+            conn.run(&["BEGIN IMMEDIATE"]).await;
         } else {
-            let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-            conn.execute("BEGIN").await.unwrap();
-            conn.execute("LOCK TABLE endpoints IN SHARE ROW EXCLUSIVE MODE")
-                .await
-                .unwrap();
-            TableHold(Box::new(conn))
+            conn.run(&["BEGIN", "LOCK TABLE endpoints IN SHARE ROW EXCLUSIVE MODE"])
+                .await;
         }
+        TableHold(conn)
     }
 
     /// Rolls the transaction back and closes its connection.
     async fn release(mut self) {
-        use sqlx::Executor;
-        if let Some(conn) = self.0.downcast_mut::<sqlx::SqliteConnection>() {
-            conn.execute("ROLLBACK").await.unwrap();
-        } else if let Some(conn) = self.0.downcast_mut::<sqlx::PgConnection>() {
-            conn.execute("ROLLBACK").await.unwrap();
-        }
+        self.0.run(&["ROLLBACK"]).await;
     }
 }
 
@@ -148,7 +171,6 @@ async fn a_change_under_way_at_shutdown_is_finished_and_recorded_first(backend: 
 /// contract's error and leave nothing behind, whether made in a transaction of several
 /// statements (an endpoint's edit) or in one statement (an endpoint's creation).
 async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
-    use sqlx::{Connection, Executor};
     let app = TestApp::start(backend).await;
     let (status, endpoint) = app
         .call(
@@ -160,8 +182,8 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
     assert_eq!(status, 201, "{endpoint}");
     let path = format!("/v1/endpoints/{}", endpoint["id"].as_str().unwrap());
 
-    let sqlite = app.database_url.starts_with("sqlite:");
-    let (refuse, allow): (&[&str], &[&str]) = if sqlite {
+    let mut direct = Direct::to(&app).await;
+    let (refuse, allow): (&[&str], &[&str]) = if direct.is_sqlite() {
         (
             &["CREATE TRIGGER refuse_rows BEFORE INSERT ON audit_log \
                BEGIN SELECT RAISE(ABORT, 'the audit log refuses rows'); END"],
@@ -181,23 +203,7 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
             ],
         )
     };
-    let run = |statements: &'static [&'static str]| {
-        let url = app.database_url.clone();
-        async move {
-            if url.starts_with("sqlite:") {
-                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-                for sql in statements {
-                    conn.execute(*sql).await.unwrap();
-                }
-            } else {
-                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-                for sql in statements {
-                    conn.execute(*sql).await.unwrap();
-                }
-            }
-        }
-    };
-    run(refuse).await;
+    direct.run(refuse).await;
 
     let (status, body) = app
         .call(
@@ -214,7 +220,7 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
     assert!(status >= 500, "{status} {body}");
     assert!(!crate::harness::error_code(&body).is_empty(), "{body}");
 
-    run(allow).await;
+    direct.run(allow).await;
     let (_, page) = app.call(Method::GET, "/v1/endpoints", None).await;
     let listed = rows(&page);
     let urls: Vec<&str> = listed.iter().map(|e| e["url"].as_str().unwrap()).collect();
