@@ -205,16 +205,18 @@ async fn revoke_agent(
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
     let db = state.db.clone();
+    let (tenant_id, agent_id) = (auth.tenant_id.clone(), id.clone());
     let revoke = async move {
         db.execute(
             "UPDATE agents SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
-            args![now_ms(), &auth.tenant_id, &id],
+            args![now_ms(), &tenant_id, &agent_id],
         )
         .await
     };
     let n = state.gateway.change_token_state(revoke).await??;
     if n == 0 {
-        return Err(ApiError::not_found("agent"));
+        // Revoking again is done already (DELETE is idempotent); only a missing agent is a 404.
+        load_agent(&state, &auth.tenant_id, &id).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -326,17 +328,26 @@ async fn revoke_token(
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
     let db = state.db.clone();
+    let (tenant_id, agent_id, token_id) = (auth.tenant_id.clone(), id.clone(), jti.clone());
     let revoke = async move {
         db.execute(
             "UPDATE agent_tokens SET revoked_at = $1 WHERE tenant_id = $2 AND agent_id = $3 AND jti = $4 \
              AND revoked_at IS NULL",
-            args![now_ms(), &auth.tenant_id, &id, &jti],
+            args![now_ms(), &tenant_id, &agent_id, &token_id],
         )
         .await
     };
     let n = state.gateway.change_token_state(revoke).await??;
     if n == 0 {
-        return Err(ApiError::not_found("token"));
+        // Revoking again is done already (DELETE is idempotent); only a missing token is a 404.
+        let known: Option<(String,)> = state
+            .db
+            .fetch_optional(
+                "SELECT jti FROM agent_tokens WHERE tenant_id = $1 AND agent_id = $2 AND jti = $3",
+                args![&auth.tenant_id, &id, &jti],
+            )
+            .await?;
+        known.ok_or_else(|| ApiError::not_found("token"))?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

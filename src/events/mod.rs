@@ -80,8 +80,11 @@ pub struct RecordedEvent {
     pub id: String,
     /// The exact body every endpoint receives.
     pub body: Arc<str>,
-    /// Deliveries created (leased ones are ready to hand to the worker).
+    /// Deliveries created (leased ones are ready to hand to the worker): the event's own first,
+    /// then those its rules caused (action requests, emitted events).
     pub deliveries: Vec<Job>,
+    /// How many of `deliveries` are the event's own (to its subscribed endpoints).
+    pub own_deliveries: usize,
 }
 
 /// The body every subscriber receives: `{"id","type","created_at","data"}`.
@@ -199,6 +202,7 @@ pub fn record_many<'a>(
                     id,
                     body,
                     deliveries: Vec::new(),
+                    own_deliveries: 0,
                 });
             }
             tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
@@ -220,6 +224,7 @@ pub fn record_many<'a>(
         let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
         for (event, n) in recorded.iter_mut().zip(per_event) {
             event.deliveries = jobs.by_ref().take(n).collect();
+            event.own_deliveries = event.deliveries.len();
         }
         for (index, checked) in matched {
             let (event, done) = (&events[index], &mut recorded[index]);

@@ -179,7 +179,8 @@ async fn ingest_event(
         }
         Err(e) => return Err(e.into()),
     };
-    let count = recorded.deliveries.len();
+    // The event's own deliveries, as a replay of its key counts them.
+    let count = recorded.own_deliveries;
     state.engine.dispatch(recorded.deliveries).await;
     metrics::counter!("opsiq_events_ingested_total").increment(1);
     Ok((

@@ -2,6 +2,7 @@
 //! action version and hash it ran, its arguments, and its result or error. Rows are settled from
 //! delivery outcomes in the worker's transaction.
 
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::args;
@@ -9,6 +10,7 @@ use crate::db::{DbError, Tx, rfc3339};
 use crate::delivery::outbound::AttemptResult;
 use crate::delivery::outbox::Job;
 use crate::delivery::retry::Next;
+use crate::http::ApiError;
 use crate::registry::model::schema_errors;
 use crate::registry::validators::Validators;
 
@@ -83,10 +85,11 @@ impl InvocationRow {
         })
     }
 
-    /// The answer to an invoke call in this state: (HTTP status, body).
-    pub fn invoke_answer(&self) -> (u16, Value) {
+    /// The answer to an invoke call in this state: (HTTP status, body), or the 403 of a call a
+    /// person denied (as its replay answers).
+    pub fn invoke_answer(&self) -> Result<(u16, Value), ApiError> {
         let parse = |s: &Option<String>| s.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok());
-        match self.status.as_str() {
+        Ok(match self.status.as_str() {
             "succeeded" => {
                 let mut body =
                     json!({"invocation_id": self.id, "status": "succeeded", "result": parse(&self.result)});
@@ -99,10 +102,26 @@ impl InvocationRow {
                 200,
                 json!({"invocation_id": self.id, "status": "failed", "error": parse(&self.error)}),
             ),
+            "denied" => {
+                let error = parse(&self.error).unwrap_or(Value::Null);
+                let text = |field: &str, default: &str| {
+                    error
+                        .get(field)
+                        .and_then(Value::as_str)
+                        .unwrap_or(default)
+                        .to_string()
+                };
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    text("code", "denied"),
+                    text("message", "this call was denied"),
+                )
+                .with_details(vec![json!({"invocation_id": self.id})]));
+            }
             // Still being delivered is, for the caller, still queued.
             "delivering" => (202, json!({"invocation_id": self.id, "status": "queued"})),
             other => (202, json!({"invocation_id": self.id, "status": other})),
-        }
+        })
     }
 }
 

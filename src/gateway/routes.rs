@@ -63,12 +63,12 @@ fn empty_object() -> Value {
     json!({})
 }
 
-fn answer(row: &InvocationRow) -> (StatusCode, axum::Json<Value>) {
-    let (status, body) = row.invoke_answer();
-    (
+fn answer(row: &InvocationRow) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    let (status, body) = row.invoke_answer()?;
+    Ok((
         StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
         axum::Json(body),
-    )
+    ))
 }
 
 async fn invoke_action(
@@ -85,7 +85,7 @@ async fn invoke_action(
         wait: None,
     };
     let row = invoke(&state, &Caller::Agent(agent), req).await?;
-    Ok(answer(&row))
+    answer(&row)
 }
 
 /// Either an admin key (sees everything in its tenant) or an agent token (sees its own calls).

@@ -7,7 +7,7 @@ use crate::AppState;
 use crate::agents::AgentPrincipal;
 use crate::http::ApiError;
 use crate::policy::Decision;
-use crate::registry::{Action, store};
+use crate::registry::{Action, Mode, store};
 
 /// A tool format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,10 @@ pub fn tool(action: &Action, format: Format) -> Value {
                 t["title"] = title.clone().into();
                 t["annotations"]["title"] = title.clone().into();
             }
-            if let Some(output) = &d.output_schema {
+            // An MCP client requires structured content matching `outputSchema` on every
+            // successful call, which an `async` action (answered before its endpoint runs)
+            // cannot give.
+            if let Some(output) = d.output_schema.as_ref().filter(|_| d.mode == Mode::Sync) {
                 t["outputSchema"] = output.clone();
             }
             t

@@ -157,9 +157,14 @@ pub fn accepted() -> Response {
     StatusCode::ACCEPTED.into_response()
 }
 
-/// 405 with the methods that are allowed.
+/// 405 with the methods that are allowed, in the contract's error shape.
 pub fn method_not_allowed(allow: &'static str) -> Response {
-    let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
+    let mut r = crate::http::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this MCP endpoint accepts {allow}"),
+    )
+    .into_response();
     r.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     r

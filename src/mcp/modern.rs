@@ -37,6 +37,18 @@ fn fail(id: Value, e: RpcError) -> Response {
     rpc_error_response(status_of(e.code), id, &e)
 }
 
+/// 406 for a client that does not accept `media`, as a JSON-RPC error like every other refusal.
+fn not_acceptable(media: &str) -> Response {
+    rpc_error_response(
+        StatusCode::NOT_ACCEPTABLE,
+        Value::Null,
+        &RpcError::new(
+            codes::INVALID_REQUEST,
+            format!("Not Acceptable: Client must accept {media}"),
+        ),
+    )
+}
+
 fn mismatch(id: &Value, what: &str) -> Response {
     fail(
         id.clone(),
@@ -83,7 +95,7 @@ pub async fn handle(
         return method_not_allowed("POST");
     }
     if !accepts(headers, "application/json") {
-        return StatusCode::NOT_ACCEPTABLE.into_response();
+        return not_acceptable("application/json");
     }
     let (id, rpc_method, params) = match parse_message(body) {
         Err((status, e)) => return rpc_error_response(status, Value::Null, &e),
@@ -98,7 +110,7 @@ pub async fn handle(
         Ok(Message::Request { id, method, params }) => (id, method, params),
     };
     if rpc_method == "subscriptions/listen" && !accepts(headers, "text/event-stream") {
-        return StatusCode::NOT_ACCEPTABLE.into_response();
+        return not_acceptable("text/event-stream");
     }
     for name in ["mcp-protocol-version", "mcp-method", "mcp-name"] {
         if headers.get_all(name).iter().count() > 1 {

@@ -8,28 +8,15 @@ use crate::agents::AgentPrincipal;
 use crate::gateway::invocations::InvocationRow;
 use crate::gateway::invoke::{Caller, InvokeRequest, invoke};
 use crate::gateway::tools::{Format, allowed_actions, tool};
-use crate::registry::Mode;
 
 /// The `_meta` key an agent may use to pass its idempotency key.
 pub const IDEMPOTENCY_META_KEY: &str = "io.opsiq/idempotency-key";
 
-/// The tools this agent may call, as MCP `Tool`s. `outputSchema` is only advertised for `sync`
-/// actions: an MCP client requires structured content matching it on every successful call, which
-/// an `async` action (answered before its endpoint runs) cannot give.
+/// The tools this agent may call, as MCP `Tool`s (`outputSchema` only for `sync` actions, as in
+/// `GET /v1/tools?format=mcp`).
 pub async fn list(state: &AppState, agent: &AgentPrincipal) -> Result<Vec<Value>, RpcError> {
     let actions = allowed_actions(state, agent).await.map_err(internal)?;
-    Ok(actions
-        .iter()
-        .map(|a| {
-            let mut t = tool(a, Format::Mcp);
-            if a.declaration.mode != Mode::Sync
-                && let Some(obj) = t.as_object_mut()
-            {
-                obj.remove("outputSchema");
-            }
-            t
-        })
-        .collect())
+    Ok(actions.iter().map(|a| tool(a, Format::Mcp)).collect())
 }
 
 fn internal(e: crate::http::ApiError) -> RpcError {
@@ -116,12 +103,16 @@ fn render(row: &InvocationRow) -> Value {
             }
             out
         }
-        "failed" => {
+        "failed" | "denied" => {
             let error = parse(&row.error).unwrap_or(Value::Null);
             let message = error
                 .get("message")
                 .and_then(Value::as_str)
-                .unwrap_or("the action failed")
+                .unwrap_or(if row.status == "denied" {
+                    "the call was denied"
+                } else {
+                    "the action failed"
+                })
                 .to_string();
             tool_error(message)
         }

@@ -74,6 +74,9 @@ pub struct Comparison {
     slot: usize,
     op: Op,
     value: Value,
+    /// For `contains` with a string: the value lower-cased once, for substring matches (array
+    /// membership compares the value as written).
+    needle_lower: Option<String>,
     regex: Option<Regex>,
 }
 
@@ -173,10 +176,9 @@ impl Condition {
         } else {
             None
         };
-        let value = match (op, value) {
-            // Compared case-insensitively: lower-case the needle once, here.
-            (Op::Contains, Value::String(s)) => Value::String(s.to_lowercase()),
-            (_, v) => v,
+        let needle_lower = match (op, &value) {
+            (Op::Contains, Value::String(s)) => Some(s.to_lowercase()),
+            _ => None,
         };
         Ok(Condition::Compare(Comparison {
             at: at.to_string(),
@@ -185,6 +187,7 @@ impl Condition {
             field,
             op,
             value,
+            needle_lower,
             regex,
         }))
     }
@@ -351,9 +354,9 @@ impl Comparison {
             Op::NotIn => v.as_array().is_some_and(|items| {
                 items.iter().any(|i| same_type(actual, i)) && !items.iter().any(|i| json_eq(actual, i))
             }),
-            Op::Contains => match (actual, v) {
-                (Value::String(hay), Value::String(needle)) => contains_ignoring_case(hay, needle),
-                (Value::Array(items), needle) => items.iter().any(|i| json_eq(i, needle)),
+            Op::Contains => match (actual, &self.needle_lower) {
+                (Value::String(hay), Some(needle)) => contains_ignoring_case(hay, needle),
+                (Value::Array(items), _) => items.iter().any(|i| json_eq(i, v)),
                 _ => false,
             },
             Op::StartsWith => match (actual, v) {
@@ -382,7 +385,7 @@ mod tests {
 
     #[test]
     fn operators_and_type_mismatches() {
-        let doc = json!({"data": {"n": 5, "s": "Outage in EU", "tags": ["a", "b"], "tier": "enterprise", "f": 1.0, "nul": null}});
+        let doc = json!({"data": {"n": 5, "s": "Outage in EU", "tags": ["a", "b", "VIP"], "tier": "enterprise", "f": 1.0, "nul": null}});
         let t = |field: &str, op: &str, value: Value| {
             check(json!({"field": field, "op": op, "value": value}), &doc)
         };
@@ -403,6 +406,9 @@ mod tests {
         assert!(t("data.tier", "not_in", json!(["pro"])) && !t("data.tier", "not_in", json!([1, 2])));
         assert!(t("data.s", "contains", json!("outage")) && t("data.tags", "contains", json!("b")));
         assert!(!t("data.n", "contains", json!("5")));
+        // Membership compares the value as written; only substrings ignore case.
+        assert!(t("data.tags", "contains", json!("VIP")) && !t("data.tags", "contains", json!("vip")));
+        assert!(!t("data.tags", "contains", json!("B")) && t("data.s", "contains", json!("OUTAGE")));
         assert!(t("data.s", "starts_with", json!("Outage")) && !t("data.s", "starts_with", json!("outage")));
         assert!(
             t("data.s", "matches", json!("^Out\\w+ in [A-Z]{2}$")) && !t("data.n", "matches", json!("5"))

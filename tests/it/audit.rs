@@ -181,6 +181,15 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
         .await;
     assert_eq!(status, 201, "{endpoint}");
     let path = format!("/v1/endpoints/{}", endpoint["id"].as_str().unwrap());
+    // A revocation runs in a task of its own and carries its row there.
+    let token = crate::gateway::agent_token(&app, "agt_kept", &["support"], &["invoke:*"]).await;
+    let tools = || async {
+        app.call_as(&token, Method::GET, "/v1/tools?format=mcp", None)
+            .await
+            .0
+    };
+    assert_eq!(tools().await, 200);
+    let rows_before = rows(&app.call(Method::GET, "/v1/audit?limit=200", None).await.1).len();
 
     let mut direct = Direct::to(&app).await;
     let (refuse, allow): (&[&str], &[&str]) = if direct.is_sqlite() {
@@ -219,6 +228,14 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
         .await;
     assert!(status >= 500, "{status} {body}");
     assert!(!crate::harness::error_code(&body).is_empty(), "{body}");
+    let (status, body) = app.call(Method::DELETE, "/v1/agents/agt_kept", None).await;
+    assert!(status >= 500, "{status} {body}");
+    assert!(!crate::harness::error_code(&body).is_empty(), "{body}");
+    assert_eq!(
+        tools().await,
+        200,
+        "a revocation whose row was refused took effect"
+    );
 
     direct.run(allow).await;
     let (_, page) = app.call(Method::GET, "/v1/endpoints", None).await;
@@ -231,8 +248,10 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
         (json!(""), json!(1)),
         "{kept}"
     );
-    let (_, log) = app.call(Method::GET, "/v1/audit", None).await;
-    assert_eq!(rows(&log).len(), 1, "{log}");
+    let (_, log) = app.call(Method::GET, "/v1/audit?limit=200", None).await;
+    assert_eq!(rows(&log).len(), rows_before, "{log}");
+    let (_, agent) = app.call(Method::GET, "/v1/agents/agt_kept", None).await;
+    assert_eq!(agent["revoked"], false, "{agent}");
 
     // With rows accepted again, the same edit is made and recorded.
     let (status, body) = app
@@ -241,6 +260,11 @@ async fn a_change_whose_row_cannot_be_written_is_not_made(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     let (_, log) = app.call(Method::GET, "/v1/audit", None).await;
     assert_eq!(rows(&log)[0]["action"], "PATCH /v1/endpoints/{id}", "{log}");
+    let (status, body) = app.call(Method::DELETE, "/v1/agents/agt_kept", None).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(tools().await, 401);
+    let (_, log) = app.call(Method::GET, "/v1/audit", None).await;
+    assert_eq!(rows(&log)[0]["action"], "DELETE /v1/agents/{id}", "{log}");
 }
 
 /// A database without OpsIQ's tables is reported, not migrated: checking changes nothing.

@@ -195,6 +195,23 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
     assert_eq!(lookup["inputSchema"]["type"], "object");
     assert_eq!(lookup["annotations"]["readOnlyHint"], true);
     assert!(lookup["outputSchema"].is_object());
+    // An async action's output schema is not advertised: an MCP client would demand structured
+    // content that a queued call cannot have.
+    let billing = agent_token(&w.app, "agt_billing_tools", &["billing"], &["invoke:*"]).await;
+    let (_, mcp) = w
+        .app
+        .call_as(&billing, Method::GET, "/v1/tools?format=mcp", None)
+        .await;
+    let extend = mcp["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "extend_license")
+        .unwrap();
+    assert!(
+        extend["inputSchema"].is_object() && extend.get("outputSchema").is_none(),
+        "{extend}"
+    );
 
     // Scope AND role: a narrow scope hides what the role would allow.
     let narrow = token(&w.app, "agt_support", &["invoke:create_ticket"], 600).await;
@@ -604,6 +621,28 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
     assert_eq!(status, 404, "another tenant's agent is not there");
     assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
     assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 401);
+    // Revoking is idempotent; only what does not exist is a 404.
+    assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
+    let (status, body) = w.app.call(Method::DELETE, "/v1/agents/agt_nobody", None).await;
+    assert_eq!(
+        (status, crate::harness::error_code(&body)),
+        (404, "not_found"),
+        "{body}"
+    );
+    let (status, body) = w
+        .app
+        .call(Method::DELETE, "/v1/agents/agt_f/tokens/jti_invented", None)
+        .await;
+    assert_eq!(
+        (status, crate::harness::error_code(&body)),
+        (404, "not_found"),
+        "{body}"
+    );
+    let (status, _) = w
+        .app
+        .call_as(&other_key, Method::DELETE, "/v1/agents/agt_f", None)
+        .await;
+    assert_eq!(status, 404, "another tenant's agent is not there");
     // Revoking the agent revoked every token it held, and the list says so.
     let (_, page) = w.app.call(Method::GET, "/v1/agents/agt_f/tokens", None).await;
     let tokens = page["data"].as_array().unwrap();
@@ -620,7 +659,8 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
         "/v1/agents/agt_f/tokens/{}",
         active_before["jti"].as_str().unwrap()
     );
-    w.app.call(Method::DELETE, &path, None).await;
+    assert_eq!(w.app.call(Method::DELETE, &path, None).await.0, 204);
+    assert_eq!(w.app.call(Method::DELETE, &path, None).await.0, 204);
     let (_, again) = w.app.call(Method::GET, "/v1/agents/agt_f/tokens", None).await;
     let after = again["data"]
         .as_array()
@@ -1042,6 +1082,49 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
         .await;
     assert_eq!(denied["status"], "denied");
     assert!(denied["error"]["message"].as_str().unwrap().contains("not today"));
+    // Its key now answers with the denial, as the contract's error.
+    let (status, replayed) = invoke(
+        &w.app,
+        &billing,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-2"),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&replayed)),
+        (403, "approval_denied"),
+        "{replayed}"
+    );
+    assert!(
+        replayed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not today")
+    );
+    assert_eq!(replayed["error"]["details"], json!([{"invocation_id": id}]));
+    // Through MCP, the same key is a tool error that says why.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "refund_with_approval", "arguments": refund_args(),
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {},
+                      "io.opsiq/idempotency-key": "ap-2"}}});
+    let resp = w
+        .app
+        .as_key(&billing, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "refund_with_approval")
+        .json(&call)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["isError"], true, "{body}");
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("not today"), "{text}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.rx.received().len(), 1, "a denied call is never sent");
     let (_, other) = w.app.new_tenant("globex").await;

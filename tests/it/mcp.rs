@@ -162,6 +162,11 @@ async fn post_mcp(app: &TestApp, token: &str, headers: &[(&str, &str)], body: Va
     req.send().await.unwrap()
 }
 
+/// A stateless-era `tools/list` request.
+fn stateless_tools_list() -> Value {
+    json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {"_meta": meta()}})
+}
+
 fn meta() -> Value {
     json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}})
 }
@@ -423,6 +428,27 @@ async fn mcp_wire_rules(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    let (_, body) = read(resp).await;
+    assert_eq!(crate::harness::error_code(&body), "method_not_allowed", "{body}");
+    // A client that cannot read JSON is told so in a body, not only by the status.
+    let resp = app
+        .as_key(&token, Method::POST, "/mcp")
+        .header("accept", "text/html")
+        .header("mcp-protocol-version", "2026-07-28")
+        .json(&stateless_tools_list())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 406, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/json"),
+        "{body}"
+    );
     let (status, body) = read(
         post_mcp(
             &app,

@@ -498,13 +498,31 @@ async fn emit_reaches_subscribers_and_chains_are_cut(backend: Backend) {
             "then": [{"emit": {"type": "escalation.opened", "data": {"conversation": "{{data.conversation_id}}", "source": "chat"}}}]}),
     )
     .await;
-    let parent = send_event(&app, "chat.human_requested", json!({"conversation_id": "conv_5"})).await;
+    let post_parent = || async {
+        let request = app
+            .admin(Method::POST, "/v1/events")
+            .header("idempotency-key", "chat-conv-5")
+            .json(&json!({"type": "chat.human_requested", "data": {"conversation_id": "conv_5"}}));
+        let (status, body) = read(request.send().await.unwrap()).await;
+        assert_eq!(status, 202, "{body}");
+        body
+    };
+    let first = post_parent().await;
+    let parent = first["event_id"].as_str().unwrap().to_string();
     let got = subscriber.wait_for(1).await;
     let emitted = got[0].json();
     assert_eq!(emitted["type"], "escalation.opened");
     assert_eq!(emitted["data"]["conversation"], "conv_5");
     let (_, event) = app.call(Method::GET, &format!("/v1/events/{parent}"), None).await;
     assert_eq!(event["rules"][0]["outputs"][0]["event_id"], emitted["id"]);
+    // The answer counts the event's own deliveries, not its emitted event's, as a replay does.
+    let own = event["deliveries"].as_array().unwrap().len();
+    assert_eq!(first["deliveries"], own, "{first} {event}");
+    let replay = post_parent().await;
+    assert_eq!(
+        (&replay["event_id"], &replay["deliveries"]),
+        (&first["event_id"], &first["deliveries"])
+    );
     let (_, child) = app
         .call(
             Method::GET,
