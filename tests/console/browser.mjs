@@ -19,8 +19,14 @@ const page = await browser.newPage();
 try {
   // Script errors and refused resources (a CSP violation shows up as a console error) fail the run.
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-  // The person says yes to every "are you sure?".
-  page.on("dialog", (d) => d.accept());
+  // The person says yes to every "are you sure?", unless a step says otherwise; every question
+  // asked is kept.
+  let answerDialogs = true;
+  const dialogs = [];
+  page.on("dialog", (d) => {
+    dialogs.push(d.message());
+    return answerDialogs ? d.accept() : d.dismiss();
+  });
   // Chromium logs every error answer; a step that provokes one on purpose names its status.
   const expectedStatuses = new Set([401]);
   page.on("console", (m) => {
@@ -95,14 +101,26 @@ try {
   await page.click("#test-rule");
   await page.getByText("Matched: 1 output(s) would run.").waitFor();
 
+  // Leaving with unsaved edits asks first; staying keeps the page and every edit.
+  answerDialogs = false;
+  const [leaving] = await Promise.all([page.waitForEvent("dialog"), page.click('#nav a[href="#/endpoints"]')]);
+  assert.match(leaving.message(), /unsaved changes/);
+  await page.waitForFunction(() => location.hash === "#/rules/new");
+  assert.equal(await page.inputValue("#rule-name"), "Escalate enterprise tickets");
+  assert.deepEqual(JSON.parse(await page.textContent("#rule-json")), expected);
+  answerDialogs = true;
+
   await page.click("#save-rule");
   const saved = await page.locator("#saved").textContent(WAIT);
   const ruleId = saved.match(/rul_[0-9A-Za-z]+/)?.[0];
   assert.ok(ruleId, saved);
 
-  // The list says what it does; opening it again shows the same rule.
+  // Once saved, leaving asks nothing. The list says what it does; opening it again shows the
+  // same rule.
+  const asked = dialogs.length;
   await page.goto(`${base}/#/rules`);
   await page.getByText("When ticket.created happens, if data.customer.tier equals \"enterprise\"").waitFor();
+  assert.equal(dialogs.length, asked, `asked: ${dialogs.slice(asked)}`);
   await page.getByRole("link", { name: "Escalate enterprise tickets" }).click();
   await page.locator("#rule-name").waitFor();
   assert.equal(await page.inputValue("#rule-name"), "Escalate enterprise tickets");
@@ -285,8 +303,15 @@ try {
   const policyRow = page.locator("#policy-rows tr").last();
   await policyRow.locator(".policy-subject").fill("role:finance");
   await policyRow.locator(".policy-object").fill("wire_*");
+  answerDialogs = false;
+  const [leavingPolicies] = await Promise.all([page.waitForEvent("dialog"), page.click('#nav a[href="#/agents"]')]);
+  assert.match(leavingPolicies.message(), /unsaved changes/);
+  await page.waitForFunction(() => location.hash === "#/policies");
+  assert.equal(await policyRow.locator(".policy-subject").inputValue(), "role:finance");
+  answerDialogs = true;
   await page.click("#save-policies");
   await page.getByText("Saved; every replica applies it at once.").waitFor();
+  const askedAfterPolicies = dialogs.length;
   // ... the agent's call of an action that needs approval waits for a person ...
   const call = await page.evaluate(async (t) => {
     const res = await fetch("/v1/actions/wire_funds/invoke", {
@@ -302,6 +327,7 @@ try {
   await page.goto(`${base}/#/approvals`);
   const card = page.locator(".approval", { hasText: "wire_funds by treasury-bot" });
   await card.getByText("large transfer").waitFor();
+  assert.equal(dialogs.length, askedAfterPolicies, "saved policies are left without a question");
   await card.getByText('"amount": 1200').waitFor();
   await card.locator(".approval-comment").fill("checked with finance");
   await card.getByRole("button", { name: "Approve" }).click();

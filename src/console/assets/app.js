@@ -137,6 +137,31 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+/**
+ * Whether leaving the current view would lose edits: set by the editor on view (see
+ * `watchEdits`), cleared when another view is shown.
+ */
+let unsavedEdits = null;
+
+/**
+ * Watches the form controls under `root` (except those `skip` names) for changes since now;
+ * returns a function that makes the current values the saved ones.
+ */
+function watchEdits(root, skip = () => false) {
+  const values = () =>
+    JSON.stringify([...root.querySelectorAll("input, textarea, select")].filter((el) => !skip(el)).map((el) => (el.type === "checkbox" ? el.checked : el.value)));
+  let saved = values();
+  unsavedEdits = () => root.isConnected && values() !== saved;
+  return () => {
+    saved = values();
+  };
+}
+
+/** Asks before edits are thrown away; true if there are none or the person agrees. */
+function mayLeave() {
+  return !unsavedEdits?.() || confirm("Leave this page? Your unsaved changes will be lost.");
+}
+
 /** Replaces the page's content with `nodes` (arrays flattened, empty slots skipped). */
 function show(...nodes) {
   main.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
@@ -534,6 +559,8 @@ class RuleEditor {
     this.renderConditions();
     this.renderOutputs();
     this.update();
+    // The sample event is a scratch pad, not part of the rule.
+    this.markSaved = watchEdits(this.root, (el) => el === this.sample);
   }
 
   build() {
@@ -711,6 +738,7 @@ class RuleEditor {
       const saved = this.ruleId
         ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule, ifMatch(this.stored))
         : await api("POST", `/v1/rules`, rule);
+      this.markSaved();
       this.stored = saved;
       this.ruleId = saved.id;
       this.heading.textContent = "Edit rule";
@@ -727,6 +755,7 @@ class RuleEditor {
     if (!confirm("Delete this rule?")) return;
     try {
       await api("DELETE", `/v1/rules/${enc(this.ruleId)}`, undefined, ifMatch(this.stored));
+      unsavedEdits = null;
       location.hash = "#/rules";
     } catch (err) {
       this.messages.replaceChildren(editorProblem(err));
@@ -1126,6 +1155,7 @@ async function showActionEditor(name) {
       const saved = stored
         ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration, ifMatch(stored))
         : await api("POST", `/v1/actions`, declaration);
+      markSaved();
       // Re-read from the server (its version, its hash); a new action gets its own address,
       // unless the user has gone elsewhere meanwhile.
       if (!stored && location.hash === "#/actions/new") history.replaceState(null, "", `#/actions/${enc(saved.name)}`);
@@ -1140,6 +1170,7 @@ async function showActionEditor(name) {
     if (!confirm(`Delete ${stored.name}? Agents can no longer call it, and calls waiting for approval can no longer be approved.`)) return;
     try {
       await api("DELETE", `/v1/actions/${enc(stored.name)}`, undefined, ifMatch(stored));
+      unsavedEdits = null;
       location.hash = "#/actions";
     } catch (err) {
       out.replaceChildren(editorProblem(err));
@@ -1204,6 +1235,7 @@ async function showActionEditor(name) {
     ),
   );
   showPreview();
+  const markSaved = watchEdits(root);
   return root;
 }
 
@@ -1543,6 +1575,7 @@ async function showPolicies() {
     );
   };
   render();
+  const markSaved = watchEdits(body);
   const fileRows = policy.file_rows ?? [];
   return [
     h("h2", {}, "Policies"),
@@ -1563,6 +1596,7 @@ async function showPolicies() {
             try {
               const changed = { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) };
               await api("PUT", `/v1/policies`, changed, policy[ETAG] ? { "if-match": policy[ETAG] } : {});
+              markSaved();
               await route();
               notice(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
             } catch (err) {
@@ -1672,6 +1706,12 @@ let navigation = 0;
  * so a slow answer can never put a stale page (and its buttons) under a new address.
  */
 async function route() {
+  // Another address while an editor holds edits: ask first, and stay (at its address) if told to.
+  if (main.dataset.view && location.hash !== main.dataset.view && !mayLeave()) {
+    history.replaceState(null, "", main.dataset.view);
+    return;
+  }
+  unsavedEdits = null;
   const mine = ++navigation;
   if (!sessionStorage.getItem(KEY_SLOT)) {
     nav.hidden = true;
@@ -1703,6 +1743,9 @@ function notice(node) {
   main.prepend(node);
 }
 
-document.getElementById("sign-out").addEventListener("click", () => signOut("Signed out."));
+document.getElementById("sign-out").addEventListener("click", () => mayLeave() && signOut("Signed out."));
+window.addEventListener("beforeunload", (e) => {
+  if (unsavedEdits?.()) e.preventDefault();
+});
 window.addEventListener("hashchange", route);
 route();
