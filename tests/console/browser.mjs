@@ -229,6 +229,13 @@ try {
       await page.reload();
     }
   }
+  // The log filters by event type too.
+  const deliveryFilters = page.locator("#delivery-filters");
+  await deliveryFilters.getByLabel("event type").fill("invoice.paid");
+  await deliveryFilters.getByLabel("event type").press("Enter");
+  await page.getByText("No deliveries match.").waitFor();
+  await deliveryFilters.getByLabel("event type").fill("ticket.created");
+  await deliveryFilters.getByLabel("event type").press("Enter");
   await page.getByRole("link", { name: deliveryId }).click();
   await page.getByText("Attempt 1 — HTTP 200").waitFor();
 
@@ -340,6 +347,17 @@ try {
     await page.waitForTimeout(200);
     await page.reload();
   }
+  // The invocations list filters by action and by agent.
+  await page.goto(`${base}/#/invocations`);
+  const invFilters = page.locator("#invocation-filters");
+  await invFilters.getByLabel("action name").fill("wire_funds");
+  await invFilters.getByLabel("action name").press("Enter");
+  await page.waitForFunction(() => location.hash.includes("action=wire_funds"));
+  await page.getByRole("link", { name: invocationId }).waitFor();
+  await invFilters.getByLabel("agent id (agt_…)").fill("agt_nobody");
+  await invFilters.getByRole("button", { name: "Filter" }).click();
+  await page.getByText("No invocations match.").waitFor();
+  assert.ok(page.url().includes("action=wire_funds") && page.url().includes("agent_id=agt_nobody"), page.url());
 
   // The agent's token is listed with its scopes, never itself, and revoked from the list.
   await page.goto(`${base}/#/agents`);

@@ -921,7 +921,7 @@ async function showDeliveries(params) {
   const status = params.get("status") ?? "";
   const query = new URLSearchParams();
   if (status) query.set("status", status);
-  if (params.get("endpoint_id")) query.set("endpoint_id", params.get("endpoint_id"));
+  for (const name of ["endpoint_id", "event_type"]) if (params.get(name)) query.set(name, params.get(name));
   query.set("limit", "50");
   if (params.get("cursor")) query.set("cursor", params.get("cursor"));
   const page = await api("GET", `/v1/deliveries?${query}`);
@@ -931,6 +931,7 @@ async function showDeliveries(params) {
   );
   return [
     h("div", { class: "bar" }, h("h2", {}, "Deliveries"), filter),
+    textFilters("delivery-filters", params, "#/deliveries", [["endpoint_id", "endpoint id (ep_…)"], ["event_type", "event type"]]),
     table(["Delivery", "Event / action", "Status", "Attempts", "Last answer", "Created"], rows, "No deliveries match."),
     olderLink("#/deliveries", params, page.next_cursor),
   ];
@@ -1348,6 +1349,33 @@ function statusFilter(id, current, statuses, params, base) {
   );
 }
 
+/**
+ * Text filters for a list: one input per `[name, label]`, applied (first page again) on Enter
+ * or with the button; an empty input drops its filter.
+ */
+function textFilters(id, params, base, fields) {
+  const inputs = fields.map(([name, label]) => h("input", { name, value: params.get(name) ?? "", placeholder: label, "aria-label": label }));
+  return h(
+    "form",
+    {
+      id,
+      class: "row",
+      onsubmit: (e) => {
+        e.preventDefault();
+        const next = new URLSearchParams(params);
+        next.delete("cursor");
+        for (const input of inputs) {
+          if (input.value.trim()) next.set(input.name, input.value.trim());
+          else next.delete(input.name);
+        }
+        location.hash = `${base}?${next}`;
+      },
+    },
+    inputs,
+    h("button", { type: "submit" }, "Filter"),
+  );
+}
+
 function olderLink(base, params, cursor) {
   if (!cursor) return null;
   const p = new URLSearchParams(params);
@@ -1363,6 +1391,7 @@ async function showInvocations(params) {
   const statuses = ["pending_approval", "queued", "delivering", "succeeded", "failed", "denied"];
   return [
     h("div", { class: "bar" }, h("h2", {}, "Invocations"), statusFilter("invocation-status", status, statuses, params, "#/invocations")),
+    textFilters("invocation-filters", params, "#/invocations", [["action", "action name"], ["agent_id", "agent id (agt_…)"]]),
     h("p", { class: "muted" }, "Every call of an action by an agent or a rule — denied ones too."),
     table(
       ["Invocation", "Action", "Caller", "Status", "Created"],
