@@ -249,8 +249,40 @@ pub async fn release(db: &Database, node: &str, jobs: &[Job], now: i64) -> Resul
     Ok(released)
 }
 
-/// Puts a delivery back in the queue now (replay and recover): same id and idempotency key, a
-/// fresh retry cycle. Answers false if it does not exist or is being sent right now.
+/// Gives a delivery leased to `node` but not attempted back to the outbox, due at `at` (its
+/// endpoint's limit has enough waiting already). Answers whether it was still held.
+pub async fn defer(db: &Database, node: &str, job: &Job, at: i64) -> Result<bool, sqlx::Error> {
+    let n = db
+        .execute(
+            "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, next_attempt_at = $1, \
+             lease_until = NULL, leased_by = NULL \
+             WHERE id = $2 AND leased_by = $3 AND attempts = $4 AND status = 'delivering'",
+            args![at, &job.id, node, job.attempts],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Puts an endpoint's failed deliveries from `first_id` on back in the queue, due now, as
+/// [`requeue`] does; only those still failed when the statement runs. Returns how many.
+pub async fn requeue_failed(
+    db: &Database,
+    tenant_id: &str,
+    endpoint_id: &str,
+    first_id: &str,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    db.execute(
+        "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, schedule_index = 0, \
+         cycle_started_at = NULL, lease_until = NULL, leased_by = NULL, updated_at = $1 \
+         WHERE tenant_id = $2 AND endpoint_id = $3 AND status = 'failed' AND id >= $4",
+        args![now, tenant_id, endpoint_id, first_id],
+    )
+    .await
+}
+
+/// Puts a delivery back in the queue now (replay): same id and idempotency key, a fresh retry
+/// cycle. Answers false if it does not exist or is being sent right now.
 pub async fn requeue(tx: &mut Tx, tenant_id: &str, id: &str, now: i64) -> Result<bool, sqlx::Error> {
     let n = tx
         .execute(

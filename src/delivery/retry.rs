@@ -76,8 +76,16 @@ pub fn decide(
     if let Some(retry_after) = result.retry_after {
         delay = delay.max(retry_after.as_millis().min(i64::MAX as u128) as i64);
     }
-    let window_end = cycle_started_at + RETRY_WINDOW_MS;
-    let at = (now + delay.max(1)).min(window_end.max(now + 1));
+    let window_end = cycle_started_at.saturating_add(RETRY_WINDOW_MS);
+    // The last attempt runs at the window's end at the latest (a long `Retry-After` can take it
+    // there early); after it, the steps left would only fire back to back.
+    if now >= window_end {
+        return Next::Failed {
+            disable_endpoint: false,
+            reason: "every attempt within the 24-hour retry window failed".into(),
+        };
+    }
+    let at = now.saturating_add(delay.max(1)).min(window_end);
     Next::RetryAt {
         at,
         schedule_index: schedule_index + 1,
@@ -160,6 +168,37 @@ mod tests {
             panic!()
         };
         assert_eq!(at, RETRY_WINDOW_MS, "capped at the end of the 24-hour window");
+        // However large, a Retry-After neither overflows nor passes the window's end.
+        r.retry_after = Some(Duration::MAX);
+        let Next::RetryAt { at, .. } = decide(&r, false, &schedule(), 0, 0, 1000, 0.5) else {
+            panic!()
+        };
+        assert_eq!(at, RETRY_WINDOW_MS);
+    }
+
+    #[test]
+    fn gives_up_when_the_window_has_ended() {
+        // The attempt at the window's end failed with steps left: no burst of the rest.
+        let mut r = answered(429);
+        r.retry_after = Some(Duration::from_secs(5));
+        let ended = decide(&r, false, &schedule(), 2, 0, RETRY_WINDOW_MS, 0.5);
+        assert!(
+            matches!(
+                ended,
+                Next::Failed {
+                    disable_endpoint: false,
+                    ..
+                }
+            ),
+            "{ended:?}"
+        );
+        let Next::RetryAt { at, .. } = decide(&r, false, &schedule(), 2, 0, RETRY_WINDOW_MS - 1, 0.5) else {
+            panic!()
+        };
+        assert_eq!(
+            at, RETRY_WINDOW_MS,
+            "a moment before the end, one more attempt at the end"
+        );
     }
 
     #[test]

@@ -237,23 +237,8 @@ async fn recover_endpoint(
     let since = parse_rfc3339(&body.since).ok_or_else(|| {
         ApiError::invalid_field("/since", "must be an RFC 3339 time like 2026-11-27T10:00:00Z")
     })?;
-    let ids: Vec<(String,)> = state
-        .db
-        .fetch_all(
-            "SELECT id FROM deliveries WHERE tenant_id = $1 AND endpoint_id = $2 AND status = 'failed' \
-             AND id >= $3 ORDER BY id",
-            args![&auth.tenant_id, &id, crate::ids::time_floor("dlv", since)],
-        )
-        .await?;
-    let now = now_ms();
-    let mut recovered = 0;
-    let mut tx = state.db.begin().await?;
-    for (delivery_id,) in &ids {
-        if outbox::requeue(&mut tx, &auth.tenant_id, delivery_id, now).await? {
-            recovered += 1;
-        }
-    }
-    tx.commit().await?;
+    let first_id = crate::ids::time_floor("dlv", since);
+    let recovered = outbox::requeue_failed(&state.db, &auth.tenant_id, &id, &first_id, now_ms()).await?;
     state.engine.poke();
     Ok((StatusCode::ACCEPTED, axum::Json(json!({"recovered": recovered}))))
 }

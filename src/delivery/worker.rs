@@ -52,7 +52,6 @@ struct LiveEndpoint {
     /// `url` parsed once (not per attempt), or why it does not parse.
     parsed: Result<reqwest::Url, String>,
     enabled: bool,
-    failing: bool,
     scheme: Scheme,
     secrets: Vec<String>,
     limits: Arc<Limits>,
@@ -68,22 +67,116 @@ struct Limits {
     in_flight_cap: Option<i64>,
     rate: Option<DefaultDirectRateLimiter>,
     in_flight: Arc<Semaphore>,
+    /// For a limited endpoint: how many of its jobs this process may hold waiting for their
+    /// turn, and the spacing (ms) at which the rest are due again (see [`Limits::hold_or_defer`]).
+    queue: Option<(usize, i64)>,
+    /// This endpoint's jobs held in memory (waiting for their turn or being sent).
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    /// When the next deferred job is due: deferred jobs are spaced out from here.
+    next_deferred_at: std::sync::atomic::AtomicI64,
 }
+
+/// Seconds of an endpoint's limited capacity that may wait in memory; the rest waits in the
+/// outbox, so a slow or rate-limited endpoint's backlog takes no place in the shared queue.
+const HELD_SECONDS: usize = 5;
 
 impl Limits {
     fn new(rate_per_s: Option<i64>, in_flight_cap: Option<i64>) -> Self {
-        let rate = rate_per_s
+        let rate_per_s_u32 = rate_per_s
             .and_then(|r| u32::try_from(r).ok())
-            .and_then(NonZeroU32::new)
-            .map(|r| RateLimiter::direct(Quota::per_second(r)));
+            .and_then(NonZeroU32::new);
+        let rate = rate_per_s_u32.map(|r| RateLimiter::direct(Quota::per_second(r)));
         let cap = in_flight_cap
             .map(|c| c.clamp(1, 10_000) as usize)
             .unwrap_or(Semaphore::MAX_PERMITS >> 4);
+        // A rate of r/s drains HELD_SECONDS × r jobs in that time; a cap of c, at one answer a
+        // second per permit at the least, drains HELD_SECONDS × c. The stricter limit counts.
+        let by_rate = rate_per_s_u32.map(|r| r.get() as usize);
+        let by_cap = in_flight_cap.map(|_| cap);
+        let per_second = match (by_rate, by_cap) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        };
+        let queue = per_second.map(|n| (HELD_SECONDS * n, (1000 / n as i64).max(1)));
         Self {
             rate_per_s,
             in_flight_cap,
             rate,
             in_flight: Arc::new(Semaphore::new(cap)),
+            queue,
+            held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            next_deferred_at: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Takes a place among the jobs this process holds for the endpoint, or, when its limit
+    /// already has enough of them waiting, answers when the job should be due again instead.
+    fn hold_or_defer(&self, now: i64) -> Result<HeldPlace, i64> {
+        let held = self.held.fetch_add(1, Ordering::AcqRel);
+        let place = HeldPlace(self.held.clone());
+        let Some((most, spacing_ms)) = self.queue else {
+            return Ok(place);
+        };
+        if held < most {
+            return Ok(place);
+        }
+        drop(place);
+        // After what is held has drained, one spacing apart from the last deferred job.
+        let earliest = now + (held as i64 * spacing_ms);
+        let mut at = earliest;
+        let _ = self
+            .next_deferred_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
+                at = next.max(earliest);
+                Some(at + spacing_ms)
+            });
+        Err(at)
+    }
+}
+
+/// A job's place among those held in memory for its endpoint; given back when dropped.
+struct HeldPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for HeldPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Interest in a delivery's final state, from [`Engine::watch`]: resolves when this process
+/// records it. Dropped unanswered (the caller stopped waiting, or another replica settled the
+/// delivery), it takes its registration with it.
+pub struct SettledWatch {
+    rx: tokio::sync::oneshot::Receiver<Settled>,
+    engine: Engine,
+    delivery_id: String,
+}
+
+impl std::future::Future for SettledWatch {
+    type Output = Result<Settled, tokio::sync::oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx)
+    }
+}
+
+impl Drop for SettledWatch {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut waiters = self
+            .engine
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = waiters.get_mut(&self.delivery_id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(&self.delivery_id);
+            }
         }
     }
 }
@@ -91,9 +184,6 @@ impl Limits {
 /// One attempt's outcome, on its way to the outcome writer.
 struct Outcome {
     job: Job,
-    /// Whether the endpoint was in a run of failures when the attempt started (a success must
-    /// then clear it; otherwise there is nothing to write).
-    endpoint_failing: bool,
     url: String,
     request_headers: Vec<(&'static str, String)>,
     started_at: i64,
@@ -255,13 +345,29 @@ impl Engine {
         }
     }
 
+    /// Like [`dispatch`](Self::dispatch) but never waits: what does not fit in the queue now goes
+    /// back to the outbox, due at once, for the poller. For the outcome writer, which must not
+    /// wait for the dispatcher: the dispatcher can be waiting for attempts that wait for it.
+    async fn dispatch_without_waiting(&self, jobs: Vec<Job>) {
+        let mut unsent = Vec::new();
+        for job in jobs.into_iter().filter(|job| job.lease_until.is_some()) {
+            if let Err(refused) = self.inner.jobs.try_send(job) {
+                unsent.push(refused.into_inner());
+            }
+        }
+        if !unsent.is_empty() {
+            release_unsent(&self.inner, &unsent).await;
+            self.poke();
+        }
+    }
+
     /// Wakes the poller (after a replay or recover put deliveries back in the queue).
     pub fn poke(&self) {
         self.inner.poke.notify_one();
     }
 
     /// Registers interest in a delivery's final state; register before dispatching.
-    pub fn watch(&self, delivery_id: &str) -> tokio::sync::oneshot::Receiver<Settled> {
+    pub fn watch(&self, delivery_id: &str) -> SettledWatch {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner
             .waiters
@@ -270,7 +376,11 @@ impl Engine {
             .entry(delivery_id.to_string())
             .or_default()
             .push(tx);
-        rx
+        SettledWatch {
+            rx,
+            engine: self.clone(),
+            delivery_id: delivery_id.to_string(),
+        }
     }
 
     /// Forgets every cached endpoint and subscriber list.
@@ -368,7 +478,6 @@ impl Engine {
             url: row.url.clone(),
             parsed: reqwest::Url::parse(&row.url).map_err(|e| e.to_string()),
             enabled: row.enabled,
-            failing: row.failing_since.is_some(),
             scheme: row.scheme(),
             secrets,
             limits,
@@ -498,7 +607,6 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         };
         let outcome = Outcome {
             job,
-            endpoint_failing: false,
             url: String::new(),
             request_headers: Vec::new(),
             started_at,
@@ -509,6 +617,18 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         return None;
     };
 
+    // Too many of this endpoint's jobs wait here already: this one waits in the outbox instead,
+    // due when its turn should come, and frees its place in the shared queue.
+    let _place = match endpoint.limits.hold_or_defer(now_ms()) {
+        Ok(place) => place,
+        Err(due_at) => {
+            metrics::counter!("opsiq_deliveries_deferred_total").increment(1);
+            if let Err(e) = outbox::defer(&inner.db, &inner.node, &job, due_at).await {
+                tracing::warn!(delivery_id = %job.id, error = %e, "cannot defer a delivery; its lease will expire");
+            }
+            return None;
+        }
+    };
     let turn = async {
         if let Some(rate) = &endpoint.limits.rate {
             rate.until_ready().await;
@@ -525,11 +645,18 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         permits = turn => permits,
     })?;
 
-    // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt.
+    // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt and
+    // the recording of its outcome (batched, retried when the database stumbles): a lease that
+    // ran out before then would let the delivery be claimed and sent again after a 2xx. Keep
+    // half of what the lease adds beyond the request timeout, and at least 5 s.
     let now = now_ms();
-    let needed = now + inner.config.request_timeout.as_millis() as i64 + 5_000;
+    let (lease_ms, timeout_ms) = (
+        inner.config.lease.as_millis() as i64,
+        inner.config.request_timeout.as_millis() as i64,
+    );
+    let needed = now + timeout_ms + ((lease_ms - timeout_ms) / 2).max(5_000);
     if job.lease_until.unwrap_or(0) < needed {
-        let until = now + inner.config.lease.as_millis() as i64;
+        let until = now + lease_ms;
         match outbox::extend_lease(&inner.db, &job, &inner.node, until).await {
             Ok(true) => {}
             Ok(false) => return None, // another worker took it over
@@ -583,7 +710,6 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     );
     let outcome = Outcome {
         job,
-        endpoint_failing: endpoint.failing,
         url,
         request_headers: headers,
         started_at,
@@ -635,7 +761,7 @@ async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::R
                     metrics::histogram!("opsiq_outcome_batch_seconds")
                         .record(started.elapsed().as_secs_f64());
                     settle_waiters(&engine, &batch);
-                    engine.dispatch(new_jobs).await;
+                    engine.dispatch_without_waiting(new_jobs).await;
                     break;
                 }
                 Err(e) if attempts < 5 => {
@@ -811,6 +937,7 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     let mut tx = inner.db.begin().await?;
     insert_attempts(&mut tx, batch).await?;
     let moved = move_deliveries(&mut tx, batch, now).await?;
+    clear_failing_runs(&mut tx, batch).await?;
     let mut raised = Vec::new();
     for o in batch {
         let job = &o.job;
@@ -899,6 +1026,33 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     Ok(raised)
 }
 
+/// Ends the run of failures of every endpoint that answered 2xx in `batch` (a stale outcome's
+/// answer counts too: the endpoint was healthy). Done in the batch's transaction, before its
+/// failures start new runs, so no success is missed however the sender's copy of the endpoint
+/// lags behind; one statement per batch, which writes nothing while no endpoint is failing.
+async fn clear_failing_runs(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db::DbError> {
+    let mut healthy: Vec<&str> = batch
+        .iter()
+        .filter(|o| o.result.is_success() && !o.url.is_empty())
+        .map(|o| o.job.endpoint_id.as_str())
+        .collect();
+    healthy.sort_unstable();
+    healthy.dedup();
+    if healthy.is_empty() {
+        return Ok(());
+    }
+    let placeholders: Vec<String> = (1..=healthy.len()).map(|i| format!("${i}")).collect();
+    tx.execute(
+        sqlx::AssertSqlSafe(format!(
+            "UPDATE endpoints SET failing_since = NULL WHERE failing_since IS NOT NULL AND id IN ({})",
+            placeholders.join(", ")
+        )),
+        healthy.into_iter().map(Into::into).collect(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Records a system event; `fanout` is the engine's cached subscriber list on the hot path, a
 /// lookup inside the transaction where the batch itself may have just disabled an endpoint.
 async fn raise(
@@ -949,32 +1103,14 @@ async fn update_endpoint_health(
         }
     );
     if o.result.is_success() {
-        if !o.endpoint_failing {
-            return Ok(Vec::new());
-        }
-        tx.execute(
-            "UPDATE endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
-            args![&job.endpoint_id],
-        )
-        .await?;
+        // Cleared for the whole batch in `clear_failing_runs`.
         return Ok(Vec::new());
     }
-    let started_failing = tx
-        .execute(
-            "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
-            args![now, &job.endpoint_id],
-        )
-        .await?
-        == 1;
-    if started_failing {
-        // The next success must clear the run of failures: make the senders see it.
-        engine.forget_endpoint(&job.endpoint_id);
-        crate::changes::publish_in(
-            tx,
-            &Change::Endpoint(job.tenant_id.clone(), job.endpoint_id.clone()),
-        )
-        .await?;
-    }
+    tx.execute(
+        "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
+        args![now, &job.endpoint_id],
+    )
+    .await?;
     let row: Option<EndpointRow> = tx
         .fetch_optional("SELECT * FROM endpoints WHERE id = $1", args![&job.endpoint_id])
         .await?;

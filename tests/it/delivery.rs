@@ -832,7 +832,38 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
     assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
 }
 
-dual!(five_days_of_failures_disable_the_endpoint);
+dual!(
+    five_days_of_failures_disable_the_endpoint,
+    a_success_ends_a_run_of_failures
+);
+
+/// Any 2xx ends an endpoint's run of failures, also one the sender did not know about when it
+/// sent (a failure recorded meanwhile): a healthy endpoint is never disabled for it later.
+async fn a_success_ends_a_run_of_failures(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (id, _) = endpoint(&app, &rx.url("/ok"), json!({"event_types": ["ok.*"]})).await;
+    send_event(&app, "ok.first", json!({})).await;
+    rx.wait_for(1).await;
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
+    db.execute(
+        "UPDATE endpoints SET failing_since = $1 WHERE id = $2",
+        opsiq::args![six_days_ago, &id],
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    send_event(&app, "ok.second", json!({})).await;
+    rx.wait_for(2).await;
+    let path = format!("/v1/endpoints/{id}");
+    crate::harness::wait_until(Duration::from_secs(30), || async {
+        app.call(Method::GET, &path, None).await.1["failing_since"].is_null()
+    })
+    .await;
+    let (_, ep) = app.call(Method::GET, &path, None).await;
+    assert_eq!(ep["enabled"], true, "{ep}");
+}
 
 async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
     let app = TestApp::on(backend).with(one_quick_retry).start().await;
@@ -1028,4 +1059,66 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
         "{secrets}"
     );
     assert_ne!(secrets["previous_secret"], original["secret"]);
+}
+
+dual!(a_limited_endpoints_backlog_waits_in_the_outbox);
+
+/// A rate-limited endpoint's backlog waits in the outbox, not in the queue every endpoint
+/// shares: the API keeps answering, another endpoint's delivery is not held up behind it, and
+/// the backlog is still delivered in full, each delivery once and as its first attempt.
+async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
+    // Two attempts at once: the shared queue holds sixteen jobs, sixteen more wait their turn.
+    let app = TestApp::on(backend)
+        .with(fast_delivery)
+        .with(|raw, _| raw.max_in_flight = 2)
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    endpoint(
+        &app,
+        &rx.url("/slow"),
+        json!({"event_types": ["slow.*"], "rate_limit_per_s": 2}),
+    )
+    .await;
+    endpoint(&app, &rx.url("/fast"), json!({"event_types": ["fast.*"]})).await;
+    const BACKLOG: usize = 50;
+    for i in 0..BACKLOG {
+        send_event(&app, "slow.tick", json!({"i": i})).await;
+    }
+    send_event(&app, "fast.tick", json!({})).await;
+    let slow = |r: &crate::receiver::Received| r.target == "/slow";
+    let got = rx
+        .wait_until(Duration::from_secs(60), |r| r.iter().any(|x| x.target == "/fast"))
+        .await;
+    let slow_first = got.iter().filter(|r| slow(r)).count();
+    assert!(
+        slow_first < BACKLOG / 2,
+        "the other endpoint's delivery waited behind {slow_first} of the limited one's"
+    );
+
+    let all = rx
+        .wait_until(Duration::from_secs(120), |r| {
+            r.iter().filter(|x| slow(x)).count() >= BACKLOG
+        })
+        .await;
+    let sent: Vec<_> = all.iter().filter(|r| slow(r)).collect();
+    let ids: HashSet<&str> = sent.iter().map(|r| r.header("x-opsiq-id").unwrap()).collect();
+    assert_eq!((sent.len(), ids.len()), (BACKLOG, BACKLOG), "each delivery once");
+    assert!(
+        sent.iter().all(|r| r.header("x-opsiq-attempt") == Some("1")),
+        "waiting in the outbox is not an attempt"
+    );
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("opsiq_deliveries_deferred_total"),
+        "nothing was deferred"
+    );
 }
