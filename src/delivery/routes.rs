@@ -205,6 +205,7 @@ async fn test_endpoint(
         idempotency_key: None,
         source: "test".into(),
         depth: 0,
+        emitted: Default::default(),
         fanout: crate::events::Fanout::Only(id),
         rules: None,
     };

@@ -1071,6 +1071,7 @@ async fn raise(
         idempotency_key: None,
         source: "system".into(),
         depth: 0,
+        emitted: Default::default(),
         fanout,
         rules,
     };

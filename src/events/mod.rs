@@ -56,10 +56,29 @@ pub struct NewEvent {
     pub source: String,
     /// How many `emit` steps led here (rules cut chains at 8).
     pub depth: i64,
+    /// How many events the rules have emitted since the event that started the chain (shared
+    /// along it; rules stop emitting at [`crate::rules::apply::MAX_EMITTED`]).
+    pub emitted: EmitCount,
     /// Which endpoints receive it.
     pub fanout: Fanout,
     /// The tenant's rules, when it has any.
     pub rules: Option<Arc<crate::rules::apply::RuleContext>>,
+}
+
+/// A count shared by the events of one emit chain.
+#[derive(Debug, Clone, Default)]
+pub struct EmitCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl EmitCount {
+    /// Counts one more emitted event if fewer than `most` were; false when the budget is spent.
+    pub fn take_one(&self, most: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .is_ok()
+    }
 }
 
 /// How an event finds its endpoints.

@@ -159,6 +159,7 @@ async fn ingest_event(
         idempotency_key: key.clone(),
         source: "api".into(),
         depth: 0,
+        emitted: Default::default(),
         fanout: super::Fanout::Among(state.engine.subscribers(&auth.tenant_id).await?),
         rules,
     };

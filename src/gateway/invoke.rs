@@ -910,6 +910,7 @@ impl PersistInvocation {
             idempotency_key: None,
             source: "system".into(),
             depth: 0,
+            emitted: Default::default(),
             fanout: self.fanout.clone(),
             rules: self.rules.clone(),
         }

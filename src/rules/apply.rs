@@ -17,6 +17,11 @@ use crate::registry::validators::Validators;
 /// Emit chains longer than this are cut (a rule emitting what triggers it would loop forever).
 pub const MAX_EMIT_DEPTH: i64 = 8;
 
+/// Most events the rules emit from one event, across its whole chain: rules with several
+/// `emit` outputs that trigger each other would otherwise multiply (four outputs, eight levels:
+/// 87,000 events in one request).
+pub const MAX_EMITTED: usize = 100;
+
 /// What rules need to run while an event is recorded.
 #[derive(Clone)]
 pub struct RuleContext {
@@ -179,6 +184,10 @@ async fn apply_output(
                 result["error"] = m.into();
                 return Ok((result, Vec::new()));
             }
+            if !event.emitted.take_one(MAX_EMITTED) {
+                result["cut"] = format!("rules emit at most {MAX_EMITTED} events from one event").into();
+                return Ok((result, Vec::new()));
+            }
             let emitted = NewEvent {
                 tenant_id: event.tenant_id.clone(),
                 event_type: event_type.clone(),
@@ -186,6 +195,7 @@ async fn apply_output(
                 idempotency_key: None,
                 source: format!("rule:{}", evaluation.rule.id),
                 depth: event.depth + 1,
+                emitted: event.emitted.clone(),
                 fanout: event.fanout.clone(),
                 rules: event.rules.clone(),
             };

@@ -556,6 +556,35 @@ async fn emit_reaches_subscribers_and_chains_are_cut(backend: Backend) {
             .contains("depth 8"),
         "{last}"
     );
+
+    // Rules that multiply (four emits each, eight levels deep: 87,000 events) stop at 100
+    // emitted events in all.
+    let four = json!({"emit": {"type": "fan.more", "data": {}}});
+    create_rule(
+        &app,
+        json!({"name": "Fan", "when": {"event_type": "fan.*"}, "then": [four, four, four, four]}),
+    )
+    .await;
+    let start = send_event(&app, "fan.start", json!({})).await;
+    let (_, page) = app
+        .call(Method::GET, "/v1/events?type=fan.more&limit=200", None)
+        .await;
+    assert_eq!(
+        page["data"].as_array().unwrap().len(),
+        100,
+        "{}",
+        page["next_cursor"]
+    );
+    // The first output's chain took the whole budget; the start event's other three were cut.
+    let (_, first) = app.call(Method::GET, &format!("/v1/events/{start}"), None).await;
+    let outputs = first["rules"][0]["outputs"].as_array().unwrap();
+    assert!(outputs[0]["event_id"].is_string(), "{first}");
+    for cut in &outputs[1..] {
+        assert!(
+            cut["cut"].as_str().unwrap().contains("at most 100 events"),
+            "{first}"
+        );
+    }
 }
 
 async fn malformed_rules_are_refused(backend: Backend) {
