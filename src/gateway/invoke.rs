@@ -555,6 +555,116 @@ pub struct RuleInvocation {
     pub jobs: Vec<outbox::Job>,
 }
 
+/// What a rule's call of an action comes to before anything is written, as its invocation and
+/// its dry run (`POST /v1/rules/test`) both see it.
+pub enum RuleCallVerdict {
+    /// Recorded with `status` (`failed` or `denied`) and `error`; nothing is sent.
+    Refused {
+        /// The action, when there is an enabled one.
+        action: Option<Action>,
+        /// `failed` or `denied`.
+        status: &'static str,
+        /// `{"code","message","details"}`.
+        error: Value,
+    },
+    /// Sent, or first held for a person's approval when `approval_reason` says why.
+    Allowed {
+        /// The action called.
+        action: Action,
+        /// Why a person must approve it first, if they must.
+        approval_reason: Option<String>,
+    },
+}
+
+/// Judges a rule's call: the action must exist and be enabled, the arguments fit its input
+/// schema, an endpoint be set, and its guards (checked for a rule as for an agent, with the
+/// rule as the caller and no roles) allow it or ask for approval.
+pub fn judge_rule_call(
+    validators: &crate::registry::validators::Validators,
+    tenant_id: &str,
+    action: Option<Action>,
+    action_name: &str,
+    arguments: &Value,
+    caller: &Caller,
+) -> RuleCallVerdict {
+    let failure = |code: &str, message: String, details: Vec<ErrorDetail>| json!({"code": code, "message": message, "details": details});
+    let refused = |action: Option<Action>, status, error| RuleCallVerdict::Refused {
+        action,
+        status,
+        error,
+    };
+    let Some(action) = action.filter(|a| a.declaration.enabled) else {
+        let message = format!("there is no enabled action named `{action_name}`");
+        return refused(None, "failed", failure("unknown_action", message, Vec::new()));
+    };
+    if !arguments.is_object() {
+        let message = format!("the arguments for {} must be an object", action.declaration.name);
+        return refused(
+            Some(action),
+            "failed",
+            failure("validation_failed", message, Vec::new()),
+        );
+    }
+    let validator = match validators.get(
+        tenant_id,
+        &action.declaration.name,
+        action.version,
+        Which::Input,
+        &action.declaration.input_schema,
+    ) {
+        Ok(v) => v,
+        Err(e) => return refused(Some(action), "failed", failure("internal_error", e, Vec::new())),
+    };
+    let details = crate::registry::model::schema_errors(&validator, arguments);
+    if !details.is_empty() {
+        let message = format!("the templated arguments for {action_name} do not match its input schema");
+        return refused(
+            Some(action),
+            "failed",
+            failure("validation_failed", message, details),
+        );
+    }
+    if action.declaration.endpoint_id.is_none() {
+        let message = format!("{action_name} has no endpoint configured");
+        return refused(
+            Some(action),
+            "failed",
+            failure("action_unavailable", message, Vec::new()),
+        );
+    }
+    let guards = match validators.guards(tenant_id, action_name, action.version, &action.declaration.guards) {
+        Ok(guards) => guards,
+        Err(e) => {
+            tracing::error!(error = %e, "refusing a rule's call");
+            return refused(Some(action), "failed", failure("internal_error", e, Vec::new()));
+        }
+    };
+    let mut approval_reason = always_approve(&action);
+    match crate::registry::guards::decide(
+        guards.as_deref().unwrap_or_default(),
+        arguments,
+        &caller.principal(),
+        &[],
+        action_name,
+        action.version,
+    ) {
+        Some((Verdict::Deny, reason)) => {
+            let message = format!("a guard on {action_name} refused this call: {reason}");
+            return refused(
+                Some(action),
+                "denied",
+                failure("guard_denied", message, Vec::new()),
+            );
+        }
+        Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
+        Some((Verdict::Allow, _)) | None => {}
+    }
+    RuleCallVerdict::Allowed {
+        action,
+        approval_reason,
+    }
+}
+
 /// Invokes an action for a rule inside the transaction recording the triggering event: no scope
 /// or role check (an admin wrote the rule), but the arguments are validated like any call and
 /// everything is recorded. `key` makes the call idempotent per event and output.
@@ -575,49 +685,7 @@ pub async fn invoke_for_rule(
         rule_id: rule_id.to_string(),
     };
     let invocation_id = ids::new_id("inv");
-    let action = store::get_in(tx, tenant_id, action_name)
-        .await?
-        .filter(|a| a.declaration.enabled);
-    let failure = |code: &str, message: String, details: Vec<ErrorDetail>| json!({"code": code, "message": message, "details": details});
-    let problem = match &action {
-        None => Some(failure(
-            "unknown_action",
-            format!("there is no enabled action named `{action_name}`"),
-            Vec::new(),
-        )),
-        Some(a) if !arguments.is_object() => Some(failure(
-            "validation_failed",
-            format!("the arguments for {} must be an object", a.declaration.name),
-            Vec::new(),
-        )),
-        Some(a) => match validators.get(
-            tenant_id,
-            &a.declaration.name,
-            a.version,
-            Which::Input,
-            &a.declaration.input_schema,
-        ) {
-            Err(e) => Some(failure("internal_error", e, Vec::new())),
-            Ok(v) => {
-                let details = crate::registry::model::schema_errors(&v, arguments);
-                if !details.is_empty() {
-                    Some(failure(
-                        "validation_failed",
-                        format!("the templated arguments for {action_name} do not match its input schema"),
-                        details,
-                    ))
-                } else if a.declaration.endpoint_id.is_none() {
-                    Some(failure(
-                        "action_unavailable",
-                        format!("{action_name} has no endpoint configured"),
-                        Vec::new(),
-                    ))
-                } else {
-                    None
-                }
-            }
-        },
-    };
+    let action = store::get_in(tx, tenant_id, action_name).await?;
     let call = RuleCall {
         caller: &caller,
         action_name,
@@ -626,45 +694,18 @@ pub async fn invoke_for_rule(
         invocation_id: &invocation_id,
         now,
     };
-    if let Some(error) = problem {
-        return call.refuse(tx, action.as_ref(), "failed", error).await;
-    }
-    let action = action.expect("checked above");
-    // Guards hold for a rule's calls as for an agent's; the caller is the rule, with no roles.
-    let guards = match validators.guards(tenant_id, action_name, action.version, &action.declaration.guards) {
-        Ok(guards) => guards,
-        Err(e) => {
-            tracing::error!(error = %e, "refusing a rule's call");
-            return call
-                .refuse(
-                    tx,
-                    Some(&action),
-                    "failed",
-                    failure("internal_error", e, Vec::new()),
-                )
-                .await;
-        }
-    };
-    let mut approval_reason = always_approve(&action);
-    match crate::registry::guards::decide(
-        guards.as_deref().unwrap_or_default(),
-        arguments,
-        &caller.principal(),
-        &[],
-        action_name,
-        action.version,
-    ) {
-        Some((Verdict::Deny, reason)) => {
-            let error = failure(
-                "guard_denied",
-                format!("a guard on {action_name} refused this call: {reason}"),
-                Vec::new(),
-            );
-            return call.refuse(tx, Some(&action), "denied", error).await;
-        }
-        Some((Verdict::RequireApproval, reason)) => approval_reason = Some(reason.to_string()),
-        Some((Verdict::Allow, _)) | None => {}
-    }
+    let (action, approval_reason) =
+        match judge_rule_call(validators, tenant_id, action, action_name, arguments, &caller) {
+            RuleCallVerdict::Refused {
+                action,
+                status,
+                error,
+            } => return call.refuse(tx, action.as_ref(), status, error).await,
+            RuleCallVerdict::Allowed {
+                action,
+                approval_reason,
+            } => (action, approval_reason),
+        };
     let pending_approval = approval_reason.is_some();
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),

@@ -14,6 +14,7 @@ use crate::changes::Change;
 use crate::db::{Versioned, now_ms, rfc3339, version_holds};
 use crate::delivery::endpoints;
 use crate::delivery::signing::Carries;
+use crate::gateway::invoke::RuleCallVerdict;
 use crate::http::{
     AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, Page, PageQuery, Path, Permission, Query,
 };
@@ -384,8 +385,11 @@ async fn preview_output(
     let mut out = output.describe();
     match output {
         Output::Deliver { endpoint_id } => {
-            let Some(ep) = endpoints::get(&state.db, tenant_id, endpoint_id).await? else {
-                out["error"] = "the endpoint no longer exists".into();
+            let Some(ep) = endpoints::get(&state.db, tenant_id, endpoint_id)
+                .await?
+                .filter(|ep| ep.enabled)
+            else {
+                out["error"] = format!("endpoint {endpoint_id} is deleted or disabled").into();
                 return Ok(out);
             };
             let body = crate::events::event_body(event_id, event_type, now, data);
@@ -399,39 +403,56 @@ async fn preview_output(
             )?;
         }
         Output::Invoke { action, arguments } => {
-            let Some(a) = store::get(&state.db, tenant_id, action).await? else {
-                out["error"] = "the action no longer exists".into();
-                return Ok(out);
-            };
-            let validator = state
-                .gateway
-                .validators
-                .get(
-                    tenant_id,
-                    action,
-                    a.version,
-                    crate::registry::validators::Which::Input,
-                    &a.declaration.input_schema,
-                )
-                .map_err(ApiError::internal)?;
-            let problems = crate::registry::model::schema_errors(&validator, arguments);
-            out["valid"] = problems.is_empty().into();
-            if !problems.is_empty() {
-                out["details"] = serde_json::to_value(problems).unwrap_or_default();
-                return Ok(out);
-            }
-            let ep = match &a.declaration.endpoint_id {
-                Some(id) => endpoints::get(&state.db, tenant_id, id).await?,
-                None => None,
-            };
-            let Some(ep) = ep else {
-                out["error"] = "the action has no endpoint".into();
-                return Ok(out);
-            };
+            // Judged as the rule's real call would be: a disabled action, a guard's denial or
+            // approval show here, not a request that would never be sent as shown.
             let caller = crate::gateway::invoke::Caller::Rule {
                 tenant_id: tenant_id.to_string(),
                 rule_id: "preview".into(),
             };
+            let stored = store::get(&state.db, tenant_id, action).await?;
+            let verdict = crate::gateway::invoke::judge_rule_call(
+                &state.gateway.validators,
+                tenant_id,
+                stored,
+                action,
+                arguments,
+                &caller,
+            );
+            let (a, approval_reason) = match verdict {
+                RuleCallVerdict::Refused { status, error, .. } => {
+                    out["status"] = status.into();
+                    out["code"] = error["code"].clone();
+                    if error["code"] == "validation_failed" {
+                        out["valid"] = false.into();
+                        out["details"] = error["details"].clone();
+                    } else {
+                        out["error"] = error["message"].clone();
+                    }
+                    return Ok(out);
+                }
+                RuleCallVerdict::Allowed {
+                    action,
+                    approval_reason,
+                } => (action, approval_reason),
+            };
+            out["valid"] = true.into();
+            let ep = match &a.declaration.endpoint_id {
+                Some(id) => endpoints::get(&state.db, tenant_id, id).await?,
+                None => None,
+            };
+            let Some(ep) = ep.filter(|ep| ep.enabled) else {
+                out["error"] = "the action's endpoint is deleted or disabled".into();
+                return Ok(out);
+            };
+            out["status"] = if approval_reason.is_some() {
+                "pending_approval"
+            } else {
+                "queued"
+            }
+            .into();
+            if let Some(reason) = approval_reason {
+                out["approval_reason"] = reason.into();
+            }
             let body =
                 crate::gateway::invoke::action_request_body(&ids::new_id("inv"), &a, arguments, &caller, now);
             out["request"] = crate::delivery::routes::sign_preview(
@@ -447,6 +468,14 @@ async fn preview_output(
             event_type: emitted,
             data: emitted_data,
         } => {
+            if crate::events::is_reserved(emitted) {
+                out["error"] = format!("{emitted} is raised by OpsIQ itself").into();
+                return Ok(out);
+            }
+            if let Err(m) = crate::events::check_event_type(emitted) {
+                out["error"] = m.into();
+                return Ok(out);
+            }
             let emitted_id = ids::new_id("evt");
             let body = crate::events::event_body(&emitted_id, emitted, now, emitted_data);
             let mut requests = Vec::new();

@@ -765,6 +765,56 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         escalations.received().is_empty() && rx.received().is_empty(),
         "a dry run sends nothing"
     );
+
+    // A dry run judges an invoke as the real call would be: a disabled action fails, a guard
+    // denies or holds the call for approval, and only what would be sent shows a request.
+    let (_, mut refund) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    refund["guards"] = json!([
+        {"if": {"field": "arguments.amount", "op": "gt", "value": 100000}, "then": "deny", "reason": "too large"},
+        {"if": {"field": "arguments.amount", "op": "gt", "value": 50000}, "then": "require_approval", "reason": "large"}
+    ]);
+    let (status, body) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, mut license) = app.call(Method::GET, "/v1/actions/extend_license", None).await;
+    license["enabled"] = json!(false);
+    let (status, body) = app
+        .call(Method::PUT, "/v1/actions/extend_license", Some(license))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let refund_of = |amount: i64| json!({"invoke": {"action": "refund_invoice", "arguments": {"invoice_id": "in_1", "amount": amount, "currency": "eur", "reason": "duplicate"}}});
+    let judged = json!({"name": "Judged", "when": {"event_type": "ticket.*"},
+        "then": [refund_of(200000), refund_of(60000), refund_of(100),
+                 {"invoke": {"action": "extend_license", "arguments": {"license_id": "lic_1", "days": 7}}}]});
+    let (status, run) = app
+        .call(
+            Method::POST,
+            "/v1/rules/test",
+            Some(json!({"rule": judged, "event": {"type": "ticket.created", "data": {}}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    let outputs = run["outputs"].as_array().unwrap();
+    let summary: Vec<(Value, Value, bool)> = outputs
+        .iter()
+        .map(|o| (o["status"].clone(), o["code"].clone(), o["request"].is_object()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (json!("denied"), json!("guard_denied"), false),
+            (json!("pending_approval"), Value::Null, true),
+            (json!("queued"), Value::Null, true),
+            (json!("failed"), json!("unknown_action"), false),
+        ],
+        "{run}"
+    );
+    assert!(
+        outputs[0]["error"].as_str().unwrap().contains("too large"),
+        "{run}"
+    );
+    assert_eq!(outputs[1]["approval_reason"], "large", "{run}");
 }
 
 async fn rules_run_on_the_gateways_own_events(backend: Backend) {

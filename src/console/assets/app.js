@@ -802,7 +802,8 @@ function dryRunView(result) {
     ),
     outputs.map((o) => {
       const trouble = outputProblem(o);
-      const what = o.deliver ? `deliver to ${o.deliver.endpoint_id}` : o.invoke ? `invoke ${o.invoke.action}` : o.emit ? `emit ${o.emit.type}` : "output";
+      const held = o.status === "pending_approval" ? ` (held for a person's approval: ${o.approval_reason})` : "";
+      const what = o.deliver ? `deliver to ${o.deliver.endpoint_id}` : o.invoke ? `invoke ${o.invoke.action}${held}` : o.emit ? `emit ${o.emit.type}` : "output";
       return h("details", { open: Boolean(trouble) }, h("summary", {}, trouble ? `✘ ${what}: ${trouble}` : what), pre(o));
     }),
   );
