@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{
     HANDSHAKE_VERSIONS, INSTRUCTIONS, Message, RpcError, accepted, accepts, codes, json_response,
-    method_not_allowed, parse_message, rpc_error_response, rpc_result, server_info, tools,
+    method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json, server_info, tools,
 };
 use crate::agents::AgentPrincipal;
 use crate::db::{self, now_ms};
@@ -50,17 +50,7 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
             "Not Acceptable: Client must accept application/json",
         );
     }
-    let json_body = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .eq_ignore_ascii_case("application/json")
-        });
-    if !json_body {
+    if !sends_json(headers) {
         return transport_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Unsupported Media Type: send application/json",

@@ -170,6 +170,20 @@ pub fn method_not_allowed(allow: &'static str) -> Response {
     r
 }
 
+/// Whether the body is declared as JSON (`Content-Type: application/json`, parameters allowed).
+pub fn sends_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+}
+
 /// Whether the `Accept` header admits `media` (`type/subtype`), counting `*/*` and `type/*`.
 pub fn accepts(headers: &HeaderMap, media: &str) -> bool {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::legacy::tools_version;
 use super::{
     INSTRUCTIONS, MODERN_VERSIONS, Message, RpcError, accepted, accepts, codes, json_response,
-    method_not_allowed, parse_message, rpc_error_response, rpc_result, server_info, tools,
+    method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json, server_info, tools,
 };
 use crate::AppState;
 use crate::agents::AgentPrincipal;
@@ -96,6 +96,16 @@ pub async fn handle(
     }
     if !accepts(headers, "application/json") {
         return not_acceptable("application/json");
+    }
+    if !sends_json(headers) {
+        return rpc_error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Value::Null,
+            &RpcError::new(
+                codes::INVALID_REQUEST,
+                "Unsupported Media Type: send application/json",
+            ),
+        );
     }
     let (id, rpc_method, params) = match parse_message(body) {
         Err((status, e)) => return rpc_error_response(status, Value::Null, &e),

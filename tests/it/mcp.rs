@@ -449,6 +449,18 @@ async fn mcp_wire_rules(backend: Backend) {
             .contains("application/json"),
         "{body}"
     );
+    // A body that is not declared as JSON is refused, as in the other era.
+    let resp = app
+        .as_key(&token, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("content-type", "text/plain")
+        .body(stateless_tools_list().to_string())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 415, "{body}");
     let (status, body) = read(
         post_mcp(
             &app,
