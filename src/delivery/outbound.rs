@@ -47,6 +47,9 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
         || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (seg[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated, still routed by some)
+        || (seg[0] == 0x2001 && seg[1] == 0) // Teredo 2001::/32 tunnels to obfuscated IPv4
+        || (seg[0] == 0x0064 && seg[1] == 0xff9b && seg[2] == 1) // local-use NAT64 64:ff9b:1::/48
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
         || (seg[0] == 0x0100 && seg[1] == 0 && seg[2] == 0 && seg[3] == 0) // discard 100::/64
         // NAT64 and 6to4 embed an IPv4 address that may be private.
@@ -54,9 +57,12 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
             (seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8)))
         || (seg[0] == 0x2002 && forbidden_v4(Ipv4Addr::new(
             (seg[1] >> 8) as u8, seg[1] as u8, (seg[2] >> 8) as u8, seg[2] as u8)))
-        // IPv4-compatible ::a.b.c.d (deprecated but still routed by some stacks)
-        || (seg[..6].iter().all(|s| *s == 0) && forbidden_v4(Ipv4Addr::new(
-            (seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8)))
+        // IPv4-compatible ::a.b.c.d (deprecated but still routed by some stacks) and
+        // IPv4-translated ::ffff:0:a.b.c.d (SIIT)
+        || ((seg[..6].iter().all(|s| *s == 0)
+            || (seg[..4].iter().all(|s| *s == 0) && seg[4] == 0xffff && seg[5] == 0))
+            && forbidden_v4(Ipv4Addr::new(
+                (seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8)))
 }
 
 /// Refusal by the SSRF guard; found in the error chain to classify the attempt.
@@ -375,6 +381,11 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:7f00:1::",
             "::127.0.0.1",
+            "fec0::1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "64:ff9b:1::808:808",
         ] {
             assert!(is_forbidden(bad.parse().unwrap()), "{bad} must be refused");
         }
@@ -385,6 +396,8 @@ mod tests {
             "100.128.0.1",
             "2606:4700::1111",
             "64:ff9b::808:808",
+            "::ffff:0:808:808",
+            "2001:4860:4860::8888",
         ] {
             assert!(!is_forbidden(good.parse().unwrap()), "{good} must be allowed");
         }

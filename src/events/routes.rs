@@ -139,6 +139,10 @@ async fn ingest_event(
     if !body.data.is_object() {
         return Err(ApiError::invalid_field("/data", "must be a JSON object"));
     }
+    // The id stands in for an Idempotency-Key, and is held to the same length.
+    if body.id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 255) {
+        return Err(ApiError::invalid_field("/id", "must be 1 to 255 characters"));
+    }
     state
         .catalog
         .validate(&state.db, &auth.tenant_id, &body.event_type, &body.data)

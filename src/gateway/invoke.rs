@@ -88,9 +88,9 @@ pub async fn invoke(
     req: InvokeRequest,
 ) -> Result<InvocationRow, ApiError> {
     let tenant_id = caller.tenant_id().to_string();
-    state
-        .gateway
-        .rate_limit(&tenant_id, caller.agent_id(), &req.action)?;
+    if let Some(agent) = caller.agent_id() {
+        state.gateway.rate_limit_agent(&tenant_id, agent)?;
+    }
 
     let cached = state
         .gateway
@@ -109,6 +109,7 @@ pub async fn invoke(
                 req.action
             ))
         })?;
+    state.gateway.rate_limit_action(&tenant_id, &req.action)?;
 
     if let Caller::Agent(agent) = caller {
         if !scope_allows(&agent.scopes, &req.action) {

@@ -87,27 +87,35 @@ impl Gateway {
         .map_err(ApiError::internal)
     }
 
-    /// Takes one token from the agent's and the action's buckets, or says how long to wait.
-    pub fn rate_limit(&self, tenant_id: &str, agent: Option<&str>, action: &str) -> Result<(), ApiError> {
-        use governor::clock::Clock;
-        let refuse = |what: &str, not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
-            // The limiter's own clock: a new one costs a calibration on every call.
-            let wait = not_until.wait_time_from(self.action_limiter.clock().now());
-            ApiError::rate_limited(
-                format!("too many calls for this {what}; retry later"),
-                wait.as_secs() + 1,
-            )
-        };
-        if let Some(agent) = agent {
-            self.agent_limiter
-                .check_key(&format!("{tenant_id}/{agent}"))
-                .map_err(|n| refuse("agent", n))?;
-        }
-        self.action_limiter
-            .check_key(&format!("{tenant_id}/{action}"))
-            .map_err(|n| refuse("action", n))?;
-        Ok(())
+    /// Takes one token from the agent's bucket, or says how long to wait.
+    pub fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
+        check_bucket(&self.agent_limiter, format!("{tenant_id}/{agent}"), "agent")
     }
+
+    /// Takes one token from the action's bucket, or says how long to wait. Called once the
+    /// action is known to exist, so only real actions get buckets.
+    pub fn rate_limit_action(&self, tenant_id: &str, action: &str) -> Result<(), ApiError> {
+        check_bucket(&self.action_limiter, format!("{tenant_id}/{action}"), "action")
+    }
+}
+
+/// Buckets kept before the idle ones (full again, so equal to new) are dropped.
+const MOST_BUCKETS: usize = 10_000;
+
+fn check_bucket(limiter: &DefaultKeyedRateLimiter<String>, key: String, what: &str) -> Result<(), ApiError> {
+    use governor::clock::Clock;
+    if limiter.len() > MOST_BUCKETS {
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+    limiter.check_key(&key).map_err(|not_until| {
+        // The limiter's own clock: a new one costs a calibration on every call.
+        let wait = not_until.wait_time_from(limiter.clock().now());
+        ApiError::rate_limited(
+            format!("too many calls for this {what}; retry later"),
+            wait.as_secs() + 1,
+        )
+    })
 }
 
 /// An authenticated agent (from `Authorization: Bearer <JWT>`).

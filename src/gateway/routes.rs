@@ -186,12 +186,21 @@ async fn get_invocation(
             .min(Duration::from_secs(60)),
         None => Duration::ZERO,
     };
-    let row = poll_until_settled(&state, viewer.tenant_id(), &id, wait).await?;
-    if viewer
-        .agent_id()
-        .is_some_and(|a| row.agent_id.as_deref() != Some(a))
-    {
+    let not_theirs = |row: &crate::gateway::invocations::InvocationRow| {
+        viewer
+            .agent_id()
+            .is_some_and(|a| row.agent_id.as_deref() != Some(a))
+    };
+    // Whose it is is checked before any wait: how long an answer takes must not tell an agent
+    // about another agent's call.
+    let row = poll_until_settled(&state, viewer.tenant_id(), &id, Duration::ZERO).await?;
+    if not_theirs(&row) {
         return Err(ApiError::not_found("invocation"));
     }
+    let row = if wait.is_zero() || row.is_terminal() {
+        row
+    } else {
+        poll_until_settled(&state, viewer.tenant_id(), &id, wait).await?
+    };
     Ok(axum::Json(row.to_json()))
 }

@@ -413,6 +413,18 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         .with(|raw, _| raw.body_limit = 4096)
         .start()
         .await;
+    // An event's id stands in for an Idempotency-Key and is held to its length.
+    for id in [String::new(), "e".repeat(256)] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/v1/events",
+                Some(json!({"type": "ticket.note", "data": {}, "id": id})),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["error"]["details"][0]["path"], "/id", "{body}");
+    }
     // A cursor no list gave is refused; an empty one starts at the newest item.
     for list in [
         "/v1/deliveries",

@@ -1000,6 +1000,24 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     let requested = alerts.wait_for(2).await;
     assert_eq!(requested[0].json()["type"], "approval.requested");
     assert!(w.rx.received().is_empty(), "nothing is sent before approval");
+    // Another agent asking to wait for this pending call is told at once that there is none:
+    // how long the answer takes says nothing about other agents' calls.
+    let peer = agent_token(&w.app, "agt_peer", &["billing"], &["invoke:*"]).await;
+    let asked = w
+        .app
+        .as_key(
+            &peer,
+            Method::GET,
+            &format!(
+                "/v1/invocations/{}?wait=30s",
+                first["invocation_id"].as_str().unwrap()
+            ),
+        )
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .expect("answered without waiting out the 30 s");
+    assert_eq!(asked.status(), 404);
 
     let (_, pending) = w
         .app
