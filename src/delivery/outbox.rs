@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::db::{Arg, Database, Dialect, Tx};
+use crate::db::{Arg, Database, Dialect, Tx, now_ms};
 use crate::{args, ids};
 
 /// What a delivery carries.
@@ -250,14 +250,16 @@ pub async fn release(db: &Database, node: &str, jobs: &[Job], now: i64) -> Resul
 }
 
 /// Gives a delivery leased to `node` but not attempted back to the outbox, due at `at` (its
-/// endpoint's limit has enough waiting already). Answers whether it was still held.
+/// endpoint's limit has enough waiting already). Waiting is not an attempt: a delivery not yet
+/// attempted starts its 24-hour retry window when it is. Answers whether it was still held.
 pub async fn defer(db: &Database, node: &str, job: &Job, at: i64) -> Result<bool, sqlx::Error> {
     let n = db
         .execute(
             "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, next_attempt_at = $1, \
-             lease_until = NULL, leased_by = NULL \
-             WHERE id = $2 AND leased_by = $3 AND attempts = $4 AND status = 'delivering'",
-            args![at, &job.id, node, job.attempts],
+             lease_until = NULL, leased_by = NULL, updated_at = $2, \
+             cycle_started_at = CASE WHEN schedule_index = 0 THEN NULL ELSE cycle_started_at END \
+             WHERE id = $3 AND leased_by = $4 AND attempts = $5 AND status = 'delivering'",
+            args![at, now_ms(), &job.id, node, job.attempts],
         )
         .await?;
     Ok(n == 1)

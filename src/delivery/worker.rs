@@ -68,11 +68,11 @@ struct Limits {
     rate: Option<DefaultDirectRateLimiter>,
     in_flight: Arc<Semaphore>,
     /// For a limited endpoint: how many of its jobs this process may hold waiting for their
-    /// turn, and the spacing (ms) at which the rest are due again (see [`Limits::hold_or_defer`]).
+    /// turn, and the spacing (µs) at which the rest are due again (see [`Limits::hold_or_defer`]).
     queue: Option<(usize, i64)>,
     /// This endpoint's jobs held in memory (waiting for their turn or being sent).
     held: Arc<std::sync::atomic::AtomicUsize>,
-    /// When the next deferred job is due: deferred jobs are spaced out from here.
+    /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
     next_deferred_at: std::sync::atomic::AtomicI64,
 }
 
@@ -97,7 +97,7 @@ impl Limits {
             (Some(r), Some(c)) => Some(r.min(c)),
             (r, c) => r.or(c),
         };
-        let queue = per_second.map(|n| (HELD_SECONDS * n, (1000 / n as i64).max(1)));
+        let queue = per_second.map(|n| (HELD_SECONDS * n, (1_000_000 / n as i64).max(1)));
         Self {
             rate_per_s,
             in_flight_cap,
@@ -114,7 +114,7 @@ impl Limits {
     fn hold_or_defer(&self, now: i64) -> Result<HeldPlace, i64> {
         let held = self.held.fetch_add(1, Ordering::AcqRel);
         let place = HeldPlace(self.held.clone());
-        let Some((most, spacing_ms)) = self.queue else {
+        let Some((most, spacing_us)) = self.queue else {
             return Ok(place);
         };
         if held < most {
@@ -122,15 +122,15 @@ impl Limits {
         }
         drop(place);
         // After what is held has drained, one spacing apart from the last deferred job.
-        let earliest = now + (held as i64 * spacing_ms);
+        let earliest = now.saturating_mul(1000).saturating_add(held as i64 * spacing_us);
         let mut at = earliest;
         let _ = self
             .next_deferred_at
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
                 at = next.max(earliest);
-                Some(at + spacing_ms)
+                Some(at.saturating_add(spacing_us))
             });
-        Err(at)
+        Err(at / 1000)
     }
 }
 
@@ -937,7 +937,7 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     let mut tx = inner.db.begin().await?;
     insert_attempts(&mut tx, batch).await?;
     let moved = move_deliveries(&mut tx, batch, now).await?;
-    clear_failing_runs(&mut tx, batch).await?;
+    let ends_healthy = clear_failing_runs(&mut tx, batch).await?;
     let mut raised = Vec::new();
     for o in batch {
         let job = &o.job;
@@ -988,7 +988,8 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
         .increment(1);
         if !o.url.is_empty() {
             let rules = rules_of(&job.tenant_id);
-            raised.extend(update_endpoint_health(engine, &mut tx, o, rules, (&lease, now)).await?);
+            let healthy = ends_healthy.contains(job.endpoint_id.as_str());
+            raised.extend(update_endpoint_health(engine, &mut tx, o, healthy, rules, (&lease, now)).await?);
         }
         if let Next::Failed { reason, .. } = &o.next {
             metrics::counter!("opsiq_deliveries_failed_total").increment(1);
@@ -1027,10 +1028,19 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
 }
 
 /// Ends the run of failures of every endpoint that answered 2xx in `batch` (a stale outcome's
-/// answer counts too: the endpoint was healthy). Done in the batch's transaction, before its
-/// failures start new runs, so no success is missed however the sender's copy of the endpoint
-/// lags behind; one statement per batch, which writes nothing while no endpoint is failing.
-async fn clear_failing_runs(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate::db::DbError> {
+/// answer counts too: the endpoint was healthy), whatever the sender's copy of the endpoint
+/// said; one statement per batch, which writes nothing while no endpoint is failing. Runs
+/// before the batch's failures start new runs. Answers the endpoints whose last outcome in the
+/// batch (outcomes queue in the order attempts end) was a success: their earlier failures in
+/// it start no run.
+async fn clear_failing_runs<'b>(
+    tx: &mut Tx,
+    batch: &'b [Outcome],
+) -> Result<std::collections::HashSet<&'b str>, crate::db::DbError> {
+    let mut last_answer = std::collections::HashMap::new();
+    for o in batch.iter().filter(|o| !o.url.is_empty()) {
+        last_answer.insert(o.job.endpoint_id.as_str(), o.result.is_success());
+    }
     let mut healthy: Vec<&str> = batch
         .iter()
         .filter(|o| o.result.is_success() && !o.url.is_empty())
@@ -1038,19 +1048,21 @@ async fn clear_failing_runs(tx: &mut Tx, batch: &[Outcome]) -> Result<(), crate:
         .collect();
     healthy.sort_unstable();
     healthy.dedup();
-    if healthy.is_empty() {
-        return Ok(());
+    if !healthy.is_empty() {
+        let placeholders: Vec<String> = (1..=healthy.len()).map(|i| format!("${i}")).collect();
+        tx.execute(
+            sqlx::AssertSqlSafe(format!(
+                "UPDATE endpoints SET failing_since = NULL WHERE failing_since IS NOT NULL AND id IN ({})",
+                placeholders.join(", ")
+            )),
+            healthy.into_iter().map(Into::into).collect(),
+        )
+        .await?;
     }
-    let placeholders: Vec<String> = (1..=healthy.len()).map(|i| format!("${i}")).collect();
-    tx.execute(
-        sqlx::AssertSqlSafe(format!(
-            "UPDATE endpoints SET failing_since = NULL WHERE failing_since IS NOT NULL AND id IN ({})",
-            placeholders.join(", ")
-        )),
-        healthy.into_iter().map(Into::into).collect(),
-    )
-    .await?;
-    Ok(())
+    Ok(last_answer
+        .into_iter()
+        .filter_map(|(endpoint, succeeded)| succeeded.then_some(endpoint))
+        .collect())
 }
 
 /// Records a system event; `fanout` is the engine's cached subscriber list on the hot path, a
@@ -1092,6 +1104,7 @@ async fn update_endpoint_health(
     engine: &Engine,
     tx: &mut Tx,
     o: &Outcome,
+    ends_healthy: bool,
     rules: Option<Arc<crate::rules::apply::RuleContext>>,
     (lease, now): (&Lease, i64),
 ) -> Result<Vec<Job>, crate::db::DbError> {
@@ -1103,8 +1116,9 @@ async fn update_endpoint_health(
             ..
         }
     );
-    if o.result.is_success() {
-        // Cleared for the whole batch in `clear_failing_runs`.
+    // Successes were recorded for the whole batch in `clear_failing_runs`; a failure the
+    // endpoint's later success in this batch made up for starts no run (410 still disables).
+    if o.result.is_success() || (ends_healthy && !gone) {
         return Ok(Vec::new());
     }
     tx.execute(

@@ -99,11 +99,10 @@ pub struct RecordedEvent {
     pub id: String,
     /// The exact body every endpoint receives.
     pub body: Arc<str>,
-    /// Deliveries created (leased ones are ready to hand to the worker): the event's own first,
-    /// then those its rules caused (action requests, emitted events).
+    /// Deliveries created (leased ones are ready to hand to the worker): the event's own (to
+    /// its subscribers and its rules' `deliver` outputs), and those its rules caused otherwise
+    /// (action requests, emitted events).
     pub deliveries: Vec<Job>,
-    /// How many of `deliveries` are the event's own (to its subscribed endpoints).
-    pub own_deliveries: usize,
 }
 
 /// The body every subscriber receives: `{"id","type","created_at","data"}`.
@@ -133,7 +132,15 @@ impl crate::db::batch::Job for RecordJob {
             let Some(first) = jobs.first() else {
                 return Ok(Vec::new());
             };
-            let events: Vec<NewEvent> = jobs.iter().map(|j| j.event.clone()).collect();
+            // A fresh emit budget on every run: a batch rolled back and run again must not find
+            // its first run's emitted events counted.
+            let events: Vec<NewEvent> = jobs
+                .iter()
+                .map(|j| NewEvent {
+                    emitted: EmitCount::default(),
+                    ..j.event.clone()
+                })
+                .collect();
             // One lease and one clock for the batch: the jobs were submitted moments apart.
             record_many(tx, &events, &first.lease, first.now).await
         })
@@ -221,7 +228,6 @@ pub fn record_many<'a>(
                     id,
                     body,
                     deliveries: Vec::new(),
-                    own_deliveries: 0,
                 });
             }
             tx.defer(sqlx::AssertSqlSafe(sql), values).await?;
@@ -243,7 +249,6 @@ pub fn record_many<'a>(
         let mut jobs = outbox::insert(tx, deliveries, lease, now).await?.into_iter();
         for (event, n) in recorded.iter_mut().zip(per_event) {
             event.deliveries = jobs.by_ref().take(n).collect();
-            event.own_deliveries = event.deliveries.len();
         }
         for (index, checked) in matched {
             let (event, done) = (&events[index], &mut recorded[index]);

@@ -185,7 +185,11 @@ async fn ingest_event(
         Err(e) => return Err(e.into()),
     };
     // The event's own deliveries, as a replay of its key counts them.
-    let count = recorded.own_deliveries;
+    let count = recorded
+        .deliveries
+        .iter()
+        .filter(|d| d.event_id.as_deref() == Some(recorded.id.as_str()))
+        .count();
     state.engine.dispatch(recorded.deliveries).await;
     metrics::counter!("opsiq_events_ingested_total").increment(1);
     Ok((

@@ -43,8 +43,17 @@ pub struct Gateway {
     /// Current action declarations by (tenant, name); cleared on every registry change here and,
     /// on PostgreSQL, on another replica's (`changes`); kept at most `cache_ttl`.
     pub actions: crate::cache::TtlCache<(String, String), Option<crate::registry::Action>>,
-    agent_limiter: DefaultKeyedRateLimiter<String>,
-    action_limiter: DefaultKeyedRateLimiter<String>,
+    agent_limiter: Buckets,
+    action_limiter: Buckets,
+}
+
+/// Token buckets by key, whose idle ones (full again, so no different from new ones) are
+/// dropped once there are many, at most every ten seconds.
+struct Buckets {
+    limiter: DefaultKeyedRateLimiter<String>,
+    /// When idle buckets were last dropped (seconds after `started`).
+    pruned_at: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Gateway {
@@ -64,8 +73,8 @@ impl Gateway {
             jwks: JwksCache::default(),
             validators,
             actions: crate::cache::TtlCache::new(cache_ttl),
-            agent_limiter: RateLimiter::keyed(quota(agent_per_s)),
-            action_limiter: RateLimiter::keyed(quota(action_per_s)),
+            agent_limiter: Buckets::new(quota(agent_per_s)),
+            action_limiter: Buckets::new(quota(action_per_s)),
         }
     }
 
@@ -89,33 +98,55 @@ impl Gateway {
 
     /// Takes one token from the agent's bucket, or says how long to wait.
     pub fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
-        check_bucket(&self.agent_limiter, format!("{tenant_id}/{agent}"), "agent")
+        self.agent_limiter.check(format!("{tenant_id}/{agent}"), "agent")
     }
 
     /// Takes one token from the action's bucket, or says how long to wait. Called once the
     /// action is known to exist, so only real actions get buckets.
     pub fn rate_limit_action(&self, tenant_id: &str, action: &str) -> Result<(), ApiError> {
-        check_bucket(&self.action_limiter, format!("{tenant_id}/{action}"), "action")
+        self.action_limiter
+            .check(format!("{tenant_id}/{action}"), "action")
     }
 }
 
-/// Buckets kept before the idle ones (full again, so equal to new) are dropped.
+/// Buckets kept before the idle ones are dropped.
 const MOST_BUCKETS: usize = 10_000;
 
-fn check_bucket(limiter: &DefaultKeyedRateLimiter<String>, key: String, what: &str) -> Result<(), ApiError> {
-    use governor::clock::Clock;
-    if limiter.len() > MOST_BUCKETS {
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
+impl Buckets {
+    fn new(quota: Quota) -> Self {
+        Self {
+            limiter: RateLimiter::keyed(quota),
+            pruned_at: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
     }
-    limiter.check_key(&key).map_err(|not_until| {
+
+    /// Takes one token from `key`'s bucket, or says how long to wait.
+    fn check(&self, key: String, what: &str) -> Result<(), ApiError> {
+        use governor::clock::Clock;
+        use std::sync::atomic::Ordering;
         // The limiter's own clock: a new one costs a calibration on every call.
-        let wait = not_until.wait_time_from(limiter.clock().now());
-        ApiError::rate_limited(
-            format!("too many calls for this {what}; retry later"),
-            wait.as_secs() + 1,
-        )
-    })
+        let now = self.limiter.clock().now();
+        if self.limiter.len() > MOST_BUCKETS {
+            let seconds = self.started.elapsed().as_secs();
+            let last = self.pruned_at.load(Ordering::Acquire);
+            if seconds >= last + 10
+                && self
+                    .pruned_at
+                    .compare_exchange(last, seconds, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                self.limiter.retain_recent();
+                self.limiter.shrink_to_fit();
+            }
+        }
+        self.limiter.check_key(&key).map_err(|not_until| {
+            ApiError::rate_limited(
+                format!("too many calls for this {what}; retry later"),
+                not_until.wait_time_from(now).as_secs() + 1,
+            )
+        })
+    }
 }
 
 /// An authenticated agent (from `Authorization: Bearer <JWT>`).

@@ -352,7 +352,7 @@ async fn dry_run(
             outputs.push(
                 preview_output(
                     state,
-                    tenant_id,
+                    (tenant_id, &rule.id),
                     &event_id,
                     &event.event_type,
                     &event.data,
@@ -375,7 +375,7 @@ async fn dry_run(
 
 async fn preview_output(
     state: &AppState,
-    tenant_id: &str,
+    (tenant_id, rule_id): (&str, &str),
     event_id: &str,
     event_type: &str,
     data: &Value,
@@ -405,9 +405,10 @@ async fn preview_output(
         Output::Invoke { action, arguments } => {
             // Judged as the rule's real call would be: a disabled action, a guard's denial or
             // approval show here, not a request that would never be sent as shown.
+            // The rule's own id (`rul_unsaved` before it is saved), as guards see it.
             let caller = crate::gateway::invoke::Caller::Rule {
                 tenant_id: tenant_id.to_string(),
-                rule_id: "preview".into(),
+                rule_id: rule_id.to_string(),
             };
             let stored = store::get(&state.db, tenant_id, action).await?;
             let verdict = crate::gateway::invoke::judge_rule_call(
@@ -422,11 +423,13 @@ async fn preview_output(
                 RuleCallVerdict::Refused { status, error, .. } => {
                     out["status"] = status.into();
                     out["code"] = error["code"].clone();
-                    if error["code"] == "validation_failed" {
-                        out["valid"] = false.into();
-                        out["details"] = error["details"].clone();
-                    } else {
-                        out["error"] = error["message"].clone();
+                    let details = error["details"].as_array().filter(|d| !d.is_empty());
+                    match details {
+                        Some(details) if error["code"] == "validation_failed" => {
+                            out["valid"] = false.into();
+                            out["details"] = details.clone().into();
+                        }
+                        _ => out["error"] = error["message"].clone(),
                     }
                     return Ok(out);
                 }

@@ -498,6 +498,15 @@ async fn emit_reaches_subscribers_and_chains_are_cut(backend: Backend) {
             "then": [{"emit": {"type": "escalation.opened", "data": {"conversation": "{{data.conversation_id}}", "source": "chat"}}}]}),
     )
     .await;
+    // A rule that also delivers the event itself: that delivery is the event's own too.
+    let direct = Receiver::start().await;
+    let (direct_ep, _) = endpoint(&app, &direct.url("/direct"), json!({"event_types": ["none.*"]})).await;
+    create_rule(
+        &app,
+        json!({"name": "Hand chats over", "when": {"event_type": "chat.human_requested"},
+            "then": [{"deliver": {"endpoint_id": direct_ep}}]}),
+    )
+    .await;
     let post_parent = || async {
         let request = app
             .admin(Method::POST, "/v1/events")
@@ -517,6 +526,7 @@ async fn emit_reaches_subscribers_and_chains_are_cut(backend: Backend) {
     assert_eq!(event["rules"][0]["outputs"][0]["event_id"], emitted["id"]);
     // The answer counts the event's own deliveries, not its emitted event's, as a replay does.
     let own = event["deliveries"].as_array().unwrap().len();
+    assert!(own >= 1, "{event}");
     assert_eq!(first["deliveries"], own, "{first} {event}");
     let replay = post_parent().await;
     assert_eq!(

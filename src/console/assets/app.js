@@ -144,8 +144,9 @@ function h(tag, attrs = {}, ...children) {
 let unsavedEdits = null;
 
 /**
- * Watches the form controls under `root` (except those `skip` names) for changes since now;
- * returns a function that makes the current values the saved ones.
+ * Watches the form controls under `root` (except those `skip` names) for changes since now.
+ * Returns `sending`: call it as a save is sent (it notes the values sent) and call what it
+ * returns once the save has landed, so that edits made while it was under way stay unsaved.
  */
 function watchEdits(root, skip = () => false) {
   const values = () =>
@@ -153,7 +154,10 @@ function watchEdits(root, skip = () => false) {
   let saved = values();
   unsavedEdits = () => root.isConnected && values() !== saved;
   return () => {
-    saved = values();
+    const sent = values();
+    return () => {
+      saved = sent;
+    };
   };
 }
 
@@ -560,7 +564,7 @@ class RuleEditor {
     this.renderOutputs();
     this.update();
     // The sample event is a scratch pad, not part of the rule.
-    this.markSaved = watchEdits(this.root, (el) => el === this.sample);
+    this.sending = watchEdits(this.root, (el) => el === this.sample);
   }
 
   build() {
@@ -734,11 +738,12 @@ class RuleEditor {
   async save() {
     const rule = this.ruleOrErrors();
     if (!rule) return;
+    const landed = this.sending();
     try {
       const saved = this.ruleId
         ? await api("PUT", `/v1/rules/${enc(this.ruleId)}`, rule, ifMatch(this.stored))
         : await api("POST", `/v1/rules`, rule);
-      this.markSaved();
+      landed();
       this.stored = saved;
       this.ruleId = saved.id;
       this.heading.textContent = "Edit rule";
@@ -1136,6 +1141,7 @@ async function showActionEditor(name) {
     }
   });
   const save = async () => {
+    const landed = sending();
     try {
       if (lossy) throw new ApiFailure(0, { code: "inexact_number", message: "This action holds whole numbers beyond 2^53, which a browser cannot keep exactly; change it through the API." });
       const title = field("action-title").value;
@@ -1157,7 +1163,7 @@ async function showActionEditor(name) {
       const saved = stored
         ? await api("PUT", `/v1/actions/${enc(stored.name)}`, declaration, ifMatch(stored))
         : await api("POST", `/v1/actions`, declaration);
-      markSaved();
+      landed();
       // Re-read from the server (its version, its hash); a new action gets its own address,
       // unless the user has gone elsewhere meanwhile.
       if (!stored && location.hash === "#/actions/new") history.replaceState(null, "", `#/actions/${enc(saved.name)}`);
@@ -1237,7 +1243,7 @@ async function showActionEditor(name) {
     ),
   );
   showPreview();
-  const markSaved = watchEdits(root);
+  const sending = watchEdits(root);
   return root;
 }
 
@@ -1605,7 +1611,7 @@ async function showPolicies() {
     );
   };
   render();
-  const markSaved = watchEdits(body);
+  const sending = watchEdits(body);
   const fileRows = policy.file_rows ?? [];
   return [
     h("h2", {}, "Policies"),
@@ -1622,11 +1628,12 @@ async function showPolicies() {
           id: "save-policies",
           class: "primary",
           onclick: async () => {
+            const landed = sending();
             if (rows.length === 0 && !confirm("Save no rows? Every grant made here is removed (rows from policies/ files stay).")) return;
             try {
               const changed = { rows: rows.map((r) => ({ subject: r.subject.trim(), object: r.object.trim(), act: r.act ?? "invoke", effect: r.effect })) };
               await api("PUT", `/v1/policies`, changed, policy[ETAG] ? { "if-match": policy[ETAG] } : {});
-              markSaved();
+              landed();
               await route();
               notice(h("div", { class: "ok", role: "status" }, "Saved; every replica applies it at once."));
             } catch (err) {
@@ -1775,7 +1782,10 @@ function notice(node) {
 
 document.getElementById("sign-out").addEventListener("click", () => mayLeave() && signOut("Signed out."));
 window.addEventListener("beforeunload", (e) => {
-  if (unsavedEdits?.()) e.preventDefault();
+  if (unsavedEdits?.()) {
+    e.preventDefault();
+    e.returnValue = "";
+  }
 });
 window.addEventListener("hashchange", route);
 route();
