@@ -742,6 +742,11 @@ pub fn version_holds(expected: Option<i64>, current: i64) -> bool {
     expected.is_none_or(|v| v == current)
 }
 
+/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values.
+pub fn in_list(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Unix time in milliseconds, the representation of every timestamp column.
 pub fn now_ms() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000

@@ -45,8 +45,7 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
         if ids.is_empty() {
             break;
         }
-        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-        let list = placeholders.join(", ");
+        let list = crate::db::in_list(ids.len());
         let values: Vec<crate::db::Arg> = ids.iter().map(|(id,)| id.into()).collect();
         let mut tx = db.begin().await?;
         // Settled is checked again here: a delivery replayed or recovered since the SELECT is
@@ -61,11 +60,10 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
             )
             .await?;
         if !deleted.is_empty() {
-            let placeholders: Vec<String> = (1..=deleted.len()).map(|i| format!("${i}")).collect();
             tx.execute(
                 sqlx::AssertSqlSafe(format!(
                     "DELETE FROM delivery_attempts WHERE delivery_id IN ({})",
-                    placeholders.join(", ")
+                    crate::db::in_list(deleted.len())
                 )),
                 deleted.iter().map(|(id,)| id.into()).collect(),
             )

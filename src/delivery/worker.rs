@@ -1049,12 +1049,11 @@ async fn clear_failing_runs<'b>(
     healthy.sort_unstable();
     healthy.dedup();
     if !healthy.is_empty() {
-        let placeholders: Vec<String> = (1..=healthy.len()).map(|i| format!("${i}")).collect();
         // Held and sent with the batch's next statement: no round trip of its own.
         tx.defer(
             sqlx::AssertSqlSafe(format!(
                 "UPDATE endpoints SET failing_since = NULL WHERE failing_since IS NOT NULL AND id IN ({})",
-                placeholders.join(", ")
+                crate::db::in_list(healthy.len())
             )),
             healthy.into_iter().map(Into::into).collect(),
         )

@@ -431,15 +431,7 @@ async fn a_delivery_life_retries_then_gives_up(backend: Backend) {
     assert_eq!(log["attempts_log"].as_array().unwrap().len(), 4);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rx.received().len(), 4, "no attempt after giving up");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("opsiq_deliveries_failed_total"));
 }
 
@@ -837,6 +829,20 @@ dual!(
     a_success_ends_a_run_of_failures
 );
 
+/// Marks the endpoint's run of failures as begun six days ago, behind the server's back (time
+/// cannot be waited out in a test).
+async fn failing_for_six_days(app: &TestApp, endpoint_id: &str) {
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
+    db.execute(
+        "UPDATE endpoints SET failing_since = $1 WHERE id = $2",
+        opsiq::args![six_days_ago, endpoint_id],
+    )
+    .await
+    .unwrap();
+    db.close().await;
+}
+
 /// Any 2xx ends an endpoint's run of failures, also one the sender did not know about when it
 /// sent (a failure recorded meanwhile): a healthy endpoint is never disabled for it later.
 async fn a_success_ends_a_run_of_failures(backend: Backend) {
@@ -845,15 +851,7 @@ async fn a_success_ends_a_run_of_failures(backend: Backend) {
     let (id, _) = endpoint(&app, &rx.url("/ok"), json!({"event_types": ["ok.*"]})).await;
     send_event(&app, "ok.first", json!({})).await;
     rx.wait_for(1).await;
-    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
-    let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
-    db.execute(
-        "UPDATE endpoints SET failing_since = $1 WHERE id = $2",
-        opsiq::args![six_days_ago, &id],
-    )
-    .await
-    .unwrap();
-    db.close().await;
+    failing_for_six_days(&app, &id).await;
     send_event(&app, "ok.second", json!({})).await;
     rx.wait_for(2).await;
     let path = format!("/v1/endpoints/{id}");
@@ -868,16 +866,7 @@ async fn a_success_ends_a_run_of_failures(backend: Backend) {
 async fn five_days_of_failures_disable_the_endpoint(backend: Backend) {
     let app = TestApp::on(backend).with(one_quick_retry).start().await;
     let (_rx, alerts, id) = failing_endpoint_and_alerts(&app, "endpoint.disabled").await;
-    // Pretend its run of failures began six days ago (time cannot be waited out in a test).
-    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
-    let six_days_ago = opsiq::db::now_ms() - 6 * 24 * 3600 * 1000;
-    db.execute(
-        "UPDATE endpoints SET failing_since = $1 WHERE id = $2",
-        opsiq::args![six_days_ago, &id],
-    )
-    .await
-    .unwrap();
-    db.close().await;
+    failing_for_six_days(&app, &id).await;
     send_event(&app, "invoice.updated", json!({})).await;
     let alert = alerts.wait_for(1).await;
     assert_eq!(alert[0].json()["data"]["endpoint_id"], id.as_str());
@@ -1108,15 +1097,7 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
         sent.iter().all(|r| r.header("x-opsiq-attempt") == Some("1")),
         "waiting in the outbox is not an attempt"
     );
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("opsiq_deliveries_deferred_total"),
         "nothing was deferred"

@@ -799,15 +799,7 @@ async fn operations_routes(backend: Backend) {
     let (status, body) = read(app.http.get(app.url("/readyz")).send().await.unwrap()).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
     app.call(Method::GET, "/v1/actions", None).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("opsiq_http_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"/v1/actions\""));
 }

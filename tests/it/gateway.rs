@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, fast_delivery};
 use crate::dual;
-use crate::harness::{Backend, TestApp, at_once, error_code, read, wait_until};
+use crate::harness::{Backend, TestApp, assert_error, at_once, error_code, read, wait_until};
 use crate::receiver::Receiver;
 
 /// An app with loopback delivery, the shipped example actions bound to `rx`, and the shipped policy.
@@ -111,6 +111,20 @@ pub async fn invoke(
     .await
 }
 
+/// The tool `name` as `GET /v1/tools?format=mcp` lists it for `token`.
+async fn mcp_tool(app: &TestApp, token: &str, name: &str) -> Value {
+    let (_, mcp) = app
+        .call_as(token, Method::GET, "/v1/tools?format=mcp", None)
+        .await;
+    mcp["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is not listed: {mcp}"))
+}
+
 /// Like [`invoke`] with `refund_invoice`, on a task of its own (to run calls side by side).
 fn spawn_refund(app: &TestApp, token: &str, key: &str) -> tokio::task::JoinHandle<(u16, Value)> {
     let req = invoke_request(app, token, "refund_invoice", refund_args(), Some(key));
@@ -182,32 +196,14 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
         .await;
     let a = &anthropic["data"][0];
     assert!(a["name"].is_string() && a["input_schema"]["type"] == "object" && a.get("function").is_none());
-    let (_, mcp) = w
-        .app
-        .call_as(&support, Method::GET, "/v1/tools?format=mcp", None)
-        .await;
-    let lookup = mcp["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "lookup_customer")
-        .unwrap();
+    let lookup = mcp_tool(&w.app, &support, "lookup_customer").await;
     assert_eq!(lookup["inputSchema"]["type"], "object");
     assert_eq!(lookup["annotations"]["readOnlyHint"], true);
     assert!(lookup["outputSchema"].is_object());
     // An async action's output schema is not advertised: an MCP client would demand structured
     // content that a queued call cannot have.
     let billing = agent_token(&w.app, "agt_billing_tools", &["billing"], &["invoke:*"]).await;
-    let (_, mcp) = w
-        .app
-        .call_as(&billing, Method::GET, "/v1/tools?format=mcp", None)
-        .await;
-    let extend = mcp["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "extend_license")
-        .unwrap();
+    let extend = mcp_tool(&w.app, &billing, "extend_license").await;
     assert!(
         extend["inputSchema"].is_object() && extend.get("outputSchema").is_none(),
         "{extend}"
@@ -623,21 +619,10 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
     assert_eq!(w.app.call_as(&good, Method::GET, "/v1/tools", None).await.0, 401);
     // Revoking is idempotent; only what does not exist is a 404.
     assert_eq!(w.app.call(Method::DELETE, "/v1/agents/agt_f", None).await.0, 204);
-    let (status, body) = w.app.call(Method::DELETE, "/v1/agents/agt_nobody", None).await;
-    assert_eq!(
-        (status, crate::harness::error_code(&body)),
-        (404, "not_found"),
-        "{body}"
-    );
-    let (status, body) = w
-        .app
-        .call(Method::DELETE, "/v1/agents/agt_f/tokens/jti_invented", None)
-        .await;
-    assert_eq!(
-        (status, crate::harness::error_code(&body)),
-        (404, "not_found"),
-        "{body}"
-    );
+    for missing in ["/v1/agents/agt_nobody", "/v1/agents/agt_f/tokens/jti_invented"] {
+        let (status, body) = w.app.call(Method::DELETE, missing, None).await;
+        assert_error((status, &body), 404, "not_found", "no such");
+    }
     let (status, _) = w
         .app
         .call_as(&other_key, Method::DELETE, "/v1/agents/agt_f", None)
@@ -988,14 +973,16 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     .await;
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["status"], "pending_approval");
-    let (status, second) = invoke(
-        &w.app,
-        &billing,
-        "refund_with_approval",
-        refund_args(),
-        Some("ap-2"),
-    )
-    .await;
+    let call_second = || {
+        invoke(
+            &w.app,
+            &billing,
+            "refund_with_approval",
+            refund_args(),
+            Some("ap-2"),
+        )
+    };
+    let (status, second) = call_second().await;
     assert_eq!(status, 202, "{second}");
     let requested = alerts.wait_for(2).await;
     assert_eq!(requested[0].json()["type"], "approval.requested");
@@ -1056,18 +1043,7 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     let sent = w.rx.wait_for(1).await;
     assert_eq!(sent[0].json()["id"], first["invocation_id"]);
     let (status, again) = w.app.call(Method::POST, &approve_path, None).await;
-    assert_eq!(
-        (status, error_code(&again)),
-        (409, "already_decided"),
-        "decided once"
-    );
-    assert!(
-        again["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("already approved"),
-        "{again}"
-    );
+    assert_error((status, &again), 409, "already_decided", "already approved");
     // Deny has no early check: a late deny is the decision that loses at the UPDATE, and the
     // conflict names the decision that won.
     let late_deny = format!("/v1/approvals/{}/deny", for_first["id"].as_str().unwrap());
@@ -1101,25 +1077,8 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     assert_eq!(denied["status"], "denied");
     assert!(denied["error"]["message"].as_str().unwrap().contains("not today"));
     // Its key now answers with the denial, as the contract's error.
-    let (status, replayed) = invoke(
-        &w.app,
-        &billing,
-        "refund_with_approval",
-        refund_args(),
-        Some("ap-2"),
-    )
-    .await;
-    assert_eq!(
-        (status, error_code(&replayed)),
-        (403, "approval_denied"),
-        "{replayed}"
-    );
-    assert!(
-        replayed["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not today")
-    );
+    let (status, replayed) = call_second().await;
+    assert_error((status, &replayed), 403, "approval_denied", "not today");
     assert_eq!(replayed["error"]["details"], json!([{"invocation_id": id}]));
     // Through MCP, the same key is a tool error that says why.
     let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",

@@ -276,6 +276,12 @@ impl TestApp {
     }
 
     /// Sends `body` as JSON with the owner key and returns (status, JSON body).
+    /// The Prometheus text at `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let key = self.admin_key.clone();
         self.call_as(&key, method, path, body).await
@@ -377,6 +383,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Checks an error answer: its status, its code, and a part of its message.
+pub fn assert_error(got: (u16, &Value), status: u16, code: &str, message_part: &str) {
+    let (got_status, body) = got;
+    assert_eq!((got_status, error_code(body)), (status, code), "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(message_part), "{body}");
 }
 
 /// Asserts the contract's error shape and returns the code.
