@@ -36,9 +36,21 @@ use crate::{
     agents, audit, console, delivery, events, gateway, mcp, ops, policy, registry, rules, telemetry, tenants,
 };
 
-/// Everything a handler or worker needs; cheap to clone (pools and `Arc`s).
+/// Everything a handler or worker needs, shared: a clone (every request makes a few) is one
+/// reference count, not one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// Validated configuration.
     pub config: Arc<Config>,
     /// The database.
@@ -114,7 +126,7 @@ impl AppState {
             Dialect::Sqlite => 2,
             Dialect::Postgres => 4,
         };
-        let state = Self {
+        let state = Self(Arc::new(Shared {
             event_writes: Batcher::start(db.clone(), writers),
             invocation_writes: Batcher::start(db.clone(), writers),
             gateway: Arc::new(Gateway::new(
@@ -136,7 +148,7 @@ impl AppState {
             keys,
             metrics: telemetry::metrics_handle(),
             engine,
-        };
+        }));
         state.apply_declarative_files().await?;
         state.engine.start(receivers);
         Ok(state)
