@@ -97,6 +97,28 @@ fn render(row: &InvocationRow) -> Value {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
+            // A result that breaks the advertised output schema may not be given as structured
+            // content (clients check it); it is an error result saying the action did run, so
+            // that the model does not call it again.
+            if let Some(mismatch) = parse(&row.error) {
+                let problems: Vec<String> = mismatch["details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        format!(
+                            "{} {}",
+                            d["path"].as_str().unwrap_or("/"),
+                            d["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                return tool_error(format!(
+                    "The action ran (invocation {}), but its result does not match the tool's output schema ({}). Do not call it again for this; the result was: {as_text}",
+                    row.id,
+                    problems.join("; ")
+                ));
+            }
             let mut out = json!({"content": text(as_text), "isError": false});
             if result.is_object() {
                 out["structuredContent"] = result;

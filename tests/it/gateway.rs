@@ -111,6 +111,29 @@ pub async fn invoke(
     .await
 }
 
+/// Calls tool `name` over MCP (the stateless 2026-07-28 revision) with an idempotency key;
+/// answers the JSON-RPC response.
+async fn mcp_call(app: &TestApp, token: &str, name: &str, arguments: Value, key: &str) -> Value {
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": name, "arguments": arguments,
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {},
+                      "io.opsiq/idempotency-key": key}}});
+    let resp = app
+        .as_key(token, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .json(&call)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// The tool `name` as `GET /v1/tools?format=mcp` lists it for `token`.
 async fn mcp_tool(app: &TestApp, token: &str, name: &str) -> Value {
     let (_, mcp) = app
@@ -701,6 +724,19 @@ async fn output_schema_mismatch_is_reported(backend: Backend) {
         )
         .await;
     assert_eq!(record["error"]["code"], "output_schema_mismatch");
+
+    // Over MCP the result may not be given as structured content that breaks the advertised
+    // schema: it is an error result that says the action ran.
+    let body = mcp_call(&w.app, &billing, "refund_invoice", refund_args(), "o2").await;
+    let result = &body["result"];
+    assert_eq!(result["isError"], true, "{body}");
+    assert!(result.get("structuredContent").is_none(), "{body}");
+    let text = result["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("action ran") && text.contains("output schema"),
+        "{text}"
+    );
+    assert_eq!(w.rx.received().len(), 2, "each key ran once");
 }
 
 async fn policy_edits_take_effect_at_once(backend: Backend) {
@@ -1081,24 +1117,7 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     assert_error((status, &replayed), 403, "approval_denied", "not today");
     assert_eq!(replayed["error"]["details"], json!([{"invocation_id": id}]));
     // Through MCP, the same key is a tool error that says why.
-    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": "refund_with_approval", "arguments": refund_args(),
-            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                      "io.modelcontextprotocol/clientCapabilities": {},
-                      "io.opsiq/idempotency-key": "ap-2"}}});
-    let resp = w
-        .app
-        .as_key(&billing, Method::POST, "/mcp")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", "refund_with_approval")
-        .json(&call)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = read(resp).await;
-    assert_eq!(status, 200, "{body}");
+    let body = mcp_call(&w.app, &billing, "refund_with_approval", refund_args(), "ap-2").await;
     assert_eq!(body["result"]["isError"], true, "{body}");
     let text = body["result"]["content"][0]["text"].as_str().unwrap();
     assert!(text.contains("not today"), "{text}");
