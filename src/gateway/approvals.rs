@@ -127,6 +127,21 @@ struct Decision {
     comment: Option<String>,
 }
 
+/// Longest comment kept with a decision.
+const MAX_COMMENT: usize = 2000;
+
+/// A decision's comment, if any, within [`MAX_COMMENT`] characters.
+fn checked_comment(body: Option<Decision>) -> ApiResult<Option<String>> {
+    let comment = body.unwrap_or_default().comment;
+    if comment.as_ref().is_some_and(|c| c.chars().count() > MAX_COMMENT) {
+        return Err(ApiError::invalid_field(
+            "/comment",
+            format!("must be at most {MAX_COMMENT} characters"),
+        ));
+    }
+    Ok(comment)
+}
+
 fn already_decided(row: &ApprovalRow) -> ApiError {
     ApiError::conflict(
         "already_decided",
@@ -149,7 +164,7 @@ async fn approve(
     OptionalJson(body): OptionalJson<Decision>,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::DecideApprovals)?;
-    let comment = body.unwrap_or_default().comment;
+    let comment = checked_comment(body)?;
     let approval = load(&state, &auth.tenant_id, &id).await?;
     if approval.status != "pending" {
         return Err(already_decided(&approval));
@@ -179,7 +194,30 @@ async fn approve(
                 ),
             ));
         }
+        // Deleted and declared again since: another action under the same name.
+        Some(action) if action.created_at > invocation.created_at => {
+            return Err(ApiError::conflict(
+                "action_unavailable",
+                "the action was deleted after this call was made (and declared again since); deny the call",
+            ));
+        }
         Some(_) => {}
+    }
+    // Nor if the agent that made it was revoked meanwhile.
+    if let Some(agent_id) = &invocation.agent_id {
+        let revoked: Option<(Option<i64>,)> = state
+            .db
+            .fetch_optional(
+                "SELECT revoked_at FROM agents WHERE tenant_id = $1 AND id = $2",
+                args![&auth.tenant_id, agent_id],
+            )
+            .await?;
+        if revoked.is_none_or(|(at,)| at.is_some()) {
+            return Err(ApiError::conflict(
+                "agent_revoked",
+                format!("the agent {agent_id} that made this call was revoked; deny the call"),
+            ));
+        }
     }
     let version = invocation.action_version.unwrap_or(0);
     let declaration: Option<(String,)> = state
@@ -193,6 +231,18 @@ async fn approve(
         .and_then(|(d,)| serde_json::from_str::<Value>(&d).ok())
         .and_then(|d| d["endpoint_id"].as_str().map(str::to_string))
         .ok_or_else(|| ApiError::conflict("action_unavailable", "the action version has no endpoint"))?;
+    // The call goes to the endpoint of the version it was made against: it must still be there.
+    if !crate::delivery::endpoints::get(&state.db, &auth.tenant_id, &endpoint_id)
+        .await?
+        .is_some_and(|ep| ep.enabled)
+    {
+        return Err(ApiError::conflict(
+            "action_unavailable",
+            format!(
+                "the endpoint {endpoint_id} this call would be sent to is deleted or disabled; enable it to approve the call, or deny it"
+            ),
+        ));
+    }
     let now = now_ms();
     let agent = match &invocation.agent_id {
         Some(agent_id) => {
@@ -255,8 +305,8 @@ async fn deny(
     OptionalJson(body): OptionalJson<Decision>,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::DecideApprovals)?;
+    let comment = checked_comment(body)?;
     let approval = load(&state, &auth.tenant_id, &id).await?;
-    let comment = body.unwrap_or_default().comment;
     let now = now_ms();
     let mut tx = state.db.begin().await?;
     let decided = tx

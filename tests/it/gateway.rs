@@ -989,7 +989,13 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     ] {
         wire.as_object_mut().unwrap().remove(f);
     }
-    assert_eq!(w.app.call(Method::POST, "/v1/actions", Some(wire)).await.0, 201);
+    assert_eq!(
+        w.app
+            .call(Method::POST, "/v1/actions", Some(wire.clone()))
+            .await
+            .0,
+        201
+    );
     let alerts = Receiver::start().await;
     crate::delivery::endpoint(
         &w.app,
@@ -1178,6 +1184,90 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
         .call(Method::POST, &format!("/v1/approvals/{approval_id}/deny"), None)
         .await;
     assert_eq!(status, 200, "{body}");
+
+    // Deleted and declared again under the same name, it is another action: a call made
+    // against the deleted one cannot be approved into it.
+    assert_eq!(
+        w.app
+            .call(Method::POST, "/v1/actions", Some(wire.clone()))
+            .await
+            .0,
+        201
+    );
+    let approval_of = |invocation: Value| {
+        let app = &w.app;
+        async move {
+            let (_, pending) = app.call(Method::GET, "/v1/approvals?status=pending", None).await;
+            let found = pending["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["invocation_id"] == invocation["invocation_id"]);
+            found.unwrap()["id"].as_str().unwrap().to_string()
+        }
+    };
+    let (_, fourth) = invoke(
+        &w.app,
+        &billing,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-4"),
+    )
+    .await;
+    let fourth_approval = approval_of(fourth).await;
+    assert_eq!(
+        w.app
+            .call(Method::DELETE, "/v1/actions/refund_with_approval", None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(w.app.call(Method::POST, "/v1/actions", Some(wire)).await.0, 201);
+    let (status, body) = w
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{fourth_approval}/approve"),
+            None,
+        )
+        .await;
+    assert_error((status, &body), 409, "action_unavailable", "declared again");
+
+    // Nor is a call of an agent revoked since it was made; a decision's comment has a limit.
+    let revoked = agent_token(&w.app, "agt_gone", &["billing"], &["invoke:*"]).await;
+    let (_, fifth) = invoke(
+        &w.app,
+        &revoked,
+        "refund_with_approval",
+        refund_args(),
+        Some("ap-5"),
+    )
+    .await;
+    let fifth_approval = approval_of(fifth).await;
+    assert_eq!(
+        w.app.call(Method::DELETE, "/v1/agents/agt_gone", None).await.0,
+        204
+    );
+    let fifth_path = format!("/v1/approvals/{fifth_approval}");
+    let (status, body) = w
+        .app
+        .call(Method::POST, &format!("{fifth_path}/approve"), None)
+        .await;
+    assert_error((status, &body), 409, "agent_revoked", "agt_gone");
+    let long = json!({"comment": "x".repeat(2001)});
+    let (status, body) = w
+        .app
+        .call(Method::POST, &format!("{fifth_path}/deny"), Some(long))
+        .await;
+    assert_error((status, &body), 422, "validation_failed", "");
+    assert_eq!(body["error"]["details"][0]["path"], "/comment", "{body}");
+    for decided in [&fourth_approval, &fifth_approval] {
+        let (status, body) = w
+            .app
+            .call(Method::POST, &format!("/v1/approvals/{decided}/deny"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
     assert_eq!(
         w.rx.received().len(),
         1,
