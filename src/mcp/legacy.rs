@@ -209,14 +209,15 @@ async fn stream(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -
         );
     }
     let state = state.clone();
-    let tenant_id = agent.tenant_id.clone();
-    let start = tools_version(&state, &tenant_id).await;
-    let events = futures_util::stream::unfold(
-        (state, tenant_id, session_id, start),
-        |(state, tenant, sid, seen)| async move {
-            let mut seen = seen;
+    let watch = super::ToolsWatch::new(&state, agent, headers).await;
+    let events =
+        futures_util::stream::unfold((state, session_id, watch), |(state, sid, mut watch)| async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Ends with its token (revoked, expired), or with its session.
+                let tick = watch.tick().await;
+                if tick == super::Tick::Ended {
+                    return None;
+                }
                 let live: Option<(String,)> = state
                     .db
                     .fetch_optional(
@@ -227,16 +228,14 @@ async fn stream(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -
                     .ok()
                     .flatten();
                 live.as_ref()?;
-                let now = tools_version(&state, &tenant).await;
-                if now != seen {
-                    seen = now;
-                    let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
-                    let event = Event::default().event("message").data(note.to_string());
-                    return Some((Ok::<_, Infallible>(event), (state, tenant, sid, seen)));
+                if tick == super::Tick::Same {
+                    continue;
                 }
+                let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+                let event = Event::default().event("message").data(note.to_string());
+                return Some((Ok::<_, Infallible>(event), (state, sid, watch)));
             }
-        },
-    );
+        });
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()

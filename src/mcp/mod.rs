@@ -110,6 +110,70 @@ async fn handle(
     }
 }
 
+/// What a stream of `notifications/tools/list_changed` watches: the tools one agent may see.
+/// Checked once a second; a change of the tenant's registry or of a policy, or of the agent's
+/// roles or scopes, makes it list the tools again, and only a list that differs is a change.
+/// The token is checked each time too: a stream ends when its token is revoked or expires.
+pub struct ToolsWatch {
+    state: AppState,
+    /// Only the `Authorization` header of the request that opened the stream.
+    credentials: HeaderMap,
+    /// (registry and policy versions, roles, scopes) when the tools were last listed.
+    listed_at: (i64, Vec<String>, Vec<String>),
+    tools: Vec<Value>,
+}
+
+impl ToolsWatch {
+    /// Starts watching what `agent` (authenticated by `headers`) may see now.
+    pub async fn new(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Self {
+        let mut credentials = HeaderMap::new();
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            credentials.insert(header::AUTHORIZATION, value.clone());
+        }
+        let version = legacy::tools_version(state, &agent.tenant_id).await;
+        let tools = tools::list(state, agent).await.unwrap_or_default();
+        Self {
+            state: state.clone(),
+            credentials,
+            listed_at: (version, agent.roles.clone(), agent.scopes.clone()),
+            tools,
+        }
+    }
+
+    /// Waits a second, then says whether the agent's tools list changed, or whether its token
+    /// no longer holds (the stream then ends).
+    pub async fn tick(&mut self) -> Tick {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let Ok(agent) = authenticate(&self.state, &self.credentials).await else {
+            return Tick::Ended;
+        };
+        let version = legacy::tools_version(&self.state, &agent.tenant_id).await;
+        let now = (version, agent.roles.clone(), agent.scopes.clone());
+        if now == self.listed_at {
+            return Tick::Same;
+        }
+        self.listed_at = now;
+        match tools::list(&self.state, &agent).await {
+            Ok(tools) if tools != self.tools => {
+                self.tools = tools;
+                Tick::Changed
+            }
+            _ => Tick::Same,
+        }
+    }
+}
+
+/// One look of a [`ToolsWatch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tick {
+    /// Nothing this agent sees changed.
+    Same,
+    /// The agent's tools list changed.
+    Changed,
+    /// The token no longer holds.
+    Ended,
+}
+
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrincipal, Response> {
     let token = headers
         .get(header::AUTHORIZATION)

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::legacy::tools_version;
 use super::{
     INSTRUCTIONS, MODERN_VERSIONS, Message, RpcError, accepted, accepts, codes, json_response,
     method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json, server_info, tools,
@@ -191,7 +190,7 @@ pub async fn handle(
         "tools/call" => tools::call(state, agent, &params)
             .await
             .map(|r| with_result_fields(r, false)),
-        "subscriptions/listen" => return listen(state, agent, id, &params).await,
+        "subscriptions/listen" => return listen(state, agent, headers, id, &params).await,
         other => Err(RpcError {
             code: codes::METHOD_NOT_FOUND,
             message: "Method not found".into(),
@@ -217,7 +216,13 @@ fn unsupported(id: Value, requested: &str) -> Response {
 
 /// `subscriptions/listen`: an event stream acknowledging the honoured notification kinds, then
 /// `notifications/tools/list_changed` whenever the tools this agent may see can have changed.
-async fn listen(state: &AppState, agent: &AgentPrincipal, id: Value, params: &Value) -> Response {
+async fn listen(
+    state: &AppState,
+    agent: &AgentPrincipal,
+    headers: &HeaderMap,
+    id: Value,
+    params: &Value,
+) -> Response {
     let wants_tools = params
         .get("notifications")
         .and_then(|n| n.get("toolsListChanged"))
@@ -233,35 +238,28 @@ async fn listen(state: &AppState, agent: &AgentPrincipal, id: Value, params: &Va
         "method": "notifications/subscriptions/acknowledged",
         "params": {"_meta": {META_SUBSCRIPTION: id}, "notifications": honoured},
     });
-    let state = state.clone();
-    let tenant_id = agent.tenant_id.clone();
-    let start = tools_version(&state, &tenant_id).await;
+    let watch = super::ToolsWatch::new(state, agent, headers).await;
     let first = futures_util::stream::once(async move {
         Ok::<_, Infallible>(Event::default().event("message").data(ack.to_string()))
     });
-    let changes = futures_util::stream::unfold(
-        (state, tenant_id, id, start),
-        move |(state, tenant, id, seen)| async move {
-            if !wants_tools {
-                std::future::pending::<()>().await;
-            }
-            let mut seen = seen;
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = tools_version(&state, &tenant).await;
-                if now != seen {
-                    seen = now;
+    let changes = futures_util::stream::unfold((watch, id), move |(mut watch, id)| async move {
+        loop {
+            // Ends with its token (revoked, expired); tells of changes only if asked to.
+            match watch.tick().await {
+                super::Tick::Ended => return None,
+                super::Tick::Changed if wants_tools => {
                     let note = json!({
                         "jsonrpc": "2.0",
                         "method": "notifications/tools/list_changed",
                         "params": {"_meta": {META_SUBSCRIPTION: id}},
                     });
                     let event = Event::default().event("message").data(note.to_string());
-                    return Some((Ok::<_, Infallible>(event), (state, tenant, id, seen)));
+                    return Some((Ok::<_, Infallible>(event), (watch, id)));
                 }
+                _ => {}
             }
-        },
-    );
+        }
+    });
     use futures_util::StreamExt;
     Sse::new(first.chain(changes))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

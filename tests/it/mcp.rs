@@ -162,6 +162,21 @@ async fn post_mcp(app: &TestApp, token: &str, headers: &[(&str, &str)], body: Va
     req.send().await.unwrap()
 }
 
+/// Reads an event stream into `seen` until it holds `what` (within 30 s), or fails.
+async fn read_stream_until(seen: &mut String, stream: &mut reqwest::Response, what: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains(what) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no {what} on the stream: {seen}");
+}
+
 /// A stateless-era `tools/list` request.
 fn stateless_tools_list() -> Value {
     json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {"_meta": meta()}})
@@ -286,17 +301,7 @@ async fn mcp_wire_rules(backend: Backend) {
         200
     );
     let mut seen = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(chunk)) = stream.chunk().await {
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-            if seen.contains("notifications/tools/list_changed") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(matches!(found, Ok(true)), "no list_changed on the stream: {seen}");
+    read_stream_until(&mut seen, &mut stream, "notifications/tools/list_changed").await;
     drop(stream);
 
     let resp = app
@@ -472,6 +477,37 @@ async fn mcp_wire_rules(backend: Backend) {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+
+    // subscriptions/listen: acknowledged, then told when this agent's tools change, and ended
+    // once its token no longer holds.
+    let listen = json!({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen",
+        "params": {"notifications": {"toolsListChanged": true}, "_meta": meta()}});
+    let mut stream = post_mcp(
+        &app,
+        &token,
+        &[
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "subscriptions/listen"),
+        ],
+        listen,
+    )
+    .await;
+    assert_eq!(stream.status(), 200);
+    let mut seen = String::new();
+    read_stream_until(&mut seen, &mut stream, "notifications/subscriptions/acknowledged").await;
+    let (_, mut ticket) = app.call(Method::GET, "/v1/actions/create_ticket", None).await;
+    ticket["description"] = "Open a ticket (changed again)".into();
+    let (status, _) = app
+        .call(Method::PUT, "/v1/actions/create_ticket", Some(ticket))
+        .await;
+    assert_eq!(status, 200);
+    read_stream_until(&mut seen, &mut stream, "notifications/tools/list_changed").await;
+    assert_eq!(app.call(Method::DELETE, "/v1/agents/agt_wire", None).await.0, 204);
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its revoked token");
 }
 
 async fn sessions_are_shared_by_replicas(backend: Backend) {
