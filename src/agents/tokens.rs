@@ -191,11 +191,31 @@ impl IssuerConfig {
         if self.audience.is_empty() {
             return Err("audience must be set".into());
         }
+        let sources = [
+            self.jwks.is_some(),
+            self.jwks_url.is_some(),
+            self.public_key_pem.is_some(),
+        ];
+        if sources.iter().filter(|given| **given).count() > 1 {
+            return Err("give one of jwks, jwks_url or public_key_pem, not several".into());
+        }
         match (&self.jwks, &self.jwks_url, &self.public_key_pem) {
             (None, None, None) => Err("give jwks, jwks_url or public_key_pem".into()),
-            (Some(jwks), _, _) => serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
-                .map(|_| ())
-                .map_err(|e| format!("jwks is not a JWKS document: {e}")),
+            (Some(jwks), _, _) => {
+                // Only public keys: private members (`d`, a symmetric `k`…) would be stored and
+                // shown to anyone who reads the configuration.
+                let private = ["d", "p", "q", "dp", "dq", "qi", "k", "oth"];
+                let keys = jwks.get("keys").and_then(Value::as_array).into_iter().flatten();
+                if keys
+                    .into_iter()
+                    .any(|key| private.iter().any(|m| key.get(m).is_some()))
+                {
+                    return Err("jwks must hold public keys only (no d, k or other private members)".into());
+                }
+                serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
+                    .map(|_| ())
+                    .map_err(|e| format!("jwks is not a JWKS document: {e}"))
+            }
             (_, _, Some(pem)) => pem_keys(pem).map(|_| ()),
             _ => Ok(()),
         }
@@ -545,12 +565,20 @@ fn principal_from_external(
     if sub.is_empty() {
         return Err(invalid("missing claim sub"));
     }
+    // Policy subjects are matched in a space-separated list: a space in a subject or a role
+    // would let it pose as another (`x agent:agt_billing`).
+    let spaced = |s: &str| s.chars().any(|c| c.is_whitespace() || c.is_control());
+    if spaced(sub) {
+        return Err(invalid("claim sub must not contain spaces"));
+    }
     let mut scopes = strings(claims.get("scope"));
     scopes.extend(strings(claims.get("scp")));
+    let mut roles = strings(claims.get(&config.roles_claim));
+    roles.retain(|r| !r.is_empty() && !spaced(r));
     Ok(AgentPrincipal {
         tenant_id: tenant_id.to_string(),
         agent_id: sub.to_string(),
-        roles: strings(claims.get(&config.roles_claim)),
+        roles,
         scopes,
         jti: claims.get("jti").and_then(Value::as_str).map(str::to_string),
         policy_version: None,

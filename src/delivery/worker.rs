@@ -48,6 +48,8 @@ pub struct Settled {
 /// An endpoint as the sender needs it: decrypted secrets and limits.
 #[derive(Debug)]
 struct LiveEndpoint {
+    /// Whose it is: a job of another tenant naming this id does not get it.
+    tenant_id: String,
     url: String,
     /// `url` parsed once (not per attempt), or why it does not parse.
     parsed: Result<reqwest::Url, String>,
@@ -443,6 +445,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(endpoint_id)
+            && ep.tenant_id == tenant_id
             && !ep.stale.load(Ordering::Acquire)
             && ep.fetched.elapsed() < self.inner.config.cache_ttl
         {
@@ -475,6 +478,7 @@ impl Engine {
             _ => Arc::new(Limits::new(row.rate_limit_per_s, row.max_in_flight)),
         };
         let live = Arc::new(LiveEndpoint {
+            tenant_id: row.tenant_id.clone(),
             url: row.url.clone(),
             parsed: reqwest::Url::parse(&row.url).map_err(|e| e.to_string()),
             enabled: row.enabled,

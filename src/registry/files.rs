@@ -82,6 +82,30 @@ pub async fn apply_to_tenant(
 ) -> Result<usize, FileError> {
     let mut changed = 0;
     for decl in decls {
+        // Files are applied to every tenant, an endpoint belongs to one: elsewhere the action
+        // has no endpoint (its calls are refused) rather than another tenant's.
+        let own;
+        let decl = match &decl.endpoint_id {
+            Some(endpoint_id)
+                if crate::delivery::endpoints::get(db, tenant_id, endpoint_id)
+                    .await
+                    .map_err(store::StoreError::from)?
+                    .is_none() =>
+            {
+                tracing::warn!(
+                    tenant_id,
+                    action = %decl.name,
+                    endpoint_id,
+                    "the action file names an endpoint this tenant does not have; applied without it"
+                );
+                own = ActionDeclaration {
+                    endpoint_id: None,
+                    ..decl.clone()
+                };
+                &own
+            }
+            _ => decl,
+        };
         let upsert = || store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile);
         let (_, what) = match upsert().await {
             // Another replica starting at the same moment created it first: apply over theirs.

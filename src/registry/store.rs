@@ -261,7 +261,18 @@ pub async fn upsert(
         (UpsertMode::ApplyFile, Some(row), _) if row.file_hash.as_deref() == Some(hash.as_str()) => {
             return Ok((Action::from_row(row.clone())?, Upserted::Skipped));
         }
-        (_, _, Some(row)) if row.content_hash == hash => {
+        (mode, _, Some(row)) if row.content_hash == hash => {
+            // A file now saying what the action already says (an admin's edit put there, say) is
+            // applied all the same: its hash is kept, so that the next API edit stands until the
+            // file changes again rather than being undone at the next start.
+            if mode == UpsertMode::ApplyFile && row.file_hash.as_deref() != Some(hash.as_str()) {
+                tx.execute(
+                    "UPDATE actions SET file_hash = $1 WHERE tenant_id = $2 AND name = $3",
+                    args![&hash, tenant_id, name],
+                )
+                .await?;
+                tx.commit().await?;
+            }
             return Ok((Action::from_row(row.clone())?, Upserted::Unchanged));
         }
         (_, None, _) => {

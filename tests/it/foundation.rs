@@ -400,12 +400,64 @@ async fn action_files_are_applied_at_start(backend: Backend) {
     assert_eq!(got["description"], "Changed in the file");
     assert_eq!(got["source"], "file");
 
+    // An admin's edit later written into the file too is that file's content: the next API
+    // edit stands until the file changes again.
+    let mut both = refund_action();
+    both["description"] = json!("Same in the API and the file");
+    let (status, body) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(both.clone()))
+        .await;
+    assert_eq!((status, &body["version"]), (200, &json!(4)), "{body}");
+    std::fs::write(
+        app.dir.path().join("actions/refund_invoice.json"),
+        both.to_string(),
+    )
+    .unwrap();
+    app.restart().await;
+    let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(got["version"], 4, "{got}");
+    let mut edited = got.clone();
+    edited["timeout_ms"] = json!(4000);
+    let (status, _) = app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(edited))
+        .await;
+    assert_eq!(status, 200);
+    app.restart().await;
+    let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(
+        (&got["version"], &got["timeout_ms"]),
+        (&json!(5), &json!(4000)),
+        "{got}"
+    );
+
+    // An endpoint a file names belongs to one tenant; the others' copies of the action have
+    // none (their calls are refused, never sent to that tenant's endpoint).
+    let (status, ep) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://hooks.example.com/refunds"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{ep}");
+    let mut with_endpoint = both.clone();
+    with_endpoint["endpoint_id"] = ep["id"].clone();
+    std::fs::write(
+        app.dir.path().join("actions/refund_invoice.json"),
+        with_endpoint.to_string(),
+    )
+    .unwrap();
+    app.restart().await;
+    let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    assert_eq!(got["endpoint_id"], ep["id"], "{got}");
+
     // A tenant added later gets the files too.
     let (_, key_b) = app.new_tenant("globex").await;
-    let (status, _) = app
+    let (status, theirs) = app
         .call_as(&key_b, Method::GET, "/v1/actions/refund_invoice", None)
         .await;
     assert_eq!(status, 200);
+    assert_eq!(theirs["endpoint_id"], Value::Null, "{theirs}");
 }
 
 async fn bad_input_gets_contract_errors(backend: Backend) {

@@ -879,6 +879,16 @@ async fn external_issuer_tokens(backend: Backend) {
             .success()
     );
     let pem = std::fs::read_to_string(&public).unwrap();
+    // One key source, and public keys only: a private member would be stored and shown.
+    let private_jwk = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "alg": "HS256", "kid": "s"}]});
+    for refused in [
+        json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "jwks": private_jwk}),
+        json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "public_key_pem": pem,
+               "jwks": {"keys": []}}),
+    ] {
+        let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(refused)).await;
+        assert_eq!(status, 422, "{body}");
+    }
     let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "public_key_pem": pem, "roles_claim": "groups"});
     let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
     assert_eq!(status, 200, "{body}");
@@ -915,6 +925,18 @@ async fn external_issuer_tokens(backend: Backend) {
     let (status, body) = invoke(&w.app, &good, "refund_invoice", refund_args(), Some("ext-1")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(w.rx.received()[0].json()["agent"]["roles"], json!(["billing"]));
+    // Subjects are matched in a space-separated list: a subject with a space is refused, and a
+    // role with one grants nothing (it cannot pose as `role:billing`).
+    let posing = mint(&|c| c["sub"] = "x agent:agt_any".into());
+    let (status, body) = w.app.call_as(&posing, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401, "{body}");
+    let posing = mint(&|c| c["groups"] = json!(["a role:billing"]));
+    let (status, body) = w.app.call_as(&posing, Method::GET, "/v1/tools", None).await;
+    assert_eq!(
+        (status, body["data"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{body}"
+    );
 
     // Another workspace may trust the same identity provider with an audience of its own.
     let (_, other_key) = w.app.new_tenant("globex").await;
