@@ -410,6 +410,7 @@ async fn put_issuer(
         Err(e) if e.is_unique_violation() => return Err(in_use()),
         other => other?,
     };
+    state.gateway.jwks.clear();
     Ok(axum::Json(
         serde_json::to_value(&config).map_err(ApiError::internal)?,
     ))
@@ -427,5 +428,6 @@ async fn delete_issuer(State(state): State<AppState>, auth: AdminAuth) -> ApiRes
     if n == 0 {
         return Err(ApiError::not_found("token issuer"));
     }
+    state.gateway.jwks.clear();
     Ok(StatusCode::NO_CONTENT)
 }

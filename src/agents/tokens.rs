@@ -245,6 +245,14 @@ pub struct JwksCache {
     docs: Mutex<HashMap<String, (std::time::Instant, jsonwebtoken::jwk::JwkSet)>>,
 }
 
+impl JwksCache {
+    /// Forgets every fetched document (a tenant changed or removed its issuer: a key it no
+    /// longer trusts must not keep verifying until the document would have expired).
+    pub fn clear(&self) {
+        self.docs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 /// Authenticates an agent token (gateway-minted or from the tenant's external issuer).
 pub async fn authenticate(
     db: &Database,
