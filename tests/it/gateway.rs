@@ -1011,13 +1011,8 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     ] {
         wire.as_object_mut().unwrap().remove(f);
     }
-    assert_eq!(
-        w.app
-            .call(Method::POST, "/v1/actions", Some(wire.clone()))
-            .await
-            .0,
-        201
-    );
+    let declare = || w.app.call(Method::POST, "/v1/actions", Some(wire.clone()));
+    assert_eq!(declare().await.0, 201);
     let alerts = Receiver::start().await;
     crate::delivery::endpoint(
         &w.app,
@@ -1209,34 +1204,20 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
 
     // Deleted and declared again under the same name, it is another action: a call made
     // against the deleted one cannot be approved into it.
-    assert_eq!(
-        w.app
-            .call(Method::POST, "/v1/actions", Some(wire.clone()))
-            .await
-            .0,
-        201
-    );
-    let approval_of = |invocation: Value| {
+    assert_eq!(declare().await.0, 201);
+    // Makes a call that waits for approval; answers its approval's id.
+    let pending_call = |token: String, key: &'static str| {
         let app = &w.app;
         async move {
+            let (status, call) = invoke(app, &token, "refund_with_approval", refund_args(), Some(key)).await;
+            assert_eq!(status, 202, "{call}");
             let (_, pending) = app.call(Method::GET, "/v1/approvals?status=pending", None).await;
-            let found = pending["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|a| a["invocation_id"] == invocation["invocation_id"]);
+            let data = pending["data"].as_array().unwrap();
+            let found = data.iter().find(|a| a["invocation_id"] == call["invocation_id"]);
             found.unwrap()["id"].as_str().unwrap().to_string()
         }
     };
-    let (_, fourth) = invoke(
-        &w.app,
-        &billing,
-        "refund_with_approval",
-        refund_args(),
-        Some("ap-4"),
-    )
-    .await;
-    let fourth_approval = approval_of(fourth).await;
+    let fourth_approval = pending_call(billing.clone(), "ap-4").await;
     assert_eq!(
         w.app
             .call(Method::DELETE, "/v1/actions/refund_with_approval", None)
@@ -1244,7 +1225,7 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
             .0,
         204
     );
-    assert_eq!(w.app.call(Method::POST, "/v1/actions", Some(wire)).await.0, 201);
+    assert_eq!(declare().await.0, 201);
     let (status, body) = w
         .app
         .call(
@@ -1257,15 +1238,7 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
 
     // Nor is a call of an agent revoked since it was made; a decision's comment has a limit.
     let revoked = agent_token(&w.app, "agt_gone", &["billing"], &["invoke:*"]).await;
-    let (_, fifth) = invoke(
-        &w.app,
-        &revoked,
-        "refund_with_approval",
-        refund_args(),
-        Some("ap-5"),
-    )
-    .await;
-    let fifth_approval = approval_of(fifth).await;
+    let fifth_approval = pending_call(revoked, "ap-5").await;
     assert_eq!(
         w.app.call(Method::DELETE, "/v1/agents/agt_gone", None).await.0,
         204
