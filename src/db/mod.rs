@@ -311,13 +311,14 @@ impl Tx {
     /// Runs a statement; returns the number of rows it affected.
     pub async fn execute(&mut self, sql: impl sqlx::SqlSafeStr, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let sql = sql.into_sql_str();
-        let affected = match self {
-            Tx::Sqlite(t) => t.execute(sql.as_str(), args).await,
-            Tx::Postgres(t) => t.execute(sql.clone(), args).await,
-        }?;
         // A SELECT's "rows affected" are rows locked or read (or on SQLite a stale count), not
         // changes.
-        if affected > 0 && !starts_with_keyword(sql.as_str(), "SELECT") {
+        let changes_rows = !starts_with_keyword(sql.as_str(), "SELECT");
+        let affected = match self {
+            Tx::Sqlite(t) => t.execute(sql.as_str(), args).await,
+            Tx::Postgres(t) => t.execute(sql, args).await,
+        }?;
+        if affected > 0 && changes_rows {
             crate::audit::note_change();
         }
         Ok(affected)

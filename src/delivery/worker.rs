@@ -111,14 +111,15 @@ impl Limits {
         }
     }
 
-    /// Takes a place among the jobs this process holds for the endpoint, or, when its limit
-    /// already has enough of them waiting, answers when the job should be due again instead.
-    fn hold_or_defer(&self, now: i64) -> Result<HeldPlace, i64> {
-        let held = self.held.fetch_add(1, Ordering::AcqRel);
-        let place = HeldPlace(self.held.clone());
+    /// For a limited endpoint, takes a place among the jobs this process holds for it, or, when
+    /// its limit already has enough of them waiting, answers when the job should be due again
+    /// instead. An unlimited endpoint's jobs are not counted.
+    fn hold_or_defer(&self, now: i64) -> Result<Option<HeldPlace>, i64> {
         let Some((most, spacing_us)) = self.queue else {
-            return Ok(place);
+            return Ok(None);
         };
+        let held = self.held.fetch_add(1, Ordering::AcqRel);
+        let place = Some(HeldPlace(self.held.clone()));
         if held < most {
             return Ok(place);
         }
@@ -1042,16 +1043,14 @@ async fn clear_failing_runs<'b>(
     batch: &'b [Outcome],
 ) -> Result<std::collections::HashSet<&'b str>, crate::db::DbError> {
     let mut last_answer = std::collections::HashMap::new();
+    let mut healthy = std::collections::BTreeSet::new();
     for o in batch.iter().filter(|o| !o.url.is_empty()) {
-        last_answer.insert(o.job.endpoint_id.as_str(), o.result.is_success());
+        let succeeded = o.result.is_success();
+        last_answer.insert(o.job.endpoint_id.as_str(), succeeded);
+        if succeeded {
+            healthy.insert(o.job.endpoint_id.as_str());
+        }
     }
-    let mut healthy: Vec<&str> = batch
-        .iter()
-        .filter(|o| o.result.is_success() && !o.url.is_empty())
-        .map(|o| o.job.endpoint_id.as_str())
-        .collect();
-    healthy.sort_unstable();
-    healthy.dedup();
     if !healthy.is_empty() {
         // Held and sent with the batch's next statement: no round trip of its own.
         tx.defer(
@@ -1125,7 +1124,8 @@ async fn update_endpoint_health(
     if o.result.is_success() || (ends_healthy && !gone) {
         return Ok(Vec::new());
     }
-    tx.execute(
+    // Sent with the read just below.
+    tx.defer(
         "UPDATE endpoints SET failing_since = $1 WHERE id = $2 AND failing_since IS NULL",
         args![now, &job.endpoint_id],
     )

@@ -127,18 +127,19 @@ impl Buckets {
         use std::sync::atomic::Ordering;
         // The limiter's own clock: a new one costs a calibration on every call.
         let now = self.limiter.clock().now();
-        if self.limiter.len() > MOST_BUCKETS {
-            let seconds = self.started.elapsed().as_secs();
-            let last = self.pruned_at.load(Ordering::Acquire);
-            if seconds >= last + 10
-                && self
-                    .pruned_at
-                    .compare_exchange(last, seconds, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                self.limiter.retain_recent();
-                self.limiter.shrink_to_fit();
-            }
+        // Counting the buckets takes a lock per shard: only once ten seconds have passed, and by
+        // one caller.
+        let seconds = self.started.elapsed().as_secs();
+        let last = self.pruned_at.load(Ordering::Acquire);
+        if seconds >= last + 10
+            && self
+                .pruned_at
+                .compare_exchange(last, seconds, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            && self.limiter.len() > MOST_BUCKETS
+        {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
         }
         self.limiter.check_key(&key).map_err(|not_until| {
             ApiError::rate_limited(

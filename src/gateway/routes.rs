@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::invocations::InvocationRow;
-use super::invoke::{Caller, InvokeRequest, invoke, poll_until_settled};
+use super::invoke::{Caller, InvokeRequest, invoke, load, poll_until_settled};
 use super::tools::{Format, allowed_actions, tool};
 use super::{AgentAuth, authenticate};
 use crate::db::Arg;
@@ -186,15 +186,15 @@ async fn get_invocation(
             .min(Duration::from_secs(60)),
         None => Duration::ZERO,
     };
-    let not_theirs = |row: &crate::gateway::invocations::InvocationRow| {
-        viewer
-            .agent_id()
-            .is_some_and(|a| row.agent_id.as_deref() != Some(a))
-    };
     // Whose it is is checked before any wait: how long an answer takes must not tell an agent
     // about another agent's call.
-    let row = poll_until_settled(&state, viewer.tenant_id(), &id, Duration::ZERO).await?;
-    if not_theirs(&row) {
+    let row = load(&state, viewer.tenant_id(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("invocation"))?;
+    if viewer
+        .agent_id()
+        .is_some_and(|a| row.agent_id.as_deref() != Some(a))
+    {
         return Err(ApiError::not_found("invocation"));
     }
     let row = if wait.is_zero() || row.is_terminal() {
