@@ -1050,7 +1050,10 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
     assert_ne!(secrets["previous_secret"], original["secret"]);
 }
 
-dual!(a_limited_endpoints_backlog_waits_in_the_outbox);
+dual!(
+    a_limited_endpoints_backlog_waits_in_the_outbox,
+    failures_under_overload_all_raise_their_alerts
+);
 
 /// A rate-limited endpoint's backlog waits in the outbox, not in the queue every endpoint
 /// shares: the API keeps answering, another endpoint's delivery is not held up behind it, and
@@ -1101,5 +1104,47 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
     assert!(
         metrics.contains("opsiq_deliveries_deferred_total"),
         "nothing was deferred"
+    );
+}
+
+/// Deliveries failing together, each raising a `delivery.failed` alert, through the smallest
+/// queue: the writer of outcomes never waits for room in a queue whose attempts wait for that
+/// writer, so the engine does not stall and every alert arrives.
+async fn failures_under_overload_all_raise_their_alerts(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(one_quick_retry)
+        .with(|raw, _| raw.max_in_flight = 1)
+        .start()
+        .await;
+    let (rx, alerts, _) = failing_endpoint_and_alerts(&app, "delivery.failed").await;
+    const FAILING: usize = 120;
+    for wave in 0..FAILING / 40 {
+        let sends = (0..40).map(|i| {
+            app.as_key(&app.admin_key, Method::POST, "/v1/events")
+                .json(&json!({"type": "invoice.updated", "data": {"wave": wave, "i": i}}))
+        });
+        assert_eq!(at_once(sends).await, [202; 40]);
+    }
+    let got = alerts
+        .try_wait_until(Duration::from_secs(120), |r| r.len() >= FAILING)
+        .await
+        .unwrap_or_else(|arrived| arrived);
+    assert_eq!(
+        got.len(),
+        FAILING,
+        "the engine stalled: {} of {} attempts made, {} alerts arrived",
+        rx.received().len(),
+        FAILING * 2,
+        got.len()
+    );
+    let failed: HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["data"]["delivery_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(failed.len(), FAILING, "one alert per failed delivery");
+    assert_eq!(
+        rx.received().len(),
+        FAILING * 2,
+        "a first attempt and one retry each"
     );
 }

@@ -187,6 +187,7 @@ dual!(
     policy_edits_take_effect_at_once,
     rate_limits_answer_429,
     external_issuer_tokens,
+    saving_the_issuer_refetches_its_jwks,
 );
 
 async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
@@ -841,44 +842,41 @@ async fn rate_limits_answer_429(backend: Backend) {
     assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
 }
 
-async fn external_issuer_tokens(backend: Backend) {
-    let w = world(backend).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key.pem");
-    let public = dir.path().join("pub.pem");
+/// A fresh P-256 key pair made with openssl: the signing key and the public key as PEM, or
+/// `None` (after `skip_or_fail`) where openssl is missing.
+fn ec_key_pair(test: &str, dir: &std::path::Path, name: &str) -> Option<(jsonwebtoken::EncodingKey, String)> {
+    let key = dir.join(format!("{name}.pem"));
+    let pkcs8 = dir.join(format!("{name}-pkcs8.pem"));
+    let public = dir.join(format!("{name}-pub.pem"));
+    let openssl = |args: &[&str], input: &std::path::Path, output: &std::path::Path| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .arg(input)
+            .arg("-out")
+            .arg(output)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     let generated = std::process::Command::new("openssl")
         .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
         .arg(&key)
         .status();
     if !generated.is_ok_and(|s| s.success()) {
-        crate::harness::skip_or_fail(
-            "external_issuer_tokens",
-            "openssl is not available to make a key pair",
-        );
-        return;
+        crate::harness::skip_or_fail(test, "openssl is not available to make a key pair");
+        return None;
     }
-    let pkcs8 = dir.path().join("key8.pem");
-    assert!(
-        std::process::Command::new("openssl")
-            .args(["pkcs8", "-topk8", "-nocrypt", "-in"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&pkcs8)
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        std::process::Command::new("openssl")
-            .args(["ec", "-pubout", "-in"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&public)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let pem = std::fs::read_to_string(&public).unwrap();
+    assert!(openssl(&["pkcs8", "-topk8", "-nocrypt", "-in"], &key, &pkcs8));
+    assert!(openssl(&["ec", "-pubout", "-in"], &key, &public));
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(std::fs::read(&pkcs8).unwrap().as_slice()).unwrap();
+    Some((signing, std::fs::read_to_string(&public).unwrap()))
+}
+
+async fn external_issuer_tokens(backend: Backend) {
+    let w = world(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let Some((signing, pem)) = ec_key_pair("external_issuer_tokens", dir.path(), "idp") else {
+        return;
+    };
     // One key source, and public keys only: a private member would be stored and shown.
     let private_jwk = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "alg": "HS256", "kid": "s"}]});
     for refused in [
@@ -893,7 +891,6 @@ async fn external_issuer_tokens(backend: Backend) {
     let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
     assert_eq!(status, 200, "{body}");
 
-    let signing = jsonwebtoken::EncodingKey::from_ec_pem(std::fs::read(&pkcs8).unwrap().as_slice()).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -991,6 +988,83 @@ async fn external_issuer_tokens(backend: Backend) {
         let (status, body) = w.app.call_as(&token, Method::GET, "/v1/tools", None).await;
         assert_eq!(status, 401, "{name}: {body}");
     }
+}
+
+/// An issuer whose keys come from a JWKS URL: the document is cached, and saving the issuer
+/// (the way an admin picks up the identity provider's rotated key at once) forgets it.
+async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
+    const TEST: &str = "saving_the_issuer_refetches_its_jwks";
+    let w = world(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (Some((old_key, _)), Some((new_key, _))) = (
+        ec_key_pair(TEST, dir.path(), "old"),
+        ec_key_pair(TEST, dir.path(), "new"),
+    ) else {
+        return;
+    };
+    let jwks = |key: &jsonwebtoken::EncodingKey| {
+        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, jsonwebtoken::Algorithm::ES256).unwrap();
+        json!({ "keys": [jwk] }).to_string()
+    };
+    let idp = Receiver::start().await;
+    let document = std::sync::Arc::new(std::sync::Mutex::new(jwks(&old_key)));
+    let served = document.clone();
+    idp.answer(move |_, _| {
+        let body = served.lock().unwrap().clone();
+        (200, vec![("content-type", "application/json".into())], body)
+    });
+    let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme",
+                        "jwks_url": idp.url("/.well-known/jwks.json")});
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/token-issuer", Some(issuer.clone()))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mint = |key: &jsonwebtoken::EncodingKey| {
+        let claims = json!({"iss": "https://idp.example.com", "aud": "opsiq-acme", "sub": "ext-bot",
+                            "exp": now + 600, "iat": now, "scope": "invoke:*"});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            key,
+        )
+        .unwrap()
+    };
+    let (old_token, new_token) = (mint(&old_key), mint(&new_key));
+    let status_of = |token: String| {
+        let app = &w.app;
+        async move { app.call_as(&token, Method::GET, "/v1/tools", None).await.0 }
+    };
+    assert_eq!(status_of(old_token.clone()).await, 200);
+    assert_eq!(status_of(new_token.clone()).await, 401);
+    assert_eq!(
+        idp.received().len(),
+        1,
+        "the document is fetched once, then cached"
+    );
+    assert_eq!(idp.received()[0].method, "GET");
+
+    // The identity provider rotates its key; saving the issuer drops the cached document.
+    *document.lock().unwrap() = jwks(&new_key);
+    let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(status_of(new_token.clone()).await, 200);
+    assert_eq!(
+        status_of(old_token).await,
+        401,
+        "the retired key no longer verifies"
+    );
+    assert_eq!(idp.received().len(), 2);
+
+    // Removing the issuer: none of its tokens works, whatever was fetched.
+    let (status, body) = w.app.call(Method::DELETE, "/v1/token-issuer", None).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(status_of(new_token).await, 401);
 }
 
 dual!(approvals_hold_calls_until_a_person_decides);
