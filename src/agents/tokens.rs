@@ -60,8 +60,8 @@ pub struct AgentPrincipal {
     pub scopes: Vec<String>,
     /// Token id (gateway-minted tokens).
     pub jti: Option<String>,
-    /// The policy version, read together with the token's revocation state (saving the policy
-    /// check a read of its own); `None` when it was not read.
+    /// The tenant's policy version, read together with the token's revocation state (saving
+    /// the policy check a read of its own); `None` when it was not read.
     pub policy_version: Option<i64>,
 }
 
@@ -331,7 +331,7 @@ async fn verify_gateway_token(
 async fn read_token_state(db: &Database, claims: &Claims) -> Result<Option<TokenState>, sqlx::Error> {
     db.fetch_optional(
         "SELECT t.revoked_at AS token_revoked_at, a.revoked_at AS agent_revoked_at, a.roles, t.scopes, \
-         (SELECT version FROM change_counters WHERE name = 'policy') AS policy_version FROM agent_tokens t \
+         (SELECT version FROM change_counters WHERE name = 'policy:' || t.tenant_id) AS policy_version FROM agent_tokens t \
          JOIN agents a ON a.tenant_id = t.tenant_id AND a.id = t.agent_id \
          WHERE t.jti = $1 AND t.tenant_id = $2 AND t.agent_id = $3",
         args![&claims.jti, &claims.tid, &claims.sub],

@@ -38,7 +38,7 @@ pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result
     // One policy version for the whole listing.
     let version = match agent.policy_version {
         Some(v) => v,
-        None => crate::db::counter(&state.db, "policy").await?,
+        None => crate::db::counter(&state.db, &crate::policy::counter_name(&agent.tenant_id)).await?,
     };
     let mut out = Vec::new();
     for action in store::list_enabled(&state.db, &agent.tenant_id).await? {

@@ -192,7 +192,9 @@ pub async fn tools_version(state: &AppState, tenant_id: &str) -> i64 {
     let registry = db::counter(&state.db, &format!("registry:{tenant_id}"))
         .await
         .unwrap_or(0);
-    let policy = db::counter(&state.db, "policy").await.unwrap_or(0);
+    let policy = db::counter(&state.db, &crate::policy::counter_name(tenant_id))
+        .await
+        .unwrap_or(0);
     registry * 1_000_003 + policy
 }
 

@@ -2,10 +2,12 @@
 //! on action names. Rows come from `policies/policy.csv` (domain `*`, every tenant) and from each
 //! tenant's API-managed rows (`GET|PUT /v1/policies`).
 //!
-//! The enforcer lives behind a lock and is rebuilt when the `policy` change counter moves, which
-//! is read on every decision: an edit made through any replica takes effect on the next request
-//! everywhere. Decisions are cached per (tenant, subjects, action) until the next rebuild, since
-//! casbin evaluates rows linearly.
+//! Each tenant has an enforcer of its own over the file rows and its rows, built on first use and
+//! rebuilt when the tenant's change counter (`policy:<tenant>`) moves. The counter is read on
+//! every decision, so an edit made through any replica takes effect on the next request
+//! everywhere, and one tenant's edit (or ten thousand rows) never slows another's decisions.
+//! Decisions are cached per (subjects, action) until the next rebuild, since casbin evaluates
+//! rows linearly.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,7 +17,7 @@ use casbin::function_map::OperatorFunction;
 use casbin::rhai::Dynamic;
 use casbin::{CoreApi, DefaultModel, Enforcer, MemoryAdapter, MgmtApi};
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
+use tokio::sync::Mutex;
 
 use crate::args;
 use crate::db::{self, Database, DbError};
@@ -186,17 +188,32 @@ impl Compiled {
     }
 }
 
-struct Loaded {
+/// One tenant's enforcer at one version of its rows, and the decisions it has made.
+struct TenantPolicy {
     version: i64,
     compiled: Compiled,
-    decisions: HashMap<(String, String, String), Decision>,
+    /// By (space-separated subjects, action).
+    decisions: std::sync::Mutex<HashMap<(String, String), Decision>>,
+}
+
+/// Tenants whose enforcers are kept; past it the cache starts over (each is rebuilt on use).
+const MAX_CACHED_TENANTS: usize = 1_000;
+
+/// Decisions kept per tenant; past it that tenant's start over.
+const MAX_CACHED_DECISIONS: usize = 10_000;
+
+/// The change counter that moves when a tenant's policy rows change.
+pub fn counter_name(tenant_id: &str) -> String {
+    format!("policy:{tenant_id}")
 }
 
 /// The policy engine shared by every request.
 pub struct Policy {
     model_text: String,
     file_rows: Vec<PolicyRow>,
-    loaded: RwLock<Option<Loaded>>,
+    tenants: std::sync::Mutex<HashMap<String, Arc<TenantPolicy>>>,
+    /// Held while building, so that a burst of calls after an edit builds the enforcer once.
+    building: Mutex<()>,
 }
 
 /// Parses `policy.csv`: `p, subject, domain, object, act, effect` lines; `#` comments.
@@ -263,7 +280,8 @@ impl Policy {
         Ok(Self {
             model_text,
             file_rows,
-            loaded: RwLock::new(None),
+            tenants: std::sync::Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
         })
     }
 
@@ -272,38 +290,63 @@ impl Policy {
         &self.file_rows
     }
 
-    async fn build(&self, db: &Database, version: i64) -> Result<Loaded, PolicyError> {
-        let stored: Vec<(String, String, String, String, String)> = db
-            .fetch_all(
-                "SELECT tenant_id, subject, object, act, effect FROM policy_rows ORDER BY tenant_id, position",
-                args![],
-            )
-            .await?;
+    async fn build(&self, db: &Database, tenant_id: &str, version: i64) -> Result<TenantPolicy, PolicyError> {
         let rows = self
             .file_rows
             .iter()
             .map(|r| ("*".to_string(), r.clone()))
-            .chain(stored.into_iter().map(|(tenant, subject, object, act, effect)| {
-                (
-                    tenant,
-                    PolicyRow {
-                        subject,
-                        object,
-                        act,
-                        effect,
-                    },
-                )
-            }))
+            .chain(
+                tenant_rows(db, tenant_id)
+                    .await?
+                    .into_iter()
+                    .map(|r| (tenant_id.to_string(), r)),
+            )
             .collect();
-        Ok(Loaded {
+        Ok(TenantPolicy {
             version,
             compiled: Compiled::new(&self.model_text, rows).await?,
-            decisions: HashMap::new(),
+            decisions: std::sync::Mutex::default(),
         })
     }
 
+    fn cached(&self, tenant_id: &str, version: i64) -> Option<Arc<TenantPolicy>> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant_id)
+            .filter(|t| t.version == version)
+            .cloned()
+    }
+
+    /// The tenant's enforcer at `version`, built if this process has none at it.
+    async fn tenant(
+        &self,
+        db: &Database,
+        tenant_id: &str,
+        version: i64,
+    ) -> Result<Arc<TenantPolicy>, PolicyError> {
+        if let Some(t) = self.cached(tenant_id, version) {
+            return Ok(t);
+        }
+        let _building = self.building.lock().await;
+        if let Some(t) = self.cached(tenant_id, version) {
+            return Ok(t);
+        }
+        let built = Arc::new(self.build(db, tenant_id, version).await?);
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if tenants.len() >= MAX_CACHED_TENANTS && !tenants.contains_key(tenant_id) {
+            tenants.clear();
+        }
+        // A call that read the version before an edit must not replace the newer enforcer.
+        if tenants.get(tenant_id).is_none_or(|t| t.version < version) {
+            tenants.insert(tenant_id.to_string(), built.clone());
+        }
+        Ok(built)
+    }
+
     /// Decides whether `subjects` (e.g. `agent:a1`, `role:support`) may invoke `action` in `tenant`
-    /// under the current policy (`version`, when the caller already read it, else read here).
+    /// under the tenant's current policy (`version`, when the caller already read it, else read
+    /// here).
     pub async fn check(
         self: &Arc<Self>,
         db: &Database,
@@ -312,27 +355,24 @@ impl Policy {
     ) -> Result<Decision, PolicyError> {
         let version = match version {
             Some(v) => v,
-            None => db::counter(db, "policy").await?,
+            None => db::counter(db, &counter_name(tenant_id)).await?,
         };
-        let key = (tenant_id.to_string(), subjects.join(" "), action.to_string());
+        let tenant = self.tenant(db, tenant_id, version).await?;
+        let key = (subjects.join(" "), action.to_string());
+        if let Some(d) = tenant
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
         {
-            let loaded = self.loaded.read().await;
-            if let Some(l) = loaded.as_ref().filter(|l| l.version == version)
-                && let Some(d) = l.decisions.get(&key)
-            {
-                return Ok(d.clone());
-            }
+            return Ok(d.clone());
         }
-        let mut guard = self.loaded.write().await;
-        if guard.as_ref().is_none_or(|l| l.version != version) {
-            *guard = Some(self.build(db, version).await?);
+        let decision = tenant.compiled.decide(tenant_id, subjects, action)?;
+        let mut decisions = tenant.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if decisions.len() >= MAX_CACHED_DECISIONS {
+            decisions.clear();
         }
-        let loaded = guard.as_mut().expect("just built");
-        let decision = loaded.compiled.decide(tenant_id, subjects, action)?;
-        if loaded.decisions.len() > 100_000 {
-            loaded.decisions.clear();
-        }
-        loaded.decisions.insert(key, decision.clone());
+        decisions.insert(key, decision.clone());
         Ok(decision)
     }
 }
@@ -425,7 +465,7 @@ pub async fn replace_rows(
         values,
     )
     .await?;
-    db::bump_counter(&mut tx, "policy").await?;
+    db::bump_counter(&mut tx, &counter_name(tenant_id)).await?;
     tx.commit().await?;
     Ok(rows_tag(rows))
 }
@@ -468,5 +508,85 @@ mod tests {
             "file rows apply to every tenant"
         );
         assert!(parse_policy_csv("p, root, *, x, invoke, allow").is_err());
+    }
+
+    fn row(subject: &str, object: &str, effect: &str) -> PolicyRow {
+        PolicyRow {
+            subject: subject.into(),
+            object: object.into(),
+            act: "invoke".into(),
+            effect: effect.into(),
+        }
+    }
+
+    /// One tenant's edit moves its own counter only: the other tenant's enforcer (and its cached
+    /// decisions) is kept, and neither sees the other's rows.
+    #[tokio::test]
+    async fn each_tenant_has_an_enforcer_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
+            .await
+            .unwrap();
+        for tenant in ["ten_a", "ten_b"] {
+            db.execute(
+                "INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $1, '', 0)",
+                args![tenant],
+            )
+            .await
+            .unwrap();
+        }
+        let policy = Arc::new(Policy {
+            model_text: DEFAULT_MODEL.into(),
+            file_rows: vec![row("role:everyone", "lookup_*", "allow")],
+            tenants: std::sync::Mutex::default(),
+            building: Mutex::new(()),
+        });
+        let support = vec!["agent:x".to_string(), "role:support".to_string()];
+        let decide = |tenant: &'static str, action: &'static str| {
+            let (policy, db, subjects) = (policy.clone(), db.clone(), support.clone());
+            async move {
+                policy
+                    .check(&db, None, (tenant, &subjects, action))
+                    .await
+                    .unwrap()
+            }
+        };
+        replace_rows(&db, "ten_a", &[row("role:support", "refund_*", "allow")], None)
+            .await
+            .unwrap();
+        assert_eq!(decide("ten_a", "refund_invoice").await, Decision::Allow);
+        assert!(matches!(
+            decide("ten_b", "refund_invoice").await,
+            Decision::Deny(_)
+        ));
+        let cached_b = policy.cached("ten_b", 0).expect("ten_b's enforcer is kept");
+
+        replace_rows(&db, "ten_a", &[row("role:support", "refund_*", "deny")], None)
+            .await
+            .unwrap();
+        assert_eq!(db::counter(&db, &counter_name("ten_a")).await.unwrap(), 2);
+        assert!(matches!(
+            decide("ten_a", "refund_invoice").await,
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide("ten_b", "refund_invoice").await,
+            Decision::Deny(_)
+        ));
+        let still_b = policy.cached("ten_b", 0).expect("ten_b's enforcer is still kept");
+        assert!(
+            Arc::ptr_eq(&cached_b, &still_b),
+            "ten_a's edit rebuilt ten_b's enforcer"
+        );
+        assert_eq!(
+            still_b.decisions.lock().unwrap().len(),
+            1,
+            "and kept its decision"
+        );
+        assert!(
+            still_b.compiled.rows.get("ten_a").is_none(),
+            "ten_b's enforcer holds none of ten_a's rows"
+        );
+        db.close().await;
     }
 }
