@@ -584,7 +584,7 @@ mod tests {
             "and kept its decision"
         );
         assert!(
-            still_b.compiled.rows.get("ten_a").is_none(),
+            !still_b.compiled.rows.contains_key("ten_a"),
             "ten_b's enforcer holds none of ten_a's rows"
         );
         db.close().await;
