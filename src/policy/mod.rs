@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use casbin::function_map::OperatorFunction;
 use casbin::rhai::Dynamic;
@@ -194,9 +195,12 @@ struct TenantPolicy {
     compiled: Compiled,
     /// By (space-separated subjects, action).
     decisions: std::sync::Mutex<HashMap<(String, String), Decision>>,
+    /// When it was last used, on the engine's use counter: the least recently used goes first.
+    last_used: AtomicU64,
 }
 
-/// Tenants whose enforcers are kept; past it the cache starts over (each is rebuilt on use).
+/// Tenants whose enforcers are kept; past it the least recently used is dropped (and rebuilt
+/// at its next use).
 const MAX_CACHED_TENANTS: usize = 1_000;
 
 /// Decisions kept per tenant; past it that tenant's start over.
@@ -212,6 +216,8 @@ pub struct Policy {
     model_text: String,
     file_rows: Vec<PolicyRow>,
     tenants: std::sync::Mutex<HashMap<String, Arc<TenantPolicy>>>,
+    /// Counts uses of the enforcers, to tell which was used least recently.
+    uses: AtomicU64,
     /// Held while building, so that a burst of calls after an edit builds the enforcer once.
     building: Mutex<()>,
 }
@@ -281,6 +287,7 @@ impl Policy {
             model_text,
             file_rows,
             tenants: std::sync::Mutex::new(HashMap::new()),
+            uses: AtomicU64::new(0),
             building: Mutex::new(()),
         })
     }
@@ -306,6 +313,7 @@ impl Policy {
             version,
             compiled: Compiled::new(&self.model_text, rows).await?,
             decisions: std::sync::Mutex::default(),
+            last_used: AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed)),
         })
     }
 
@@ -315,6 +323,10 @@ impl Policy {
             .unwrap_or_else(|e| e.into_inner())
             .get(tenant_id)
             .filter(|t| t.version == version)
+            .inspect(|t| {
+                t.last_used
+                    .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed)
+            })
             .cloned()
     }
 
@@ -334,8 +346,14 @@ impl Policy {
         }
         let built = Arc::new(self.build(db, tenant_id, version).await?);
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        if tenants.len() >= MAX_CACHED_TENANTS && !tenants.contains_key(tenant_id) {
-            tenants.clear();
+        if tenants.len() >= MAX_CACHED_TENANTS
+            && !tenants.contains_key(tenant_id)
+            && let Some(oldest) = tenants
+                .iter()
+                .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
+                .map(|(id, _)| id.clone())
+        {
+            tenants.remove(&oldest);
         }
         // A call that read the version before an edit must not replace the newer enforcer.
         if tenants.get(tenant_id).is_none_or(|t| t.version < version) {
@@ -539,6 +557,7 @@ mod tests {
             model_text: DEFAULT_MODEL.into(),
             file_rows: vec![row("role:everyone", "lookup_*", "allow")],
             tenants: std::sync::Mutex::default(),
+            uses: AtomicU64::new(0),
             building: Mutex::new(()),
         });
         let support = vec!["agent:x".to_string(), "role:support".to_string()];
@@ -587,6 +606,44 @@ mod tests {
             !still_b.compiled.rows.contains_key("ten_a"),
             "ten_b's enforcer holds none of ten_a's rows"
         );
+        db.close().await;
+    }
+
+    /// Past the cap the least recently used tenant's enforcer is dropped, not every tenant's.
+    #[tokio::test]
+    async fn the_least_recently_used_enforcer_goes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
+            .await
+            .unwrap();
+        let policy = Arc::new(Policy {
+            model_text: DEFAULT_MODEL.into(),
+            file_rows: vec![row("role:support", "lookup_*", "allow")],
+            tenants: std::sync::Mutex::default(),
+            uses: AtomicU64::new(0),
+            building: Mutex::new(()),
+        });
+        let subjects = vec!["role:support".to_string()];
+        for n in 0..MAX_CACHED_TENANTS {
+            let tenant = format!("ten_{n}");
+            let decision = policy
+                .check(&db, Some(0), (&tenant, &subjects, "lookup_customer"))
+                .await;
+            assert_eq!(decision.unwrap(), Decision::Allow);
+        }
+        // ten_0 is used again, so ten_1 is now the least recently used.
+        policy
+            .check(&db, Some(0), ("ten_0", &subjects, "lookup_customer"))
+            .await
+            .unwrap();
+        policy
+            .check(&db, Some(0), ("ten_new", &subjects, "lookup_customer"))
+            .await
+            .unwrap();
+        let kept = |tenant: &str| policy.tenants.lock().unwrap().contains_key(tenant);
+        assert_eq!(policy.tenants.lock().unwrap().len(), MAX_CACHED_TENANTS);
+        assert!(kept("ten_0") && kept("ten_new") && kept("ten_2"));
+        assert!(!kept("ten_1"), "the least recently used enforcer was kept");
         db.close().await;
     }
 }
