@@ -33,6 +33,7 @@ struct ApprovalRow {
     status: String,
     reason: Option<String>,
     decided_by: Option<String>,
+    decided_by_name: Option<String>,
     comment: Option<String>,
     created_at: i64,
     decided_at: Option<i64>,
@@ -46,6 +47,7 @@ impl ApprovalRow {
             "status": self.status,
             "reason": self.reason,
             "decided_by": self.decided_by,
+            "decided_by_name": self.decided_by_name,
             "comment": self.comment,
             "created_at": rfc3339(self.created_at),
             "decided_at": self.decided_at.map(rfc3339),
@@ -53,7 +55,10 @@ impl ApprovalRow {
     }
 }
 
-const COLUMNS: &str = "id, invocation_id, status, reason, decided_by, comment, created_at, decided_at";
+/// An approval, with the name of the API key that decided it (`decided_by` is `key:<id>`).
+const SELECT: &str = "SELECT a.id, a.invocation_id, a.status, a.reason, a.decided_by, \
+     k.name AS decided_by_name, a.comment, a.created_at, a.decided_at FROM approvals a \
+     LEFT JOIN api_keys k ON k.tenant_id = a.tenant_id AND 'key:' || k.id = a.decided_by";
 
 #[derive(Debug, Deserialize)]
 struct ApprovalFilter {
@@ -76,8 +81,8 @@ async fn list_approvals(
                 .db
                 .fetch_all(
                     sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND status = $2 AND id < $3 \
-                         ORDER BY id DESC LIMIT $4"
+                        "{SELECT} WHERE a.tenant_id = $1 AND a.status = $2 AND a.id < $3 \
+                         ORDER BY a.id DESC LIMIT $4"
                     )),
                     args![&auth.tenant_id, status, cursor, limit + 1],
                 )
@@ -88,7 +93,7 @@ async fn list_approvals(
                 .db
                 .fetch_all(
                     sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+                        "{SELECT} WHERE a.tenant_id = $1 AND a.id < $2 ORDER BY a.id DESC LIMIT $3"
                     )),
                     args![&auth.tenant_id, cursor, limit + 1],
                 )
@@ -104,9 +109,7 @@ async fn load(state: &AppState, tenant_id: &str, id: &str) -> ApiResult<Approval
     state
         .db
         .fetch_optional(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND id = $2"
-            )),
+            sqlx::AssertSqlSafe(format!("{SELECT} WHERE a.tenant_id = $1 AND a.id = $2")),
             args![tenant_id, id],
         )
         .await?

@@ -1173,6 +1173,14 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
     assert_eq!(status, 200, "{decided}");
     assert_eq!(decided["status"], "approved");
     assert_eq!(decided["comment"], "checked");
+    // Who decided: the key (`key:<id>`), and its name for people to read.
+    assert!(
+        decided["decided_by"]
+            .as_str()
+            .is_some_and(|by| by.starts_with("key:key_")),
+        "{decided}"
+    );
+    assert_eq!(decided["decided_by_name"], "approver", "{decided}");
     let sent = w.rx.wait_for(1).await;
     assert_eq!(sent[0].json()["id"], first["invocation_id"]);
     let (status, again) = w.app.call(Method::POST, &approve_path, None).await;

@@ -1462,7 +1462,7 @@ async function showApprovals(params) {
       h("p", {}, "Invocation ", link(`#/invocations/${enc(a.invocation_id)}`, a.invocation_id)),
       a.status === "pending" && inv
         ? h("div", { class: "row" }, comment, h("button", { type: "button", class: "primary approve", onclick: decide(true) }, "Approve"), h("button", { type: "button", class: "danger deny", onclick: decide(false) }, "Deny"))
-        : h("p", { class: "muted" }, `Decided by ${a.decided_by ?? "?"}${a.comment ? `: ${a.comment}` : ""}`),
+        : h("p", { class: "muted" }, `Decided by ${a.decided_by_name ? `${a.decided_by_name} (${a.decided_by})` : a.decided_by ?? "?"}${a.comment ? `: ${a.comment}` : ""}`),
       out,
     );
   });
