@@ -282,17 +282,7 @@ async fn get_event(
         let Some(rule_id) = entry["rule_id"].as_str().map(str::to_string) else {
             continue;
         };
-        let definition: Option<(String,)> = state
-            .db
-            .fetch_optional(
-                "SELECT definition FROM rules WHERE tenant_id = $1 AND id = $2",
-                args![&auth.tenant_id, &rule_id],
-            )
-            .await?;
-        if let Some(rule) = definition
-            .and_then(|(d,)| serde_json::from_str::<Value>(&d).ok())
-            .and_then(|d| crate::rules::engine::CompiledRule::compile(&rule_id, &d).ok())
-        {
+        if let Some(rule) = state.rules.rule_now(&state.db, &auth.tenant_id, &rule_id).await? {
             rule.expand(entry);
         }
     }

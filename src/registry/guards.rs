@@ -83,7 +83,7 @@ pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
         };
         let condition = match g.get("if") {
             None => None,
-            Some(c) => match Condition::compile(c, &format!("{at}/if")) {
+            Some(c) => match Condition::compile_tree(c, &format!("{at}/if")) {
                 Ok(c) => Some(c),
                 Err(p) => {
                     problems.extend(p);

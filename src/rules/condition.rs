@@ -114,7 +114,38 @@ pub struct Step {
 /// The largest compiled regex (bytes); larger patterns are refused.
 const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 
+/// Most `matches` comparisons in one condition tree: each regex costs time to compile and memory
+/// to keep, and nested groups could otherwise hold thousands.
+pub const MAX_REGEXES: usize = 16;
+
+/// How many `matches` comparisons a condition tree as written holds.
+fn regex_count(v: &Value) -> usize {
+    let list = |key: &str| v.get(key).and_then(Value::as_array).map(Vec::as_slice);
+    if let Some(items) = list("all").or_else(|| list("any")) {
+        return items.iter().map(regex_count).sum();
+    }
+    if let Some(inner) = v.get("not") {
+        return regex_count(inner);
+    }
+    usize::from(v.get("op").and_then(Value::as_str) == Some("matches"))
+}
+
 impl Condition {
+    /// Compiles a whole condition tree (a rule's `if`, a guard's `if`): [`compile`](Self::compile),
+    /// after checking that it holds at most [`MAX_REGEXES`] regular expressions.
+    pub fn compile_tree(v: &Value, at: &str) -> Result<Condition, Vec<ErrorDetail>> {
+        let regexes = regex_count(v);
+        if regexes > MAX_REGEXES {
+            return Err(vec![ErrorDetail {
+                path: at.to_string(),
+                message: format!(
+                    "holds {regexes} `matches` comparisons; a condition may hold at most {MAX_REGEXES}"
+                ),
+            }]);
+        }
+        Condition::compile(v, at)
+    }
+
     /// Compiles a condition already shaped by `schemas/rule.schema.json`; `at` is its pointer.
     pub fn compile(v: &Value, at: &str) -> Result<Condition, Vec<ErrorDetail>> {
         let detail = |path: String, message: String| vec![ErrorDetail { path, message }];
@@ -464,5 +495,21 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(!c.eval(&doc, "/if", &mut Vec::new()));
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_tree_holds_a_bounded_number_of_regexes() {
+        let regex = json!({"field": "data.s", "op": "matches", "value": "\\w{5}"});
+        let group = |n: usize| json!({"all": vec![regex.clone(); n]});
+        assert!(Condition::compile_tree(&group(MAX_REGEXES), "/if").is_ok());
+        // Spread over nested groups and under `not`, they still count.
+        let nested = json!({"any": [group(MAX_REGEXES / 2), {"not": group(MAX_REGEXES / 2 + 1)}]});
+        let err = Condition::compile_tree(&nested, "/if").unwrap_err();
+        assert_eq!(err[0].path, "/if");
+        assert!(
+            err[0].message.contains(&format!("holds {}", MAX_REGEXES + 1)),
+            "{}",
+            err[0].message
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod engine;
 mod routes;
 pub mod template;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,14 @@ pub const RULE_SCHEMA: &str = include_str!("../../schemas/rule.schema.json");
 pub struct Rules {
     schema: jsonschema::Validator,
     sets: TtlCache<String, RuleSet>,
+    /// Each tenant's enabled rules as last compiled, by id, with the version compiled: a set
+    /// reloaded after its time to live recompiles only the rules changed since (a condition's
+    /// regexes can take milliseconds each to compile).
+    compiled: std::sync::Mutex<HashMap<String, Arc<CompiledAt>>>,
 }
+
+/// A tenant's compiled rules by id, each with the version it was compiled at.
+type CompiledAt = HashMap<String, (i64, CompiledRule)>;
 
 impl Rules {
     /// Compiles the rule schema; compiled rule sets are kept at most `cache_ttl`.
@@ -43,6 +51,7 @@ impl Rules {
         Self {
             schema: jsonschema::draft202012::new(&schema).expect("the rule schema compiles"),
             sets: TtlCache::new(cache_ttl),
+            compiled: std::sync::Mutex::default(),
         }
     }
 
@@ -72,22 +81,80 @@ impl Rules {
     pub async fn for_tenant(&self, db: &Database, tenant_id: &str) -> Result<Arc<RuleSet>, DbError> {
         self.sets
             .get_or_load(&tenant_id.to_string(), || async {
-                let rows: Vec<(String, String)> = db
+                let rows: Vec<(String, i64, String)> = db
                     .fetch_all(
-                        "SELECT id, definition FROM rules WHERE tenant_id = $1 AND enabled = $2 ORDER BY id",
+                        "SELECT id, version, definition FROM rules WHERE tenant_id = $1 AND enabled = $2 ORDER BY id",
                         args![tenant_id, true],
                     )
                     .await?;
-                let compiled = rows
-                    .iter()
-                    .filter_map(|(id, def)| {
-                        let def: Value = serde_json::from_str(def).ok()?;
-                        CompiledRule::compile(id, &def).ok()
-                    })
-                    .collect();
-                Ok::<_, DbError>(RuleSet::new(compiled))
+                Ok::<_, DbError>(RuleSet::new(self.compile_changed(tenant_id, &rows)))
             })
             .await
+    }
+
+    /// The rules of `rows` (id, version, definition) compiled, reusing those compiled before at
+    /// the same version; remembers exactly these for the tenant's next reload.
+    fn compile_changed(&self, tenant_id: &str, rows: &[(String, i64, String)]) -> Vec<CompiledRule> {
+        let before = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant_id)
+            .cloned()
+            .unwrap_or_default();
+        let now: CompiledAt = rows
+            .iter()
+            .filter_map(|(id, version, definition)| {
+                let rule = match before.get(id) {
+                    Some((compiled_at, rule)) if compiled_at == version => rule.clone(),
+                    _ => {
+                        let definition: Value = serde_json::from_str(definition).ok()?;
+                        CompiledRule::compile(id, &definition).ok()?
+                    }
+                };
+                Some((id.clone(), (*version, rule)))
+            })
+            .collect();
+        let rules = now.values().map(|(_, rule)| rule.clone()).collect();
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant_id.to_string(), Arc::new(now));
+        rules
+    }
+
+    /// One rule of a tenant compiled as it is now (to name the conditions of a stored trace);
+    /// `None` if it no longer exists.
+    pub async fn rule_now(
+        &self,
+        db: &Database,
+        tenant_id: &str,
+        rule_id: &str,
+    ) -> Result<Option<CompiledRule>, DbError> {
+        let row: Option<(i64, String)> = db
+            .fetch_optional(
+                "SELECT version, definition FROM rules WHERE tenant_id = $1 AND id = $2",
+                args![tenant_id, rule_id],
+            )
+            .await?;
+        let Some((version, definition)) = row else {
+            return Ok(None);
+        };
+        let known = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant_id)
+            .and_then(|rules| {
+                rules
+                    .get(rule_id)
+                    .filter(|(v, _)| *v == version)
+                    .map(|(_, r)| r.clone())
+            });
+        Ok(known.or_else(|| {
+            let definition: Value = serde_json::from_str(&definition).ok()?;
+            CompiledRule::compile(rule_id, &definition).ok()
+        }))
     }
 
     /// What recording an event of this tenant needs to run its rules; `None` when it has none.
@@ -114,5 +181,30 @@ impl Rules {
     /// Forgets every tenant's compiled rules.
     pub fn forget_all(&self) {
         self.sets.clear();
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rule is compiled once per version: a reload reuses it while its version stands.
+    #[test]
+    fn rules_are_recompiled_only_when_their_version_moves() {
+        let rules = Rules::new(Duration::from_secs(1));
+        let definition = serde_json::json!({"name": "r", "when": {"event_type": "a.b"},
+            "then": [{"emit": {"type": "c.d"}}]})
+        .to_string();
+        let row =
+            |version: i64, definition: &str| vec![("rul_1".to_string(), version, definition.to_string())];
+        assert_eq!(rules.compile_changed("ten_1", &row(1, &definition)).len(), 1);
+        // Same version: the compiled rule is reused (the text is not even read again).
+        assert_eq!(rules.compile_changed("ten_1", &row(1, "not json")).len(), 1);
+        // A new version is compiled from its text.
+        assert_eq!(rules.compile_changed("ten_1", &row(2, "not json")).len(), 0);
+        assert_eq!(rules.compile_changed("ten_1", &row(3, &definition)).len(), 1);
+        // Another tenant's rule of the same id and version is its own.
+        assert_eq!(rules.compile_changed("ten_2", &row(3, "not json")).len(), 0);
     }
 }

@@ -634,6 +634,17 @@ async fn malformed_rules_are_refused(backend: Backend) {
         ),
         (base(json!({"all": []}), ok_then.clone()), "/if"),
         (
+            // Seventeen regexes, spread over nested groups (each group holds at most 50 items).
+            base(
+                json!({"all": [
+                    {"any": vec![json!({"field": "data.s", "op": "matches", "value": "\\w{5}"}); 9]},
+                    {"not": {"all": vec![json!({"field": "data.t", "op": "matches", "value": "x"}); 8]}}
+                ]}),
+                ok_then.clone(),
+            ),
+            "/if",
+        ),
+        (
             base(
                 json!({"field": "data.x", "op": "eq", "value": 1}),
                 deliver_nowhere,
