@@ -113,7 +113,12 @@ impl AppState {
         let config = Arc::new(config);
         let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
         let validators = Arc::new(Validators::default());
-        let rules = Arc::new(Rules::new(config.cache_ttl));
+        let catalog = Arc::new(Catalog::load(&config.events_dir, config.cache_ttl)?);
+        let limits = crate::rules::apply::EmitLimits {
+            max_bytes: config.body_limit,
+            max_depth: config.max_json_depth,
+        };
+        let rules = Arc::new(Rules::new(config.cache_ttl, catalog.clone(), limits));
         let (engine, receivers) = Engine::new(
             db.clone(),
             keys.clone(),
@@ -141,7 +146,7 @@ impl AppState {
             api_keys: Arc::new(ApiKeyCache::new(config.cache_ttl)),
             request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
             unfinished_changes: Arc::default(),
-            catalog: Arc::new(Catalog::load(&config.events_dir, config.cache_ttl)?),
+            catalog,
             policy,
             config,
             db,

@@ -201,30 +201,68 @@ impl Catalog {
         event_type: &str,
         data: &Value,
     ) -> Result<(), ApiError> {
-        let custom;
         let validator = match self.builtin.get(event_type) {
             Some(k) => k.validator.clone(),
-            None => {
-                custom = self.custom_types(db, tenant_id).await?;
-                custom.get(event_type).and_then(|k| k.validator.clone())
-            }
+            None => self
+                .custom_types(db, tenant_id)
+                .await?
+                .get(event_type)
+                .and_then(|k| k.validator.clone()),
         };
-        let Some(validator) = validator else { return Ok(()) };
-        let problems: Vec<ErrorDetail> = schema_errors(&validator, data)
-            .into_iter()
-            .map(|d| ErrorDetail {
-                path: format!("/data{}", if d.path == "/" { "" } else { &d.path }),
-                message: d.message,
-            })
-            .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::validation(
-                format!("the data does not match the schema of {event_type}"),
-                problems,
-            ))
-        }
+        check_data(validator.as_deref(), event_type, data)
+    }
+
+    /// A tenant's event types as they stand, to check data against without reading again.
+    pub async fn for_tenant(
+        self: &Arc<Self>,
+        db: &Database,
+        tenant_id: &str,
+    ) -> Result<TenantCatalog, DbError> {
+        Ok(TenantCatalog {
+            catalog: self.clone(),
+            custom: self.custom_types(db, tenant_id).await?,
+        })
+    }
+}
+
+/// One tenant's event types, built-in and custom, as read when it was made.
+#[derive(Clone)]
+pub struct TenantCatalog {
+    catalog: Arc<Catalog>,
+    custom: Arc<BTreeMap<String, Arc<Known>>>,
+}
+
+impl TenantCatalog {
+    /// Validates an event's data against its type's schema, if the type has one.
+    pub fn check(&self, event_type: &str, data: &Value) -> Result<(), ApiError> {
+        let validator = match self.catalog.builtin.get(event_type) {
+            Some(k) => k.validator.as_deref(),
+            None => self.custom.get(event_type).and_then(|k| k.validator.as_deref()),
+        };
+        check_data(validator, event_type, data)
+    }
+}
+
+fn check_data(
+    validator: Option<&jsonschema::Validator>,
+    event_type: &str,
+    data: &Value,
+) -> Result<(), ApiError> {
+    let Some(validator) = validator else { return Ok(()) };
+    let problems: Vec<ErrorDetail> = schema_errors(validator, data)
+        .into_iter()
+        .map(|d| ErrorDetail {
+            path: format!("/data{}", if d.path == "/" { "" } else { &d.path }),
+            message: d.message,
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            format!("the data does not match the schema of {event_type}"),
+            problems,
+        ))
     }
 }
 

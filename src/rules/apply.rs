@@ -11,6 +11,7 @@ use super::engine::{CandidateSet, Evaluation, Output, RuleSet, compact_trace};
 use crate::args;
 use crate::db::{DbError, Tx};
 use crate::delivery::outbox::{self, Job, Kind, Lease, NewDelivery};
+use crate::events::catalog::TenantCatalog;
 use crate::events::{self, NewEvent};
 use crate::registry::validators::Validators;
 
@@ -29,6 +30,83 @@ pub struct RuleContext {
     pub rules: Arc<RuleSet>,
     /// Compiled action schemas (for `invoke` outputs).
     pub validators: Arc<Validators>,
+    /// The tenant's event types (for `emit` outputs).
+    pub catalog: TenantCatalog,
+    /// What an emitted event's data keeps to.
+    pub limits: EmitLimits,
+}
+
+/// The size and nesting an emitted event's data may have: those of an event sent in.
+#[derive(Debug, Clone, Copy)]
+pub struct EmitLimits {
+    /// Bytes of the data as JSON.
+    pub max_bytes: usize,
+    /// Levels of nesting.
+    pub max_depth: usize,
+}
+
+/// Whether `data` may be emitted as an event of `event_type`: a JSON object within the limits
+/// of an event sent in, matching its type's schema. The refusal says why, for the trace.
+pub fn check_emitted(
+    catalog: &TenantCatalog,
+    limits: EmitLimits,
+    event_type: &str,
+    data: &Value,
+) -> Result<(), String> {
+    if !data.is_object() {
+        return Err("an emitted event's data must be a JSON object".into());
+    }
+    if depth_exceeds(data, limits.max_depth) {
+        return Err(format!(
+            "the emitted data nests deeper than {} levels",
+            limits.max_depth
+        ));
+    }
+    let mut size = ByteCount(0);
+    if serde_json::to_writer(&mut size, data).is_err() || size.0 > limits.max_bytes {
+        return Err(format!(
+            "the emitted data is larger than {} bytes, the most an event may carry",
+            limits.max_bytes
+        ));
+    }
+    catalog.check(event_type, data).map_err(|e| {
+        let problems: Vec<String> = e
+            .details
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}: {}",
+                    d["path"].as_str().unwrap_or("/"),
+                    d["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        format!("{} ({})", e.message, problems.join("; "))
+    })
+}
+
+/// Whether `v` nests deeper than `most` levels (an object or array is one level).
+fn depth_exceeds(v: &Value, most: usize) -> bool {
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(items) => Box::new(items.iter()),
+        Value::Object(map) => Box::new(map.values()),
+        _ => return false,
+    };
+    most == 0 || children.into_iter().any(|c| depth_exceeds(c, most - 1))
+}
+
+/// Counts bytes written, to size JSON without building it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for RuleContext {
@@ -184,6 +262,10 @@ async fn apply_output(
                 result["error"] = m.into();
                 return Ok((result, Vec::new()));
             }
+            if let Err(m) = check_emitted(&ctx.catalog, ctx.limits, event_type, data) {
+                result["error"] = m.into();
+                return Ok((result, Vec::new()));
+            }
             if !event.emitted.take_one(MAX_EMITTED) {
                 result["cut"] = format!("rules emit at most {MAX_EMITTED} events from one event").into();
                 return Ok((result, Vec::new()));
@@ -206,5 +288,22 @@ async fn apply_output(
             result["event_id"] = recorded.id.clone().into();
             Ok((result, recorded.deliveries))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_in_objects_and_arrays() {
+        let two = json!({"a": [1, 2]});
+        assert!(!depth_exceeds(&two, 2) && depth_exceeds(&two, 1));
+        assert!(!depth_exceeds(&json!(5), 0) && depth_exceeds(&json!({}), 0));
+        let mut deep = json!(1);
+        for _ in 0..100 {
+            deep = json!({ "x": deep });
+        }
+        assert!(depth_exceeds(&deep, 64) && !depth_exceeds(&deep, 100));
     }
 }

@@ -23,6 +23,7 @@ use serde_json::Value;
 use crate::args;
 use crate::cache::TtlCache;
 use crate::db::{Database, DbError};
+use crate::events::catalog::Catalog;
 use crate::http::{ApiError, ErrorDetail};
 use engine::{CompiledRule, RuleSet};
 
@@ -39,19 +40,26 @@ pub struct Rules {
     /// reloaded after its time to live recompiles only the rules changed since (a condition's
     /// regexes can take milliseconds each to compile).
     compiled: std::sync::Mutex<HashMap<String, Arc<CompiledAt>>>,
+    /// Event types, for the data of emitted events.
+    catalog: Arc<Catalog>,
+    /// The limits of an event sent in, which emitted events keep to as well.
+    limits: apply::EmitLimits,
 }
 
 /// A tenant's compiled rules by id, each with the version it was compiled at.
 type CompiledAt = HashMap<String, (i64, CompiledRule)>;
 
 impl Rules {
-    /// Compiles the rule schema; compiled rule sets are kept at most `cache_ttl`.
-    pub fn new(cache_ttl: Duration) -> Self {
+    /// Compiles the rule schema; compiled rule sets are kept at most `cache_ttl`; events that
+    /// rules emit are held to `catalog` and `limits`.
+    pub fn new(cache_ttl: Duration, catalog: Arc<Catalog>, limits: apply::EmitLimits) -> Self {
         let schema: Value = serde_json::from_str(RULE_SCHEMA).expect("the rule schema is valid JSON");
         Self {
             schema: jsonschema::draft202012::new(&schema).expect("the rule schema compiles"),
             sets: TtlCache::new(cache_ttl),
             compiled: std::sync::Mutex::default(),
+            catalog,
+            limits,
         }
     }
 
@@ -165,12 +173,20 @@ impl Rules {
         validators: &Arc<crate::registry::validators::Validators>,
     ) -> Result<Option<Arc<apply::RuleContext>>, DbError> {
         let rules = self.for_tenant(db, tenant_id).await?;
-        Ok((!rules.is_empty()).then(|| {
-            Arc::new(apply::RuleContext {
-                rules,
-                validators: validators.clone(),
-            })
-        }))
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(apply::RuleContext {
+            rules,
+            validators: validators.clone(),
+            catalog: self.catalog.for_tenant(db, tenant_id).await?,
+            limits: self.limits,
+        })))
+    }
+
+    /// What an emitted event's data must keep to, besides its type's schema.
+    pub fn limits(&self) -> apply::EmitLimits {
+        self.limits
     }
 
     /// Forgets a tenant's compiled rules after a change.
@@ -192,7 +208,13 @@ mod tests {
     /// A rule is compiled once per version: a reload reuses it while its version stands.
     #[test]
     fn rules_are_recompiled_only_when_their_version_moves() {
-        let rules = Rules::new(Duration::from_secs(1));
+        let dir = std::path::Path::new("/nonexistent");
+        let catalog = Arc::new(Catalog::load(dir, Duration::from_secs(1)).unwrap());
+        let limits = apply::EmitLimits {
+            max_bytes: 1 << 20,
+            max_depth: 64,
+        };
+        let rules = Rules::new(Duration::from_secs(1), catalog, limits);
         let definition = serde_json::json!({"name": "r", "when": {"event_type": "a.b"},
             "then": [{"emit": {"type": "c.d"}}]})
         .to_string();

@@ -281,9 +281,13 @@ async fn delete_rule(
 struct SampleEvent {
     #[serde(rename = "type")]
     event_type: String,
-    #[serde(default)]
+    #[serde(default = "empty_object")]
     data: Value,
     id: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +340,22 @@ async fn dry_run(
 ) -> ApiResult<Value> {
     crate::events::check_event_type(&event.event_type)
         .map_err(|m| ApiError::invalid_field("/event/type", m))?;
+    // The sample is held to what `POST /v1/events` would take.
+    if !event.data.is_object() {
+        return Err(ApiError::invalid_field("/event/data", "must be a JSON object"));
+    }
+    state
+        .catalog
+        .validate(&state.db, tenant_id, &event.event_type, &event.data)
+        .await
+        .map_err(|mut e| {
+            for detail in &mut e.details {
+                if let Some(path) = detail["path"].as_str() {
+                    detail["path"] = format!("/event{path}").into();
+                }
+            }
+            e
+        })?;
     let now = now_ms();
     let event_id = event.id.clone().unwrap_or_else(|| ids::new_id("evt"));
     let doc = super::apply::document(&event_id, &event.event_type, now, &event.data);
@@ -476,6 +496,12 @@ async fn preview_output(
                 return Ok(out);
             }
             if let Err(m) = crate::events::check_event_type(emitted) {
+                out["error"] = m.into();
+                return Ok(out);
+            }
+            let catalog = state.catalog.for_tenant(&state.db, tenant_id).await?;
+            if let Err(m) = super::apply::check_emitted(&catalog, state.rules.limits(), emitted, emitted_data)
+            {
                 out["error"] = m.into();
                 return Ok(out);
             }

@@ -24,6 +24,7 @@ dual!(
     rules_run_on_the_gateways_own_events,
     guards_refuse_or_hold_a_rules_calls,
     rule_changes_apply_only_at_the_version_read,
+    emitted_events_keep_to_their_type_and_limits,
 );
 
 /// `If-Match` on a rule: a save or delete based on a version someone changed meanwhile is a 412
@@ -749,7 +750,8 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         .call(
             Method::POST,
             "/v1/rules/test",
-            Some(json!({"rule": rule, "event": {"type": "ticket.created", "data": {"priority": "low"}}})),
+            Some(json!({"rule": rule, "event": {"type": "ticket.created",
+                "data": {"ticket_id": "t_2", "subject": "Question", "priority": "low"}}})),
         )
         .await;
     assert_eq!(status, 200, "{unsaved}");
@@ -812,7 +814,7 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         .call(
             Method::POST,
             "/v1/rules/test",
-            Some(json!({"rule": judged, "event": {"type": "ticket.created", "data": {}}})),
+            Some(json!({"rule": judged, "event": {"type": "ticket.updated", "data": {}}})),
         )
         .await;
     assert_eq!(status, 200, "{run}");
@@ -972,4 +974,110 @@ async fn guards_refuse_or_hold_a_rules_calls(backend: Backend) {
         )
         .await;
     assert_eq!(denied["status"], "denied", "{denied}");
+}
+
+/// An `emit` is held to what `POST /v1/events` would take: its type's schema, and the size of
+/// an event sent in. A refused emit records nothing and says why in the trace; a dry run says
+/// the same, and refuses a sample event the real ingestion would refuse.
+async fn emitted_events_keep_to_their_type_and_limits(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(crate::delivery::fast_delivery)
+        .with(|raw, _| raw.body_limit = 64 * 1024)
+        .start()
+        .await;
+    let order = json!({"name": "order.placed", "schema": {"type": "object", "required": ["order_id"],
+        "properties": {"order_id": {"type": "string"}}}});
+    let (status, body) = app.call(Method::POST, "/v1/event-types", Some(order)).await;
+    assert_eq!(status, 201, "{body}");
+    let seed = create_rule(
+        &app,
+        json!({"name": "Seed", "when": {"event_type": "seed.go"}, "then": [
+            {"emit": {"type": "invoice.paid", "data": {"bogus": 1}}},
+            {"emit": {"type": "order.placed", "data": {"order_id": "{{data.n}}"}}},
+            {"emit": {"type": "order.placed", "data": {"order_id": "{{data.s}}"}}}]}),
+    )
+    .await;
+    let seeded = send_event(&app, "seed.go", json!({"n": 5, "s": "o_5"})).await;
+    let (_, event) = app.call(Method::GET, &format!("/v1/events/{seeded}"), None).await;
+    let outputs = event["rules"][0]["outputs"].as_array().unwrap();
+    let error = |n: usize| outputs[n]["error"].as_str().unwrap_or_default().to_string();
+    assert!(error(0).contains("schema of invoice.paid"), "{event}");
+    assert!(error(1).contains("/data/order_id"), "{event}");
+    assert!(outputs[2]["event_id"].is_string(), "{event}");
+    assert_eq!(count(&app, "/v1/events?type=invoice.paid").await, 0);
+    assert_eq!(count(&app, "/v1/events?type=order.placed").await, 1);
+
+    // Each step doubles the data; the chain stops where an event sent in would be refused.
+    create_rule(
+        &app,
+        json!({"name": "Grow", "when": {"event_type": "grow.*"},
+            "then": [{"emit": {"type": "grow.more", "data": {"a": "{{data}}", "b": "{{data}}"}}}]}),
+    )
+    .await;
+    send_event(&app, "grow.start", json!({"s": "x".repeat(10_000)})).await;
+    let (_, grown) = app
+        .call(Method::GET, "/v1/events?type=grow.more&limit=10", None)
+        .await;
+    let grown = grown["data"].as_array().unwrap();
+    assert_eq!(grown.len(), 2, "20 KB and 40 KB are emitted, 80 KB is not");
+    let (_, last) = app
+        .call(
+            Method::GET,
+            &format!("/v1/events/{}", grown[0]["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert!(
+        last["rules"][0]["outputs"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("larger than 65536 bytes")),
+        "{}",
+        last["rules"]
+    );
+
+    // The dry run says what the real event did, and takes only what ingestion takes.
+    let test_path = format!("/v1/rules/{seed}/test");
+    let (status, run) = app
+        .call(
+            Method::POST,
+            &test_path,
+            Some(json!({"event": {"type": "seed.go", "data": {"n": 5, "s": "o_5"}}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    assert!(
+        run["outputs"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("schema of invoice.paid"),
+        "{run}"
+    );
+    assert!(
+        run["outputs"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("/data/order_id"),
+        "{run}"
+    );
+    assert!(run["outputs"][2]["error"].is_null(), "{run}");
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &test_path,
+            Some(json!({"event": {"type": "order.placed", "data": {"order_id": 5}}})),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
+    assert_eq!(
+        body["error"]["details"][0]["path"], "/event/data/order_id",
+        "{body}"
+    );
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &test_path,
+            Some(json!({"event": {"type": "seed.go", "data": [1]}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
 }
