@@ -323,6 +323,15 @@ async fn create_type(
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
     check_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
+    if super::is_reserved(&body.name) {
+        return Err(ApiError::invalid_field(
+            "/name",
+            format!(
+                "{} is a name OpsIQ raises events under; choose a name of your own",
+                body.name
+            ),
+        ));
+    }
     if body.description.len() > 2000 {
         return Err(ApiError::invalid_field(
             "/description",

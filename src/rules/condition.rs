@@ -332,8 +332,18 @@ pub fn lookup<'v>(doc: &'v Value, path: &[String]) -> Option<&'v Value> {
 
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Number(x), Value::Number(y)) => number_order(x, y) == Some(std::cmp::Ordering::Equal),
         _ => a == b,
+    }
+}
+
+/// Numbers compared by value: integers exactly (past 2^53 a float would round them together),
+/// otherwise as floats, so that 1 equals 1.0.
+fn number_order(x: &serde_json::Number, y: &serde_json::Number) -> Option<std::cmp::Ordering> {
+    let exact = |n: &serde_json::Number| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
+    match (exact(x), exact(y)) {
+        (Some(x), Some(y)) => Some(x.cmp(&y)),
+        _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
     }
 }
 
@@ -343,7 +353,7 @@ fn same_type(a: &Value, b: &Value) -> bool {
 
 fn order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::Number(x), Value::Number(y)) => number_order(x, y),
         (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
         _ => None,
     }
@@ -495,6 +505,20 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(!c.eval(&doc, "/if", &mut Vec::new()));
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn large_integers_compare_exactly() {
+        let doc = json!({"data": {"n": 9007199254740993_u64, "f": 1.0, "neg": -9007199254740993_i64}});
+        let t = |field: &str, op: &str, value: Value| {
+            let c = Condition::compile(&json!({"field": field, "op": op, "value": value}), "/if").unwrap();
+            c.eval(&doc, "/if", &mut Vec::new())
+        };
+        assert!(!t("data.n", "eq", json!(9007199254740992_u64)));
+        assert!(t("data.n", "eq", json!(9007199254740993_u64)));
+        assert!(t("data.n", "gt", json!(9007199254740992_u64)));
+        assert!(t("data.neg", "lt", json!(-9007199254740992_i64)));
+        assert!(t("data.f", "eq", json!(1)) && t("data.n", "gt", json!(1.5)));
     }
 
     #[test]

@@ -385,6 +385,8 @@ async fn dry_run(
     }
     Ok(json!({
         "rule_id": rule.id,
+        // A disabled rule is judged as if enabled; real events do not run it.
+        "enabled": rule.enabled,
         "triggered": triggered,
         "matched": matched,
         "conditions": conditions,

@@ -315,6 +315,15 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
     let (s3, conflict) = send("k-1", json!({"ticket_id": "t2"})).await;
     assert_eq!(s3, 409);
     assert_eq!(error_code(&conflict), "idempotency_conflict");
+    // A key is visible ASCII: a tab or a space inside it is refused, not stored.
+    for bad in ["k\t1", "k 1"] {
+        let (status, body) = send(bad, json!({"ticket_id": "t1"})).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_idempotency_key"),
+            "{bad:?}"
+        );
+    }
 
     // Concurrent duplicates still make one event.
     let mut tasks = Vec::new();

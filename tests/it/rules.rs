@@ -223,6 +223,17 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
         .await;
     assert_eq!(status, 201);
     assert_eq!(post("no.schema", json!({"anything": 1})).await.0, 202);
+    // Names OpsIQ raises events under cannot be declared (a schema there would bind its own).
+    for reserved in ["opsiq.test", "action.mine", "delivery.failed"] {
+        let (status, body) = app
+            .call(Method::POST, "/v1/event-types", Some(json!({"name": reserved})))
+            .await;
+        assert_eq!(
+            (status, body["error"]["details"][0]["path"].as_str()),
+            (422, Some("/name")),
+            "{reserved}: {body}"
+        );
+    }
     let bad =
         json!({"name": "bad.schema", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}});
     let (status, body) = app.call(Method::POST, "/v1/event-types", Some(bad)).await;
@@ -1060,6 +1071,26 @@ async fn emitted_events_keep_to_their_type_and_limits(backend: Backend) {
         "{run}"
     );
     assert!(run["outputs"][2]["error"].is_null(), "{run}");
+    assert_eq!(run["enabled"], true, "{run}");
+    // A disabled rule's dry run says so: real events do not run it.
+    let resting = create_rule(
+        &app,
+        json!({"name": "Resting", "enabled": false, "when": {"event_type": "seed.go"},
+            "then": [{"emit": {"type": "order.placed", "data": {"order_id": "x"}}}]}),
+    )
+    .await;
+    let (status, run) = app
+        .call(
+            Method::POST,
+            &format!("/v1/rules/{resting}/test"),
+            Some(json!({"event": {"type": "seed.go", "data": {}}})),
+        )
+        .await;
+    assert_eq!(
+        (status, &run["enabled"], &run["matched"]),
+        (200, &json!(false), &json!(true)),
+        "{run}"
+    );
     let (status, body) = app
         .call(
             Method::POST,

@@ -791,6 +791,7 @@ function dryRunView(result) {
     "div",
     { class: result.matched && !failing ? "ok" : result.matched ? "problem" : "muted-box" },
     h("p", { id: "test-verdict" }, verdict),
+    result.enabled === false ? h("p", { class: "muted" }, "This rule is disabled: events do not run it until it is enabled.") : null,
     table(
       ["Condition", "The event has", "Comparison held", "Counts as"],
       (result.conditions ?? []).map((c) =>
