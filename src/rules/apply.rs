@@ -214,6 +214,19 @@ async fn apply_output(
                 result["error"] = format!("endpoint {endpoint_id} is deleted or disabled").into();
                 return Ok((result, Vec::new()));
             }
+            // An endpoint receives an event once, whether it subscribes to it, a rule delivers
+            // it there, or both.
+            let existing: Option<(String,)> = tx
+                .fetch_optional(
+                    "SELECT id FROM deliveries WHERE event_id = $1 AND endpoint_id = $2 AND tenant_id = $3",
+                    args![event_id, endpoint_id, &event.tenant_id],
+                )
+                .await?;
+            if let Some((delivery_id,)) = existing {
+                result["delivery_id"] = delivery_id.into();
+                result["note"] = "the endpoint already receives this event".into();
+                return Ok((result, Vec::new()));
+            }
             let delivery = NewDelivery {
                 tenant_id: event.tenant_id.clone(),
                 endpoint_id: endpoint_id.clone(),

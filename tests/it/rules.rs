@@ -25,6 +25,7 @@ dual!(
     guards_refuse_or_hold_a_rules_calls,
     rule_changes_apply_only_at_the_version_read,
     emitted_events_keep_to_their_type_and_limits,
+    an_endpoint_receives_an_event_once,
 );
 
 /// `If-Match` on a rule: a save or delete based on a version someone changed meanwhile is a 412
@@ -1111,4 +1112,58 @@ async fn emitted_events_keep_to_their_type_and_limits(backend: Backend) {
         )
         .await;
     assert_eq!(status, 422, "{body}");
+}
+
+/// An endpoint that subscribes to an event and is also a rule's `deliver` target, or the target
+/// of two rules, receives the event once; the trace names the one delivery.
+async fn an_endpoint_receives_an_event_once(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(crate::delivery::fast_delivery)
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    let (subscribed, _) = endpoint(&app, &rx.url("/subscribed"), json!({"event_types": ["ticket.*"]})).await;
+    let (targeted, _) = endpoint(&app, &rx.url("/targeted"), json!({"event_types": ["none.*"]})).await;
+    for name in ["First", "Second"] {
+        create_rule(
+            &app,
+            json!({"name": name, "when": {"event_type": "ticket.created"},
+                "then": [{"deliver": {"endpoint_id": subscribed}}, {"deliver": {"endpoint_id": targeted}}]}),
+        )
+        .await;
+    }
+    let ticket = json!({"ticket_id": "t_1", "subject": "Fire", "priority": "high"});
+    let (status, answer) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": "ticket.created", "data": ticket})),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["deliveries"], 2, "{answer}");
+    let got = rx.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let targets: Vec<String> = rx.received().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(targets.len(), 2, "{targets:?}");
+    assert!(targets.contains(&"/subscribed".to_string()) && targets.contains(&"/targeted".to_string()));
+    let event_id = answer["event_id"].as_str().unwrap();
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+        .await;
+    assert_eq!(event["deliveries"].as_array().map(Vec::len), Some(2), "{event}");
+    let second = &event["rules"][1]["outputs"];
+    assert_eq!(
+        second[1]["note"], "the endpoint already receives this event",
+        "{event}"
+    );
+    assert_eq!(
+        second[1]["delivery_id"], event["rules"][0]["outputs"][1]["delivery_id"],
+        "{event}"
+    );
+    assert_eq!(
+        event["rules"][0]["outputs"][0]["note"],
+        "the endpoint already receives this event"
+    );
 }
