@@ -2,7 +2,7 @@
 //! for every tenant) and each tenant's custom types, declared with or without a schema. Events of a type
 //! with a schema are validated on ingestion; undeclared types are accepted free-form.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +47,13 @@ struct Known {
 pub struct Catalog {
     builtin: BTreeMap<String, Known>,
     custom: TtlCache<String, BTreeMap<String, Arc<Known>>>,
+    /// Each tenant's custom types as last compiled, by name, with the schema text compiled: a
+    /// reload after the time to live compiles only the schemas that changed.
+    compiled: std::sync::Mutex<HashMap<String, Arc<CompiledTypes>>>,
 }
+
+/// A tenant's custom types by name, each with the schema text it was compiled from.
+type CompiledTypes = BTreeMap<String, (String, Arc<Known>)>;
 
 /// A problem with the catalog files; start-up stops with it.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +139,7 @@ impl Catalog {
     /// Forgets every tenant's cached custom types.
     pub fn forget_all(&self) {
         self.custom.clear();
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// The compiled-in types, then `*.json` from the events directory (which may be missing).
@@ -165,6 +172,7 @@ impl Catalog {
         Ok(Self {
             builtin,
             custom: TtlCache::new(cache_ttl),
+            compiled: std::sync::Mutex::default(),
         })
     }
 
@@ -181,13 +189,37 @@ impl Catalog {
                         args![tenant_id],
                     )
                     .await?;
-                let mut map = BTreeMap::new();
-                for (name, description, schema) in rows {
-                    let schema: Option<Value> = schema.and_then(|s| serde_json::from_str(&s).ok());
-                    let validator = schema.as_ref().and_then(|s| compile_schema(s).ok()).map(Arc::new);
-                    let declared = EventType { name: name.clone(), description, schema };
-                    map.insert(name, Arc::new(Known { declared, validator }));
+                let before = self
+                    .compiled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(tenant_id)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut now = CompiledTypes::new();
+                for (name, description, schema_text) in rows {
+                    let text = schema_text.unwrap_or_default();
+                    let known = match before.get(&name) {
+                        Some((compiled_from, known))
+                            if *compiled_from == text && known.declared.description == description =>
+                        {
+                            known.clone()
+                        }
+                        _ => {
+                            let schema: Option<Value> = serde_json::from_str(&text).ok();
+                            let validator =
+                                schema.as_ref().and_then(|s| compile_schema(s).ok()).map(Arc::new);
+                            let declared = EventType { name: name.clone(), description, schema };
+                            Arc::new(Known { declared, validator })
+                        }
+                    };
+                    now.insert(name, (text, known));
                 }
+                let map = now.iter().map(|(name, (_, known))| (name.clone(), known.clone())).collect();
+                self.compiled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(tenant_id.to_string(), Arc::new(now));
                 Ok::<_, DbError>(map)
             })
             .await
