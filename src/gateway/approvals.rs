@@ -58,7 +58,8 @@ impl ApprovalRow {
 /// An approval, with the name of the API key that decided it (`decided_by` is `key:<id>`).
 const SELECT: &str = "SELECT a.id, a.invocation_id, a.status, a.reason, a.decided_by, \
      k.name AS decided_by_name, a.comment, a.created_at, a.decided_at FROM approvals a \
-     LEFT JOIN api_keys k ON k.tenant_id = a.tenant_id AND 'key:' || k.id = a.decided_by";
+     LEFT JOIN api_keys k ON k.tenant_id = a.tenant_id AND k.id = substr(a.decided_by, 5) \
+     AND a.decided_by LIKE 'key:%'";
 
 #[derive(Debug, Deserialize)]
 struct ApprovalFilter {

@@ -200,11 +200,11 @@ struct TenantPolicy {
 }
 
 /// Tenants whose enforcers are kept; past it the least recently used is dropped (and rebuilt
-/// at its next use).
-const MAX_CACHED_TENANTS: usize = 1_000;
+/// at its next use). With the per-tenant cap on decisions this bounds the cache's memory.
+const MAX_CACHED_TENANTS: usize = 256;
 
 /// Decisions kept per tenant; past it that tenant's start over.
-const MAX_CACHED_DECISIONS: usize = 10_000;
+const MAX_CACHED_DECISIONS: usize = 1_000;
 
 /// The change counter that moves when a tenant's policy rows change.
 pub fn counter_name(tenant_id: &str) -> String {
@@ -218,8 +218,9 @@ pub struct Policy {
     tenants: std::sync::Mutex<HashMap<String, Arc<TenantPolicy>>>,
     /// Counts uses of the enforcers, to tell which was used least recently.
     uses: AtomicU64,
-    /// Held while building, so that a burst of calls after an edit builds the enforcer once.
-    building: Mutex<()>,
+    /// One lock per tenant being built, so that a burst of calls after an edit builds its
+    /// enforcer once, while other tenants' builds go on.
+    building: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// Parses `policy.csv`: `p, subject, domain, object, act, effect` lines; `#` comments.
@@ -288,7 +289,7 @@ impl Policy {
             file_rows,
             tenants: std::sync::Mutex::new(HashMap::new()),
             uses: AtomicU64::new(0),
-            building: Mutex::new(()),
+            building: std::sync::Mutex::default(),
         })
     }
 
@@ -340,11 +341,36 @@ impl Policy {
         if let Some(t) = self.cached(tenant_id, version) {
             return Ok(t);
         }
-        let _building = self.building.lock().await;
-        if let Some(t) = self.cached(tenant_id, version) {
-            return Ok(t);
+        let lock = self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant_id.to_string())
+            .or_default()
+            .clone();
+        let built = {
+            let _building = lock.lock().await;
+            match self.cached(tenant_id, version) {
+                Some(t) => Ok(t),
+                None => self.build(db, tenant_id, version).await.map(Arc::new),
+            }
+        };
+        {
+            let mut building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+            // The last one out removes the tenant's lock (only the map's copy and this one are
+            // left; others take theirs from the map, under this same guard).
+            if Arc::strong_count(&lock) <= 2 && building.get(tenant_id).is_some_and(|l| Arc::ptr_eq(l, &lock))
+            {
+                building.remove(tenant_id);
+            }
         }
-        let built = Arc::new(self.build(db, tenant_id, version).await?);
+        let built = built?;
+        if self
+            .cached(tenant_id, version)
+            .is_some_and(|t| Arc::ptr_eq(&t, &built))
+        {
+            return Ok(built);
+        }
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if tenants.len() >= MAX_CACHED_TENANTS
             && !tenants.contains_key(tenant_id)
@@ -484,6 +510,9 @@ pub async fn replace_rows(
     )
     .await?;
     db::bump_counter(&mut tx, &counter_name(tenant_id)).await?;
+    // The counter every tenant shared before versions were per tenant: replicas of an earlier
+    // version still read it, so an edit made here reaches them during a rolling upgrade.
+    db::bump_counter(&mut tx, "policy").await?;
     tx.commit().await?;
     Ok(rows_tag(rows))
 }
@@ -558,7 +587,7 @@ mod tests {
             file_rows: vec![row("role:everyone", "lookup_*", "allow")],
             tenants: std::sync::Mutex::default(),
             uses: AtomicU64::new(0),
-            building: Mutex::new(()),
+            building: std::sync::Mutex::default(),
         });
         let support = vec!["agent:x".to_string(), "role:support".to_string()];
         let decide = |tenant: &'static str, action: &'static str| {
@@ -584,6 +613,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(db::counter(&db, &counter_name("ten_a")).await.unwrap(), 2);
+        assert_eq!(
+            db::counter(&db, "policy").await.unwrap(),
+            2,
+            "the shared counter moves too, for replicas of an earlier version"
+        );
         assert!(matches!(
             decide("ten_a", "refund_invoice").await,
             Decision::Deny(_)
@@ -606,6 +640,10 @@ mod tests {
             !still_b.compiled.rows.contains_key("ten_a"),
             "ten_b's enforcer holds none of ten_a's rows"
         );
+        assert!(
+            policy.building.lock().unwrap().is_empty(),
+            "build locks are dropped after use"
+        );
         db.close().await;
     }
 
@@ -621,7 +659,7 @@ mod tests {
             file_rows: vec![row("role:support", "lookup_*", "allow")],
             tenants: std::sync::Mutex::default(),
             uses: AtomicU64::new(0),
-            building: Mutex::new(()),
+            building: std::sync::Mutex::default(),
         });
         let subjects = vec!["role:support".to_string()];
         for n in 0..MAX_CACHED_TENANTS {

@@ -55,6 +55,14 @@ pub fn check(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
             })
         })
         .collect();
+    let problems: Vec<ErrorDetail> = problems
+        .into_iter()
+        .chain(guards.iter().enumerate().flat_map(|(i, g)| {
+            g.get("if")
+                .and_then(|c| Condition::check_regex_budget(c, &format!("/guards/{i}/if")).err())
+                .unwrap_or_default()
+        }))
+        .collect();
     if problems.is_empty() {
         compile(guards)
     } else {
@@ -83,7 +91,7 @@ pub fn compile(guards: &[Value]) -> Result<Vec<Guard>, Vec<ErrorDetail>> {
         };
         let condition = match g.get("if") {
             None => None,
-            Some(c) => match Condition::compile_tree(c, &format!("{at}/if")) {
+            Some(c) => match Condition::compile(c, &format!("{at}/if")) {
                 Ok(c) => Some(c),
                 Err(p) => {
                     problems.extend(p);
@@ -134,4 +142,23 @@ pub fn decide<'g>(
                 .is_none_or(|c| c.holds(&doc, &mut Vec::new()))
         })
         .map(|g| (g.verdict, g.reason.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The cap on regexes applies when guards are declared; guards stored under an earlier
+    /// limit still compile for calls.
+    #[test]
+    fn the_regex_cap_applies_to_declarations() {
+        let regex = json!({"field": "arguments.reason", "op": "matches", "value": "x"});
+        let guard = json!({"if": {"any": vec![regex; crate::rules::condition::MAX_REGEXES + 1]},
+            "then": "deny", "reason": "too many"});
+        let refused = check(std::slice::from_ref(&guard)).unwrap_err();
+        assert_eq!(refused[0].path, "/guards/0/if");
+        assert_eq!(compile(&[guard]).map(|g| g.len()), Ok(1));
+    }
 }

@@ -56,14 +56,17 @@ pub fn check_emitted(
     if !data.is_object() {
         return Err("an emitted event's data must be a JSON object".into());
     }
-    if depth_exceeds(data, limits.max_depth) {
+    // Measured as ingestion measures a request: `data` sits one level into the body, and the
+    // body's size counts its type and the braces around it.
+    if depth_exceeds(data, limits.max_depth.saturating_sub(1)) {
         return Err(format!(
-            "the emitted data nests deeper than {} levels",
+            "the emitted data nests deeper than an event sent in may ({} levels in all)",
             limits.max_depth
         ));
     }
     let mut size = ByteCount(0);
-    if serde_json::to_writer(&mut size, data).is_err() || size.0 > limits.max_bytes {
+    let envelope = r#"{"type":"","data":}"#.len() + event_type.len();
+    if serde_json::to_writer(&mut size, data).is_err() || size.0 + envelope > limits.max_bytes {
         return Err(format!(
             "the emitted data is larger than {} bytes, the most an event may carry",
             limits.max_bytes

@@ -131,9 +131,10 @@ fn regex_count(v: &Value) -> usize {
 }
 
 impl Condition {
-    /// Compiles a whole condition tree (a rule's `if`, a guard's `if`): [`compile`](Self::compile),
-    /// after checking that it holds at most [`MAX_REGEXES`] regular expressions.
-    pub fn compile_tree(v: &Value, at: &str) -> Result<Condition, Vec<ErrorDetail>> {
+    /// Checks that a condition tree being saved (a rule's `if`, a guard's `if`) holds at most
+    /// [`MAX_REGEXES`] regular expressions. Only saves are checked: what was stored under an
+    /// earlier limit still loads.
+    pub fn check_regex_budget(v: &Value, at: &str) -> Result<(), Vec<ErrorDetail>> {
         let regexes = regex_count(v);
         if regexes > MAX_REGEXES {
             return Err(vec![ErrorDetail {
@@ -143,7 +144,7 @@ impl Condition {
                 ),
             }]);
         }
-        Condition::compile(v, at)
+        Ok(())
     }
 
     /// Compiles a condition already shaped by `schemas/rule.schema.json`; `at` is its pointer.
@@ -525,10 +526,10 @@ mod tests {
     fn a_tree_holds_a_bounded_number_of_regexes() {
         let regex = json!({"field": "data.s", "op": "matches", "value": "\\w{5}"});
         let group = |n: usize| json!({"all": vec![regex.clone(); n]});
-        assert!(Condition::compile_tree(&group(MAX_REGEXES), "/if").is_ok());
+        assert!(Condition::check_regex_budget(&group(MAX_REGEXES), "/if").is_ok());
         // Spread over nested groups and under `not`, they still count.
         let nested = json!({"any": [group(MAX_REGEXES / 2), {"not": group(MAX_REGEXES / 2 + 1)}]});
-        let err = Condition::compile_tree(&nested, "/if").unwrap_err();
+        let err = Condition::check_regex_budget(&nested, "/if").unwrap_err();
         assert_eq!(err[0].path, "/if");
         assert!(
             err[0].message.contains(&format!("holds {}", MAX_REGEXES + 1)),

@@ -102,7 +102,7 @@ impl CompiledRule {
     /// Compiles a rule that passed `schemas/rule.schema.json`; problems carry JSON pointers.
     pub fn compile(id: &str, definition: &Value) -> Result<Self, Vec<ErrorDetail>> {
         let condition = match definition.get("if") {
-            Some(c) => Some(Condition::compile_tree(c, "/if")?),
+            Some(c) => Some(Condition::compile(c, "/if")?),
             None => None,
         };
         let outputs = definition

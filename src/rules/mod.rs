@@ -46,6 +46,9 @@ pub struct Rules {
     limits: apply::EmitLimits,
 }
 
+/// Tenants whose compiled rules are kept between reloads.
+const MAX_TENANTS_COMPILED: usize = 10_000;
+
 /// A tenant's compiled rules by id, each with the version it was compiled at.
 type CompiledAt = HashMap<String, (i64, CompiledRule)>;
 
@@ -81,6 +84,10 @@ impl Rules {
                 "the rule does not match schemas/rule.schema.json",
                 problems,
             ));
+        }
+        if let Some(condition) = definition.get("if") {
+            condition::Condition::check_regex_budget(condition, "/if")
+                .map_err(|p| ApiError::validation("the rule is invalid", p))?;
         }
         CompiledRule::compile(id, definition).map_err(|p| ApiError::validation("the rule is invalid", p))
     }
@@ -124,10 +131,16 @@ impl Rules {
             })
             .collect();
         let rules = now.values().map(|(_, rule)| rule.clone()).collect();
-        self.compiled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant_id.to_string(), Arc::new(now));
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded like the rule sets' cache: past it, every tenant's rules are compiled afresh.
+        if compiled.len() >= MAX_TENANTS_COMPILED && !compiled.contains_key(tenant_id) {
+            compiled.clear();
+        }
+        if now.is_empty() {
+            compiled.remove(tenant_id);
+        } else {
+            compiled.insert(tenant_id.to_string(), Arc::new(now));
+        }
         rules
     }
 
@@ -228,5 +241,27 @@ mod tests {
         assert_eq!(rules.compile_changed("ten_1", &row(3, &definition)).len(), 1);
         // Another tenant's rule of the same id and version is its own.
         assert_eq!(rules.compile_changed("ten_2", &row(3, "not json")).len(), 0);
+    }
+
+    /// The cap on regexes applies when a rule is saved; one stored under an earlier limit
+    /// still loads and runs.
+    #[test]
+    fn the_regex_cap_applies_to_saves_not_to_stored_rules() {
+        let rules = Rules::new(
+            Duration::from_secs(1),
+            Arc::new(Catalog::load(std::path::Path::new("/nonexistent"), Duration::from_secs(1)).unwrap()),
+            apply::EmitLimits {
+                max_bytes: 1 << 20,
+                max_depth: 64,
+            },
+        );
+        let regex = serde_json::json!({"field": "data.s", "op": "matches", "value": "x"});
+        let many = serde_json::json!({"name": "r", "when": {"event_type": "a.b"},
+            "if": {"any": vec![regex; condition::MAX_REGEXES + 1]},
+            "then": [{"emit": {"type": "c.d"}}]});
+        let refused = rules.check("rul_1", &many).unwrap_err();
+        assert_eq!(refused.details[0]["path"], "/if");
+        let stored = vec![("rul_1".to_string(), 1, many.to_string())];
+        assert_eq!(rules.compile_changed("ten_1", &stored).len(), 1);
     }
 }

@@ -415,6 +415,10 @@ async fn preview_output(
                 return Ok(out);
             };
             let body = crate::events::event_body(event_id, event_type, now, data);
+            if ep.subscribes_to(event_type) {
+                // As the real run: the subscription's delivery is the one the endpoint gets.
+                out["note"] = "the endpoint already receives this event".into();
+            }
             out["request"] = crate::delivery::routes::sign_preview(
                 state,
                 &ep,
