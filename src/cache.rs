@@ -68,6 +68,52 @@ impl<K: Eq + Hash + Clone, V> TtlCache<K, V> {
     }
 }
 
+/// What was last compiled from each tenant's stored definitions (rules, event schemas), each
+/// entry with what it was compiled from, kept across reloads of a [`TtlCache`] so that a reload
+/// compiles only what changed. Holds at most `most` tenants; past it, it starts over.
+pub struct CompiledByTenant<T> {
+    most: usize,
+    tenants: Mutex<HashMap<String, Arc<std::collections::BTreeMap<String, T>>>>,
+}
+
+impl<T> CompiledByTenant<T> {
+    /// Empty; keeps at most `most` tenants.
+    pub fn new(most: usize) -> Self {
+        Self {
+            most,
+            tenants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What was last kept for a tenant (empty if nothing).
+    pub fn of(&self, tenant_id: &str) -> Arc<std::collections::BTreeMap<String, T>> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Keeps exactly `compiled` for a tenant (what it no longer has is dropped).
+    pub fn keep(&self, tenant_id: &str, compiled: std::collections::BTreeMap<String, T>) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if compiled.is_empty() {
+            tenants.remove(tenant_id);
+            return;
+        }
+        if tenants.len() >= self.most && !tenants.contains_key(tenant_id) {
+            tenants.clear();
+        }
+        tenants.insert(tenant_id.to_string(), Arc::new(compiled));
+    }
+
+    /// Forgets every tenant's.
+    pub fn clear(&self) {
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

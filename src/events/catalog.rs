@@ -2,7 +2,7 @@
 //! for every tenant) and each tenant's custom types, declared with or without a schema. Events of a type
 //! with a schema are validated on ingestion; undeclared types are accepted free-form.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::check_event_type;
-use crate::cache::TtlCache;
+use crate::cache::{CompiledByTenant, TtlCache};
 use crate::changes::Change;
 use crate::db::{Database, DbError, now_ms, rfc3339};
 use crate::http::{
@@ -47,13 +47,13 @@ struct Known {
 pub struct Catalog {
     builtin: BTreeMap<String, Known>,
     custom: TtlCache<String, BTreeMap<String, Arc<Known>>>,
-    /// Each tenant's custom types as last compiled, by name, with the schema text compiled: a
-    /// reload after the time to live compiles only the schemas that changed.
-    compiled: std::sync::Mutex<HashMap<String, Arc<CompiledTypes>>>,
+    /// Each tenant's custom types as last compiled, with the schema text compiled: a reload
+    /// after the time to live compiles only the schemas that changed.
+    compiled: CompiledByTenant<(String, Arc<Known>)>,
 }
 
-/// A tenant's custom types by name, each with the schema text it was compiled from.
-type CompiledTypes = BTreeMap<String, (String, Arc<Known>)>;
+/// Tenants whose compiled custom types are kept between reloads.
+const MAX_TENANTS_COMPILED: usize = 10_000;
 
 /// A problem with the catalog files; start-up stops with it.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ impl Catalog {
     /// Forgets every tenant's cached custom types.
     pub fn forget_all(&self) {
         self.custom.clear();
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.compiled.clear();
     }
 
     /// The compiled-in types, then `*.json` from the events directory (which may be missing).
@@ -172,7 +172,7 @@ impl Catalog {
         Ok(Self {
             builtin,
             custom: TtlCache::new(cache_ttl),
-            compiled: std::sync::Mutex::default(),
+            compiled: CompiledByTenant::new(MAX_TENANTS_COMPILED),
         })
     }
 
@@ -189,14 +189,8 @@ impl Catalog {
                         args![tenant_id],
                     )
                     .await?;
-                let before = self
-                    .compiled
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(tenant_id)
-                    .cloned()
-                    .unwrap_or_default();
-                let mut now = CompiledTypes::new();
+                let before = self.compiled.of(tenant_id);
+                let mut now = BTreeMap::new();
                 for (name, description, schema_text) in rows {
                     let text = schema_text.unwrap_or_default();
                     let known = match before.get(&name) {
@@ -216,10 +210,7 @@ impl Catalog {
                     now.insert(name, (text, known));
                 }
                 let map = now.iter().map(|(name, (_, known))| (name.clone(), known.clone())).collect();
-                self.compiled
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(tenant_id.to_string(), Arc::new(now));
+                self.compiled.keep(tenant_id, now);
                 Ok::<_, DbError>(map)
             })
             .await

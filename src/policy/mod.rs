@@ -566,14 +566,27 @@ mod tests {
         }
     }
 
+    /// A policy engine with `file_rows` over a fresh SQLite database (kept while `dir` lives).
+    async fn engine(dir: &tempfile::TempDir, file_rows: Vec<PolicyRow>) -> (Database, Arc<Policy>) {
+        let db = Database::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
+            .await
+            .unwrap();
+        let policy = Arc::new(Policy {
+            model_text: DEFAULT_MODEL.into(),
+            file_rows,
+            tenants: std::sync::Mutex::default(),
+            uses: AtomicU64::new(0),
+            building: std::sync::Mutex::default(),
+        });
+        (db, policy)
+    }
+
     /// One tenant's edit moves its own counter only: the other tenant's enforcer (and its cached
     /// decisions) is kept, and neither sees the other's rows.
     #[tokio::test]
     async fn each_tenant_has_an_enforcer_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
-            .await
-            .unwrap();
+        let (db, policy) = engine(&dir, vec![row("role:everyone", "lookup_*", "allow")]).await;
         for tenant in ["ten_a", "ten_b"] {
             db.execute(
                 "INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $1, '', 0)",
@@ -582,13 +595,6 @@ mod tests {
             .await
             .unwrap();
         }
-        let policy = Arc::new(Policy {
-            model_text: DEFAULT_MODEL.into(),
-            file_rows: vec![row("role:everyone", "lookup_*", "allow")],
-            tenants: std::sync::Mutex::default(),
-            uses: AtomicU64::new(0),
-            building: std::sync::Mutex::default(),
-        });
         let support = vec!["agent:x".to_string(), "role:support".to_string()];
         let decide = |tenant: &'static str, action: &'static str| {
             let (policy, db, subjects) = (policy.clone(), db.clone(), support.clone());
@@ -651,16 +657,7 @@ mod tests {
     #[tokio::test]
     async fn the_least_recently_used_enforcer_goes_first() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::connect(&format!("sqlite://{}", dir.path().join("p.db").display()))
-            .await
-            .unwrap();
-        let policy = Arc::new(Policy {
-            model_text: DEFAULT_MODEL.into(),
-            file_rows: vec![row("role:support", "lookup_*", "allow")],
-            tenants: std::sync::Mutex::default(),
-            uses: AtomicU64::new(0),
-            building: std::sync::Mutex::default(),
-        });
+        let (db, policy) = engine(&dir, vec![row("role:support", "lookup_*", "allow")]).await;
         let subjects = vec!["role:support".to_string()];
         for n in 0..MAX_CACHED_TENANTS {
             let tenant = format!("ten_{n}");

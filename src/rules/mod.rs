@@ -14,14 +14,14 @@ pub mod engine;
 mod routes;
 pub mod template;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::args;
-use crate::cache::TtlCache;
+use crate::cache::{CompiledByTenant, TtlCache};
 use crate::db::{Database, DbError};
 use crate::events::catalog::Catalog;
 use crate::http::{ApiError, ErrorDetail};
@@ -36,10 +36,10 @@ pub const RULE_SCHEMA: &str = include_str!("../../schemas/rule.schema.json");
 pub struct Rules {
     schema: jsonschema::Validator,
     sets: TtlCache<String, RuleSet>,
-    /// Each tenant's enabled rules as last compiled, by id, with the version compiled: a set
-    /// reloaded after its time to live recompiles only the rules changed since (a condition's
-    /// regexes can take milliseconds each to compile).
-    compiled: std::sync::Mutex<HashMap<String, Arc<CompiledAt>>>,
+    /// Each tenant's enabled rules as last compiled, with the version compiled: a set reloaded
+    /// after its time to live recompiles only the rules changed since (a condition's regexes can
+    /// take milliseconds each to compile).
+    compiled: CompiledByTenant<(i64, CompiledRule)>,
     /// Event types, for the data of emitted events.
     catalog: Arc<Catalog>,
     /// The limits of an event sent in, which emitted events keep to as well.
@@ -49,9 +49,6 @@ pub struct Rules {
 /// Tenants whose compiled rules are kept between reloads.
 const MAX_TENANTS_COMPILED: usize = 10_000;
 
-/// A tenant's compiled rules by id, each with the version it was compiled at.
-type CompiledAt = HashMap<String, (i64, CompiledRule)>;
-
 impl Rules {
     /// Compiles the rule schema; compiled rule sets are kept at most `cache_ttl`; events that
     /// rules emit are held to `catalog` and `limits`.
@@ -60,7 +57,7 @@ impl Rules {
         Self {
             schema: jsonschema::draft202012::new(&schema).expect("the rule schema compiles"),
             sets: TtlCache::new(cache_ttl),
-            compiled: std::sync::Mutex::default(),
+            compiled: CompiledByTenant::new(MAX_TENANTS_COMPILED),
             catalog,
             limits,
         }
@@ -110,14 +107,8 @@ impl Rules {
     /// The rules of `rows` (id, version, definition) compiled, reusing those compiled before at
     /// the same version; remembers exactly these for the tenant's next reload.
     fn compile_changed(&self, tenant_id: &str, rows: &[(String, i64, String)]) -> Vec<CompiledRule> {
-        let before = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant_id)
-            .cloned()
-            .unwrap_or_default();
-        let now: CompiledAt = rows
+        let before = self.compiled.of(tenant_id);
+        let now: BTreeMap<String, (i64, CompiledRule)> = rows
             .iter()
             .filter_map(|(id, version, definition)| {
                 let rule = match before.get(id) {
@@ -131,16 +122,7 @@ impl Rules {
             })
             .collect();
         let rules = now.values().map(|(_, rule)| rule.clone()).collect();
-        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded like the rule sets' cache: past it, every tenant's rules are compiled afresh.
-        if compiled.len() >= MAX_TENANTS_COMPILED && !compiled.contains_key(tenant_id) {
-            compiled.clear();
-        }
-        if now.is_empty() {
-            compiled.remove(tenant_id);
-        } else {
-            compiled.insert(tenant_id.to_string(), Arc::new(now));
-        }
+        self.compiled.keep(tenant_id, now);
         rules
     }
 
@@ -163,15 +145,10 @@ impl Rules {
         };
         let known = self
             .compiled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant_id)
-            .and_then(|rules| {
-                rules
-                    .get(rule_id)
-                    .filter(|(v, _)| *v == version)
-                    .map(|(_, r)| r.clone())
-            });
+            .of(tenant_id)
+            .get(rule_id)
+            .filter(|(v, _)| *v == version)
+            .map(|(_, r)| r.clone());
         Ok(known.or_else(|| {
             let definition: Value = serde_json::from_str(&definition).ok()?;
             CompiledRule::compile(rule_id, &definition).ok()
@@ -210,7 +187,7 @@ impl Rules {
     /// Forgets every tenant's compiled rules.
     pub fn forget_all(&self) {
         self.sets.clear();
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.compiled.clear();
     }
 }
 
