@@ -210,6 +210,15 @@ pub async fn invoke(
         )
     })?;
 
+    // A call that cannot be delivered is refused now, not accepted to fail later. The tenant's
+    // enabled endpoints are read (cached) for the `action.invoked` event's fan-out anyway.
+    let subscribers = state.engine.subscribers(&tenant_id).await?;
+    if !subscribers.iter().any(|ep| ep.id == endpoint_id) {
+        return Err(ApiError::conflict(
+            "action_unavailable",
+            endpoint_unavailable(&req.action),
+        ));
+    }
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
     let body = action_request_body(&invocation_id, action, &req.arguments, caller, now);
@@ -229,7 +238,7 @@ pub async fn invoke(
         body: body.into(),
         approval_reason,
         lease: state.engine.lease(),
-        fanout: crate::events::Fanout::Among(state.engine.subscribers(&tenant_id).await?),
+        fanout: crate::events::Fanout::Among(subscribers),
         rules: state
             .rules
             .context(&state.db, &tenant_id, &state.gateway.validators)
@@ -707,6 +716,17 @@ pub async fn invoke_for_rule(
                 approval_reason,
             } => (action, approval_reason),
         };
+    let endpoint_id = action.declaration.endpoint_id.clone().unwrap_or_default();
+    let live: Option<(String,)> = tx
+        .fetch_optional(
+            "SELECT id FROM endpoints WHERE tenant_id = $1 AND id = $2 AND enabled = $3 AND deleted_at IS NULL",
+            args![tenant_id, &endpoint_id, true],
+        )
+        .await?;
+    if live.is_none() {
+        let error = json!({"code": "action_unavailable", "message": endpoint_unavailable(action_name), "details": []});
+        return call.refuse(tx, Some(&action), "failed", error).await;
+    }
     let pending_approval = approval_reason.is_some();
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),
@@ -720,7 +740,7 @@ pub async fn invoke_for_rule(
         arguments: arguments.to_string(),
         idempotency_key: Some(key.to_string()),
         request_hash: request_hash(action_name, arguments),
-        endpoint_id: action.declaration.endpoint_id.clone().unwrap_or_default(),
+        endpoint_id,
         body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
         approval_reason,
         lease: lease.clone(),
@@ -744,6 +764,14 @@ pub async fn invoke_for_rule(
         error: None,
         jobs: persisted.job.into_iter().chain(persisted.raised).collect(),
     })
+}
+
+/// Why a call cannot go to its action's endpoint: it was disabled (by an admin, a `410 Gone` or
+/// five days of failures) or deleted.
+pub fn endpoint_unavailable(action_name: &str) -> String {
+    format!(
+        "{action_name}'s endpoint is disabled or deleted; an admin must enable it or point the action at another endpoint"
+    )
 }
 
 /// The approval reason of an action that holds every call for a person, if it does.

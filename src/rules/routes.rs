@@ -470,7 +470,10 @@ async fn preview_output(
                 None => None,
             };
             let Some(ep) = ep.filter(|ep| ep.enabled) else {
-                out["error"] = "the action's endpoint is deleted or disabled".into();
+                // As the real run records it.
+                out["status"] = "failed".into();
+                out["code"] = "action_unavailable".into();
+                out["error"] = crate::gateway::invoke::endpoint_unavailable(action).into();
                 return Ok(out);
             };
             out["status"] = if approval_reason.is_some() {

@@ -188,6 +188,7 @@ dual!(
     rate_limits_answer_429,
     external_issuer_tokens,
     saving_the_issuer_refetches_its_jwks,
+    calls_to_a_disabled_endpoint_are_refused_at_once,
 );
 
 async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
@@ -1657,4 +1658,79 @@ async fn overload_is_refused_at_once_not_queued(backend: Backend) {
     assert_eq!(status, 202, "{body}");
     let (status, _) = w.app.call(Method::GET, "/v1/actions", None).await;
     assert_eq!(status, 200);
+}
+
+/// A call whose action's endpoint is disabled cannot be delivered: an agent's call is refused
+/// at once (409, a tool error over MCP) and a rule's call is recorded as failed, nothing sent,
+/// as its dry run says; once the endpoint is enabled again, calls go through.
+async fn calls_to_a_disabled_endpoint_are_refused_at_once(backend: Backend) {
+    let w = world(backend).await;
+    let support = agent_token(&w.app, "agt_off", &["support"], &["invoke:*"]).await;
+    let (_, action) = w.app.call(Method::GET, "/v1/actions/lookup_customer", None).await;
+    let endpoint_path = format!("/v1/endpoints/{}", action["endpoint_id"].as_str().unwrap());
+    let set_enabled = |enabled: bool| {
+        let (app, path) = (&w.app, endpoint_path.clone());
+        async move {
+            let (status, body) = app
+                .call(Method::PATCH, &path, Some(json!({"enabled": enabled})))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    set_enabled(false).await;
+    let lookup = json!({"customer_id": "c_1"});
+    let (status, body) = invoke(&w.app, &support, "lookup_customer", lookup.clone(), None).await;
+    assert_error((status, &body), 409, "action_unavailable", "disabled or deleted");
+    let mcp = mcp_call(&w.app, &support, "lookup_customer", lookup.clone(), "off-1").await;
+    assert_eq!(mcp["result"]["isError"], true, "{mcp}");
+
+    let rule = json!({"name": "Look up", "when": {"event_type": "lookup.go"},
+        "then": [{"invoke": {"action": "lookup_customer", "arguments": {"customer_id": "c_1"}}}]});
+    let (status, created) = w.app.call(Method::POST, "/v1/rules", Some(rule)).await;
+    assert_eq!(status, 201, "{created}");
+    let test_path = format!("/v1/rules/{}/test", created["id"].as_str().unwrap());
+    let (_, run) = w
+        .app
+        .call(
+            Method::POST,
+            &test_path,
+            Some(json!({"event": {"type": "lookup.go", "data": {}}})),
+        )
+        .await;
+    assert_eq!(
+        (&run["outputs"][0]["status"], &run["outputs"][0]["code"]),
+        (&json!("failed"), &json!("action_unavailable")),
+        "{run}"
+    );
+    let event_id = crate::delivery::send_event(&w.app, "lookup.go", json!({})).await;
+    let (_, event) = w
+        .app
+        .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+        .await;
+    let output = &event["rules"][0]["outputs"][0];
+    assert_eq!(
+        (&output["status"], &output["error"]["code"]),
+        (&json!("failed"), &json!("action_unavailable")),
+        "{event}"
+    );
+    let (_, recorded) = w
+        .app
+        .call(
+            Method::GET,
+            &format!("/v1/invocations/{}", output["invocation_id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(recorded["status"], "failed", "{recorded}");
+
+    set_enabled(true).await;
+    let (status, body) = invoke(&w.app, &support, "lookup_customer", lookup, None).await;
+    assert_eq!(status, 200, "{body}");
+    let sent = w.rx.wait_for(1).await;
+    assert_eq!(
+        sent.len(),
+        1,
+        "only the call made while the endpoint was enabled was sent"
+    );
+    assert_eq!(sent[0].json()["action"]["name"], "lookup_customer");
 }
