@@ -345,16 +345,7 @@ async fn create_type(
     Json(body): Json<EventType>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
-    check_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
-    if super::is_reserved(&body.name) {
-        return Err(ApiError::invalid_field(
-            "/name",
-            format!(
-                "{} is a name OpsIQ raises events under; choose a name of your own",
-                body.name
-            ),
-        ));
-    }
+    super::check_own_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
     if body.description.len() > 2000 {
         return Err(ApiError::invalid_field(
             "/description",

@@ -31,6 +31,18 @@ pub fn check_event_type(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a type a tenant names for events of its own (sent in, declared, or emitted by a rule):
+/// well formed, and not one the gateway raises itself.
+pub fn check_own_event_type(name: &str) -> Result<(), String> {
+    check_event_type(name)?;
+    if is_reserved(name) {
+        return Err(format!(
+            "{name} is raised by OpsIQ itself; use a name of your own"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether an event type is raised only by the gateway itself (and so cannot be ingested).
 pub fn is_reserved(event_type: &str) -> bool {
     event_type.starts_with("opsiq.")

@@ -8,7 +8,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{NewEvent, check_event_type};
+use super::NewEvent;
 use crate::db::{Arg, DbError, now_ms, parse_rfc3339, rfc3339};
 use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, Path, Permission, Query};
 use crate::{AppState, args};
@@ -126,16 +126,7 @@ async fn ingest_event(
     Json(body): Json<IngestBody>,
 ) -> ApiResult<Response> {
     auth.require(Permission::IngestEvents)?;
-    check_event_type(&body.event_type).map_err(|m| ApiError::invalid_field("/type", m))?;
-    if super::is_reserved(&body.event_type) {
-        return Err(ApiError::invalid_field(
-            "/type",
-            format!(
-                "{} is raised by OpsIQ itself and cannot be sent in",
-                body.event_type
-            ),
-        ));
-    }
+    super::check_own_event_type(&body.event_type).map_err(|m| ApiError::invalid_field("/type", m))?;
     if !body.data.is_object() {
         return Err(ApiError::invalid_field("/data", "must be a JSON object"));
     }

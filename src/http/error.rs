@@ -17,6 +17,22 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Per-field problems (as an error body's `details` holds them) in one line, for a person or a
+/// model to read: `/amount: must be positive; /currency: …`.
+pub fn describe_details(details: &[Value]) -> String {
+    details
+        .iter()
+        .map(|d| {
+            format!(
+                "{}: {}",
+                d["path"].as_str().unwrap_or("/"),
+                d["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// An error answer of the HTTP API.
 #[derive(Debug)]
 pub struct ApiError {

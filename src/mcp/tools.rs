@@ -101,22 +101,13 @@ fn render(row: &InvocationRow) -> Value {
             // content (clients check it); it is an error result saying the action did run, so
             // that the model does not call it again.
             if let Some(mismatch) = parse(&row.error) {
-                let problems: Vec<String> = mismatch["details"]
+                let problems = mismatch["details"]
                     .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|d| {
-                        format!(
-                            "{} {}",
-                            d["path"].as_str().unwrap_or("/"),
-                            d["message"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect();
+                    .map(|d| crate::http::error::describe_details(d))
+                    .unwrap_or_default();
                 return tool_error(format!(
                     "The action ran (invocation {}), but its result does not match the tool's output schema ({}). Do not call it again for this; the result was: {as_text}",
-                    row.id,
-                    problems.join("; ")
+                    row.id, problems
                 ));
             }
             let mut out = json!({"content": text(as_text), "isError": false});

@@ -13,6 +13,7 @@ use crate::db::{DbError, Tx};
 use crate::delivery::outbox::{self, Job, Kind, Lease, NewDelivery};
 use crate::events::catalog::TenantCatalog;
 use crate::events::{self, NewEvent};
+use crate::http::error::describe_details;
 use crate::registry::validators::Validators;
 
 /// Emit chains longer than this are cut (a rule emitting what triggers it would loop forever).
@@ -45,14 +46,15 @@ pub struct EmitLimits {
     pub max_depth: usize,
 }
 
-/// Whether `data` may be emitted as an event of `event_type`: a JSON object within the limits
-/// of an event sent in, matching its type's schema. The refusal says why, for the trace.
+/// Whether `data` may be emitted as an event of `event_type`: a type of the tenant's own, and a
+/// JSON object within the limits of an event sent in, matching its type's schema. The refusal says why, for the trace.
 pub fn check_emitted(
     catalog: &TenantCatalog,
     limits: EmitLimits,
     event_type: &str,
     data: &Value,
 ) -> Result<(), String> {
+    events::check_own_event_type(event_type)?;
     if !data.is_object() {
         return Err("an emitted event's data must be a JSON object".into());
     }
@@ -72,20 +74,9 @@ pub fn check_emitted(
             limits.max_bytes
         ));
     }
-    catalog.check(event_type, data).map_err(|e| {
-        let problems: Vec<String> = e
-            .details
-            .iter()
-            .map(|d| {
-                format!(
-                    "{}: {}",
-                    d["path"].as_str().unwrap_or("/"),
-                    d["message"].as_str().unwrap_or("")
-                )
-            })
-            .collect();
-        format!("{} ({})", e.message, problems.join("; "))
-    })
+    catalog
+        .check(event_type, data)
+        .map_err(|e| format!("{} ({})", e.message, describe_details(&e.details)))
 }
 
 /// Whether `v` nests deeper than `most` levels (an object or array is one level).
@@ -207,25 +198,23 @@ async fn apply_output(
     let mut result = output.describe();
     match output {
         Output::Deliver { endpoint_id } => {
-            let live: Option<(String,)> = tx
+            // The endpoint, if it is live, and the event's delivery to it, if it has one: an
+            // endpoint receives an event once, whether it subscribes to it, a rule delivers it
+            // there, or both.
+            let live: Option<(String, Option<String>)> = tx
                 .fetch_optional(
-                    "SELECT id FROM endpoints WHERE tenant_id = $1 AND id = $2 AND enabled = $3 AND deleted_at IS NULL",
-                    args![&event.tenant_id, endpoint_id, true],
+                    "SELECT e.id, (SELECT d.id FROM deliveries d WHERE d.event_id = $4 \
+                     AND d.endpoint_id = e.id AND d.tenant_id = e.tenant_id ORDER BY d.id LIMIT 1) \
+                     AS delivery_id FROM endpoints e WHERE e.tenant_id = $1 AND e.id = $2 AND e.enabled = $3 \
+                     AND e.deleted_at IS NULL",
+                    args![&event.tenant_id, endpoint_id, true, event_id],
                 )
                 .await?;
-            if live.is_none() {
+            let Some((_, existing)) = live else {
                 result["error"] = format!("endpoint {endpoint_id} is deleted or disabled").into();
                 return Ok((result, Vec::new()));
-            }
-            // An endpoint receives an event once, whether it subscribes to it, a rule delivers
-            // it there, or both.
-            let existing: Option<(String,)> = tx
-                .fetch_optional(
-                    "SELECT id FROM deliveries WHERE event_id = $1 AND endpoint_id = $2 AND tenant_id = $3",
-                    args![event_id, endpoint_id, &event.tenant_id],
-                )
-                .await?;
-            if let Some((delivery_id,)) = existing {
+            };
+            if let Some(delivery_id) = existing {
                 result["delivery_id"] = delivery_id.into();
                 result["note"] = "the endpoint already receives this event".into();
                 return Ok((result, Vec::new()));
@@ -268,14 +257,6 @@ async fn apply_output(
         Output::Emit { event_type, data } => {
             if event.depth + 1 > MAX_EMIT_DEPTH {
                 result["cut"] = format!("emit chains stop at depth {MAX_EMIT_DEPTH}").into();
-                return Ok((result, Vec::new()));
-            }
-            if events::is_reserved(event_type) {
-                result["error"] = format!("{event_type} is raised by OpsIQ itself").into();
-                return Ok((result, Vec::new()));
-            }
-            if let Err(m) = events::check_event_type(event_type) {
-                result["error"] = m.into();
                 return Ok((result, Vec::new()));
             }
             if let Err(m) = check_emitted(&ctx.catalog, ctx.limits, event_type, data) {

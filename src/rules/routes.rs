@@ -97,10 +97,10 @@ async fn check_rule(
                 }
             }
             Output::Emit { event_type, .. } => {
-                if crate::events::is_reserved(event_type) {
+                if let Err(message) = crate::events::check_own_event_type(event_type) {
                     problems.push(ErrorDetail {
                         path: format!("/then/{i}/emit/type"),
-                        message: format!("{event_type} is raised by OpsIQ itself; emit a type of your own"),
+                        message,
                     });
                 }
             }
@@ -500,14 +500,6 @@ async fn preview_output(
             event_type: emitted,
             data: emitted_data,
         } => {
-            if crate::events::is_reserved(emitted) {
-                out["error"] = format!("{emitted} is raised by OpsIQ itself").into();
-                return Ok(out);
-            }
-            if let Err(m) = crate::events::check_event_type(emitted) {
-                out["error"] = m.into();
-                return Ok(out);
-            }
             let catalog = state.catalog.for_tenant(&state.db, tenant_id).await?;
             if let Err(m) = super::apply::check_emitted(&catalog, state.rules.limits(), emitted, emitted_data)
             {
