@@ -232,6 +232,35 @@ const ingested = await fetch(`${base}/v1/events`, {
 });
 assert.equal(ingested.status, 202, await ingested.text());
 
+// A sample meets the schema's lengths, bounds, multiples and item counts too, so a dry run of a
+// custom type with such constraints starts from an event the server accepts.
+const constrained = {
+  type: "object",
+  properties: {
+    code: { type: "string", minLength: 12 },
+    short: { type: "string", maxLength: 3 },
+    day: { type: "string", format: "date" },
+    seats: { type: "integer", minimum: 500 },
+    debt: { type: "integer", exclusiveMaximum: 0 },
+    ratio: { type: "number", minimum: 2, maximum: 3 },
+    lot: { type: "integer", multipleOf: 7, minimum: 10, maximum: 20 },
+    narrow: { type: "integer", exclusiveMinimum: 1.5, maximum: 2 },
+    share: { type: "number", exclusiveMinimum: 0, exclusiveMaximum: 0.5 },
+    tags: { type: "array", items: { type: "string" }, minItems: 3, uniqueItems: true },
+  },
+  required: ["code", "short", "seats", "debt", "ratio", "lot", "narrow", "share", "tags"],
+  additionalProperties: false,
+};
+const declared = await call("POST", "/v1/event-types", { name: "order.constrained", schema: constrained });
+assert.equal(declared.status, 201, JSON.stringify(declared.body));
+const constrainedSample = sampleOf((await call("GET", "/v1/event-types/order.constrained")).body.schema);
+const accepted = await fetch(`${base}/v1/events`, {
+  method: "POST",
+  headers: { authorization: `Bearer ${key}`, "content-type": "application/json", "idempotency-key": "console-constrained" },
+  body: JSON.stringify({ type: "order.constrained", data: constrainedSample }),
+});
+assert.equal(accepted.status, 202, `${JSON.stringify(constrainedSample)}: ${await accepted.text()}`);
+
 // Guards: composed like rule conditions over the call, typed by the action's input schema,
 // accepted by the server as built, and edited back as the same forms.
 const inputSchema = { type: "object", properties: { amount: { type: "integer" }, note: { type: "string" } }, required: ["amount"] };

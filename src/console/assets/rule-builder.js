@@ -492,19 +492,80 @@ export function sampleOf(schema, depth = 0) {
       for (const [name, prop] of Object.entries(schema.properties ?? {})) out[name] = sampleOf(prop, depth + 1);
       return out;
     }
-    case "array":
-      return schema.items ? [sampleOf(schema.items, depth + 1)] : [];
+    case "array": {
+      const count = Math.max(schema.minItems ?? 0, schema.items ? 1 : 0);
+      const items = Array.from({ length: count }, () => sampleOf(schema.items, depth + 1));
+      // Unique items must differ: number or suffix the copies.
+      return schema.uniqueItems ? items.map((item, k) => distinct(item, k)) : items;
+    }
     case "integer":
-      return 100;
+      return numberWithin(schema, true);
     case "number":
-      return 1.5;
+      return numberWithin(schema, false);
     case "boolean":
       return true;
     case "string":
-      return schema.format === "email" ? "ada@example.com" : schema.format === "date-time" ? new Date(0).toISOString() : "example";
+      return stringWithin(schema);
     default:
       return null;
   }
+}
+
+/** Strings that each `format` accepts. */
+const FORMAT_SAMPLES = {
+  email: "ada@example.com",
+  "date-time": "1970-01-01T00:00:00.000Z",
+  date: "1970-01-01",
+  time: "00:00:00Z",
+  uri: "https://example.com/",
+  url: "https://example.com/",
+  uuid: "00000000-0000-4000-8000-000000000000",
+  hostname: "example.com",
+  ipv4: "192.0.2.1",
+  ipv6: "2001:db8::1",
+};
+
+/** A string within the schema's lengths; a pattern is met only by an `examples` entry. */
+function stringWithin(schema) {
+  const text = FORMAT_SAMPLES[schema.format] ?? "example";
+  const min = Number.isInteger(schema.minLength) ? schema.minLength : 0;
+  const max = Number.isInteger(schema.maxLength) ? schema.maxLength : Infinity;
+  if (text.length < min) return text + "x".repeat(min - text.length);
+  return text.length > max ? text.slice(0, max) : text;
+}
+
+/** A number within the schema's bounds (inclusive or exclusive) and a multiple of `multipleOf`. */
+function numberWithin(schema, integer) {
+  const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+  const [min, max] = [num(schema.minimum), num(schema.maximum)];
+  const [above, below] = [num(schema.exclusiveMinimum), num(schema.exclusiveMaximum)];
+  // The closest allowed values at each end; an exclusive bound's neighbour is one step in.
+  const lows = [min !== undefined && (integer ? Math.ceil(min) : min), above !== undefined && (integer ? Math.floor(above) + 1 : above + 1)];
+  const highs = [max !== undefined && (integer ? Math.floor(max) : max), below !== undefined && (integer ? Math.ceil(below) - 1 : below - 1)];
+  const low = lows.filter((v) => v !== false).reduce((a, b) => Math.max(a, b), -Infinity);
+  const high = highs.filter((v) => v !== false).reduce((a, b) => Math.min(a, b), Infinity);
+  let value = integer ? 100 : 1.5;
+  if (Number.isFinite(low) && Number.isFinite(high)) {
+    // Between two exclusive bounds closer than a step, only the middle is sure to fit.
+    value = low <= high ? (low + high) / 2 : ((above ?? min) + (below ?? max)) / 2;
+  } else if (value < low) value = low;
+  else if (value > high) value = high;
+  const multiple = num(schema.multipleOf);
+  if (multiple !== undefined && multiple > 0) {
+    value = Math.ceil(value / multiple) * multiple;
+    if (value > high) value -= multiple;
+  } else if (integer) {
+    value = Math.ceil(value);
+    if (value > high) value = Math.floor(high);
+  }
+  return value;
+}
+
+/** `item` made different from the other copies of it by its position `k`. */
+function distinct(item, k) {
+  if (typeof item === "number") return item + k;
+  if (typeof item === "string") return k === 0 ? item : `${item}${k}`;
+  return item;
 }
 
 function describeCondition(c) {
