@@ -2,7 +2,7 @@
 //! limits and secrets. Secrets are encrypted at rest with the master key and decrypted only to
 //! sign; a rotation keeps the previous secret signing beside the new one for the overlap window.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::signing::{self, Scheme};
@@ -38,6 +38,8 @@ pub struct EndpointRow {
     pub previous_secret_enc: Option<String>,
     /// When the previous secret stops signing (ms).
     pub previous_expires_at: Option<i64>,
+    /// Secrets rotated out before the previous one, as JSON [`RetiredSecret`]s, newest first.
+    pub older_secrets: Option<String>,
     /// Why the endpoint was disabled automatically.
     pub disabled_reason: Option<String>,
     /// Start of the current run of failures (ms).
@@ -64,19 +66,42 @@ impl EndpointRow {
         Scheme::parse(&self.signature_scheme).unwrap_or_default()
     }
 
+    /// The rotated-out secrets that still sign at `now`, newest first, at most
+    /// [`MAX_SIGNING_SECRETS`] − 1 of them.
+    pub fn retired_secrets(&self, now: i64) -> Vec<RetiredSecret> {
+        let previous = self
+            .previous_secret_enc
+            .clone()
+            .zip(self.previous_expires_at)
+            .map(|(secret_enc, expires_at)| RetiredSecret {
+                secret_enc,
+                expires_at,
+            });
+        // Written by this server only; an unreadable list signs with what else there is.
+        let older: Vec<RetiredSecret> = self
+            .older_secrets
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        previous
+            .into_iter()
+            .chain(older)
+            .filter(|retired| retired.expires_at > now)
+            .take(MAX_SIGNING_SECRETS - 1)
+            .collect()
+    }
+
     /// The secrets that sign now, newest first.
     pub fn signing_secrets(
         &self,
         keys: &MasterKey,
         now: i64,
     ) -> Result<Vec<String>, crate::crypto::CryptoError> {
-        let mut out = vec![keys.open(&self.secret_enc)?];
-        if let (Some(prev), Some(until)) = (&self.previous_secret_enc, self.previous_expires_at)
-            && until > now
-        {
-            out.push(keys.open(prev)?);
-        }
-        Ok(out)
+        let retired = self.retired_secrets(now);
+        std::iter::once(&self.secret_enc)
+            .chain(retired.iter().map(|r| &r.secret_enc))
+            .map(|sealed| keys.open(sealed))
+            .collect()
     }
 
     /// Whether the endpoint subscribes to `event_type`.
@@ -102,6 +127,19 @@ impl EndpointRow {
             "version": self.version,
         })
     }
+}
+
+/// Most secrets that sign a request at once: the current one and the last four rotated out
+/// within their overlap. Rotating more often than that drops the oldest early.
+pub const MAX_SIGNING_SECRETS: usize = 5;
+
+/// A secret rotated out, sealed, and when it stops signing (ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetiredSecret {
+    /// The secret, sealed under the master key.
+    pub secret_enc: String,
+    /// When it stops signing (ms).
+    pub expires_at: i64,
 }
 
 /// Whether an event type matches a subscription pattern: `*` (everything), `invoice.*` (every
@@ -266,6 +304,7 @@ pub async fn create(
         secret_enc: keys.seal(&secret),
         previous_secret_enc: None,
         previous_expires_at: None,
+        older_secrets: None,
         disabled_reason: None,
         failing_since: None,
         created_at: now,
@@ -396,20 +435,43 @@ pub async fn delete(
         args![now, false, tenant_id, id],
     )
     .await?;
+    // The events it still owed are given up with it, without alerts: its deleter asked for
+    // that. (An action's delivery fails when due, so that its invocation settles as failed; an
+    // attempt in flight records its own outcome.) The `|| ''` keeps both databases on the small
+    // index of pending deliveries instead of walking every delivery the endpoint ever had.
+    tx.execute(
+        "UPDATE deliveries SET status = 'failed', last_error = $1, updated_at = $2 \
+         WHERE status = 'pending' AND kind = 'event' AND (tenant_id || '') = $3 AND (endpoint_id || '') = $4",
+        args![ENDPOINT_DELETED, now, tenant_id, id],
+    )
+    .await?;
     tx.commit().await?;
     Ok(Versioned::Done(()))
 }
 
-/// Rotates the secret: the new one signs from now on, the old one beside it until
-/// `now + overlap`. Returns the new secret and when the old one stops signing.
+/// Why a delivery to a deleted endpoint gave up.
+pub const ENDPOINT_DELETED: &str = "the endpoint was deleted";
+
+/// How a rotation treats the secrets it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retire {
+    /// The secret in use signs beside the new one for this long (ms); those rotated out before
+    /// it until their own overlaps end.
+    After(i64),
+    /// Every earlier secret stops signing at once (a leaked secret).
+    Now,
+}
+
+/// Rotates the secret: the new one signs from now on, the earlier ones as `retire` says. Returns
+/// the new secret and when the one it replaced stops signing (`None`: at once).
 pub async fn rotate_secret(
     db: &Database,
     keys: &MasterKey,
     tenant_id: &str,
     id: &str,
     new_secret: Option<String>,
-    overlap_ms: i64,
-) -> Result<Option<(String, i64)>, DbError> {
+    retire: Retire,
+) -> Result<Option<(String, Option<i64>)>, DbError> {
     // Locked: of two rotations at once, the second keeps the first's new secret as its previous
     // one (rather than the secret both read), so no secret handed out stops verifying at once.
     let mut tx = db.begin().await?;
@@ -418,11 +480,26 @@ pub async fn rotate_secret(
     };
     let now = now_ms();
     let secret = new_secret.unwrap_or_else(signing::generate_secret);
-    let expires = now + overlap_ms;
+    let (previous, expires, older) = match retire {
+        Retire::Now => (None, None, None),
+        Retire::After(overlap_ms) => {
+            // The secret in use becomes the previous one; those still signing move one place down.
+            let older: Vec<RetiredSecret> = row
+                .retired_secrets(now)
+                .into_iter()
+                .take(MAX_SIGNING_SECRETS - 2)
+                .collect();
+            let older = match older.is_empty() {
+                true => None,
+                false => Some(serde_json::to_string(&older)?),
+            };
+            (Some(row.secret_enc), Some(now + overlap_ms), older)
+        }
+    };
     tx.execute(
-        "UPDATE endpoints SET secret_enc = $1, previous_secret_enc = $2, previous_expires_at = $3, updated_at = $4 \
-         WHERE tenant_id = $5 AND id = $6",
-        args![keys.seal(&secret), row.secret_enc, expires, now, tenant_id, id],
+        "UPDATE endpoints SET secret_enc = $1, previous_secret_enc = $2, previous_expires_at = $3, \
+         older_secrets = $4, updated_at = $5 WHERE tenant_id = $6 AND id = $7",
+        args![keys.seal(&secret), previous, expires, older, now, tenant_id, id],
     )
     .await?;
     tx.commit().await?;

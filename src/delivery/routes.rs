@@ -142,11 +142,16 @@ async fn get_secret(
     let row = load_endpoint(&state, &auth, &id).await?;
     let now = now_ms();
     let mut body = json!({"secret": state.keys.open(&row.secret_enc)?});
-    if let (Some(prev), Some(until)) = (&row.previous_secret_enc, row.previous_expires_at)
-        && until > now
-    {
-        body["previous_secret"] = state.keys.open(prev)?.into();
-        body["previous_expires_at"] = rfc3339(until).into();
+    let retired = row
+        .retired_secrets(now)
+        .iter()
+        .map(|r| Ok(json!({"secret": state.keys.open(&r.secret_enc)?, "expires_at": rfc3339(r.expires_at)})))
+        .collect::<Result<Vec<Value>, crate::crypto::CryptoError>>()?;
+    // The newest on its own too, as before there could be more than one.
+    if let Some(newest) = retired.first() {
+        body["previous_secret"] = newest["secret"].clone();
+        body["previous_expires_at"] = newest["expires_at"].clone();
+        body["previous_secrets"] = retired.into();
     }
     Ok(axum::Json(body))
 }
@@ -155,6 +160,9 @@ async fn get_secret(
 #[serde(deny_unknown_fields)]
 struct RotateBody {
     secret: Option<String>,
+    /// Every earlier secret stops signing at once instead of after the overlap.
+    #[serde(default)]
+    retire_previous: bool,
 }
 
 async fn rotate_secret(
@@ -164,7 +172,7 @@ async fn rotate_secret(
     OptionalJson(body): OptionalJson<RotateBody>,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
-    let new_secret = body.and_then(|b| b.secret);
+    let (new_secret, retire_previous) = body.map(|b| (b.secret, b.retire_previous)).unwrap_or_default();
     if new_secret.is_some() {
         let input = EndpointInput {
             secret: new_secret.clone(),
@@ -172,17 +180,25 @@ async fn rotate_secret(
         };
         endpoints::check_input(&input, false, state.config.dev)?;
     }
-    let overlap = state.config.secret_overlap.as_millis() as i64;
+    let retire = match retire_previous {
+        true => endpoints::Retire::Now,
+        false => endpoints::Retire::After(state.config.secret_overlap.as_millis() as i64),
+    };
     let (secret, until) =
-        endpoints::rotate_secret(&state.db, &state.keys, &auth.tenant_id, &id, new_secret, overlap)
+        endpoints::rotate_secret(&state.db, &state.keys, &auth.tenant_id, &id, new_secret, retire)
             .await?
             .ok_or_else(|| ApiError::not_found("endpoint"))?;
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
         .await;
     Ok(axum::Json(
-        json!({"secret": secret, "previous_expires_at": rfc3339(until)}),
+        json!({"secret": secret, "previous_expires_at": until.map(rfc3339)}),
     ))
+}
+
+/// 409 for sending to an endpoint that is disabled.
+fn endpoint_disabled() -> ApiError {
+    ApiError::conflict("endpoint_disabled", "the endpoint is disabled; enable it first")
 }
 
 async fn test_endpoint(
@@ -193,10 +209,7 @@ async fn test_endpoint(
     auth.require(Permission::Manage)?;
     let row = load_endpoint(&state, &auth, &id).await?;
     if !row.enabled {
-        return Err(ApiError::conflict(
-            "endpoint_disabled",
-            "the endpoint is disabled; enable it first",
-        ));
+        return Err(endpoint_disabled());
     }
     let event = NewEvent {
         tenant_id: auth.tenant_id.clone(),
@@ -234,7 +247,10 @@ async fn recover_endpoint(
     Json(body): Json<RecoverBody>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
-    load_endpoint(&state, &auth, &id).await?;
+    // Sent nowhere, recovered deliveries would only fail again, each with an alert.
+    if !load_endpoint(&state, &auth, &id).await?.enabled {
+        return Err(endpoint_disabled());
+    }
     let since = parse_rfc3339(&body.since).ok_or_else(|| {
         ApiError::invalid_field("/since", "must be an RFC 3339 time like 2026-11-27T10:00:00Z")
     })?;
@@ -412,15 +428,26 @@ async fn replay_delivery(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
-    let exists: Option<(String,)> = state
+    // Whether the delivery's endpoint is there and enabled (NULL: deleted).
+    let found: Option<(Option<bool>,)> = state
         .db
         .fetch_optional(
-            "SELECT id FROM deliveries WHERE tenant_id = $1 AND id = $2",
+            "SELECT e.enabled FROM deliveries d LEFT JOIN endpoints e \
+             ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id AND e.deleted_at IS NULL \
+             WHERE d.tenant_id = $1 AND d.id = $2",
             args![&auth.tenant_id, &id],
         )
         .await?;
-    if exists.is_none() {
-        return Err(ApiError::not_found("delivery"));
+    match found {
+        None => return Err(ApiError::not_found("delivery")),
+        Some((None,)) => {
+            return Err(ApiError::conflict(
+                "endpoint_deleted",
+                "the delivery's endpoint was deleted; there is nowhere to send it",
+            ));
+        }
+        Some((Some(false),)) => return Err(endpoint_disabled()),
+        Some((Some(true),)) => {}
     }
     let mut tx = state.db.begin().await?;
     let requeued = outbox::requeue(&mut tx, &auth.tenant_id, &id, now_ms()).await?;

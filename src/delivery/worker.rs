@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::endpoints::EndpointRow;
+use super::endpoints::{self, EndpointRow};
 use super::outbound::{AttemptResult, Outbound};
 use super::outbox::{self, Job, Lease};
 use super::retry::{self, Next};
@@ -31,6 +31,9 @@ use crate::registry::validators::Validators;
 use crate::{args, ids};
 
 /// An endpoint failing without a single success for this long is disabled.
+/// The error class of a delivery given up because its endpoint was deleted.
+const ENDPOINT_DELETED_CLASS: &str = "endpoint_deleted";
+
 const FAILING_DISABLE_AFTER_MS: i64 = 5 * 24 * 3600 * 1000;
 
 /// A tenant's enabled endpoints and when they were read.
@@ -600,15 +603,22 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             return None;
         }
     };
+    let deleted = endpoint.is_none();
     let Some(endpoint) = endpoint.filter(|ep| ep.enabled) else {
+        // Deleted: nothing to alert about, its deleter gave up what it owed. Disabled: the
+        // delivery is lost to its subscribers, which `delivery.failed` tells.
+        let (class, reason) = match deleted {
+            true => (ENDPOINT_DELETED_CLASS, endpoints::ENDPOINT_DELETED),
+            false => ("endpoint_disabled", "the endpoint is disabled"),
+        };
         let result = AttemptResult {
-            error_class: Some("endpoint_disabled"),
-            error_message: Some("the endpoint is disabled or deleted".into()),
+            error_class: Some(class),
+            error_message: Some(reason.into()),
             ..AttemptResult::default()
         };
         let next = Next::Failed {
             disable_endpoint: false,
-            reason: "the endpoint is disabled or deleted".into(),
+            reason: reason.into(),
         };
         let outcome = Outcome {
             job,
@@ -805,6 +815,9 @@ fn settle_waiters(engine: &Engine, batch: &[Outcome]) {
 /// Records a batch of outcomes in one transaction; returns jobs for events raised meanwhile
 /// (`delivery.failed`, `endpoint.disabled`).
 fn last_error(result: &AttemptResult) -> Option<String> {
+    if result.is_success() {
+        return None;
+    }
     result
         .error_message
         .clone()
@@ -999,8 +1012,9 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
         if let Next::Failed { reason, .. } = &o.next {
             metrics::counter!("opsiq_deliveries_failed_total").increment(1);
             tracing::warn!(delivery_id = %job.id, endpoint_id = %job.endpoint_id, %reason, "delivery failed");
-            // A failed `delivery.failed` delivery raises nothing, or failures would feed themselves.
-            if job.label != "delivery.failed" {
+            // A failed `delivery.failed` delivery raises nothing, or failures would feed themselves;
+            // nor does one whose endpoint was deleted.
+            if job.label != "delivery.failed" && o.result.error_class != Some(ENDPOINT_DELETED_CLASS) {
                 let data = json!({
                     "delivery_id": job.id,
                     "endpoint_id": job.endpoint_id,

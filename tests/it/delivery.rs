@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::dual;
 use crate::harness::{
-    Backend, TestApp, at_once, delete_checks_version, error_code, eventually, read, wait_until,
+    Backend, TestApp, assert_error, at_once, delete_checks_version, error_code, eventually, read, wait_until,
 };
 use crate::receiver::Receiver;
 
@@ -168,6 +168,7 @@ async fn an_event_arrives_signed_with_every_header(backend: Backend) {
     .await;
     assert_eq!(log["endpoint_id"], endpoint_id.as_str());
     assert_eq!(log["event_id"], event_id.as_str());
+    assert!(log["last_error"].is_null(), "a success is no error: {log}");
     let attempt = &log["attempts_log"][0];
     assert_eq!(attempt["attempt"], 1);
     assert_eq!(attempt["response"]["status"], 200);
@@ -573,39 +574,50 @@ async fn rotation_overlap(backend: Backend) {
     let app = TestApp::on(backend)
         .with(|raw, dir| {
             fast_delivery(raw, dir);
-            raw.secret_overlap = "2s".into();
+            raw.secret_overlap = "5s".into();
         })
         .start()
         .await;
     let rx = Receiver::start().await;
     let (id, old) = endpoint(&app, &rx.url("/rot"), json!({})).await;
-    let (status, rotated) = app
-        .call(Method::POST, &format!("/v1/endpoints/{id}/rotate-secret"), None)
-        .await;
-    assert_eq!(status, 200, "{rotated}");
-    let new = rotated["secret"].as_str().unwrap().to_string();
-    assert_ne!(new, old);
+    // Rotated twice within the overlap: every secret handed out in the window still signs.
+    let mut handed_out = vec![old.clone()];
+    for _ in 0..2 {
+        let (status, rotated) = app
+            .call(Method::POST, &format!("/v1/endpoints/{id}/rotate-secret"), None)
+            .await;
+        assert_eq!(status, 200, "{rotated}");
+        handed_out.push(rotated["secret"].as_str().unwrap().to_string());
+    }
+    let (old, mid, new) = (&handed_out[0], &handed_out[1], &handed_out[2]);
+    assert!(old != mid && mid != new && old != new);
     let (_, shown) = app
         .call(Method::GET, &format!("/v1/endpoints/{id}/secret"), None)
         .await;
     assert_eq!(shown["secret"], new.as_str());
-    assert_eq!(shown["previous_secret"], old.as_str());
+    assert_eq!(shown["previous_secret"], mid.as_str());
+    let previous: Vec<&str> = shown["previous_secrets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("previous_secrets listed: {shown}"))
+        .iter()
+        .map(|p| p["secret"].as_str().unwrap())
+        .collect();
+    assert_eq!(previous, [mid.as_str(), old.as_str()], "newest first");
 
     send_event(&app, "invoice.updated", json!({})).await;
     let r = rx.wait_for(1).await.remove(0);
     let sig = r.header("x-opsiq-signature").unwrap();
     assert_eq!(
         sig.split(", ").count(),
-        2,
-        "both secrets sign during the overlap: {sig}"
+        3,
+        "all three secrets sign during the overlap: {sig}"
     );
     let h = headers_of(&r);
-    for secret in [&old, &new] {
+    for secret in [old, mid, new] {
         verify::verify_opsiq_v1(&[secret.as_str()], h.as_slice(), &r.target, &r.body, now_secs())
             .unwrap_or_else(|e| panic!("{secret} should verify: {e}"));
     }
-    let sig_new = verify::verify_opsiq_v1(&[new.as_str()], h.as_slice(), &r.target, &r.body, now_secs());
-    assert!(sig.starts_with("sha256=") && sig_new.is_ok());
+    assert!(sig.starts_with("sha256="));
 
     // After the overlap only the new secret signs.
     wait_until(Duration::from_secs(30), || async {
@@ -622,12 +634,38 @@ async fn rotation_overlap(backend: Backend) {
     let h = headers_of(&r);
     assert_eq!(r.header("x-opsiq-signature").unwrap().split(", ").count(), 1);
     assert!(verify::verify_opsiq_v1(&[new.as_str()], h.as_slice(), &r.target, &r.body, now_secs()).is_ok());
-    assert_eq!(
-        verify::verify_opsiq_v1(&[old.as_str()], h.as_slice(), &r.target, &r.body, now_secs())
-            .unwrap_err()
-            .reason(),
-        "signature_mismatch"
+    for retired in [old, mid] {
+        assert_eq!(
+            verify::verify_opsiq_v1(&[retired.as_str()], h.as_slice(), &r.target, &r.body, now_secs())
+                .unwrap_err()
+                .reason(),
+            "signature_mismatch"
+        );
+    }
+
+    // A leaked secret is retired at once, with every secret before it.
+    let rotate = format!("/v1/endpoints/{id}/rotate-secret");
+    let (status, _) = app.call(Method::POST, &rotate, None).await;
+    assert_eq!(status, 200);
+    let (status, rotated) = app
+        .call(Method::POST, &rotate, Some(json!({"retire_previous": true})))
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert!(rotated["previous_expires_at"].is_null(), "{rotated}");
+    let latest = rotated["secret"].as_str().unwrap();
+    let (_, shown) = app
+        .call(Method::GET, &format!("/v1/endpoints/{id}/secret"), None)
+        .await;
+    assert_eq!(shown["secret"], latest);
+    assert!(
+        shown.get("previous_secret").is_none() && shown.get("previous_secrets").is_none(),
+        "{shown}"
     );
+    send_event(&app, "invoice.updated", json!({})).await;
+    let r = rx.wait_for(3).await.remove(2);
+    assert_eq!(r.header("x-opsiq-signature").unwrap().split(", ").count(), 1);
+    let h = headers_of(&r);
+    assert!(verify::verify_opsiq_v1(&[latest], h.as_slice(), &r.target, &r.body, now_secs()).is_ok());
 }
 
 async fn redirects_are_not_followed(backend: Backend) {
@@ -831,6 +869,117 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
     send_event(&app, "invoice.updated", json!({})).await;
     let got = rx.wait_for(2).await;
     assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
+}
+
+dual!(nothing_more_is_sent_to_a_disabled_or_deleted_endpoint);
+
+/// A disabled endpoint's deliveries are not replayed or recovered into it (409, and nothing is
+/// recorded), and deleting an endpoint gives up the events it still owed at once, without alerts.
+async fn nothing_more_is_sent_to_a_disabled_or_deleted_endpoint(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(|raw, dir| {
+            fast_delivery(raw, dir);
+            raw.retry_schedule = "1h".into();
+        })
+        .start()
+        .await;
+    let alerts = Receiver::start().await;
+    endpoint(
+        &app,
+        &alerts.url("/alerts"),
+        json!({"event_types": ["delivery.failed"]}),
+    )
+    .await;
+    let gone = Receiver::start().await;
+    gone.always(410);
+    let (gone_id, _) = endpoint(&app, &gone.url("/gone"), json!({"event_types": ["invoice.*"]})).await;
+    send_event(&app, "invoice.updated", json!({})).await;
+    assert_eq!(
+        alerts.wait_for(1).await[0].json()["data"]["endpoint_id"],
+        gone_id.as_str()
+    );
+    let (_, list) = app
+        .call(
+            Method::GET,
+            &format!("/v1/deliveries?endpoint_id={gone_id}"),
+            None,
+        )
+        .await;
+    let delivery = list["data"][0]["id"].as_str().unwrap().to_string();
+    let (status, body) = app
+        .call(Method::POST, &format!("/v1/deliveries/{delivery}/replay"), None)
+        .await;
+    assert_error((status, &body), 409, "endpoint_disabled", "enable it first");
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/v1/endpoints/{gone_id}/recover"),
+            Some(json!({"since": "2020-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_error((status, &body), 409, "endpoint_disabled", "enable it first");
+    let (_, log) = app
+        .call(Method::GET, &format!("/v1/deliveries/{delivery}"), None)
+        .await;
+    assert_eq!(
+        (&log["status"], &log["attempts"]),
+        (&json!("failed"), &json!(1)),
+        "{log}"
+    );
+
+    // Deleted with retries owed: they are given up at once, each saying why, and none alerts.
+    let doomed = Receiver::start().await;
+    doomed.always(500);
+    let (doomed_id, _) = endpoint(
+        &app,
+        &doomed.url("/doomed"),
+        json!({"event_types": ["ticket.noted"]}),
+    )
+    .await;
+    for _ in 0..3 {
+        send_event(&app, "ticket.noted", json!({})).await;
+    }
+    let owed = format!("/v1/deliveries?endpoint_id={doomed_id}");
+    let pending = eventually(Duration::from_secs(30), || async {
+        let list = app.call(Method::GET, &owed, None).await.1;
+        let data = list["data"].as_array().cloned().unwrap_or_default();
+        (data.len() == 3
+            && data
+                .iter()
+                .all(|d| d["status"] == "pending" && d["attempts"] == 1))
+        .then_some(data)
+    })
+    .await;
+    let status = app
+        .admin(Method::DELETE, &format!("/v1/endpoints/{doomed_id}"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 204);
+    let (_, list) = app.call(Method::GET, &owed, None).await;
+    for d in list["data"].as_array().unwrap() {
+        assert_eq!(d["status"], "failed", "{d}");
+        assert_eq!(d["last_error"], "the endpoint was deleted", "{d}");
+    }
+    let some = pending[0]["id"].as_str().unwrap();
+    let (status, body) = app
+        .call(Method::POST, &format!("/v1/deliveries/{some}/replay"), None)
+        .await;
+    assert_error((status, &body), 409, "endpoint_deleted", "was deleted");
+    let (_, raised) = app
+        .call(Method::GET, "/v1/events?type=delivery.failed", None)
+        .await;
+    assert_eq!(
+        raised["data"].as_array().unwrap().len(),
+        1,
+        "only the 410 alerted: {raised}"
+    );
+    assert_eq!(
+        doomed.received().len(),
+        3,
+        "one attempt each, before the deletion"
+    );
 }
 
 dual!(
@@ -1057,6 +1206,13 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
         "{secrets}"
     );
     assert_ne!(secrets["previous_secret"], original["secret"]);
+    // The secrets still beside it are rotations' too, at most four of them, newest first.
+    let previous = secrets["previous_secrets"].as_array().unwrap();
+    assert_eq!(previous.len(), 4, "{secrets}");
+    assert_eq!(previous[0]["secret"], secrets["previous_secret"]);
+    for p in previous {
+        assert!(handed_out.contains(p["secret"].as_str().unwrap()), "{secrets}");
+    }
 }
 
 dual!(
