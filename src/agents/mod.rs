@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::db::{now_ms, rfc3339};
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, JsonBody, Page, PageQuery, Path, Permission, Query};
 use crate::{AppState, args, ids};
 
 pub use tokens::AgentPrincipal;
@@ -116,9 +116,10 @@ struct CreateAgent {
 async fn create_agent(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<CreateAgent>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    let body: CreateAgent = body.parse()?;
     let id = body.id.clone().unwrap_or_else(|| ids::new_id("agt"));
     check_word("/id", &id, "an agent id")?;
     if body.name.trim().is_empty() || body.name.len() > 200 {
@@ -250,9 +251,10 @@ async fn create_token(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    Json(body): Json<CreateToken>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    let body: CreateToken = body.parse()?;
     let agent = load_agent(&state, &auth.tenant_id, &id).await?;
     if agent.revoked_at.is_some() {
         return Err(ApiError::conflict("agent_revoked", "the agent is revoked"));
@@ -369,9 +371,10 @@ async fn get_issuer(State(state): State<AppState>, auth: AdminAuth) -> ApiResult
 async fn put_issuer(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(config): Json<tokens::IssuerConfig>,
+    config: JsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
+    let config: tokens::IssuerConfig = config.parse()?;
     config.check().map_err(|m| ApiError::invalid_field("/", m))?;
     if let Some(url) = &config.jwks_url {
         let parsed =

@@ -17,7 +17,8 @@ use crate::changes::Change;
 use crate::db::{Arg, Versioned, now_ms, parse_rfc3339, rfc3339};
 use crate::events::{self, NewEvent};
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, IfMatch, Json, OptionalJson, Page, PageQuery, Path, Permission, Query,
+    AdminAuth, ApiError, ApiResult, IfMatch, Json, JsonBody, OptionalJson, Page, PageQuery, Path, Permission,
+    Query,
 };
 use crate::{AppState, args};
 
@@ -244,9 +245,10 @@ async fn recover_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    Json(body): Json<RecoverBody>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    let body: RecoverBody = body.parse()?;
     // Sent nowhere, recovered deliveries would only fail again, each with an alert.
     if !load_endpoint(&state, &auth, &id).await?.enabled {
         return Err(endpoint_disabled());
@@ -493,10 +495,11 @@ struct PreviewEvent {
 async fn preview(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<PreviewBody>,
+    body: JsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     // A preview is signed with the endpoint's real secret: only those who may read it may ask.
     auth.require(Permission::Manage)?;
+    let body: PreviewBody = body.parse()?;
     let now = now_ms();
     let delivery_id = crate::ids::new_id("dlv");
     match (body.event, body.action) {

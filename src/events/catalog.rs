@@ -19,7 +19,8 @@ use crate::cache::{CompiledByTenant, TtlCache};
 use crate::changes::Change;
 use crate::db::{Database, DbError, now_ms, rfc3339};
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, ErrorDetail, Json, Page, PageQuery, Path as UrlPath, Permission, Query,
+    AdminAuth, ApiError, ApiResult, ErrorDetail, JsonBody, Page, PageQuery, Path as UrlPath, Permission,
+    Query,
 };
 use crate::registry::model::{compile_schema, schema_errors};
 use crate::{AppState, args};
@@ -342,9 +343,10 @@ async fn get_type(
 async fn create_type(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<EventType>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    let body: EventType = body.parse()?;
     super::check_own_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
     if body.description.len() > 2000 {
         return Err(ApiError::invalid_field(

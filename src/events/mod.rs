@@ -45,10 +45,12 @@ pub fn check_own_event_type(name: &str) -> Result<(), String> {
 
 /// Whether an event type is raised only by the gateway itself (and so cannot be ingested).
 pub fn is_reserved(event_type: &str) -> bool {
-    event_type.starts_with("opsiq.")
-        || event_type.starts_with("action.")
+    // In any case: a receiver that compares names without it must not be fed `Delivery.Failed`.
+    let name = event_type.to_ascii_lowercase();
+    name.starts_with("opsiq.")
+        || name.starts_with("action.")
         || matches!(
-            event_type,
+            name.as_str(),
             "delivery.failed" | "endpoint.disabled" | "approval.requested"
         )
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::NewEvent;
 use crate::db::{Arg, DbError, now_ms, parse_rfc3339, rfc3339};
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, JsonBody, Page, Path, Permission, Query};
 use crate::{AppState, args};
 
 /// The event routes.
@@ -38,7 +38,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
         .to_str()
         .ok()
         .map(str::trim)
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|k| is_idempotency_key(k))
         .ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_idempotency_key",
@@ -46,6 +46,11 @@ pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
             )
         })?;
     Ok(Some(key.to_string()))
+}
+
+/// Whether `key` is 1 to 255 visible ASCII characters, as an idempotency key must be.
+fn is_idempotency_key(key: &str) -> bool {
+    (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -123,16 +128,20 @@ async fn ingest_event(
     State(state): State<AppState>,
     auth: AdminAuth,
     headers: HeaderMap,
-    Json(body): Json<IngestBody>,
+    body: JsonBody,
 ) -> ApiResult<Response> {
     auth.require(Permission::IngestEvents)?;
+    let body: IngestBody = body.parse()?;
     super::check_own_event_type(&body.event_type).map_err(|m| ApiError::invalid_field("/type", m))?;
     if !body.data.is_object() {
         return Err(ApiError::invalid_field("/data", "must be a JSON object"));
     }
-    // The id stands in for an Idempotency-Key, and is held to the same length.
-    if body.id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 255) {
-        return Err(ApiError::invalid_field("/id", "must be 1 to 255 characters"));
+    // The id stands in for an Idempotency-Key: it is the same key, held to the same rules.
+    if body.id.as_deref().is_some_and(|id| !is_idempotency_key(id)) {
+        return Err(ApiError::invalid_field(
+            "/id",
+            "must be 1 to 255 visible ASCII characters",
+        ));
     }
     state
         .catalog
@@ -144,7 +153,7 @@ async fn ingest_event(
         .await?;
     let key = match idempotency_key(&headers)? {
         Some(k) => Some(k),
-        None => body.id.clone().map(|id| format!("id:{id}")),
+        None => body.id.clone(),
     };
     // No read before the write: a repeated key is caught by the unique index and answered below.
     let event = NewEvent {

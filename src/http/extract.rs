@@ -24,6 +24,33 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     }
 }
 
+/// A JSON body checked like [`Json`] for content type, size, UTF-8 and depth, whose shape is
+/// checked only by [`JsonBody::parse`]: for handlers that must answer 403 to a caller without the
+/// permission whatever it sent.
+#[derive(Debug, Clone)]
+pub struct JsonBody {
+    bytes: Bytes,
+    max_depth: usize,
+}
+
+impl JsonBody {
+    /// The body as a `T`, or the error [`Json`] would have answered.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(&self.bytes, self.max_depth)
+    }
+}
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(JsonBody {
+            bytes: json_body_bytes(req, state).await?,
+            max_depth: state.config.max_json_depth,
+        })
+    }
+}
+
 /// The raw bytes of a JSON body after the content-type, size, UTF-8 and depth checks; for
 /// handlers that must keep the exact bytes.
 pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::{PolicyError, PolicyRow, replace_rows, rows_tag, tenant_rows};
 use crate::AppState;
-use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, Permission};
+use crate::http::{AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, JsonBody, Permission};
 
 /// The policy routes.
 pub fn routes() -> Router<AppState> {
@@ -49,9 +49,10 @@ async fn put_policies(
     State(state): State<AppState>,
     auth: AdminAuth,
     IfMatch(expected_tag): IfMatch,
-    Json(body): Json<PolicyBody>,
+    body: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let body: PolicyBody = body.parse()?;
     if body.rows.len() > 10_000 {
         return Err(ApiError::invalid_field("/rows", "at most 10000 rows"));
     }

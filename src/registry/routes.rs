@@ -13,7 +13,9 @@ use super::store::{self, Source, StoreError, UpsertMode};
 use crate::AppState;
 use crate::args;
 use crate::changes::Change;
-use crate::http::{AdminAuth, ApiError, ApiResult, IfMatch, Json, Page, PageQuery, Path, Permission, Query};
+use crate::http::{
+    AdminAuth, ApiError, ApiResult, IfMatch, Json, JsonBody, Page, PageQuery, Path, Permission, Query,
+};
 
 /// The registry routes.
 pub fn routes() -> Router<AppState> {
@@ -72,9 +74,10 @@ async fn check_declaration(state: &AppState, tenant_id: &str, decl: &ActionDecla
 async fn create_action(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(decl): Json<ActionDeclaration>,
+    decl: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let decl: ActionDeclaration = decl.parse()?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
     let (action, _) = store::upsert(
         &state.db,

@@ -16,7 +16,8 @@ use crate::delivery::endpoints;
 use crate::delivery::signing::Carries;
 use crate::gateway::invoke::RuleCallVerdict;
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, Page, PageQuery, Path, Permission, Query,
+    AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, JsonBody, Page, PageQuery, Path, Permission,
+    Query,
 };
 use crate::registry::store;
 use crate::{AppState, args, ids};
@@ -307,10 +308,11 @@ async fn test_saved(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    Json(body): Json<TestSaved>,
+    body: JsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     // Dry runs return requests signed with real secrets: only those who may read them may ask.
     auth.require(Permission::Manage)?;
+    let body: TestSaved = body.parse()?;
     let row = load(&state, &auth.tenant_id, &id).await?;
     let definition: Value = serde_json::from_str(&row.definition).map_err(ApiError::internal)?;
     let rule = state.rules.check(&id, &definition)?;
@@ -322,9 +324,10 @@ async fn test_saved(
 async fn test_unsaved(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<TestUnsaved>,
+    body: JsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
+    let body: TestUnsaved = body.parse()?;
     let rule = check_rule(&state, &auth.tenant_id, "rul_unsaved", &definition_of(body.rule)).await?;
     dry_run(&state, &auth.tenant_id, &rule, body.event)
         .await

@@ -10,7 +10,7 @@ use crate::changes::Change;
 use crate::crypto::{self, MasterKey};
 use crate::db::{Database, DbError, Tx, now_ms, rfc3339};
 use crate::http::auth::API_KEY_PREFIX;
-use crate::http::{AdminAuth, ApiError, ApiResult, Json, Page, PageQuery, Path, Permission, Query, Role};
+use crate::http::{AdminAuth, ApiError, ApiResult, JsonBody, Page, PageQuery, Path, Permission, Query, Role};
 use crate::{AppState, args, ids};
 
 /// A tenant and the owner key made for it, as `opsiq init` prints them.
@@ -164,9 +164,10 @@ struct CreateKey {
 async fn create_key(
     state: axum::extract::State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<CreateKey>,
+    body: JsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
     auth.require(Permission::Manage)?;
+    let body: CreateKey = body.parse()?;
     if body.role == Role::Owner && auth.role != Role::Owner {
         return Err(ApiError::forbidden(
             "forbidden",

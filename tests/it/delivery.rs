@@ -370,15 +370,49 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
             .0,
         403
     );
+    // Whatever it sends: a viewer learns nothing of the body's rules.
+    assert_eq!(
+        app.call_as(&viewer, Method::POST, "/v1/events", Some(json!({})))
+            .await
+            .0,
+        403
+    );
     for bad in [
         json!({"type": "bad type", "data": {}}),
         json!({"type": "x.y", "data": [1]}),
         json!({"type": "x.y"}),
         json!({"type": "delivery.failed", "data": {"delivery_id": "d", "endpoint_id": "e"}}),
+        json!({"type": "Delivery.Failed", "data": {}}),
         json!({"type": "opsiq.test", "data": {}}),
+        json!({"type": "x.y", "data": {}, "id": "a b"}),
     ] {
-        assert_eq!(app.call(Method::POST, "/v1/events", Some(bad)).await.0, 422);
+        assert_eq!(
+            app.call(Method::POST, "/v1/events", Some(bad.clone())).await.0,
+            422,
+            "{bad}"
+        );
     }
+
+    // A body's id is the same key as the header: either way round, one event.
+    let (s1, by_header) = send("k-3", json!({"ticket_id": "t4"})).await;
+    let (s2, by_id) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": "ticket.updated", "id": "k-3", "data": {"ticket_id": "t4"}})),
+        )
+        .await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(by_header["event_id"], by_id["event_id"]);
+    let (_, by_id) = app
+        .call(
+            Method::POST,
+            "/v1/events",
+            Some(json!({"type": "ticket.updated", "id": "k-4", "data": {"ticket_id": "t5"}})),
+        )
+        .await;
+    let (_, by_header) = send("k-4", json!({"ticket_id": "t5"})).await;
+    assert_eq!(by_header["event_id"], by_id["event_id"]);
 }
 
 /// An `invoice.*` endpoint whose receiver answers 500 to everything, and a second receiver

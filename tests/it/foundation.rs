@@ -625,6 +625,19 @@ async fn authentication_and_roles(backend: Backend) {
     assert_eq!(status, 403);
     assert_eq!(error_code(&body), "forbidden");
     assert!(body["error"]["message"].as_str().unwrap().contains("viewer"));
+    // A body missing what a write needs is still 403, not a lesson in the body's shape.
+    for path in [
+        "/v1/actions",
+        "/v1/agents",
+        "/v1/event-types",
+        "/v1/api-keys",
+        "/v1/preview",
+    ] {
+        let (status, body) = app
+            .call_as(&viewer_key, Method::POST, path, Some(json!({})))
+            .await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
     let (status, _) = app
         .call_as(
             &viewer_key,
