@@ -122,7 +122,7 @@ async fn create_agent(
     let body: CreateAgent = body.parse()?;
     let id = body.id.clone().unwrap_or_else(|| ids::new_id("agt"));
     check_word("/id", &id, "an agent id")?;
-    if body.name.trim().is_empty() || body.name.len() > 200 {
+    if body.name.trim().is_empty() || body.name.chars().count() > 200 {
         return Err(ApiError::invalid_field("/name", "must be 1 to 200 characters"));
     }
     if body.roles.len() > 32 {

@@ -197,8 +197,9 @@ fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option
 }
 
 /// Checks an endpoint input; `allow_private` is `--dev`.
-pub fn check_input(input: &EndpointInput, creating: bool, allow_private: bool) -> Result<(), ApiError> {
+pub fn check_input(input: &mut EndpointInput, creating: bool, allow_private: bool) -> Result<(), ApiError> {
     let mut problems = Vec::new();
+    let mut normalized = None;
     let mut push = |path: &str, message: String| {
         problems.push(ErrorDetail {
             path: path.into(),
@@ -208,18 +209,28 @@ pub fn check_input(input: &EndpointInput, creating: bool, allow_private: bool) -
     match &input.url {
         None if creating => push("/url", "is required".into()),
         None => {}
+        // Stored (and shown in the delivery log) as it is sent: parsed and written back, so
+        // `http:/host` or an unencoded path never stands for another URL than the one used.
         Some(url) => match reqwest::Url::parse(url) {
             Err(e) => push("/url", format!("is not a URL: {e}")),
-            Ok(_) if url.len() > 2048 => push("/url", "must be at most 2048 characters".into()),
-            Ok(parsed) => {
-                if let Err(m) = super::outbound::check_url(&parsed, allow_private) {
-                    push("/url", m);
-                }
+            Ok(_) if url.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                push("/url", "must not contain spaces or control characters".into())
             }
+            Ok(parsed) if parsed.fragment().is_some() => {
+                push("/url", "must not have a fragment (#…): it is never sent".into())
+            }
+            Ok(parsed) if parsed.port() == Some(0) => push("/url", "port 0 cannot be connected to".into()),
+            Ok(parsed) if parsed.as_str().len() > 2048 => {
+                push("/url", "must be at most 2048 characters".into())
+            }
+            Ok(parsed) => match super::outbound::check_url(&parsed, allow_private) {
+                Err(m) => push("/url", m),
+                Ok(()) => normalized = Some(parsed.to_string()),
+            },
         },
     }
     if let Some(d) = &input.description
-        && d.len() > 1000
+        && d.chars().count() > 1000
     {
         push("/description", "must be at most 1000 characters".into());
     }
@@ -255,11 +266,13 @@ pub fn check_input(input: &EndpointInput, creating: bool, allow_private: bool) -
             );
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::validation("the endpoint is invalid", problems))
+    if !problems.is_empty() {
+        return Err(ApiError::validation("the endpoint is invalid", problems));
     }
+    if normalized.is_some() {
+        input.url = normalized;
+    }
+    Ok(())
 }
 
 /// Loads an endpoint of this tenant unless deleted.

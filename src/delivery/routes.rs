@@ -50,10 +50,10 @@ async fn load_endpoint(state: &AppState, auth: &AdminAuth, id: &str) -> ApiResul
 async fn create_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(input): Json<EndpointInput>,
+    Json(mut input): Json<EndpointInput>,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
-    endpoints::check_input(&input, true, state.config.dev)?;
+    endpoints::check_input(&mut input, true, state.config.dev)?;
     let (row, secret) = endpoints::create(&state.db, &state.keys, &auth.tenant_id, input).await?;
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), row.id.clone()))
@@ -95,7 +95,7 @@ async fn update_endpoint(
     auth: AdminAuth,
     Path(id): Path<String>,
     if_match: IfMatch,
-    Json(input): Json<EndpointInput>,
+    Json(mut input): Json<EndpointInput>,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
     if input.secret.is_some() {
@@ -104,7 +104,7 @@ async fn update_endpoint(
             "use POST /v1/endpoints/{id}/rotate-secret to change the secret",
         ));
     }
-    endpoints::check_input(&input, false, state.config.dev)?;
+    endpoints::check_input(&mut input, false, state.config.dev)?;
     let row = match endpoints::update(&state.db, &auth.tenant_id, &id, input, if_match.version()).await? {
         Versioned::Done(row) => row,
         Versioned::Missing => return Err(ApiError::not_found("endpoint")),
@@ -175,11 +175,11 @@ async fn rotate_secret(
     auth.require(Permission::Manage)?;
     let (new_secret, retire_previous) = body.map(|b| (b.secret, b.retire_previous)).unwrap_or_default();
     if new_secret.is_some() {
-        let input = EndpointInput {
+        let mut input = EndpointInput {
             secret: new_secret.clone(),
             ..EndpointInput::default()
         };
-        endpoints::check_input(&input, false, state.config.dev)?;
+        endpoints::check_input(&mut input, false, state.config.dev)?;
     }
     let retire = match retire_previous {
         true => endpoints::Retire::Now,

@@ -348,7 +348,7 @@ async fn create_type(
     auth.require(Permission::Manage)?;
     let body: EventType = body.parse()?;
     super::check_own_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
-    if body.description.len() > 2000 {
+    if body.description.chars().count() > 2000 {
         return Err(ApiError::invalid_field(
             "/description",
             "must be at most 2000 characters",

@@ -131,11 +131,11 @@ impl ActionDeclaration {
         if let Err(detail) = &name {
             problems.push(detail.clone());
         }
-        if self.description.len() > 4096 {
+        if self.description.chars().count() > 4096 {
             problems.push(detail("/description", "must be at most 4096 characters"));
         }
         if let Some(title) = &self.title
-            && title.len() > 200
+            && title.chars().count() > 200
         {
             problems.push(detail("/title", "must be at most 200 characters"));
         }

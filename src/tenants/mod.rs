@@ -25,7 +25,7 @@ pub struct NewTenant {
 /// Creates a tenant with a fresh agent-token signing key and an owner API key.
 pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Result<NewTenant, TenantError> {
     let name = name.trim();
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || name.chars().count() > 100 {
         return Err(TenantError::InvalidName);
     }
     let tenant_id = ids::new_id("ten");
@@ -174,7 +174,7 @@ async fn create_key(
             "only an owner key can create another owner key",
         ));
     }
-    if body.name.trim().is_empty() || body.name.len() > 100 {
+    if body.name.trim().is_empty() || body.name.chars().count() > 100 {
         return Err(ApiError::invalid_field("/name", "must be 1 to 100 characters"));
     }
     let (row, secret) = new_key_row(&auth.tenant_id, body.name.trim(), body.role);

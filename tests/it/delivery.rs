@@ -905,7 +905,73 @@ async fn action_client_errors_are_final_but_event_ones_retry(backend: Backend) {
     assert_eq!(got[1].header("x-opsiq-attempt"), Some("2"));
 }
 
-dual!(nothing_more_is_sent_to_a_disabled_or_deleted_endpoint);
+dual!(
+    nothing_more_is_sent_to_a_disabled_or_deleted_endpoint,
+    endpoint_urls_are_kept_as_they_are_sent
+);
+
+/// An endpoint's URL is stored as it will be requested (the form the delivery log shows), and
+/// one that would not be sent as written is refused; lengths count characters, not bytes.
+async fn endpoint_urls_are_kept_as_they_are_sent(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    for (given, stored) in [
+        ("http:/example.com", "http://example.com/"),
+        (
+            "https://EXAMPLE.com:443/a/../ü?q=ö",
+            "https://example.com/%C3%BC?q=%C3%B6",
+        ),
+    ] {
+        let (status, body) = app
+            .call(Method::POST, "/v1/endpoints", Some(json!({"url": given})))
+            .await;
+        assert_eq!(status, 201, "{given}: {body}");
+        assert_eq!(body["url"], stored, "{given}");
+    }
+    let (_, body) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://example.com/p?q=ö"})),
+        )
+        .await;
+    let id = body["id"].as_str().unwrap();
+    let (status, patched) = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/endpoints/{id}"),
+            Some(json!({"url": "HTTPS://Example.com:443/x"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["url"], "https://example.com/x");
+    for (bad, why) in [
+        (" https://example.com/", "spaces or control"),
+        ("https://example.com/a\u{1}", "spaces or control"),
+        ("https://example.com/#part", "fragment"),
+        ("https://example.com:0/", "port 0"),
+    ] {
+        let (status, body) = app
+            .call(Method::POST, "/v1/endpoints", Some(json!({"url": bad})))
+            .await;
+        assert_eq!(status, 422, "{bad:?}: {body}");
+        assert!(
+            body["error"]["details"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains(why),
+            "{body}"
+        );
+    }
+    let long = "é".repeat(1000);
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/endpoints",
+            Some(json!({"url": "https://example.com/", "description": long})),
+        )
+        .await;
+    assert_eq!(status, 201, "1000 characters fit whatever their bytes: {body}");
+}
 
 /// A disabled endpoint's deliveries are not replayed or recovered into it (409, and nothing is
 /// recorded), and deleting an endpoint gives up the events it still owed at once, without alerts.
