@@ -73,10 +73,15 @@ impl AgentPrincipal {
 
     /// The policy subjects of this caller: the agent itself and each of its roles.
     pub fn subjects(&self) -> Vec<String> {
-        std::iter::once(format!("agent:{}", self.agent_id))
-            .chain(self.roles.iter().map(|r| format!("role:{r}")))
-            .collect()
+        policy_subjects(&self.agent_id, &self.roles)
     }
+}
+
+/// The policy subjects of an agent with `roles`: the agent itself and each role.
+pub fn policy_subjects(agent_id: &str, roles: &[String]) -> Vec<String> {
+    std::iter::once(format!("agent:{agent_id}"))
+        .chain(roles.iter().map(|r| format!("role:{r}")))
+        .collect()
 }
 
 fn invalid(reason: &str) -> ApiError {

@@ -37,6 +37,8 @@ struct ApprovalRow {
     comment: Option<String>,
     created_at: i64,
     decided_at: Option<i64>,
+    /// The gateway-minted token the call was made with.
+    token_id: Option<String>,
 }
 
 impl ApprovalRow {
@@ -57,7 +59,7 @@ impl ApprovalRow {
 
 /// An approval, with the name of the API key that decided it (`decided_by` is `key:<id>`).
 const SELECT: &str = "SELECT a.id, a.invocation_id, a.status, a.reason, a.decided_by, \
-     k.name AS decided_by_name, a.comment, a.created_at, a.decided_at FROM approvals a \
+     k.name AS decided_by_name, a.comment, a.created_at, a.decided_at, a.token_id FROM approvals a \
      LEFT JOIN api_keys k ON k.tenant_id = a.tenant_id AND k.id = substr(a.decided_by, 5) \
      AND a.decided_by LIKE 'key:%'";
 
@@ -220,6 +222,39 @@ async fn approve(
             return Err(ApiError::conflict(
                 "agent_revoked",
                 format!("the agent {agent_id} that made this call was revoked; deny the call"),
+            ));
+        }
+        // Nor if the token it was made with was revoked (an expired one was valid when used).
+        if let Some(token_id) = &approval.token_id {
+            let token: Option<(Option<i64>,)> = state
+                .db
+                .fetch_optional(
+                    "SELECT revoked_at FROM agent_tokens WHERE tenant_id = $1 AND jti = $2",
+                    args![&auth.tenant_id, token_id],
+                )
+                .await?;
+            if token.is_none_or(|(at,)| at.is_some()) {
+                return Err(ApiError::conflict(
+                    "token_revoked",
+                    format!("the token {token_id} this call was made with was revoked; deny the call"),
+                ));
+            }
+        }
+        // Nor if the policy now denies its roles the action: deny wins, also after the call.
+        let roles: Vec<String> = serde_json::from_str(&invocation.roles).unwrap_or_default();
+        let subjects = crate::agents::tokens::policy_subjects(agent_id, &roles);
+        let decision = state
+            .policy
+            .check(
+                &state.db,
+                None,
+                (&auth.tenant_id, &subjects, &invocation.action_name),
+            )
+            .await?;
+        if let crate::policy::Decision::Deny(message) = decision {
+            return Err(ApiError::conflict(
+                "role_denied",
+                format!("the policy no longer allows this call ({message}); deny the call"),
             ));
         }
     }

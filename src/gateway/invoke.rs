@@ -66,6 +66,14 @@ impl Caller {
             Caller::Rule { .. } => Vec::new(),
         }
     }
+
+    /// The gateway-minted token the call was made with, if it was.
+    fn token_id(&self) -> Option<&str> {
+        match self {
+            Caller::Agent(p) => p.jti.as_deref(),
+            Caller::Rule { .. } => None,
+        }
+    }
 }
 
 /// One invocation request.
@@ -227,6 +235,7 @@ pub async fn invoke(
         invocation_id: invocation_id.clone(),
         principal: caller.principal(),
         agent_id: caller.agent_id().map(str::to_string),
+        token_id: caller.token_id().map(str::to_string),
         roles: caller.roles(),
         action_name: req.action.clone(),
         action_version: action.version,
@@ -733,6 +742,7 @@ pub async fn invoke_for_rule(
         invocation_id: invocation_id.clone(),
         principal: caller.principal(),
         agent_id: None,
+        token_id: None,
         roles: Vec::new(),
         action_name: action_name.to_string(),
         action_version: action.version,
@@ -787,6 +797,8 @@ pub struct PersistInvocation {
     invocation_id: String,
     principal: String,
     agent_id: Option<String>,
+    /// The gateway-minted token of the call, kept with an approval request.
+    token_id: Option<String>,
     roles: Vec<String>,
     action_name: String,
     action_version: i64,
@@ -852,9 +864,16 @@ async fn write_all(jobs: &[PersistInvocation], tx: &mut Tx) -> Result<Vec<Persis
         if let Some(reason) = &job.approval_reason {
             let approval_id = ids::new_id("apr");
             tx.defer(
-                "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at) \
-                 VALUES ($1, $2, $3, 'pending', $4, $5)",
-                args![&approval_id, &job.tenant_id, &job.invocation_id, reason, job.now],
+                "INSERT INTO approvals (id, tenant_id, invocation_id, status, reason, created_at, token_id) \
+                 VALUES ($1, $2, $3, 'pending', $4, $5, $6)",
+                args![
+                    &approval_id,
+                    &job.tenant_id,
+                    &job.invocation_id,
+                    reason,
+                    job.now,
+                    job.token_id.clone()
+                ],
             )
             .await?;
             events.push(job.event(

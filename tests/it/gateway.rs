@@ -1339,7 +1339,50 @@ async fn approvals_hold_calls_until_a_person_decides(backend: Backend) {
         .await;
     assert_error((status, &body), 422, "validation_failed", "");
     assert_eq!(body["error"]["details"][0]["path"], "/comment", "{body}");
-    for decided in [&fourth_approval, &fifth_approval] {
+
+    // Nor one made with a token revoked since, nor one the policy has come to deny.
+    agent_token(&w.app, "agt_tok", &["billing"], &["invoke:*"]).await;
+    let (_, minted) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/agents/agt_tok/tokens",
+            Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 3600})),
+        )
+        .await;
+    let sixth_approval = pending_call(minted["token"].as_str().unwrap().to_string(), "ap-6").await;
+    let revoke = format!("/v1/agents/agt_tok/tokens/{}", minted["jti"].as_str().unwrap());
+    assert_eq!(w.app.call(Method::DELETE, &revoke, None).await.0, 204);
+    let (status, body) = w
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{sixth_approval}/approve"),
+            None,
+        )
+        .await;
+    assert_error((status, &body), 409, "token_revoked", "revoked");
+    let denied_later = agent_token(&w.app, "agt_pol", &["billing"], &["invoke:*"]).await;
+    let seventh_approval = pending_call(denied_later, "ap-7").await;
+    let deny =
+        json!({"rows": [{"subject": "agent:agt_pol", "object": "*", "act": "invoke", "effect": "deny"}]});
+    assert_eq!(w.app.call(Method::PUT, "/v1/policies", Some(deny)).await.0, 200);
+    let (status, body) = w
+        .app
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{seventh_approval}/approve"),
+            None,
+        )
+        .await;
+    assert_error((status, &body), 409, "role_denied", "no longer allows");
+
+    for decided in [
+        &fourth_approval,
+        &fifth_approval,
+        &sixth_approval,
+        &seventh_approval,
+    ] {
         let (status, body) = w
             .app
             .call(Method::POST, &format!("/v1/approvals/{decided}/deny"), None)
