@@ -206,19 +206,34 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, 
 /// Validates `instance` and returns every error with its JSON pointer and a sentence an LLM can
 /// act on.
 pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<ErrorDetail> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let at = |parent: &str, name: &str| format!("{parent}/{}", name.replace('~', "~0").replace('/', "~1"));
+    let detail = |path: String, message: String| ErrorDetail {
+        path: if path.is_empty() { "/".into() } else { path },
+        message,
+    };
     validator
         .iter_errors(instance)
-        .map(|e| {
-            let mut path = e.instance_path().to_string();
-            // A missing property is reported at its parent; point at the property itself.
-            if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind()
-                && let Some(name) = property.as_str()
-            {
-                path = format!("{path}/{}", name.replace('~', "~0").replace('/', "~1"));
-            }
-            ErrorDetail {
-                path: if path.is_empty() { "/".into() } else { path },
-                message: e.to_string(),
+        .flat_map(|e| {
+            let parent = e.instance_path().to_string();
+            match e.kind() {
+                // Reported at the parent; point at the property itself, one detail each.
+                Kind::Required { property } if property.is_string() => {
+                    vec![detail(
+                        at(&parent, property.as_str().unwrap_or_default()),
+                        e.to_string(),
+                    )]
+                }
+                Kind::AdditionalProperties { unexpected } | Kind::UnevaluatedProperties { unexpected } => {
+                    unexpected
+                        .iter()
+                        .map(|name| {
+                            let message = format!("`{name}` is not a property allowed here; remove it");
+                            detail(at(&parent, name), message)
+                        })
+                        .collect()
+                }
+                _ => vec![detail(parent, e.to_string())],
             }
         })
         .collect()
@@ -231,6 +246,25 @@ mod tests {
 
     fn decl(input_schema: Value) -> ActionDeclaration {
         serde_json::from_value(json!({"name": "refund_invoice", "input_schema": input_schema})).unwrap()
+    }
+
+    #[test]
+    fn each_unexpected_or_missing_property_is_pointed_at() {
+        let schema = json!({"type": "object", "required": ["amount"], "additionalProperties": false,
+            "properties": {"amount": {"type": "integer"}, "nested": {"type": "object", "unevaluatedProperties": false}}});
+        let validator = compile_schema(&schema).unwrap();
+        let args = json!({"extra": 1, "a/b": 2, "nested": {"deep": true}});
+        let mut paths: Vec<String> = schema_errors(&validator, &args)
+            .into_iter()
+            .map(|d| d.path)
+            .collect();
+        paths.sort();
+        assert_eq!(paths, ["/amount", "/a~1b", "/extra", "/nested/deep"]);
+        let details = schema_errors(&validator, &json!({"amount": 1, "extra": 1}));
+        assert_eq!(
+            details[0].message,
+            "`extra` is not a property allowed here; remove it"
+        );
     }
 
     #[test]
