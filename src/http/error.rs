@@ -182,10 +182,12 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.bearer_challenge {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"opsiq\""),
-            );
+            // RFC 6750: a credential that was sent but refused is named as such.
+            let challenge = match &*self.code {
+                "invalid_token" | "invalid_api_key" => "Bearer realm=\"opsiq\", error=\"invalid_token\"",
+                _ => "Bearer realm=\"opsiq\"",
+            };
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         response
     }

@@ -57,7 +57,7 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
         );
     }
     let (id, method, params) = match parse_message(body) {
-        Err((status, e)) => return rpc_error_response(status, Value::Null, &e),
+        Err((status, id, e)) => return rpc_error_response(status, id, &e),
         Ok(Message::Request { id, method, params }) => (id, method, params),
         Ok(Message::Other) => {
             // Notifications need a session too, except that none is owed before initialize.

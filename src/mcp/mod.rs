@@ -102,6 +102,20 @@ async fn handle(
             );
         }
     };
+    // Nested deeper than any API body may be: refused before it is parsed, as everywhere.
+    if crate::http::extract::check_depth(&body, state.config.max_json_depth).is_err() {
+        return rpc_error_response(
+            StatusCode::BAD_REQUEST,
+            Value::Null,
+            &RpcError::new(
+                codes::INVALID_REQUEST,
+                format!(
+                    "the request nests deeper than {} levels",
+                    state.config.max_json_depth
+                ),
+            ),
+        );
+    }
     match version {
         Some(v) if !HANDSHAKE_VERSIONS.contains(&v) => {
             modern::handle(&state, &agent, &method, &headers, &body).await
@@ -280,17 +294,20 @@ pub enum Message {
     Other,
 }
 
-/// Parses one JSON-RPC message; batches and malformed envelopes are errors.
-pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, RpcError)> {
+/// Parses one JSON-RPC message; batches and malformed envelopes are errors, answered to the
+/// request's id where it could be read (else `null`).
+pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, Value, RpcError)> {
     let value: Value = serde_json::from_slice(body).map_err(|_| {
         (
             StatusCode::BAD_REQUEST,
+            Value::Null,
             RpcError::new(codes::PARSE_ERROR, "Parse error"),
         )
     })?;
     let invalid = || {
         (
             StatusCode::BAD_REQUEST,
+            Value::Null,
             RpcError::new(
                 codes::INVALID_REQUEST,
                 "Body must be a single JSON-RPC request or notification object",
@@ -319,8 +336,10 @@ pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, RpcError)> {
     }
     let params = obj.get("params").cloned().unwrap_or_else(|| json!({}));
     if !params.is_object() {
+        // The id is known: the error answers the request by it.
         return Err((
             StatusCode::BAD_REQUEST,
+            id.clone(),
             RpcError::new(codes::INVALID_PARAMS, "params must be an object"),
         ));
     }

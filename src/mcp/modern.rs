@@ -13,8 +13,9 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use super::{
-    INSTRUCTIONS, MODERN_VERSIONS, Message, RpcError, accepted, accepts, codes, json_response,
-    method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json, server_info, tools,
+    HANDSHAKE_VERSIONS, INSTRUCTIONS, MODERN_VERSIONS, Message, RpcError, accepted, accepts, codes,
+    json_response, method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json,
+    server_info, tools,
 };
 use crate::AppState;
 use crate::agents::AgentPrincipal;
@@ -107,7 +108,7 @@ pub async fn handle(
         );
     }
     let (id, rpc_method, params) = match parse_message(body) {
-        Err((status, e)) => return rpc_error_response(status, Value::Null, &e),
+        Err((status, id, e)) => return rpc_error_response(status, id, &e),
         Ok(Message::Other) => {
             let version = header(headers, "mcp-protocol-version").unwrap_or_default();
             return if MODERN_VERSIONS.contains(&version) {
@@ -178,7 +179,8 @@ pub async fn handle(
     let result = match rpc_method.as_str() {
         "server/discover" => Ok(with_result_fields(
             json!({
-                "supportedVersions": MODERN_VERSIONS,
+                // A dual-era server: the handshake revisions are spoken on the same endpoint.
+                "supportedVersions": MODERN_VERSIONS.iter().chain(HANDSHAKE_VERSIONS).collect::<Vec<_>>(),
                 "capabilities": {"tools": {"listChanged": true}},
                 "instructions": INSTRUCTIONS,
             }),

@@ -149,10 +149,17 @@ impl ActionDeclaration {
         if let Err((at, message)) = compile_schema(&self.input_schema) {
             problems.push(detail(&format!("/input_schema{at}"), &message));
         }
-        if let Some(output) = &self.output_schema
-            && let Err((at, message)) = compile_schema(output)
-        {
-            problems.push(detail(&format!("/output_schema{at}"), &message));
+        if let Some(output) = &self.output_schema {
+            // MCP's `structuredContent` is an object, so an `outputSchema` must describe one.
+            if output.get("type").and_then(Value::as_str) != Some("object") {
+                problems.push(detail(
+                    "/output_schema/type",
+                    "the output schema must describe an object: set \"type\": \"object\"",
+                ));
+            }
+            if let Err((at, message)) = compile_schema(output) {
+                problems.push(detail(&format!("/output_schema{at}"), &message));
+            }
         }
         if !(100..=120_000).contains(&self.timeout_ms) {
             problems.push(detail("/timeout_ms", "must be between 100 and 120000"));
@@ -289,6 +296,13 @@ mod tests {
         );
         let problems = decl(json!({"type": "string"})).validate().unwrap_err();
         assert_eq!(problems[0].path, "/input_schema/type");
+        let mut with_output = decl(json!({"type": "object"}));
+        with_output.output_schema = Some(json!({"type": "string"}));
+        let problems = with_output.validate().unwrap_err();
+        assert_eq!(problems[0].path, "/output_schema/type");
+        with_output.output_schema =
+            Some(json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}));
+        assert!(with_output.validate().is_ok());
     }
 
     #[test]

@@ -565,12 +565,18 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(resp.status(), 401, "{name}");
-        assert!(resp.headers().contains_key("www-authenticate"), "{name}");
+        let challenge = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+        assert_eq!(
+            challenge, r#"Bearer realm="opsiq", error="invalid_token""#,
+            "{name}"
+        );
         let (_, body) = read(resp).await;
         assert_eq!(error_code(&body), "invalid_token", "{name}: {body}");
     }
+    // No token at all: the challenge alone (RFC 6750 §3.1).
     let resp = w.app.http.get(w.app.url("/v1/tools")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], r#"Bearer realm="opsiq""#);
 
     // Expiry: a one-second token stops working.
     let short = token(&w.app, "agt_f", &["invoke:*"], 1).await;

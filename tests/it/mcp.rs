@@ -324,6 +324,48 @@ async fn mcp_wire_rules(backend: Backend) {
     .await;
     assert_eq!(status, 404, "a deleted session is gone");
 
+    // Discover names every revision spoken on this endpoint, the handshake ones too.
+    let discover =
+        json!({"jsonrpc": "2.0", "id": 10, "method": "server/discover", "params": {"_meta": meta()}});
+    let headers = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "server/discover"),
+    ];
+    let (status, body) = read(post_mcp(&app, &token, &headers, discover).await).await;
+    assert_eq!(status, 200, "{body}");
+    let versions = body["result"]["supportedVersions"].as_array().unwrap();
+    for version in ["2026-07-28", "2025-11-25", "2025-06-18"] {
+        assert!(versions.contains(&json!(version)), "{version}: {body}");
+    }
+    // Params that are not an object are answered to the request's id; a body nested past the
+    // limit is refused before it is read, as on every other route.
+    let (status, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[],
+            json!({"jsonrpc": "2.0", "id": 77, "method": "ping", "params": [1]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["id"], &body["error"]["code"]),
+        (400, &json!(77), &json!(-32602)),
+        "{body}"
+    );
+    let deep = (0..100).fold(json!(1), |inner, _| json!([inner]));
+    let nested = json!({"jsonrpc": "2.0", "id": 78, "method": "ping", "params": {"x": deep}});
+    let (status, body) = read(post_mcp(&app, &token, &[], nested).await).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!(-32600)), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nests deeper"),
+        "{body}"
+    );
+
     // Modern: headers must agree with the body.
     let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
         "params": {"name": "lookup_customer", "arguments": {"customer_id": "c"}, "_meta": meta()}});
