@@ -208,25 +208,33 @@ pub async fn invoke(
     // No read before the write: a repeated key is caught by the unique index and answered below.
     let request_hash = request_hash(&req.action, &req.arguments);
 
-    let endpoint_id = action.declaration.endpoint_id.clone().ok_or_else(|| {
-        ApiError::conflict(
-            "action_unavailable",
-            format!(
-                "{} has no endpoint configured; an admin must set its endpoint_id",
-                req.action
-            ),
-        )
-    })?;
-
-    // A call that cannot be delivered is refused now, not accepted to fail later. The tenant's
-    // enabled endpoints are read (cached) for the `action.invoked` event's fan-out anyway.
+    // A call that cannot be delivered is refused now, not accepted to fail later, and recorded
+    // like every refusal. The tenant's enabled endpoints are read (cached) for the
+    // `action.invoked` event's fan-out anyway.
     let subscribers = state.engine.subscribers(&tenant_id).await?;
-    if !subscribers.iter().any(|ep| ep.id == endpoint_id) {
-        return Err(ApiError::conflict(
-            "action_unavailable",
-            endpoint_unavailable(&req.action),
-        ));
-    }
+    let endpoint_id = match &action.declaration.endpoint_id {
+        Some(id) if subscribers.iter().any(|ep| &ep.id == id) => id.clone(),
+        configured => {
+            let message = match configured {
+                None => format!(
+                    "{} has no endpoint configured; an admin must set its endpoint_id",
+                    req.action
+                ),
+                Some(_) => endpoint_unavailable(&req.action),
+            };
+            record_refusal(
+                state,
+                caller,
+                action,
+                &req,
+                "failed",
+                "action_unavailable",
+                &message,
+            )
+            .await?;
+            return Err(ApiError::conflict("action_unavailable", message));
+        }
+    };
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
     let body = action_request_body(&invocation_id, action, &req.arguments, caller, now);

@@ -40,7 +40,14 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
         ));
     };
     let arguments = params.get("arguments").cloned().unwrap_or_else(|| json!({}));
-    let given = params.get("_meta").and_then(|m| m.get(IDEMPOTENCY_META_KEY));
+    let meta = params.get("_meta");
+    if meta.is_some_and(|m| !m.is_object()) {
+        return Err(RpcError::new(
+            codes::INVALID_PARAMS,
+            "params._meta must be an object",
+        ));
+    }
+    let given = meta.and_then(|m| m.get(IDEMPOTENCY_META_KEY));
     if let Some(k) = given {
         let ok = k
             .as_str()

@@ -1732,6 +1732,20 @@ async fn calls_to_a_disabled_endpoint_are_refused_at_once(backend: Backend) {
     assert_error((status, &body), 409, "action_unavailable", "disabled or deleted");
     let mcp = mcp_call(&w.app, &support, "lookup_customer", lookup.clone(), "off-1").await;
     assert_eq!(mcp["result"]["isError"], true, "{mcp}");
+    // Both refusals are recorded, like every call.
+    let (_, mine) = w
+        .app
+        .call_as(&support, Method::GET, "/v1/invocations", None)
+        .await;
+    let refused: Vec<&Value> = mine["data"].as_array().unwrap().iter().collect();
+    assert_eq!(refused.len(), 2, "{mine}");
+    for call in refused {
+        assert_eq!(
+            (&call["status"], &call["error"]["code"]),
+            (&json!("failed"), &json!("action_unavailable")),
+            "{call}"
+        );
+    }
 
     let rule = json!({"name": "Look up", "when": {"event_type": "lookup.go"},
         "then": [{"invoke": {"action": "lookup_customer", "arguments": {"customer_id": "c_1"}}}]});

@@ -233,6 +233,14 @@ async fn mcp_wire_rules(backend: Backend) {
     )
     .await;
     assert_eq!((status, &body["result"]), (200, &json!({})));
+    let bad_meta = json!({"jsonrpc": "2.0", "id": "m", "method": "tools/call",
+        "params": {"name": "lookup_customer", "arguments": {"customer_id": "c"}, "_meta": "x"}});
+    let (_, body) = read(post_mcp(&app, &token, &legacy(session_static), bad_meta).await).await;
+    assert_eq!(
+        (&body["id"], &body["error"]["code"]),
+        (&json!("m"), &json!(-32602)),
+        "{body}"
+    );
     let (status, body) = read(
         post_mcp(
             &app,
