@@ -273,6 +273,7 @@ async fn read_response(mut resp: reqwest::Response) -> AttemptResult {
                     let room = MAX_RESPONSE_BYTES - body.len();
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if body.len() >= MAX_RESPONSE_BYTES {
+                        drop_cut_character(&mut body);
                         break;
                     }
                 }
@@ -287,6 +288,44 @@ async fn read_response(mut resp: reqwest::Response) -> AttemptResult {
             body: String::from_utf8_lossy(&body).into_owned(),
             retry_after,
             ..AttemptResult::default()
+        }
+    }
+}
+
+/// The headers the HTTP client adds to every delivery beside the signed ones, as it sends them,
+/// so that the delivery log and previews show the whole request.
+pub fn transport_headers(url: &reqwest::Url, body_len: usize) -> [(&'static str, String); 3] {
+    // The port only when it is not the scheme's default, as `Url::port` answers it.
+    let host = url.host_str().unwrap_or_default();
+    let host = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    [
+        ("host", host),
+        ("content-length", body_len.to_string()),
+        ("accept", "*/*".to_string()),
+    ]
+}
+
+/// Drops the UTF-8 sequence the size limit cut in two, if it cut one, so that the text kept
+/// ends on a whole character instead of a replacement character.
+fn drop_cut_character(body: &mut Vec<u8>) {
+    let len = body.len();
+    for back in 1..=len.min(4) {
+        let byte = body[len - back];
+        if byte & 0xC0 != 0x80 {
+            // The first byte of the last sequence says how long it should be.
+            let whole = match byte {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            if whole > back {
+                body.truncate(len - back);
+            }
+            return;
         }
     }
 }
@@ -348,6 +387,24 @@ fn httpdate_parse(value: &str) -> Option<time::OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_cut_by_the_limit_is_dropped_whole() {
+        for (text, cut_at, kept) in [
+            ("aé", 2, "a"),
+            ("a€", 3, "a"),
+            ("a😀", 4, "a"),
+            ("aé", 3, "aé"),
+            ("ab", 2, "ab"),
+        ] {
+            let mut body = text.as_bytes()[..cut_at].to_vec();
+            drop_cut_character(&mut body);
+            assert_eq!(String::from_utf8(body).unwrap(), kept, "{text} cut at {cut_at}");
+        }
+        let mut empty = Vec::new();
+        drop_cut_character(&mut empty);
+        assert!(empty.is_empty());
+    }
 
     #[test]
     fn ssrf_table() {

@@ -587,9 +587,8 @@ pub fn sign_preview(
 ) -> ApiResult<Value> {
     let secrets = endpoint.signing_secrets(&state.keys, now)?;
     let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    let target = reqwest::Url::parse(&endpoint.url)
-        .map(|u| signing::request_target(&u))
-        .unwrap_or_default();
+    let parsed = reqwest::Url::parse(&endpoint.url).ok();
+    let target = parsed.as_ref().map(signing::request_target).unwrap_or_default();
     let nonce = signing::generate_nonce();
     let idempotency_key = format!("idem_{}", &delivery_id[4..]);
     let headers = signing::signed_headers(
@@ -606,8 +605,10 @@ pub fn sign_preview(
             body: body.as_bytes(),
         },
     );
+    let transport = parsed.map(|u| super::outbound::transport_headers(&u, body.len()));
     let headers: serde_json::Map<String, Value> = headers
         .into_iter()
+        .chain(transport.into_iter().flatten())
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
     Ok(json!({"method": "POST", "url": endpoint.url, "headers": headers, "body": body}))

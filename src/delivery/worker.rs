@@ -711,6 +711,10 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     );
     let body = bytes::Bytes::from(job.body.clone());
     let result = inner.outbound.post(&endpoint.parsed, &headers, body).await;
+    let mut headers = headers;
+    if let Ok(parsed) = &endpoint.parsed {
+        headers.extend(super::outbound::transport_headers(parsed, job.body.len()));
+    }
     metrics::histogram!("opsiq_delivery_attempt_duration_seconds").record(result.duration.as_secs_f64());
 
     let jitter = f64::from(u32::from_le_bytes(crate::crypto::random_bytes::<4>())) / f64::from(u32::MAX);
