@@ -90,10 +90,14 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
 }
 
 async fn initialize(state: &AppState, agent: &AgentPrincipal, id: &Value, params: &Value) -> Response {
-    let requested = params
-        .get("protocolVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    // Required by every revision; an unknown one is answered with the newest spoken here.
+    let Some(requested) = params.get("protocolVersion").and_then(Value::as_str) else {
+        return rpc_error_response(
+            StatusCode::OK,
+            id.clone(),
+            &RpcError::new(codes::INVALID_PARAMS, "initialize needs params.protocolVersion"),
+        );
+    };
     let version = if HANDSHAKE_VERSIONS.contains(&requested) {
         requested
     } else {

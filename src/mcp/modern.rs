@@ -133,6 +133,12 @@ pub async fn handle(
             );
         }
     }
+    // A version spoken nowhere here: say which ones are, not what a stateless request lacks.
+    if let Some(version) = header(headers, "mcp-protocol-version")
+        && !MODERN_VERSIONS.contains(&version)
+    {
+        return unsupported(id, version);
+    }
     let meta = params.get("_meta").and_then(Value::as_object);
     let Some(meta) = meta
         .filter(|m| m.contains_key(META_VERSION) && m.get(META_CAPABILITIES).is_some_and(Value::is_object))
@@ -211,7 +217,10 @@ fn unsupported(id: Value, requested: &str) -> Response {
         RpcError {
             code: codes::UNSUPPORTED_PROTOCOL_VERSION,
             message: "Unsupported protocol version".into(),
-            data: Some(json!({"supported": MODERN_VERSIONS, "requested": requested})),
+            data: Some(json!({
+                "supported": MODERN_VERSIONS.iter().chain(HANDSHAKE_VERSIONS).collect::<Vec<_>>(),
+                "requested": requested,
+            })),
         },
     )
 }

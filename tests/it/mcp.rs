@@ -345,6 +345,33 @@ async fn mcp_wire_rules(backend: Backend) {
     for version in ["2026-07-28", "2025-11-25", "2025-06-18"] {
         assert!(versions.contains(&json!(version)), "{version}: {body}");
     }
+    // A revision spoken nowhere here is named as such, with those that are; initialize says
+    // which version it wants.
+    let (_, body) = read(
+        post_mcp(
+            &app,
+            &token,
+            &[("mcp-protocol-version", "1999-01-01")],
+            json!({"jsonrpc": "2.0", "id": 11, "method": "tools/list", "params": {}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(body["error"]["code"], -32022, "{body}");
+    assert!(
+        body["error"]["data"]["supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2025-11-25")),
+        "{body}"
+    );
+    let bare = json!({"jsonrpc": "2.0", "id": 12, "method": "initialize"});
+    let (_, body) = read(post_mcp(&app, &token, &[], bare).await).await;
+    assert_eq!(
+        (&body["id"], &body["error"]["code"]),
+        (&json!(12), &json!(-32602)),
+        "{body}"
+    );
     // Params that are not an object are answered to the request's id; a body nested past the
     // limit is refused before it is read, as on every other route.
     let (status, body) = read(
@@ -431,7 +458,10 @@ async fn mcp_wire_rules(backend: Backend) {
     )
     .await;
     assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32022)));
-    assert_eq!(body["error"]["data"]["supported"], json!(["2026-07-28"]));
+    assert_eq!(
+        body["error"]["data"]["supported"],
+        json!(["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"])
+    );
     let no_meta = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}});
     let (status, body) = read(
         post_mcp(
