@@ -197,6 +197,11 @@ async fn rotate_secret(
     ))
 }
 
+/// The body of a request that takes no options: absent, or `{}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
+
 /// 409 for sending to an endpoint that is disabled.
 fn endpoint_disabled() -> ApiError {
     ApiError::conflict("endpoint_disabled", "the endpoint is disabled; enable it first")
@@ -206,6 +211,7 @@ async fn test_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    OptionalJson(_): OptionalJson<NoOptions>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
     let row = load_endpoint(&state, &auth, &id).await?;
@@ -428,6 +434,7 @@ async fn replay_delivery(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    OptionalJson(_): OptionalJson<NoOptions>,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
     // Whether the delivery's endpoint is there and enabled (NULL: deleted).
@@ -511,8 +518,8 @@ async fn preview(
                 ));
             };
             let endpoint = load_endpoint(&state, &auth, endpoint_id).await?;
-            events::check_event_type(&event.event_type)
-                .map_err(|m| ApiError::invalid_field("/event/type", m))?;
+            events::catalog::check_sample_event(&state, &auth.tenant_id, &event.event_type, &event.data)
+                .await?;
             let request_body =
                 events::event_body(&crate::ids::new_id("evt"), &event.event_type, now, &event.data);
             let signed = sign_preview(

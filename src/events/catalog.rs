@@ -390,6 +390,33 @@ async fn create_type(
     Ok((StatusCode::CREATED, axum::Json(out)))
 }
 
+/// Holds a sample event (a rule's dry run, a preview) to what the gateway would deliver: a
+/// valid type name (the gateway's own included: their shapes can be tried too) and a JSON object
+/// matching the type's schema, with details under `/event/…`.
+pub async fn check_sample_event(
+    state: &AppState,
+    tenant_id: &str,
+    event_type: &str,
+    data: &Value,
+) -> Result<(), ApiError> {
+    check_event_type(event_type).map_err(|m| ApiError::invalid_field("/event/type", m))?;
+    if !data.is_object() {
+        return Err(ApiError::invalid_field("/event/data", "must be a JSON object"));
+    }
+    state
+        .catalog
+        .validate(&state.db, tenant_id, event_type, data)
+        .await
+        .map_err(|mut e| {
+            for detail in &mut e.details {
+                if let Some(path) = detail["path"].as_str() {
+                    detail["path"] = format!("/event{path}").into();
+                }
+            }
+            e
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,24 +341,7 @@ async fn dry_run(
     rule: &CompiledRule,
     event: SampleEvent,
 ) -> ApiResult<Value> {
-    crate::events::check_event_type(&event.event_type)
-        .map_err(|m| ApiError::invalid_field("/event/type", m))?;
-    // The sample is held to what `POST /v1/events` would take.
-    if !event.data.is_object() {
-        return Err(ApiError::invalid_field("/event/data", "must be a JSON object"));
-    }
-    state
-        .catalog
-        .validate(&state.db, tenant_id, &event.event_type, &event.data)
-        .await
-        .map_err(|mut e| {
-            for detail in &mut e.details {
-                if let Some(path) = detail["path"].as_str() {
-                    detail["path"] = format!("/event{path}").into();
-                }
-            }
-            e
-        })?;
+    crate::events::catalog::check_sample_event(state, tenant_id, &event.event_type, &event.data).await?;
     let now = now_ms();
     let event_id = event.id.clone().unwrap_or_else(|| ids::new_id("evt"));
     let doc = super::apply::document(&event_id, &event.event_type, now, &event.data);

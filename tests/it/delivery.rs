@@ -833,7 +833,8 @@ async fn preview_and_test_send(backend: Backend) {
         .call(
             Method::POST,
             "/v1/preview",
-            Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid", "data": {"amount": 1}}})),
+            Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid",
+                "data": {"invoice_id": "in_1", "amount": 1, "currency": "EUR"}}})),
         )
         .await;
     assert_eq!(status, 200, "{preview}");
@@ -862,9 +863,32 @@ async fn preview_and_test_send(backend: Backend) {
         .await;
     assert_eq!(status, 403);
 
-    let (status, sent) = app
-        .call(Method::POST, &format!("/v1/endpoints/{id}/test"), None)
+    // A preview shows only what could be sent: the event's data is held to its type's schema.
+    let (status, refused) = app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"endpoint_id": id, "event": {"type": "invoice.paid", "data": {"amount": 1}}})),
+        )
         .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["error"]["details"][0]["path"], "/event/data/invoice_id",
+        "{refused}"
+    );
+
+    // A test send takes no options: a body other than `{}` is refused, not ignored.
+    let test_path = format!("/v1/endpoints/{id}/test");
+    let garbage = app
+        .admin(Method::POST, &test_path)
+        .header("content-type", "application/json")
+        .body("garbage");
+    assert_eq!(read(garbage.send().await.unwrap()).await.0, 400);
+    let (status, _) = app
+        .call(Method::POST, &test_path, Some(json!({"data": {"a": 1}})))
+        .await;
+    assert_eq!(status, 422);
+    let (status, sent) = app.call(Method::POST, &test_path, None).await;
     assert_eq!(status, 202, "{sent}");
     let r = rx.wait_for(1).await.remove(0);
     assert_eq!(r.header("x-opsiq-event"), Some("opsiq.test"));

@@ -460,7 +460,13 @@ async fn mcp_wire_rules(backend: Backend) {
     assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32022)));
     assert_eq!(
         body["error"]["data"]["supported"],
-        json!(["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"])
+        json!([
+            "2026-07-28",
+            "2025-11-25",
+            "2025-06-18",
+            "2025-03-26",
+            "2024-11-05"
+        ])
     );
     let no_meta = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}});
     let (status, body) = read(
