@@ -251,8 +251,8 @@ const constrained = {
   required: ["code", "short", "seats", "debt", "ratio", "lot", "narrow", "share", "tags"],
   additionalProperties: false,
 };
-const declared = await call("POST", "/v1/event-types", { name: "order.constrained", schema: constrained });
-assert.equal(declared.status, 201, JSON.stringify(declared.body));
+const declaredType = await call("POST", "/v1/event-types", { name: "order.constrained", schema: constrained });
+assert.equal(declaredType.status, 201, JSON.stringify(declaredType.body));
 const constrainedSample = sampleOf((await call("GET", "/v1/event-types/order.constrained")).body.schema);
 const accepted = await fetch(`${base}/v1/events`, {
   method: "POST",
