@@ -173,9 +173,26 @@ impl ApiError {
     }
 }
 
+/// Longest message an error carries; longer ones (a rejected value quoted whole) are cut.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] on a character boundary, marked as cut.
+fn clipped(message: &str) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_string(),
+    }
+}
+
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+    fn into_response(mut self) -> Response {
+        for detail in &mut self.details {
+            if let Some(message) = detail.get("message").and_then(Value::as_str) {
+                detail["message"] = clipped(message).into();
+            }
+        }
+        let message = clipped(&self.message);
+        let body = json!({"error": {"code": self.code, "message": message, "details": self.details}});
         let mut response = (self.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if let Some(secs) = self.retry_after {
@@ -231,4 +248,20 @@ pub async fn method_not_allowed_fallback() -> ApiError {
         "method_not_allowed",
         "this route does not accept that method",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_CHARS + 5);
+        let cut = clipped(&long);
+        assert_eq!(cut.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(clipped("short"), "short");
+        let exact = "x".repeat(MAX_MESSAGE_CHARS);
+        assert_eq!(clipped(&exact), exact);
+    }
 }

@@ -91,15 +91,26 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
             essence == "application/json" || essence.ends_with("+json")
         })
         .unwrap_or(false);
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+    if !is_json {
+        return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the body as JSON with `Content-Type: application/json`",
-        ))
+        ));
     }
+    // Bodies are read as sent; a compressed one would only fail later as bad UTF-8 or JSON.
+    let encoded = headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    });
+    if encoded {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body uncompressed: Content-Encoding is not supported",
+        ));
+    }
+    Ok(())
 }
 
 /// Parses JSON text into `T`, telling syntax errors (400) from shape errors (422).

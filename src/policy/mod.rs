@@ -49,16 +49,16 @@ fn default_act() -> String {
 }
 
 impl PolicyRow {
-    /// Validates a row; the message names the field.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
+    /// Validates a row: every problem, each naming its field.
+    pub fn check(&self) -> Result<(), Vec<(&'static str, String)>> {
         let word = |s: &str| {
             (1..=64).contains(&s.len())
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         };
-        match self.subject.split_once(':') {
-            Some(("role" | "agent", rest)) if word(rest) => {}
-            _ => return Err(("subject", "must be role:<name> or agent:<id>".into())),
+        let mut problems = Vec::new();
+        if !matches!(self.subject.split_once(':'), Some(("role" | "agent", rest)) if word(rest)) {
+            problems.push(("subject", "must be role:<name> or agent:<id>".into()));
         }
         let glob_ok = (1..=128).contains(&self.object.len())
             && self
@@ -66,18 +66,21 @@ impl PolicyRow {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'*' | b'?'));
         if !glob_ok {
-            return Err((
+            problems.push((
                 "object",
                 "must be an action name or a glob like refund_* or *".into(),
             ));
         }
         if self.act != "invoke" {
-            return Err(("act", "must be invoke".into()));
+            problems.push(("act", "must be invoke".into()));
         }
         if self.effect != "allow" && self.effect != "deny" {
-            return Err(("effect", "must be allow or deny".into()));
+            problems.push(("effect", "must be allow or deny".into()));
         }
-        Ok(())
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems),
+        }
     }
 }
 
@@ -240,7 +243,10 @@ pub fn parse_policy_csv(text: &str) -> Result<Vec<PolicyRow>, String> {
                     act: act.to_string(),
                     effect: effect.to_string(),
                 };
-                row.check().map_err(|(f, m)| format!("line {}: {f} {m}", n + 1))?;
+                row.check().map_err(|problems| {
+                    let each: Vec<String> = problems.iter().map(|(f, m)| format!("{f} {m}")).collect();
+                    format!("line {}: {}", n + 1, each.join("; "))
+                })?;
                 rows.push(row);
             }
             _ => {

@@ -60,11 +60,15 @@ async fn put_policies(
         .rows
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
-            r.check().err().map(|(field, message)| ErrorDetail {
-                path: format!("/rows/{i}/{field}"),
-                message,
-            })
+        .flat_map(|(i, r)| {
+            r.check()
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |(field, message)| ErrorDetail {
+                    path: format!("/rows/{i}/{field}"),
+                    message,
+                })
         })
         .collect();
     if !problems.is_empty() {

@@ -558,6 +558,13 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
     let (status, body) = read(post("{}".into(), None).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
+    let gzipped = post(vec![0x1f, 0x8b, 0x08, 0x00].into(), json).header("content-encoding", "gzip");
+    let (status, body) = read(gzipped.send().await.unwrap()).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (415, "unsupported_media_type"),
+        "{body}"
+    );
 
     let (status, body) = read(post("[1, 2]".into(), json).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (422, "validation_failed"));

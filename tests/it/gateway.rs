@@ -798,7 +798,18 @@ async fn policy_edits_take_effect_at_once(backend: Backend) {
     let bad = json!({"rows": [{"subject": "root", "object": "*", "effect": "allow"}, {"subject": "role:x", "object": "a b", "effect": "maybe"}]});
     let (status, body) = w.app.call(Method::PUT, "/v1/policies", Some(bad)).await;
     assert_eq!(status, 422);
-    assert!(body["error"]["details"].as_array().unwrap().len() >= 2);
+    // Every problem of every row, each at its field.
+    let paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/rows/0/subject", "/rows/1/object", "/rows/1/effect"],
+        "{body}"
+    );
     // Another tenant's rows never apply here.
     let (_, other_key) = w.app.new_tenant("globex").await;
     let allow_all =
