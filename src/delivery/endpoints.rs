@@ -366,6 +366,7 @@ pub async fn update(
     if !version_holds(expected, row.version) {
         return Ok(Versioned::Changed(row.version));
     }
+    let before = row.clone();
     if let Some(url) = input.url {
         row.url = url;
     }
@@ -390,6 +391,23 @@ pub async fn update(
     }
     if let Some(s) = input.signature_scheme {
         row.signature_scheme = s.as_str().into();
+    }
+    // Nothing changed: no new version (which would fail others' If-Match for nothing).
+    let settings = |r: &EndpointRow| {
+        (
+            (
+                r.url.clone(),
+                r.description.clone(),
+                r.event_types.clone(),
+                r.enabled,
+            ),
+            (r.rate_limit_per_s, r.max_in_flight, r.signature_scheme.clone()),
+            (r.disabled_reason.clone(), r.failing_since),
+        )
+    };
+    if settings(&before) == settings(&row) {
+        tx.rollback().await;
+        return Ok(Versioned::Done(before));
     }
     row.updated_at = now_ms();
     row.version += 1;

@@ -973,6 +973,16 @@ async fn endpoint_urls_are_kept_as_they_are_sent(backend: Backend) {
         .await;
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["url"], "https://example.com/x");
+    // The same settings again, or none, make no new version (that would fail others' If-Match).
+    for same in [
+        json!({}),
+        json!({"url": "https://example.com/x", "enabled": true}),
+    ] {
+        let (status, again) = app
+            .call(Method::PATCH, &format!("/v1/endpoints/{id}"), Some(same))
+            .await;
+        assert_eq!((status, &again["version"]), (200, &patched["version"]), "{again}");
+    }
     for (bad, why) in [
         (" https://example.com/", "spaces or control"),
         ("https://example.com/a\u{1}", "spaces or control"),
