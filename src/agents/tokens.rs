@@ -593,7 +593,8 @@ fn principal_from_external(
         agent_id: sub.to_string(),
         roles,
         scopes,
-        jti: claims.get("jti").and_then(Value::as_str).map(str::to_string),
+        // Only the gateway's own tokens have an id it can revoke (and check at approval).
+        jti: None,
         policy_version: None,
     })
 }

@@ -17,8 +17,8 @@ use crate::changes::Change;
 use crate::db::{Arg, Versioned, now_ms, parse_rfc3339, rfc3339};
 use crate::events::{self, NewEvent};
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, IfMatch, Json, JsonBody, OptionalJson, Page, PageQuery, Path, Permission,
-    Query,
+    AdminAuth, ApiError, ApiResult, IfMatch, Json, JsonBody, OptionalJsonBody, Page, PageQuery, Path,
+    Permission, Query,
 };
 use crate::{AppState, args};
 
@@ -50,9 +50,10 @@ async fn load_endpoint(state: &AppState, auth: &AdminAuth, id: &str) -> ApiResul
 async fn create_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(mut input): Json<EndpointInput>,
+    input: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let mut input: EndpointInput = input.parse()?;
     endpoints::check_input(&mut input, true, state.config.dev)?;
     let (row, secret) = endpoints::create(&state.db, &state.keys, &auth.tenant_id, input).await?;
     state
@@ -95,9 +96,10 @@ async fn update_endpoint(
     auth: AdminAuth,
     Path(id): Path<String>,
     if_match: IfMatch,
-    Json(mut input): Json<EndpointInput>,
+    input: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let mut input: EndpointInput = input.parse()?;
     if input.secret.is_some() {
         return Err(ApiError::invalid_field(
             "/secret",
@@ -170,9 +172,10 @@ async fn rotate_secret(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<RotateBody>,
+    body: OptionalJsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
+    let body: Option<RotateBody> = body.parse()?;
     let (new_secret, retire_previous) = body.map(|b| (b.secret, b.retire_previous)).unwrap_or_default();
     if new_secret.is_some() {
         let mut input = EndpointInput {
@@ -211,9 +214,10 @@ async fn test_endpoint(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    OptionalJson(_): OptionalJson<NoOptions>,
+    body: OptionalJsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    body.parse::<NoOptions>()?;
     let row = load_endpoint(&state, &auth, &id).await?;
     if !row.enabled {
         return Err(endpoint_disabled());
@@ -434,9 +438,10 @@ async fn replay_delivery(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    OptionalJson(_): OptionalJson<NoOptions>,
+    body: OptionalJsonBody,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     auth.require(Permission::Manage)?;
+    body.parse::<NoOptions>()?;
     // Whether the delivery's endpoint is there and enabled (NULL: deleted).
     let found: Option<(Option<bool>,)> = state
         .db
@@ -495,7 +500,7 @@ struct PreviewAction {
 struct PreviewEvent {
     #[serde(rename = "type")]
     event_type: String,
-    #[serde(default)]
+    #[serde(default = "crate::events::empty_data")]
     data: Value,
 }
 

@@ -30,10 +30,10 @@ use crate::gateway::invocations;
 use crate::registry::validators::Validators;
 use crate::{args, ids};
 
-/// An endpoint failing without a single success for this long is disabled.
 /// The error class of a delivery given up because its endpoint was deleted.
 const ENDPOINT_DELETED_CLASS: &str = "endpoint_deleted";
 
+/// An endpoint failing without a single success for this long is disabled.
 const FAILING_DISABLE_AFTER_MS: i64 = 5 * 24 * 3600 * 1000;
 
 /// A tenant's enabled endpoints and when they were read.

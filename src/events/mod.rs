@@ -43,6 +43,11 @@ pub fn check_own_event_type(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The data of an event that gives none: an empty object.
+pub fn empty_data() -> Value {
+    Value::Object(Default::default())
+}
+
 /// Whether an event type is raised only by the gateway itself (and so cannot be ingested).
 pub fn is_reserved(event_type: &str) -> bool {
     // In any case: a receiver that compares names without it must not be fed `Delivery.Failed`.

@@ -13,7 +13,7 @@ use super::invocations::InvocationRow;
 use super::invoke::derived_key;
 use crate::db::{now_ms, rfc3339};
 use crate::delivery::outbox::{self, Kind, NewDelivery};
-use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJson, Page, Path, Permission, Query};
+use crate::http::{AdminAuth, ApiError, ApiResult, OptionalJsonBody, Page, Path, Permission, Query};
 use crate::registry::store;
 use crate::{AppState, args};
 
@@ -167,9 +167,10 @@ async fn approve(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<Decision>,
+    body: OptionalJsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::DecideApprovals)?;
+    let body: Option<Decision> = body.parse()?;
     let comment = checked_comment(body)?;
     let approval = load(&state, &auth.tenant_id, &id).await?;
     if approval.status != "pending" {
@@ -218,7 +219,8 @@ async fn approve(
                 args![&auth.tenant_id, agent_id],
             )
             .await?;
-        if revoked.is_none_or(|(at,)| at.is_some()) {
+        // No row: an external issuer's agent, which only its issuer can revoke.
+        if revoked.is_some_and(|(at,)| at.is_some()) {
             return Err(ApiError::conflict(
                 "agent_revoked",
                 format!("the agent {agent_id} that made this call was revoked; deny the call"),
@@ -341,9 +343,10 @@ async fn deny(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<Decision>,
+    body: OptionalJsonBody,
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::DecideApprovals)?;
+    let body: Option<Decision> = body.parse()?;
     let comment = checked_comment(body)?;
     let approval = load(&state, &auth.tenant_id, &id).await?;
     let now = now_ms();

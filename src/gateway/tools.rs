@@ -92,8 +92,12 @@ pub fn tool(action: &Action, format: Format) -> Value {
             }
             // An MCP client requires structured content matching `outputSchema` on every
             // successful call, which an `async` action (answered before its endpoint runs)
-            // cannot give.
-            if let Some(output) = d.output_schema.as_ref().filter(|_| d.mode == Mode::Sync) {
+            // cannot give; and MCP's `outputSchema` must say `"type": "object"` in so many words.
+            if let Some(output) = d
+                .output_schema
+                .as_ref()
+                .filter(|o| d.mode == Mode::Sync && o.get("type") == Some(&Value::from("object")))
+            {
                 t["outputSchema"] = output.clone();
             }
             t

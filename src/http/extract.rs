@@ -324,11 +324,19 @@ mod tests {
     }
 }
 
-/// An optional JSON body: an empty body is `None`, anything else goes through [`Json`]'s checks.
+/// An optional JSON body: absent or blank is `None`; anything else is checked like [`JsonBody`]
+/// and parsed only by [`OptionalJsonBody::parse`], once the caller's permission is checked.
 #[derive(Debug, Clone)]
-pub struct OptionalJson<T>(pub Option<T>);
+pub struct OptionalJsonBody(Option<JsonBody>);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJson<T> {
+impl OptionalJsonBody {
+    /// The body as a `T`; `None` when there was none.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<Option<T>, ApiError> {
+        self.0.as_ref().map(JsonBody::parse).transpose()
+    }
+}
+
+impl FromRequest<AppState> for OptionalJsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
@@ -340,12 +348,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJson<T> {
             || (req.headers().get(header::CONTENT_LENGTH).is_none()
                 && req.headers().get(header::TRANSFER_ENCODING).is_none());
         if empty {
-            return Ok(OptionalJson(None));
+            return Ok(OptionalJsonBody(None));
         }
-        let bytes = json_body_bytes(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(None));
+        let body = JsonBody::from_request(req, state).await?;
+        if body.bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(None));
         }
-        parse_json(&bytes, state.config.max_json_depth).map(|v| OptionalJson(Some(v)))
+        Ok(OptionalJsonBody(Some(body)))
     }
 }

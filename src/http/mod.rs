@@ -8,5 +8,5 @@ pub mod page;
 
 pub use auth::{AdminAuth, Permission, Role};
 pub use error::{ApiError, ApiResult, ErrorDetail};
-pub use extract::{IfMatch, Json, JsonBody, OptionalJson, Path, Query};
+pub use extract::{IfMatch, Json, JsonBody, OptionalJsonBody, Path, Query};
 pub use page::{Page, PageQuery};

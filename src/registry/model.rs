@@ -150,8 +150,16 @@ impl ActionDeclaration {
             problems.push(detail(&format!("/input_schema{at}"), &message));
         }
         if let Some(output) = &self.output_schema {
-            // MCP's `structuredContent` is an object, so an `outputSchema` must describe one.
-            if output.get("type").and_then(Value::as_str) != Some("object") {
+            // A result is an object (MCP's `structuredContent` is one): a schema that says the
+            // result is something else can never be met. One that says nothing is left alone,
+            // as declarations saved before this check may.
+            let says_object = match output.get("type") {
+                None => true,
+                Some(Value::String(t)) => t == "object",
+                Some(Value::Array(types)) => types.iter().any(|t| t == "object"),
+                Some(_) => false,
+            };
+            if !says_object {
                 problems.push(detail(
                     "/output_schema/type",
                     "the output schema must describe an object: set \"type\": \"object\"",
@@ -303,6 +311,13 @@ mod tests {
         with_output.output_schema =
             Some(json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}));
         assert!(with_output.validate().is_ok());
+        for also_fine in [
+            json!({"properties": {"ok": {}}}),
+            json!({"type": ["object", "null"]}),
+        ] {
+            with_output.output_schema = Some(also_fine);
+            assert!(with_output.validate().is_ok());
+        }
     }
 
     #[test]

@@ -282,13 +282,9 @@ async fn delete_rule(
 struct SampleEvent {
     #[serde(rename = "type")]
     event_type: String,
-    #[serde(default = "empty_object")]
+    #[serde(default = "crate::events::empty_data")]
     data: Value,
     id: Option<String>,
-}
-
-fn empty_object() -> Value {
-    Value::Object(Default::default())
 }
 
 #[derive(Debug, Deserialize)]

@@ -247,8 +247,12 @@ const constrained = {
     narrow: { type: "integer", exclusiveMinimum: 1.5, maximum: 2 },
     share: { type: "number", exclusiveMinimum: 0, exclusiveMaximum: 0.5 },
     tags: { type: "array", items: { type: "string" }, minItems: 3, uniqueItems: true },
+    counts: { type: "array", items: { type: "integer", maximum: 101 }, minItems: 3, uniqueItems: true },
+    codes: { type: "array", items: { type: "string", maxLength: 3 }, minItems: 2, maxItems: 2, uniqueItems: true },
+    none: { type: "array", items: { type: "string" }, maxItems: 0 },
+    picks: { type: "array", items: { enum: ["x", "y", "z"] }, minItems: 3, uniqueItems: true },
   },
-  required: ["code", "short", "seats", "debt", "ratio", "lot", "narrow", "share", "tags"],
+  required: ["code", "short", "seats", "debt", "ratio", "lot", "narrow", "share", "tags", "counts", "codes", "picks", "none"],
   additionalProperties: false,
 };
 const declaredType = await call("POST", "/v1/event-types", { name: "order.constrained", schema: constrained });

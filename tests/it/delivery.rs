@@ -418,6 +418,24 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
         .await;
     let (_, by_header) = send("k-4", json!({"ticket_id": "t5"})).await;
     assert_eq!(by_header["event_id"], by_id["event_id"]);
+
+    // An event an earlier version stored under a body id (as `id:<id>`) is still that id's.
+    let first = json!({"type": "ticket.updated", "id": "legacy-1", "data": {"ticket_id": "t6"}});
+    let (_, stored) = app.call(Method::POST, "/v1/events", Some(first.clone())).await;
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    db.execute(
+        "UPDATE events SET idempotency_key = $1 WHERE idempotency_key = $2",
+        opsiq::args!["id:legacy-1", "legacy-1"],
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let (status, again) = app.call(Method::POST, "/v1/events", Some(first)).await;
+    assert_eq!(
+        (status, &again["event_id"]),
+        (202, &stored["event_id"]),
+        "{again}"
+    );
 }
 
 /// An `invoice.*` endpoint whose receiver answers 500 to everything, and a second receiver
@@ -863,6 +881,19 @@ async fn preview_and_test_send(backend: Backend) {
         .await;
     assert_eq!(status, 403);
 
+    // Data may be left out (an empty object) for a type whose schema allows it.
+    let (status, bare) = app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"endpoint_id": id, "event": {"type": "order.noted"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{bare}");
+    assert_eq!(
+        serde_json::from_str::<Value>(bare["body"].as_str().unwrap()).unwrap()["data"],
+        json!({})
+    );
     // A preview shows only what could be sent: the event's data is held to its type's schema.
     let (status, refused) = app
         .call(

@@ -632,16 +632,24 @@ async fn authentication_and_roles(backend: Backend) {
     assert_eq!(status, 403);
     assert_eq!(error_code(&body), "forbidden");
     assert!(body["error"]["message"].as_str().unwrap().contains("viewer"));
-    // A body missing what a write needs is still 403, not a lesson in the body's shape.
-    for path in [
-        "/v1/actions",
-        "/v1/agents",
-        "/v1/event-types",
-        "/v1/api-keys",
-        "/v1/preview",
+    // A body of the wrong shape is still 403, not a lesson in what the body should be.
+    for (method, path) in [
+        (Method::POST, "/v1/actions"),
+        (Method::POST, "/v1/agents"),
+        (Method::POST, "/v1/event-types"),
+        (Method::POST, "/v1/api-keys"),
+        (Method::POST, "/v1/preview"),
+        (Method::POST, "/v1/endpoints"),
+        (Method::PATCH, "/v1/endpoints/ep_x"),
+        (Method::POST, "/v1/endpoints/ep_x/rotate-secret"),
+        (Method::POST, "/v1/endpoints/ep_x/test"),
+        (Method::POST, "/v1/endpoints/ep_x/recover"),
+        (Method::POST, "/v1/deliveries/dlv_x/replay"),
+        (Method::POST, "/v1/approvals/apr_x/approve"),
+        (Method::PUT, "/v1/policies"),
     ] {
         let (status, body) = app
-            .call_as(&viewer_key, Method::POST, path, Some(json!({})))
+            .call_as(&viewer_key, method, path, Some(json!({"bogus": 1})))
             .await;
         assert_eq!(status, 403, "{path}: {body}");
     }

@@ -940,6 +940,31 @@ async fn external_issuer_tokens(backend: Backend) {
     let (status, body) = invoke(&w.app, &good, "refund_invoice", refund_args(), Some("ext-1")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(w.rx.received()[0].json()["agent"]["roles"], json!(["billing"]));
+    // Its calls can wait for approval and be approved: the revocation checks made then apply to
+    // the gateway's own agents and tokens, not to an external token's own `jti`.
+    let (_, mut refund) = w.app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    refund["approval"] = "always".into();
+    let put = |action: Value| {
+        w.app
+            .call(Method::PUT, "/v1/actions/refund_invoice", Some(action))
+    };
+    assert_eq!(put(refund.clone()).await.0, 200);
+    let with_jti = mint(&|c| c["jti"] = "idp-token-1".into());
+    let (status, call) = invoke(&w.app, &with_jti, "refund_invoice", refund_args(), Some("ext-2")).await;
+    assert_eq!(status, 202, "{call}");
+    let (_, pending) = w
+        .app
+        .call(Method::GET, "/v1/approvals?status=pending", None)
+        .await;
+    let approval = pending["data"][0]["id"].as_str().unwrap();
+    let (status, body) = w
+        .app
+        .call(Method::POST, &format!("/v1/approvals/{approval}/approve"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    w.rx.wait_for(2).await;
+    refund["approval"] = "never".into();
+    assert_eq!(put(refund).await.0, 200);
     // Subjects are matched in a space-separated list: a subject with a space is refused, and a
     // role with one grants nothing (it cannot pose as `role:billing`).
     let posing = mint(&|c| c["sub"] = "x agent:agt_any".into());

@@ -493,10 +493,11 @@ export function sampleOf(schema, depth = 0) {
       return out;
     }
     case "array": {
-      const count = Math.max(schema.minItems ?? 0, schema.items ? 1 : 0);
+      const wanted = Math.max(schema.minItems ?? 0, schema.items ? 1 : 0);
+      const count = Number.isInteger(schema.maxItems) ? Math.min(wanted, schema.maxItems) : wanted;
       const items = Array.from({ length: count }, () => sampleOf(schema.items, depth + 1));
-      // Unique items must differ: number or suffix the copies.
-      return schema.uniqueItems ? items.map((item, k) => distinct(item, k)) : items;
+      // Unique items must differ: vary the copies within what the item schema allows.
+      return schema.uniqueItems ? items.map((item, k) => distinct(item, k, schema.items ?? {})) : items;
     }
     case "integer":
       return numberWithin(schema, true);
@@ -561,10 +562,22 @@ function numberWithin(schema, integer) {
   return value;
 }
 
-/** `item` made different from the other copies of it by its position `k`. */
-function distinct(item, k) {
-  if (typeof item === "number") return item + k;
-  if (typeof item === "string") return k === 0 ? item : `${item}${k}`;
+/** `item` made different from the other copies of it by its position `k`, within `schema`. */
+function distinct(item, k, schema) {
+  if (k === 0) return item;
+  if (Array.isArray(schema.enum) && schema.enum.length > k) return schema.enum[k];
+  if (typeof item === "number") {
+    const step = typeof schema.multipleOf === "number" && schema.multipleOf > 0 ? schema.multipleOf : 1;
+    const up = item + k * step;
+    const max = schema.maximum ?? (schema.exclusiveMaximum !== undefined ? schema.exclusiveMaximum - step : undefined);
+    return max === undefined || up <= max ? up : item - k * step;
+  }
+  if (typeof item === "string" && !schema.pattern) {
+    const varied = `${item}${k}`;
+    return Number.isInteger(schema.maxLength) && varied.length > schema.maxLength
+      ? `${item.slice(0, Math.max(0, schema.maxLength - String(k).length))}${k}`
+      : varied;
+  }
   return item;
 }
 
