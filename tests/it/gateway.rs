@@ -1833,3 +1833,67 @@ async fn calls_to_a_disabled_endpoint_are_refused_at_once(backend: Backend) {
     );
     assert_eq!(sent[0].json()["action"]["name"], "lookup_customer");
 }
+
+dual!(a_call_owed_to_a_deleted_endpoint_fails_without_an_alert);
+
+/// An agent's call owed to an endpoint that is deleted before its retry fails when the retry is
+/// due, settling the invocation as failed, and raises no `delivery.failed` alert: whoever deleted
+/// the endpoint gave up what it owed.
+async fn a_call_owed_to_a_deleted_endpoint_fails_without_an_alert(backend: Backend) {
+    let w = world_with(backend, |raw, _| raw.retry_schedule = "3s".into()).await;
+    let failing = Receiver::start().await;
+    failing.always(500);
+    let (ep, _) = endpoint(&w.app, &failing.url("/down"), json!({"event_types": ["none.*"]})).await;
+    let (_, mut refund) = w.app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
+    refund["endpoint_id"] = ep.clone().into();
+    refund["mode"] = "async".into();
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/actions/refund_invoice", Some(refund))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let billing = agent_token(&w.app, "agt_del", &["billing"], &["invoke:*"]).await;
+    let (status, call) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("del-1")).await;
+    assert_eq!(status, 202, "{call}");
+    let record = format!("/v1/invocations/{}", call["invocation_id"].as_str().unwrap());
+    // The first attempt failed and the retry waits: then the endpoint goes.
+    wait_until(Duration::from_secs(30), || async {
+        let delivery = w
+            .app
+            .call(Method::GET, "/v1/deliveries?status=pending", None)
+            .await
+            .1;
+        delivery["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["endpoint_id"] == ep.as_str()))
+    })
+    .await;
+    let status = w
+        .app
+        .admin(Method::DELETE, &format!("/v1/endpoints/{ep}"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 204);
+    let settled = crate::harness::eventually(Duration::from_secs(30), || async {
+        let record = w.app.call(Method::GET, &record, None).await.1;
+        (record["status"] == "failed").then_some(record)
+    })
+    .await;
+    assert!(
+        settled["error"].to_string().contains("deleted"),
+        "the invocation says why: {settled}"
+    );
+    let (_, alerts) = w
+        .app
+        .call(Method::GET, "/v1/events?type=delivery.failed", None)
+        .await;
+    assert_eq!(alerts["data"].as_array().unwrap().len(), 0, "{alerts}");
+    let (_, failed) = w
+        .app
+        .call(Method::GET, "/v1/events?type=action.failed", None)
+        .await;
+    assert_eq!(failed["data"].as_array().unwrap().len(), 1, "{failed}");
+    assert_eq!(failing.received().len(), 1, "nothing was sent after the deletion");
+}
