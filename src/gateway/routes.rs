@@ -32,6 +32,9 @@ pub fn routes() -> Router<AppState> {
 #[derive(Debug, Deserialize)]
 struct ToolsQuery {
     format: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::page::limit")]
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
 async fn list_tools(
@@ -42,13 +45,24 @@ async fn list_tools(
     let name = q.format.as_deref().unwrap_or("openai");
     let format = Format::parse(name)
         .ok_or_else(|| ApiError::bad_request("invalid_query", "format must be openai, anthropic or mcp"))?;
-    let tools: Vec<Value> = allowed_actions(&state, &agent)
+    // Tools come in name order; a cursor is the last name of the page before.
+    let after = q.cursor.unwrap_or_default();
+    let mut page: Vec<_> = allowed_actions(&state, &agent)
         .await?
-        .iter()
-        .map(|a| tool(a, format))
+        .into_iter()
+        .filter(|a| a.declaration.name > after)
         .collect();
+    // Without a limit, every tool at once: a client that does not page still sees them all.
+    let next_cursor = match q.limit.map(|l| l as usize) {
+        Some(limit) if page.len() > limit => {
+            page.truncate(limit);
+            page.last().map(|a| a.declaration.name.clone())
+        }
+        _ => None,
+    };
+    let tools: Vec<Value> = page.iter().map(|a| tool(a, format)).collect();
     Ok(axum::Json(
-        json!({"format": name, "data": tools, "next_cursor": null}),
+        json!({"format": name, "data": tools, "next_cursor": next_cursor}),
     ))
 }
 

@@ -249,6 +249,30 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
         .call_as(&support, Method::GET, "/v1/tools?format=yaml", None)
         .await;
     assert_eq!(status, 400);
+
+    // Pages, when asked for: in name order, each going on after the last name of the one before.
+    let mut paged = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let path = format!("/v1/tools?format=anthropic&limit=2&cursor={cursor}");
+        let (status, page) = w.app.call_as(&support, Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= 2, "{page}");
+        paged.extend(data.iter().map(|t| t["name"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(paged, ["create_ticket", "escalate_to_human", "lookup_customer"]);
+    for bad in ["limit=0", "limit=201"] {
+        let (status, _) = w
+            .app
+            .call_as(&support, Method::GET, &format!("/v1/tools?{bad}"), None)
+            .await;
+        assert_eq!(status, 400, "{bad}");
+    }
 }
 
 async fn sync_and_async_invocations(backend: Backend) {
