@@ -467,13 +467,20 @@ pub async fn delete(
     )
     .await?;
     // The events it still owed are given up with it, without alerts: its deleter asked for
-    // that. (An action's delivery fails when due, so that its invocation settles as failed; an
-    // attempt in flight records its own outcome.) The `|| ''` keeps both databases on the small
-    // index of pending deliveries instead of walking every delivery the endpoint ever had.
+    // that. An action's delivery is made due at once instead, so that the engine fails it now
+    // and settles its invocation as failed (an attempt in flight records its own outcome). The
+    // `|| ''` keeps both databases on the small index of pending deliveries instead of walking
+    // every delivery the endpoint ever had.
     tx.execute(
         "UPDATE deliveries SET status = 'failed', last_error = $1, updated_at = $2 \
          WHERE status = 'pending' AND kind = 'event' AND (tenant_id || '') = $3 AND (endpoint_id || '') = $4",
         args![ENDPOINT_DELETED, now, tenant_id, id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE deliveries SET next_attempt_at = $1 \
+         WHERE status = 'pending' AND kind = 'action' AND (tenant_id || '') = $2 AND (endpoint_id || '') = $3",
+        args![now, tenant_id, id],
     )
     .await?;
     tx.commit().await?;

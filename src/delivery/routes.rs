@@ -133,6 +133,8 @@ async fn delete_endpoint(
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
         .await;
+    // The calls it owed are due now, to be failed.
+    state.engine.poke();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -177,12 +179,20 @@ async fn rotate_secret(
     auth.require(Permission::Manage)?;
     let body: Option<RotateBody> = body.parse()?;
     let (new_secret, retire_previous) = body.map(|b| (b.secret, b.retire_previous)).unwrap_or_default();
-    if new_secret.is_some() {
+    if let Some(chosen) = &new_secret {
         let mut input = EndpointInput {
             secret: new_secret.clone(),
             ..EndpointInput::default()
         };
         endpoints::check_input(&mut input, false, state.config.dev)?;
+        // A secret that signs already would sign twice, and take the place of one handed out.
+        let endpoint = load_endpoint(&state, &auth, &id).await?;
+        if endpoint.signing_secrets(&state.keys, now_ms())?.contains(chosen) {
+            return Err(ApiError::invalid_field(
+                "/secret",
+                "is already one of the endpoint's signing secrets; choose a new one",
+            ));
+        }
     }
     let retire = match retire_previous {
         true => endpoints::Retire::Now,

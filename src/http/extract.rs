@@ -24,19 +24,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     }
 }
 
-/// A JSON body checked like [`Json`] for content type, size, UTF-8 and depth, whose shape is
-/// checked only by [`JsonBody::parse`]: for handlers that must answer 403 to a caller without the
-/// permission whatever it sent.
-#[derive(Debug, Clone)]
+/// A JSON body checked like [`Json`] (content type, size, UTF-8, depth, shape), but whose
+/// problems are answered only by [`JsonBody::parse`]: for handlers that must answer 403 to a
+/// caller without the permission whatever it sent.
+#[derive(Debug)]
 pub struct JsonBody {
-    bytes: Bytes,
+    /// The bytes, or why they cannot be a JSON body.
+    bytes: Result<Bytes, ApiError>,
     max_depth: usize,
 }
 
 impl JsonBody {
     /// The body as a `T`, or the error [`Json`] would have answered.
-    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        parse_json(&self.bytes, self.max_depth)
+    pub fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        parse_json(&self.bytes?, self.max_depth)
     }
 }
 
@@ -45,7 +46,7 @@ impl FromRequest<AppState> for JsonBody {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         Ok(JsonBody {
-            bytes: json_body_bytes(req, state).await?,
+            bytes: json_body_bytes(req, state).await,
             max_depth: state.config.max_json_depth,
         })
     }
@@ -326,13 +327,13 @@ mod tests {
 
 /// An optional JSON body: absent or blank is `None`; anything else is checked like [`JsonBody`]
 /// and parsed only by [`OptionalJsonBody::parse`], once the caller's permission is checked.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OptionalJsonBody(Option<JsonBody>);
 
 impl OptionalJsonBody {
     /// The body as a `T`; `None` when there was none.
-    pub fn parse<T: DeserializeOwned>(&self) -> Result<Option<T>, ApiError> {
-        self.0.as_ref().map(JsonBody::parse).transpose()
+    pub fn parse<T: DeserializeOwned>(self) -> Result<Option<T>, ApiError> {
+        self.0.map(JsonBody::parse).transpose()
     }
 }
 
@@ -351,7 +352,11 @@ impl FromRequest<AppState> for OptionalJsonBody {
             return Ok(OptionalJsonBody(None));
         }
         let body = JsonBody::from_request(req, state).await?;
-        if body.bytes.iter().all(u8::is_ascii_whitespace) {
+        if body
+            .bytes
+            .as_ref()
+            .is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+        {
             return Ok(OptionalJsonBody(None));
         }
         Ok(OptionalJsonBody(Some(body)))

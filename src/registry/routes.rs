@@ -14,7 +14,7 @@ use crate::AppState;
 use crate::args;
 use crate::changes::Change;
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, IfMatch, Json, JsonBody, Page, PageQuery, Path, Permission, Query,
+    AdminAuth, ApiError, ApiResult, IfMatch, JsonBody, Page, PageQuery, Path, Permission, Query,
 };
 
 /// The registry routes.
@@ -100,9 +100,10 @@ async fn replace_action(
     auth: AdminAuth,
     Path(name): Path<String>,
     if_match: IfMatch,
-    Json(mut body): Json<Value>,
+    body: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let mut body: Value = body.parse()?;
     let Some(map) = body.as_object_mut() else {
         return Err(ApiError::invalid_field(
             "/",

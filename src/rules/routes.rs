@@ -16,8 +16,7 @@ use crate::delivery::endpoints;
 use crate::delivery::signing::Carries;
 use crate::gateway::invoke::RuleCallVerdict;
 use crate::http::{
-    AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, Json, JsonBody, Page, PageQuery, Path, Permission,
-    Query,
+    AdminAuth, ApiError, ApiResult, ErrorDetail, IfMatch, JsonBody, Page, PageQuery, Path, Permission, Query,
 };
 use crate::registry::store;
 use crate::{AppState, args, ids};
@@ -120,9 +119,10 @@ async fn check_rule(
 async fn create_rule(
     State(state): State<AppState>,
     auth: AdminAuth,
-    Json(body): Json<Value>,
+    body: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let body: Value = body.parse()?;
     let definition = definition_of(body);
     let id = ids::new_id("rul");
     let rule = check_rule(&state, &auth.tenant_id, &id, &definition).await?;
@@ -202,9 +202,10 @@ async fn replace_rule(
     auth: AdminAuth,
     Path(id): Path<String>,
     if_match: IfMatch,
-    Json(body): Json<Value>,
+    body: JsonBody,
 ) -> ApiResult<impl IntoResponse> {
     auth.require(Permission::Manage)?;
+    let body: Value = body.parse()?;
     // Checked before the transaction: it reads the endpoints and actions the rule names.
     load(&state, &auth.tenant_id, &id).await?;
     let definition = definition_of(body);

@@ -700,6 +700,15 @@ async fn rotation_overlap(backend: Backend) {
         );
     }
 
+    // A secret that signs already cannot be chosen again.
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/v1/endpoints/{id}/rotate-secret"),
+            Some(json!({"secret": new})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
     // A leaked secret is retired at once, with every secret before it.
     let rotate = format!("/v1/endpoints/{id}/rotate-secret");
     let (status, _) = app.call(Method::POST, &rotate, None).await;

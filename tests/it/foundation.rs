@@ -647,10 +647,20 @@ async fn authentication_and_roles(backend: Backend) {
         (Method::POST, "/v1/deliveries/dlv_x/replay"),
         (Method::POST, "/v1/approvals/apr_x/approve"),
         (Method::PUT, "/v1/policies"),
+        (Method::PUT, "/v1/actions/refund_invoice"),
+        (Method::POST, "/v1/rules"),
+        (Method::PUT, "/v1/rules/rul_x"),
     ] {
         let (status, body) = app
-            .call_as(&viewer_key, method, path, Some(json!({"bogus": 1})))
+            .call_as(&viewer_key, method.clone(), path, Some(json!({"bogus": 1})))
             .await;
+        assert_eq!(status, 403, "{path}: {body}");
+        // Nor what a body must be: not JSON, and not sent as JSON, it is refused the same way.
+        let raw = app
+            .as_key(&viewer_key, method, path)
+            .header("content-type", "text/plain")
+            .body("not json");
+        let (status, body) = read(raw.send().await.unwrap()).await;
         assert_eq!(status, 403, "{path}: {body}");
     }
     let (status, _) = app

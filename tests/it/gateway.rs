@@ -1860,11 +1860,12 @@ async fn calls_to_a_disabled_endpoint_are_refused_at_once(backend: Backend) {
 
 dual!(a_call_owed_to_a_deleted_endpoint_fails_without_an_alert);
 
-/// An agent's call owed to an endpoint that is deleted before its retry fails when the retry is
-/// due, settling the invocation as failed, and raises no `delivery.failed` alert: whoever deleted
-/// the endpoint gave up what it owed.
+/// An agent's call owed to an endpoint that is deleted before its retry fails at once, settling
+/// the invocation as failed, and raises no `delivery.failed` alert: whoever deleted the endpoint
+/// gave up what it owed.
 async fn a_call_owed_to_a_deleted_endpoint_fails_without_an_alert(backend: Backend) {
-    let w = world_with(backend, |raw, _| raw.retry_schedule = "3s".into()).await;
+    // A retry an hour away: only the deletion can make the call fail within the test.
+    let w = world_with(backend, |raw, _| raw.retry_schedule = "1h".into()).await;
     let failing = Receiver::start().await;
     failing.always(500);
     let (ep, _) = endpoint(&w.app, &failing.url("/down"), json!({"event_types": ["none.*"]})).await;
