@@ -31,6 +31,9 @@ pub enum DbError {
     /// A stored JSON column did not parse; the row was written by something else.
     #[error("stored JSON is corrupt: {0}")]
     Json(#[from] serde_json::Error),
+    /// A stored secret did not open under the master key (another key, or a corrupt row).
+    #[error("a stored secret cannot be opened: {0}")]
+    Sealed(#[from] crate::crypto::CryptoError),
     /// A grouped write failed or the writer stopped.
     #[error("batched write failed: {0}")]
     Batch(String),

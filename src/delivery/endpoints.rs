@@ -500,8 +500,7 @@ pub enum Retire {
     Now,
 }
 
-/// Rotates the secret: the new one signs from now on, the earlier ones as `retire` says. Returns
-/// the new secret and when the one it replaced stops signing (`None`: at once).
+/// Rotates the secret: the new one signs from now on, the earlier ones as `retire` says.
 pub async fn rotate_secret(
     db: &Database,
     keys: &MasterKey,
@@ -509,14 +508,20 @@ pub async fn rotate_secret(
     id: &str,
     new_secret: Option<String>,
     retire: Retire,
-) -> Result<Option<(String, Option<i64>)>, DbError> {
+) -> Result<Rotation, DbError> {
     // Locked: of two rotations at once, the second keeps the first's new secret as its previous
     // one (rather than the secret both read), so no secret handed out stops verifying at once.
     let mut tx = db.begin().await?;
     let Some(row) = locked(&mut tx, tenant_id, id).await? else {
-        return Ok(None);
+        return Ok(Rotation::Missing);
     };
     let now = now_ms();
+    // A chosen secret that signs already would sign twice and take the place of one handed out.
+    if let Some(chosen) = &new_secret
+        && row.signing_secrets(keys, now)?.contains(chosen)
+    {
+        return Ok(Rotation::SecretInUse);
+    }
     let secret = new_secret.unwrap_or_else(signing::generate_secret);
     let (previous, expires, older) = match retire {
         Retire::Now => (None, None, None),
@@ -541,5 +546,24 @@ pub async fn rotate_secret(
     )
     .await?;
     tx.commit().await?;
-    Ok(Some((secret, expires)))
+    Ok(Rotation::Done {
+        secret,
+        previous_expires_at: expires,
+    })
+}
+
+/// What a rotation did.
+#[derive(Debug)]
+pub enum Rotation {
+    /// The new secret signs; the one it replaced stops at `previous_expires_at` (`None`: now).
+    Done {
+        /// The new secret, shown once.
+        secret: String,
+        /// When the replaced secret stops signing.
+        previous_expires_at: Option<i64>,
+    },
+    /// No such endpoint.
+    Missing,
+    /// The chosen secret is one that signs already.
+    SecretInUse,
 }

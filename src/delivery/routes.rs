@@ -179,29 +179,32 @@ async fn rotate_secret(
     auth.require(Permission::Manage)?;
     let body: Option<RotateBody> = body.parse()?;
     let (new_secret, retire_previous) = body.map(|b| (b.secret, b.retire_previous)).unwrap_or_default();
-    if let Some(chosen) = &new_secret {
+    if new_secret.is_some() {
         let mut input = EndpointInput {
             secret: new_secret.clone(),
             ..EndpointInput::default()
         };
         endpoints::check_input(&mut input, false, state.config.dev)?;
-        // A secret that signs already would sign twice, and take the place of one handed out.
-        let endpoint = load_endpoint(&state, &auth, &id).await?;
-        if endpoint.signing_secrets(&state.keys, now_ms())?.contains(chosen) {
-            return Err(ApiError::invalid_field(
-                "/secret",
-                "is already one of the endpoint's signing secrets; choose a new one",
-            ));
-        }
     }
     let retire = match retire_previous {
         true => endpoints::Retire::Now,
         false => endpoints::Retire::After(state.config.secret_overlap.as_millis() as i64),
     };
-    let (secret, until) =
-        endpoints::rotate_secret(&state.db, &state.keys, &auth.tenant_id, &id, new_secret, retire)
-            .await?
-            .ok_or_else(|| ApiError::not_found("endpoint"))?;
+    let rotated =
+        endpoints::rotate_secret(&state.db, &state.keys, &auth.tenant_id, &id, new_secret, retire).await?;
+    let (secret, until) = match rotated {
+        endpoints::Rotation::Done {
+            secret,
+            previous_expires_at,
+        } => (secret, previous_expires_at),
+        endpoints::Rotation::Missing => return Err(ApiError::not_found("endpoint")),
+        endpoints::Rotation::SecretInUse => {
+            return Err(ApiError::invalid_field(
+                "/secret",
+                "is already one of the endpoint's signing secrets; choose a new one",
+            ));
+        }
+    };
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
         .await;

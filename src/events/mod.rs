@@ -43,7 +43,7 @@ pub fn check_own_event_type(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The data of an event that gives none: an empty object.
+/// An empty JSON object: the data of an event, or the arguments of a call, that gives none.
 pub fn empty_data() -> Value {
     Value::Object(Default::default())
 }

@@ -49,7 +49,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 }
 
 /// Whether `key` is 1 to 255 visible ASCII characters, as an idempotency key must be.
-fn is_idempotency_key(key: &str) -> bool {
+pub fn is_idempotency_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 

@@ -163,6 +163,16 @@ async fn decided_meanwhile(state: &AppState, tenant_id: &str, id: &str) -> ApiEr
     }
 }
 
+/// The `revoked_at` of the row `sql` reads for (tenant, id): `None` when there is no row.
+async fn revocation(
+    state: &AppState,
+    sql: &'static str,
+    (tenant_id, id): (&str, &str),
+) -> ApiResult<Option<Option<i64>>> {
+    let row: Option<(Option<i64>,)> = state.db.fetch_optional(sql, args![tenant_id, id]).await?;
+    Ok(row.map(|(revoked_at,)| revoked_at))
+}
+
 async fn approve(
     State(state): State<AppState>,
     auth: AdminAuth,
@@ -212,15 +222,14 @@ async fn approve(
     }
     // Nor if the agent that made it was revoked meanwhile.
     if let Some(agent_id) = &invocation.agent_id {
-        let revoked: Option<(Option<i64>,)> = state
-            .db
-            .fetch_optional(
-                "SELECT revoked_at FROM agents WHERE tenant_id = $1 AND id = $2",
-                args![&auth.tenant_id, agent_id],
-            )
-            .await?;
+        let agent = revocation(
+            &state,
+            "SELECT revoked_at FROM agents WHERE tenant_id = $1 AND id = $2",
+            (&auth.tenant_id, agent_id),
+        )
+        .await?;
         // No row: an external issuer's agent, which only its issuer can revoke.
-        if revoked.is_some_and(|(at,)| at.is_some()) {
+        if agent.is_some_and(|revoked_at| revoked_at.is_some()) {
             return Err(ApiError::conflict(
                 "agent_revoked",
                 format!("the agent {agent_id} that made this call was revoked; deny the call"),
@@ -228,14 +237,13 @@ async fn approve(
         }
         // Nor if the token it was made with was revoked (an expired one was valid when used).
         if let Some(token_id) = &approval.token_id {
-            let token: Option<(Option<i64>,)> = state
-                .db
-                .fetch_optional(
-                    "SELECT revoked_at FROM agent_tokens WHERE tenant_id = $1 AND jti = $2",
-                    args![&auth.tenant_id, token_id],
-                )
-                .await?;
-            if token.is_none_or(|(at,)| at.is_some()) {
+            let token = revocation(
+                &state,
+                "SELECT revoked_at FROM agent_tokens WHERE tenant_id = $1 AND jti = $2",
+                (&auth.tenant_id, token_id),
+            )
+            .await?;
+            if token.is_none_or(|revoked_at| revoked_at.is_some()) {
                 return Err(ApiError::conflict(
                     "token_revoked",
                     format!("the token {token_id} this call was made with was revoked; deny the call"),

@@ -69,12 +69,8 @@ async fn list_tools(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InvokeBody {
-    #[serde(default = "empty_object")]
+    #[serde(default = "crate::events::empty_data")]
     arguments: Value,
-}
-
-fn empty_object() -> Value {
-    json!({})
 }
 
 fn answer(row: &InvocationRow) -> ApiResult<(StatusCode, axum::Json<Value>)> {

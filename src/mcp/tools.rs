@@ -49,9 +49,7 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
     }
     let given = meta.and_then(|m| m.get(IDEMPOTENCY_META_KEY));
     if let Some(k) = given {
-        let ok = k
-            .as_str()
-            .is_some_and(|s| (1..=255).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()));
+        let ok = k.as_str().is_some_and(crate::events::routes::is_idempotency_key);
         if !ok {
             return Ok(tool_error(format!(
                 "_meta[\"{IDEMPOTENCY_META_KEY}\"] must be 1 to 255 visible ASCII characters"
