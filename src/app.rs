@@ -100,10 +100,15 @@ impl AppState {
     /// first, to refuse a contended database before starting anything).
     pub async fn open_locked(config: Config, server_lock: crate::db::ServerLock) -> anyhow::Result<Self> {
         crate::crypto::install_tls_provider();
+        if let Some(inline) = &config.master_key {
+            MasterKey::from_base64(inline)?;
+        }
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;
-        let (keys, created) = MasterKey::load(config.master_key.as_deref(), &config.master_key_file, true)?;
+        let (keys, created) =
+            tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, true)
+                .await?;
         if created {
             tracing::warn!(
                 path = %config.master_key_file.display(),
@@ -333,10 +338,15 @@ pub async fn serve(
 /// `opsiq init`: creates the database (and master key file) if needed, then a tenant with an
 /// owner key. Without `tenant`, creates "default" and refuses if it already exists.
 pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenants::NewTenant> {
+    // A key that will not do is refused before a database file is made for it.
+    if let Some(inline) = &config.master_key {
+        MasterKey::from_base64(inline)?;
+    }
     let db = Database::connect(&config.database_url)
         .await
         .with_context(|| "cannot open the database")?;
-    let (keys, _) = MasterKey::load(config.master_key.as_deref(), &config.master_key_file, true)?;
+    let (keys, _) =
+        tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, true).await?;
     let actions = registry::files::read_action_files(&config.actions_dir)?;
     let name = tenant.unwrap_or("default");
     let created = match tenants::create_tenant(&db, &keys, name).await {

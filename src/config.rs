@@ -184,6 +184,22 @@ pub struct Config {
     pub action_rate_per_s: u32,
 }
 
+/// Refuses a key of the configuration file that is no setting (a misspelt `databse_url` would
+/// otherwise leave its setting at the default without a word).
+fn check_file_keys(path: &Path) -> Result<(), ConfigError> {
+    let in_file: figment::value::Dict = Figment::from(Toml::file(path))
+        .extract()
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    let known = serde_json::to_value(RawConfig::default()).map_err(|e| ConfigError::Load(e.to_string()))?;
+    match in_file.keys().find(|key| known.get(key.as_str()).is_none()) {
+        Some(key) => Err(ConfigError::Load(format!(
+            "`{key}` in {} is not a setting (see the README's Configuration)",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Config {
     /// Merges defaults, the optional TOML file, `OPSIQ_*` variables and `overrides` (flags).
     pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
@@ -195,6 +211,7 @@ impl Config {
                     path.display()
                 )));
             }
+            check_file_keys(path)?;
             figment = figment.merge(Toml::file(path));
         }
         let raw: RawConfig = figment

@@ -24,6 +24,13 @@ pub fn has_prefix(id: &str, prefix: &str) -> bool {
     id.len() <= 128 && id.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('_'))
 }
 
+/// Answers whether `id` is shaped exactly like [`new_id`] makes them with this prefix.
+pub fn is_well_formed(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

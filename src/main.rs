@@ -224,10 +224,12 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("there is no database at {}", file.display());
     }
     // The chain's key comes from the master key; without it nothing could be checked.
-    let (keys, _) =
-        opsiq::crypto::MasterKey::load(config.master_key.as_deref(), &config.master_key_file, false)?;
     // As it is: checking must not migrate (or otherwise change) what it checks.
     let db = opsiq::db::Database::connect_existing(&config.database_url).await?;
+    // A wrong key would make every row look tampered with; say which it is.
+    let (keys, _) =
+        opsiq::tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, false)
+            .await?;
     let report = opsiq::audit::verify(&db, keys.audit_chain_key()).await;
     db.close().await;
     let report = report.context(

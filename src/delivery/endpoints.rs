@@ -173,12 +173,16 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 pub struct EndpointInput {
     /// Where deliveries go.
+    #[serde(default, deserialize_with = "not_null")]
     pub url: Option<String>,
     /// Free text.
+    #[serde(default, deserialize_with = "not_null")]
     pub description: Option<String>,
     /// Event type patterns.
+    #[serde(default, deserialize_with = "not_null")]
     pub event_types: Option<Vec<String>>,
     /// Enabled or not.
+    #[serde(default, deserialize_with = "not_null")]
     pub enabled: Option<bool>,
     /// Deliveries per second (null for unlimited).
     #[serde(default, deserialize_with = "double_option")]
@@ -187,9 +191,19 @@ pub struct EndpointInput {
     #[serde(default, deserialize_with = "double_option")]
     pub max_in_flight: Option<Option<i64>>,
     /// `opsiq-v1` or `standard-webhooks`.
+    #[serde(default, deserialize_with = "not_null")]
     pub signature_scheme: Option<Scheme>,
     /// A secret to use instead of a generated one (`whsec_` + base64 of 24–64 bytes).
+    #[serde(default, deserialize_with = "not_null")]
     pub secret: Option<String>,
+}
+
+/// A field that may be left out but not sent as `null` (which would otherwise read as "leave
+/// it", silently ignoring a request to clear it).
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("must not be null"))
 }
 
 fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
@@ -241,6 +255,8 @@ pub fn check_input(input: &mut EndpointInput, creating: bool, allow_private: boo
         for (i, p) in patterns.iter().enumerate() {
             if let Err(m) = check_pattern(p) {
                 push(&format!("/event_types/{i}"), m);
+            } else if patterns[..i].contains(p) {
+                push(&format!("/event_types/{i}"), format!("`{p}` is listed twice"));
             }
         }
     }

@@ -1019,6 +1019,13 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
             // A failed `delivery.failed` delivery raises nothing, or failures would feed themselves;
             // nor does one whose endpoint was deleted.
             if job.label != "delivery.failed" && o.result.error_class != Some(ENDPOINT_DELETED_CLASS) {
+                // A failure a rule caused runs no rules: a rule on `delivery.failed` whose own
+                // call fails at once (a 4xx is final) would otherwise feed itself without end.
+                let rules = if caused_by_rule(&mut tx, job).await? {
+                    None
+                } else {
+                    rules_of(&job.tenant_id)
+                };
                 let data = json!({
                     "delivery_id": job.id,
                     "endpoint_id": job.endpoint_id,
@@ -1038,7 +1045,7 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
                         "delivery.failed",
                         data,
                         events::Fanout::Lookup,
-                        rules_of(&job.tenant_id),
+                        rules,
                         (&lease, now),
                     )
                     .await?,
@@ -1118,6 +1125,21 @@ fn requested_by_rule(job: &Job) -> bool {
             .as_str()
             .is_some_and(|id| id.starts_with("rule:"))
     })
+}
+
+/// Whether a rule caused this delivery: an action request a rule made, or an event a rule
+/// emitted (depth above 0).
+async fn caused_by_rule(tx: &mut Tx, job: &Job) -> Result<bool, crate::db::DbError> {
+    if requested_by_rule(job) {
+        return Ok(true);
+    }
+    let Some(event_id) = &job.event_id else {
+        return Ok(false);
+    };
+    let depth: Option<(i64,)> = tx
+        .fetch_optional("SELECT depth FROM events WHERE id = $1", args![event_id])
+        .await?;
+    Ok(depth.is_some_and(|(depth,)| depth > 0))
 }
 
 /// Tracks the endpoint's run of failures; disables it on 410 or after five days of failures.

@@ -355,6 +355,23 @@ async fn create_type(
         ));
     }
     if let Some(schema) = &body.schema {
+        // An event's data is an object: a schema that takes none would refuse every event.
+        let takes_objects = match schema {
+            Value::Bool(takes) => *takes,
+            Value::Object(s) => match s.get("type") {
+                None => true,
+                Some(Value::String(t)) => t == "object",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+                Some(_) => false,
+            },
+            _ => false,
+        };
+        if !takes_objects {
+            return Err(ApiError::invalid_field(
+                "/schema",
+                "must be a JSON Schema for an object (an event's data is always one)",
+            ));
+        }
         compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
     }
     if state.catalog.builtin.contains_key(&body.name) {

@@ -230,9 +230,27 @@ async fn list_events(
         &auth.tenant_id,
         crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "evt")?
     ];
+    // A type, or a pattern as subscriptions take them (`invoice.*`, `*`).
     if let Some(t) = &filter.event_type {
-        values.push(t.into());
-        sql.push_str(&format!(" AND type = ${}", values.len()));
+        crate::delivery::endpoints::check_pattern(t)
+            .map_err(|m| ApiError::bad_request("invalid_query", m))?;
+        match t.strip_suffix('*') {
+            Some("") => {}
+            Some(prefix) => {
+                // The length is ours, written in: a bound integer would be int8 on PostgreSQL,
+                // for which `substr` has no form.
+                values.push(prefix.into());
+                sql.push_str(&format!(
+                    " AND substr(type, 1, {}) = ${}",
+                    prefix.len(),
+                    values.len()
+                ));
+            }
+            None => {
+                values.push(t.into());
+                sql.push_str(&format!(" AND type = ${}", values.len()));
+            }
+        }
     }
     if let Some(since) = &filter.since {
         let ms = parse_rfc3339(since)

@@ -78,6 +78,14 @@ async fn list_approvals(
 ) -> ApiResult<axum::Json<Page<Value>>> {
     let limit = crate::http::page::page_size(filter.limit);
     let cursor = crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "apr")?;
+    if let Some(status) = &filter.status
+        && !matches!(status.as_str(), "pending" | "approved" | "denied")
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "status must be pending, approved or denied",
+        ));
+    }
     let rows: Vec<ApprovalRow> = match &filter.status {
         Some(status) => {
             state

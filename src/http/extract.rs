@@ -70,7 +70,32 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
         ));
     }
     check_depth(&bytes, state.config.max_json_depth)?;
+    check_no_nul(&bytes)?;
     Ok(bytes)
+}
+
+/// Refuses an escaped NUL (`\u0000`) anywhere in a JSON text. PostgreSQL's text cannot hold one,
+/// so a name with it would fail there as a 500 while SQLite kept it: it is refused alike on both.
+pub fn check_no_nul(bytes: &[u8]) -> Result<(), ApiError> {
+    // Backslashes occur only inside strings; one that is not itself escaped starts an escape.
+    let mut escaping = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        if escaping {
+            escaping = false;
+            if b == b'u' && bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) {
+                return Err(ApiError::validation(
+                    "the request body holds a NUL character",
+                    vec![ErrorDetail {
+                        path: "/".into(),
+                        message: "text may not contain the NUL character (\\u0000)".into(),
+                    }],
+                ));
+            }
+        } else if b == b'\\' {
+            escaping = true;
+        }
+    }
+    Ok(())
 }
 
 /// 413 with the limit named.
@@ -299,6 +324,15 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_nul_is_found_but_an_escaped_backslash_is_not_one() {
+        assert!(check_no_nul(br#"{"a":"x\u0000"}"#).is_err());
+        assert!(check_no_nul(br#"{"a":"\\\u0000"}"#).is_err());
+        assert!(check_no_nul(br#"{"a":"\\u0000"}"#).is_ok());
+        assert!(check_no_nul(br#"{"a":"\u00001"}"#).is_err());
+        assert!(check_no_nul(br#"{"a":"\u0001 u0000"}"#).is_ok());
+    }
 
     #[test]
     fn depth_scan_ignores_brackets_inside_strings() {

@@ -46,7 +46,7 @@ pub fn limit<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, 
 pub fn newest_first_cursor(cursor: Option<&str>, prefix: &str) -> Result<String, crate::http::ApiError> {
     match cursor {
         None | Some("") => Ok(crate::ids::after_all(prefix)),
-        Some(c) if crate::ids::has_prefix(c, prefix) => Ok(c.to_string()),
+        Some(c) if crate::ids::is_well_formed(c, prefix) => Ok(c.to_string()),
         Some(_) => Err(crate::http::ApiError::bad_request(
             "invalid_cursor",
             "cursor must be a next_cursor this list answered",

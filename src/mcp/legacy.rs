@@ -70,6 +70,11 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
     if method == "initialize" {
         return initialize(state, agent, &id, &params).await;
     }
+    // Only the stateless revision has this method: let it say what the request lacks (the
+    // version header, say) instead of asking for a session that revision never has.
+    if method == "server/discover" {
+        return super::modern::handle(state, agent, &Method::POST, headers, body).await;
+    }
     if let Err(p) = session(state, agent, headers).await {
         return p.response();
     }

@@ -334,7 +334,12 @@ pub fn parse_message(body: &[u8]) -> Result<Message, (StatusCode, Value, RpcErro
     if !(id.is_string() || id.is_i64() || id.is_u64()) {
         return Err(invalid());
     }
-    let params = obj.get("params").cloned().unwrap_or_else(|| json!({}));
+    // `null` is read as absent, so every method meets one rule for missing params.
+    let params = obj
+        .get("params")
+        .filter(|p| !p.is_null())
+        .cloned()
+        .unwrap_or_else(|| json!({}));
     if !params.is_object() {
         // The id is known: the error answers the request by it.
         return Err((

@@ -35,6 +35,10 @@ impl From<PolicyError> for ApiError {
 #[serde(deny_unknown_fields)]
 struct PolicyBody {
     rows: Vec<PolicyRow>,
+    /// Shown by GET and ignored here (file rows change only with their file), so that what a GET
+    /// answered can be PUT back as it is.
+    #[serde(default, rename = "file_rows")]
+    _file_rows: serde::de::IgnoredAny,
 }
 
 async fn get_policies(State(state): State<AppState>, auth: AdminAuth) -> ApiResult<impl IntoResponse> {

@@ -227,7 +227,7 @@ pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
         path: if path.is_empty() { "/".into() } else { path },
         message,
     };
-    validator
+    let mut details: Vec<ErrorDetail> = validator
         .iter_errors(instance)
         .flat_map(|e| {
             let parent = e.instance_path().to_string();
@@ -251,8 +251,22 @@ pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
                 _ => vec![detail(parent, e.to_string())],
             }
         })
-        .collect()
+        // One past the cap, to know whether any were left out.
+        .take(MAX_SCHEMA_ERRORS + 1)
+        .collect();
+    if details.len() > MAX_SCHEMA_ERRORS {
+        details.truncate(MAX_SCHEMA_ERRORS);
+        details.push(detail(
+            String::new(),
+            format!("more problems follow; only the first {MAX_SCHEMA_ERRORS} are listed"),
+        ));
+    }
+    details
 }
+
+/// Most problems listed for one value: an array of a million wrong items (or a schema whose
+/// `$ref`s multiply its errors) must not make an answer of millions of details.
+pub const MAX_SCHEMA_ERRORS: usize = 50;
 
 #[cfg(test)]
 mod tests {
@@ -280,6 +294,31 @@ mod tests {
             details[0].message,
             "`extra` is not a property allowed here; remove it"
         );
+    }
+
+    #[test]
+    fn details_stop_at_the_cap() {
+        let schema =
+            json!({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}}}});
+        let validator = compile_schema(&schema).unwrap();
+        let details = schema_errors(&validator, &json!({"a": vec![0; 10_000]}));
+        assert_eq!(details.len(), MAX_SCHEMA_ERRORS + 1);
+        assert_eq!(details[0].path, "/a/0");
+        assert!(details[MAX_SCHEMA_ERRORS].message.contains("only the first 50"));
+        // Each level doubles the errors of the one below: 2^20 of them, unless cut early.
+        let mut defs = serde_json::Map::new();
+        for level in 0..20 {
+            let next = format!("#/$defs/l{}", level + 1);
+            defs.insert(
+                format!("l{level}"),
+                json!({"allOf": [{"$ref": next}, {"$ref": next}]}),
+            );
+        }
+        defs.insert("l20".into(), json!({"required": ["x"]}));
+        let validator = compile_schema(&json!({"$ref": "#/$defs/l0", "$defs": defs})).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(schema_errors(&validator, &json!({})).len(), MAX_SCHEMA_ERRORS + 1);
+        eprintln!("doubling schema: {:?}", started.elapsed());
     }
 
     #[test]

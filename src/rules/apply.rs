@@ -165,12 +165,16 @@ impl Checked {
         for evaluation in &self.evaluations {
             let mut entry = evaluation.trace();
             if evaluation.matched {
-                let outputs = evaluation.rule.render_outputs(&self.doc);
+                let outputs = evaluation.rule.render_outputs(&self.doc, ctx.limits.max_bytes);
                 let mut results = Vec::with_capacity(outputs.len());
                 for (n, output) in outputs.iter().enumerate() {
-                    let (result, new_jobs) =
-                        apply_output(tx, ctx, event, event_id, body, evaluation, n, output, lease, now)
-                            .await?;
+                    let (result, new_jobs) = match output {
+                        Ok(output) => {
+                            apply_output(tx, ctx, event, event_id, body, evaluation, n, output, lease, now)
+                                .await?
+                        }
+                        Err(refused) => (refused.clone(), Vec::new()),
+                    };
                     results.push(result);
                     jobs.extend(new_jobs);
                 }

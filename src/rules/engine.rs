@@ -55,16 +55,29 @@ impl Output {
         })
     }
 
-    fn render(&self, doc: &Value) -> Output {
+    /// Renders the templates against `doc`; a rendering past `max_bytes` is refused with the
+    /// trace entry saying so (without the oversized part).
+    fn render(&self, doc: &Value, max_bytes: usize) -> Result<Output, Value> {
+        let too_large = |what: &str| {
+            format!(
+                "the rendered {what} would be larger than {max_bytes} bytes, the most a request body may be"
+            )
+        };
         match self {
-            Output::Deliver { .. } => self.clone(),
-            Output::Invoke { action, arguments } => Output::Invoke {
-                action: action.clone(),
-                arguments: template::render(arguments, doc),
+            Output::Deliver { .. } => Ok(self.clone()),
+            Output::Invoke { action, arguments } => match template::render(arguments, doc, max_bytes) {
+                Ok(arguments) => Ok(Output::Invoke {
+                    action: action.clone(),
+                    arguments,
+                }),
+                Err(_) => Err(json!({"invoke": {"action": action}, "error": too_large("arguments")})),
             },
-            Output::Emit { event_type, data } => Output::Emit {
-                event_type: event_type.clone(),
-                data: template::render(data, doc),
+            Output::Emit { event_type, data } => match template::render(data, doc, max_bytes) {
+                Ok(data) => Ok(Output::Emit {
+                    event_type: event_type.clone(),
+                    data,
+                }),
+                Err(_) => Err(json!({"emit": {"type": event_type}, "error": too_large("data")})),
             },
         }
     }
@@ -172,8 +185,8 @@ impl CompiledRule {
     }
 
     /// The outputs with templates rendered against `doc`.
-    pub fn render_outputs(&self, doc: &Value) -> Vec<Output> {
-        self.outputs.iter().map(|o| o.render(doc)).collect()
+    pub fn render_outputs(&self, doc: &Value, max_bytes: usize) -> Vec<Result<Output, Value>> {
+        self.outputs.iter().map(|o| o.render(doc, max_bytes)).collect()
     }
 }
 

@@ -351,7 +351,14 @@ async fn dry_run(
     let matched = triggered && held;
     let mut outputs = Vec::new();
     if matched {
-        for output in &rule.render_outputs(&doc) {
+        for output in rule.render_outputs(&doc, state.config.body_limit) {
+            let output = match output {
+                Ok(output) => output,
+                Err(refused) => {
+                    outputs.push(refused);
+                    continue;
+                }
+            };
             outputs.push(
                 preview_output(
                     state,
@@ -360,7 +367,7 @@ async fn dry_run(
                     &event.event_type,
                     &event.data,
                     now,
-                    output,
+                    &output,
                 )
                 .await?,
             );

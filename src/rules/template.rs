@@ -6,13 +6,69 @@ use serde_json::Value;
 
 use super::condition::lookup;
 
-/// Renders every string in `template` against `doc`.
-pub fn render(template: &Value, doc: &Value) -> Value {
+/// A rendering that would have grown past its budget; nothing of it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge;
+
+/// Renders every string in `template` against `doc`, giving up once the result would take more
+/// than `max_bytes` as JSON: each `{{data}}` copies what it points at, so a rule with many of
+/// them could otherwise turn one event into gigabytes.
+pub fn render(template: &Value, doc: &Value, max_bytes: usize) -> Result<Value, TooLarge> {
+    let mut budget = max_bytes;
+    render_within(template, doc, &mut budget)
+}
+
+/// Takes `bytes` from what is left, or fails.
+fn spend(budget: &mut usize, bytes: usize) -> Result<(), TooLarge> {
+    *budget = budget.checked_sub(bytes).ok_or(TooLarge)?;
+    Ok(())
+}
+
+fn render_within(template: &Value, doc: &Value, budget: &mut usize) -> Result<Value, TooLarge> {
     match template {
-        Value::String(s) => render_string(s, doc),
-        Value::Array(items) => Value::Array(items.iter().map(|i| render(i, doc)).collect()),
-        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), render(v, doc))).collect()),
-        other => other.clone(),
+        Value::String(s) => render_string(s, doc, budget),
+        Value::Array(items) => {
+            spend(budget, 2 + items.len())?;
+            items
+                .iter()
+                .map(|i| render_within(i, doc, budget))
+                .collect::<Result<_, _>>()
+                .map(Value::Array)
+        }
+        Value::Object(map) => {
+            spend(budget, 2 + map.len())?;
+            map.iter()
+                .map(|(k, v)| {
+                    spend(budget, k.len() + 3)?;
+                    Ok((k.clone(), render_within(v, doc, budget)?))
+                })
+                .collect::<Result<_, _>>()
+                .map(Value::Object)
+        }
+        other => {
+            spend(budget, json_len(other))?;
+            Ok(other.clone())
+        }
+    }
+}
+
+/// The length of `value` as JSON text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; should it, the value counts as too large.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 
@@ -20,16 +76,19 @@ fn path_of(expr: &str) -> Vec<String> {
     expr.trim().split('.').map(str::to_string).collect()
 }
 
-fn render_string(s: &str, doc: &Value) -> Value {
+fn render_string(s: &str, doc: &Value, budget: &mut usize) -> Result<Value, TooLarge> {
     let trimmed = s.trim();
     if let Some(inner) = trimmed.strip_prefix("{{").and_then(|r| r.strip_suffix("}}"))
         && !inner.contains("{{")
         && !inner.contains("}}")
     {
-        return lookup(doc, &path_of(inner)).cloned().unwrap_or(Value::Null);
+        let found = lookup(doc, &path_of(inner)).unwrap_or(&Value::Null);
+        spend(budget, json_len(found))?;
+        return Ok(found.clone());
     }
     if !s.contains("{{") {
-        return Value::String(s.to_string());
+        spend(budget, s.len() + 2)?;
+        return Ok(Value::String(s.to_string()));
     }
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -39,9 +98,15 @@ fn render_string(s: &str, doc: &Value) -> Value {
         match after.find("}}") {
             Some(end) => {
                 match lookup(doc, &path_of(&after[..end])) {
-                    Some(Value::String(v)) => out.push_str(v),
+                    Some(Value::String(v)) => {
+                        spend(budget, v.len())?;
+                        out.push_str(v)
+                    }
                     Some(Value::Null) | None => {}
-                    Some(other) => out.push_str(&other.to_string()),
+                    Some(other) => {
+                        spend(budget, json_len(other))?;
+                        out.push_str(&other.to_string())
+                    }
                 }
                 rest = &after[end + 2..];
             }
@@ -52,13 +117,26 @@ fn render_string(s: &str, doc: &Value) -> Value {
         }
     }
     out.push_str(rest);
-    Value::String(out)
+    spend(budget, s.len() + 2)?;
+    Ok(Value::String(out))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::render;
+    use super::{TooLarge, render};
     use serde_json::json;
+
+    #[test]
+    fn a_rendering_past_its_budget_is_refused_whole() {
+        let doc = json!({"data": {"blob": "x".repeat(1000)}});
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..100).map(|k| (format!("a{k}"), json!("{{data}}"))).collect();
+        assert_eq!(render(&json!(many), &doc, 64 * 1024), Err(TooLarge));
+        let embedded = json!({"note": "{{data.blob}} {{data.blob}}"});
+        assert_eq!(render(&embedded, &doc, 1500), Err(TooLarge));
+        let rendered = render(&embedded, &doc, 2100).unwrap();
+        assert_eq!(rendered["note"].as_str().unwrap().len(), 2001);
+    }
 
     #[test]
     fn whole_templates_keep_types_and_embedded_ones_interpolate() {
@@ -69,7 +147,9 @@ mod tests {
                     "note": "Extend {{data.license_id}} by {{data.days}} days ({{data.missing}})", "n": 3,
                     "list": ["{{data.tags}}"], "gone": "{{data.nope}}"}),
             &doc,
-        );
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(out["id"], "lic_1");
         assert_eq!(out["days"], 7);
         assert_eq!(out["c"], json!({"tier": "pro"}));

@@ -23,6 +23,39 @@ pub struct NewTenant {
 }
 
 /// Creates a tenant with a fresh agent-token signing key and an owner API key.
+/// Opens the master key for `db`. A key file is created only for a database without tenants (a
+/// new key for a database that has secrets would seal new ones under it and open none of the
+/// old), and a key that cannot open a tenant's sealed token key is refused, so a wrong
+/// `OPSIQ_MASTER_KEY` or key file stops the process at once instead of failing each use.
+/// Answers the key and whether its file was created.
+pub async fn open_master_key(
+    db: &Database,
+    inline: Option<&str>,
+    file: &std::path::Path,
+    may_create: bool,
+) -> anyhow::Result<(MasterKey, bool)> {
+    let sealed: Option<(String,)> = db
+        .fetch_optional(
+            "SELECT jwt_key_enc FROM tenants WHERE jwt_key_enc <> '' ORDER BY id LIMIT 1",
+            args![],
+        )
+        .await?;
+    let (keys, created) = MasterKey::load(inline, file, may_create && sealed.is_none())?;
+    if let Some((sealed,)) = sealed
+        && keys.open(&sealed).is_err()
+    {
+        anyhow::bail!(
+            "the master key ({}) does not open this database's secrets: give the key it was created with",
+            if inline.is_some() {
+                "OPSIQ_MASTER_KEY".to_string()
+            } else {
+                file.display().to_string()
+            }
+        );
+    }
+    Ok((keys, created))
+}
+
 pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Result<NewTenant, TenantError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {

@@ -111,6 +111,72 @@ async fn init_creates_a_private_master_key_file() {
     let _ = meta;
 }
 
+/// A database opens only with the master key its secrets were sealed under: no new key file is
+/// made for a database that has tenants, and a wrong key stops `serve`, `init --tenant` and
+/// `audit verify` with that reason (not with errors at each use, or a chain that looks
+/// tampered with).
+#[tokio::test]
+async fn a_database_opens_only_with_its_own_master_key() {
+    let home = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", home.path().join("keyed.db").display());
+    let out = process::opsiq()
+        .env_remove("OPSIQ_MASTER_KEY")
+        .current_dir(home.path())
+        .args(["init", "--json", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let wrong_key = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    type Case<'a> = (&'a [&'a str], Option<&'a str>, &'a str);
+    let cases: [Case; 4] = [
+        (&["serve", "--listen", "127.0.0.1:0"], None, "opsiq.key"),
+        (&["init", "--tenant", "globex"], None, "opsiq.key"),
+        (
+            &["serve", "--listen", "127.0.0.1:0"],
+            Some(wrong_key),
+            "does not open this database's secrets",
+        ),
+        (
+            &["audit", "verify"],
+            Some(wrong_key),
+            "does not open this database's secrets",
+        ),
+    ];
+    for (args, key, needle) in cases {
+        let mut cmd = process::opsiq();
+        cmd.env_remove("OPSIQ_MASTER_KEY").current_dir(elsewhere.path());
+        if let Some(key) = key {
+            cmd.env("OPSIQ_MASTER_KEY", key);
+        }
+        let out = cmd
+            .args(args)
+            .args(["--database-url", &url])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must refuse: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(
+            !elsewhere.path().join("opsiq.key").exists(),
+            "{args:?} made a key file"
+        );
+    }
+    // With its own key, from anywhere, it opens.
+    let key_file = home.path().join("opsiq.key");
+    let out = process::opsiq()
+        .env_remove("OPSIQ_MASTER_KEY")
+        .env("OPSIQ_MASTER_KEY_FILE", &key_file)
+        .current_dir(elsewhere.path())
+        .args(["audit", "verify", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[tokio::test]
 async fn nonsense_configuration_exits_non_zero_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,6 +208,24 @@ async fn nonsense_configuration_exits_non_zero_with_a_reason() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("body_limit"));
+    // A misspelt setting is named, not left at its default without a word.
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "databse_url = \"sqlite://typo.db\"\n",
+    )
+    .unwrap();
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .args(["init", "--config", "typo.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`databse_url`"),
+        "{out:?}"
+    );
+    assert!(!dir.path().join("opsiq.db").exists(), "nothing was created");
 }
 
 /// A SQLite database is served by one process (which keeps token revocations in memory on that

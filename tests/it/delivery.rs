@@ -1041,6 +1041,24 @@ async fn endpoint_urls_are_kept_as_they_are_sent(backend: Backend) {
             "{body}"
         );
     }
+    // `null` is refused rather than read as "leave it", and a pattern is listed once.
+    for (patch, path) in [
+        (json!({"url": null}), "/url"),
+        (json!({"enabled": null}), "/enabled"),
+        (json!({"event_types": null}), "/event_types"),
+        (
+            json!({"event_types": ["invoice.*", "ticket.*", "invoice.*"]}),
+            "/event_types/2",
+        ),
+    ] {
+        let (status, body) = app
+            .call(Method::PATCH, &format!("/v1/endpoints/{id}"), Some(patch.clone()))
+            .await;
+        assert_eq!(status, 422, "{patch}: {body}");
+        assert_eq!(body["error"]["details"][0]["path"], path, "{body}");
+    }
+    let (_, unchanged) = app.call(Method::GET, &format!("/v1/endpoints/{id}"), None).await;
+    assert_eq!(unchanged["version"], patched["version"], "{unchanged}");
     let long = "é".repeat(1000);
     let (status, body) = app
         .call(

@@ -819,6 +819,9 @@ async fn policy_edits_take_effect_at_once(backend: Backend) {
     let (_, got) = w.app.call(Method::GET, "/v1/policies", None).await;
     assert_eq!(got["rows"].as_array().unwrap().len(), 1);
     assert!(got["file_rows"].as_array().unwrap().len() > 3);
+    // What a GET answers can be PUT back as it is; the file rows in it are ignored.
+    let (status, again) = w.app.call(Method::PUT, "/v1/policies", Some(got.clone())).await;
+    assert_eq!((status, &again["rows"]), (200, &got["rows"]), "{again}");
     let bad = json!({"rows": [{"subject": "root", "object": "*", "effect": "allow"}, {"subject": "role:x", "object": "a b", "effect": "maybe"}]});
     let (status, body) = w.app.call(Method::PUT, "/v1/policies", Some(bad)).await;
     assert_eq!(status, 422);
@@ -981,6 +984,11 @@ async fn external_issuer_tokens(backend: Backend) {
         .call(Method::GET, "/v1/approvals?status=pending", None)
         .await;
     let approval = pending["data"][0]["id"].as_str().unwrap();
+    let (status, _) = w.app.call(Method::GET, "/v1/approvals?status=bogus", None).await;
+    assert_eq!(
+        status, 400,
+        "a status no approval has is refused, not an empty list"
+    );
     let (status, body) = w
         .app
         .call(Method::POST, &format!("/v1/approvals/{approval}/approve"), None)

@@ -345,6 +345,34 @@ async fn mcp_wire_rules(backend: Backend) {
     for version in ["2026-07-28", "2025-11-25", "2025-06-18"] {
         assert!(versions.contains(&json!(version)), "{version}: {body}");
     }
+    // Discover without the version header is told what it lacks, not asked for a session.
+    let discover =
+        json!({"jsonrpc": "2.0", "id": 13, "method": "server/discover", "params": {"_meta": meta()}});
+    let (status, body) =
+        read(post_mcp(&app, &token, &[("mcp-method", "server/discover")], discover).await).await;
+    assert_eq!((status, &body["id"]), (400, &json!(13)), "{body}");
+    assert_eq!(body["error"]["code"], -32020, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mcp-protocol-version"),
+        "{body}"
+    );
+    // `params: null` is read as absent: initialize then says what it lacks, as with `{}`.
+    for params in [json!(null), json!({})] {
+        let init = json!({"jsonrpc": "2.0", "id": 14, "method": "initialize", "params": params});
+        let (status, body) = read(post_mcp(&app, &token, &[], init).await).await;
+        assert_eq!(status, 200, "{params}: {body}");
+        assert_eq!(body["error"]["code"], -32602, "{params}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("protocolVersion"),
+            "{body}"
+        );
+    }
     // A revision spoken nowhere here is named as such, with those that are; initialize says
     // which version it wants.
     let (_, body) = read(

@@ -26,6 +26,7 @@ dual!(
     rule_changes_apply_only_at_the_version_read,
     emitted_events_keep_to_their_type_and_limits,
     an_endpoint_receives_an_event_once,
+    rules_cannot_feed_or_flood_themselves,
 );
 
 /// `If-Match` on a rule: a save or delete based on a version someone changed meanwhile is a 412
@@ -131,6 +132,28 @@ async fn subscription_patterns_fan_out(backend: Backend) {
     assert_eq!(by_path["/invoices"].len(), 2);
     assert_eq!(by_path["/paid"], vec!["invoice.paid"]);
     assert_eq!(by_path["/tickets"], vec!["ticket.created"]);
+    // The event log filters by the same patterns.
+    for (filter, expected) in [
+        ("invoice.*", vec!["invoice.voided", "invoice.paid"]),
+        ("invoice.paid", vec!["invoice.paid"]),
+        ("custom.thing", vec!["custom.thing"]),
+        ("nothing.*", vec![]),
+    ] {
+        let (status, list) = app
+            .call(Method::GET, &format!("/v1/events?type={filter}"), None)
+            .await;
+        assert_eq!(status, 200, "{list}");
+        let types: Vec<&str> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, expected, "{filter}");
+    }
+    assert_eq!(count(&app, "/v1/events?type=*").await, 4);
+    let (status, _) = app.call(Method::GET, "/v1/events?type=in%20voice", None).await;
+    assert_eq!(status, 400);
 }
 
 async fn the_catalog_validates_typed_events(backend: Backend) {
@@ -233,6 +256,26 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
             (status, body["error"]["details"][0]["path"].as_str()),
             (422, Some("/name")),
             "{reserved}: {body}"
+        );
+    }
+    // A schema no object meets would refuse every event of its type.
+    for schema in [
+        json!({"type": "string"}),
+        json!(false),
+        json!(["object"]),
+        json!({"type": ["array", "null"]}),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/v1/event-types",
+                Some(json!({"name": "never.sent", "schema": schema})),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["details"][0]["path"].as_str()),
+            (422, Some("/schema")),
+            "{schema}: {body}"
         );
     }
     let bad =
@@ -1178,4 +1221,76 @@ async fn an_endpoint_receives_an_event_once(backend: Backend) {
         "{run}"
     );
     assert!(run["outputs"][1]["note"].is_null(), "{run}");
+}
+
+/// A rule on `delivery.failed` whose own call fails runs once, not forever: the failure of a call
+/// a rule made runs no rules (a 4xx is final at once, so the loop would spin). And an output whose
+/// templates would render past the body limit is refused in the trace instead of being built.
+async fn rules_cannot_feed_or_flood_themselves(backend: Backend) {
+    let World { app, rx } = world(backend).await;
+    rx.always(400);
+    create_rule(
+        &app,
+        json!({"name": "Retry failed tickets", "when": {"event_type": "delivery.failed"},
+            "if": {"field": "data.label", "op": "eq", "value": "create_ticket"},
+            "then": [{"invoke": {"action": "create_ticket",
+                "arguments": {"customer_id": "cus_1", "subject": "retry", "body": "{{data.delivery_id}}"}}}]}),
+    )
+    .await;
+    let support = agent_token(&app, "agt_loop", &["support"], &["invoke:*"]).await;
+    let args = json!({"customer_id": "cus_1", "subject": "printer", "body": "on fire"});
+    let (status, body) = invoke(&app, &support, "create_ticket", args, Some("loop-1")).await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let failures = eventually(Duration::from_secs(30), || async {
+        let (_, list) = app
+            .call(Method::GET, "/v1/events?type=delivery.failed", None)
+            .await;
+        list["data"].as_array().filter(|d| d.len() >= 2).cloned()
+    })
+    .await;
+    let mut traces = Vec::new();
+    for failure in &failures {
+        let id = failure["id"].as_str().or(failure["event_id"].as_str()).unwrap();
+        let (_, event) = app.call(Method::GET, &format!("/v1/events/{id}"), None).await;
+        traces.push((event["data"]["invocation_id"].clone(), event["rules"].clone()));
+    }
+    let (agents, rules): (Vec<_>, Vec<_>) = traces
+        .iter()
+        .partition(|(invocation, _)| *invocation == body["invocation_id"]);
+    assert_eq!((agents.len(), rules.len()), (1, 1), "{traces:?}");
+    assert_eq!(agents[0].1[0]["matched"], true, "{traces:?}");
+    assert_eq!(
+        rules[0].1,
+        json!([]),
+        "the rule's own failure ran no rules: {traces:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rx.received().len(),
+        2,
+        "the agent's call and the rule's, nothing more"
+    );
+
+    let copies: serde_json::Map<String, Value> =
+        (0..100).map(|k| (format!("a{k}"), json!("{{data}}"))).collect();
+    create_rule(
+        &app,
+        json!({"name": "Copy everything", "when": {"event_type": "blob.sent"},
+            "then": [{"invoke": {"action": "create_ticket", "arguments": copies}}]}),
+    )
+    .await;
+    let event_id = send_event(&app, "blob.sent", json!({"blob": "x".repeat(20_000)})).await;
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+        .await;
+    let output = &event["rules"][0]["outputs"][0];
+    assert!(
+        output["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than 1048576 bytes"),
+        "{output}"
+    );
+    assert!(output["invoke"].get("arguments").is_none(), "{output}");
+    assert_eq!(output["invoke"]["action"], "create_ticket");
 }
