@@ -226,15 +226,28 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
     // The chain's key comes from the master key; without it nothing could be checked.
     // As it is: checking must not migrate (or otherwise change) what it checks.
     let db = opsiq::db::Database::connect_existing(&config.database_url).await?;
+    const UNREADABLE: &str = "cannot read the audit log; is this an OpsIQ database that `opsiq serve` or `opsiq init` has brought up to date?";
     // A wrong key would make every row look tampered with; say which it is.
-    let (keys, _) =
+    let keys =
         opsiq::tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, false)
-            .await?;
+            .await
+            .map_err(|e| {
+                if e.is::<sqlx::Error>() || e.is::<opsiq::db::DbError>() {
+                    e.context(UNREADABLE)
+                } else {
+                    e
+                }
+            });
+    let keys = match keys {
+        Ok((keys, _)) => keys,
+        Err(e) => {
+            db.close().await;
+            return Err(e);
+        }
+    };
     let report = opsiq::audit::verify(&db, keys.audit_chain_key()).await;
     db.close().await;
-    let report = report.context(
-        "cannot read the audit log; is this an OpsIQ database that `opsiq serve` or `opsiq init` has brought up to date?",
-    )?;
+    let report = report.context(UNREADABLE)?;
     match report.broken {
         None => {
             println!(

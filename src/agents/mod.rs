@@ -122,6 +122,7 @@ async fn create_agent(
     let body: CreateAgent = body.parse()?;
     let id = body.id.clone().unwrap_or_else(|| ids::new_id("agt"));
     check_word("/id", &id, "an agent id")?;
+    crate::audit::note("created", id.clone());
     if body.name.trim().is_empty() || body.name.chars().count() > 200 {
         return Err(ApiError::invalid_field("/name", "must be 1 to 200 characters"));
     }

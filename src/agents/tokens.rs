@@ -152,6 +152,8 @@ pub async fn mint(
         &EncodingKey::from_secret(&key),
     )
     .map_err(ApiError::internal)?;
+    crate::audit::note("created", claims.jti.clone());
+    crate::audit::note("scopes", scopes.to_vec());
     db.execute(
         "INSERT INTO agent_tokens (jti, tenant_id, agent_id, scopes, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
         args![&claims.jti, tenant_id, agent_id, serde_json::to_string(scopes).unwrap_or_default(), now_ms(),

@@ -86,7 +86,8 @@ struct PendingRow {
     actor: AuditActor,
     action: String,
     target: String,
-    details: String,
+    /// The request id, and what the change noted of itself (see [`note`]).
+    details: Mutex<serde_json::Map<String, Value>>,
     key: [u8; 32],
     /// Whether the transaction under way has changed a row.
     changed: AtomicBool,
@@ -95,14 +96,19 @@ struct PendingRow {
 }
 
 impl PendingRow {
-    /// The row, made by `actor` of `tenant_id`.
-    fn entry<'a>(&'a self, tenant_id: &'a str, actor: &'a str) -> Entry<'a> {
+    /// The row's details as the JSON text its hash covers.
+    fn details(&self) -> String {
+        Value::Object(self.details.lock().unwrap_or_else(|e| e.into_inner()).clone()).to_string()
+    }
+
+    /// The row, made by `actor` of `tenant_id`, with `details` from [`details`](Self::details).
+    fn entry<'a>(&'a self, tenant_id: &'a str, actor: &'a str, details: &'a str) -> Entry<'a> {
         Entry {
             tenant_id,
             actor,
             action: &self.action,
             target: &self.target,
-            details: &self.details,
+            details,
         }
     }
 
@@ -111,6 +117,17 @@ impl PendingRow {
         metrics::counter!("opsiq_audit_failures_total").increment(1);
         tracing::error!(%error, action = %self.action, target = %self.target, "writing the audit row failed; {outcome}");
     }
+}
+
+/// Adds a fact to the audit row of the change the current task is making — the id of what it
+/// creates, say, which the request path cannot name — if it makes one. Never a secret.
+pub fn note(key: &str, value: impl Into<Value>) {
+    let _ = PENDING_ROW.try_with(|p| {
+        p.details
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), value.into());
+    });
 }
 
 /// Runs `change` (to be spawned) with the audit row of the change the current task is making, so
@@ -157,7 +174,8 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
         return Ok(false);
     };
     let actor = auth.actor();
-    let entry = pending.entry(&auth.tenant_id, &actor);
+    let details = pending.details();
+    let entry = pending.entry(&auth.tenant_id, &actor, &details);
     // Statements the change deferred are sent first, so that their failures are not taken for
     // the row's.
     tx.flush().await?;
@@ -200,7 +218,10 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
         actor,
         action,
         target,
-        details: json!({"request_id": request_id}).to_string(),
+        details: Mutex::new(serde_json::Map::from_iter([(
+            "request_id".to_string(),
+            Value::from(request_id),
+        )])),
         key: *state.keys.audit_chain_key(),
         changed: AtomicBool::new(false),
         written: AtomicBool::new(false),
@@ -220,7 +241,8 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
                 return response;
             };
             let actor = auth.actor();
-            let entry = pending.entry(&auth.tenant_id, &actor);
+            let details = pending.details();
+            let entry = pending.entry(&auth.tenant_id, &actor, &details);
             if let Err(e) = append(&state.db, &pending.key, entry).await {
                 pending.report_failure(&e, "the change stands");
             }

@@ -320,8 +320,10 @@ pub async fn create(
 ) -> Result<(EndpointRow, String), DbError> {
     let now = now_ms();
     let secret = input.secret.clone().unwrap_or_else(signing::generate_secret);
+    let id = ids::new_id("ep");
+    crate::audit::note("created", id.clone());
     let row = EndpointRow {
-        id: ids::new_id("ep"),
+        id,
         tenant_id: tenant_id.to_string(),
         url: input.url.unwrap_or_default(),
         description: input.description.unwrap_or_default(),

@@ -374,6 +374,7 @@ async fn create_type(
         }
         compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
     }
+    crate::audit::note("created", body.name.clone());
     if state.catalog.builtin.contains_key(&body.name) {
         return Err(ApiError::conflict(
             "already_exists",

@@ -79,6 +79,7 @@ async fn create_action(
     auth.require(Permission::Manage)?;
     let decl: ActionDeclaration = decl.parse()?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
+    crate::audit::note("created", decl.name.clone());
     let (action, _) = store::upsert(
         &state.db,
         &auth.tenant_id,

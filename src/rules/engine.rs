@@ -105,6 +105,8 @@ pub struct CompiledRule {
     pub enabled: bool,
     /// The trigger pattern.
     pub pattern: String,
+    /// The stored rule's version (0 for a rule compiled only to check it).
+    pub version: i64,
     condition: Option<Condition>,
     /// How many comparisons the condition has (to size the trace once).
     comparisons: usize,
@@ -139,9 +141,16 @@ impl CompiledRule {
                 .and_then(Value::as_str)
                 .unwrap_or("*")
                 .to_string(),
+            version: 0,
             condition,
             outputs,
         })
+    }
+
+    /// This rule as compiled from its stored `version`.
+    pub fn at_version(mut self, version: i64) -> Self {
+        self.version = version;
+        self
     }
 
     /// The outputs as declared (before templating).
@@ -206,7 +215,7 @@ impl Evaluation {
     pub fn trace(&self) -> Value {
         // Compact on purpose: an event may be checked by hundreds of rules, and this is stored
         // with it. Reading the event expands the flags with the rule's conditions (see `expand`).
-        json!({"rule_id": self.rule.id, "matched": self.matched, "held": self.held})
+        json!({"rule_id": self.rule.id, "version": self.rule.version, "matched": self.matched, "held": self.held})
     }
 
     /// [`trace`](Self::trace) written straight to text (this runs for every rule an event
@@ -214,7 +223,11 @@ impl Evaluation {
     pub fn write_trace(&self, out: &mut String) {
         use std::fmt::Write;
         let id = serde_json::to_string(&self.rule.id).unwrap_or_else(|_| "\"\"".into());
-        let _ = write!(out, "{{\"rule_id\":{id},\"matched\":{},\"held\":[", self.matched);
+        let _ = write!(
+            out,
+            "{{\"rule_id\":{id},\"version\":{},\"matched\":{},\"held\":[",
+            self.rule.version, self.matched
+        );
         for (i, h) in self.held.iter().enumerate() {
             if i > 0 {
                 out.push(',');
@@ -226,9 +239,22 @@ impl Evaluation {
 }
 
 impl CompiledRule {
-    /// Expands a stored compact trace entry with this rule's name and conditions.
+    /// Expands a stored compact trace entry with this rule's name and conditions. A rule changed
+    /// since the entry was made (another version) is named, but its conditions are not shown:
+    /// today's would not be the ones the flags were set by.
     pub fn expand(&self, entry: &mut Value) {
         entry["name"] = self.name.clone().into();
+        if let Some(then) = entry["version"].as_i64()
+            && then != self.version
+        {
+            entry["changed_since"] = true.into();
+            entry["note"] = format!(
+                "the rule has changed since this event (version {then} then, {} now); its conditions then are not kept",
+                self.version
+            )
+            .into();
+            return;
+        }
         let held: Vec<bool> = entry["held"]
             .as_array()
             .map(|a| a.iter().map(|v| v.as_bool().unwrap_or(false)).collect())
@@ -267,7 +293,8 @@ impl CandidateSet {
 }
 
 /// The compact trace stored with an event no rule matched: the candidate set's id and, per
-/// rule, `m:hhh` (matched, then each condition held), `1`/`0`, comma-separated.
+/// rule, `m:hhh@v` (matched, then each condition held, `1`/`0`, then the rule's version),
+/// comma-separated.
 pub fn compact_trace(set: &CandidateSet, evaluations: &[Evaluation]) -> String {
     let mut flags = String::with_capacity(evaluations.len() * 8);
     for (i, e) in evaluations.iter().enumerate() {
@@ -277,6 +304,8 @@ pub fn compact_trace(set: &CandidateSet, evaluations: &[Evaluation]) -> String {
         flags.push(if e.matched { '1' } else { '0' });
         flags.push(':');
         flags.extend(e.held.iter().map(|h| if *h { '1' } else { '0' }));
+        flags.push('@');
+        flags.push_str(&e.rule.version.to_string());
     }
     json!({"set": set.id, "flags": flags}).to_string()
 }
@@ -296,9 +325,18 @@ pub fn expand_compact(rule_ids: &[String], flags: &str) -> Option<Vec<Value>> {
         .iter()
         .zip(per_rule)
         .map(|(id, f)| {
-            let (matched, held) = f.split_once(':')?;
+            let (matched, rest) = f.split_once(':')?;
+            // Traces from before versions were kept have no `@version`.
+            let (held, version) = match rest.split_once('@') {
+                Some((held, version)) => (held, Some(version.parse::<i64>().ok()?)),
+                None => (rest, None),
+            };
             let held: Vec<bool> = held.chars().map(|c| c == '1').collect();
-            Some(json!({"rule_id": id, "matched": matched == "1", "held": held}))
+            let mut entry = json!({"rule_id": id, "matched": matched == "1", "held": held});
+            if let Some(version) = version {
+                entry["version"] = version.into();
+            }
+            Some(entry)
         })
         .collect()
 }
@@ -424,7 +462,7 @@ mod tests {
         let rules: Vec<CompiledRule> = definitions
             .iter()
             .enumerate()
-            .map(|(i, d)| rule(&format!("rul_{i}"), d.clone()))
+            .map(|(i, d)| rule(&format!("rul_{i}"), d.clone()).at_version(i as i64 + 1))
             .collect();
         let one_by_one: Vec<Arc<CompiledRule>> = rules.iter().cloned().map(Arc::new).collect();
         let set = RuleSet::new(rules);
@@ -460,12 +498,30 @@ mod tests {
         let candidates = set.candidate_set("ticket.created");
         assert_eq!(candidates.rule_ids, ["rul_0", "rul_1", "rul_2"]);
         let compact: Value = serde_json::from_str(&compact_trace(&candidates, &evaluations)).expect("JSON");
-        assert_eq!(compact["flags"], "1:10,0:000,1:");
+        assert_eq!(compact["flags"], "1:10@1,0:000@2,1:@3");
         let expanded = expand_compact(&candidates.rule_ids, compact["flags"].as_str().expect("flags"));
         assert_eq!(
             expanded,
             Some(evaluations.iter().map(Evaluation::trace).collect())
         );
         assert_eq!(expand_compact(&candidates.rule_ids[..2], "1:10,0:000,1:"), None);
+        // Traces stored before versions were kept read back without one.
+        let old = expand_compact(&candidates.rule_ids, "1:10,0:000,1:").expect("fits");
+        assert_eq!(
+            old[0],
+            json!({"rule_id": "rul_0", "matched": true, "held": [true, false]})
+        );
+
+        // A trace names today's conditions only while the rule is still at its version.
+        let mut entry = evaluations[0].trace();
+        one_by_one[0].expand(&mut entry);
+        assert_eq!(entry["conditions"].as_array().map(Vec::len), Some(2), "{entry}");
+        let mut entry = evaluations[0].trace();
+        one_by_one[0].as_ref().clone().at_version(9).expand(&mut entry);
+        assert_eq!(
+            (entry.get("conditions"), &entry["changed_since"]),
+            (None, &json!(true)),
+            "{entry}"
+        );
     }
 }

@@ -125,6 +125,7 @@ async fn create_rule(
     let body: Value = body.parse()?;
     let definition = definition_of(body);
     let id = ids::new_id("rul");
+    crate::audit::note("created", id.clone());
     let rule = check_rule(&state, &auth.tenant_id, &id, &definition).await?;
     let now = now_ms();
     state

@@ -211,6 +211,8 @@ async fn create_key(
         return Err(ApiError::invalid_field("/name", "must be 1 to 100 characters"));
     }
     let (row, secret) = new_key_row(&auth.tenant_id, body.name.trim(), body.role);
+    crate::audit::note("created", row.id.clone());
+    crate::audit::note("role", body.role.as_str());
     let mut tx = state.db.begin().await?;
     insert_key(&mut tx, &row).await?;
     tx.commit().await?;

@@ -401,6 +401,8 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     );
     assert_eq!(log[0]["target"], path.as_str());
     assert_eq!(log[0]["details"], json!({"request_id": "req-delete-1"}));
+    // A create's row names what it created, which its path cannot.
+    assert_eq!(log[4]["details"]["created"], id.as_str(), "{}", log[4]);
     let seqs: Vec<i64> = log.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, [5, 4, 3, 2, 1]);
     for pair in log.windows(2) {
@@ -436,6 +438,14 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     assert_eq!(app.call_as(&viewer, Method::GET, "/v1/audit", None).await.0, 403);
     let (_, page) = app.call(Method::GET, "/v1/audit?limit=1", None).await;
     assert_eq!(rows(&page)[0]["action"], "POST /v1/api-keys");
+    // Which key, and with which role (never the key itself).
+    let newest = &rows(&page)[0];
+    assert!(
+        newest["details"]["created"].as_str().unwrap().starts_with("key_"),
+        "{newest}"
+    );
+    assert_eq!(newest["details"]["role"], "viewer", "{newest}");
+    assert!(!newest.to_string().contains(&viewer), "no secret in the log");
 
     let (ok, stdout, stderr) = audit_verify(&app).await;
     assert!(ok, "{stdout} {stderr}");

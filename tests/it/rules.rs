@@ -445,6 +445,23 @@ async fn conditions_are_evaluated_and_traced(backend: Backend) {
         [&json!(false), &json!(true), &json!(true), &json!(false)],
         "{event}"
     );
+    // Once the rule changes, a trace no longer shows today's conditions as if they were then.
+    let (_, mut stored) = app.call(Method::GET, &format!("/v1/rules/{rule_id}"), None).await;
+    stored["name"] = "Renamed".into();
+    let (status, body) = app
+        .call(Method::PUT, &format!("/v1/rules/{rule_id}"), Some(stored))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for id in [&matching, &wrong_tier] {
+        let (_, event) = app.call(Method::GET, &format!("/v1/events/{id}"), None).await;
+        let trace = &event["rules"][0];
+        assert_eq!(
+            (&trace["changed_since"], trace.get("conditions")),
+            (&json!(true), None),
+            "{event}"
+        );
+        assert_eq!(trace["held"].as_array().map(Vec::len), Some(4), "{event}");
+    }
     // Events no rule is triggered by carry no trace.
     let other = send_event(
         &app,
