@@ -682,7 +682,7 @@ async fn malformed_rules_are_refused(backend: Backend) {
                 json!({"field": "data.x", "op": "approximately", "value": 1}),
                 ok_then.clone(),
             ),
-            "/if",
+            "/if/op",
         ),
         (
             base(
@@ -703,9 +703,23 @@ async fn malformed_rules_are_refused(backend: Backend) {
                 json!({"field": "data.x", "op": "in", "value": "not-a-list"}),
                 ok_then.clone(),
             ),
-            "/if",
+            "/if/value",
         ),
-        (base(json!({"all": []}), ok_then.clone()), "/if"),
+        (base(json!({"all": []}), ok_then.clone()), "/if/all"),
+        (
+            base(
+                json!({"any": [{"field": "", "op": "eq", "value": 1}]}),
+                ok_then.clone(),
+            ),
+            "/if/any/0/field",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                json!([{"invoke": {"action": "create_ticket", "args": {}}}]),
+            ),
+            "/then/0/invoke",
+        ),
         (
             // Seventeen regexes, spread over nested groups (each group holds at most 50 items).
             base(
@@ -756,6 +770,8 @@ async fn malformed_rules_are_refused(backend: Backend) {
                 .any(|d| d["path"].as_str().unwrap().starts_with(path)),
             "{rule}: expected {path} in {body}"
         );
+        // Each problem is told in the form the rule meant, not as "none of the forms fit".
+        assert!(!body.to_string().contains("oneOf"), "{body}");
     }
     assert_eq!(count(&app, "/v1/rules").await, 0, "nothing half-written");
     let (status, _) = app.call(Method::GET, "/v1/rules/rul_nope", None).await;
