@@ -543,7 +543,7 @@ async fn preview(
             let signed = sign_preview(
                 &state,
                 &endpoint,
-                &delivery_id,
+                (&delivery_id, None),
                 Carries::Event(&event.event_type),
                 &request_body,
                 now,
@@ -587,7 +587,7 @@ async fn preview(
             let signed = sign_preview(
                 &state,
                 &endpoint,
-                &delivery_id,
+                (&delivery_id, None),
                 Carries::Action(&call.name),
                 &request_body,
                 now,
@@ -601,11 +601,13 @@ async fn preview(
     }
 }
 
-/// The exact request an endpoint would receive for `body`, signed with its current secrets.
+/// The exact request an endpoint would receive for `body`, signed with its current secrets;
+/// `idempotency_key` is the one a real delivery would carry, derived from the delivery id when
+/// not given (as for events).
 pub fn sign_preview(
     state: &AppState,
     endpoint: &endpoints::EndpointRow,
-    delivery_id: &str,
+    (delivery_id, idempotency_key): (&str, Option<String>),
     carries: Carries<'_>,
     body: &str,
     now: i64,
@@ -615,7 +617,7 @@ pub fn sign_preview(
     let parsed = reqwest::Url::parse(&endpoint.url).ok();
     let target = parsed.as_ref().map(signing::request_target).unwrap_or_default();
     let nonce = signing::generate_nonce();
-    let idempotency_key = format!("idem_{}", &delivery_id[4..]);
+    let idempotency_key = idempotency_key.unwrap_or_else(|| format!("idem_{}", &delivery_id[4..]));
     let headers = signing::signed_headers(
         endpoint.scheme(),
         &secret_refs,

@@ -186,6 +186,12 @@ impl Checked {
     }
 }
 
+/// The idempotency key of the call a rule's `n`th output makes for an event: one call per event
+/// and output, however often the event is recorded.
+pub fn rule_call_key(event_id: &str, n: usize) -> String {
+    format!("{event_id}:{n}")
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn apply_output(
     tx: &mut Tx,
@@ -238,7 +244,7 @@ async fn apply_output(
             Ok((result, jobs))
         }
         Output::Invoke { action, arguments } => {
-            let key = format!("{event_id}:{n}");
+            let key = rule_call_key(event_id, n);
             let outcome = crate::gateway::invoke::invoke_for_rule(
                 tx,
                 &ctx.validators,

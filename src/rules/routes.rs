@@ -352,7 +352,11 @@ async fn dry_run(
     let matched = triggered && held;
     let mut outputs = Vec::new();
     if matched {
-        for output in rule.render_outputs(&doc, state.config.body_limit) {
+        for (n, output) in rule
+            .render_outputs(&doc, state.config.body_limit)
+            .into_iter()
+            .enumerate()
+        {
             let output = match output {
                 Ok(output) => output,
                 Err(refused) => {
@@ -368,7 +372,7 @@ async fn dry_run(
                     &event.event_type,
                     &event.data,
                     now,
-                    &output,
+                    (n, &output),
                 )
                 .await?,
             );
@@ -393,7 +397,7 @@ async fn preview_output(
     event_type: &str,
     data: &Value,
     now: i64,
-    output: &Output,
+    (n, output): (usize, &Output),
 ) -> ApiResult<Value> {
     let mut out = output.describe();
     match output {
@@ -413,7 +417,7 @@ async fn preview_output(
             out["request"] = crate::delivery::routes::sign_preview(
                 state,
                 &ep,
-                &ids::new_id("dlv"),
+                (&ids::new_id("dlv"), None),
                 Carries::Event(event_type),
                 &body,
                 now,
@@ -476,12 +480,20 @@ async fn preview_output(
             if let Some(reason) = approval_reason {
                 out["approval_reason"] = reason.into();
             }
+            let invocation_id = ids::new_id("inv");
             let body =
-                crate::gateway::invoke::action_request_body(&ids::new_id("inv"), &a, arguments, &caller, now);
+                crate::gateway::invoke::action_request_body(&invocation_id, &a, arguments, &caller, now);
+            // The key the rule's real call on this event would carry (see `apply_output`).
+            let key = crate::gateway::invoke::derived_key(
+                tenant_id,
+                &caller.principal(),
+                Some(&crate::rules::apply::rule_call_key(event_id, n)),
+                &invocation_id,
+            );
             out["request"] = crate::delivery::routes::sign_preview(
                 state,
                 &ep,
-                &ids::new_id("dlv"),
+                (&ids::new_id("dlv"), Some(key)),
                 Carries::Action(action),
                 &body,
                 now,
@@ -505,7 +517,7 @@ async fn preview_output(
                     requests.push(crate::delivery::routes::sign_preview(
                         state,
                         &ep,
-                        &ids::new_id("dlv"),
+                        (&ids::new_id("dlv"), None),
                         Carries::Event(emitted),
                         &body,
                         now,

@@ -876,6 +876,30 @@ async fn dry_runs_send_and_write_nothing(backend: Backend) {
         escalations.received().is_empty() && rx.received().is_empty(),
         "a dry run sends nothing"
     );
+    // A dry run on the event a real run had shows the very Idempotency-Key the call carried.
+    let event_id = send_event(&app, "ticket.created", sample["data"].clone()).await;
+    let sent = rx.wait_for(1).await;
+    let mut replayed = sample.clone();
+    replayed["id"] = event_id.clone().into();
+    let (status, dry) = app
+        .call(
+            Method::POST,
+            &format!("/v1/rules/{rule_id}/test"),
+            Some(json!({"event": replayed})),
+        )
+        .await;
+    assert_eq!(status, 200, "{dry}");
+    let previewed = dry["outputs"][1]["request"]["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        previewed.as_ref().and_then(Value::as_str),
+        sent[0].header("idempotency-key"),
+        "{dry}"
+    );
 
     // A dry run judges an invoke as the real call would be: a disabled action fails, a guard
     // denies or holds the call for approval, and only what would be sent shows a request.
