@@ -294,7 +294,10 @@ fn check_data(
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/event-types", get(list_types).post(create_type))
-        .route("/v1/event-types/{name}", get(get_type))
+        .route(
+            "/v1/event-types/{name}",
+            get(get_type).patch(update_type).delete(delete_type),
+        )
 }
 
 fn describe(t: &EventType, builtin: bool) -> Value {
@@ -348,32 +351,7 @@ async fn create_type(
     auth.require(Permission::Manage)?;
     let body: EventType = body.parse()?;
     super::check_own_event_type(&body.name).map_err(|m| ApiError::invalid_field("/name", m))?;
-    if body.description.chars().count() > 2000 {
-        return Err(ApiError::invalid_field(
-            "/description",
-            "must be at most 2000 characters",
-        ));
-    }
-    if let Some(schema) = &body.schema {
-        // An event's data is an object: a schema that takes none would refuse every event.
-        let takes_objects = match schema {
-            Value::Bool(takes) => *takes,
-            Value::Object(s) => match s.get("type") {
-                None => true,
-                Some(Value::String(t)) => t == "object",
-                Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
-                Some(_) => false,
-            },
-            _ => false,
-        };
-        if !takes_objects {
-            return Err(ApiError::invalid_field(
-                "/schema",
-                "must be a JSON Schema for an object (an event's data is always one)",
-            ));
-        }
-        compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
-    }
+    check_type_fields(&body.description, body.schema.as_ref())?;
     crate::audit::note("created", body.name.clone());
     if state.catalog.builtin.contains_key(&body.name) {
         return Err(ApiError::conflict(
@@ -406,6 +384,149 @@ async fn create_type(
     let mut out = describe(&body, false);
     out["created_at"] = rfc3339(now_ms()).into();
     Ok((StatusCode::CREATED, axum::Json(out)))
+}
+
+/// Checks what a tenant may say of its own event type: a description of at most 2000 characters
+/// and a schema, if any, that compiles and takes objects.
+fn check_type_fields(description: &str, schema: Option<&Value>) -> Result<(), ApiError> {
+    if description.chars().count() > 2000 {
+        return Err(ApiError::invalid_field(
+            "/description",
+            "must be at most 2000 characters",
+        ));
+    }
+    let Some(schema) = schema else {
+        return Ok(());
+    };
+    // An event's data is an object: a schema that takes none would refuse every event.
+    let takes_objects = match schema {
+        Value::Bool(takes) => *takes,
+        Value::Object(s) => match s.get("type") {
+            None => true,
+            Some(Value::String(t)) => t == "object",
+            Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+            Some(_) => false,
+        },
+        _ => false,
+    };
+    if !takes_objects {
+        return Err(ApiError::invalid_field(
+            "/schema",
+            "must be a JSON Schema for an object (an event's data is always one)",
+        ));
+    }
+    compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
+    Ok(())
+}
+
+/// What `PATCH /v1/event-types/{name}` may change; a `schema` of `null` removes the schema.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventTypeChange {
+    #[serde(default, deserialize_with = "present")]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "present_or_null")]
+    schema: Option<Option<Value>>,
+}
+
+/// A field that, when present, may not be `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("must not be null"))
+}
+
+/// A field present as a value or as `null` (`Some(None)`); absent is `None` by `default`.
+fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
+    // `Value` reads `null` as `Value::Null`.
+    Value::deserialize(d).map(|v| Some(Some(v).filter(|v| !v.is_null())))
+}
+
+/// A tenant's own event type as stored, or why it cannot be changed.
+async fn own_type(state: &AppState, tenant_id: &str, name: &str) -> Result<EventType, ApiError> {
+    if state.catalog.builtin.contains_key(name) {
+        return Err(ApiError::conflict(
+            "builtin_event_type",
+            "built-in event types cannot be changed or deleted",
+        ));
+    }
+    let row: Option<(String, Option<String>)> = state
+        .db
+        .fetch_optional(
+            "SELECT description, schema FROM event_types WHERE tenant_id = $1 AND name = $2",
+            args![tenant_id, name],
+        )
+        .await?;
+    let (description, schema) = row.ok_or_else(|| ApiError::not_found("event type"))?;
+    let schema = schema
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(DbError::from)?;
+    Ok(EventType {
+        name: name.to_string(),
+        description,
+        schema,
+    })
+}
+
+async fn update_type(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    UrlPath(name): UrlPath<String>,
+    body: JsonBody,
+) -> ApiResult<axum::Json<Value>> {
+    auth.require(Permission::Manage)?;
+    let change: EventTypeChange = body.parse()?;
+    let mut declared = own_type(&state, &auth.tenant_id, &name).await?;
+    if let Some(description) = change.description {
+        declared.description = description;
+    }
+    // Only a new schema is checked: one stored earlier stands until it is replaced.
+    check_type_fields(
+        &declared.description,
+        change.schema.as_ref().and_then(Option::as_ref),
+    )?;
+    if let Some(schema) = change.schema {
+        declared.schema = schema;
+    }
+    let updated = state
+        .db
+        .execute(
+            "UPDATE event_types SET description = $1, schema = $2 WHERE tenant_id = $3 AND name = $4",
+            args![
+                &declared.description,
+                declared.schema.as_ref().map(Value::to_string),
+                &auth.tenant_id,
+                &name
+            ],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(ApiError::not_found("event type"));
+    }
+    state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
+    Ok(axum::Json(describe(&declared, false)))
+}
+
+async fn delete_type(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    auth.require(Permission::Manage)?;
+    own_type(&state, &auth.tenant_id, &name).await?;
+    let deleted = state
+        .db
+        .execute(
+            "DELETE FROM event_types WHERE tenant_id = $1 AND name = $2",
+            args![&auth.tenant_id, &name],
+        )
+        .await?;
+    if deleted == 0 {
+        return Err(ApiError::not_found("event type"));
+    }
+    state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Holds a sample event (a rule's dry run, a preview) to what the gateway would deliver: a

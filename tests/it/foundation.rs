@@ -661,6 +661,7 @@ async fn authentication_and_roles(backend: Backend) {
         (Method::POST, "/v1/actions"),
         (Method::POST, "/v1/agents"),
         (Method::POST, "/v1/event-types"),
+        (Method::PATCH, "/v1/event-types/order.placed"),
         (Method::POST, "/v1/api-keys"),
         (Method::POST, "/v1/preview"),
         (Method::POST, "/v1/endpoints"),

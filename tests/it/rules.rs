@@ -336,6 +336,70 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
             .0,
         404
     );
+    // A custom type can be changed (its schema replaced or removed) and deleted; built-in ones
+    // cannot, and nothing is changed by a refused request.
+    let path = "/v1/event-types/order.shipped";
+    let new_schema = json!({"type": "object", "required": ["order_id", "carrier"]});
+    let (status, changed) = app
+        .call(
+            Method::PATCH,
+            path,
+            Some(json!({"schema": new_schema, "description": "Left us"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &changed["schema"], &changed["description"]),
+        (200, &new_schema, &json!("Left us")),
+        "{changed}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        (post("order.shipped", json!({"order_id": "o2"})).await.0 == 422).then_some(())
+    })
+    .await;
+    for (bad, at) in [
+        (json!({"schema": {"type": "string"}}), "/schema"),
+        (json!({"description": null}), "/description"),
+        (json!({"name": "renamed"}), "/"),
+    ] {
+        let (status, body) = app.call(Method::PATCH, path, Some(bad.clone())).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert!(
+            body["error"]["details"][0]["path"]
+                .as_str()
+                .unwrap()
+                .starts_with(at),
+            "{bad}: {body}"
+        );
+    }
+    let (status, cleared) = app.call(Method::PATCH, path, Some(json!({"schema": null}))).await;
+    assert_eq!(
+        (status, &cleared["schema"], &cleared["description"]),
+        (200, &Value::Null, &json!("Left us")),
+        "{cleared}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        (post("order.shipped", json!({"anything": 1})).await.0 == 202).then_some(())
+    })
+    .await;
+    for (method, builtin) in [
+        (Method::PATCH, "invoice.paid"),
+        (Method::DELETE, "action.invoked"),
+    ] {
+        let body = (method == Method::PATCH).then(|| json!({"description": "mine"}));
+        let (status, answer) = app
+            .call(method, &format!("/v1/event-types/{builtin}"), body)
+            .await;
+        assert_eq!(status, 409, "{builtin}: {answer}");
+    }
+    assert_eq!(app.call(Method::DELETE, path, None).await.0, 204);
+    assert_eq!(app.call(Method::GET, path, None).await.0, 404);
+    assert_eq!(app.call(Method::DELETE, path, None).await.0, 404);
+    assert_eq!(
+        app.call(Method::PATCH, "/v1/event-types/never.declared", Some(json!({})))
+            .await
+            .0,
+        404
+    );
 }
 
 async fn create_rule(app: &TestApp, rule: Value) -> String {
