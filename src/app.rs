@@ -100,9 +100,7 @@ impl AppState {
     /// first, to refuse a contended database before starting anything).
     pub async fn open_locked(config: Config, server_lock: crate::db::ServerLock) -> anyhow::Result<Self> {
         crate::crypto::install_tls_provider();
-        if let Some(inline) = &config.master_key {
-            MasterKey::from_base64(inline)?;
-        }
+        check_inline_master_key(&config)?;
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;
@@ -335,13 +333,18 @@ pub async fn serve(
     served
 }
 
-/// `opsiq init`: creates the database (and master key file) if needed, then a tenant with an
-/// owner key. Without `tenant`, creates "default" and refuses if it already exists.
-pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenants::NewTenant> {
-    // A key that will not do is refused before a database file is made for it.
+/// Refuses a malformed `OPSIQ_MASTER_KEY` before a database file is made for it.
+fn check_inline_master_key(config: &Config) -> anyhow::Result<()> {
     if let Some(inline) = &config.master_key {
         MasterKey::from_base64(inline)?;
     }
+    Ok(())
+}
+
+/// `opsiq init`: creates the database (and master key file) if needed, then a tenant with an
+/// owner key. Without `tenant`, creates "default" and refuses if it already exists.
+pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenants::NewTenant> {
+    check_inline_master_key(config)?;
     let db = Database::connect(&config.database_url)
         .await
         .with_context(|| "cannot open the database")?;

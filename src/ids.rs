@@ -19,11 +19,6 @@ pub fn after_all(prefix: &str) -> String {
     format!("{prefix}_g")
 }
 
-/// Answers whether `id` looks like one of ours with this prefix (cheap guard before a query).
-pub fn has_prefix(id: &str, prefix: &str) -> bool {
-    id.len() <= 128 && id.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('_'))
-}
-
 /// Answers whether `id` is shaped exactly like [`new_id`] makes them with this prefix.
 pub fn is_well_formed(id: &str, prefix: &str) -> bool {
     id.strip_prefix(prefix)
@@ -38,8 +33,9 @@ mod tests {
         let a = super::new_id("evt");
         let b = super::new_id("evt");
         assert!(a < b, "{a} !< {b}");
-        assert!(super::has_prefix(&a, "evt"));
-        assert!(!super::has_prefix(&a, "ev"));
+        assert!(super::is_well_formed(&a, "evt"));
+        assert!(!super::is_well_formed(&a, "ev"));
+        assert!(!super::is_well_formed("evt_", "evt") && !super::is_well_formed(&format!("{a}0"), "evt"));
         let now = crate::db::now_ms();
         assert!(super::time_floor("evt", now - 5) <= a && a < super::time_floor("evt", now + 5));
         assert!(b < super::after_all("evt"));

@@ -305,7 +305,8 @@ fn verify(args: VerifyArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("invalid: {} ({e})", e.reason());
+            // A refusal, like every failing command's reason, goes to stderr.
+            eprintln!("invalid: {} ({e})", e.reason());
             ExitCode::FAILURE
         }
     }

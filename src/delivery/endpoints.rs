@@ -255,8 +255,6 @@ pub fn check_input(input: &mut EndpointInput, creating: bool, allow_private: boo
         for (i, p) in patterns.iter().enumerate() {
             if let Err(m) = check_pattern(p) {
                 push(&format!("/event_types/{i}"), m);
-            } else if patterns[..i].contains(p) {
-                push(&format!("/event_types/{i}"), format!("`{p}` is listed twice"));
             }
         }
     }
@@ -287,6 +285,12 @@ pub fn check_input(input: &mut EndpointInput, creating: bool, allow_private: boo
     }
     if normalized.is_some() {
         input.url = normalized;
+    }
+    // A pattern listed twice is kept once (endpoints saved before this held repeats, and an
+    // edit sends back what it read).
+    if let Some(patterns) = &mut input.event_types {
+        let mut seen = std::collections::HashSet::new();
+        patterns.retain(|p| seen.insert(p.clone()));
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::http::{
     AdminAuth, ApiError, ApiResult, ErrorDetail, JsonBody, Page, PageQuery, Path as UrlPath, Permission,
     Query,
 };
-use crate::registry::model::{compile_schema, schema_errors};
+use crate::registry::model::{compile_new_schema, compile_schema, schema_errors};
 use crate::{AppState, args};
 
 /// One event type.
@@ -123,7 +123,7 @@ impl Known {
         check_event_type(&declared.name).map_err(fail)?;
         let validator = match &declared.schema {
             Some(s) => Some(Arc::new(
-                compile_schema(s).map_err(|(at, m)| fail(format!("schema{at}: {m}")))?,
+                compile_new_schema(s).map_err(|(at, m)| fail(format!("schema{at}: {m}")))?,
             )),
             None => None,
         };
@@ -415,7 +415,7 @@ fn check_type_fields(description: &str, schema: Option<&Value>) -> Result<(), Ap
             "must be a JSON Schema for an object (an event's data is always one)",
         ));
     }
-    compile_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
+    compile_new_schema(schema).map_err(|(at, m)| ApiError::invalid_field(&format!("/schema{at}"), m))?;
     Ok(())
 }
 
@@ -442,21 +442,24 @@ fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Opti
     Value::deserialize(d).map(|v| Some(Some(v).filter(|v| !v.is_null())))
 }
 
-/// A tenant's own event type as stored, or why it cannot be changed.
-async fn own_type(state: &AppState, tenant_id: &str, name: &str) -> Result<EventType, ApiError> {
+/// A tenant's own event type as stored (locked until `tx` ends), or why it cannot be changed.
+async fn own_type(
+    state: &AppState,
+    tx: &mut crate::db::Tx,
+    tenant_id: &str,
+    name: &str,
+) -> Result<EventType, ApiError> {
     if state.catalog.builtin.contains_key(name) {
         return Err(ApiError::conflict(
             "builtin_event_type",
             "built-in event types cannot be changed or deleted",
         ));
     }
-    let row: Option<(String, Option<String>)> = state
-        .db
-        .fetch_optional(
-            "SELECT description, schema FROM event_types WHERE tenant_id = $1 AND name = $2",
-            args![tenant_id, name],
-        )
-        .await?;
+    let select = crate::db::locking(
+        tx,
+        "SELECT description, schema FROM event_types WHERE tenant_id = $1 AND name = $2",
+    );
+    let row: Option<(String, Option<String>)> = tx.fetch_optional(select, args![tenant_id, name]).await?;
     let (description, schema) = row.ok_or_else(|| ApiError::not_found("event type"))?;
     let schema = schema
         .map(|s| serde_json::from_str(&s))
@@ -477,7 +480,9 @@ async fn update_type(
 ) -> ApiResult<axum::Json<Value>> {
     auth.require(Permission::Manage)?;
     let change: EventTypeChange = body.parse()?;
-    let mut declared = own_type(&state, &auth.tenant_id, &name).await?;
+    // Read, change and write on a locked row: two changes of different fields both stand.
+    let mut tx = state.db.begin().await?;
+    let mut declared = own_type(&state, &mut tx, &auth.tenant_id, &name).await?;
     if let Some(description) = change.description {
         declared.description = description;
     }
@@ -489,21 +494,17 @@ async fn update_type(
     if let Some(schema) = change.schema {
         declared.schema = schema;
     }
-    let updated = state
-        .db
-        .execute(
-            "UPDATE event_types SET description = $1, schema = $2 WHERE tenant_id = $3 AND name = $4",
-            args![
-                &declared.description,
-                declared.schema.as_ref().map(Value::to_string),
-                &auth.tenant_id,
-                &name
-            ],
-        )
-        .await?;
-    if updated == 0 {
-        return Err(ApiError::not_found("event type"));
-    }
+    tx.execute(
+        "UPDATE event_types SET description = $1, schema = $2 WHERE tenant_id = $3 AND name = $4",
+        args![
+            &declared.description,
+            declared.schema.as_ref().map(Value::to_string),
+            &auth.tenant_id,
+            &name
+        ],
+    )
+    .await?;
+    tx.commit().await?;
     state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
     Ok(axum::Json(describe(&declared, false)))
 }
@@ -514,17 +515,14 @@ async fn delete_type(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require(Permission::Manage)?;
-    own_type(&state, &auth.tenant_id, &name).await?;
-    let deleted = state
-        .db
-        .execute(
-            "DELETE FROM event_types WHERE tenant_id = $1 AND name = $2",
-            args![&auth.tenant_id, &name],
-        )
-        .await?;
-    if deleted == 0 {
-        return Err(ApiError::not_found("event type"));
-    }
+    let mut tx = state.db.begin().await?;
+    own_type(&state, &mut tx, &auth.tenant_id, &name).await?;
+    tx.execute(
+        "DELETE FROM event_types WHERE tenant_id = $1 AND name = $2",
+        args![&auth.tenant_id, &name],
+    )
+    .await?;
+    tx.commit().await?;
     state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
     Ok(StatusCode::NO_CONTENT)
 }

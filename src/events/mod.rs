@@ -22,12 +22,11 @@ pub fn check_event_type(name: &str) -> Result<(), String> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
-        && !name.starts_with('.')
-        && !name.ends_with('.');
+        && name.split('.').all(|part| !part.is_empty());
     if ok {
         Ok(())
     } else {
-        Err("must be 1 to 128 characters from A-Z, a-z, 0-9, `.`, `_`, `-` and `:`, like invoice.paid".into())
+        Err("must be 1 to 128 characters from A-Z, a-z, 0-9, `.`, `_`, `-` and `:`, with no empty part between dots, like invoice.paid".into())
     }
 }
 

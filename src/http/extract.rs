@@ -69,33 +69,56 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
             "the request body is not valid UTF-8",
         ));
     }
-    check_depth(&bytes, state.config.max_json_depth)?;
-    check_no_nul(&bytes)?;
+    check_json_text(&bytes, state.config.max_json_depth)?;
     Ok(bytes)
 }
 
-/// Refuses an escaped NUL (`\u0000`) anywhere in a JSON text. PostgreSQL's text cannot hold one,
-/// so a name with it would fail there as a 500 while SQLite kept it: it is refused alike on both.
-pub fn check_no_nul(bytes: &[u8]) -> Result<(), ApiError> {
-    // Backslashes occur only inside strings; one that is not itself escaped starts an escape.
-    let mut escaping = false;
+/// Checks JSON text before it is parsed, in one pass: nested no deeper than `max_depth` (see
+/// [`check_depth`]), and with no escaped NUL (`\u0000`) anywhere. PostgreSQL's text cannot
+/// hold a NUL, so a name with one would fail there as a 500 while SQLite kept it: it is refused
+/// alike on both.
+pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
     for (i, &b) in bytes.iter().enumerate() {
-        if escaping {
-            escaping = false;
-            if b == b'u' && bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) {
-                return Err(ApiError::validation(
-                    "the request body holds a NUL character",
-                    vec![ErrorDetail {
-                        path: "/".into(),
-                        message: "text may not contain the NUL character (\\u0000)".into(),
-                    }],
-                ));
+        if in_string {
+            match (escaped, b) {
+                (true, b'u') if bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) => {
+                    return Err(ApiError::validation(
+                        "the request body holds a NUL character",
+                        vec![ErrorDetail {
+                            path: "/".into(),
+                            message: "text may not contain the NUL character (\\u0000)".into(),
+                        }],
+                    ));
+                }
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
             }
-        } else if b == b'\\' {
-            escaping = true;
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(too_deep(max_depth));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
     Ok(())
+}
+
+fn too_deep(max_depth: usize) -> ApiError {
+    ApiError::bad_request(
+        "nesting_too_deep",
+        format!("the JSON body is nested deeper than {max_depth} levels"),
+    )
 }
 
 /// 413 with the limit named.
@@ -199,10 +222,7 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Err(ApiError::bad_request(
-                        "nesting_too_deep",
-                        format!("the JSON body is nested deeper than {max_depth} levels"),
-                    ));
+                    return Err(too_deep(max_depth));
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
@@ -327,11 +347,18 @@ mod tests {
 
     #[test]
     fn escaped_nul_is_found_but_an_escaped_backslash_is_not_one() {
-        assert!(check_no_nul(br#"{"a":"x\u0000"}"#).is_err());
-        assert!(check_no_nul(br#"{"a":"\\\u0000"}"#).is_err());
-        assert!(check_no_nul(br#"{"a":"\\u0000"}"#).is_ok());
-        assert!(check_no_nul(br#"{"a":"\u00001"}"#).is_err());
-        assert!(check_no_nul(br#"{"a":"\u0001 u0000"}"#).is_ok());
+        let check = |text: &[u8]| check_json_text(text, 8);
+        assert!(check(br#"{"a":"x\u0000"}"#).is_err());
+        assert!(check(br#"{"a\u0000":1}"#).is_err());
+        assert!(check(br#"{"a":"\\\u0000"}"#).is_err());
+        assert!(check(br#"{"a":"\\u0000"}"#).is_ok());
+        assert!(check(br#"{"a":"\u00001"}"#).is_err());
+        assert!(check(br#"{"a":"\u0001 u0000"}"#).is_ok());
+        assert!(check(br#"{"a":"\"\\u0000[[[[[[[[[["}"#).is_ok());
+        assert_eq!(
+            check(b"[[[[[[[[[1]]]]]]]]]").unwrap_err().code,
+            "nesting_too_deep"
+        );
     }
 
     #[test]

@@ -102,18 +102,13 @@ async fn handle(
             );
         }
     };
-    // Nested deeper than any API body may be: refused before it is parsed, as everywhere.
-    if crate::http::extract::check_depth(&body, state.config.max_json_depth).is_err() {
+    // Nested deeper than any API body may be, or holding a NUL: refused before it is parsed,
+    // as everywhere.
+    if let Err(e) = crate::http::extract::check_json_text(&body, state.config.max_json_depth) {
         return rpc_error_response(
             StatusCode::BAD_REQUEST,
             Value::Null,
-            &RpcError::new(
-                codes::INVALID_REQUEST,
-                format!(
-                    "the request nests deeper than {} levels",
-                    state.config.max_json_depth
-                ),
-            ),
+            &RpcError::new(codes::INVALID_REQUEST, e.message),
         );
     }
     match version {

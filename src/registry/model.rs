@@ -146,7 +146,7 @@ impl ActionDeclaration {
                 "the input schema must describe an object: set \"type\": \"object\"",
             )),
         }
-        if let Err((at, message)) = compile_schema(&self.input_schema) {
+        if let Err((at, message)) = compile_new_schema(&self.input_schema) {
             problems.push(detail(&format!("/input_schema{at}"), &message));
         }
         if let Some(output) = &self.output_schema {
@@ -165,7 +165,7 @@ impl ActionDeclaration {
                     "the output schema must describe an object: set \"type\": \"object\"",
                 ));
             }
-            if let Err((at, message)) = compile_schema(output) {
+            if let Err((at, message)) = compile_new_schema(output) {
                 problems.push(detail(&format!("/output_schema{at}"), &message));
             }
         }
@@ -218,8 +218,128 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, 
     })
 }
 
-/// Validates `instance` and returns every error with its JSON pointer and a sentence an LLM can
-/// act on.
+/// Most subschemas a schema may stand for once its `$ref`s are followed, counting each time one
+/// is reached. Checking a value collects the errors of every one of them before any can be
+/// listed, so a schema whose `allOf`s of `$ref`s double at each level (a kilobyte can stand for
+/// a million checks) would make each bad call cost seconds.
+pub const MAX_SCHEMA_EXPANSION: usize = 100_000;
+
+/// [`compile_schema`] for a schema being registered: also refused when it stands for more than
+/// [`MAX_SCHEMA_EXPANSION`] subschemas. (Schemas already stored are compiled as they are.)
+pub fn compile_new_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
+    let mut memo = std::collections::HashMap::new();
+    if expansion(schema, schema, &mut memo, &mut Vec::new()) > MAX_SCHEMA_EXPANSION {
+        return Err((
+            String::new(),
+            format!(
+                "stands for more than {MAX_SCHEMA_EXPANSION} subschemas once its $refs are followed; \
+                 share definitions instead of repeating references to them"
+            ),
+        ));
+    }
+    compile_schema(schema)
+}
+
+/// Subschemas `node` stands for, following local `$ref`s into `root` (each target counted once
+/// per reference, memoized by pointer; a reference back into a schema being counted counts one,
+/// as it only recurs with the value's own nesting). Saturates past [`MAX_SCHEMA_EXPANSION`].
+fn expansion(
+    node: &Value,
+    root: &Value,
+    memo: &mut std::collections::HashMap<String, usize>,
+    stack: &mut Vec<String>,
+) -> usize {
+    let Value::Object(map) = node else {
+        return 1;
+    };
+    let mut total: usize = 1;
+    if let Some(target) = map.get("$ref").and_then(Value::as_str) {
+        total = total.saturating_add(ref_expansion(target, root, memo, stack));
+    }
+    for (keyword, value) in map {
+        let children: Vec<&Value> = match keyword.as_str() {
+            "properties" | "patternProperties" | "dependentSchemas" => value
+                .as_object()
+                .map(|m| m.values().collect())
+                .unwrap_or_default(),
+            "allOf" | "anyOf" | "oneOf" | "prefixItems" => {
+                value.as_array().map(|a| a.iter().collect()).unwrap_or_default()
+            }
+            "additionalProperties"
+            | "items"
+            | "contains"
+            | "not"
+            | "if"
+            | "then"
+            | "else"
+            | "propertyNames"
+            | "unevaluatedItems"
+            | "unevaluatedProperties" => vec![value],
+            _ => Vec::new(),
+        };
+        for child in children {
+            total = total.saturating_add(expansion(child, root, memo, stack));
+            if total > MAX_SCHEMA_EXPANSION {
+                return total;
+            }
+        }
+    }
+    total
+}
+
+fn ref_expansion(
+    target: &str,
+    root: &Value,
+    memo: &mut std::collections::HashMap<String, usize>,
+    stack: &mut Vec<String>,
+) -> usize {
+    let Some(pointer) = target.strip_prefix('#') else {
+        return 1;
+    };
+    if let Some(known) = memo.get(pointer) {
+        return *known;
+    }
+    if stack.iter().any(|p| p == pointer) {
+        return 1;
+    }
+    let decoded = percent_decode(pointer);
+    let Some(resolved) = (if decoded.is_empty() {
+        Some(root)
+    } else {
+        root.pointer(&decoded)
+    }) else {
+        return 1;
+    };
+    stack.push(pointer.to_string());
+    let count = expansion(resolved, root, memo, stack);
+    stack.pop();
+    memo.insert(pointer.to_string(), count);
+    count
+}
+
+/// `%XX` escapes of a URI fragment decoded (a JSON pointer in a `$ref` may carry them).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Validates `instance` and returns its errors, each with its JSON pointer and a sentence an LLM
+/// can act on; at most [`MAX_SCHEMA_ERRORS`] of them, then one saying more follow.
 pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<ErrorDetail> {
     use jsonschema::error::ValidationErrorKind as Kind;
     let at = |parent: &str, name: &str| format!("{parent}/{}", name.replace('~', "~0").replace('/', "~1"));
@@ -315,10 +435,16 @@ mod tests {
             );
         }
         defs.insert("l20".into(), json!({"required": ["x"]}));
-        let validator = compile_schema(&json!({"$ref": "#/$defs/l0", "$defs": defs})).unwrap();
-        let started = std::time::Instant::now();
-        assert_eq!(schema_errors(&validator, &json!({})).len(), MAX_SCHEMA_ERRORS + 1);
-        eprintln!("doubling schema: {:?}", started.elapsed());
+        let doubling = json!({"$ref": "#/$defs/l0", "$defs": defs});
+        let (_, why) = compile_new_schema(&doubling).unwrap_err();
+        assert!(why.contains("subschemas"), "{why}");
+        // Shared definitions referenced many times side by side are fine, and so is recursion.
+        let shared = json!({"type": "object", "$defs": {"money": {"type": "object", "properties": {"cents": {"type": "integer"}}}},
+            "properties": (0..200).map(|k| (format!("p{k}"), json!({"$ref": "#/$defs/money"}))).collect::<serde_json::Map<_, _>>()});
+        assert!(compile_new_schema(&shared).is_ok());
+        let tree = json!({"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+            "$ref": "#/$defs/node"});
+        assert!(compile_new_schema(&tree).is_ok());
     }
 
     #[test]

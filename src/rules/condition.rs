@@ -182,10 +182,10 @@ impl Condition {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        if field.is_empty() {
+        if field.split('.').any(str::is_empty) {
             return Err(detail(
                 format!("{at}/field"),
-                "a comparison needs a field such as data.customer.tier".into(),
+                format!("`{field}` is not a path: a comparison needs a field such as data.customer.tier"),
             ));
         }
         let op_text = v.get("op").and_then(Value::as_str).unwrap_or_default();

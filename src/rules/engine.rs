@@ -55,24 +55,25 @@ impl Output {
         })
     }
 
-    /// Renders the templates against `doc`; a rendering past `max_bytes` is refused with the
-    /// trace entry saying so (without the oversized part).
-    fn render(&self, doc: &Value, max_bytes: usize) -> Result<Output, Value> {
+    /// Renders the templates against `doc` within `budget` (of `max_bytes` for all of a rule's
+    /// outputs); a rendering past it is refused with the trace entry saying so (without the
+    /// oversized part).
+    fn render(&self, doc: &Value, budget: &mut usize, max_bytes: usize) -> Result<Output, Value> {
         let too_large = |what: &str| {
             format!(
-                "the rendered {what} would be larger than {max_bytes} bytes, the most a request body may be"
+                "the rendered {what} would take the rule's outputs past {max_bytes} bytes, the most a request body may be"
             )
         };
         match self {
             Output::Deliver { .. } => Ok(self.clone()),
-            Output::Invoke { action, arguments } => match template::render(arguments, doc, max_bytes) {
+            Output::Invoke { action, arguments } => match template::render(arguments, doc, budget) {
                 Ok(arguments) => Ok(Output::Invoke {
                     action: action.clone(),
                     arguments,
                 }),
                 Err(_) => Err(json!({"invoke": {"action": action}, "error": too_large("arguments")})),
             },
-            Output::Emit { event_type, data } => match template::render(data, doc, max_bytes) {
+            Output::Emit { event_type, data } => match template::render(data, doc, budget) {
                 Ok(data) => Ok(Output::Emit {
                     event_type: event_type.clone(),
                     data,
@@ -105,8 +106,9 @@ pub struct CompiledRule {
     pub enabled: bool,
     /// The trigger pattern.
     pub pattern: String,
-    /// The stored rule's version (0 for a rule compiled only to check it).
-    pub version: i64,
+    /// A fingerprint of the conditions (16 hex characters of SHA-256 of `if`), kept with each
+    /// trace so that reading it can tell whether today's conditions are the ones it flagged.
+    pub if_hash: String,
     condition: Option<Condition>,
     /// How many comparisons the condition has (to size the trace once).
     comparisons: usize,
@@ -141,16 +143,20 @@ impl CompiledRule {
                 .and_then(Value::as_str)
                 .unwrap_or("*")
                 .to_string(),
-            version: 0,
+            if_hash: {
+                let mut hash = crate::crypto::sha256_hex(
+                    definition
+                        .get("if")
+                        .map(Value::to_string)
+                        .unwrap_or_default()
+                        .as_bytes(),
+                );
+                hash.truncate(16);
+                hash
+            },
             condition,
             outputs,
         })
-    }
-
-    /// This rule as compiled from its stored `version`.
-    pub fn at_version(mut self, version: i64) -> Self {
-        self.version = version;
-        self
     }
 
     /// The outputs as declared (before templating).
@@ -195,7 +201,12 @@ impl CompiledRule {
 
     /// The outputs with templates rendered against `doc`.
     pub fn render_outputs(&self, doc: &Value, max_bytes: usize) -> Vec<Result<Output, Value>> {
-        self.outputs.iter().map(|o| o.render(doc, max_bytes)).collect()
+        // One budget for all of them: twenty outputs may not take twenty times the limit.
+        let mut budget = max_bytes;
+        self.outputs
+            .iter()
+            .map(|o| o.render(doc, &mut budget, max_bytes))
+            .collect()
     }
 }
 
@@ -215,7 +226,7 @@ impl Evaluation {
     pub fn trace(&self) -> Value {
         // Compact on purpose: an event may be checked by hundreds of rules, and this is stored
         // with it. Reading the event expands the flags with the rule's conditions (see `expand`).
-        json!({"rule_id": self.rule.id, "version": self.rule.version, "matched": self.matched, "held": self.held})
+        json!({"rule_id": self.rule.id, "if_hash": self.rule.if_hash, "matched": self.matched, "held": self.held})
     }
 
     /// [`trace`](Self::trace) written straight to text (this runs for every rule an event
@@ -225,8 +236,8 @@ impl Evaluation {
         let id = serde_json::to_string(&self.rule.id).unwrap_or_else(|_| "\"\"".into());
         let _ = write!(
             out,
-            "{{\"rule_id\":{id},\"version\":{},\"matched\":{},\"held\":[",
-            self.rule.version, self.matched
+            "{{\"rule_id\":{id},\"if_hash\":\"{}\",\"matched\":{},\"held\":[",
+            self.rule.if_hash, self.matched
         );
         for (i, h) in self.held.iter().enumerate() {
             if i > 0 {
@@ -239,20 +250,16 @@ impl Evaluation {
 }
 
 impl CompiledRule {
-    /// Expands a stored compact trace entry with this rule's name and conditions. A rule changed
-    /// since the entry was made (another version) is named, but its conditions are not shown:
+    /// Expands a stored compact trace entry with this rule's name and conditions. A rule whose
+    /// conditions changed since the entry was made is named, but its conditions are not shown:
     /// today's would not be the ones the flags were set by.
     pub fn expand(&self, entry: &mut Value) {
         entry["name"] = self.name.clone().into();
-        if let Some(then) = entry["version"].as_i64()
-            && then != self.version
-        {
+        if entry["if_hash"].as_str().is_some_and(|then| then != self.if_hash) {
             entry["changed_since"] = true.into();
-            entry["note"] = format!(
-                "the rule has changed since this event (version {then} then, {} now); its conditions then are not kept",
-                self.version
-            )
-            .into();
+            entry["note"] =
+                "the rule's conditions have changed since this event; those it was checked against are not kept"
+                    .into();
             return;
         }
         let held: Vec<bool> = entry["held"]
@@ -293,7 +300,8 @@ impl CandidateSet {
 }
 
 /// The compact trace stored with an event no rule matched: the candidate set's id and, per
-/// rule, `m:hhh@v` (matched, then each condition held, `1`/`0`, then the rule's version),
+/// rule, `m:hhh@f` (matched, then each condition held, `1`/`0`, then the conditions'
+/// fingerprint),
 /// comma-separated.
 pub fn compact_trace(set: &CandidateSet, evaluations: &[Evaluation]) -> String {
     let mut flags = String::with_capacity(evaluations.len() * 8);
@@ -305,7 +313,7 @@ pub fn compact_trace(set: &CandidateSet, evaluations: &[Evaluation]) -> String {
         flags.push(':');
         flags.extend(e.held.iter().map(|h| if *h { '1' } else { '0' }));
         flags.push('@');
-        flags.push_str(&e.rule.version.to_string());
+        flags.push_str(&e.rule.if_hash);
     }
     json!({"set": set.id, "flags": flags}).to_string()
 }
@@ -326,15 +334,15 @@ pub fn expand_compact(rule_ids: &[String], flags: &str) -> Option<Vec<Value>> {
         .zip(per_rule)
         .map(|(id, f)| {
             let (matched, rest) = f.split_once(':')?;
-            // Traces from before versions were kept have no `@version`.
-            let (held, version) = match rest.split_once('@') {
-                Some((held, version)) => (held, Some(version.parse::<i64>().ok()?)),
+            // Traces from before fingerprints were kept have no `@`.
+            let (held, if_hash) = match rest.split_once('@') {
+                Some((held, if_hash)) => (held, Some(if_hash)),
                 None => (rest, None),
             };
             let held: Vec<bool> = held.chars().map(|c| c == '1').collect();
             let mut entry = json!({"rule_id": id, "matched": matched == "1", "held": held});
-            if let Some(version) = version {
-                entry["version"] = version.into();
+            if let Some(if_hash) = if_hash {
+                entry["if_hash"] = if_hash.into();
             }
             Some(entry)
         })
@@ -462,7 +470,7 @@ mod tests {
         let rules: Vec<CompiledRule> = definitions
             .iter()
             .enumerate()
-            .map(|(i, d)| rule(&format!("rul_{i}"), d.clone()).at_version(i as i64 + 1))
+            .map(|(i, d)| rule(&format!("rul_{i}"), d.clone()))
             .collect();
         let one_by_one: Vec<Arc<CompiledRule>> = rules.iter().cloned().map(Arc::new).collect();
         let set = RuleSet::new(rules);
@@ -498,26 +506,35 @@ mod tests {
         let candidates = set.candidate_set("ticket.created");
         assert_eq!(candidates.rule_ids, ["rul_0", "rul_1", "rul_2"]);
         let compact: Value = serde_json::from_str(&compact_trace(&candidates, &evaluations)).expect("JSON");
-        assert_eq!(compact["flags"], "1:10@1,0:000@2,1:@3");
+        let hashes: Vec<&str> = evaluations.iter().map(|e| e.rule.if_hash.as_str()).collect();
+        assert_eq!(
+            compact["flags"],
+            format!("1:10@{},0:000@{},1:@{}", hashes[0], hashes[1], hashes[2])
+        );
         let expanded = expand_compact(&candidates.rule_ids, compact["flags"].as_str().expect("flags"));
         assert_eq!(
             expanded,
             Some(evaluations.iter().map(Evaluation::trace).collect())
         );
         assert_eq!(expand_compact(&candidates.rule_ids[..2], "1:10,0:000,1:"), None);
-        // Traces stored before versions were kept read back without one.
+        // Traces stored before fingerprints were kept read back without one.
         let old = expand_compact(&candidates.rule_ids, "1:10,0:000,1:").expect("fits");
         assert_eq!(
             old[0],
             json!({"rule_id": "rul_0", "matched": true, "held": [true, false]})
         );
 
-        // A trace names today's conditions only while the rule is still at its version.
+        // A trace names today's conditions only while they are the ones it flagged: renamed, the
+        // rule still shows them; with other conditions, it does not.
+        let mut renamed = definitions[0].clone();
+        renamed["name"] = "renamed".into();
         let mut entry = evaluations[0].trace();
-        one_by_one[0].expand(&mut entry);
+        rule("rul_0", renamed.clone()).expand(&mut entry);
         assert_eq!(entry["conditions"].as_array().map(Vec::len), Some(2), "{entry}");
+        let mut changed = renamed;
+        changed["if"]["all"][0]["value"] = "free".into();
         let mut entry = evaluations[0].trace();
-        one_by_one[0].as_ref().clone().at_version(9).expand(&mut entry);
+        rule("rul_0", changed).expand(&mut entry);
         assert_eq!(
             (entry.get("conditions"), &entry["changed_since"]),
             (None, &json!(true)),

@@ -115,7 +115,7 @@ impl Rules {
                     Some((compiled_at, rule)) if compiled_at == version => rule.clone(),
                     _ => {
                         let definition: Value = serde_json::from_str(definition).ok()?;
-                        CompiledRule::compile(id, &definition).ok()?.at_version(*version)
+                        CompiledRule::compile(id, &definition).ok()?
                     }
                 };
                 Some((id.clone(), (*version, rule)))
@@ -151,11 +151,7 @@ impl Rules {
             .map(|(_, r)| r.clone());
         Ok(known.or_else(|| {
             let definition: Value = serde_json::from_str(&definition).ok()?;
-            Some(
-                CompiledRule::compile(rule_id, &definition)
-                    .ok()?
-                    .at_version(version),
-            )
+            CompiledRule::compile(rule_id, &definition).ok()
         }))
     }
 

@@ -10,12 +10,23 @@ use super::condition::lookup;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooLarge;
 
-/// Renders every string in `template` against `doc`, giving up once the result would take more
-/// than `max_bytes` as JSON: each `{{data}}` copies what it points at, so a rule with many of
-/// them could otherwise turn one event into gigabytes.
-pub fn render(template: &Value, doc: &Value, max_bytes: usize) -> Result<Value, TooLarge> {
-    let mut budget = max_bytes;
-    render_within(template, doc, &mut budget)
+/// Renders every string in `template` against `doc`, taking what the result weighs as JSON from
+/// `budget` and giving up once it runs out: each `{{data}}` copies what it points at, so a rule
+/// with many of them could otherwise turn one event into gigabytes.
+pub fn render(template: &Value, doc: &Value, budget: &mut usize) -> Result<Value, TooLarge> {
+    render_within(template, doc, budget)
+}
+
+/// The length of `s` written as a JSON string, quotes included, without writing it.
+fn escaped_len(s: &str) -> usize {
+    2 + s
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
 }
 
 /// Takes `bytes` from what is left, or fails.
@@ -39,7 +50,7 @@ fn render_within(template: &Value, doc: &Value, budget: &mut usize) -> Result<Va
             spend(budget, 2 + map.len())?;
             map.iter()
                 .map(|(k, v)| {
-                    spend(budget, k.len() + 3)?;
+                    spend(budget, escaped_len(k) + 1)?;
                     Ok((k.clone(), render_within(v, doc, budget)?))
                 })
                 .collect::<Result<_, _>>()
@@ -87,7 +98,7 @@ fn render_string(s: &str, doc: &Value, budget: &mut usize) -> Result<Value, TooL
         return Ok(found.clone());
     }
     if !s.contains("{{") {
-        spend(budget, s.len() + 2)?;
+        spend(budget, escaped_len(s))?;
         return Ok(Value::String(s.to_string()));
     }
     let mut out = String::with_capacity(s.len());
@@ -99,7 +110,7 @@ fn render_string(s: &str, doc: &Value, budget: &mut usize) -> Result<Value, TooL
             Some(end) => {
                 match lookup(doc, &path_of(&after[..end])) {
                     Some(Value::String(v)) => {
-                        spend(budget, v.len())?;
+                        spend(budget, escaped_len(v) - 2)?;
                         out.push_str(v)
                     }
                     Some(Value::Null) | None => {}
@@ -117,7 +128,7 @@ fn render_string(s: &str, doc: &Value, budget: &mut usize) -> Result<Value, TooL
         }
     }
     out.push_str(rest);
-    spend(budget, s.len() + 2)?;
+    spend(budget, escaped_len(s))?;
     Ok(Value::String(out))
 }
 
@@ -131,11 +142,17 @@ mod tests {
         let doc = json!({"data": {"blob": "x".repeat(1000)}});
         let many: serde_json::Map<String, serde_json::Value> =
             (0..100).map(|k| (format!("a{k}"), json!("{{data}}"))).collect();
-        assert_eq!(render(&json!(many), &doc, 64 * 1024), Err(TooLarge));
+        assert_eq!(render(&json!(many), &doc, &mut (64 * 1024)), Err(TooLarge));
         let embedded = json!({"note": "{{data.blob}} {{data.blob}}"});
-        assert_eq!(render(&embedded, &doc, 1500), Err(TooLarge));
-        let rendered = render(&embedded, &doc, 2100).unwrap();
+        assert_eq!(render(&embedded, &doc, &mut 1500), Err(TooLarge));
+        let mut budget = 2100;
+        let rendered = render(&embedded, &doc, &mut budget).unwrap();
         assert_eq!(rendered["note"].as_str().unwrap().len(), 2001);
+        // One budget serves several renderings; text is weighed as JSON writes it.
+        assert_eq!(render(&embedded, &doc, &mut budget), Err(TooLarge));
+        let controls = json!({"c": "\u{1}".repeat(100)});
+        assert_eq!(render(&json!("{{c}}"), &controls, &mut 500), Err(TooLarge));
+        assert!(render(&json!("{{c}}"), &controls, &mut 700).is_ok());
     }
 
     #[test]
@@ -147,7 +164,7 @@ mod tests {
                     "note": "Extend {{data.license_id}} by {{data.days}} days ({{data.missing}})", "n": 3,
                     "list": ["{{data.tags}}"], "gone": "{{data.nope}}"}),
             &doc,
-            1 << 20,
+            &mut (1 << 20),
         )
         .unwrap();
         assert_eq!(out["id"], "lic_1");

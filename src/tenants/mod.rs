@@ -22,7 +22,6 @@ pub struct NewTenant {
     pub admin_key: String,
 }
 
-/// Creates a tenant with a fresh agent-token signing key and an owner API key.
 /// Opens the master key for `db`. A key file is created only for a database without tenants (a
 /// new key for a database that has secrets would seal new ones under it and open none of the
 /// old), and a key that cannot open a tenant's sealed token key is refused, so a wrong
@@ -56,6 +55,7 @@ pub async fn open_master_key(
     Ok((keys, created))
 }
 
+/// Creates a tenant with a fresh agent-token signing key and an owner API key.
 pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Result<NewTenant, TenantError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {

@@ -351,7 +351,8 @@ async fn verify_command_passes_every_signing_vector() {
             cmd.args(["--header", &format!("{k}: {}", v.as_str().unwrap())]);
         }
         cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped());
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().unwrap();
@@ -361,14 +362,25 @@ async fn verify_command_passes_every_signing_vector() {
             .unwrap();
         drop(stdin);
         let out = child.wait_with_output().await.unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let (text, reason) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
         let name = case["name"].as_str().unwrap();
         if case["valid"].as_bool().unwrap() {
-            assert!(out.status.success(), "{name}: {text}");
+            assert!(out.status.success(), "{name}: {text} {reason}");
             assert_eq!(text.trim(), "valid");
         } else {
-            assert_eq!(out.status.code(), Some(1), "{name}: {text}");
-            assert!(text.contains(case["reason"].as_str().unwrap()), "{name}: {text}");
+            // The reason goes to stderr, as every failing command's does.
+            assert_eq!(
+                (out.status.code(), text.trim()),
+                (Some(1), ""),
+                "{name}: {reason}"
+            );
+            assert!(
+                reason.contains(case["reason"].as_str().unwrap()),
+                "{name}: {reason}"
+            );
         }
     }
 }

@@ -425,7 +425,24 @@ async fn mcp_wire_rules(backend: Backend) {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("nests deeper"),
+            .contains("nested deeper"),
+        "{body}"
+    );
+    // A NUL is refused before anything reads it (PostgreSQL could not store one).
+    let nul = r#"{"jsonrpc": "2.0", "id": 79, "method": "tools/call", "params": {"name": "look\u0000up"}}"#;
+    let (status, body) = read(
+        app.as_key(&token, Method::POST, "/mcp")
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(nul)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!(-32600)), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
         "{body}"
     );
 

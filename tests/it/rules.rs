@@ -225,6 +225,9 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
         202,
         "undeclared types are free-form"
     );
+    for malformed in ["a..b", ".a", "a.", "in voice"] {
+        assert_eq!(post(malformed, json!({})).await.0, 422, "{malformed}");
+    }
 
     let custom = json!({"name": "order.shipped", "description": "An order left the warehouse",
         "schema": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}});
@@ -509,9 +512,24 @@ async fn conditions_are_evaluated_and_traced(backend: Backend) {
         [&json!(false), &json!(true), &json!(true), &json!(false)],
         "{event}"
     );
-    // Once the rule changes, a trace no longer shows today's conditions as if they were then.
+    // Renamed, the rule still names the conditions a trace flagged; once its conditions change,
+    // a trace no longer shows today's as if they were then.
     let (_, mut stored) = app.call(Method::GET, &format!("/v1/rules/{rule_id}"), None).await;
     stored["name"] = "Renamed".into();
+    let (status, body) = app
+        .call(Method::PUT, &format!("/v1/rules/{rule_id}"), Some(stored.clone()))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, event) = app
+        .call(Method::GET, &format!("/v1/events/{matching}"), None)
+        .await;
+    assert_eq!(event["rules"][0]["name"], "Renamed", "{event}");
+    assert_eq!(
+        event["rules"][0]["conditions"].as_array().map(Vec::len),
+        Some(4),
+        "{event}"
+    );
+    stored["if"] = json!({"field": "data.priority", "op": "eq", "value": "low"});
     let (status, body) = app
         .call(Method::PUT, &format!("/v1/rules/{rule_id}"), Some(stored))
         .await;
@@ -779,10 +797,24 @@ async fn malformed_rules_are_refused(backend: Backend) {
         ),
         (
             base(
+                json!({"not": {"field": "data..tier", "op": "eq", "value": 1}}),
+                ok_then.clone(),
+            ),
+            "/if/not/field",
+        ),
+        (
+            base(
                 json!({"field": "data.x", "op": "eq", "value": 1}),
                 json!([{"invoke": {"action": "create_ticket", "args": {}}}]),
             ),
             "/then/0/invoke",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                json!([{"invok": {"action": "create_ticket"}}]),
+            ),
+            "/then/0",
         ),
         (
             // Seventeen regexes, spread over nested groups (each group holds at most 50 items).
@@ -1206,7 +1238,7 @@ async fn emitted_events_keep_to_their_type_and_limits(backend: Backend) {
     assert!(
         last["rules"][0]["outputs"][0]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("larger than 65536 bytes")),
+            .is_some_and(|e| e.contains("65536 bytes")),
         "{}",
         last["rules"]
     );
@@ -1409,7 +1441,7 @@ async fn rules_cannot_feed_or_flood_themselves(backend: Backend) {
         output["error"]
             .as_str()
             .unwrap_or_default()
-            .contains("larger than 1048576 bytes"),
+            .contains("past 1048576 bytes"),
         "{output}"
     );
     assert!(output["invoke"].get("arguments").is_none(), "{output}");
