@@ -206,6 +206,13 @@ try {
   await page.fill("#type-description", "A ticket was escalated");
   await page.click("#add-type");
   await page.locator("tr", { hasText: "escalation.opened" }).getByText("A ticket was escalated").waitFor();
+  // One added by mistake can go again (the list is read again from the server after the
+  // delete, so the row leaves only once the type is gone); built-in ones offer no delete.
+  await page.fill("#type-name", "scratch.mistake");
+  await page.click("#add-type");
+  await page.locator("tr", { hasText: "scratch.mistake" }).getByRole("button", { name: "delete" }).click();
+  await page.locator("tr", { hasText: "scratch.mistake" }).waitFor({ state: "detached" });
+  assert.equal(await page.locator("tr", { hasText: "invoice.paid" }).getByRole("button", { name: "delete" }).count(), 0);
 
   // An event that matches is delivered; the log shows it and its attempt.
   // (sent from the event types page, whose form starts from the type's schema)

@@ -1266,13 +1266,28 @@ async function showEventTypes() {
       sendData.value = lastSample;
     }
   });
+  const out = h("div");
+  // A custom type can go; events of its name are then taken free-form again.
+  const remove = (t) =>
+    h("button", {
+      type: "button",
+      class: "link",
+      onclick: () => showOutcome(out, async () => {
+        if (!confirm(`Delete the event type ${t.name}? Events of that name are then accepted without a schema.`)) return "";
+        await api("DELETE", `/v1/event-types/${enc(t.name)}`);
+        await route();
+        notice(h("div", { class: "ok", role: "status" }, `Deleted ${t.name}.`));
+        return "";
+      }),
+    }, "delete");
   return [
     h("h2", {}, "Event types"),
     table(
-      ["Name", "Description", "Fields"],
-      types.map((t) => h("tr", {}, h("td", {}, h("code", {}, t.name), t.builtin ? h("span", { class: "muted" }, " built in") : null), h("td", {}, t.description ?? ""), h("td", {}, fieldsOf(t.schema).slice(2).map((f) => f.path).join(", ")))),
+      ["Name", "Description", "Fields", ""],
+      types.map((t) => h("tr", {}, h("td", {}, h("code", {}, t.name), t.builtin ? h("span", { class: "muted" }, " built in") : null), h("td", {}, t.description ?? ""), h("td", {}, fieldsOf(t.schema).slice(2).map((f) => f.path).join(", ")), h("td", {}, t.builtin ? null : remove(t)))),
       "No event types.",
     ),
+    out,
     formCard({
       title: "Add a custom event type",
       fields: [
