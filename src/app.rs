@@ -203,6 +203,7 @@ impl AppState {
             Change::Rules(tenant_id) => self.rules.changed(tenant_id),
             Change::EventTypes(tenant_id) => self.catalog.forget(tenant_id),
             Change::ApiKeys => self.api_keys.clear(),
+            Change::TokenIssuer(_) => self.gateway.jwks.clear(),
         }
     }
 
@@ -213,6 +214,7 @@ impl AppState {
         self.rules.forget_all();
         self.catalog.forget_all();
         self.api_keys.clear();
+        self.gateway.jwks.clear();
     }
 }
 

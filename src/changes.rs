@@ -1,5 +1,5 @@
 //! Telling every replica what changed. Each process caches the configuration its hot paths read
-//! (actions, endpoints, rules, custom event types, API keys). A change made through one replica
+//! (actions, endpoints, rules, custom event types, API keys, external issuers' JWKS documents). A change made through one replica
 //! is published on PostgreSQL with `NOTIFY`, and every replica listening forgets what it had
 //! cached, so the others see the change within milliseconds instead of at the end of the cache
 //! time (`cache_ttl`, which stays as the backstop). SQLite has one server process: nothing to tell.
@@ -28,6 +28,8 @@ pub enum Change {
     EventTypes(String),
     /// API keys (a key was revoked).
     ApiKeys,
+    /// A tenant's external token issuer (saved or removed): fetched JWKS documents go.
+    TokenIssuer(String),
 }
 
 impl Change {
@@ -39,6 +41,7 @@ impl Change {
             Change::Rules(tenant) => format!("rules:{tenant}"),
             Change::EventTypes(tenant) => format!("event_types:{tenant}"),
             Change::ApiKeys => "api_keys".into(),
+            Change::TokenIssuer(tenant) => format!("token_issuer:{tenant}"),
         }
     }
 
@@ -54,6 +57,7 @@ impl Change {
             ("rules", Some(t), None) => Some(Change::Rules(t)),
             ("event_types", Some(t), None) => Some(Change::EventTypes(t)),
             ("api_keys", None, None) => Some(Change::ApiKeys),
+            ("token_issuer", Some(t), None) => Some(Change::TokenIssuer(t)),
             _ => None,
         }
     }
@@ -137,6 +141,7 @@ mod tests {
             Change::Rules("ten_1".into()),
             Change::EventTypes("ten_1".into()),
             Change::ApiKeys,
+            Change::TokenIssuer("ten_1".into()),
         ] {
             assert_eq!(Change::parse(&change.payload()), Some(change));
         }

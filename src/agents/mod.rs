@@ -11,6 +11,7 @@ use axum::routing::{delete, get};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::changes::Change;
 use crate::db::{now_ms, rfc3339};
 use crate::http::{AdminAuth, ApiError, ApiResult, JsonBody, Page, PageQuery, Path, Permission, Query};
 use crate::{AppState, args, ids};
@@ -414,7 +415,7 @@ async fn put_issuer(
         Err(e) if e.is_unique_violation() => return Err(in_use()),
         other => other?,
     };
-    state.gateway.jwks.clear();
+    state.changed(Change::TokenIssuer(auth.tenant_id.clone())).await;
     Ok(axum::Json(
         serde_json::to_value(&config).map_err(ApiError::internal)?,
     ))
@@ -432,6 +433,6 @@ async fn delete_issuer(State(state): State<AppState>, auth: AdminAuth) -> ApiRes
     if n == 0 {
         return Err(ApiError::not_found("token issuer"));
     }
-    state.gateway.jwks.clear();
+    state.changed(Change::TokenIssuer(auth.tenant_id.clone())).await;
     Ok(StatusCode::NO_CONTENT)
 }

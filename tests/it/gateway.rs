@@ -889,7 +889,11 @@ async fn rate_limits_answer_429(backend: Backend) {
 
 /// A fresh P-256 key pair made with openssl: the signing key and the public key as PEM, or
 /// `None` (after `skip_or_fail`) where openssl is missing.
-fn ec_key_pair(test: &str, dir: &std::path::Path, name: &str) -> Option<(jsonwebtoken::EncodingKey, String)> {
+pub(crate) fn ec_key_pair(
+    test: &str,
+    dir: &std::path::Path,
+    name: &str,
+) -> Option<(jsonwebtoken::EncodingKey, String)> {
     let key = dir.join(format!("{name}.pem"));
     let pkcs8 = dir.join(format!("{name}-pkcs8.pem"));
     let public = dir.join(format!("{name}-pub.pem"));

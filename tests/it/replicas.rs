@@ -96,6 +96,25 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
     })
     .await;
 
+    // A changed event type: its schema removed through A, B takes such events free-form again.
+    let (status, body) = call(
+        &a.base,
+        &key,
+        Method::PATCH,
+        "/v1/event-types/order.placed",
+        Some(json!({"schema": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(deadline, || async {
+        let body = json!({"type": "order.placed", "data": {"n": 0}});
+        call(&b.base, &key, Method::POST, "/v1/events", Some(body))
+            .await
+            .0
+            == 202
+    })
+    .await;
+
     // Actions: B caches an action's declaration for its agents' calls; one disabled through A
     // is refused by B.
     let declaration = json!({
@@ -183,6 +202,73 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
         call(&b.base, &viewer_key, Method::GET, "/v1/rules", None).await.0 == 401
     })
     .await;
+
+    // An external issuer: B caches its JWKS document; the issuer saved again through A (its
+    // identity provider rotated the key) makes B fetch the document anew.
+    let keys_dir = tempfile::tempdir().unwrap();
+    const TEST: &str = "changes_made_through_one_replica_reach_the_others_at_once";
+    let (Some((old_key, _)), Some((new_key, _))) = (
+        crate::gateway::ec_key_pair(TEST, keys_dir.path(), "old"),
+        crate::gateway::ec_key_pair(TEST, keys_dir.path(), "new"),
+    ) else {
+        return;
+    };
+    let jwks = |key: &jsonwebtoken::EncodingKey| {
+        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, jsonwebtoken::Algorithm::ES256).unwrap();
+        json!({ "keys": [jwk] }).to_string()
+    };
+    let idp = Receiver::start().await;
+    let document = std::sync::Arc::new(std::sync::Mutex::new(jwks(&old_key)));
+    let served = document.clone();
+    idp.answer(move |_, _| {
+        let body = served.lock().unwrap().clone();
+        (200, vec![("content-type", "application/json".into())], body)
+    });
+    let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-replicas",
+                        "jwks_url": idp.url("/.well-known/jwks.json")});
+    let (status, body) = call(
+        &a.base,
+        &key,
+        Method::PUT,
+        "/v1/token-issuer",
+        Some(issuer.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mint = |key: &jsonwebtoken::EncodingKey| {
+        let claims = json!({"iss": "https://idp.example.com", "aud": "opsiq-replicas", "sub": "ext-bot",
+                            "exp": now + 600, "iat": now, "scope": "invoke:*"});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            key,
+        )
+        .unwrap()
+    };
+    let (old_token, new_token) = (mint(&old_key), mint(&new_key));
+    assert_eq!(
+        call(&b.base, &old_token, Method::GET, "/v1/tools", None).await.0,
+        200
+    );
+    assert_eq!(
+        call(&b.base, &new_token, Method::GET, "/v1/tools", None).await.0,
+        401
+    );
+    *document.lock().unwrap() = jwks(&new_key);
+    let (status, body) = call(&a.base, &key, Method::PUT, "/v1/token-issuer", Some(issuer)).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(deadline, || async {
+        call(&b.base, &new_token, Method::GET, "/v1/tools", None).await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        call(&b.base, &old_token, Method::GET, "/v1/tools", None).await.0,
+        401
+    );
 
     a.kill_9().await;
     b.kill_9().await;
