@@ -302,12 +302,15 @@ async fn get_event(
         )
         .collect();
     let mut trace = stored_trace(&state, &auth.tenant_id, row.rule_trace.as_deref()).await?;
+    // Stored traces hold flags only; the rules (as they are now) name their conditions.
+    let ids: Vec<String> = trace
+        .iter()
+        .filter_map(|entry| entry["rule_id"].as_str().map(str::to_string))
+        .collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let rules = state.rules.rules_now(&state.db, &auth.tenant_id, &ids).await?;
     for entry in &mut trace {
-        // Stored traces hold flags only; the rule (as it is now) names its conditions.
-        let Some(rule_id) = entry["rule_id"].as_str().map(str::to_string) else {
-            continue;
-        };
-        if let Some(rule) = state.rules.rule_now(&state.db, &auth.tenant_id, &rule_id).await? {
+        if let Some(rule) = entry["rule_id"].as_str().and_then(|id| rules.get(id)) {
             rule.expand(entry);
         }
     }

@@ -14,7 +14,7 @@ pub mod engine;
 mod routes;
 pub mod template;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,33 +126,43 @@ impl Rules {
         rules
     }
 
-    /// One rule of a tenant compiled as it is now (to name the conditions of a stored trace);
-    /// `None` if it no longer exists.
-    pub async fn rule_now(
+    /// Rules of a tenant compiled as they are now (to name the conditions of a stored trace), by
+    /// id; those that no longer exist are missing. A few queries for any number of rules.
+    pub async fn rules_now(
         &self,
         db: &Database,
         tenant_id: &str,
-        rule_id: &str,
-    ) -> Result<Option<CompiledRule>, DbError> {
-        let row: Option<(i64, String)> = db
-            .fetch_optional(
-                "SELECT version, definition FROM rules WHERE tenant_id = $1 AND id = $2",
-                args![tenant_id, rule_id],
-            )
-            .await?;
-        let Some((version, definition)) = row else {
-            return Ok(None);
-        };
-        let known = self
-            .compiled
-            .of(tenant_id)
-            .get(rule_id)
-            .filter(|(v, _)| *v == version)
-            .map(|(_, r)| r.clone());
-        Ok(known.or_else(|| {
-            let definition: Value = serde_json::from_str(&definition).ok()?;
-            CompiledRule::compile(rule_id, &definition).ok()
-        }))
+        rule_ids: &[&str],
+    ) -> Result<HashMap<String, CompiledRule>, DbError> {
+        let compiled = self.compiled.of(tenant_id);
+        let mut found = HashMap::with_capacity(rule_ids.len());
+        let mut wanted: Vec<&str> = rule_ids.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for chunk in wanted.chunks(500) {
+            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id, version, definition FROM rules WHERE tenant_id = $1 AND id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut values = args![tenant_id];
+            values.extend(chunk.iter().map(|id| (*id).into()));
+            let rows: Vec<(String, i64, String)> = db.fetch_all(sqlx::AssertSqlSafe(sql), values).await?;
+            for (id, version, definition) in rows {
+                let known = compiled
+                    .get(&id)
+                    .filter(|(v, _)| *v == version)
+                    .map(|(_, r)| r.clone());
+                let rule = known.or_else(|| {
+                    let definition: Value = serde_json::from_str(&definition).ok()?;
+                    CompiledRule::compile(&id, &definition).ok()
+                });
+                if let Some(rule) = rule {
+                    found.insert(id, rule);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// What recording an event of this tenant needs to run its rules; `None` when it has none.
