@@ -154,8 +154,14 @@ pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
 /// Validates a subscription pattern.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
     let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    // No empty part between dots: no event type has one, so such a pattern could match nothing.
+    let parts_ok = pattern == "*"
+        || (!body.is_empty()
+            && !body.starts_with('.')
+            && !body.contains("..")
+            && (pattern.ends_with('*') || !body.ends_with('.')));
     let ok = pattern.len() <= 128
-        && !pattern.is_empty()
+        && parts_ok
         && body
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));

@@ -285,10 +285,22 @@ async fn read_response(mut resp: reqwest::Response) -> AttemptResult {
         AttemptResult {
             status: Some(status),
             headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: storable_text(&body),
             retry_after,
             ..AttemptResult::default()
         }
+    }
+}
+
+/// An endpoint's answer as text the delivery log can keep on every database: invalid UTF-8 and
+/// NUL characters (which PostgreSQL's text cannot hold, failing the outcome's write and so
+/// sending the delivery again at each lease) become U+FFFD.
+fn storable_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.into_owned()
     }
 }
 

@@ -788,9 +788,28 @@ async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::R
                     tracing::warn!(error = %e, "recording delivery outcomes failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
                 }
+                Err(e) if batch.len() > 1 => {
+                    // One outcome that cannot be written must not take its neighbours along:
+                    // each is tried alone.
+                    tracing::warn!(error = %e, count = batch.len(), "recording delivery outcomes failed; recording them one by one");
+                    for outcome in &batch {
+                        let one = std::slice::from_ref(outcome);
+                        match record_outcomes(&engine, one).await {
+                            Ok(new_jobs) => {
+                                settle_waiters(&engine, one);
+                                engine.dispatch_without_waiting(new_jobs).await;
+                            }
+                            Err(e) => {
+                                // Its lease expires and it is attempted again: at-least-once holds.
+                                tracing::error!(error = %e, delivery_id = %outcome.job.id, "dropping a delivery outcome");
+                            }
+                        }
+                    }
+                    break;
+                }
                 Err(e) => {
-                    // The leases expire and the deliveries are attempted again: at-least-once holds.
-                    tracing::error!(error = %e, count = batch.len(), "dropping delivery outcomes");
+                    // The lease expires and the delivery is attempted again: at-least-once holds.
+                    tracing::error!(error = %e, delivery_id = %batch[0].job.id, "dropping a delivery outcome");
                     break;
                 }
             }

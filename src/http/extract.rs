@@ -264,6 +264,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if parts.uri.query().is_some_and(holds_encoded_nul) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "the query holds a NUL character (%00)",
+            ));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Query(q.0))
@@ -279,11 +285,23 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if holds_encoded_nul(parts.uri.path()) {
+            return Err(ApiError::bad_request(
+                "invalid_path",
+                "the path holds a NUL character (%00)",
+            ));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Path(p.0))
             .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
     }
+}
+
+/// Whether URI text decodes to a NUL somewhere: no id or name holds one, and PostgreSQL cannot
+/// even compare text with one (it would answer a 500 where SQLite finds nothing).
+fn holds_encoded_nul(text: &str) -> bool {
+    text.contains("%00")
 }
 
 /// `If-Match: "<tag>"`: change the object only if it is still as it was when a read returned

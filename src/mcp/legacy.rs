@@ -70,9 +70,10 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
     if method == "initialize" {
         return initialize(state, agent, &id, &params).await;
     }
-    // Only the stateless revision has this method: let it say what the request lacks (the
-    // version header, say) instead of asking for a session that revision never has.
-    if method == "server/discover" {
+    // Only the stateless revision has this method: sent without a version header, let it say
+    // what the request lacks instead of asking for a session that revision never has. (Sent
+    // with a handshake version, it is that era's request, answered as such.)
+    if method == "server/discover" && !headers.contains_key("mcp-protocol-version") {
         return super::modern::handle(state, agent, &Method::POST, headers, body).await;
     }
     if let Err(p) = session(state, agent, headers).await {

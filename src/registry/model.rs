@@ -218,104 +218,187 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, 
     })
 }
 
-/// Most subschemas a schema may stand for once its `$ref`s are followed, counting each time one
-/// is reached. Checking a value collects the errors of every one of them before any can be
-/// listed, so a schema whose `allOf`s of `$ref`s double at each level (a kilobyte can stand for
-/// a million checks) would make each bad call cost seconds.
-pub const MAX_SCHEMA_EXPANSION: usize = 100_000;
+/// Most subschemas a schema may apply at one place in a value (through `allOf`, `anyOf`,
+/// `oneOf`, `not`, `if`/`then`/`else`, `dependentSchemas` and `$ref`s, each counted every time it
+/// is reached). Checking a value collects the errors of every one of them before any can be
+/// listed, so a schema whose `allOf`s of `$ref`s double at each level (a kilobyte can apply a
+/// million) would make each bad call cost seconds. Subschemas for other places (`properties`,
+/// `items`, …) do not multiply: each applies only where the value has something.
+pub const MAX_SUBSCHEMAS_AT_ONE_PLACE: usize = 1_000;
 
-/// [`compile_schema`] for a schema being registered: also refused when it stands for more than
-/// [`MAX_SCHEMA_EXPANSION`] subschemas. (Schemas already stored are compiled as they are.)
+/// [`compile_schema`] for a schema being registered: also refused when it applies more than
+/// [`MAX_SUBSCHEMAS_AT_ONE_PLACE`] subschemas at one place, or refers to anything but a JSON
+/// pointer into itself (`#/…`), which that count could not follow. (Schemas already stored are
+/// compiled as they are.)
 pub fn compile_new_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
-    let mut memo = std::collections::HashMap::new();
-    if expansion(schema, schema, &mut memo, &mut Vec::new()) > MAX_SCHEMA_EXPANSION {
+    check_references(schema, "", true)?;
+    let mut count = PlaceCount {
+        root: schema,
+        memo: std::collections::HashMap::new(),
+        open: Vec::new(),
+    };
+    let mut worst = (0, String::new());
+    count.visit_all(schema, "", &mut worst);
+    if worst.0 > MAX_SUBSCHEMAS_AT_ONE_PLACE {
         return Err((
-            String::new(),
+            worst.1,
             format!(
-                "stands for more than {MAX_SCHEMA_EXPANSION} subschemas once its $refs are followed; \
-                 share definitions instead of repeating references to them"
+                "applies more than {MAX_SUBSCHEMAS_AT_ONE_PLACE} subschemas at one place once its \
+                 $refs are followed (its allOf/anyOf/oneOf branches multiply); combine them"
             ),
         ));
     }
     compile_schema(schema)
 }
 
-/// Subschemas `node` stands for, following local `$ref`s into `root` (each target counted once
-/// per reference, memoized by pointer; a reference back into a schema being counted counts one,
-/// as it only recurs with the value's own nesting). Saturates past [`MAX_SCHEMA_EXPANSION`].
-fn expansion(
-    node: &Value,
-    root: &Value,
-    memo: &mut std::collections::HashMap<String, usize>,
-    stack: &mut Vec<String>,
-) -> usize {
+/// Refuses references the place count cannot follow: `$dynamicRef`, `$recursiveRef`, a `$ref`
+/// that is not a JSON pointer into the schema itself, and an `$id` below the root (which would
+/// make the pointers under it mean another document).
+fn check_references(node: &Value, at: &str, is_root: bool) -> Result<(), (String, String)> {
     let Value::Object(map) = node else {
-        return 1;
+        return Ok(());
     };
-    let mut total: usize = 1;
-    if let Some(target) = map.get("$ref").and_then(Value::as_str) {
-        total = total.saturating_add(ref_expansion(target, root, memo, stack));
-    }
-    for (keyword, value) in map {
-        let children: Vec<&Value> = match keyword.as_str() {
-            "properties" | "patternProperties" | "dependentSchemas" => value
-                .as_object()
-                .map(|m| m.values().collect())
-                .unwrap_or_default(),
-            "allOf" | "anyOf" | "oneOf" | "prefixItems" => {
-                value.as_array().map(|a| a.iter().collect()).unwrap_or_default()
+    for (key, value) in map {
+        let here = format!("{at}/{}", key.replace('~', "~0").replace('/', "~1"));
+        match key.as_str() {
+            "$ref" if !value.as_str().is_some_and(|r| r == "#" || r.starts_with("#/")) => {
+                return Err((
+                    here,
+                    "only references to a part of this schema (`#/$defs/…`) are supported".into(),
+                ));
             }
-            "additionalProperties"
-            | "items"
-            | "contains"
-            | "not"
-            | "if"
-            | "then"
-            | "else"
-            | "propertyNames"
-            | "unevaluatedItems"
-            | "unevaluatedProperties" => vec![value],
-            _ => Vec::new(),
-        };
-        for child in children {
-            total = total.saturating_add(expansion(child, root, memo, stack));
-            if total > MAX_SCHEMA_EXPANSION {
-                return total;
+            "$dynamicRef" | "$recursiveRef" => {
+                return Err((here, format!("{key} is not supported; use `$ref` to `#/$defs/…`")));
+            }
+            "$id" if !is_root => return Err((here, "only the root may have an `$id`".into())),
+            // Their values are data, not schemas.
+            "enum" | "const" | "examples" | "default" => {}
+            // Their keys are names (a property may be called `$ref`); their values schemas.
+            name if SCHEMA_MAPS.contains(&name) => {
+                for (child_name, child) in value.as_object().into_iter().flatten() {
+                    let child_name = child_name.replace('~', "~0").replace('/', "~1");
+                    check_references(child, &format!("{here}/{child_name}"), false)?;
+                }
+            }
+            _ => match value {
+                Value::Array(items) => {
+                    for (k, item) in items.iter().enumerate() {
+                        check_references(item, &format!("{here}/{k}"), false)?;
+                    }
+                }
+                Value::Object(_) => check_references(value, &here, false)?,
+                _ => {}
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Counts the subschemas a schema applies at one place; see [`MAX_SUBSCHEMAS_AT_ONE_PLACE`].
+struct PlaceCount<'a> {
+    root: &'a Value,
+    /// Counted nodes, by address (a node's count does not depend on how it was reached).
+    memo: std::collections::HashMap<*const Value, usize>,
+    /// Nodes being counted: a reference back to one recurs only with the value's own nesting.
+    open: Vec<*const Value>,
+}
+
+impl<'a> PlaceCount<'a> {
+    /// Every subschema of `node` (wherever it applies), keeping the largest count in `worst`.
+    fn visit_all(&mut self, node: &'a Value, at: &str, worst: &mut (usize, String)) {
+        let here = self.at_one_place(node);
+        if here > worst.0 {
+            *worst = (here, if at.is_empty() { "/".into() } else { at.to_string() });
+        }
+        if worst.0 > MAX_SUBSCHEMAS_AT_ONE_PLACE {
+            return;
+        }
+        let Value::Object(map) = node else { return };
+        for (key, value) in map {
+            if matches!(key.as_str(), "enum" | "const" | "examples" | "default") {
+                continue;
+            }
+            let here = format!("{at}/{}", key.replace('~', "~0").replace('/', "~1"));
+            match value {
+                Value::Object(children) if SCHEMA_MAPS.contains(&key.as_str()) => {
+                    for (name, child) in children {
+                        let name = name.replace('~', "~0").replace('/', "~1");
+                        self.visit_all(child, &format!("{here}/{name}"), worst);
+                    }
+                }
+                Value::Array(children) => {
+                    for (k, child) in children.iter().enumerate() {
+                        self.visit_all(child, &format!("{here}/{k}"), worst);
+                    }
+                }
+                Value::Object(_) => self.visit_all(value, &here, worst),
+                _ => {}
             }
         }
     }
-    total
+
+    /// How many subschemas applying `node` applies at the same place, itself included.
+    fn at_one_place(&mut self, node: &'a Value) -> usize {
+        let key = node as *const Value;
+        if let Some(known) = self.memo.get(&key) {
+            return *known;
+        }
+        if self.open.contains(&key) {
+            return 1;
+        }
+        let Value::Object(map) = node else { return 1 };
+        self.open.push(key);
+        let mut total: usize = 1;
+        let mut add = |count: usize| total = total.saturating_add(count);
+        if let Some(target) = map
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| self.resolve(r))
+        {
+            add(self.at_one_place(target));
+        }
+        for keyword in ["allOf", "anyOf", "oneOf"] {
+            for child in map.get(keyword).and_then(Value::as_array).into_iter().flatten() {
+                add(self.at_one_place(child));
+            }
+        }
+        for keyword in ["not", "if", "then", "else"] {
+            if let Some(child) = map.get(keyword) {
+                add(self.at_one_place(child));
+            }
+        }
+        for child in map
+            .get("dependentSchemas")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            add(self.at_one_place(child.1));
+        }
+        self.open.pop();
+        self.memo.insert(key, total);
+        total
+    }
+
+    /// The part of the schema a `#…` reference points at.
+    fn resolve(&self, reference: &str) -> Option<&'a Value> {
+        let pointer = percent_decode(reference.strip_prefix('#')?);
+        if pointer.is_empty() {
+            Some(self.root)
+        } else {
+            self.root.pointer(&pointer)
+        }
+    }
 }
 
-fn ref_expansion(
-    target: &str,
-    root: &Value,
-    memo: &mut std::collections::HashMap<String, usize>,
-    stack: &mut Vec<String>,
-) -> usize {
-    let Some(pointer) = target.strip_prefix('#') else {
-        return 1;
-    };
-    if let Some(known) = memo.get(pointer) {
-        return *known;
-    }
-    if stack.iter().any(|p| p == pointer) {
-        return 1;
-    }
-    let decoded = percent_decode(pointer);
-    let Some(resolved) = (if decoded.is_empty() {
-        Some(root)
-    } else {
-        root.pointer(&decoded)
-    }) else {
-        return 1;
-    };
-    stack.push(pointer.to_string());
-    let count = expansion(resolved, root, memo, stack);
-    stack.pop();
-    memo.insert(pointer.to_string(), count);
-    count
-}
+/// Keywords whose value maps names to subschemas.
+const SCHEMA_MAPS: &[&str] = &[
+    "properties",
+    "patternProperties",
+    "dependentSchemas",
+    "$defs",
+    "definitions",
+];
 
 /// `%XX` escapes of a URI fragment decoded (a JSON pointer in a `$ref` may carry them).
 fn percent_decode(text: &str) -> String {
@@ -437,11 +520,35 @@ mod tests {
         defs.insert("l20".into(), json!({"required": ["x"]}));
         let doubling = json!({"$ref": "#/$defs/l0", "$defs": defs});
         let (_, why) = compile_new_schema(&doubling).unwrap_err();
-        assert!(why.contains("subschemas"), "{why}");
-        // Shared definitions referenced many times side by side are fine, and so is recursion.
+        assert!(why.contains("subschemas at one place"), "{why}");
+        // The same through anchors, other documents or dynamic references is refused too.
+        for reference in [
+            json!({"$ref": "#a1"}),
+            json!({"$ref": "other.json#/x"}),
+            json!({"$dynamicRef": "#x"}),
+        ] {
+            let (at, _) =
+                compile_new_schema(&json!({"type": "object", "properties": {"p": reference}})).unwrap_err();
+            assert!(at.starts_with("/properties/p/"), "{at}");
+        }
+        let nested_id = json!({"$defs": {"a": {"$id": "https://x.example/a", "type": "object"}}});
+        assert_eq!(compile_new_schema(&nested_id).unwrap_err().0, "/$defs/a/$id");
+        // Shared definitions referenced many times, nesting that references the next level from
+        // several properties, and recursion are all fine: they apply at other places.
         let shared = json!({"type": "object", "$defs": {"money": {"type": "object", "properties": {"cents": {"type": "integer"}}}},
             "properties": (0..200).map(|k| (format!("p{k}"), json!({"$ref": "#/$defs/money"}))).collect::<serde_json::Map<_, _>>()});
         assert!(compile_new_schema(&shared).is_ok());
+        let mut levels = serde_json::Map::new();
+        for level in 0..8 {
+            let next = json!({"$ref": format!("#/$defs/l{}", level + 1)});
+            levels.insert(
+                format!("l{level}"),
+                json!({"type": "object", "properties":
+                {"a": next, "b": next, "c": next, "d": next, "name": {"type": "string"}}}),
+            );
+        }
+        levels.insert("l8".into(), json!({"type": "string"}));
+        assert!(compile_new_schema(&json!({"$ref": "#/$defs/l0", "$defs": levels})).is_ok());
         let tree = json!({"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
             "$ref": "#/$defs/node"});
         assert!(compile_new_schema(&tree).is_ok());

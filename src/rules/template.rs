@@ -115,8 +115,11 @@ fn render_string(s: &str, doc: &Value, budget: &mut usize) -> Result<Value, TooL
                     }
                     Some(Value::Null) | None => {}
                     Some(other) => {
+                        // Its JSON text is what goes in, escaped again inside the string.
                         spend(budget, json_len(other))?;
-                        out.push_str(&other.to_string())
+                        let text = other.to_string();
+                        spend(budget, escaped_len(&text) - 2 - text.len())?;
+                        out.push_str(&text)
                     }
                 }
                 rest = &after[end + 2..];
@@ -153,6 +156,12 @@ mod tests {
         let controls = json!({"c": "\u{1}".repeat(100)});
         assert_eq!(render(&json!("{{c}}"), &controls, &mut 500), Err(TooLarge));
         assert!(render(&json!("{{c}}"), &controls, &mut 700).is_ok());
+        // An object pasted into text is weighed as the text it becomes: its quotes escaped.
+        let quotes = json!({"q": "\"".repeat(100)});
+        assert_eq!(
+            render(&json!("pre {{q}}"), &json!({"q": quotes}), &mut 400),
+            Err(TooLarge)
+        );
     }
 
     #[test]

@@ -39,7 +39,15 @@ pub async fn open_master_key(
             args![],
         )
         .await?;
-    let (keys, created) = MasterKey::load(inline, file, may_create && sealed.is_none())?;
+    let (keys, created) = match MasterKey::load(inline, file, may_create && sealed.is_none()) {
+        Ok(loaded) => loaded,
+        // `opsiq init` would not help: the database has secrets, sealed under the key it had.
+        Err(e) if sealed.is_some() => anyhow::bail!(
+            "this database already holds secrets, so it needs the master key they were sealed with \
+             (OPSIQ_MASTER_KEY or its key file): {e}"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     if let Some((sealed,)) = sealed
         && keys.open(&sealed).is_err()
     {

@@ -131,7 +131,11 @@ async fn a_database_opens_only_with_its_own_master_key() {
     let wrong_key = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
     type Case<'a> = (&'a [&'a str], Option<&'a str>, &'a str);
     let cases: [Case; 4] = [
-        (&["serve", "--listen", "127.0.0.1:0"], None, "opsiq.key"),
+        (
+            &["serve", "--listen", "127.0.0.1:0"],
+            None,
+            "needs the master key they were sealed with",
+        ),
         (&["init", "--tenant", "globex"], None, "opsiq.key"),
         (
             &["serve", "--listen", "127.0.0.1:0"],

@@ -591,6 +591,18 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         .header("content-type", "application/json");
     let (status, _) = read(keys.body(r#"["k", "viewer"]"#).send().await.unwrap()).await;
     assert_eq!(status, 422);
+    // A NUL in a path or a query is refused alike on both databases (PostgreSQL cannot even
+    // compare text with one).
+    for (method, path, code) in [
+        (Method::GET, "/v1/actions/a%00b", "invalid_path"),
+        (Method::DELETE, "/v1/event-types/a%00b", "invalid_path"),
+        (Method::GET, "/v1/endpoints/ep_a%00b", "invalid_path"),
+        (Method::GET, "/v1/deliveries?endpoint_id=a%00b", "invalid_query"),
+        (Method::GET, "/v1/invocations?status=a%00b", "invalid_query"),
+    ] {
+        let (status, body) = app.call(method, path, None).await;
+        assert_eq!((status, error_code(&body)), (400, code), "{path}: {body}");
+    }
     // A NUL in any text is refused alike on both databases (PostgreSQL cannot store one); an
     // escaped backslash before `u0000` is no NUL.
     for (name, expected) in [(r"a\u0000b", 422), (r"a\\u0000b", 201)] {
