@@ -73,8 +73,8 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
     Ok(bytes)
 }
 
-/// Checks JSON text before it is parsed, in one pass: nested no deeper than `max_depth` (see
-/// [`check_depth`]), and with no escaped NUL (`\u0000`) anywhere. PostgreSQL's text cannot
+/// Checks JSON text before it is parsed, in one cheap byte scan that builds nothing: nested no
+/// deeper than `max_depth`, and with no escaped NUL (`\u0000`) anywhere. PostgreSQL's text cannot
 /// hold a NUL, so a name with one would fail there as a 500 while SQLite kept it: it is refused
 /// alike on both.
 pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
@@ -164,7 +164,7 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
 
 /// Parses JSON text into `T`, telling syntax errors (400) from shape errors (422).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
-    check_depth(bytes, max_depth)?;
+    check_json_text(bytes, max_depth)?;
     // Syntax first, so that a truncated body is a 400 even when its start already has the
     // wrong shape; then the shape, with the path of the first problem.
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -200,36 +200,6 @@ fn shape_or_syntax_error(err: serde_path_to_error::Error<serde_json::Error>) -> 
             ),
         }
     }
-}
-
-/// Rejects JSON nested deeper than `max_depth` without building it (a cheap byte scan).
-pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max_depth {
-                    return Err(too_deep(max_depth));
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn json_pointer(path: &serde_path_to_error::Path) -> String {
@@ -381,10 +351,10 @@ mod tests {
 
     #[test]
     fn depth_scan_ignores_brackets_inside_strings() {
-        assert!(check_depth(br#"{"a":"[[[[[[[[[["}"#, 3).is_ok());
-        assert!(check_depth(br#"{"a":"\"[[[[["}"#, 3).is_ok());
-        assert!(check_depth(b"[[[[1]]]]", 3).is_err());
-        assert!(check_depth(b"[[[1]]]", 3).is_ok());
+        assert!(check_json_text(br#"{"a":"[[[[[[[[[["}"#, 3).is_ok());
+        assert!(check_json_text(br#"{"a":"\"[[[[["}"#, 3).is_ok());
+        assert!(check_json_text(b"[[[[1]]]]", 3).is_err());
+        assert!(check_json_text(b"[[[1]]]", 3).is_ok());
     }
 
     #[test]

@@ -887,6 +887,67 @@ async fn rate_limits_answer_429(backend: Backend) {
     assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
 }
 
+/// The issuer of tokens from an [`Idp`].
+pub(crate) const IDP_ISSUER: &str = "https://idp.example.com";
+
+/// An identity provider serving one JWKS document at a time, for tests of external issuers.
+pub(crate) struct Idp {
+    receiver: Receiver,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Idp {
+    /// Starts serving the public half of `key`.
+    pub(crate) async fn serving(key: &jsonwebtoken::EncodingKey) -> Idp {
+        let receiver = Receiver::start().await;
+        let document = std::sync::Arc::new(std::sync::Mutex::new(jwks_document(key)));
+        let served = document.clone();
+        receiver.answer(move |_, _| {
+            let body = served.lock().unwrap().clone();
+            (200, vec![("content-type", "application/json".into())], body)
+        });
+        Idp { receiver, document }
+    }
+
+    /// Serves the public half of `key` from now on: the provider rotated its key.
+    pub(crate) fn rotate_to(&self, key: &jsonwebtoken::EncodingKey) {
+        *self.document.lock().unwrap() = jwks_document(key);
+    }
+
+    /// Where the document is served.
+    pub(crate) fn jwks_url(&self) -> String {
+        self.receiver.url("/.well-known/jwks.json")
+    }
+
+    /// Every fetch of the document so far.
+    pub(crate) fn received(&self) -> Vec<crate::receiver::Received> {
+        self.receiver.received()
+    }
+}
+
+/// A JWKS document holding the public half of `key`.
+fn jwks_document(key: &jsonwebtoken::EncodingKey) -> String {
+    let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, jsonwebtoken::Algorithm::ES256).unwrap();
+    json!({ "keys": [jwk] }).to_string()
+}
+
+/// A token of [`IDP_ISSUER`] for `audience` signed with `key`, with scope `invoke:*`, valid ten
+/// minutes.
+pub(crate) fn external_token(key: &jsonwebtoken::EncodingKey, audience: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"iss": IDP_ISSUER, "aud": audience, "sub": "ext-bot",
+                        "exp": now + 600, "iat": now, "scope": "invoke:*"});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        key,
+    )
+    .unwrap()
+}
+
 /// A fresh P-256 key pair made with openssl: the signing key and the public key as PEM, or
 /// `None` (after `skip_or_fail`) where openssl is missing.
 pub(crate) fn ec_key_pair(
@@ -1081,40 +1142,17 @@ async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
     ) else {
         return;
     };
-    let jwks = |key: &jsonwebtoken::EncodingKey| {
-        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, jsonwebtoken::Algorithm::ES256).unwrap();
-        json!({ "keys": [jwk] }).to_string()
-    };
-    let idp = Receiver::start().await;
-    let document = std::sync::Arc::new(std::sync::Mutex::new(jwks(&old_key)));
-    let served = document.clone();
-    idp.answer(move |_, _| {
-        let body = served.lock().unwrap().clone();
-        (200, vec![("content-type", "application/json".into())], body)
-    });
-    let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme",
-                        "jwks_url": idp.url("/.well-known/jwks.json")});
+    let idp = Idp::serving(&old_key).await;
+    let issuer = json!({"issuer": IDP_ISSUER, "audience": "opsiq-acme", "jwks_url": idp.jwks_url()});
     let (status, body) = w
         .app
         .call(Method::PUT, "/v1/token-issuer", Some(issuer.clone()))
         .await;
     assert_eq!(status, 200, "{body}");
-
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mint = |key: &jsonwebtoken::EncodingKey| {
-        let claims = json!({"iss": "https://idp.example.com", "aud": "opsiq-acme", "sub": "ext-bot",
-                            "exp": now + 600, "iat": now, "scope": "invoke:*"});
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-            &claims,
-            key,
-        )
-        .unwrap()
-    };
-    let (old_token, new_token) = (mint(&old_key), mint(&new_key));
+    let (old_token, new_token) = (
+        external_token(&old_key, "opsiq-acme"),
+        external_token(&new_key, "opsiq-acme"),
+    );
     let status_of = |token: String| {
         let app = &w.app;
         async move { app.call_as(&token, Method::GET, "/v1/tools", None).await.0 }
@@ -1129,7 +1167,7 @@ async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
     assert_eq!(idp.received()[0].method, "GET");
 
     // The identity provider rotates its key; saving the issuer drops the cached document.
-    *document.lock().unwrap() = jwks(&new_key);
+    idp.rotate_to(&new_key);
     let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(status_of(new_token.clone()).await, 200);

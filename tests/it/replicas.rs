@@ -213,19 +213,9 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
     ) else {
         return;
     };
-    let jwks = |key: &jsonwebtoken::EncodingKey| {
-        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, jsonwebtoken::Algorithm::ES256).unwrap();
-        json!({ "keys": [jwk] }).to_string()
-    };
-    let idp = Receiver::start().await;
-    let document = std::sync::Arc::new(std::sync::Mutex::new(jwks(&old_key)));
-    let served = document.clone();
-    idp.answer(move |_, _| {
-        let body = served.lock().unwrap().clone();
-        (200, vec![("content-type", "application/json".into())], body)
-    });
-    let issuer = json!({"issuer": "https://idp.example.com", "audience": "opsiq-replicas",
-                        "jwks_url": idp.url("/.well-known/jwks.json")});
+    let idp = crate::gateway::Idp::serving(&old_key).await;
+    let issuer = json!({"issuer": crate::gateway::IDP_ISSUER, "audience": "opsiq-replicas",
+                        "jwks_url": idp.jwks_url()});
     let (status, body) = call(
         &a.base,
         &key,
@@ -235,21 +225,10 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mint = |key: &jsonwebtoken::EncodingKey| {
-        let claims = json!({"iss": "https://idp.example.com", "aud": "opsiq-replicas", "sub": "ext-bot",
-                            "exp": now + 600, "iat": now, "scope": "invoke:*"});
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-            &claims,
-            key,
-        )
-        .unwrap()
-    };
-    let (old_token, new_token) = (mint(&old_key), mint(&new_key));
+    let (old_token, new_token) = (
+        crate::gateway::external_token(&old_key, "opsiq-replicas"),
+        crate::gateway::external_token(&new_key, "opsiq-replicas"),
+    );
     assert_eq!(
         call(&b.base, &old_token, Method::GET, "/v1/tools", None).await.0,
         200
@@ -258,7 +237,7 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
         call(&b.base, &new_token, Method::GET, "/v1/tools", None).await.0,
         401
     );
-    *document.lock().unwrap() = jwks(&new_key);
+    idp.rotate_to(&new_key);
     let (status, body) = call(&a.base, &key, Method::PUT, "/v1/token-issuer", Some(issuer)).await;
     assert_eq!(status, 200, "{body}");
     wait_until(deadline, || async {
