@@ -66,9 +66,8 @@ pub fn check_emitted(
             limits.max_depth
         ));
     }
-    let mut size = ByteCount(0);
     let envelope = r#"{"type":"","data":}"#.len() + event_type.len();
-    if serde_json::to_writer(&mut size, data).is_err() || size.0 + envelope > limits.max_bytes {
+    if super::template::json_len(data).saturating_add(envelope) > limits.max_bytes {
         return Err(format!(
             "the emitted data is larger than {} bytes, the most an event may carry",
             limits.max_bytes
@@ -87,20 +86,6 @@ fn depth_exceeds(v: &Value, most: usize) -> bool {
         _ => return false,
     };
     most == 0 || children.into_iter().any(|c| depth_exceeds(c, most - 1))
-}
-
-/// Counts bytes written, to size JSON without building it.
-struct ByteCount(usize);
-
-impl std::io::Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 impl std::fmt::Debug for RuleContext {

@@ -63,8 +63,8 @@ fn render_within(template: &Value, doc: &Value, budget: &mut usize) -> Result<Va
     }
 }
 
-/// The length of `value` as JSON text.
-fn json_len(value: &Value) -> usize {
+/// The length of `value` as JSON text, without writing it.
+pub fn json_len(value: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
