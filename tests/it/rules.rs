@@ -877,6 +877,22 @@ async fn malformed_rules_are_refused(backend: Backend) {
         // Each problem is told in the form the rule meant, not as "none of the forms fit".
         assert!(!body.to_string().contains("oneOf"), "{body}");
     }
+    // An empty comparison is told what it lacks, once each.
+    let (status, body) = app
+        .call(Method::POST, "/v1/rules", Some(base(json!({}), ok_then.clone())))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let told: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(told.len(), 2, "{body}");
+    assert!(
+        told.iter().any(|m| m.contains("field")) && told.iter().any(|m| m.contains("op")),
+        "{body}"
+    );
     assert_eq!(count(&app, "/v1/rules").await, 0, "nothing half-written");
     let (status, _) = app.call(Method::GET, "/v1/rules/rul_nope", None).await;
     assert_eq!(status, 404);
