@@ -359,6 +359,12 @@ async fn mcp_wire_rules(backend: Backend) {
             .contains("mcp-protocol-version"),
         "{body}"
     );
+    // Sent with a handshake revision, it is that era's request: not refused as a version the
+    // server speaks after all.
+    let discover = json!({"jsonrpc": "2.0", "id": 15, "method": "server/discover", "params": {}});
+    let (_, body) =
+        read(post_mcp(&app, &token, &[("mcp-protocol-version", "2025-06-18")], discover).await).await;
+    assert_ne!(body["error"]["code"], -32022, "{body}");
     // `params: null` is read as absent: initialize then says what it lacks, as with `{}`.
     for params in [json!(null), json!({})] {
         let init = json!({"jsonrpc": "2.0", "id": 14, "method": "initialize", "params": params});
