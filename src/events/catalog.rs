@@ -42,6 +42,8 @@ pub struct EventType {
 struct Known {
     declared: EventType,
     validator: Option<Arc<jsonschema::Validator>>,
+    /// When a tenant declared it (ms); `None` for a built-in type.
+    created_at: Option<i64>,
 }
 
 /// Built-in types plus a cache of each tenant's custom ones.
@@ -127,7 +129,11 @@ impl Known {
             )),
             None => None,
         };
-        Ok(Known { declared, validator })
+        Ok(Known {
+            declared,
+            validator,
+            created_at: None,
+        })
     }
 }
 
@@ -184,19 +190,21 @@ impl Catalog {
     ) -> Result<Arc<BTreeMap<String, Arc<Known>>>, DbError> {
         self.custom
             .get_or_load(&tenant_id.to_string(), || async {
-                let rows: Vec<(String, String, Option<String>)> = db
+                let rows: Vec<(String, String, Option<String>, i64)> = db
                     .fetch_all(
-                        "SELECT name, description, schema FROM event_types WHERE tenant_id = $1 ORDER BY name",
+                        "SELECT name, description, schema, created_at FROM event_types WHERE tenant_id = $1 ORDER BY name",
                         args![tenant_id],
                     )
                     .await?;
                 let before = self.compiled.of(tenant_id);
                 let mut now = BTreeMap::new();
-                for (name, description, schema_text) in rows {
+                for (name, description, schema_text, created_at) in rows {
                     let text = schema_text.unwrap_or_default();
                     let known = match before.get(&name) {
                         Some((compiled_from, known))
-                            if *compiled_from == text && known.declared.description == description =>
+                            if *compiled_from == text
+                                && known.declared.description == description
+                                && known.created_at == Some(created_at) =>
                         {
                             known.clone()
                         }
@@ -205,7 +213,11 @@ impl Catalog {
                             let validator =
                                 schema.as_ref().and_then(|s| compile_schema(s).ok()).map(Arc::new);
                             let declared = EventType { name: name.clone(), description, schema };
-                            Arc::new(Known { declared, validator })
+                            Arc::new(Known {
+                                declared,
+                                validator,
+                                created_at: Some(created_at),
+                            })
                         }
                     };
                     now.insert(name, (text, known));
@@ -300,9 +312,14 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-fn describe(t: &EventType, builtin: bool) -> Value {
-    json!({"name": t.name, "description": t.description, "schema": t.schema, "builtin": builtin,
-           "reserved": super::is_reserved(&t.name)})
+/// An event type as the API shows it; `created_at` for a tenant's own types.
+fn describe(t: &EventType, created_at: Option<i64>) -> Value {
+    let mut out = json!({"name": t.name, "description": t.description, "schema": t.schema,
+        "builtin": created_at.is_none(), "reserved": super::is_reserved(&t.name)});
+    if let Some(ms) = created_at {
+        out["created_at"] = rfc3339(ms).into();
+    }
+    out
 }
 
 /// The catalog, built-in and custom types together in name order, paginated by name.
@@ -312,19 +329,23 @@ async fn list_types(
     Query(page): Query<PageQuery>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
     let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
-    let mut types: Vec<(&EventType, bool)> = state
+    let mut types: Vec<&Known> = state
         .catalog
         .builtin
         .values()
-        .map(|k| (&k.declared, true))
-        .chain(custom.values().map(|k| (&k.declared, false)))
-        .filter(|(t, _)| page.cursor.as_deref().is_none_or(|after| t.name.as_str() > after))
+        .chain(custom.values().map(Arc::as_ref))
+        .filter(|k| {
+            page.cursor
+                .as_deref()
+                .is_none_or(|after| k.declared.name.as_str() > after)
+        })
         .collect();
-    types.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    types.sort_by(|a, b| a.declared.name.cmp(&b.declared.name));
     let limit = page.limit();
     types.truncate(limit as usize + 1);
     Ok(axum::Json(
-        Page::from_rows(types, limit, |(t, _)| t.name.clone()).map(|(t, builtin)| describe(t, builtin)),
+        Page::from_rows(types, limit, |k| k.declared.name.clone())
+            .map(|k| describe(&k.declared, k.created_at)),
     ))
 }
 
@@ -334,12 +355,12 @@ async fn get_type(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<axum::Json<Value>> {
     if let Some(k) = state.catalog.builtin.get(&name) {
-        return Ok(axum::Json(describe(&k.declared, true)));
+        return Ok(axum::Json(describe(&k.declared, None)));
     }
     let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
     custom
         .get(&name)
-        .map(|k| axum::Json(describe(&k.declared, false)))
+        .map(|k| axum::Json(describe(&k.declared, k.created_at)))
         .ok_or_else(|| ApiError::not_found("event type"))
 }
 
@@ -359,6 +380,7 @@ async fn create_type(
             "this is a built-in event type",
         ));
     }
+    let created_at = now_ms();
     let inserted = state
         .db
         .execute(
@@ -370,7 +392,7 @@ async fn create_type(
                 &body.description,
                 body.schema.as_ref().map(Value::to_string),
                 false,
-                now_ms()
+                created_at
             ],
         )
         .await?;
@@ -381,9 +403,7 @@ async fn create_type(
         ));
     }
     state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
-    let mut out = describe(&body, false);
-    out["created_at"] = rfc3339(now_ms()).into();
-    Ok((StatusCode::CREATED, axum::Json(out)))
+    Ok((StatusCode::CREATED, axum::Json(describe(&body, Some(created_at)))))
 }
 
 /// Checks what a tenant may say of its own event type: a description of at most 2000 characters
@@ -442,13 +462,14 @@ fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Opti
     Value::deserialize(d).map(|v| Some(Some(v).filter(|v| !v.is_null())))
 }
 
-/// A tenant's own event type as stored (locked until `tx` ends), or why it cannot be changed.
+/// A tenant's own event type as stored, with when it was declared (locked until `tx` ends), or
+/// why it cannot be changed.
 async fn own_type(
     state: &AppState,
     tx: &mut crate::db::Tx,
     tenant_id: &str,
     name: &str,
-) -> Result<EventType, ApiError> {
+) -> Result<(EventType, i64), ApiError> {
     if state.catalog.builtin.contains_key(name) {
         return Err(ApiError::conflict(
             "builtin_event_type",
@@ -457,19 +478,21 @@ async fn own_type(
     }
     let select = crate::db::locking(
         tx,
-        "SELECT description, schema FROM event_types WHERE tenant_id = $1 AND name = $2",
+        "SELECT description, schema, created_at FROM event_types WHERE tenant_id = $1 AND name = $2",
     );
-    let row: Option<(String, Option<String>)> = tx.fetch_optional(select, args![tenant_id, name]).await?;
-    let (description, schema) = row.ok_or_else(|| ApiError::not_found("event type"))?;
+    let row: Option<(String, Option<String>, i64)> =
+        tx.fetch_optional(select, args![tenant_id, name]).await?;
+    let (description, schema, created_at) = row.ok_or_else(|| ApiError::not_found("event type"))?;
     let schema = schema
         .map(|s| serde_json::from_str(&s))
         .transpose()
         .map_err(DbError::from)?;
-    Ok(EventType {
+    let declared = EventType {
         name: name.to_string(),
         description,
         schema,
-    })
+    };
+    Ok((declared, created_at))
 }
 
 async fn update_type(
@@ -482,7 +505,7 @@ async fn update_type(
     let change: EventTypeChange = body.parse()?;
     // Read, change and write on a locked row: two changes of different fields both stand.
     let mut tx = state.db.begin().await?;
-    let mut declared = own_type(&state, &mut tx, &auth.tenant_id, &name).await?;
+    let (mut declared, created_at) = own_type(&state, &mut tx, &auth.tenant_id, &name).await?;
     if let Some(description) = change.description {
         declared.description = description;
     }
@@ -506,7 +529,7 @@ async fn update_type(
     .await?;
     tx.commit().await?;
     state.changed(Change::EventTypes(auth.tenant_id.clone())).await;
-    Ok(axum::Json(describe(&declared, false)))
+    Ok(axum::Json(describe(&declared, Some(created_at))))
 }
 
 async fn delete_type(

@@ -307,6 +307,13 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
     );
     let (status, one) = app.call(Method::GET, "/v1/event-types/order.shipped", None).await;
     assert_eq!((status, one["builtin"].as_bool()), (200, Some(false)));
+    // Read, it says when it was declared, as its creation answered; a built-in one does not.
+    assert_eq!(one["created_at"], created["created_at"], "{one}");
+    let (_, paid) = app.call(Method::GET, "/v1/event-types/invoice.paid", None).await;
+    assert!(
+        paid.get("created_at").is_none() && paid["builtin"] == true,
+        "{paid}"
+    );
 
     // The catalog pages by name, built-in and custom types together.
     let (_, all) = app.call(Method::GET, "/v1/event-types?limit=200", None).await;
@@ -354,6 +361,7 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
             Some(json!({"schema": new_schema, "description": "Left us"})),
         )
         .await;
+    assert_eq!(changed["created_at"], created["created_at"], "{changed}");
     assert_eq!(
         (status, &changed["schema"], &changed["description"]),
         (200, &new_schema, &json!("Left us")),
