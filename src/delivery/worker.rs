@@ -788,7 +788,9 @@ async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::R
                     tracing::warn!(error = %e, "recording delivery outcomes failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
                 }
-                Err(e) if batch.len() > 1 => {
+                // A database that is down is not helped by trying each alone: only a batch that
+                // fails for what it holds is split.
+                Err(e) if batch.len() > 1 && !e.is_transient() => {
                     // One outcome that cannot be written must not take its neighbours along:
                     // each is tried alone.
                     tracing::warn!(error = %e, count = batch.len(), "recording delivery outcomes failed; recording them one by one");
@@ -802,6 +804,11 @@ async fn outcome_writer(engine: Engine, outcomes: Arc<tokio::sync::Mutex<mpsc::R
                             Err(e) => {
                                 // Its lease expires and it is attempted again: at-least-once holds.
                                 tracing::error!(error = %e, delivery_id = %outcome.job.id, "dropping a delivery outcome");
+                                if e.is_transient() {
+                                    // The rest would wait on the database in turn; their
+                                    // leases bring them back too.
+                                    break;
+                                }
                             }
                         }
                     }

@@ -218,178 +218,24 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, 
     })
 }
 
-/// Most subschemas a schema may apply at one place in a value (through `allOf`, `anyOf`,
-/// `oneOf`, `not`, `if`/`then`/`else`, `dependentSchemas` and `$ref`s, each counted every time it
-/// is reached). Checking a value collects the errors of every one of them before any can be
-/// listed, so a schema whose `allOf`s of `$ref`s double at each level (a kilobyte can apply a
-/// million) would make each bad call cost seconds. Subschemas for other places (`properties`,
-/// `items`, …) do not multiply: each applies only where the value has something.
-pub const MAX_SUBSCHEMAS_AT_ONE_PLACE: usize = 1_000;
+/// Most subschemas a registered schema may stand for once its `$ref`s are followed, counting
+/// each every time it is reached. Checking a value can apply every one of them, and collects
+/// all their errors before any can be listed, so a schema whose `allOf`s of `$ref`s double at
+/// each level (a kilobyte can stand for a million) would make each bad call cost seconds.
+pub const MAX_SCHEMA_EXPANSION: usize = 100_000;
 
-/// [`compile_schema`] for a schema being registered: also refused when it applies more than
-/// [`MAX_SUBSCHEMAS_AT_ONE_PLACE`] subschemas at one place, or refers to anything but a JSON
-/// pointer into itself (`#/…`), which that count could not follow. (Schemas already stored are
-/// compiled as they are.)
-pub fn compile_new_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
-    check_references(schema, "", true)?;
-    let mut count = PlaceCount {
-        root: schema,
-        memo: std::collections::HashMap::new(),
-        open: Vec::new(),
-    };
-    let mut worst = (0, String::new());
-    count.visit_all(schema, "", &mut worst);
-    if worst.0 > MAX_SUBSCHEMAS_AT_ONE_PLACE {
-        return Err((
-            worst.1,
-            format!(
-                "applies more than {MAX_SUBSCHEMAS_AT_ONE_PLACE} subschemas at one place once its \
-                 $refs are followed (its allOf/anyOf/oneOf branches multiply); combine them"
-            ),
-        ));
-    }
-    compile_schema(schema)
-}
+/// Longest chain of `$ref`s followed one inside another.
+const MAX_REF_CHAIN: usize = 256;
 
-/// Refuses references the place count cannot follow: `$dynamicRef`, `$recursiveRef`, a `$ref`
-/// that is not a JSON pointer into the schema itself, and an `$id` below the root (which would
-/// make the pointers under it mean another document).
-fn check_references(node: &Value, at: &str, is_root: bool) -> Result<(), (String, String)> {
-    let Value::Object(map) = node else {
-        return Ok(());
-    };
-    for (key, value) in map {
-        let here = format!("{at}/{}", key.replace('~', "~0").replace('/', "~1"));
-        match key.as_str() {
-            "$ref" if !value.as_str().is_some_and(|r| r == "#" || r.starts_with("#/")) => {
-                return Err((
-                    here,
-                    "only references to a part of this schema (`#/$defs/…`) are supported".into(),
-                ));
-            }
-            "$dynamicRef" | "$recursiveRef" => {
-                return Err((here, format!("{key} is not supported; use `$ref` to `#/$defs/…`")));
-            }
-            "$id" if !is_root => return Err((here, "only the root may have an `$id`".into())),
-            // Their values are data, not schemas.
-            "enum" | "const" | "examples" | "default" => {}
-            // Their keys are names (a property may be called `$ref`); their values schemas.
-            name if SCHEMA_MAPS.contains(&name) => {
-                for (child_name, child) in value.as_object().into_iter().flatten() {
-                    let child_name = child_name.replace('~', "~0").replace('/', "~1");
-                    check_references(child, &format!("{here}/{child_name}"), false)?;
-                }
-            }
-            _ => match value {
-                Value::Array(items) => {
-                    for (k, item) in items.iter().enumerate() {
-                        check_references(item, &format!("{here}/{k}"), false)?;
-                    }
-                }
-                Value::Object(_) => check_references(value, &here, false)?,
-                _ => {}
-            },
-        }
-    }
-    Ok(())
-}
-
-/// Counts the subschemas a schema applies at one place; see [`MAX_SUBSCHEMAS_AT_ONE_PLACE`].
-struct PlaceCount<'a> {
-    root: &'a Value,
-    /// Counted nodes, by address (a node's count does not depend on how it was reached).
-    memo: std::collections::HashMap<*const Value, usize>,
-    /// Nodes being counted: a reference back to one recurs only with the value's own nesting.
-    open: Vec<*const Value>,
-}
-
-impl<'a> PlaceCount<'a> {
-    /// Every subschema of `node` (wherever it applies), keeping the largest count in `worst`.
-    fn visit_all(&mut self, node: &'a Value, at: &str, worst: &mut (usize, String)) {
-        let here = self.at_one_place(node);
-        if here > worst.0 {
-            *worst = (here, if at.is_empty() { "/".into() } else { at.to_string() });
-        }
-        if worst.0 > MAX_SUBSCHEMAS_AT_ONE_PLACE {
-            return;
-        }
-        let Value::Object(map) = node else { return };
-        for (key, value) in map {
-            if matches!(key.as_str(), "enum" | "const" | "examples" | "default") {
-                continue;
-            }
-            let here = format!("{at}/{}", key.replace('~', "~0").replace('/', "~1"));
-            match value {
-                Value::Object(children) if SCHEMA_MAPS.contains(&key.as_str()) => {
-                    for (name, child) in children {
-                        let name = name.replace('~', "~0").replace('/', "~1");
-                        self.visit_all(child, &format!("{here}/{name}"), worst);
-                    }
-                }
-                Value::Array(children) => {
-                    for (k, child) in children.iter().enumerate() {
-                        self.visit_all(child, &format!("{here}/{k}"), worst);
-                    }
-                }
-                Value::Object(_) => self.visit_all(value, &here, worst),
-                _ => {}
-            }
-        }
-    }
-
-    /// How many subschemas applying `node` applies at the same place, itself included.
-    fn at_one_place(&mut self, node: &'a Value) -> usize {
-        let key = node as *const Value;
-        if let Some(known) = self.memo.get(&key) {
-            return *known;
-        }
-        if self.open.contains(&key) {
-            return 1;
-        }
-        let Value::Object(map) = node else { return 1 };
-        self.open.push(key);
-        let mut total: usize = 1;
-        let mut add = |count: usize| total = total.saturating_add(count);
-        if let Some(target) = map
-            .get("$ref")
-            .and_then(Value::as_str)
-            .and_then(|r| self.resolve(r))
-        {
-            add(self.at_one_place(target));
-        }
-        for keyword in ["allOf", "anyOf", "oneOf"] {
-            for child in map.get(keyword).and_then(Value::as_array).into_iter().flatten() {
-                add(self.at_one_place(child));
-            }
-        }
-        for keyword in ["not", "if", "then", "else"] {
-            if let Some(child) = map.get(keyword) {
-                add(self.at_one_place(child));
-            }
-        }
-        for child in map
-            .get("dependentSchemas")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
-            add(self.at_one_place(child.1));
-        }
-        self.open.pop();
-        self.memo.insert(key, total);
-        total
-    }
-
-    /// The part of the schema a `#…` reference points at.
-    fn resolve(&self, reference: &str) -> Option<&'a Value> {
-        let pointer = percent_decode(reference.strip_prefix('#')?);
-        if pointer.is_empty() {
-            Some(self.root)
-        } else {
-            self.root.pointer(&pointer)
-        }
-    }
-}
+/// Keywords whose value is data, never a schema.
+const DATA_KEYWORDS: &[&str] = &[
+    "enum",
+    "const",
+    "examples",
+    "default",
+    "required",
+    "dependentRequired",
+];
 
 /// Keywords whose value maps names to subschemas.
 const SCHEMA_MAPS: &[&str] = &[
@@ -399,6 +245,181 @@ const SCHEMA_MAPS: &[&str] = &[
     "$defs",
     "definitions",
 ];
+
+/// [`compile_schema`] for a schema being registered, which must also be one whose cost is known
+/// before any value is checked: its `$ref`s point into itself (`#/…`, at schemas, with
+/// canonical pointers) and never back to a schema they are inside (no recursion), and it stands
+/// for at most [`MAX_SCHEMA_EXPANSION`] subschemas once they are followed. (Schemas already
+/// stored are compiled as they are.)
+pub fn compile_new_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
+    check_references(schema, schema, "", true)?;
+    let mut count = Expansion {
+        root: schema,
+        memo: std::collections::HashMap::new(),
+        open: Vec::new(),
+    };
+    let total = count.of(schema, "")?;
+    if total > MAX_SCHEMA_EXPANSION {
+        return Err((
+            String::new(),
+            format!(
+                "stands for more than {MAX_SCHEMA_EXPANSION} subschemas once its $refs are followed \
+                 (its references multiply); simplify it"
+            ),
+        ));
+    }
+    compile_schema(schema)
+}
+
+/// Refuses references the count cannot follow exactly: `$dynamicRef`, `$recursiveRef`, an
+/// `$id` below the root (the pointers under it would mean another document), and a `$ref`
+/// that is not a canonical JSON pointer to a schema inside this one.
+fn check_references(node: &Value, root: &Value, at: &str, is_root: bool) -> Result<(), (String, String)> {
+    let Value::Object(map) = node else {
+        return Ok(());
+    };
+    for (key, value) in map {
+        let here = format!("{at}/{}", escape_token(key));
+        match (key.as_str(), value) {
+            ("$ref", Value::String(target)) if resolve(root, target).is_none() => {
+                return Err((
+                    here,
+                    "must point at a part of this schema that is a schema, as `#/$defs/…` \
+                     (nothing is fetched)"
+                        .into(),
+                ));
+            }
+            ("$dynamicRef" | "$recursiveRef", _) => {
+                return Err((here, format!("{key} is not supported; use `$ref` to `#/$defs/…`")));
+            }
+            ("$id", _) if !is_root => return Err((here, "only the root may have an `$id`".into())),
+            (data, _) if DATA_KEYWORDS.contains(&data) => {}
+            // Their keys are names (a property may be called `$ref`); their values schemas.
+            (name, Value::Object(children)) if SCHEMA_MAPS.contains(&name) => {
+                for (child_name, child) in children {
+                    check_references(
+                        child,
+                        root,
+                        &format!("{here}/{}", escape_token(child_name)),
+                        false,
+                    )?;
+                }
+            }
+            (_, Value::Array(items)) => {
+                for (k, item) in items.iter().enumerate() {
+                    check_references(item, root, &format!("{here}/{k}"), false)?;
+                }
+            }
+            (_, Value::Object(_)) => check_references(value, root, &here, false)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The schema a `#…` reference points at, if it is a canonical JSON pointer that passes through
+/// no data keyword (`enum`, `const`, …) and ends at an object or a boolean.
+fn resolve<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
+    let pointer = percent_decode(reference.strip_prefix('#')?);
+    if pointer.is_empty() {
+        return Some(root);
+    }
+    let mut tokens = pointer.strip_prefix('/')?.split('/');
+    // `Value::pointer` refuses indices like `01` or `+1`, which other resolvers take: refused
+    // here, so that the count and the validator cannot disagree about where one points.
+    let canonical = tokens.all(|t| {
+        let odd_index = t.starts_with('+')
+            || (t.len() > 1 && t.starts_with('0') && t.bytes().all(|b| b.is_ascii_digit()));
+        !(DATA_KEYWORDS.contains(&t) || odd_index)
+    });
+    if !canonical {
+        return None;
+    }
+    root.pointer(&pointer).filter(|v| v.is_object() || v.is_boolean())
+}
+
+/// `~` and `/` escaped for a JSON pointer token.
+fn escape_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
+/// Counts the subschemas a schema stands for once its `$ref`s are followed.
+struct Expansion<'a> {
+    root: &'a Value,
+    /// Counted nodes by address (without recursion a node's count does not depend on the way
+    /// it was reached).
+    memo: std::collections::HashMap<*const Value, usize>,
+    /// The `$ref` targets being counted, to find recursion.
+    open: Vec<*const Value>,
+}
+
+impl<'a> Expansion<'a> {
+    /// `node`'s count (itself, its subschemas and what its `$ref` stands for), saturating past
+    /// [`MAX_SCHEMA_EXPANSION`]; an error for recursion or too long a chain of references.
+    fn of(&mut self, node: &'a Value, at: &str) -> Result<usize, (String, String)> {
+        let Value::Object(map) = node else {
+            return Ok(1);
+        };
+        let key = node as *const Value;
+        if let Some(known) = self.memo.get(&key) {
+            return Ok(*known);
+        }
+        let mut total: usize = 1;
+        for (keyword, value) in map {
+            // Definitions count where they are used, not where they are written.
+            if DATA_KEYWORDS.contains(&keyword.as_str())
+                || matches!(keyword.as_str(), "$defs" | "definitions")
+            {
+                continue;
+            }
+            let here = format!("{at}/{}", escape_token(keyword));
+            let children: Vec<(String, &'a Value)> = match value {
+                Value::Object(children) if SCHEMA_MAPS.contains(&keyword.as_str()) => children
+                    .iter()
+                    .map(|(name, child)| (format!("{here}/{}", escape_token(name)), child))
+                    .collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(k, child)| (format!("{here}/{k}"), child))
+                    .collect(),
+                Value::Object(_) => vec![(here.clone(), value)],
+                _ => Vec::new(),
+            };
+            for (child_at, child) in children {
+                total = total.saturating_add(self.of(child, &child_at)?);
+                if total > MAX_SCHEMA_EXPANSION {
+                    return Ok(total);
+                }
+            }
+        }
+        if let Some(target) = map
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| resolve(self.root, r))
+        {
+            let target_key = target as *const Value;
+            if self.open.contains(&target_key) {
+                return Err((
+                    format!("{at}/$ref"),
+                    "refers back to a schema it is part of; recursive schemas are not supported".into(),
+                ));
+            }
+            if self.open.len() >= MAX_REF_CHAIN {
+                return Err((
+                    format!("{at}/$ref"),
+                    format!("follows more than {MAX_REF_CHAIN} references one inside another"),
+                ));
+            }
+            self.open.push(target_key);
+            let counted = self.of(target, at);
+            self.open.pop();
+            total = total.saturating_add(counted?);
+        }
+        self.memo.insert(key, total);
+        Ok(total)
+    }
+}
 
 /// `%XX` escapes of a URI fragment decoded (a JSON pointer in a `$ref` may carry them).
 fn percent_decode(text: &str) -> String {
@@ -520,7 +541,7 @@ mod tests {
         defs.insert("l20".into(), json!({"required": ["x"]}));
         let doubling = json!({"$ref": "#/$defs/l0", "$defs": defs});
         let (_, why) = compile_new_schema(&doubling).unwrap_err();
-        assert!(why.contains("subschemas at one place"), "{why}");
+        assert!(why.contains("subschemas"), "{why}");
         // The same through anchors, other documents or dynamic references is refused too.
         for reference in [
             json!({"$ref": "#a1"}),
@@ -539,7 +560,7 @@ mod tests {
             "properties": (0..200).map(|k| (format!("p{k}"), json!({"$ref": "#/$defs/money"}))).collect::<serde_json::Map<_, _>>()});
         assert!(compile_new_schema(&shared).is_ok());
         let mut levels = serde_json::Map::new();
-        for level in 0..8 {
+        for level in 0..5 {
             let next = json!({"$ref": format!("#/$defs/l{}", level + 1)});
             levels.insert(
                 format!("l{level}"),
@@ -547,11 +568,46 @@ mod tests {
                 {"a": next, "b": next, "c": next, "d": next, "name": {"type": "string"}}}),
             );
         }
-        levels.insert("l8".into(), json!({"type": "string"}));
+        levels.insert("l5".into(), json!({"type": "string"}));
         assert!(compile_new_schema(&json!({"$ref": "#/$defs/l0", "$defs": levels})).is_ok());
+        // Recursion is refused: through properties it doubles at each level of the value.
+        let doubling_by_value =
+            json!({"properties": {"x": {"$ref": "#"}}, "patternProperties": {"^x$": {"$ref": "#"}}});
+        assert!(
+            compile_new_schema(&doubling_by_value)
+                .unwrap_err()
+                .1
+                .contains("recursive")
+        );
         let tree = json!({"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
             "$ref": "#/$defs/node"});
-        assert!(compile_new_schema(&tree).is_ok());
+        assert!(compile_new_schema(&tree).unwrap_err().1.contains("recursive"));
+        // Pointers other resolvers read differently, and pointers into data, are refused.
+        for target in [
+            "#/$defs/a/allOf/00",
+            "#/$defs/a/allOf/+0",
+            "#/$defs/d/const",
+            "#/$defs/missing",
+        ] {
+            let schema = json!({"$defs": {"a": {"allOf": [{"type": "object"}]}, "d": {"const": {"$ref": "#x"}}},
+                "properties": {"p": {"$ref": target}}});
+            assert_eq!(
+                compile_new_schema(&schema).unwrap_err().0,
+                "/properties/p/$ref",
+                "{target}"
+            );
+        }
+        // A property called `$ref` is a name, and `dependentRequired` holds names.
+        let named = json!({"type": "object", "properties": {"$ref": {"type": "string"}},
+            "dependentRequired": {"$ref": ["a"]}});
+        assert!(compile_new_schema(&named).is_ok());
+        // A long chain of references is refused before it can exhaust the stack.
+        let chain: serde_json::Map<String, serde_json::Value> = (0..300)
+            .map(|k| (format!("d{k}"), json!({"$ref": format!("#/$defs/d{}", k + 1)})))
+            .chain([("d300".to_string(), json!({"type": "object"}))])
+            .collect();
+        let (_, why) = compile_new_schema(&json!({"$ref": "#/$defs/d0", "$defs": chain})).unwrap_err();
+        assert!(why.contains("references one inside another"), "{why}");
     }
 
     #[test]

@@ -42,9 +42,10 @@ pub async fn open_master_key(
     let (keys, created) = match MasterKey::load(inline, file, may_create && sealed.is_none()) {
         Ok(loaded) => loaded,
         // `opsiq init` would not help: the database has secrets, sealed under the key it had.
-        Err(e) if sealed.is_some() => anyhow::bail!(
-            "this database already holds secrets, so it needs the master key they were sealed with \
-             (OPSIQ_MASTER_KEY or its key file): {e}"
+        Err(_) if sealed.is_some() && inline.is_none() => anyhow::bail!(
+            "this database already holds secrets, so it needs the master key they were sealed with: \
+             set OPSIQ_MASTER_KEY, or put its key file at {}",
+            file.display()
         ),
         Err(e) => return Err(e.into()),
     };
