@@ -179,41 +179,29 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 pub struct EndpointInput {
     /// Where deliveries go.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub url: Option<String>,
     /// Free text.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub description: Option<String>,
     /// Event type patterns.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub event_types: Option<Vec<String>>,
     /// Enabled or not.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub enabled: Option<bool>,
     /// Deliveries per second (null for unlimited).
-    #[serde(default, deserialize_with = "double_option")]
+    #[serde(default, deserialize_with = "crate::http::extract::null_or_value")]
     pub rate_limit_per_s: Option<Option<i64>>,
     /// Concurrent deliveries (null for the default).
-    #[serde(default, deserialize_with = "double_option")]
+    #[serde(default, deserialize_with = "crate::http::extract::null_or_value")]
     pub max_in_flight: Option<Option<i64>>,
     /// `opsiq-v1` or `standard-webhooks`.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub signature_scheme: Option<Scheme>,
     /// A secret to use instead of a generated one (`whsec_` + base64 of 24–64 bytes).
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     pub secret: Option<String>,
-}
-
-/// A field that may be left out but not sent as `null` (which would otherwise read as "leave
-/// it", silently ignoring a request to clear it).
-fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    Option::<T>::deserialize(d)?
-        .map(Some)
-        .ok_or_else(|| serde::de::Error::custom("must not be null"))
-}
-
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
-    Option::<i64>::deserialize(d).map(Some)
 }
 
 /// Checks an endpoint input; `allow_private` is `--dev`.

@@ -419,17 +419,7 @@ fn check_type_fields(description: &str, schema: Option<&Value>) -> Result<(), Ap
         return Ok(());
     };
     // An event's data is an object: a schema that takes none would refuse every event.
-    let takes_objects = match schema {
-        Value::Bool(takes) => *takes,
-        Value::Object(s) => match s.get("type") {
-            None => true,
-            Some(Value::String(t)) => t == "object",
-            Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
-            Some(_) => false,
-        },
-        _ => false,
-    };
-    if !takes_objects {
+    if !crate::registry::model::schema_takes_objects(schema) {
         return Err(ApiError::invalid_field(
             "/schema",
             "must be a JSON Schema for an object (an event's data is always one)",
@@ -443,23 +433,10 @@ fn check_type_fields(description: &str, schema: Option<&Value>) -> Result<(), Ap
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventTypeChange {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::http::extract::not_null")]
     description: Option<String>,
-    #[serde(default, deserialize_with = "present_or_null")]
+    #[serde(default, deserialize_with = "crate::http::extract::null_or_value")]
     schema: Option<Option<Value>>,
-}
-
-/// A field that, when present, may not be `null`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(Some)
-        .ok_or_else(|| serde::de::Error::custom("must not be null"))
-}
-
-/// A field present as a value or as `null` (`Some(None)`); absent is `None` by `default`.
-fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
-    // `Value` reads `null` as `Value::Null`.
-    Value::deserialize(d).map(|v| Some(Some(v).filter(|v| !v.is_null())))
 }
 
 /// A tenant's own event type as stored, with when it was declared (locked until `tx` ends), or

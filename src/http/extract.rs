@@ -6,6 +6,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ErrorDetail};
@@ -20,7 +21,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = json_body_bytes(req, state).await?;
-        parse_json(&bytes, state.config.max_json_depth).map(Json)
+        parse_json(&bytes).map(Json)
     }
 }
 
@@ -31,13 +32,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 pub struct JsonBody {
     /// The bytes, or why they cannot be a JSON body.
     bytes: Result<Bytes, ApiError>,
-    max_depth: usize,
 }
 
 impl JsonBody {
     /// The body as a `T`, or the error [`Json`] would have answered.
     pub fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
-        parse_json(&self.bytes?, self.max_depth)
+        parse_json(&self.bytes?)
     }
 }
 
@@ -47,7 +47,6 @@ impl FromRequest<AppState> for JsonBody {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         Ok(JsonBody {
             bytes: json_body_bytes(req, state).await,
-            max_depth: state.config.max_json_depth,
         })
     }
 }
@@ -162,9 +161,9 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
     Ok(())
 }
 
-/// Parses JSON text into `T`, telling syntax errors (400) from shape errors (422).
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
-    check_json_text(bytes, max_depth)?;
+/// Parses JSON text that [`json_body_bytes`] let through into `T`, telling syntax errors (400)
+/// from shape errors (422). (The text is not scanned again: every body was, once, as it came.)
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Syntax first, so that a truncated body is a 400 even when its start already has the
     // wrong shape; then the shape, with the path of the first problem.
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -173,6 +172,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
+    from_json_value(value)
+}
+
+/// A parsed body (a JSON object) as `T`; a problem of shape is a 422 at its pointer.
+pub fn from_json_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     if !value.is_object() {
         return Err(ApiError::invalid_field(
             "/",
@@ -180,6 +184,24 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result
         ));
     }
     serde_path_to_error::deserialize(value).map_err(shape_or_syntax_error)
+}
+
+/// A field that may be left out but not sent as `null` (which would otherwise read as "leave
+/// it", silently ignoring a request to clear it). For `#[serde(default, deserialize_with)]`.
+pub fn not_null<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("must not be null"))
+}
+
+/// A field that may be left out (`None`), sent as `null` (`Some(None)`, "clear it") or sent
+/// with a value. For `#[serde(default, deserialize_with)]`.
+pub fn null_or_value<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn shape_or_syntax_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
@@ -364,12 +386,12 @@ mod tests {
         struct Body {
             amount: u32,
         }
-        let e = parse_json::<Body>(b"{\"amount\": ", 10).unwrap_err();
+        let e = parse_json::<Body>(b"{\"amount\": ").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        let e = parse_json::<Body>(b"{\"amount\": \"x\"}", 10).unwrap_err();
+        let e = parse_json::<Body>(b"{\"amount\": \"x\"}").unwrap_err();
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(e.details[0]["path"], "/amount");
-        let e = parse_json::<Body>(b"{\"amount\": 1} trailing", 10).unwrap_err();
+        let e = parse_json::<Body>(b"{\"amount\": 1} trailing").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
     }
 }

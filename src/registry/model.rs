@@ -153,13 +153,7 @@ impl ActionDeclaration {
             // A result is an object (MCP's `structuredContent` is one): a schema that says the
             // result is something else can never be met. One that says nothing is left alone,
             // as declarations saved before this check may.
-            let says_object = match output.get("type") {
-                None => true,
-                Some(Value::String(t)) => t == "object",
-                Some(Value::Array(types)) => types.iter().any(|t| t == "object"),
-                Some(_) => false,
-            };
-            if !says_object {
+            if !schema_takes_objects(output) {
                 problems.push(detail(
                     "/output_schema/type",
                     "the output schema must describe an object: set \"type\": \"object\"",
@@ -216,6 +210,21 @@ pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, (String, 
             format!("is not a valid JSON Schema 2020-12: {e}"),
         )
     })
+}
+
+/// Whether some object can meet `schema` as far as its `type` says: `true`, or an object schema
+/// whose `type` is absent or names `object`.
+pub fn schema_takes_objects(schema: &Value) -> bool {
+    match schema {
+        Value::Bool(takes) => *takes,
+        Value::Object(s) => match s.get("type") {
+            None => true,
+            Some(Value::String(t)) => t == "object",
+            Some(Value::Array(types)) => types.iter().any(|t| t == "object"),
+            Some(_) => false,
+        },
+        _ => false,
+    }
 }
 
 /// Most subschemas a registered schema may stand for once its `$ref`s are followed, counting

@@ -134,8 +134,7 @@ async fn replace_action(
     ] {
         map.remove(field);
     }
-    let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
-    let decl: ActionDeclaration = crate::http::extract::parse_json(&bytes, state.config.max_json_depth)?;
+    let decl: ActionDeclaration = crate::http::extract::from_json_value(body)?;
     check_declaration(&state, &auth.tenant_id, &decl).await?;
     let (action, _) = store::upsert(
         &state.db,

@@ -14,7 +14,31 @@ pub struct TooLarge;
 /// `budget` and giving up once it runs out: each `{{data}}` copies what it points at, so a rule
 /// with many of them could otherwise turn one event into gigabytes.
 pub fn render(template: &Value, doc: &Value, budget: &mut usize) -> Result<Value, TooLarge> {
-    render_within(template, doc, budget)
+    match template {
+        Value::String(s) => render_string(s, doc, budget),
+        Value::Array(items) => {
+            spend(budget, 2 + items.len())?;
+            items
+                .iter()
+                .map(|i| render(i, doc, budget))
+                .collect::<Result<_, _>>()
+                .map(Value::Array)
+        }
+        Value::Object(map) => {
+            spend(budget, 2 + map.len())?;
+            map.iter()
+                .map(|(k, v)| {
+                    spend(budget, escaped_len(k) + 1)?;
+                    Ok((k.clone(), render(v, doc, budget)?))
+                })
+                .collect::<Result<_, _>>()
+                .map(Value::Object)
+        }
+        other => {
+            spend(budget, json_len(other))?;
+            Ok(other.clone())
+        }
+    }
 }
 
 /// The length of `s` written as a JSON string, quotes included, without writing it.
@@ -33,34 +57,6 @@ fn escaped_len(s: &str) -> usize {
 fn spend(budget: &mut usize, bytes: usize) -> Result<(), TooLarge> {
     *budget = budget.checked_sub(bytes).ok_or(TooLarge)?;
     Ok(())
-}
-
-fn render_within(template: &Value, doc: &Value, budget: &mut usize) -> Result<Value, TooLarge> {
-    match template {
-        Value::String(s) => render_string(s, doc, budget),
-        Value::Array(items) => {
-            spend(budget, 2 + items.len())?;
-            items
-                .iter()
-                .map(|i| render_within(i, doc, budget))
-                .collect::<Result<_, _>>()
-                .map(Value::Array)
-        }
-        Value::Object(map) => {
-            spend(budget, 2 + map.len())?;
-            map.iter()
-                .map(|(k, v)| {
-                    spend(budget, escaped_len(k) + 1)?;
-                    Ok((k.clone(), render_within(v, doc, budget)?))
-                })
-                .collect::<Result<_, _>>()
-                .map(Value::Object)
-        }
-        other => {
-            spend(budget, json_len(other))?;
-            Ok(other.clone())
-        }
-    }
 }
 
 /// The length of `value` as JSON text, without writing it.

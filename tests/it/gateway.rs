@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::delivery::{endpoint, fast_delivery};
 use crate::dual;
-use crate::harness::{Backend, TestApp, assert_error, at_once, error_code, read, wait_until};
+use crate::harness::{Backend, TestApp, assert_error, at_once, details, error_code, read, wait_until};
 use crate::receiver::Receiver;
 
 /// An app with loopback delivery, the shipped example actions bound to `rx`, and the shipped policy.
@@ -446,12 +446,7 @@ async fn invalid_arguments_get_actionable_422s(backend: Backend) {
     let (status, body) = invoke(&w.app, &billing, "refund_invoice", bad, Some("v1")).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(error_code(&body), "validation_failed");
-    let paths: HashSet<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths: HashSet<&str> = details(&body, "path").into_iter().collect();
     for p in ["/invoice_id", "/amount", "/currency", "/reason"] {
         assert!(paths.contains(p), "missing {p} in {body}");
     }
@@ -826,12 +821,7 @@ async fn policy_edits_take_effect_at_once(backend: Backend) {
     let (status, body) = w.app.call(Method::PUT, "/v1/policies", Some(bad)).await;
     assert_eq!(status, 422);
     // Every problem of every row, each at its field.
-    let paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = details(&body, "path");
     assert_eq!(
         paths,
         ["/rows/0/subject", "/rows/1/object", "/rows/1/effect"],
@@ -1539,12 +1529,7 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         .call(Method::PUT, "/v1/actions/refund_invoice", Some(malformed))
         .await;
     assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
-    let paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|d| d["path"].as_str())
-        .collect();
+    let paths = details(&body, "path");
     assert!(paths.iter().any(|p| p.starts_with("/guards/0/if")), "{body}");
     assert!(paths.iter().any(|p| p.starts_with("/guards/1")), "{body}");
     let billing = agent_token(&w.app, "agt_g", &["billing"], &["invoke:*"]).await;

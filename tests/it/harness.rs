@@ -394,6 +394,17 @@ pub fn assert_error(got: (u16, &Value), status: u16, code: &str, message_part: &
 }
 
 /// Asserts the contract's error shape and returns the code.
+/// One field (`path` or `message`) of each detail of an error body, in order.
+pub fn details<'a>(body: &'a Value, field: &str) -> Vec<&'a str> {
+    error_code(body);
+    body["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| d[field].as_str().expect("a detail field"))
+        .collect()
+}
+
 pub fn error_code(body: &Value) -> &str {
     let e = &body["error"];
     assert!(e["message"].is_string(), "not an error body: {body}");

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::delivery::{endpoint, send_event};
 use crate::dual;
 use crate::gateway::{World, agent_token, invoke, world};
-use crate::harness::{Backend, TestApp, error_code, eventually, read};
+use crate::harness::{Backend, TestApp, details, error_code, eventually, read};
 use crate::receiver::Receiver;
 
 dual!(
@@ -198,12 +198,7 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
     )
     .await;
     assert_eq!(status, 422, "{body}");
-    let paths: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let paths = details(&body, "path");
     assert!(paths.contains(&"/data/amount"), "{paths:?}");
     assert!(
         body["error"]["details"].to_string().contains("currency"),
@@ -890,12 +885,7 @@ async fn malformed_rules_are_refused(backend: Backend) {
         .call(Method::POST, "/v1/rules", Some(base(json!({}), ok_then.clone())))
         .await;
     assert_eq!(status, 422, "{body}");
-    let told: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["message"].as_str().unwrap())
-        .collect();
+    let told = details(&body, "message");
     assert_eq!(told.len(), 2, "{body}");
     assert!(
         told.iter().any(|m| m.contains("field")) && told.iter().any(|m| m.contains("op")),
