@@ -114,6 +114,16 @@ impl AppState {
             );
         }
         let config = Arc::new(config);
+        // A binary started outside the checkout finds no example actions or roles: say so, or
+        // every call is refused without a word why.
+        for (dir, what) in [
+            (&config.actions_dir, "actions_dir"),
+            (&config.policies_dir, "policies_dir"),
+        ] {
+            if !dir.is_dir() {
+                tracing::warn!(path = %dir.display(), "{what} does not exist; starting without its files");
+            }
+        }
         let policy = Arc::new(Policy::from_dir(&config.policies_dir)?);
         let validators = Arc::new(Validators::default());
         let catalog = Arc::new(Catalog::load(&config.events_dir, config.cache_ttl)?);

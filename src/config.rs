@@ -82,6 +82,8 @@ pub struct RawConfig {
     pub agent_rate_per_s: u32,
     /// Invocations per second of one action across agents (token bucket).
     pub action_rate_per_s: u32,
+    /// Comma-separated origins (`https://app.example.com`) whose browser pages may call `/mcp`.
+    pub mcp_allowed_origins: String,
 }
 
 impl Default for RawConfig {
@@ -112,6 +114,7 @@ impl Default for RawConfig {
             cache_ttl: "1s".into(),
             agent_rate_per_s: 100,
             action_rate_per_s: 1000,
+            mcp_allowed_origins: String::new(),
         }
     }
 }
@@ -182,6 +185,18 @@ pub struct Config {
     pub agent_rate_per_s: u32,
     /// Invocations per second of one action across agents (token bucket).
     pub action_rate_per_s: u32,
+    /// Origins whose browser pages may call `/mcp`, as [`normalize_origin`] writes them.
+    pub mcp_allowed_origins: Vec<String>,
+}
+
+/// An origin as `scheme://host[:port]`, lower case and without a default port, or `None` if
+/// `text` is not an http(s) origin (a path, a query or credentials make it none).
+pub fn normalize_origin(text: &str) -> Option<String> {
+    let url = reqwest::Url::parse(text.trim()).ok()?;
+    let bare =
+        url.path() == "/" && url.query().is_none() && url.fragment().is_none() && url.username().is_empty();
+    let origin = url.origin();
+    (bare && matches!(url.scheme(), "http" | "https")).then(|| origin.ascii_serialization())
 }
 
 /// Refuses a key of the configuration file that is no setting (a misspelt `databse_url` would
@@ -306,6 +321,7 @@ impl Config {
             cache_ttl: parse_duration("cache_ttl", &raw.cache_ttl)?,
             agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
             action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
+            mcp_allowed_origins: parse_origins(&raw.mcp_allowed_origins)?,
         })
     }
 }
@@ -315,6 +331,19 @@ impl Default for Config {
         // The defaults are valid by construction; a failure here is a bug caught by the tests.
         Self::from_raw(RawConfig::default()).expect("built-in defaults are valid")
     }
+}
+
+fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|origin| !origin.is_empty())
+        .map(|origin| {
+            normalize_origin(origin).ok_or_else(|| ConfigError::Invalid {
+                field: "mcp_allowed_origins",
+                message: format!("`{origin}` is not an origin like https://app.example.com"),
+            })
+        })
+        .collect()
 }
 
 fn positive(field: &'static str, n: u32) -> Result<u32, ConfigError> {
@@ -382,5 +411,31 @@ mod tests {
             ..RawConfig::default()
         };
         assert!(Config::from_raw(raw).is_err());
+    }
+
+    #[test]
+    fn allowed_origins_are_kept_as_browsers_send_them() {
+        let raw = RawConfig {
+            mcp_allowed_origins: " https://App.Example.com:443/ , http://localhost:6274".into(),
+            ..RawConfig::default()
+        };
+        let config = Config::from_raw(raw).unwrap();
+        assert_eq!(
+            config.mcp_allowed_origins,
+            ["https://app.example.com", "http://localhost:6274"]
+        );
+        for refused in [
+            "app.example.com",
+            "https://a.example.com/path",
+            "null",
+            "ftp://a.example.com",
+        ] {
+            let raw = RawConfig {
+                mcp_allowed_origins: refused.into(),
+                ..RawConfig::default()
+            };
+            let err = Config::from_raw(raw).unwrap_err().to_string();
+            assert!(err.contains("mcp_allowed_origins"), "{refused}: {err}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use jsonwebtoken::jwk::PublicKeyUse;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -277,6 +278,13 @@ pub async fn authenticate(
         ));
     }
     let header = decode_header(token).map_err(|_| invalid("malformed header or unsupported algorithm"))?;
+    // RFC 7515 §4.1.11: a token whose critical extensions are not understood must be refused,
+    // and this gateway understands none.
+    if header.crit.is_some() {
+        return Err(invalid(
+            "the token names critical header extensions (crit), which are not supported",
+        ));
+    }
     let unverified = jsonwebtoken::dangerous::insecure_decode::<Value>(token)
         .map_err(|_| invalid("malformed token"))?
         .claims;
@@ -289,7 +297,16 @@ pub async fn authenticate(
             Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
-        verify_external_token(db, jwks_cache, outbound, token, &header, issuer, &audiences).await
+        let subject = unverified.get("sub").and_then(Value::as_str).unwrap_or_default();
+        verify_external_token(
+            db,
+            jwks_cache,
+            outbound,
+            token,
+            &header,
+            (issuer, &audiences, subject),
+        )
+        .await
     }
 }
 
@@ -470,26 +487,41 @@ async fn verify_external_token(
     outbound: &crate::delivery::outbound::Outbound,
     token: &str,
     header: &Header,
-    issuer: &str,
-    audiences: &[&str],
+    (issuer, audiences, subject): (&str, &[&str], &str),
 ) -> Result<AgentPrincipal, ApiError> {
     if issuer.is_empty() {
         return Err(invalid("no issuer"));
     }
     // Several workspaces may trust one identity provider, each with its own audience: the
-    // (issuer, audience) pair names the workspace.
-    let rows: Vec<(String, String, String)> = db
+    // (issuer, audience) pair names the workspace. Whether the subject is also the id of one of
+    // the workspace's own agents is read with it.
+    let rows: Vec<(String, String, String, bool)> = db
         .fetch_all(
-            "SELECT tenant_id, audience, config FROM token_issuers WHERE issuer = $1",
-            args![issuer],
+            "SELECT i.tenant_id, i.audience, i.config, \
+             EXISTS (SELECT 1 FROM agents a WHERE a.tenant_id = i.tenant_id AND a.id = $2) \
+             FROM token_issuers i WHERE i.issuer = $1",
+            args![issuer, subject],
         )
         .await?;
-    let Some((tenant_id, _, config)) = rows
+    let mut named = rows
         .into_iter()
-        .find(|(_, aud, _)| audiences.contains(&aud.as_str()))
-    else {
+        .filter(|(_, aud, _, _)| audiences.contains(&aud.as_str()));
+    let Some((tenant_id, _, config, names_own_agent)) = named.next() else {
         return Err(invalid("unknown issuer or audience"));
     };
+    if named.next().is_some() {
+        return Err(invalid(
+            "the token's audiences name more than one workspace; it must name exactly one",
+        ));
+    }
+    // The gateway's agents and the issuer's subjects are two sources of identity: a subject
+    // posing as an agent would share its records, idempotency keys and policy rows, and outlive
+    // its revocation.
+    if names_own_agent {
+        return Err(invalid(
+            "claim sub is the id of an agent created in this workspace; an external issuer's subjects must differ from them",
+        ));
+    }
     let config: IssuerConfig = serde_json::from_str(&config).map_err(ApiError::internal)?;
     if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
         return Err(invalid("external issuers must sign with a public-key algorithm"));
@@ -531,6 +563,13 @@ async fn external_keys(
         .keys
         .iter()
         .filter(|k| header.kid.is_none() || k.common.key_id == header.kid)
+        // A key published for one algorithm, or for encryption, verifies nothing else.
+        .filter(|k| {
+            k.common
+                .key_algorithm
+                .is_none_or(|alg| alg.to_string() == format!("{:?}", header.alg))
+        })
+        .filter(|k| k.common.public_key_use != Some(PublicKeyUse::Encryption))
         .filter_map(|k| DecodingKey::from_jwk(k).ok())
         .collect();
     Ok(keys)

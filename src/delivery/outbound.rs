@@ -172,6 +172,9 @@ impl Outbound {
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
             .tcp_nodelay(true)
+            // hyper's default of 100 would turn a 2xx with more headers into a failed attempt,
+            // sent again; what is kept of them is capped below.
+            .http1_max_headers(1024)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256);
         if !allow_private {
@@ -251,9 +254,15 @@ impl Outbound {
 async fn read_response(mut resp: reqwest::Response) -> AttemptResult {
     {
         let status = resp.status().as_u16();
+        // Kept up to the same size as the body: headers past it are left out of the log.
+        let mut kept = 0;
         let headers: Vec<(String, String)> = resp
             .headers()
             .iter()
+            .take_while(|(k, v)| {
+                kept += k.as_str().len() + v.len();
+                kept <= MAX_RESPONSE_BYTES
+            })
             .map(|(k, v)| {
                 (
                     k.as_str().to_string(),
@@ -376,24 +385,18 @@ fn classify(e: &reqwest::Error) -> AttemptResult {
     failure(class, message)
 }
 
-/// Parses `Retry-After` as seconds or an HTTP date.
+/// Parses `Retry-After` as seconds or an HTTP date in any of the three forms RFC 9110 §5.6.7
+/// asks a recipient to accept. A number too large to hold means "as late as allowed".
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    if let Ok(secs) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX)));
     }
-    let date = httpdate_parse(value.trim())?;
-    let now = time::OffsetDateTime::now_utc();
-    let delta = date - now;
-    Some(Duration::from_secs(delta.whole_seconds().max(0) as u64))
-}
-
-fn httpdate_parse(value: &str) -> Option<time::OffsetDateTime> {
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    time::PrimitiveDateTime::parse(value, format)
-        .ok()
-        .map(|t| t.assume_utc())
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(
+        date.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -498,5 +501,36 @@ mod tests {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
         assert!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT").is_some());
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-5"), None);
+        assert_eq!(parse_retry_after(""), None);
+        let max = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(
+            parse_retry_after("99999999999999999999"),
+            max,
+            "too large to hold"
+        );
+        // IMF-fixdate, the obsolete RFC 850 form and asctime, an hour ahead.
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let fixdate = httpdate::fmt_http_date(ahead);
+        let parsed: time::OffsetDateTime = ahead.into();
+        let rfc850 = parsed
+            .format(time::macros::format_description!(
+                "[weekday], [day]-[month repr:short]-[year repr:last_two] [hour]:[minute]:[second] GMT"
+            ))
+            .unwrap();
+        let asctime = parsed
+            .format(time::macros::format_description!(
+                "[weekday repr:short] [month repr:short] [day padding:space] [hour]:[minute]:[second] [year]"
+            ))
+            .unwrap();
+        for form in [fixdate, rfc850, asctime] {
+            let wait = parse_retry_after(&form).unwrap_or_else(|| panic!("{form}"));
+            assert!((3590..=3600).contains(&wait.as_secs()), "{form}: {wait:?}");
+        }
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a past date"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Retention: deliveries that are settled (succeeded or failed), their attempts, and events older
 //! than the retention period are deleted in small batches, so the purge never holds the writer
-//! for long. Expired idempotency records go the same way.
+//! for long. Expired idempotency records and MCP sessions go the same way.
 
 use std::time::Duration;
 
@@ -90,5 +90,18 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
         args![now_ms()],
     )
     .await?;
+    // MCP sessions go once ended (DELETE) or past their lifetime.
+    loop {
+        let n = db
+            .execute(
+                "DELETE FROM mcp_sessions WHERE id IN (SELECT id FROM mcp_sessions \
+                 WHERE ended_at IS NOT NULL OR created_at <= $1 LIMIT $2)",
+                args![now_ms() - crate::mcp::SESSION_LIFETIME_MS, BATCH],
+            )
+            .await?;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
     Ok(total)
 }

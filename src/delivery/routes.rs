@@ -501,7 +501,10 @@ struct PreviewBody {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object with the action's `name` and its `arguments`"
+)]
 struct PreviewAction {
     name: String,
     #[serde(default)]
@@ -509,7 +512,10 @@ struct PreviewAction {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object with the event's `type` and `data`"
+)]
 struct PreviewEvent {
     #[serde(rename = "type")]
     event_type: String,

@@ -273,7 +273,7 @@ pub async fn invoke(
                 if let Some(existing) =
                     find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash).await?
                 {
-                    return wait_if_sync(state, action, existing, req.wait).await;
+                    return replay(state, action, existing, req.wait).await;
                 }
                 if expired_key_cleared {
                     return Err(ApiError::internal("idempotent invocation vanished"));
@@ -323,6 +323,39 @@ fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
         (Mode::Async, Some(w)) => w,
         (Mode::Async, None) => Duration::ZERO,
     }
+}
+
+/// The answer to a repeated call: the first call's. An `async` call that did not ask to wait was
+/// answered at once with the status it started in (202 `queued`, or `pending_approval`), so a
+/// repeat is answered the same way whatever became of it since; otherwise the repeat waits like
+/// the first call did and answers where the call stands then.
+async fn replay(
+    state: &AppState,
+    action: &Action,
+    existing: InvocationRow,
+    extra: Option<Duration>,
+) -> Result<InvocationRow, ApiError> {
+    if action.declaration.mode != Mode::Async || extra.is_some() {
+        return wait_if_sync(state, action, existing, extra).await;
+    }
+    let held: Option<(String,)> = state
+        .db
+        .fetch_optional(
+            "SELECT id FROM approvals WHERE tenant_id = $1 AND invocation_id = $2",
+            args![&existing.tenant_id, &existing.id],
+        )
+        .await?;
+    Ok(InvocationRow {
+        status: if held.is_some() {
+            "pending_approval"
+        } else {
+            "queued"
+        }
+        .to_string(),
+        result: None,
+        error: None,
+        ..existing
+    })
 }
 
 /// For an idempotent replay of a sync call that is still in flight, wait like the first call did.

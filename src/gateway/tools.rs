@@ -32,9 +32,11 @@ impl Format {
     }
 }
 
-/// The enabled actions this agent may invoke.
+/// The enabled actions this agent may invoke: allowed by its scopes and roles, and pointed at an
+/// enabled endpoint (a call to any other is refused as `action_unavailable`).
 pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result<Vec<Action>, ApiError> {
     let subjects = agent.subjects();
+    let live = state.engine.subscribers(&agent.tenant_id).await?;
     // One policy version for the whole listing.
     let version = match agent.policy_version {
         Some(v) => v,
@@ -43,7 +45,9 @@ pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result
     let mut out = Vec::new();
     for action in store::list_enabled(&state.db, &agent.tenant_id).await? {
         let name = &action.declaration.name;
-        if !super::scope_allows(&agent.scopes, name) {
+        let deliverable = (action.declaration.endpoint_id.as_ref())
+            .is_some_and(|id| live.iter().any(|endpoint| &endpoint.id == id));
+        if !deliverable || !super::scope_allows(&agent.scopes, name) {
             continue;
         }
         if state

@@ -122,9 +122,19 @@ impl AdminAuth {
     }
 }
 
-/// The bearer token of a request, if any.
+/// The bearer token of a request, if it sends exactly one.
 pub fn bearer_token(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    sole_bearer_token(&parts.headers)
+}
+
+/// The bearer token in `headers`, if they hold exactly one `Authorization` header: with two, no
+/// reader may pick a different one than another.
+pub fn sole_bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

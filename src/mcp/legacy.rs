@@ -76,8 +76,21 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
     if method == "server/discover" && !headers.contains_key("mcp-protocol-version") {
         return super::modern::handle(state, agent, &Method::POST, headers, body).await;
     }
-    if let Err(p) = session(state, agent, headers).await {
-        return p.response();
+    match session(state, agent, headers).await {
+        Ok(_) => {}
+        // A stateless-era request that left out its version header would be told only that it
+        // has no session, which is not what it lacks.
+        Err(SessionProblem::Missing)
+            if params
+                .pointer("/_meta/io.modelcontextprotocol~1protocolVersion")
+                .is_some() =>
+        {
+            return transport_error(
+                StatusCode::BAD_REQUEST,
+                "Bad Request: Missing session ID; a 2026-07-28 request must also send its protocol version as the MCP-Protocol-Version header",
+            );
+        }
+        Err(p) => return p.response(),
     }
     let result = match method.as_str() {
         "ping" => Ok(json!({})),
@@ -142,6 +155,8 @@ enum SessionProblem {
     Missing,
     Unknown,
     Storage,
+    /// The version header names another version than the session negotiated.
+    OtherVersion(String),
 }
 
 impl SessionProblem {
@@ -154,11 +169,19 @@ impl SessionProblem {
             SessionProblem::Storage => {
                 transport_error(StatusCode::SERVICE_UNAVAILABLE, "sessions are unavailable")
             }
+            SessionProblem::OtherVersion(negotiated) => transport_error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "Bad Request: MCP-Protocol-Version must be {negotiated}, the version this session negotiated"
+                ),
+            ),
         }
     }
 }
 
-/// The session of this request; it must exist, be live and belong to the calling agent.
+/// The session of this request; it must exist, be live (ended by no DELETE, and younger than
+/// [`super::SESSION_LIFETIME_MS`]) and belong to the calling agent, and a version header must
+/// name the version it negotiated.
 async fn session(
     state: &AppState,
     agent: &AgentPrincipal,
@@ -168,15 +191,20 @@ async fn session(
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or(SessionProblem::Missing)?;
-    let row: Option<(String,)> = state
+    let row: Option<(String, String)> = state
         .db
         .fetch_optional(
-            "SELECT id FROM mcp_sessions WHERE id = $1 AND tenant_id = $2 AND agent_id = $3 AND ended_at IS NULL",
-            args![id, &agent.tenant_id, &agent.agent_id],
+            "SELECT id, protocol_version FROM mcp_sessions WHERE id = $1 AND tenant_id = $2 AND agent_id = $3 \
+             AND ended_at IS NULL AND created_at > $4",
+            args![id, &agent.tenant_id, &agent.agent_id, now_ms() - super::SESSION_LIFETIME_MS],
         )
         .await
         .map_err(|_| SessionProblem::Storage)?;
-    row.map(|r| r.0).ok_or(SessionProblem::Unknown)
+    let (id, negotiated) = row.ok_or(SessionProblem::Unknown)?;
+    match headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) {
+        Some(sent) if sent != negotiated => Err(SessionProblem::OtherVersion(negotiated)),
+        _ => Ok(id),
+    }
 }
 
 async fn end_session(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Response {
@@ -205,7 +233,19 @@ pub async fn tools_version(state: &AppState, tenant_id: &str) -> i64 {
     let policy = db::counter(&state.db, &crate::policy::counter_name(tenant_id))
         .await
         .unwrap_or(0);
-    registry * 1_000_003 + policy
+    // An endpoint enabled, disabled or deleted changes which actions can be called.
+    let mut endpoints: Vec<String> = match state.engine.subscribers(tenant_id).await {
+        Ok(list) => list.iter().map(|endpoint| endpoint.id.clone()).collect(),
+        Err(_) => Vec::new(),
+    };
+    endpoints.sort_unstable();
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&endpoints, &mut hasher);
+    registry
+        .wrapping_mul(1_000_003)
+        .wrapping_add(policy)
+        .wrapping_mul(31)
+        .wrapping_add(std::hash::Hasher::finish(&hasher) as i64)
 }
 
 /// GET: a server-to-client stream carrying `notifications/tools/list_changed`.
@@ -233,8 +273,8 @@ async fn stream(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -
                 let live: Option<(String,)> = state
                     .db
                     .fetch_optional(
-                        "SELECT id FROM mcp_sessions WHERE id = $1 AND ended_at IS NULL",
-                        args![&sid],
+                        "SELECT id FROM mcp_sessions WHERE id = $1 AND ended_at IS NULL AND created_at > $2",
+                        args![&sid, now_ms() - super::SESSION_LIFETIME_MS],
                     )
                     .await
                     .ok()

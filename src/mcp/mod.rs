@@ -33,6 +33,10 @@ pub const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-2
 /// Versions of the stateless era this server speaks.
 pub const MODERN_VERSIONS: &[&str] = &["2026-07-28"];
 
+/// How long a handshake-era session lasts after `initialize`; then it is unknown (404) and the
+/// client starts a new one, as the transport says it must.
+pub const SESSION_LIFETIME_MS: i64 = 24 * 3600 * 1000;
+
 /// JSON-RPC error codes used here.
 pub mod codes {
     /// Invalid JSON.
@@ -84,11 +88,24 @@ async fn handle(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let refuse = |(status, message): (StatusCode, String)| {
+        rpc_error_response(
+            status,
+            Value::Null,
+            &RpcError::new(codes::INVALID_REQUEST, message),
+        )
+    };
+    if let Err(refusal) = check_origin(&state.config.mcp_allowed_origins, &headers) {
+        return refuse(refusal);
+    }
     let agent = match authenticate(&state, &headers).await {
         Ok(agent) => agent,
         Err(response) => return response,
     };
-    let version = headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok());
+    let version = match protocol_version(&headers) {
+        Ok(version) => version,
+        Err(refusal) => return refuse(refusal),
+    };
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -116,6 +133,49 @@ async fn handle(
             modern::handle(&state, &agent, &method, &headers, &body).await
         }
         _ => legacy::handle(&state, &agent, &method, &headers, &body).await,
+    }
+}
+
+/// Refuses a browser's request from an origin not listed in `mcp_allowed_origins` (403), as
+/// the transport requires against DNS rebinding: a page that rebinds its own name to this server
+/// sends its own origin. Clients that are not browsers send no `Origin` and pass.
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let Some(origin) = origins.next() else {
+        return Ok(());
+    };
+    let listed = origins.next().is_none()
+        && origin
+            .to_str()
+            .ok()
+            .and_then(crate::config::normalize_origin)
+            .is_some_and(|origin| allowed.contains(&origin));
+    if listed {
+        return Ok(());
+    }
+    let shown = String::from_utf8_lossy(origin.as_bytes());
+    Err((
+        StatusCode::FORBIDDEN,
+        format!(
+            "Forbidden: requests from origin {shown} are not allowed; an operator may list it in mcp_allowed_origins"
+        ),
+    ))
+}
+
+/// The one `MCP-Protocol-Version` header of a request, if it sends one. Two, or one that is
+/// not text, are a 400: every reader must see the version the others saw.
+fn protocol_version(headers: &HeaderMap) -> Result<Option<&str>, (StatusCode, String)> {
+    let mut values = headers.get_all("mcp-protocol-version").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let refuse = |message: &str| Err((StatusCode::BAD_REQUEST, message.to_string()));
+    if values.next().is_some() {
+        return refuse("Bad Request: send one MCP-Protocol-Version header");
+    }
+    match value.to_str() {
+        Ok(version) => Ok(Some(version)),
+        Err(_) => refuse("Bad Request: Unsupported protocol version (not ASCII)"),
     }
 }
 
@@ -184,13 +244,7 @@ pub enum Tick {
 }
 
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrincipal, Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim());
-    let Some(token) = token else {
+    let Some(token) = crate::http::auth::sole_bearer_token(headers) else {
         return Err(crate::http::ApiError::unauthorized(
             "unauthorized",
             "the MCP server needs an agent token as `Authorization: Bearer <JWT>`",

@@ -49,14 +49,14 @@ fn not_acceptable(media: &str) -> Response {
     )
 }
 
-fn mismatch(id: &Value, what: &str) -> Response {
-    fail(
-        id.clone(),
-        RpcError::new(
-            codes::HEADER_MISMATCH,
-            format!("{what} does not match the request body"),
-        ),
-    )
+/// The answer to a routing header (`what`, lower case) that is missing or disagrees with the body.
+fn mismatch(id: &Value, headers: &HeaderMap, what: &str) -> Response {
+    let message = if headers.contains_key(what) {
+        format!("the {what} header does not match the request body")
+    } else {
+        format!("the {what} header is missing; it must repeat what the request body says")
+    };
+    fail(id.clone(), RpcError::new(codes::HEADER_MISMATCH, message))
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -155,10 +155,10 @@ pub async fn handle(
     };
     let meta_version = meta.get(META_VERSION).and_then(Value::as_str);
     if header(headers, "mcp-protocol-version") != meta_version {
-        return mismatch(&id, "the mcp-protocol-version header");
+        return mismatch(&id, headers, "mcp-protocol-version");
     }
     if header(headers, "mcp-method") != Some(rpc_method.as_str()) {
-        return mismatch(&id, "the mcp-method header");
+        return mismatch(&id, headers, "mcp-method");
     }
     if rpc_method == "tools/call"
         && let Some(name) = params.get("name").and_then(Value::as_str)
@@ -167,7 +167,7 @@ pub async fn handle(
             .as_deref()
             != Some(name)
     {
-        return mismatch(&id, "the mcp-name header");
+        return mismatch(&id, headers, "mcp-name");
     }
     let Some(version) = meta_version else {
         return fail(

@@ -82,6 +82,7 @@ dual!(
     preview_and_test_send,
     standard_webhooks_scheme,
     action_client_errors_are_final_but_event_ones_retry,
+    an_answer_with_many_headers_is_still_an_answer,
 );
 
 async fn signing_vectors_through_the_api(backend: Backend) {
@@ -523,6 +524,44 @@ async fn retry_after_is_honoured(backend: Backend) {
         gap >= Duration::from_millis(1900),
         "waited {gap:?} instead of the 2 s asked for"
     );
+}
+
+/// A 2xx is a success however many headers come with it (not a failed attempt to send again);
+/// the log keeps the first 64 KiB of them.
+async fn an_answer_with_many_headers_is_still_an_answer(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let names: Vec<&'static str> = (0..300)
+        .map(|i| &*Box::leak(format!("x-header-{i}").into_boxed_str()))
+        .collect();
+    rx.answer(move |_, _| {
+        let headers = names.iter().map(|name| (*name, "v".repeat(400))).collect();
+        (200, headers, "ok".into())
+    });
+    endpoint(&app, &rx.url("/chatty"), json!({})).await;
+    let event_id = send_event(&app, "invoice.updated", json!({})).await;
+    rx.wait_for(1).await;
+    let delivery = crate::harness::eventually(Duration::from_secs(30), || async {
+        let (_, event) = app
+            .call(Method::GET, &format!("/v1/events/{event_id}"), None)
+            .await;
+        let id = event["deliveries"][0]["id"].as_str()?.to_string();
+        let (_, delivery) = app.call(Method::GET, &format!("/v1/deliveries/{id}"), None).await;
+        (delivery["status"] == "succeeded").then_some(delivery)
+    })
+    .await;
+    let attempts = delivery["attempts_log"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{delivery}");
+    let response = &attempts[0]["response"];
+    assert_eq!(response["status"], 200);
+    let kept = response["headers"].to_string();
+    assert!(
+        kept.contains("x-header-0") && !kept.contains("x-header-299"),
+        "all 120 KB kept"
+    );
+    assert!(kept.len() < 80 * 1024, "{} bytes of headers kept", kept.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received().len(), 1, "sent once");
 }
 
 async fn gone_disables_the_endpoint(backend: Backend) {

@@ -273,6 +273,72 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
             .await;
         assert_eq!(status, 400, "{bad}");
     }
+
+    // Only what can be called is listed: an action whose endpoint is disabled, or that has
+    // none, would only ever answer `action_unavailable`.
+    let listed = |token: String| {
+        let app = &w.app;
+        async move {
+            let (status, body) = app
+                .call_as(&token, Method::GET, "/v1/tools?format=anthropic", None)
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let names = body["data"].as_array().unwrap().iter();
+            names
+                .map(|t| t["name"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let (own_endpoint, _) = endpoint(&w.app, &w.rx.url("/tickets"), json!({"event_types": ["none.*"]})).await;
+    let (_, mut ticket) = w.app.call(Method::GET, "/v1/actions/create_ticket", None).await;
+    ticket["endpoint_id"] = own_endpoint.clone().into();
+    assert_eq!(
+        w.app
+            .call(Method::PUT, "/v1/actions/create_ticket", Some(ticket.clone()))
+            .await
+            .0,
+        200
+    );
+    assert!(
+        listed(support.clone())
+            .await
+            .contains(&"create_ticket".to_string())
+    );
+    let path = format!("/v1/endpoints/{own_endpoint}");
+    let (status, body) = w
+        .app
+        .call(Method::PATCH, &path, Some(json!({"enabled": false})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(Duration::from_secs(10), || async {
+        listed(support.clone()).await == ["escalate_to_human", "lookup_customer"]
+    })
+    .await;
+    let (status, body) = invoke(
+        &w.app,
+        &support,
+        "create_ticket",
+        json!({"customer_id": "cus_1", "subject": "Broken", "body": "b"}),
+        Some("t-1"),
+    )
+    .await;
+    assert_error((status, &body), 409, "action_unavailable", "disabled");
+    ticket["endpoint_id"] = Value::Null;
+    assert_eq!(
+        w.app
+            .call(Method::PUT, "/v1/actions/create_ticket", Some(ticket))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        w.app
+            .call(Method::PATCH, &path, Some(json!({"enabled": true})))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(listed(support).await, ["escalate_to_human", "lookup_customer"]);
 }
 
 async fn sync_and_async_invocations(backend: Backend) {
@@ -377,6 +443,19 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     assert_eq!(again["result"], first["result"]);
     assert_eq!(w.rx.received().len(), 1, "never a second delivery");
 
+    // An async call was answered 202 at once: so is its repeat, after the call succeeded too.
+    let license = json!({"license_id": "lic_1", "days": 7});
+    let (status, queued) = invoke(&w.app, &billing, "extend_license", license.clone(), Some("x1")).await;
+    assert_eq!((status, &queued["status"]), (202, &json!("queued")), "{queued}");
+    let path = format!("/v1/invocations/{}", queued["invocation_id"].as_str().unwrap());
+    wait_until(Duration::from_secs(30), || async {
+        w.app.call(Method::GET, &path, None).await.1["status"] == "succeeded"
+    })
+    .await;
+    let (status, again) = invoke(&w.app, &billing, "extend_license", license, Some("x1")).await;
+    assert_eq!((status, &again), (202, &queued), "the first answer");
+    assert_eq!(w.rx.received().len(), 2, "never a second delivery");
+
     let mut other = refund_args();
     other["amount"] = json!(99);
     let (status, body) = invoke(&w.app, &billing, "refund_invoice", other, Some("k1")).await;
@@ -418,8 +497,8 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     let (status, later) = invoke(&w.app, &billing, "refund_invoice", other, Some("k1")).await;
     assert!(status == 200 || status == 202, "{status} {later}");
     assert_ne!(later["invocation_id"], first["invocation_id"]);
-    // The first call, the read-only lookup, the other agent's call and this one.
-    let deliveries = w.rx.wait_for(4).await;
+    // The first call, the license, the read-only lookup, the other agent's call and this one.
+    let deliveries = w.rx.wait_for(5).await;
     assert!(deliveries.iter().any(|d| d.json()["arguments"]["amount"] == 77));
 }
 
@@ -596,6 +675,19 @@ async fn forged_and_revoked_tokens_are_refused(backend: Backend) {
     let resp = w.app.http.get(w.app.url("/v1/tools")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["www-authenticate"], r#"Bearer realm="opsiq""#);
+    // Two Authorization headers, one good: no reader may pick one the others did not.
+    for path in ["/v1/tools", "/v1/endpoints"] {
+        let resp = w
+            .app
+            .http
+            .get(w.app.url(path))
+            .header("authorization", format!("Bearer {good}"))
+            .header("authorization", format!("Bearer {}", w.app.admin_key))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+    }
 
     // Expiry: a one-second token stops working.
     let short = token(&w.app, "agt_f", &["invoke:*"], 1).await;
@@ -1094,6 +1186,39 @@ async fn external_issuer_tokens(backend: Backend) {
         200,
         "acme's tokens still work"
     );
+    // A token must name one workspace, not land in whichever an audience matches first.
+    let both = mint(&|c| c["aud"] = json!(["opsiq-acme", "opsiq-globex"]));
+    let (status, body) = w.app.call_as(&both, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than one workspace"),
+        "{body}"
+    );
+    // A subject that is one of the workspace's own agents would share its records and outlive
+    // its revocation.
+    agent_token(&w.app, "agt_twin", &["billing"], &["invoke:*"]).await;
+    let twin = mint(&|c| c["sub"] = "agt_twin".into());
+    let (status, body) = w.app.call_as(&twin, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("agent created in this workspace"),
+        "{body}"
+    );
+    // Critical header extensions are not understood, so such a token is refused.
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.crit = Some(vec!["exp".into()]);
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(&good)
+        .unwrap()
+        .claims;
+    let critical = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+    let (status, body) = w.app.call_as(&critical, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401, "{body}");
     // Two workspaces claiming one new pair at once: one gets it, the other a 409 (not a 500).
     let (_, initech) = w.app.new_tenant("initech").await;
     let (_, umbrella) = w.app.new_tenant("umbrella").await;
@@ -1158,7 +1283,10 @@ async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
 
     // The identity provider rotates its key; saving the issuer drops the cached document.
     idp.rotate_to(&new_key);
-    let (status, body) = w.app.call(Method::PUT, "/v1/token-issuer", Some(issuer)).await;
+    let (status, body) = w
+        .app
+        .call(Method::PUT, "/v1/token-issuer", Some(issuer.clone()))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(status_of(new_token.clone()).await, 200);
     assert_eq!(
@@ -1167,6 +1295,24 @@ async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
         "the retired key no longer verifies"
     );
     assert_eq!(idp.received().len(), 2);
+
+    // A key the document publishes for encryption, or for another algorithm, verifies nothing.
+    let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&new_key, jsonwebtoken::Algorithm::ES256).unwrap();
+    for (field, value) in [("use", "enc"), ("alg", "ES384")] {
+        let mut jwk = serde_json::to_value(&jwk).unwrap();
+        jwk[field] = value.into();
+        *idp.document.lock().unwrap() = json!({ "keys": [jwk] }).to_string();
+        let (status, body) = w
+            .app
+            .call(Method::PUT, "/v1/token-issuer", Some(issuer.clone()))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            status_of(new_token.clone()).await,
+            401,
+            "a key with {field} {value}"
+        );
+    }
 
     // Removing the issuer: none of its tokens works, whatever was fetched.
     let (status, body) = w.app.call(Method::DELETE, "/v1/token-issuer", None).await;

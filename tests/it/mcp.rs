@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dual;
-use crate::gateway::{World, agent_token, world};
+use crate::gateway::{World, agent_token, world, world_with};
 use crate::harness::{Backend, TestApp, read, repo_path, skip_or_fail};
 
 async fn python_client(app: &TestApp, token: &str, mode: &str, tool: &str, args: Value) -> Option<Value> {
@@ -187,7 +187,10 @@ fn meta() -> Value {
 }
 
 async fn mcp_wire_rules(backend: Backend) {
-    let World { app, rx: _rx } = world(backend).await;
+    let World { app, rx: _rx } = world_with(backend, |raw, _| {
+        raw.mcp_allowed_origins = "http://console.example:8443".into();
+    })
+    .await;
     let token = agent_token(&app, "agt_wire", &["support"], &["invoke:*"]).await;
 
     let resp = app
@@ -233,6 +236,53 @@ async fn mcp_wire_rules(backend: Backend) {
     )
     .await;
     assert_eq!((status, &body["result"]), (200, &json!({})));
+    // A browser page may call only from an origin the operator listed (DNS rebinding).
+    let ping = json!({"jsonrpc": "2.0", "id": "o", "method": "ping"});
+    for (origin, expected) in [
+        ("http://evil.example", 403),
+        ("null", 403),
+        ("http://console.example:8443", 200),
+        ("HTTP://Console.Example:8443", 200),
+    ] {
+        let mut headers = legacy(session_static);
+        headers.push(("origin", origin));
+        let resp = post_mcp(&app, &token, &headers, ping.clone()).await;
+        assert_eq!(resp.status(), expected, "{origin}");
+    }
+    // One version header, the one the session negotiated, and text.
+    let mut two = legacy(session_static);
+    two.push(("mcp-protocol-version", "bogus"));
+    let other = vec![
+        ("mcp-protocol-version", "2025-06-18"),
+        ("mcp-session-id", session_static),
+    ];
+    for headers in [two, other] {
+        let resp = post_mcp(&app, &token, &headers, ping.clone()).await;
+        assert_eq!(resp.status(), 400, "{headers:?}");
+    }
+    let not_text = app
+        .as_key(&token, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", session_static)
+        .header(
+            "mcp-protocol-version",
+            reqwest::header::HeaderValue::from_bytes(b"2025-11-25\xe9").unwrap(),
+        )
+        .json(&ping)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_text.status(), 400);
+    // A stateless request that left out its version header is told so.
+    let (status, body) = read(post_mcp(&app, &token, &[], stateless_tools_list()).await).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MCP-Protocol-Version header"),
+        "{body}"
+    );
     let bad_meta = json!({"jsonrpc": "2.0", "id": "m", "method": "tools/call",
         "params": {"name": "lookup_customer", "arguments": {"customer_id": "c"}, "_meta": "x"}});
     let (_, body) = read(post_mcp(&app, &token, &legacy(session_static), bad_meta).await).await;
@@ -331,6 +381,44 @@ async fn mcp_wire_rules(backend: Backend) {
     )
     .await;
     assert_eq!(status, 404, "a deleted session is gone");
+
+    // A session lasts a day; then it is unknown, the client starts another, and the purge
+    // deletes both rows.
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let resp = post_mcp(&app, &token, &[], init).await;
+    let aged: &'static str = Box::leak(resp.headers()["mcp-session-id"].to_str().unwrap().into());
+    let ping = json!({"jsonrpc": "2.0", "id": "a", "method": "ping"});
+    assert_eq!(
+        post_mcp(&app, &token, &legacy(aged), ping.clone()).await.status(),
+        200
+    );
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let day_and_a_bit = 24 * 3600 * 1000 + 60_000;
+    db.execute(
+        "UPDATE mcp_sessions SET created_at = created_at - $1 WHERE id = $2",
+        opsiq::args![day_and_a_bit, aged],
+    )
+    .await
+    .unwrap();
+    assert_eq!(post_mcp(&app, &token, &legacy(aged), ping).await.status(), 404);
+    let count = |db: &opsiq::db::Database| {
+        let (db, session) = (db.clone(), session.clone());
+        async move {
+            let rows: Vec<(String,)> = db
+                .fetch_all(
+                    "SELECT id FROM mcp_sessions WHERE id IN ($1, $2)",
+                    opsiq::args![aged, &session],
+                )
+                .await
+                .unwrap();
+            rows.len()
+        }
+    };
+    assert_eq!(count(&db).await, 2);
+    opsiq::delivery::retention::purge_once(&db, 0).await.unwrap();
+    assert_eq!(count(&db).await, 0, "the ended and the aged session are purged");
+    db.close().await;
 
     // Discover names every revision spoken on this endpoint, the handshake ones too.
     let discover =
