@@ -256,6 +256,9 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn(
+            crate::http::keep_alive::close_if_body_unread,
+        ))
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .layer(axum::middleware::from_fn(telemetry::http_metrics))
         .layer(CatchPanicLayer::custom(|_| {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod keep_alive;
 pub mod page;
 
 pub use auth::{AdminAuth, Permission, Role};

@@ -1364,3 +1364,64 @@ async fn the_openapi_document_lists_only_routes_the_server_serves() {
         }
     }
 }
+
+/// Reads one HTTP/1.1 response head (up to the blank line) from `stream`, within 30 s.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "the connection closed");
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("a response head within 30 s");
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+/// An answer given before the request's body was read says the connection closes, so a client
+/// does not reuse it and find it gone; one whose body was read keeps the connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_closes_the_connection_and_says_so() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::start(Backend::Sqlite).await;
+    let address = app.base.trim_start_matches("http://").to_string();
+    let body = r#"{"name": "read_first"}"#;
+
+    // Refused by its token, with the body still to come.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/endpoints HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer not-a-key\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut stream).await;
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+
+    // Read, and answered: the connection serves the next request too.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    for _ in 0..2 {
+        let request = format!(
+            "POST /v1/endpoints HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            app.admin_key,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_head(&mut stream).await;
+        assert!(answer.starts_with("http/1.1 422"), "{answer}");
+        assert!(!answer.contains("connection: close"), "{answer}");
+        use tokio::io::AsyncReadExt;
+        let length: usize = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a content-length");
+        let mut rest = vec![0u8; length];
+        stream.read_exact(&mut rest).await.unwrap();
+    }
+}
