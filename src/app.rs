@@ -241,7 +241,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(policy::routes())
         .merge(gateway::routes())
-        .merge(mcp::routes())
+        .merge(mcp::routes(&state.config.mcp_allowed_origins))
         .merge(audit::routes())
         // Inside the audit layer, which runs a change in a task of its own: a change keeps its
         // request slot until it ends, even if its client has gone.

@@ -193,8 +193,11 @@ pub struct Config {
 /// `text` is not an http(s) origin (a path, a query or credentials make it none).
 pub fn normalize_origin(text: &str) -> Option<String> {
     let url = reqwest::Url::parse(text.trim()).ok()?;
-    let bare =
-        url.path() == "/" && url.query().is_none() && url.fragment().is_none() && url.username().is_empty();
+    let bare = url.path() == "/"
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
     let origin = url.origin();
     (bare && matches!(url.scheme(), "http" | "https")).then(|| origin.ascii_serialization())
 }
@@ -429,6 +432,7 @@ mod tests {
             "https://a.example.com/path",
             "null",
             "ftp://a.example.com",
+            "https://:pw@a.example.com",
         ] {
             let raw = RawConfig {
                 mcp_allowed_origins: refused.into(),

@@ -514,14 +514,6 @@ async fn verify_external_token(
             "the token's audiences name more than one workspace; it must name exactly one",
         ));
     }
-    // The gateway's agents and the issuer's subjects are two sources of identity: a subject
-    // posing as an agent would share its records, idempotency keys and policy rows, and outlive
-    // its revocation.
-    if names_own_agent {
-        return Err(invalid(
-            "claim sub is the id of an agent created in this workspace; an external issuer's subjects must differ from them",
-        ));
-    }
     let config: IssuerConfig = serde_json::from_str(&config).map_err(ApiError::internal)?;
     if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
         return Err(invalid("external issuers must sign with a public-key algorithm"));
@@ -536,6 +528,15 @@ async fn verify_external_token(
     let mut last = invalid("no key verifies the signature");
     for key in keys {
         match decode::<Value>(token, &key, &validation) {
+            // The gateway's agents and the issuer's subjects are two sources of identity: a
+            // subject posing as an agent would share its records, idempotency keys and policy
+            // rows, and outlive its revocation. Said only of a signed token, so that no one can
+            // learn which agent ids exist by sending unsigned ones.
+            Ok(_) if names_own_agent => {
+                return Err(invalid(
+                    "claim sub is the id of an agent created in this workspace; an external issuer's subjects must differ from them",
+                ));
+            }
             Ok(data) => return principal_from_external(&tenant_id, &config, data.claims),
             Err(e) => last = invalid(&describe(&e)),
         }

@@ -327,8 +327,9 @@ fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
 
 /// The answer to a repeated call: the first call's. An `async` call that did not ask to wait was
 /// answered at once with the status it started in (202 `queued`, or `pending_approval`), so a
-/// repeat is answered the same way whatever became of it since; otherwise the repeat waits like
-/// the first call did and answers where the call stands then.
+/// repeat is answered the same way whatever became of it since, except that a denial is
+/// answered as one; otherwise the repeat waits like the first call did and answers where the
+/// call stands then.
 async fn replay(
     state: &AppState,
     action: &Action,
@@ -337,6 +338,11 @@ async fn replay(
 ) -> Result<InvocationRow, ApiError> {
     if action.declaration.mode != Mode::Async || extra.is_some() {
         return wait_if_sync(state, action, existing, extra).await;
+    }
+    // A call a person denied answers the denial (403): a model retrying it must learn that it
+    // will not run, not that it still waits.
+    if existing.status == "denied" {
+        return Ok(existing);
     }
     let held: Option<(String,)> = state
         .db

@@ -77,9 +77,35 @@ impl RpcError {
     }
 }
 
-/// The MCP route.
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/mcp", any(handle))
+/// The MCP route. Browser pages from `allowed_origins` may call it across origins: their CORS
+/// preflights are answered and their answers carry the headers that let the page read them.
+pub fn routes(allowed_origins: &[String]) -> Router<AppState> {
+    let router = Router::new().route("/mcp", any(handle));
+    let origins: Vec<HeaderValue> = allowed_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    if origins.is_empty() {
+        return router;
+    }
+    let mcp_headers = [
+        "mcp-protocol-version",
+        "mcp-session-id",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+    ]
+    .map(header::HeaderName::from_static);
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers(tower_http::cors::AllowHeaders::list(
+            [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]
+                .into_iter()
+                .chain(mcp_headers.clone()),
+        ))
+        .expose_headers(mcp_headers);
+    router.layer(cors)
 }
 
 async fn handle(

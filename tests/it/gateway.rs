@@ -455,6 +455,32 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     let (status, again) = invoke(&w.app, &billing, "extend_license", license, Some("x1")).await;
     assert_eq!((status, &again), (202, &queued), "the first answer");
     assert_eq!(w.rx.received().len(), 2, "never a second delivery");
+    // Except a denial: a call a person refused answers so when repeated.
+    let (_, mut declared) = w.app.call(Method::GET, "/v1/actions/extend_license", None).await;
+    declared["approval"] = "always".into();
+    assert_eq!(
+        w.app
+            .call(Method::PUT, "/v1/actions/extend_license", Some(declared))
+            .await
+            .0,
+        200
+    );
+    let license = json!({"license_id": "lic_2", "days": 3});
+    let (status, held) = invoke(&w.app, &billing, "extend_license", license.clone(), Some("x2")).await;
+    assert_eq!(
+        (status, &held["status"]),
+        (202, &json!("pending_approval")),
+        "{held}"
+    );
+    let (_, pending) = w
+        .app
+        .call(Method::GET, "/v1/approvals?status=pending", None)
+        .await;
+    let approval = pending["data"][0]["id"].as_str().unwrap();
+    let deny = format!("/v1/approvals/{approval}/deny");
+    assert_eq!(w.app.call(Method::POST, &deny, None).await.0, 200);
+    let (status, again) = invoke(&w.app, &billing, "extend_license", license, Some("x2")).await;
+    assert_eq!(status, 403, "{again}");
 
     let mut other = refund_args();
     other["amount"] = json!(99);

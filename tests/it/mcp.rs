@@ -248,6 +248,41 @@ async fn mcp_wire_rules(backend: Backend) {
         headers.push(("origin", origin));
         let resp = post_mcp(&app, &token, &headers, ping.clone()).await;
         assert_eq!(resp.status(), expected, "{origin}");
+        // Browsers send origins in lower case, as listed.
+        if origin == "http://console.example:8443" {
+            let allowed = resp.headers().get("access-control-allow-origin");
+            assert_eq!(allowed.unwrap(), "http://console.example:8443", "{origin}");
+            let exposed = resp.headers()["access-control-expose-headers"].to_str().unwrap();
+            assert!(exposed.contains("mcp-session-id"), "{exposed}");
+        }
+    }
+    // The listed origin's preflight is answered; another's is not allowed.
+    for (origin, allowed) in [
+        ("http://console.example:8443", true),
+        ("http://evil.example", false),
+    ] {
+        let resp = app
+            .http
+            .request(Method::OPTIONS, app.url("/mcp"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, mcp-session-id",
+            )
+            .send()
+            .await
+            .unwrap();
+        let granted = resp.headers().get("access-control-allow-origin").is_some();
+        assert_eq!(granted, allowed, "{origin}: {:?}", resp.headers());
+        if allowed {
+            assert_eq!(resp.status(), 200);
+            let headers = resp.headers()["access-control-allow-headers"].to_str().unwrap();
+            assert!(
+                headers.contains("authorization") && headers.contains("mcp-session-id"),
+                "{headers}"
+            );
+        }
     }
     // One version header, the one the session negotiated, and text.
     let mut two = legacy(session_static);
