@@ -220,14 +220,25 @@ impl IssuerConfig {
                 {
                     return Err("jwks must hold public keys only (no d, k or other private members)".into());
                 }
-                serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
-                    .map(|_| ())
-                    .map_err(|e| format!("jwks is not a JWKS document: {e}"))
+                let set = serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
+                    .map_err(|e| format!("jwks is not a JWKS document: {e}"))?;
+                if !set.keys.iter().any(verifies_signatures) {
+                    return Err("jwks holds no key for verifying signatures (all are for encryption)".into());
+                }
+                Ok(())
             }
             (_, _, Some(pem)) => pem_keys(pem).map(|_| ()),
             _ => Ok(()),
         }
     }
+}
+
+/// Whether a published key may verify signatures: not one marked for encryption (`use`), nor
+/// one whose `key_ops` leave verifying out.
+fn verifies_signatures(key: &jsonwebtoken::jwk::Jwk) -> bool {
+    key.common.public_key_use != Some(PublicKeyUse::Encryption)
+        && (key.common.key_operations.as_ref())
+            .is_none_or(|ops| ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify))
 }
 
 fn pem_keys(pem: &str) -> Result<Vec<DecodingKey>, String> {
@@ -261,6 +272,19 @@ impl JwksCache {
     }
 }
 
+/// Whether the token's header has a `crit` member at all (`"crit": null` reads as absent).
+fn header_names_crit(token: &str) -> bool {
+    use base64::Engine;
+    let Some(encoded) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Map<String, Value>>(&bytes).ok())
+        .is_some_and(|header| header.contains_key("crit"))
+}
+
 /// Authenticates an agent token (gateway-minted or from the tenant's external issuer).
 pub async fn authenticate(
     db: &Database,
@@ -280,7 +304,7 @@ pub async fn authenticate(
     let header = decode_header(token).map_err(|_| invalid("malformed header or unsupported algorithm"))?;
     // RFC 7515 §4.1.11: a token whose critical extensions are not understood must be refused,
     // and this gateway understands none.
-    if header.crit.is_some() {
+    if header.crit.is_some() || header_names_crit(token) {
         return Err(invalid(
             "the token names critical header extensions (crit), which are not supported",
         ));
@@ -509,11 +533,7 @@ async fn verify_external_token(
     let Some((tenant_id, _, config, names_own_agent)) = named.next() else {
         return Err(invalid("unknown issuer or audience"));
     };
-    if named.next().is_some() {
-        return Err(invalid(
-            "the token's audiences name more than one workspace; it must name exactly one",
-        ));
-    }
+    let names_two_workspaces = named.next().is_some();
     let config: IssuerConfig = serde_json::from_str(&config).map_err(ApiError::internal)?;
     if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
         return Err(invalid("external issuers must sign with a public-key algorithm"));
@@ -530,11 +550,17 @@ async fn verify_external_token(
         match decode::<Value>(token, &key, &validation) {
             // The gateway's agents and the issuer's subjects are two sources of identity: a
             // subject posing as an agent would share its records, idempotency keys and policy
-            // rows, and outlive its revocation. Said only of a signed token, so that no one can
-            // learn which agent ids exist by sending unsigned ones.
+            // rows, and outlive its revocation. Said (like the next refusal) only of a signed
+            // token, so that unsigned ones learn nothing about agents or workspaces.
             Ok(_) if names_own_agent => {
                 return Err(invalid(
                     "claim sub is the id of an agent created in this workspace; an external issuer's subjects must differ from them",
+                ));
+            }
+            // A token must name one workspace, not land in whichever matched first.
+            Ok(_) if names_two_workspaces => {
+                return Err(invalid(
+                    "the token's audiences name more than one workspace; it must name exactly one",
                 ));
             }
             Ok(data) => return principal_from_external(&tenant_id, &config, data.claims),
@@ -570,7 +596,7 @@ async fn external_keys(
                 .key_algorithm
                 .is_none_or(|alg| alg.to_string() == format!("{:?}", header.alg))
         })
-        .filter(|k| k.common.public_key_use != Some(PublicKeyUse::Encryption))
+        .filter(|k| verifies_signatures(k))
         .filter_map(|k| DecodingKey::from_jwk(k).ok())
         .collect();
     Ok(keys)

@@ -87,6 +87,19 @@ pub struct InvokeRequest {
     pub idempotency_key: Option<String>,
     /// Wait for the endpoint even if the action is `async` (never shorter than the action says).
     pub wait: Option<Duration>,
+    /// How a repeated `async` call is answered: as the first was (HTTP, where the first answer
+    /// was a 202 with the status the call started in), or with where it stands now (MCP, whose
+    /// tool result tells a model what happened, and must not say a finished call waits).
+    pub repeat: Repeat,
+}
+
+/// How a repeated call is answered; see [`InvokeRequest::repeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// With the first call's answer.
+    AsFirst,
+    /// With where the call stands now.
+    AsItStands,
 }
 
 /// Runs an invocation and returns its record as it stands when the call answers.
@@ -273,7 +286,7 @@ pub async fn invoke(
                 if let Some(existing) =
                     find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash).await?
                 {
-                    return replay(state, action, existing, req.wait).await;
+                    return replay(state, action, existing, (req.wait, req.repeat)).await;
                 }
                 if expired_key_cleared {
                     return Err(ApiError::internal("idempotent invocation vanished"));
@@ -334,9 +347,9 @@ async fn replay(
     state: &AppState,
     action: &Action,
     existing: InvocationRow,
-    extra: Option<Duration>,
+    (extra, repeat): (Option<Duration>, Repeat),
 ) -> Result<InvocationRow, ApiError> {
-    if action.declaration.mode != Mode::Async || extra.is_some() {
+    if action.declaration.mode != Mode::Async || extra.is_some() || repeat == Repeat::AsItStands {
         return wait_if_sync(state, action, existing, extra).await;
     }
     // A call a person denied answers the denial (403): a model retrying it must learn that it

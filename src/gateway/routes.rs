@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::invocations::InvocationRow;
-use super::invoke::{Caller, InvokeRequest, invoke, load, poll_until_settled};
+use super::invoke::{Caller, InvokeRequest, Repeat, invoke, load, poll_until_settled};
 use super::tools::{Format, allowed_actions, tool};
 use super::{AgentAuth, authenticate};
 use crate::db::Arg;
@@ -93,6 +93,7 @@ async fn invoke_action(
         arguments: body.arguments,
         idempotency_key: idempotency_key(&headers)?,
         wait: None,
+        repeat: Repeat::AsFirst,
     };
     let row = invoke(&state, &Caller::Agent(agent), req).await?;
     answer(&row)

@@ -23,7 +23,8 @@ pub async fn close_if_body_unread(request: Request, next: Next) -> Response {
     let has_body = request
         .headers()
         .get(header::CONTENT_LENGTH)
-        .is_some_and(|length| length.as_bytes() != b"0")
+        .and_then(|length| length.to_str().ok()?.trim().parse::<u64>().ok())
+        .is_some_and(|length| length > 0)
         || request.headers().contains_key(header::TRANSFER_ENCODING);
     if !has_body {
         return next.run(request).await;

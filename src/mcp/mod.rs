@@ -77,16 +77,16 @@ impl RpcError {
     }
 }
 
-/// The MCP route. Browser pages from `allowed_origins` may call it across origins: their CORS
-/// preflights are answered and their answers carry the headers that let the page read them.
+/// The MCP route. A request from a browser page whose origin is not in `allowed_origins` is
+/// refused before anything else, preflights too; pages from listed origins may call across
+/// origins: their preflights are answered and their answers carry the headers that let the page
+/// read them.
 pub fn routes(allowed_origins: &[String]) -> Router<AppState> {
+    let allowed = std::sync::Arc::new(allowed_origins.to_vec());
+    let guard = axum::middleware::from_fn_with_state(allowed.clone(), guard_origin);
     let router = Router::new().route("/mcp", any(handle));
-    let origins: Vec<HeaderValue> = allowed_origins
-        .iter()
-        .filter_map(|origin| HeaderValue::from_str(origin).ok())
-        .collect();
-    if origins.is_empty() {
-        return router;
+    if allowed.is_empty() {
+        return router.layer(guard);
     }
     let mcp_headers = [
         "mcp-protocol-version",
@@ -96,8 +96,9 @@ pub fn routes(allowed_origins: &[String]) -> Router<AppState> {
         "last-event-id",
     ]
     .map(header::HeaderName::from_static);
+    // Past the guard, every origin left is a listed one (in whatever spelling).
     let cors = tower_http::cors::CorsLayer::new()
-        .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+        .allow_origin(tower_http::cors::AllowOrigin::predicate(|_, _| true))
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers(tower_http::cors::AllowHeaders::list(
             [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]
@@ -105,7 +106,23 @@ pub fn routes(allowed_origins: &[String]) -> Router<AppState> {
                 .chain(mcp_headers.clone()),
         ))
         .expose_headers(mcp_headers);
-    router.layer(cors)
+    router.layer(cors).layer(guard)
+}
+
+/// Refuses (403) a request whose origin is not listed, before CORS or the handler see it.
+async fn guard_origin(
+    State(allowed): State<std::sync::Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_origin(&allowed, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err((status, message)) => rpc_error_response(
+            status,
+            Value::Null,
+            &RpcError::new(codes::INVALID_REQUEST, message),
+        ),
+    }
 }
 
 async fn handle(
@@ -121,9 +138,6 @@ async fn handle(
             &RpcError::new(codes::INVALID_REQUEST, message),
         )
     };
-    if let Err(refusal) = check_origin(&state.config.mcp_allowed_origins, &headers) {
-        return refuse(refusal);
-    }
     let agent = match authenticate(&state, &headers).await {
         Ok(agent) => agent,
         Err(response) => return response,
@@ -155,6 +169,18 @@ async fn handle(
         );
     }
     match version {
+        // A stateless-era POST says in JSON-RPC which versions are spoken; another method has
+        // no body to say it in.
+        Some(v)
+            if !HANDSHAKE_VERSIONS.contains(&v)
+                && !MODERN_VERSIONS.contains(&v)
+                && method != Method::POST =>
+        {
+            refuse((
+                StatusCode::BAD_REQUEST,
+                format!("Bad Request: Unsupported protocol version {v}"),
+            ))
+        }
         Some(v) if !HANDSHAKE_VERSIONS.contains(&v) => {
             modern::handle(&state, &agent, &method, &headers, &body).await
         }

@@ -6,7 +6,7 @@ use super::{RpcError, codes};
 use crate::AppState;
 use crate::agents::AgentPrincipal;
 use crate::gateway::invocations::InvocationRow;
-use crate::gateway::invoke::{Caller, InvokeRequest, invoke};
+use crate::gateway::invoke::{Caller, InvokeRequest, Repeat, invoke};
 use crate::gateway::tools::{Format, allowed_actions, tool};
 
 /// The `_meta` key an agent may use to pass its idempotency key.
@@ -66,6 +66,7 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
         arguments,
         idempotency_key: Some(key),
         wait: None,
+        repeat: Repeat::AsItStands,
     };
     match invoke(state, &Caller::Agent(agent.clone()), req).await {
         Ok(row) => Ok(render(&row)),

@@ -452,10 +452,32 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
         w.app.call(Method::GET, &path, None).await.1["status"] == "succeeded"
     })
     .await;
-    let (status, again) = invoke(&w.app, &billing, "extend_license", license, Some("x1")).await;
+    let (status, again) = invoke(&w.app, &billing, "extend_license", license.clone(), Some("x1")).await;
     assert_eq!((status, &again), (202, &queued), "the first answer");
     assert_eq!(w.rx.received().len(), 2, "never a second delivery");
+    // Over MCP a tool result tells a model what happened: a repeat says where the call stands.
+    let first = mcp_call(&w.app, &billing, "extend_license", license.clone(), "x3").await;
+    let first_text = first["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(first_text.contains("is queued"), "{first}");
+    wait_until(Duration::from_secs(30), || async { w.rx.received().len() == 3 }).await;
+    // (The test receiver's answer does not fit the action's output schema: the tool result
+    // says the action ran, and with what.)
+    let done = crate::harness::eventually(Duration::from_secs(30), || async {
+        let again = mcp_call(&w.app, &billing, "extend_license", license.clone(), "x3").await;
+        let text = again["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (text != first_text).then_some(text)
+    })
+    .await;
+    assert!(done.starts_with("The action ran"), "{done}");
+    assert_eq!(w.rx.received().len(), 3, "never a second delivery");
     // Except a denial: a call a person refused answers so when repeated.
+    let deliveries = w.rx.received().len();
     let (_, mut declared) = w.app.call(Method::GET, "/v1/actions/extend_license", None).await;
     declared["approval"] = "always".into();
     assert_eq!(
@@ -481,6 +503,7 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     assert_eq!(w.app.call(Method::POST, &deny, None).await.0, 200);
     let (status, again) = invoke(&w.app, &billing, "extend_license", license, Some("x2")).await;
     assert_eq!(status, 403, "{again}");
+    assert_eq!(w.rx.received().len(), deliveries);
 
     let mut other = refund_args();
     other["amount"] = json!(99);
@@ -523,8 +546,8 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     let (status, later) = invoke(&w.app, &billing, "refund_invoice", other, Some("k1")).await;
     assert!(status == 200 || status == 202, "{status} {later}");
     assert_ne!(later["invocation_id"], first["invocation_id"]);
-    // The first call, the license, the read-only lookup, the other agent's call and this one.
-    let deliveries = w.rx.wait_for(5).await;
+    // The first call, two licenses, the read-only lookup, the other agent's call and this one.
+    let deliveries = w.rx.wait_for(6).await;
     assert!(deliveries.iter().any(|d| d.json()["arguments"]["amount"] == 77));
 }
 
@@ -1097,7 +1120,11 @@ async fn external_issuer_tokens(backend: Backend) {
     };
     // One key source, and public keys only: a private member would be stored and shown.
     let private_jwk = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "alg": "HS256", "kid": "s"}]});
+    // Nor keys that can verify nothing.
+    let mut for_encryption: Value = serde_json::from_str(&jwks_document(&signing)).unwrap();
+    for_encryption["keys"][0]["use"] = "enc".into();
     for refused in [
+        json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "jwks": for_encryption}),
         json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "jwks": private_jwk}),
         json!({"issuer": "https://idp.example.com", "audience": "opsiq-acme", "public_key_pem": pem,
                "jwks": {"keys": []}}),
@@ -1245,6 +1272,18 @@ async fn external_issuer_tokens(backend: Backend) {
     let critical = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
     let (status, body) = w.app.call_as(&critical, Method::GET, "/v1/tools", None).await;
     assert_eq!(status, 401, "{body}");
+    // `"crit": null` is a crit member too, signed like any header.
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT","crit":null}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature =
+        jsonwebtoken::crypto::sign(signing_input.as_bytes(), &signing, jsonwebtoken::Algorithm::ES256)
+            .unwrap();
+    let null_crit = format!("{signing_input}.{signature}");
+    let (status, body) = w.app.call_as(&null_crit, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 401, "{body}");
     // Two workspaces claiming one new pair at once: one gets it, the other a 409 (not a 500).
     let (_, initech) = w.app.new_tenant("initech").await;
     let (_, umbrella) = w.app.new_tenant("umbrella").await;
@@ -1324,9 +1363,13 @@ async fn saving_the_issuer_refetches_its_jwks(backend: Backend) {
 
     // A key the document publishes for encryption, or for another algorithm, verifies nothing.
     let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&new_key, jsonwebtoken::Algorithm::ES256).unwrap();
-    for (field, value) in [("use", "enc"), ("alg", "ES384")] {
+    for (field, value) in [
+        ("use", json!("enc")),
+        ("alg", json!("ES384")),
+        ("key_ops", json!(["encrypt"])),
+    ] {
         let mut jwk = serde_json::to_value(&jwk).unwrap();
-        jwk[field] = value.into();
+        jwk[field] = value.clone();
         *idp.document.lock().unwrap() = json!({ "keys": [jwk] }).to_string();
         let (status, body) = w
             .app
