@@ -134,6 +134,15 @@ async fn mcp_call(app: &TestApp, token: &str, name: &str, arguments: Value, key:
     body
 }
 
+/// Declares action `name` again as it is, changed by `change`.
+async fn redeclare(app: &TestApp, name: &str, change: impl FnOnce(&mut Value)) {
+    let path = format!("/v1/actions/{name}");
+    let (_, mut action) = app.call(Method::GET, &path, None).await;
+    change(&mut action);
+    let (status, body) = app.call(Method::PUT, &path, Some(action)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// The tool `name` as `GET /v1/tools?format=mcp` lists it for `token`.
 async fn mcp_tool(app: &TestApp, token: &str, name: &str) -> Value {
     let (_, mcp) = app
@@ -290,15 +299,10 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
         }
     };
     let (own_endpoint, _) = endpoint(&w.app, &w.rx.url("/tickets"), json!({"event_types": ["none.*"]})).await;
-    let (_, mut ticket) = w.app.call(Method::GET, "/v1/actions/create_ticket", None).await;
-    ticket["endpoint_id"] = own_endpoint.clone().into();
-    assert_eq!(
-        w.app
-            .call(Method::PUT, "/v1/actions/create_ticket", Some(ticket.clone()))
-            .await
-            .0,
-        200
-    );
+    redeclare(&w.app, "create_ticket", |a| {
+        a["endpoint_id"] = own_endpoint.clone().into()
+    })
+    .await;
     assert!(
         listed(support.clone())
             .await
@@ -323,14 +327,7 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
     )
     .await;
     assert_error((status, &body), 409, "action_unavailable", "disabled");
-    ticket["endpoint_id"] = Value::Null;
-    assert_eq!(
-        w.app
-            .call(Method::PUT, "/v1/actions/create_ticket", Some(ticket))
-            .await
-            .0,
-        200
-    );
+    redeclare(&w.app, "create_ticket", |a| a["endpoint_id"] = Value::Null).await;
     assert_eq!(
         w.app
             .call(Method::PATCH, &path, Some(json!({"enabled": true})))
@@ -478,15 +475,7 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     assert_eq!(w.rx.received().len(), 3, "never a second delivery");
     // Except a denial: a call a person refused answers so when repeated.
     let deliveries = w.rx.received().len();
-    let (_, mut declared) = w.app.call(Method::GET, "/v1/actions/extend_license", None).await;
-    declared["approval"] = "always".into();
-    assert_eq!(
-        w.app
-            .call(Method::PUT, "/v1/actions/extend_license", Some(declared))
-            .await
-            .0,
-        200
-    );
+    redeclare(&w.app, "extend_license", |a| a["approval"] = "always".into()).await;
     let license = json!({"license_id": "lic_2", "days": 3});
     let (status, held) = invoke(&w.app, &billing, "extend_license", license.clone(), Some("x2")).await;
     assert_eq!(
@@ -1242,26 +1231,17 @@ async fn external_issuer_tokens(backend: Backend) {
     // A token must name one workspace, not land in whichever an audience matches first.
     let both = mint(&|c| c["aud"] = json!(["opsiq-acme", "opsiq-globex"]));
     let (status, body) = w.app.call_as(&both, Method::GET, "/v1/tools", None).await;
-    assert_eq!(status, 401, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("more than one workspace"),
-        "{body}"
-    );
+    assert_error((status, &body), 401, "invalid_token", "more than one workspace");
     // A subject that is one of the workspace's own agents would share its records and outlive
     // its revocation.
     agent_token(&w.app, "agt_twin", &["billing"], &["invoke:*"]).await;
     let twin = mint(&|c| c["sub"] = "agt_twin".into());
     let (status, body) = w.app.call_as(&twin, Method::GET, "/v1/tools", None).await;
-    assert_eq!(status, 401, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("agent created in this workspace"),
-        "{body}"
+    assert_error(
+        (status, &body),
+        401,
+        "invalid_token",
+        "agent created in this workspace",
     );
     // Critical header extensions are not understood, so such a token is refused.
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
