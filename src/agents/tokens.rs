@@ -223,7 +223,7 @@ impl IssuerConfig {
                 let set = serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks.clone())
                     .map_err(|e| format!("jwks is not a JWKS document: {e}"))?;
                 if !set.keys.iter().any(verifies_signatures) {
-                    return Err("jwks holds no key for verifying signatures (all are for encryption)".into());
+                    return Err("jwks holds no key that can verify signatures".into());
                 }
                 Ok(())
             }
@@ -239,6 +239,10 @@ fn verifies_signatures(key: &jsonwebtoken::jwk::Jwk) -> bool {
     key.common.public_key_use != Some(PublicKeyUse::Encryption)
         && (key.common.key_operations.as_ref())
             .is_none_or(|ops| ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify))
+        // An encryption algorithm (`RSA-OAEP`) names no signature a token could carry.
+        && (key.common.key_algorithm)
+            .is_none_or(|alg| alg.to_string().parse::<Algorithm>().is_ok())
+        && DecodingKey::from_jwk(key).is_ok()
 }
 
 fn pem_keys(pem: &str) -> Result<Vec<DecodingKey>, String> {
@@ -523,7 +527,7 @@ async fn verify_external_token(
         .fetch_all(
             "SELECT i.tenant_id, i.audience, i.config, \
              EXISTS (SELECT 1 FROM agents a WHERE a.tenant_id = i.tenant_id AND a.id = $2) \
-             FROM token_issuers i WHERE i.issuer = $1",
+             FROM token_issuers i WHERE i.issuer = $1 ORDER BY i.tenant_id",
             args![issuer, subject],
         )
         .await?;

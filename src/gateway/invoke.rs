@@ -338,11 +338,11 @@ fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
     }
 }
 
-/// The answer to a repeated call: the first call's. An `async` call that did not ask to wait was
-/// answered at once with the status it started in (202 `queued`, or `pending_approval`), so a
-/// repeat is answered the same way whatever became of it since, except that a denial is
-/// answered as one; otherwise the repeat waits like the first call did and answers where the
-/// call stands then.
+/// The answer to a repeated call ([`Repeat::AsFirst`]): the first call's. An `async` call that
+/// did not ask to wait was answered at once with the status it started in (202 `queued`, or
+/// `pending_approval`), so a repeat is answered the same way whatever became of it since, except
+/// that a denial is answered as one. Otherwise, and always for [`Repeat::AsItStands`], the repeat
+/// waits like the first call did and answers where the call stands then.
 async fn replay(
     state: &AppState,
     action: &Action,

@@ -174,7 +174,7 @@ async fn handle(
         Some(v)
             if !HANDSHAKE_VERSIONS.contains(&v)
                 && !MODERN_VERSIONS.contains(&v)
-                && method != Method::POST =>
+                && matches!(method, Method::GET | Method::DELETE) =>
         {
             refuse((
                 StatusCode::BAD_REQUEST,

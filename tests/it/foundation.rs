@@ -1402,6 +1402,16 @@ async fn an_answer_before_the_body_closes_the_connection_and_says_so() {
     assert!(answer.starts_with("http/1.1 401"), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
 
+    // A Content-Length of 00 is no body: nothing is left unread.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {address}\r\ncontent-length: 00\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_head(&mut stream).await;
+    assert!(
+        answer.starts_with("http/1.1 200") && !answer.contains("connection: close"),
+        "{answer}"
+    );
+
     // Read, and answered: the connection serves the next request too.
     let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     for _ in 0..2 {

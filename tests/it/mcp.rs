@@ -381,15 +381,15 @@ async fn mcp_wire_rules(backend: Backend) {
     let (status, _) = read(post_mcp(&app, &token, &legacy(session_static), json!([1])).await).await;
     assert_eq!(status, 400);
 
+    // A request on the session with a method and a version header.
+    let on_session = |method: Method, version: &str| {
+        app.as_key(&token, method, "/mcp")
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &session)
+            .header("mcp-protocol-version", version.to_string())
+    };
     // The GET stream announces tool list changes.
-    let mut stream = app
-        .as_key(&token, Method::GET, "/mcp")
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    let mut stream = on_session(Method::GET, "2025-11-25").send().await.unwrap();
     assert_eq!(stream.status(), 200);
     let (_, mut ticket) = app.call(Method::GET, "/v1/actions/create_ticket", None).await;
     ticket["description"] = "Open a ticket (changed)".into();
@@ -403,13 +403,12 @@ async fn mcp_wire_rules(backend: Backend) {
     read_stream_until(&mut seen, &mut stream, "notifications/tools/list_changed").await;
     drop(stream);
 
-    let resp = app
-        .as_key(&token, Method::DELETE, "/mcp")
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    // A version spoken in neither era is a 400, whatever the method.
+    for method in [Method::GET, Method::DELETE] {
+        let resp = on_session(method.clone(), "1999-01-01").send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{method}");
+    }
+    let resp = on_session(Method::DELETE, "2025-11-25").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let (status, _) = read(
         post_mcp(
