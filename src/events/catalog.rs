@@ -328,6 +328,15 @@ async fn list_types(
     auth: AdminAuth,
     Query(page): Query<PageQuery>,
 ) -> ApiResult<axum::Json<Page<Value>>> {
+    // A cursor is the name of the last type a page held; anything else this list never gave.
+    if let Some(cursor) = page.cursor.as_deref().filter(|c| !c.is_empty())
+        && check_event_type(cursor).is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            "cursor must be a next_cursor this list answered",
+        ));
+    }
     let custom = state.catalog.custom_types(&state.db, &auth.tenant_id).await?;
     let mut types: Vec<&Known> = state
         .catalog
@@ -337,6 +346,7 @@ async fn list_types(
         .filter(|k| {
             page.cursor
                 .as_deref()
+                .filter(|c| !c.is_empty())
                 .is_none_or(|after| k.declared.name.as_str() > after)
         })
         .collect();

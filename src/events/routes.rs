@@ -29,11 +29,19 @@ struct IngestBody {
     id: Option<String>,
 }
 
-/// The `Idempotency-Key` header, checked.
+/// The `Idempotency-Key` header, checked; sent twice it is refused (which one counts would be a
+/// guess, and a wrong guess sends a call twice).
 pub fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(value) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "send one Idempotency-Key header, not several",
+        ));
+    }
     let key = value
         .to_str()
         .ok()

@@ -73,13 +73,24 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
 }
 
 /// Checks JSON text before it is parsed, in one cheap byte scan that builds nothing: nested no
-/// deeper than `max_depth`, and with no escaped NUL (`\u0000`) anywhere. PostgreSQL's text cannot
-/// hold a NUL, so a name with one would fail there as a 500 while SQLite kept it: it is refused
-/// alike on both.
+/// deeper than `max_depth`, with no escaped NUL (`\u0000`) anywhere, and no integer that 64 bits
+/// cannot hold. PostgreSQL's text cannot hold a NUL, so a name with one would fail there as a 500
+/// while SQLite kept it: it is refused alike on both. A larger integer would be read as the
+/// nearest float, so stored, delivered, compared and matched against an idempotency key as
+/// another number than the one sent.
 pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
     let mut depth = 0usize;
     let (mut in_string, mut escaped) = (false, false);
+    // Where the number being read began, outside strings.
+    let mut number_from: Option<usize> = None;
     for (i, &b) in bytes.iter().enumerate() {
+        if let Some(from) = number_from {
+            if matches!(b, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+                continue;
+            }
+            number_from = None;
+            check_integer_range(&bytes[from..i])?;
+        }
         if in_string {
             match (escaped, b) {
                 (true, b'u') if bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) => {
@@ -107,10 +118,57 @@ pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => number_from = Some(i),
             _ => {}
         }
     }
-    Ok(())
+    match number_from {
+        Some(from) => check_integer_range(&bytes[from..]),
+        None => Ok(()),
+    }
+}
+
+/// Refuses an integer literal (no fraction, no exponent) outside `i64::MIN..=u64::MAX`; anything
+/// else, malformed numbers included, is left to the parser.
+fn check_integer_range(number: &[u8]) -> Result<(), ApiError> {
+    if number.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        return Ok(());
+    }
+    let (negative, digits) = match number.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, number),
+    };
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return Ok(());
+    }
+    let significant = match digits.iter().position(|&d| d != b'0') {
+        Some(first) => &digits[first..],
+        None => return Ok(()),
+    };
+    let limit: &[u8] = if negative {
+        b"9223372036854775808"
+    } else {
+        b"18446744073709551615"
+    };
+    // Same length: digit strings compare as numbers.
+    let too_large =
+        significant.len() > limit.len() || (significant.len() == limit.len() && significant > limit);
+    if !too_large {
+        return Ok(());
+    }
+    let shown = String::from_utf8_lossy(&number[..number.len().min(40)]);
+    let ellipsis = if number.len() > 40 { "…" } else { "" };
+    Err(ApiError::validation(
+        "the request body holds an integer too large to keep exactly",
+        vec![ErrorDetail {
+            path: "/".into(),
+            message: format!(
+                "the integer {shown}{ellipsis} is outside the range of 64-bit integers \
+                 (-9223372036854775808 to 18446744073709551615); send it as a string, or as a \
+                 decimal number if an approximate value will do"
+            ),
+        }],
+    ))
 }
 
 fn too_deep(max_depth: usize) -> ApiError {
@@ -376,6 +434,34 @@ mod tests {
             check(b"[[[[[[[[[1]]]]]]]]]").unwrap_err().code,
             "nesting_too_deep"
         );
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_refused_and_everything_else_left_to_the_parser() {
+        let check = |text: &str| check_json_text(text.as_bytes(), 8).map_err(|e| e.details);
+        for fits in [
+            r#"{"n":18446744073709551615}"#,
+            r#"{"n":-9223372036854775808}"#,
+            r#"[0,-0,7,1e400,123456789012345678901234.5,-99999999999999999999e0]"#,
+            r#"{"n":"99999999999999999999999"}"#,
+            r#"{"n": 00000000000000000000001}"#,
+            "18446744073709551615",
+        ] {
+            assert!(check(fits).is_ok(), "{fits}");
+        }
+        for too_large in [
+            r#"{"n":18446744073709551616}"#,
+            r#"{"n":-9223372036854775809}"#,
+            r#"[1, 99999999999999999999999]"#,
+            "{\"n\":\n123456789012345678901234567890}",
+            "18446744073709551616",
+        ] {
+            let details = check(too_large).expect_err(too_large);
+            assert!(
+                details[0]["message"].as_str().unwrap().contains("64-bit"),
+                "{too_large}"
+            );
+        }
     }
 
     #[test]

@@ -165,7 +165,7 @@ async fn handle(
         return rpc_error_response(
             StatusCode::BAD_REQUEST,
             Value::Null,
-            &RpcError::new(codes::INVALID_REQUEST, e.message),
+            &RpcError::new(codes::INVALID_REQUEST, with_details(e.message, &e.details)),
         );
     }
     match version {
@@ -465,3 +465,12 @@ pub fn server_info() -> Value {
 pub const INSTRUCTIONS: &str = "Tools here run actions on the customer's systems. Every call is checked against your \
 token's scopes and roles and validated against the tool's input schema; a validation problem comes back as a tool \
 error listing each field to fix. Pass `_meta[\"io.opsiq/idempotency-key\"]` so a retried call never runs twice.";
+
+/// An API error's message with its details (`/path: …`) appended, for a JSON-RPC error.
+fn with_details(message: String, details: &[Value]) -> String {
+    if details.is_empty() {
+        message
+    } else {
+        format!("{message}: {}", crate::http::error::describe_details(details))
+    }
+}

@@ -481,7 +481,7 @@ pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
                         })
                         .collect()
                 }
-                _ => vec![detail(parent, e.to_string())],
+                _ => vec![detail(parent, concise_message(&e))],
             }
         })
         // One past the cap, to know whether any were left out.
@@ -495,6 +495,30 @@ pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec
         ));
     }
     details
+}
+
+/// A validation error's sentence, with a long echo of the value it is about (an array of a
+/// thousand items that has too many) cut to what the value is.
+fn concise_message(e: &jsonschema::ValidationError<'_>) -> String {
+    let message = e.to_string();
+    let instance = e.instance().to_string();
+    if instance.len() <= 80 {
+        return message;
+    }
+    let Some(rest) = message.strip_prefix(&instance) else {
+        return message;
+    };
+    let count = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let what = match e.instance().as_ref() {
+        Value::Array(items) => format!("the array of {}", count(items.len(), "item", "items")),
+        Value::Object(map) => format!("the object with {}", count(map.len(), "property", "properties")),
+        Value::String(text) => format!(
+            "the text of {}",
+            count(text.chars().count(), "character", "characters")
+        ),
+        _ => "the value".to_string(),
+    };
+    format!("{what}{rest}")
 }
 
 /// Most problems listed for one value: an array of a million wrong items (or a schema whose
@@ -527,6 +551,30 @@ mod tests {
             details[0].message,
             "`extra` is not a property allowed here; remove it"
         );
+    }
+
+    #[test]
+    fn long_values_are_not_echoed_in_messages() {
+        let schema = json!({"type": "object", "properties": {
+            "a": {"type": "array", "maxItems": 2},
+            "s": {"type": "string", "maxLength": 3},
+            "o": {"type": "string"}}});
+        let validator = compile_schema(&schema).unwrap();
+        let long = "x".repeat(500);
+        let args = json!({"a": vec![long.clone(); 3], "s": long, "o": {"k": "y".repeat(100)}});
+        let mut details = schema_errors(&validator, &args);
+        details.sort_by(|x, y| x.path.cmp(&y.path));
+        let messages: Vec<&str> = details.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "the array of 3 items has more than 2 items",
+                "the object with 1 property is not of type \"string\"",
+                "the text of 500 characters is longer than 3 characters",
+            ]
+        );
+        let short = schema_errors(&validator, &json!({"s": "abcd"}));
+        assert_eq!(short[0].message, "\"abcd\" is longer than 3 characters");
     }
 
     #[test]

@@ -326,9 +326,17 @@ impl Condition {
 pub fn lookup<'v>(doc: &'v Value, path: &[String]) -> Option<&'v Value> {
     path.iter().try_fold(doc, |v, seg| match v {
         Value::Object(map) => map.get(seg),
-        Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+        Value::Array(items) => array_index(seg).and_then(|i| items.get(i)),
         _ => None,
     })
+}
+
+/// A path segment as an array index: digits only, without leading zeros (so `1` and `01`, or
+/// `+1`, are not two names for one item).
+fn array_index(segment: &str) -> Option<usize> {
+    let canonical = segment == "0"
+        || (segment.bytes().all(|b| b.is_ascii_digit()) && !segment.is_empty() && !segment.starts_with('0'));
+    canonical.then(|| segment.parse().ok()).flatten()
 }
 
 fn json_eq(a: &Value, b: &Value) -> bool {
@@ -338,14 +346,36 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Numbers compared by value: integers exactly (past 2^53 a float would round them together),
-/// otherwise as floats, so that 1 equals 1.0.
+/// Numbers compared by value, exactly: 1 equals 1.0, and an integer past 2^53 is told from the
+/// float next to it (converting either side would round them together).
 fn number_order(x: &serde_json::Number, y: &serde_json::Number) -> Option<std::cmp::Ordering> {
     let exact = |n: &serde_json::Number| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
     match (exact(x), exact(y)) {
         (Some(x), Some(y)) => Some(x.cmp(&y)),
-        _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Some(x), None) => integer_float_order(x, y.as_f64()?),
+        (None, Some(y)) => integer_float_order(y, x.as_f64()?).map(std::cmp::Ordering::reverse),
+        (None, None) => x.as_f64()?.partial_cmp(&y.as_f64()?),
     }
+}
+
+/// How the integer `i` (within 64 bits) orders against the float `f`, without rounding either.
+fn integer_float_order(i: i128, f: f64) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    if f.is_nan() {
+        return None;
+    }
+    // Every 64-bit integer lies strictly inside (-2^64, 2^64); so does a float's whole part
+    // there, which an i128 then holds exactly.
+    const BOUND: f64 = 18_446_744_073_709_551_616.0;
+    let whole = f.trunc();
+    if whole >= BOUND {
+        return Some(Ordering::Less);
+    }
+    if whole <= -BOUND {
+        return Some(Ordering::Greater);
+    }
+    let below_fraction = 0.0f64.partial_cmp(&(f - whole)).unwrap_or(Ordering::Equal);
+    Some(i.cmp(&(whole as i128)).then(below_fraction))
 }
 
 fn same_type(a: &Value, b: &Value) -> bool {
@@ -423,6 +453,47 @@ mod tests {
         Condition::compile(&cond, "/if")
             .unwrap()
             .eval(doc, "/if", &mut Vec::new())
+    }
+
+    #[test]
+    fn array_indexes_are_plain_numbers() {
+        let doc = json!({"a": ["x", "y"]});
+        let at = |path: &str| lookup(&doc, &path.split('.').map(String::from).collect::<Vec<_>>()).cloned();
+        assert_eq!(at("a.0"), Some(json!("x")));
+        assert_eq!(at("a.1"), Some(json!("y")));
+        for loose in ["a.00", "a.01", "a.+1", "a.-0", "a. 1", "a."] {
+            assert_eq!(at(loose), None, "{loose}");
+        }
+    }
+
+    #[test]
+    fn integers_and_floats_compare_exactly() {
+        use std::cmp::Ordering::*;
+        let order = |a: Value, b: Value| match (a, b) {
+            (Value::Number(a), Value::Number(b)) => number_order(&a, &b),
+            _ => unreachable!(),
+        };
+        // 2^53 + 1 has no float of its own; the float 2^53 is below it, not equal.
+        assert_eq!(
+            order(json!(9007199254740993u64), json!(9007199254740992.0)),
+            Some(Greater)
+        );
+        assert_eq!(
+            order(json!(9007199254740992.0), json!(9007199254740993u64)),
+            Some(Less)
+        );
+        assert_eq!(
+            order(json!(9007199254740992u64), json!(9007199254740992.0)),
+            Some(Equal)
+        );
+        assert_eq!(order(json!(u64::MAX), json!(18446744073709551616.0)), Some(Less));
+        assert_eq!(order(json!(i64::MIN), json!(-9223372036854775808.0)), Some(Equal));
+        assert_eq!(order(json!(i64::MIN), json!(-1e30)), Some(Greater));
+        assert_eq!(order(json!(2), json!(2.5)), Some(Less));
+        assert_eq!(order(json!(-2), json!(-2.5)), Some(Greater));
+        assert_eq!(order(json!(-3), json!(-3.0)), Some(Equal));
+        assert_eq!(order(json!(0), json!(-0.0)), Some(Equal));
+        assert_eq!(order(json!(1.5), json!(2.5)), Some(Less));
     }
 
     #[test]

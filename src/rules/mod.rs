@@ -24,7 +24,7 @@ use crate::args;
 use crate::cache::{CompiledByTenant, TtlCache};
 use crate::db::{Database, DbError};
 use crate::events::catalog::Catalog;
-use crate::http::{ApiError, ErrorDetail};
+use crate::http::ApiError;
 use engine::{CompiledRule, RuleSet};
 
 pub use routes::routes;
@@ -65,17 +65,7 @@ impl Rules {
 
     /// Checks a rule against `schemas/rule.schema.json` and compiles it (regexes included).
     pub fn check(&self, id: &str, definition: &Value) -> Result<CompiledRule, ApiError> {
-        let problems: Vec<ErrorDetail> = self
-            .schema
-            .iter_errors(definition)
-            .map(|e| {
-                let path = e.instance_path().to_string();
-                ErrorDetail {
-                    path: if path.is_empty() { "/".into() } else { path },
-                    message: e.to_string(),
-                }
-            })
-            .collect();
+        let problems = crate::registry::model::schema_errors(&self.schema, definition);
         if !problems.is_empty() {
             return Err(ApiError::validation(
                 "the rule does not match schemas/rule.schema.json",

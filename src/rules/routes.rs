@@ -46,6 +46,10 @@ struct RuleRow {
 impl RuleRow {
     fn to_json(&self) -> Value {
         let mut v: Value = serde_json::from_str(&self.definition).unwrap_or_else(|_| json!({}));
+        // A rule sent without `enabled` runs: say so, rather than leave the reader to know it.
+        if let Some(map) = v.as_object_mut() {
+            map.entry("enabled").or_insert(Value::Bool(true));
+        }
         v["id"] = self.id.clone().into();
         v["created_at"] = rfc3339(self.created_at).into();
         v["updated_at"] = rfc3339(self.updated_at).into();
@@ -110,7 +114,7 @@ async fn check_rule(
         Ok(rule)
     } else {
         Err(ApiError::validation(
-            "the rule refers to things that do not exist",
+            "the rule names endpoints, actions or event types it cannot use",
             problems,
         ))
     }

@@ -204,6 +204,14 @@ assert.deepEqual(
   ruleFromForm(broken).errors.map((e) => e.path),
   ["/if", "/then/0/invoke/arguments", "/then/1/emit/data"],
 );
+// A whole number JavaScript would round is refused, not silently changed.
+broken.conditions.items = [];
+broken.outputs = [{ ...newOutput("emit"), type: "x.y", data: '{"n": 9007199254740993, "s": "9007199254740993", "f": 1.5e300}' }];
+const rounded = ruleFromForm(broken).errors;
+assert.deepEqual(rounded.map((e) => e.path), ["/then/0/emit/data"]);
+assert.match(rounded[0].message, /9007199254740993, a whole number beyond 2\^53/);
+broken.outputs = [{ ...newOutput("emit"), type: "x.y", data: '{"n": 9007199254740991, "s": "1 \\" 9007199254740993"}' }];
+assert.deepEqual(ruleFromForm(broken).errors, []);
 const negatedBlank = newCondition("data.priority", "eq", "");
 negatedBlank.negate = true;
 broken.conditions.items = [newCondition("data.subject", "contains", "x"), { ...newGroup("any"), items: [negatedBlank] }];

@@ -334,6 +334,17 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
             "{bad:?}"
         );
     }
+    // Two keys: which one counts would be a guess.
+    let resp = app
+        .admin(Method::POST, "/v1/events")
+        .header("Idempotency-Key", "k-1")
+        .header("Idempotency-Key", "k-9")
+        .json(&json!({"type": "ticket.updated", "data": {"ticket_id": "t1"}}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = crate::harness::read(resp).await;
+    assert_error((status, &body), 400, "invalid_idempotency_key", "not several");
 
     // Concurrent duplicates still make one event.
     let mut tasks = Vec::new();

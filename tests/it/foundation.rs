@@ -613,6 +613,45 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         let (status, answer) = read(keys.body(body).send().await.unwrap()).await;
         assert_eq!(status, expected, "{name}: {answer}");
     }
+    // An integer 64 bits cannot hold would be kept, sent on and compared as another number:
+    // refused, with what to do instead. One that fits is kept exactly.
+    let event = |amount: &str| {
+        let body = format!(
+            r#"{{"type": "invoice.paid", "data": {{"invoice_id": "i", "amount": {amount}, "currency": "eur"}}}}"#
+        );
+        app.admin(Method::POST, "/v1/events")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    for too_large in [
+        "99999999999999999999999",
+        "18446744073709551616",
+        "-9223372036854775809",
+    ] {
+        let (status, body) = read(event(too_large).send().await.unwrap()).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (422, "validation_failed"),
+            "{too_large}: {body}"
+        );
+        let message = body["error"]["details"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains(too_large) && message.contains("send it as a string"),
+            "{message}"
+        );
+    }
+    let (status, body) = read(event("18446744073709551615").send().await.unwrap()).await;
+    assert_eq!(status, 202, "{body}");
+    let path = format!("/v1/events/{}", body["event_id"].as_str().unwrap());
+    let stored = app
+        .admin(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(stored.contains(r#""amount":18446744073709551615"#), "{stored}");
 
     let (status, body) = read(app.admin(Method::GET, "/v1/nothing-here").send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));

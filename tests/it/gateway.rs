@@ -439,6 +439,15 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     assert_eq!(again["invocation_id"], first["invocation_id"]);
     assert_eq!(again["result"], first["result"]);
     assert_eq!(w.rx.received().len(), 1, "never a second delivery");
+    // 1500.0 and 1.5e3 are the number 1500, as JSON Schema counts: the same call, not a conflict.
+    for spelling in ["1500.0", "1.5e3"] {
+        let mut respelled = refund_args();
+        respelled["amount"] = serde_json::from_str(spelling).unwrap();
+        let (status, again) = invoke(&w.app, &billing, "refund_invoice", respelled, Some("k1")).await;
+        assert_eq!(status, 200, "{spelling}: {again}");
+        assert_eq!(again["invocation_id"], first["invocation_id"]);
+    }
+    assert_eq!(w.rx.received().len(), 1, "never a second delivery");
 
     // An async call was answered 202 at once: so is its repeat, after the call succeeded too.
     let license = json!({"license_id": "lic_1", "days": 7});

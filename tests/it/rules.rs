@@ -39,6 +39,14 @@ async fn rule_changes_apply_only_at_the_version_read(backend: Backend) {
         "then": [{"emit": {"type": "ticket.triaged", "data": {}}}]})
     };
     let (_, path) = crate::harness::create_at_version_1(&app, "/v1/rules", &rule("first")).await;
+    // A rule sent without `enabled` runs, and reads back saying so.
+    let mut bare = rule("bare");
+    bare.as_object_mut().unwrap().remove("enabled");
+    let (status, created) = app.call(Method::POST, "/v1/rules", Some(bare)).await;
+    assert_eq!((status, &created["enabled"]), (201, &json!(true)), "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (_, read_back) = app.call(Method::GET, &format!("/v1/rules/{id}"), None).await;
+    assert_eq!(read_back["enabled"], true, "{read_back}");
     let put = |if_match: &str, body: Value| {
         app.as_key(&app.admin_key, Method::PUT, &path)
             .header("if-match", if_match)
@@ -337,6 +345,9 @@ async fn the_catalog_validates_typed_events(backend: Backend) {
         }
     }
     assert_eq!(paged, all);
+    // A cursor no page gave is refused, as by every list.
+    let (status, body) = app.call(Method::GET, "/v1/event-types?cursor=%ff%fe", None).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_cursor"), "{body}");
     // Another tenant does not see this tenant's custom types.
     let (_, other) = app.new_tenant("globex").await;
     assert_eq!(

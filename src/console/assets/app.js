@@ -526,6 +526,8 @@ function readValue(cond, kindOf) {
 }
 
 /** The visual builder: edits a form, shows the rule it makes, dry-runs and saves it. */
+const LOSSY_RULE = "This rule holds whole numbers beyond 2^53, which a browser cannot keep exactly: the form shows them rounded, and saving is refused so that they are not changed. Edit the rule through the API.";
+
 class RuleEditor {
   constructor(form, choices, stored) {
     this.form = form;
@@ -563,6 +565,7 @@ class RuleEditor {
     this.renderConditions();
     this.renderOutputs();
     this.update();
+    if (this.lossy()) this.messages.replaceChildren(problem({ message: LOSSY_RULE }));
     // The sample event is a scratch pad, not part of the rule.
     this.sending = watchEdits(this.root, (el) => el === this.sample);
   }
@@ -735,7 +738,16 @@ class RuleEditor {
     }
   }
 
+  /** Whether the stored rule held whole numbers the browser rounded (saving would change them). */
+  lossy() {
+    return Boolean(this.stored?.[LOSSY]);
+  }
+
   async save() {
+    if (this.lossy()) {
+      this.messages.replaceChildren(problem({ message: LOSSY_RULE }));
+      return;
+    }
     const rule = this.ruleOrErrors();
     if (!rule) return;
     const landed = this.sending();

@@ -209,6 +209,18 @@ export function kindsFrom(fieldList) {
 /** A mistake in the form, reported before anything is sent. */
 export class BuilderError extends Error {}
 
+/**
+ * The first whole number in JSON `text` (outside its strings) that JavaScript cannot hold exactly
+ * (beyond 2^53), as written; `undefined` if none.
+ */
+export function unsafeIntegerIn(text) {
+  const tokens = /"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g;
+  for (const [token] of text.matchAll(tokens)) {
+    if (/^-?\d+$/.test(token) && !Number.isSafeInteger(Number(token))) return token;
+  }
+  return undefined;
+}
+
 function parseObjectText(text, what) {
   if (text.trim() === "") return undefined;
   let value;
@@ -216,6 +228,10 @@ function parseObjectText(text, what) {
     value = JSON.parse(text);
   } catch (e) {
     throw new BuilderError(`${what} is not valid JSON (${e.message})`);
+  }
+  const unsafe = unsafeIntegerIn(text);
+  if (unsafe !== undefined) {
+    throw new BuilderError(`${what} holds ${unsafe}, a whole number beyond 2^53 that the console cannot send exactly; put it in quotes, or use the API`);
   }
   if (value === null || typeof value !== "object" || Array.isArray(value)) {
     throw new BuilderError(`${what} must be a JSON object, like {"key": "value"}`);
