@@ -286,6 +286,7 @@ async fn recover_endpoint(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeliveryFilter {
     status: Option<String>,
     endpoint_id: Option<String>,

@@ -215,6 +215,7 @@ async fn ingest_event(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EventFilter {
     #[serde(rename = "type")]
     event_type: Option<String>,

@@ -64,6 +64,7 @@ const SELECT: &str = "SELECT a.id, a.invocation_id, a.status, a.reason, a.decide
      AND a.decided_by LIKE 'key:%'";
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ApprovalFilter {
     status: Option<String>,
     #[serde(default, deserialize_with = "crate::http::page::limit")]

@@ -30,6 +30,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ToolsQuery {
     format: Option<String>,
     #[serde(default, deserialize_with = "crate::http::page::limit")]
@@ -139,6 +140,7 @@ impl FromRequestParts<AppState> for Viewer {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct InvocationFilter {
     status: Option<String>,
     action: Option<String>,
@@ -181,6 +183,7 @@ async fn list_invocations(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WaitQuery {
     wait: Option<String>,
 }

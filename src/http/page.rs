@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// Query parameters common to list routes.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// How many items to return (1–200, default 50).
     #[serde(default, deserialize_with = "crate::http::page::limit")]

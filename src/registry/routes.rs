@@ -188,6 +188,7 @@ async fn delete_action(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VersionPage {
     #[serde(default, deserialize_with = "crate::http::page::limit")]
     limit: Option<u32>,

@@ -665,6 +665,23 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
     )
     .await;
     assert_eq!((status, error_code(&body)), (400, "invalid_query"));
+    // A parameter a list does not take is refused: a filter that was silently ignored would
+    // answer everything.
+    for path in ["/v1/events?endpoint_id=ep_1", "/v1/actions?cursor=&sort=name"] {
+        let (status, body) = app.call(Method::GET, path, None).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_query"),
+            "{path}: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field"),
+            "{body}"
+        );
+    }
 
     // Every answer carries a request id.
     let resp = app.admin(Method::GET, "/v1/actions").send().await.unwrap();
