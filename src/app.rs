@@ -191,7 +191,12 @@ impl AppState {
         if !tenants::all_tenant_ids(&self.db).await?.is_empty() {
             return Ok(None);
         }
-        let created = tenants::create_tenant(&self.db, &self.keys, "default").await?;
+        let created = match tenants::create_tenant(&self.db, &self.keys, "default").await {
+            Ok(created) => created,
+            // Another replica starting at the same moment made it.
+            Err(tenants::TenantError::NameTaken) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         let actions = registry::files::read_action_files(&self.config.actions_dir)?;
         registry::files::apply_to_tenant(&self.db, &created.tenant_id, &actions).await?;
         Ok(Some(created))

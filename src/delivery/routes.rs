@@ -115,6 +115,8 @@ async fn update_endpoint(
     state
         .changed(Change::Endpoint(auth.tenant_id.clone(), id.clone()))
         .await;
+    // New limits may have made waiting deliveries due now.
+    state.engine.poke();
     Ok((IfMatch::etag(row.version), axum::Json(row.to_json())))
 }
 

@@ -614,30 +614,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     };
     let deleted = endpoint.is_none();
     let Some(endpoint) = endpoint.filter(|ep| ep.enabled) else {
-        // Deleted: nothing to alert about, its deleter gave up what it owed. Disabled: the
-        // delivery is lost to its subscribers, which `delivery.failed` tells.
-        let (class, reason) = match deleted {
-            true => (ENDPOINT_DELETED_CLASS, endpoints::ENDPOINT_DELETED),
-            false => ("endpoint_disabled", "the endpoint is disabled"),
-        };
-        let result = AttemptResult {
-            error_class: Some(class),
-            error_message: Some(reason.into()),
-            ..AttemptResult::default()
-        };
-        let next = Next::Failed {
-            disable_endpoint: false,
-            reason: reason.into(),
-        };
-        let outcome = Outcome {
-            job,
-            url: String::new(),
-            request_headers: Vec::new(),
-            started_at,
-            result,
-            next,
-        };
-        send_outcome(inner, outcome).await;
+        fail_unsendable(inner, job, started_at, deleted).await;
         return None;
     };
 
@@ -691,6 +668,19 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         }
     }
 
+    // The endpoint may have changed while this waited for its turn (a new URL, a retired
+    // secret, disabled, deleted): send as it stands now, not as it stood.
+    let endpoint = match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
+        Ok(Some(now)) if now.enabled => now,
+        Ok(gone_or_disabled) => {
+            fail_unsendable(inner, job, started_at, gone_or_disabled.is_none()).await;
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
+            return None;
+        }
+    };
     let url = endpoint.url.clone();
     let target = endpoint
         .parsed
@@ -746,6 +736,34 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     };
     send_outcome(inner, outcome).await;
     None
+}
+
+/// Fails a job whose endpoint was deleted or disabled before it could be sent. Deleted: nothing
+/// to alert about, its deleter gave up what it owed. Disabled: the delivery is lost to its
+/// subscribers, which `delivery.failed` tells.
+async fn fail_unsendable(inner: &Inner, job: Job, started_at: i64, deleted: bool) {
+    let (class, reason) = match deleted {
+        true => (ENDPOINT_DELETED_CLASS, endpoints::ENDPOINT_DELETED),
+        false => ("endpoint_disabled", "the endpoint is disabled"),
+    };
+    let result = AttemptResult {
+        error_class: Some(class),
+        error_message: Some(reason.into()),
+        ..AttemptResult::default()
+    };
+    let next = Next::Failed {
+        disable_endpoint: false,
+        reason: reason.into(),
+    };
+    let outcome = Outcome {
+        job,
+        url: String::new(),
+        request_headers: Vec::new(),
+        started_at,
+        result,
+        next,
+    };
+    send_outcome(inner, outcome).await;
 }
 
 async fn send_outcome(inner: &Inner, outcome: Outcome) {

@@ -322,11 +322,29 @@ pub async fn invoke(
         // Nothing to wait for: the row as written is the answer (no read back).
         return Ok(persisted.row);
     };
-    let _ = tokio::time::timeout(wait_for(action, req.wait), watch).await;
+    let budget = wait_for(action, req.wait);
+    if state.server_lock.is_sole() {
+        let _ = tokio::time::timeout(budget, watch).await;
+    } else {
+        // Another process may send the call (a retry it claimed, a lease it took over) and only
+        // its own waiters hear of it: look at the record too, as a repeated call does.
+        let settled_elsewhere = poll_until_settled(state, &tenant_id, &invocation_id, budget);
+        tokio::select! {
+            _ = tokio::time::timeout(budget, watch) => {}
+            _ = async {
+                tokio::time::sleep(SETTLED_ELSEWHERE_FIRST_LOOK).await;
+                settled_elsewhere.await
+            } => {}
+        }
+    }
     load(state, &tenant_id, &invocation_id)
         .await?
         .ok_or_else(|| ApiError::internal("invocation vanished"))
 }
+
+/// How long a waiting call trusts its own process to settle it before it also polls the record:
+/// most calls are settled by the process that took them, well within this.
+const SETTLED_ELSEWHERE_FIRST_LOOK: Duration = Duration::from_millis(200);
 
 fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
     let declared = Duration::from_millis(action.declaration.timeout_ms);

@@ -81,13 +81,20 @@ pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Resul
     if exists.is_some() {
         return Err(TenantError::NameTaken);
     }
+    // Two at once (replicas starting together on an empty database) both find the name free;
+    // the unique name decides, and the loser hears that it is taken.
+    let taken = |e: sqlx::Error| match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => TenantError::NameTaken,
+        e => TenantError::from(e),
+    };
     tx.execute(
         "INSERT INTO tenants (id, name, jwt_key_enc, created_at) VALUES ($1, $2, $3, $4)",
         args![&tenant_id, name, jwt_key, now],
     )
-    .await?;
+    .await
+    .map_err(taken)?;
     insert_key(&mut tx, &key_row).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(taken)?;
     Ok(NewTenant {
         tenant_id,
         admin_key: secret,

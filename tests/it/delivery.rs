@@ -1478,8 +1478,56 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
 
 dual!(
     a_limited_endpoints_backlog_waits_in_the_outbox,
-    failures_under_overload_all_raise_their_alerts
+    failures_under_overload_all_raise_their_alerts,
+    a_waiting_backlog_follows_the_endpoint_as_it_now_stands
 );
+
+/// Deliveries waiting for an endpoint's rate limit follow the endpoint as it is when their turn
+/// comes: raised limits clear the backlog at the new rate (not at the old one it was spaced at),
+/// and a new URL gets everything not already under way.
+async fn a_waiting_backlog_follows_the_endpoint_as_it_now_stands(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    let (id, _) = endpoint(
+        &app,
+        &rx.url("/old"),
+        json!({"event_types": ["slow.*"], "rate_limit_per_s": 1}),
+    )
+    .await;
+    // At one a second this backlog takes forty seconds.
+    const BACKLOG: usize = 40;
+    for i in 0..BACKLOG {
+        send_event(&app, "slow.tick", json!({"i": i})).await;
+    }
+    rx.wait_until(Duration::from_secs(60), |r| !r.is_empty()).await;
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/endpoints/{id}"),
+            Some(json!({"url": rx.url("/new"), "rate_limit_per_s": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let at_old_then = rx.received().iter().filter(|r| r.target == "/old").count();
+    let changed = std::time::Instant::now();
+    let all = rx
+        .wait_until(Duration::from_secs(60), |r| r.len() >= BACKLOG)
+        .await;
+    let cleared_in = changed.elapsed();
+    let at_old = all.iter().filter(|r| r.target == "/old").count();
+    assert!(
+        at_old <= at_old_then + 1,
+        "{} sent to the old URL after the change (at most one was under way)",
+        at_old - at_old_then
+    );
+    let ids: HashSet<&str> = all.iter().map(|r| r.header("x-opsiq-id").unwrap()).collect();
+    assert_eq!((all.len(), ids.len()), (BACKLOG, BACKLOG), "each delivery once");
+    // Spaced at the old rate, what remained would have taken over half a minute more.
+    assert!(
+        cleared_in < Duration::from_secs(25),
+        "the backlog took {cleared_in:?} after the limit was lifted"
+    );
+}
 
 /// A rate-limited endpoint's backlog waits in the outbox, not in the queue every endpoint
 /// shares: the API keeps answering, another endpoint's delivery is not held up behind it, and

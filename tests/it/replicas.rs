@@ -252,3 +252,120 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
     a.kill_9().await;
     b.kill_9().await;
 }
+
+/// A sync call waits for its endpoint's answer even when another replica sends it: here the
+/// replica taking the call sends nothing (`worker = false`), so only the record can tell it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_call_answers_when_another_replica_delivers_it() {
+    let Some(backend) = Backend::postgres("a_sync_call_answers_when_another_replica_delivers_it") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    rx.answer(|_, _| {
+        (
+            200,
+            vec![("content-type", "application/json".into())],
+            json!({"ticket_id": "tk_1"}).to_string(),
+        )
+    });
+    let front = process::serve_with(dir.path(), &url, &["--dev"], |cmd| {
+        cmd.env("OPSIQ_WORKER", "false");
+    })
+    .await;
+    let sender = process::serve(dir.path(), &url, &["--dev"]).await;
+
+    let (status, endpoint) = call(
+        &front.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/actions"), "event_types": ["none.*"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let action = json!({"name": "open_ticket", "input_schema": {"type": "object"}, "mode": "sync",
+        "timeout_ms": 60_000, "endpoint_id": endpoint["id"]});
+    let (status, body) = call(&front.base, &key, Method::POST, "/v1/actions", Some(action)).await;
+    assert_eq!(status, 201, "{body}");
+    let rows =
+        json!({"rows": [{"subject": "role:support", "object": "*", "act": "invoke", "effect": "allow"}]});
+    let (status, body) = call(&front.base, &key, Method::PUT, "/v1/policies", Some(rows)).await;
+    assert_eq!(status, 200, "{body}");
+    let agent = json!({"id": "agt_s", "name": "agt_s", "roles": ["support"]});
+    let (status, body) = call(&front.base, &key, Method::POST, "/v1/agents", Some(agent)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, token) = call(
+        &front.base,
+        &key,
+        Method::POST,
+        "/v1/agents/agt_s/tokens",
+        Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 600})),
+    )
+    .await;
+    assert_eq!(status, 201, "{token}");
+    let token = token["token"].as_str().unwrap();
+
+    let started = std::time::Instant::now();
+    let resp = http_client()
+        .post(format!("{}/v1/actions/open_ticket/invoke", front.base))
+        .bearer_auth(token)
+        .header("Idempotency-Key", "t-1")
+        .json(&json!({"arguments": {}}))
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = read(resp).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("succeeded")),
+        "{answer}"
+    );
+    assert_eq!(answer["result"], json!({"ticket_id": "tk_1"}));
+    assert_eq!(rx.received().len(), 1);
+    // Answered once the record said so, not when the 60-second wait ran out.
+    assert!(waited < Duration::from_secs(30), "answered after {waited:?}");
+    front.kill_9().await;
+    sender.kill_9().await;
+}
+
+/// Replicas started together on an empty database all come up: one makes the `default`
+/// workspace, the others find it made (they used to exit on the unique name they lost to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_on_an_empty_database_all_come_up() {
+    let Some(backend) = Backend::postgres("replicas_starting_together_on_an_empty_database_all_come_up")
+    else {
+        return;
+    };
+    for _round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = backend.fresh_database_url(dir.path()).await;
+        let (a, b, c) = tokio::join!(
+            process::serve(dir.path(), &url, &[]),
+            process::serve(dir.path(), &url, &[]),
+            process::serve(dir.path(), &url, &[]),
+        );
+        for server in [&a, &b, &c] {
+            let resp = http_client()
+                .get(format!("{}/readyz", server.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        let (tenants,): (i64,) = sqlx::query_as("SELECT count(*) FROM tenants WHERE name = 'default'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(tenants, 1);
+        conn.close().await.unwrap();
+        for server in [a, b, c] {
+            server.kill_9().await;
+        }
+    }
+}
