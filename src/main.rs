@@ -54,17 +54,17 @@ struct ListenArgs {
     #[arg(long, default_value_t = 9999)]
     port: u16,
     /// Endpoint secret (whsec_…); repeat during a rotation.
-    #[arg(long = "secret", required = true)]
+    #[arg(long = "secret", required = true, value_parser = non_empty_secret)]
     secrets: Vec<String>,
     /// Forward verified requests to this URL and relay its answer.
-    #[arg(long)]
+    #[arg(long, value_parser = http_url)]
     forward: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
     /// Endpoint secret (whsec_…); repeat to accept any of several.
-    #[arg(long = "secret", required = true)]
+    #[arg(long = "secret", required = true, value_parser = non_empty_secret)]
     secrets: Vec<String>,
     /// The request's path and query, exactly as received (e.g. /hooks/opsiq?x=1).
     #[arg(long)]
@@ -263,6 +263,23 @@ async fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// A `--secret` with something in it.
+fn non_empty_secret(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err("a secret must not be empty (the endpoint's is whsec_…)".into());
+    }
+    Ok(value.to_string())
+}
+
+/// An `http://` or `https://` URL.
+fn http_url(value: &str) -> Result<String, String> {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(value.to_string()),
+        Ok(_) => Err("must be an http:// or https:// URL".into()),
+        Err(e) => Err(format!("is not a URL ({e})")),
     }
 }
 

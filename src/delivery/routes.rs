@@ -577,6 +577,14 @@ async fn preview(
                 &call.arguments,
             )?;
             if !problems.is_empty() {
+                // Pointed at where they are in this body, as an event's problems are.
+                let problems = problems
+                    .into_iter()
+                    .map(|mut p| {
+                        p.path = format!("/action/arguments{}", p.path.trim_end_matches('/'));
+                        p
+                    })
+                    .collect();
                 return Err(ApiError::validation(
                     "the arguments do not match the action's input schema",
                     problems,
@@ -669,6 +677,25 @@ async fn verify_signature(
     auth: AdminAuth,
     Json(req): Json<VerifyBody>,
 ) -> ApiResult<axum::Json<Value>> {
+    // An empty secret verifies nothing anyone should trust (an HMAC under an empty key is no
+    // proof of anything): a mistake to point out, not a secret to try.
+    let blank = |s: &String| s.trim().is_empty();
+    if req.secret.as_ref().is_some_and(blank) {
+        return Err(ApiError::invalid_field("/secret", "must not be empty"));
+    }
+    if let Some(i) = req.secrets.iter().position(blank) {
+        return Err(ApiError::invalid_field(
+            &format!("/secrets/{i}"),
+            "must not be empty",
+        ));
+    }
+    if let Some((name, _)) = req.headers.iter().find(|(_, v)| !v.is_string()) {
+        let path = format!("/headers/{}", name.replace('~', "~0").replace('/', "~1"));
+        return Err(ApiError::invalid_field(
+            &path,
+            "a header's value must be a string",
+        ));
+    }
     let mut secrets = req.secrets.clone();
     secrets.extend(req.secret.clone());
     if let Some(endpoint_id) = &req.endpoint_id {

@@ -222,6 +222,19 @@ async fn replace_rule(
     if !version_holds(if_match.version(), existing.version) {
         return Err(ApiError::version_mismatch("rule", existing.version));
     }
+    // Nothing changed: no new version (which would fail others' If-Match for nothing).
+    let as_read = |definition: Value| {
+        let mut definition = definition;
+        if let Some(map) = definition.as_object_mut() {
+            map.entry("enabled").or_insert(Value::Bool(true));
+        }
+        definition
+    };
+    let stored: Value = serde_json::from_str(&existing.definition).map_err(ApiError::internal)?;
+    if as_read(stored) == as_read(definition.clone()) {
+        tx.rollback().await;
+        return Ok(existing.answer());
+    }
     let row = RuleRow {
         id,
         definition: definition.to_string(),

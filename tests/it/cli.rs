@@ -185,7 +185,30 @@ async fn a_database_opens_only_with_its_own_master_key() {
 async fn nonsense_configuration_exits_non_zero_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 8] = [
+        (
+            &["listen", "--port", "0", "--secret", ""],
+            &[],
+            "must not be empty",
+        ),
+        (
+            &[
+                "listen",
+                "--port",
+                "0",
+                "--secret",
+                "whsec_x",
+                "--forward",
+                "ftp://x/y",
+            ],
+            &[],
+            "http://",
+        ),
+        (
+            &["verify", "--secret", " ", "--request-target", "/"],
+            &[],
+            "must not be empty",
+        ),
         (&["serve", "--retry-schedule", "5s,often"], &[], "retry_schedule"),
         (&["serve", "--listen", "nowhere"], &[], "listen"),
         (&["serve", "--database-url", "mysql://x"], &[], "database_url"),

@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 
 use crate::dual;
 use crate::harness::{
-    Backend, TestApp, assert_error, at_once, delete_checks_version, error_code, eventually, read, wait_until,
+    Backend, TestApp, assert_error, at_once, delete_checks_version, details, error_code, eventually, read,
+    wait_until,
 };
 use crate::receiver::Receiver;
 
@@ -105,6 +106,28 @@ async fn signing_vectors_through_the_api(backend: Backend) {
         if case["valid"] == false {
             assert_eq!(got["reason"], case["reason"], "{}", case["name"]);
         }
+    }
+    // A request the check cannot be asked about is pointed out, not answered `valid: false`.
+    let case = &vectors["cases"][0];
+    let mut headers = case["headers"].clone();
+    headers["X-OpsIQ-Timestamp"] = json!(5);
+    for (change, path) in [
+        (json!({"secrets": [], "secret": " "}), "/secret"),
+        (json!({"secrets": ["whsec_x", ""]}), "/secrets/1"),
+        (json!({"headers": headers}), "/headers/X-OpsIQ-Timestamp"),
+    ] {
+        let mut body = json!({
+            "secrets": case["secrets"],
+            "request_target": case["request_target"],
+            "headers": case["headers"],
+            "body": case["body"],
+            "now": case["now"],
+        });
+        for (k, v) in change.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, got) = app.call(Method::POST, "/v1/signatures/verify", Some(body)).await;
+        assert_eq!((status, details(&got, "path")), (422, vec![path]), "{got}");
     }
 }
 

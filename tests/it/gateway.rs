@@ -1950,15 +1950,23 @@ async fn invocations_raise_action_events_and_can_be_previewed(backend: Backend) 
     assert_eq!(preview["headers"]["x-opsiq-action"], "refund_invoice");
     let sent: Value = serde_json::from_str(preview["body"].as_str().unwrap()).unwrap();
     assert_eq!(sent["arguments"], refund_args());
-    let (status, _) = w
+    let mut bad = refund_args();
+    bad["amount"] = json!("x");
+    let (status, refused) = w
         .app
         .call(
             Method::POST,
             "/v1/preview",
-            Some(json!({"action": {"name": "refund_invoice", "arguments": {"amount": "x"}}})),
+            Some(json!({"action": {"name": "refund_invoice", "arguments": bad}})),
         )
         .await;
+    // Pointed at where they are in this body.
     assert_eq!(status, 422);
+    assert_eq!(
+        details(&refused, "path"),
+        ["/action/arguments/amount"],
+        "{refused}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.rx.received().len(), 1, "the preview sent nothing");
 }

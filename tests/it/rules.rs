@@ -87,6 +87,14 @@ async fn rule_changes_apply_only_at_the_version_read(backend: Backend) {
     assert_eq!(statuses, [200, 412, 412, 412, 412, 412, 412, 412]);
     let (status, blind) = app.call(Method::PUT, &path, Some(rule("blind"))).await;
     assert_eq!((status, blind["version"].clone()), (200, json!(4)), "{blind}");
+    // Saving a rule back as it was read changes nothing, the version included; so does leaving
+    // out `enabled`, which a rule is unless it says otherwise.
+    let mut unchanged = rule("blind");
+    let (status, same) = app.call(Method::PUT, &path, Some(blind.clone())).await;
+    assert_eq!((status, same["version"].clone()), (200, json!(4)), "{same}");
+    unchanged.as_object_mut().unwrap().remove("enabled");
+    let (status, same) = app.call(Method::PUT, &path, Some(unchanged)).await;
+    assert_eq!((status, same["version"].clone()), (200, json!(4)), "{same}");
 
     crate::harness::delete_checks_version(&app, &path, "\"3\"", "\"4\"").await;
     let (status, _) = read(put("\"4\"", rule("after")).send().await.unwrap()).await;
