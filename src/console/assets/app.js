@@ -21,6 +21,7 @@ import {
   parseValue,
   ruleFromForm,
   sampleOf,
+  unsafeIntegerIn,
 } from "./rule-builder.js";
 
 const KEY_SLOT = "opsiq.apiKey";
@@ -49,10 +50,14 @@ const ETAG = Symbol("etag");
  */
 function parseExact(text) {
   let lossy = false;
+  let told = false;
   const value = JSON.parse(text, (_key, v, context) => {
+    told ||= context !== undefined;
     if (typeof v === "number" && !Number.isSafeInteger(v) && /^-?\d+$/.test(context?.source ?? "")) lossy = true;
     return v;
   });
+  // A browser that does not hand revivers the source text: find such numbers in the text itself.
+  if (!told) lossy = unsafeIntegerIn(text) !== undefined;
   return { value, lossy };
 }
 

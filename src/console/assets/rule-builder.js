@@ -86,11 +86,15 @@ export function parseScalar(text, kind) {
   if (kind === "number") throw new BuilderError(`this field holds numbers, and ${t || "nothing"} is not one`);
   if (t === "true" || t === "false" || t === "null") return JSON.parse(t);
   if (/^[[{]/.test(t)) {
+    let value;
     try {
-      return JSON.parse(t);
+      value = JSON.parse(t);
     } catch {
       return t;
     }
+    const unsafe = unsafeIntegerIn(t);
+    if (unsafe !== undefined) throw new BuilderError(`${unsafe} is too large to compare exactly; put it in quotes to compare it as text`);
+    return value;
   }
   return t;
 }
@@ -155,7 +159,11 @@ export function parseValue(op, text, kind) {
         } catch {
           list = null;
         }
-        if (Array.isArray(list)) return list;
+        if (Array.isArray(list)) {
+          const unsafe = unsafeIntegerIn(t);
+          if (unsafe !== undefined) throw new BuilderError(`${unsafe} is too large to compare exactly; put it in quotes to compare it as text`);
+          return list;
+        }
         throw new BuilderError('a list in brackets must be a JSON array, e.g. ["high", "urgent"]');
       }
       return splitList(t).map((item) => {
@@ -496,24 +504,31 @@ function walkFields(schema, prefix, fields, depth = 0) {
 }
 
 /** A plausible example of data matching `schema`, to start a dry run from. */
-export function sampleOf(schema, depth = 0) {
+export function sampleOf(schema, depth = 0, root = schema) {
   if (!schema || typeof schema !== "object" || depth > 6) return null;
+  schema = flatten(schema, root);
   if (schema.examples?.length) return schema.examples[0];
   if (schema.const !== undefined) return schema.const;
   if (Array.isArray(schema.enum) && schema.enum.length) return schema.enum[0];
   const type = Array.isArray(schema.type) ? schema.type[0] : schema.type;
-  switch (type ?? (schema.properties ? "object" : null)) {
+  const shape = schema.properties || schema.required ? "object" : schema.prefixItems ? "array" : null;
+  switch (type ?? shape) {
     case "object": {
       const out = {};
-      for (const [name, prop] of Object.entries(schema.properties ?? {})) out[name] = sampleOf(prop, depth + 1);
+      for (const [name, prop] of Object.entries(schema.properties ?? {})) out[name] = sampleOf(prop, depth + 1, root);
+      // A required field the schema says nothing more about takes any value.
+      for (const name of Array.isArray(schema.required) ? schema.required : []) if (!(name in out)) out[name] = "example";
       return out;
     }
     case "array": {
-      const wanted = Math.max(schema.minItems ?? 0, schema.items ? 1 : 0);
-      const count = Number.isInteger(schema.maxItems) ? Math.min(wanted, schema.maxItems) : wanted;
-      const items = Array.from({ length: count }, () => sampleOf(schema.items, depth + 1));
+      const prefix = Array.isArray(schema.prefixItems) ? schema.prefixItems.map((item) => sampleOf(item, depth + 1, root)) : [];
+      const wanted = Math.max(schema.minItems ?? 0, schema.items && !prefix.length ? 1 : 0) - prefix.length;
+      const room = Number.isInteger(schema.maxItems) ? schema.maxItems - prefix.length : Infinity;
+      const count = Math.max(0, Math.min(wanted, room));
+      const items = Array.from({ length: count }, () => sampleOf(schema.items, depth + 1, root));
       // Unique items must differ: vary the copies within what the item schema allows.
-      return schema.uniqueItems ? items.map((item, k) => distinct(item, k, schema.items ?? {})) : items;
+      const rest = schema.uniqueItems ? items.map((item, k) => distinct(item, k, flatten(schema.items ?? {}, root))) : items;
+      return [...prefix, ...rest];
     }
     case "integer":
       return numberWithin(schema, true);
@@ -526,6 +541,54 @@ export function sampleOf(schema, depth = 0) {
     default:
       return null;
   }
+}
+
+/**
+ * `schema` with what it composes folded in, so one sample fits it: a local `$ref` (`#/$defs/…`)
+ * is read where it points, `allOf` parts are merged (their properties and required fields
+ * together), and of `anyOf` / `oneOf` the first branch is taken.
+ */
+function flatten(schema, root, seen = 0) {
+  if (!schema || typeof schema !== "object" || seen > 8) return schema ?? {};
+  let out = { ...schema };
+  if (typeof out.$ref === "string") {
+    const target = pointTo(root, out.$ref);
+    delete out.$ref;
+    if (target) out = merge(flatten(target, root, seen + 1), out);
+  }
+  if (Array.isArray(out.allOf)) {
+    const parts = out.allOf;
+    delete out.allOf;
+    for (const part of parts) out = merge(out, flatten(part, root, seen + 1));
+  }
+  for (const key of ["anyOf", "oneOf"]) {
+    if (Array.isArray(out[key]) && out[key].length) {
+      const first = out[key][0];
+      delete out[key];
+      out = merge(out, flatten(first, root, seen + 1));
+    }
+  }
+  return out;
+}
+
+/** Two schemas as one: the second's keywords win, properties and required fields add up. */
+function merge(a, b) {
+  const out = { ...a, ...b };
+  if (a.properties || b.properties) out.properties = { ...a.properties, ...b.properties };
+  if (a.required || b.required) out.required = [...new Set([...(a.required ?? []), ...(b.required ?? [])])];
+  return out;
+}
+
+/** What a local reference (`#/$defs/name`, any JSON pointer in the same document) points to. */
+function pointTo(root, ref) {
+  if (!ref.startsWith("#")) return undefined;
+  const path = ref.slice(1).split("/").slice(1).map((p) => decodeURIComponent(p).replaceAll("~1", "/").replaceAll("~0", "~"));
+  let at = root;
+  for (const step of path) {
+    if (!at || typeof at !== "object") return undefined;
+    at = at[step];
+  }
+  return at && typeof at === "object" ? at : undefined;
 }
 
 /** Strings that each `format` accepts. */
