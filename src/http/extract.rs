@@ -204,6 +204,27 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
             "send the body as JSON with `Content-Type: application/json`",
         ));
     }
+    // JSON is UTF-8 (RFC 8259); a body declared in another charset would be read as if it were.
+    let other_charset = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .flat_map(|v| v.split(';').skip(1))
+        .filter_map(|param| param.split_once('='))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("charset")
+                && !matches!(
+                    value.trim().trim_matches('"').to_ascii_lowercase().as_str(),
+                    "utf-8" | "utf8"
+                )
+        });
+    if other_charset {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as UTF-8: JSON in another charset is not supported",
+        ));
+    }
     // Bodies are read as sent; a compressed one would only fail later as bad UTF-8 or JSON.
     let encoded = headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
         !v.to_str()

@@ -572,6 +572,16 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
     let (status, body) = read(post("{}".into(), None).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
+    // JSON is UTF-8: another declared charset is refused; UTF-8 said any way is fine.
+    for (content_type, expected) in [
+        ("application/json; charset=latin1", 415),
+        ("application/json;charset=\"ISO-8859-1\"", 415),
+        ("application/json; charset=UTF-8", 400),
+        ("application/json; charset=\"utf-8\"", 400),
+    ] {
+        let (status, body) = read(post("{".into(), Some(content_type)).send().await.unwrap()).await;
+        assert_eq!(status, expected, "{content_type}: {body}");
+    }
     let gzipped = post(vec![0x1f, 0x8b, 0x08, 0x00].into(), json).header("content-encoding", "gzip");
     let (status, body) = read(gzipped.send().await.unwrap()).await;
     assert_eq!(
