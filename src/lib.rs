@@ -19,7 +19,7 @@
 //! - [`rules`]: "when X happens, if …, do Y": conditions, templates, evaluation in the event's transaction.
 //! - [`audit`]: the hash-chained log of admin changes and its verification.
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document.
-//! - [`crypto`], [`ids`], [`telemetry`]: small shared plumbing.
+//! - [`crypto`], [`ids`], [`json`], [`telemetry`]: small shared plumbing.
 //!
 //! [`run`] starts everything on a given listener; the binary and the tests both call it.
 
@@ -39,6 +39,7 @@ pub mod gateway;
 pub mod glob;
 pub mod http;
 pub mod ids;
+pub mod json;
 pub mod mcp;
 pub mod ops;
 pub mod policy;

@@ -116,7 +116,8 @@ async fn find_by_key(
 }
 
 fn replayed(row: &EventRow, deliveries: i64, event_type: &str, data: &Value) -> ApiResult<Response> {
-    if row.event_type != event_type || &row.data() != data {
+    // The same data is the same event however its numbers are spelled (`7`, `7.0`).
+    if row.event_type != event_type || !crate::json::equal_by_value(&row.data(), data) {
         return Err(ApiError::conflict(
             "idempotency_conflict",
             "this Idempotency-Key was already used with a different event",

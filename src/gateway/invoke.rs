@@ -490,11 +490,7 @@ pub(crate) fn validate_arguments(
 /// fraction written as an integer: JSON Schema holds `7` and `7.0` to be the same value, so a
 /// retry that spells one as the other is the same call).
 fn request_hash(action: &str, arguments: &Value) -> String {
-    let canonical = if has_whole_float(arguments) {
-        integral_floats_as_integers(arguments.clone()).to_string()
-    } else {
-        arguments.to_string()
-    };
+    let canonical = crate::json::canonical_text(arguments);
     crypto::sha256_hex(format!("{action}\n{canonical}").as_bytes())
 }
 
@@ -503,41 +499,6 @@ fn request_hash(action: &str, arguments: &Value) -> String {
 /// the same call.
 fn legacy_request_hash(action: &str, arguments: &Value) -> String {
     crypto::sha256_hex(format!("{action}\n{arguments}").as_bytes())
-}
-
-/// Whether `value` holds a float whose value is a whole number (`7.0`, `1e2`, `-0.0`).
-fn has_whole_float(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => n.is_f64() && whole_float_as_integer(n).is_some(),
-        Value::Array(items) => items.iter().any(has_whole_float),
-        Value::Object(map) => map.values().any(has_whole_float),
-        _ => false,
-    }
-}
-
-/// A float with a whole value that an `i64` holds exactly, as that integer.
-fn whole_float_as_integer(n: &serde_json::Number) -> Option<i64> {
-    let f = n.as_f64()?;
-    // Every whole float in [-2^63, 2^63) is exactly an i64.
-    const BOUND: f64 = 9_223_372_036_854_775_808.0;
-    (f.fract() == 0.0 && (-BOUND..BOUND).contains(&f)).then_some(f as i64)
-}
-
-/// `value` with every whole-valued float written as an integer.
-fn integral_floats_as_integers(value: Value) -> Value {
-    match value {
-        Value::Number(n) if n.is_f64() => match whole_float_as_integer(&n) {
-            Some(i) => Value::from(i),
-            None => Value::Number(n),
-        },
-        Value::Array(items) => Value::Array(items.into_iter().map(integral_floats_as_integers).collect()),
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, integral_floats_as_integers(v)))
-                .collect(),
-        ),
-        other => other,
-    }
 }
 
 async fn find_idempotent(

@@ -68,7 +68,15 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
             "the request body is not valid UTF-8",
         ));
     }
-    check_json_text(&bytes, state.config.max_json_depth)?;
+    if let Err(e) = check_json_text(&bytes, state.config.max_json_depth) {
+        // A problem of content in text that is not even JSON: say what is wrong first.
+        if e.code != "nesting_too_deep"
+            && let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        {
+            return Err(malformed(&syntax));
+        }
+        return Err(e);
+    }
     Ok(bytes)
 }
 
@@ -245,13 +253,16 @@ fn require_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiE
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Syntax first, so that a truncated body is a 400 even when its start already has the
     // wrong shape; then the shape, with the path of the first problem.
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| malformed(&e))?;
     from_json_value(value)
+}
+
+/// 400 `malformed_json` with the parser's reason.
+fn malformed(e: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(
+        "malformed_json",
+        format!("the request body is not valid JSON: {e}"),
+    )
 }
 
 /// A parsed body (a JSON object) as `T`; a problem of shape is a 422 at its pointer.

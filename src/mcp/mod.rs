@@ -162,11 +162,32 @@ async fn handle(
     // Nested deeper than any API body may be, or holding a NUL: refused before it is parsed,
     // as everywhere.
     if let Err(e) = crate::http::extract::check_json_text(&body, state.config.max_json_depth) {
-        return rpc_error_response(
-            StatusCode::BAD_REQUEST,
-            Value::Null,
-            &RpcError::new(codes::INVALID_REQUEST, with_details(e.message, &e.details)),
-        );
+        let message = with_details(e.message, &e.details);
+        // A NUL or an integer too large in otherwise good JSON: a tool call learns it as a
+        // tool error its model can act on, anything else as an error for its own id.
+        let request: Option<Value> = match &*e.code {
+            "nesting_too_deep" => None,
+            _ => serde_json::from_slice(&body).ok(),
+        };
+        let id = request
+            .as_ref()
+            .and_then(|r| r.get("id"))
+            .filter(|id| id.is_string() || id.is_number());
+        return match (&request, id) {
+            (Some(r), Some(id)) if r["method"] == "tools/call" => {
+                json_response(rpc_result(id, tools::tool_error(message)))
+            }
+            (Some(_), id) => rpc_error_response(
+                StatusCode::BAD_REQUEST,
+                id.cloned().unwrap_or(Value::Null),
+                &RpcError::new(codes::INVALID_PARAMS, message),
+            ),
+            (None, _) => rpc_error_response(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                &RpcError::new(codes::INVALID_REQUEST, message),
+            ),
+        };
     }
     match version {
         // A stateless-era POST says in JSON-RPC which versions are spoken; another method has

@@ -27,7 +27,7 @@ fn text(t: impl Into<String>) -> Value {
     json!([{"type": "text", "text": t.into()}])
 }
 
-fn tool_error(message: impl Into<String>) -> Value {
+pub(crate) fn tool_error(message: impl Into<String>) -> Value {
     json!({"content": text(message), "isError": true})
 }
 

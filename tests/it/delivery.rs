@@ -348,6 +348,17 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
     let (s3, conflict) = send("k-1", json!({"ticket_id": "t2"})).await;
     assert_eq!(s3, 409);
     assert_eq!(error_code(&conflict), "idempotency_conflict");
+    // Numbers are their values, however spelled: 7.0 and -0.0 repeat 7 and 0.
+    let (_, counted) = send("k-7", json!({"ticket_id": "t7", "n": [7, 0]})).await;
+    let respelled: Value = serde_json::from_str(r#"{"ticket_id": "t7", "n": [7.0, -0.0]}"#).unwrap();
+    let (status, again) = send("k-7", respelled).await;
+    assert_eq!(
+        (status, &again["event_id"]),
+        (202, &counted["event_id"]),
+        "{again}"
+    );
+    let (status, _) = send("k-7", json!({"ticket_id": "t7", "n": [7.5, 0]})).await;
+    assert_eq!(status, 409);
     // A key is visible ASCII: a tab or a space inside it is refused, not stored.
     for bad in ["k\t1", "k 1"] {
         let (status, body) = send(bad, json!({"ticket_id": "t1"})).await;
@@ -392,9 +403,9 @@ async fn event_ingestion_is_idempotent(backend: Backend) {
         ids.insert(body["event_id"].as_str().unwrap().to_string());
     }
     assert_eq!(ids.len(), 1);
-    rx.wait_for(2).await;
+    rx.wait_for(3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rx.received().len(), 2, "one delivery per distinct event");
+    assert_eq!(rx.received().len(), 3, "one delivery per distinct event");
 
     // A developer key may send events; a viewer may not.
     let dev = app.key_with_role("developer").await;

@@ -650,6 +650,13 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
             "{message}"
         );
     }
+    // Text that is not JSON at all is told so first.
+    let broken = app
+        .admin(Method::POST, "/v1/events")
+        .header("content-type", "application/json")
+        .body(r#"{"type": "x.y", "data": {"n": +99999999999999999999}}"#);
+    let (status, body) = read(broken.send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "malformed_json"), "{body}");
     let (status, body) = read(event("18446744073709551615").send().await.unwrap()).await;
     assert_eq!(status, 202, "{body}");
     let path = format!("/v1/events/{}", body["event_id"].as_str().unwrap());

@@ -574,9 +574,44 @@ async fn mcp_wire_rules(backend: Backend) {
             .unwrap(),
     )
     .await;
-    assert_eq!((status, &body["error"]["code"]), (400, &json!(-32600)), "{body}");
+    // ... and a tool call learns it as a tool error its model can act on, for its own id; so
+    // does an integer that 64 bits cannot hold. Another request gets an error for its id.
+    let raw = |body: &'static str| {
+        app.as_key(&token, Method::POST, "/mcp")
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["id"], &body["result"]["isError"]),
+        (&json!(79), &json!(true)),
+        "{body}"
+    );
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        body["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("NUL"),
+        "{body}"
+    );
+    let huge = r#"{"jsonrpc": "2.0", "id": "h1", "method": "tools/call", "params": {"name": "lookup_customer", "arguments": {"n": 99999999999999999999999}}}"#;
+    let (status, body) = read(raw(huge).send().await.unwrap()).await;
+    assert_eq!(
+        (status, &body["id"], &body["result"]["isError"]),
+        (200, &json!("h1"), &json!(true)),
+        "{body}"
+    );
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("99999999999999999999999") && text.contains("64-bit"),
+        "{text}"
+    );
+    let other = r#"{"jsonrpc": "2.0", "id": 80, "method": "ping", "params": {"n": 99999999999999999999999}}"#;
+    let (status, body) = read(raw(other).send().await.unwrap()).await;
+    assert_eq!(
+        (status, &body["id"], &body["error"]["code"]),
+        (400, &json!(80), &json!(-32602)),
         "{body}"
     );
 
