@@ -369,6 +369,12 @@ async fn list_deliveries(
         sql.push_str(&format!(" AND endpoint_id = ${}", values.len()));
     }
     if let Some(event_type) = &filter.event_type {
+        if crate::events::check_event_type(event_type).is_err() {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "event_type must be an event type's name, like invoice.paid",
+            ));
+        }
         values.push(event_type.into());
         sql.push_str(&format!(" AND kind = 'event' AND label = ${}", values.len()));
     }

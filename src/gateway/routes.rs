@@ -150,6 +150,16 @@ struct InvocationFilter {
     cursor: Option<String>,
 }
 
+/// Every status an invocation can be in.
+const INVOCATION_STATUSES: [&str; 6] = [
+    "pending_approval",
+    "queued",
+    "delivering",
+    "succeeded",
+    "failed",
+    "denied",
+];
+
 async fn list_invocations(
     State(state): State<AppState>,
     viewer: Viewer,
@@ -167,6 +177,13 @@ async fn list_invocations(
         sql.push_str(&format!(" AND agent_id = ${}", values.len()));
     }
     if let Some(status) = &filter.status {
+        // A status no call can have would only ever answer an empty list.
+        if !INVOCATION_STATUSES.contains(&status.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("status must be one of {}", INVOCATION_STATUSES.join(", ")),
+            ));
+        }
         values.push(status.into());
         sql.push_str(&format!(" AND status = ${}", values.len()));
     }

@@ -699,6 +699,23 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
             "{body}"
         );
     }
+    // So is a filter value nothing can have: it would only ever answer an empty list.
+    for (path, named) in [
+        ("/v1/invocations?status=bogus", "pending_approval"),
+        ("/v1/deliveries?status=bogus", "pending"),
+        ("/v1/deliveries?event_type=**", "invoice.paid"),
+    ] {
+        let (status, body) = app.call(Method::GET, path, None).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_query"),
+            "{path}: {body}"
+        );
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(named),
+            "{body}"
+        );
+    }
 
     // Every answer carries a request id.
     let resp = app.admin(Method::GET, "/v1/actions").send().await.unwrap();
