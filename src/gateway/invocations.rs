@@ -125,12 +125,19 @@ impl InvocationRow {
     }
 }
 
-/// The body an endpoint answered, as JSON when it is JSON.
+/// The body an endpoint answered: as JSON when it is JSON that can be kept exactly, else as its
+/// text (an integer past 64 bits would be read as the nearest float: the caller gets the digits
+/// the endpoint sent, not another number).
 fn response_value(result: &AttemptResult) -> Value {
     if result.body.trim().is_empty() {
         return Value::Null;
     }
-    serde_json::from_str(&result.body).unwrap_or_else(|_| Value::String(result.body.clone()))
+    match serde_json::from_str(&result.body) {
+        Ok(value) if crate::http::extract::check_json_text(result.body.as_bytes(), usize::MAX).is_ok() => {
+            value
+        }
+        _ => Value::String(result.body.clone()),
+    }
 }
 
 /// Moves an invocation on after an attempt of its delivery (inside the outcome transaction).

@@ -183,6 +183,8 @@ fn refund_args() -> Value {
     json!({"invoice_id": "in_42", "amount": 1500, "currency": "eur", "reason": "service_outage"})
 }
 
+dual!(an_answer_too_exact_for_json_numbers_is_kept_as_text);
+
 dual!(
     tools_are_listed_per_token_in_each_format,
     sync_and_async_invocations,
@@ -428,6 +430,31 @@ async fn sync_and_async_invocations(backend: Backend) {
     assert_eq!(mine["data"].as_array().unwrap().len(), 2);
     let (_, theirs) = w.app.call_as(&other, Method::GET, "/v1/invocations", None).await;
     assert_eq!(theirs["data"].as_array().unwrap().len(), 0);
+}
+
+/// An endpoint's answer holding an integer past 64 bits reaches the caller as the text it sent,
+/// not as the nearest float.
+async fn an_answer_too_exact_for_json_numbers_is_kept_as_text(backend: Backend) {
+    let w = world(backend).await;
+    let support = agent_token(&w.app, "agt_s", &["support"], &["invoke:*"]).await;
+    let answer = r#"{"customer_id": "c_1", "tier": "enterprise", "ltv": 123456789012345678901234567890}"#;
+    w.rx.answer(move |_, _| {
+        (
+            200,
+            vec![("content-type", "application/json".into())],
+            answer.into(),
+        )
+    });
+    let (status, body) = invoke(
+        &w.app,
+        &support,
+        "lookup_customer",
+        json!({"customer_id": "c_1"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], json!(answer), "{body}");
 }
 
 async fn idempotency_replays_and_conflicts(backend: Backend) {
