@@ -79,6 +79,11 @@ struct Limits {
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
     next_deferred_at: std::sync::atomic::AtomicI64,
+    /// Wakes the jobs waiting for their turn under these limits when the endpoint changes.
+    endpoint_changed: tokio::sync::Notify,
+    /// Taken by a woken job while it reads the endpoint again, so that the first read fills the
+    /// cache and the others find it there (not one database read per waiting job).
+    rereading: tokio::sync::Mutex<()>,
 }
 
 /// Seconds of an endpoint's limited capacity that may wait in memory; the rest waits in the
@@ -120,6 +125,8 @@ impl Limits {
             queue,
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
+            endpoint_changed: tokio::sync::Notify::new(),
+            rereading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -415,6 +422,7 @@ impl Engine {
         for (id, live) in endpoints.iter() {
             if changed(id) {
                 live.stale.store(true, Ordering::Release);
+                live.limits.endpoint_changed.notify_waiters();
             }
         }
         subscribers.clear();
@@ -630,21 +638,42 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             return None;
         }
     };
-    let turn = async {
-        if let Some(rate) = &endpoint.limits.rate {
-            rate.until_ready().await;
-        }
-        let endpoint_permit = endpoint.limits.in_flight.clone().acquire_owned().await.ok()?;
-        let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
-        Some((endpoint_permit, global_permit))
-    };
     let mut stop = inner.stop.subscribe();
-    // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
-    let _permits = (tokio::select! {
-        biased;
-        _ = stop.wait_for(|stopping| *stopping) => return Some(job),
-        permits = turn => permits,
-    })?;
+    let mut limits = endpoint.limits.clone();
+    let _permits = loop {
+        let turn = async {
+            if let Some(rate) = &limits.rate {
+                rate.until_ready().await;
+            }
+            let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
+            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
+            Some((endpoint_permit, global_permit))
+        };
+        // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopping| *stopping) => return Some(job),
+            _ = limits.endpoint_changed.notified() => {}
+            permits = turn => break permits?,
+        }
+        // The endpoint changed while this waited: wait for its turn under the limits it has now
+        // (a raised limit is not waited out at the old rate).
+        let reread = {
+            let _one_at_a_time = limits.rereading.lock().await;
+            engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await
+        };
+        match reread {
+            Ok(Some(now)) if now.enabled => limits = now.limits.clone(),
+            Ok(gone_or_disabled) => {
+                fail_unsendable(inner, job, started_at, gone_or_disabled.is_none()).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
+                return None;
+            }
+        }
+    };
 
     // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt and
     // the recording of its outcome (batched, retried when the database stumbles): a lease that
