@@ -612,19 +612,9 @@ async fn poller(engine: Engine) {
 async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Option<Job> {
     let inner = &engine.inner;
     let started_at = now_ms();
-    let endpoint = match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
-        Ok(ep) => ep,
-        Err(e) => {
-            // Storage trouble: leave the lease to expire and the job to be claimed again.
-            tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
-            return None;
-        }
-    };
-    let deleted = endpoint.is_none();
-    let Some(endpoint) = endpoint.filter(|ep| ep.enabled) else {
-        fail_unsendable(inner, job, started_at, deleted).await;
-        return None;
-    };
+    // (`None` here ends the attempt with nothing to hand back: the job failed or waits for its
+    // lease.)
+    let endpoint = sendable_endpoint(&engine, &job, started_at).await?;
 
     // Too many of this endpoint's jobs wait here already: this one waits in the outbox instead,
     // due when its turn should come, and frees its place in the shared queue.
@@ -658,21 +648,11 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         }
         // The endpoint changed while this waited: wait for its turn under the limits it has now
         // (a raised limit is not waited out at the old rate).
-        let reread = {
+        let now = {
             let _one_at_a_time = limits.rereading.lock().await;
-            engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await
+            sendable_endpoint(&engine, &job, started_at).await
         };
-        match reread {
-            Ok(Some(now)) if now.enabled => limits = now.limits.clone(),
-            Ok(gone_or_disabled) => {
-                fail_unsendable(inner, job, started_at, gone_or_disabled.is_none()).await;
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
-                return None;
-            }
-        }
+        limits = now?.limits.clone();
     };
 
     // Waiting for limits may have eaten into the lease; make sure it outlasts this attempt and
@@ -699,17 +679,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
 
     // The endpoint may have changed while this waited for its turn (a new URL, a retired
     // secret, disabled, deleted): send as it stands now, not as it stood.
-    let endpoint = match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
-        Ok(Some(now)) if now.enabled => now,
-        Ok(gone_or_disabled) => {
-            fail_unsendable(inner, job, started_at, gone_or_disabled.is_none()).await;
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
-            return None;
-        }
-    };
+    let endpoint = sendable_endpoint(&engine, &job, started_at).await?;
     let url = endpoint.url.clone();
     let target = endpoint
         .parsed
@@ -765,6 +735,22 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     };
     send_outcome(inner, outcome).await;
     None
+}
+
+/// A job's endpoint as it stands now (usually from the cache), or `None` when the job ends here:
+/// failed when the endpoint was deleted or disabled, left to its lease when it cannot be read.
+async fn sendable_endpoint(engine: &Engine, job: &Job, started_at: i64) -> Option<Arc<LiveEndpoint>> {
+    match engine.live_endpoint(&job.tenant_id, &job.endpoint_id).await {
+        Ok(Some(endpoint)) if endpoint.enabled => Some(endpoint),
+        Ok(other) => {
+            fail_unsendable(&engine.inner, job.clone(), started_at, other.is_none()).await;
+            None
+        }
+        Err(e) => {
+            tracing::warn!(delivery_id = %job.id, error = %e, "cannot load the endpoint");
+            None
+        }
+    }
 }
 
 /// Fails a job whose endpoint was deleted or disabled before it could be sent. Deleted: nothing
