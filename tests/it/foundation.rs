@@ -683,24 +683,11 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
     .await;
     assert_eq!((status, error_code(&body)), (400, "invalid_query"));
     // A parameter a list does not take is refused: a filter that was silently ignored would
-    // answer everything.
-    for path in ["/v1/events?endpoint_id=ep_1", "/v1/actions?cursor=&sort=name"] {
-        let (status, body) = app.call(Method::GET, path, None).await;
-        assert_eq!(
-            (status, error_code(&body)),
-            (400, "invalid_query"),
-            "{path}: {body}"
-        );
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("unknown field"),
-            "{body}"
-        );
-    }
-    // So is a filter value nothing can have: it would only ever answer an empty list.
+    // answer everything. So is a filter value nothing can have: it would only ever answer an
+    // empty list.
     for (path, named) in [
+        ("/v1/events?endpoint_id=ep_1", "unknown field"),
+        ("/v1/actions?cursor=&sort=name", "unknown field"),
         ("/v1/invocations?status=bogus", "pending_approval"),
         ("/v1/deliveries?status=bogus", "pending"),
         ("/v1/deliveries?event_type=**", "invoice.paid"),
