@@ -249,6 +249,16 @@ pub async fn release(db: &Database, node: &str, jobs: &[Job], now: i64) -> Resul
     Ok(released)
 }
 
+/// Makes a pending delivery due at `now` (not later), if it still waits.
+pub async fn due_now(db: &Database, delivery_id: &str, now: i64) -> Result<(), sqlx::Error> {
+    db.execute(
+        "UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND status = 'pending' AND next_attempt_at > $1",
+        args![now, delivery_id],
+    )
+    .await
+    .map(drop)
+}
+
 /// Gives a delivery leased to `node` but not attempted back to the outbox, due at `at` (its
 /// endpoint's limit has enough waiting already). Waiting is not an attempt: a delivery not yet
 /// attempted starts its 24-hour retry window when it is. Answers whether it was still held.

@@ -107,6 +107,9 @@ async fn update_endpoint(
         ));
     }
     endpoints::check_input(&mut input, false, state.config.dev)?;
+    // Marked changed before the change commits as well as after: a delivery being deferred by
+    // the old limits meanwhile then knows to make itself due again (see `worker::attempt`).
+    state.engine.forget_endpoint(&id);
     let row = match endpoints::update(&state.db, &auth.tenant_id, &id, input, if_match.version()).await? {
         Versioned::Done(row) => row,
         Versioned::Missing => return Err(ApiError::not_found("endpoint")),

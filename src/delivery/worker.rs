@@ -64,6 +64,9 @@ struct LiveEndpoint {
     /// Set when the endpoint changed: read it again, but keep its limits (and their in-flight
     /// count) unless they changed too.
     stale: AtomicBool,
+    /// The engine's count of endpoint changes when this was read: a job holding this copy can
+    /// tell that some endpoint changed since, even once the cache holds another copy.
+    changes_at_read: u64,
 }
 
 #[derive(Debug)]
@@ -508,6 +511,7 @@ impl Engine {
             limits,
             fetched: Instant::now(),
             stale: AtomicBool::new(self.inner.endpoint_changes.load(Ordering::Acquire) != changes),
+            changes_at_read: changes,
         });
         cache.insert(endpoint_id.to_string(), live.clone());
         Ok(Some(live))
@@ -624,6 +628,18 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             metrics::counter!("opsiq_deliveries_deferred_total").increment(1);
             if let Err(e) = outbox::defer(&inner.db, &inner.node, &job, due_at).await {
                 tracing::warn!(delivery_id = %job.id, error = %e, "cannot defer a delivery; its lease will expire");
+                return None;
+            }
+            // An endpoint changed since this one was read, perhaps this one's limits, and perhaps
+            // after the change made the deferred deliveries due: this one is due now too, for
+            // the limits it has now to place.
+            if inner.endpoint_changes.load(Ordering::Acquire) != endpoint.changes_at_read {
+                match outbox::due_now(&inner.db, &job.id, now_ms()).await {
+                    Ok(()) => engine.poke(),
+                    Err(e) => {
+                        tracing::warn!(delivery_id = %job.id, error = %e, "cannot make a deferred delivery due")
+                    }
+                }
             }
             return None;
         }
