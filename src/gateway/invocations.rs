@@ -133,7 +133,12 @@ fn response_value(result: &AttemptResult) -> Value {
         return Value::Null;
     }
     match serde_json::from_str(&result.body) {
-        Ok(value) if crate::http::extract::check_json_text(result.body.as_bytes(), usize::MAX).is_ok() => {
+        Ok(value)
+            if !matches!(
+                crate::http::extract::scan_json_text(result.body.as_bytes(), usize::MAX),
+                Err(crate::http::extract::JsonTextProblem::IntegerTooLarge(_))
+            ) =>
+        {
             value
         }
         _ => Value::String(result.body.clone()),

@@ -68,14 +68,15 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
             "the request body is not valid UTF-8",
         ));
     }
-    if let Err(e) = check_json_text(&bytes, state.config.max_json_depth) {
+    let max_depth = state.config.max_json_depth;
+    if let Err(problem) = scan_json_text(&bytes, max_depth) {
         // A problem of content in text that is not even JSON: say what is wrong first.
-        if e.code != "nesting_too_deep"
+        if problem != JsonTextProblem::TooDeep
             && let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
         {
             return Err(malformed(&syntax));
         }
-        return Err(e);
+        return Err(problem.into_api_error(max_depth));
     }
     Ok(bytes)
 }
@@ -87,6 +88,39 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
 /// nearest float, so stored, delivered, compared and matched against an idempotency key as
 /// another number than the one sent.
 pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
+    scan_json_text(bytes, max_depth).map_err(|problem| problem.into_api_error(max_depth))
+}
+
+/// What [`scan_json_text`] found wrong with JSON text (the first problem, in text order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonTextProblem {
+    /// Nested deeper than allowed.
+    TooDeep,
+    /// An escaped NUL (`\u0000`) in a string.
+    Nul,
+    /// An integer literal outside `i64::MIN..=u64::MAX`, as written.
+    IntegerTooLarge(String),
+}
+
+impl JsonTextProblem {
+    /// The API's answer to it.
+    pub fn into_api_error(self, max_depth: usize) -> ApiError {
+        match self {
+            JsonTextProblem::TooDeep => too_deep(max_depth),
+            JsonTextProblem::Nul => ApiError::validation(
+                "the request body holds a NUL character",
+                vec![ErrorDetail {
+                    path: "/".into(),
+                    message: "text may not contain the NUL character (\\u0000)".into(),
+                }],
+            ),
+            JsonTextProblem::IntegerTooLarge(number) => integer_too_large(&number),
+        }
+    }
+}
+
+/// The one byte scan behind [`check_json_text`]: builds nothing, stops at the first problem.
+pub fn scan_json_text(bytes: &[u8], max_depth: usize) -> Result<(), JsonTextProblem> {
     let mut depth = 0usize;
     let (mut in_string, mut escaped) = (false, false);
     // Where the number being read began, outside strings.
@@ -102,13 +136,7 @@ pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
         if in_string {
             match (escaped, b) {
                 (true, b'u') if bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) => {
-                    return Err(ApiError::validation(
-                        "the request body holds a NUL character",
-                        vec![ErrorDetail {
-                            path: "/".into(),
-                            message: "text may not contain the NUL character (\\u0000)".into(),
-                        }],
-                    ));
+                    return Err(JsonTextProblem::Nul);
                 }
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
@@ -122,7 +150,7 @@ pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Err(too_deep(max_depth));
+                    return Err(JsonTextProblem::TooDeep);
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
@@ -138,7 +166,7 @@ pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
 
 /// Refuses an integer literal (no fraction, no exponent) outside `i64::MIN..=u64::MAX`; anything
 /// else, malformed numbers included, is left to the parser.
-fn check_integer_range(number: &[u8]) -> Result<(), ApiError> {
+fn check_integer_range(number: &[u8]) -> Result<(), JsonTextProblem> {
     if number.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
         return Ok(());
     }
@@ -161,12 +189,19 @@ fn check_integer_range(number: &[u8]) -> Result<(), ApiError> {
     // Same length: digit strings compare as numbers.
     let too_large =
         significant.len() > limit.len() || (significant.len() == limit.len() && significant > limit);
-    if !too_large {
-        return Ok(());
+    if too_large {
+        return Err(JsonTextProblem::IntegerTooLarge(
+            String::from_utf8_lossy(number).into_owned(),
+        ));
     }
-    let shown = String::from_utf8_lossy(&number[..number.len().min(40)]);
+    Ok(())
+}
+
+/// 422 for an integer 64 bits cannot hold, with what to send instead.
+fn integer_too_large(number: &str) -> ApiError {
+    let shown: String = number.chars().take(40).collect();
     let ellipsis = if number.len() > 40 { "…" } else { "" };
-    Err(ApiError::validation(
+    ApiError::validation(
         "the request body holds an integer too large to keep exactly",
         vec![ErrorDetail {
             path: "/".into(),
@@ -176,7 +211,7 @@ fn check_integer_range(number: &[u8]) -> Result<(), ApiError> {
                  decimal number if an approximate value will do"
             ),
         }],
-    ))
+    )
 }
 
 fn too_deep(max_depth: usize) -> ApiError {

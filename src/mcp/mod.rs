@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::agents::AgentPrincipal;
+use crate::http::extract::JsonTextProblem;
 
 /// Versions of the handshake era this server accepts, newest first.
 pub const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
@@ -161,14 +162,16 @@ async fn handle(
     };
     // Nested deeper than any API body may be, or holding a NUL: refused before it is parsed,
     // as everywhere.
-    if let Err(e) = crate::http::extract::check_json_text(&body, state.config.max_json_depth) {
-        let message = with_details(e.message, &e.details);
+    let max_depth = state.config.max_json_depth;
+    if let Err(problem) = crate::http::extract::scan_json_text(&body, max_depth) {
         // A NUL or an integer too large in otherwise good JSON: a tool call learns it as a
         // tool error its model can act on, anything else as an error for its own id.
-        let request: Option<Value> = match &*e.code {
-            "nesting_too_deep" => None,
+        let request: Option<Value> = match problem {
+            JsonTextProblem::TooDeep => None,
             _ => serde_json::from_slice(&body).ok(),
         };
+        let e = problem.into_api_error(max_depth);
+        let message = with_details(e.message, &e.details);
         let id = request
             .as_ref()
             .and_then(|r| r.get("id"))

@@ -455,6 +455,25 @@ async fn an_answer_too_exact_for_json_numbers_is_kept_as_text(backend: Backend) 
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"], json!(answer), "{body}");
+    // Other JSON stays JSON, an escaped NUL in it too.
+    let with_nul = r#"{"customer_id": "c_1", "tier": "enterprise", "note": "a\u0000b"}"#;
+    w.rx.answer(move |_, _| {
+        (
+            200,
+            vec![("content-type", "application/json".into())],
+            with_nul.into(),
+        )
+    });
+    let (status, body) = invoke(
+        &w.app,
+        &support,
+        "lookup_customer",
+        json!({"customer_id": "c_1"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["tier"], "enterprise", "{body}");
 }
 
 async fn idempotency_replays_and_conflicts(backend: Backend) {
