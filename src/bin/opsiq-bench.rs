@@ -60,6 +60,9 @@ struct Args {
     /// Measure start-to-ready this many times instead of running a workload.
     #[arg(long)]
     startup: Option<usize>,
+    /// Write the server's `/metrics` text, as it stands after the run, to this file.
+    #[arg(long)]
+    metrics_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -387,6 +390,15 @@ async fn main() -> anyhow::Result<()> {
         .map(|((le, n), (_, n0))| (le, n - n0))
         .collect();
     let cpu_self = proc_cpu_seconds(std::process::id()) - cpu_self_0;
+    if let Some(path) = &args.metrics_out {
+        let text = http
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        std::fs::write(path, text)?;
+    }
 
     let arrived = std::mem::take(&mut arrivals.lock().unwrap().at);
     let mut e2e = Vec::with_capacity(accepted * per_call);
