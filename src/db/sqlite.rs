@@ -122,13 +122,16 @@ impl SqliteWriter {
     }
 
     /// Waits for the connection, first undoing whatever a dropped transaction left open.
-    async fn lock(&self) -> Result<OwnedMutexGuard<WriterConnection>, sqlx::Error> {
+    async fn lock(&self) -> Result<HeldWriter, sqlx::Error> {
         let mut guard = self.inner.clone().lock_owned().await;
         if guard.needs_rollback {
             roll_back(&mut guard.conn).await?;
             guard.needs_rollback = false;
         }
-        Ok(guard)
+        Ok(HeldWriter {
+            guard,
+            since: std::time::Instant::now(),
+        })
     }
 
     /// Starts a write transaction. Nothing is sent, and the connection is not even taken, until
@@ -163,6 +166,32 @@ impl SqliteWriter {
         if let Ok(mut guard) = self.lock().await {
             let _ = guard.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await;
         }
+    }
+}
+
+/// The writer connection while one task holds it; how long it was held is measured, since
+/// every other write waits that long.
+struct HeldWriter {
+    guard: OwnedMutexGuard<WriterConnection>,
+    since: std::time::Instant,
+}
+
+impl std::ops::Deref for HeldWriter {
+    type Target = WriterConnection;
+    fn deref(&self) -> &WriterConnection {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for HeldWriter {
+    fn deref_mut(&mut self) -> &mut WriterConnection {
+        &mut self.guard
+    }
+}
+
+impl Drop for HeldWriter {
+    fn drop(&mut self) {
+        metrics::histogram!("opsiq_sqlite_writer_held_seconds").record(self.since.elapsed().as_secs_f64());
     }
 }
 
@@ -305,7 +334,7 @@ const BEGIN: &str = "BEGIN IMMEDIATE\n;\n";
 pub struct SqliteTx {
     writer: SqliteWriter,
     /// Taken at the first send and held until the transaction ends.
-    conn: Option<OwnedMutexGuard<WriterConnection>>,
+    conn: Option<HeldWriter>,
     /// Statements not yet sent (the first send also carries `BEGIN IMMEDIATE`).
     pending: String,
     /// Where each statement of `pending` ends: (text, arguments), after its separator.
