@@ -233,6 +233,12 @@ impl AppState {
     }
 }
 
+/// The API's operations that take no query parameters, as the OpenAPI document says.
+fn query_free_routes() -> crate::http::query_guard::QueryFreeRoutes {
+    let document = serde_json::from_str(crate::ops::OPENAPI).unwrap_or_default();
+    crate::http::query_guard::QueryFreeRoutes::from_openapi(&document)
+}
+
 /// The complete router with its middleware.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
@@ -254,6 +260,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::record_changes,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            query_free_routes(),
+            crate::http::query_guard::refuse_unread_query,
         ));
     let app = Router::new()
         .merge(ops::routes())

@@ -21,7 +21,7 @@ pub fn routes() -> Router<AppState> {
 
 /// The OpenAPI 3.1 document of the HTTP API, kept in the repository beside the other schemas;
 /// a test calls every operation it lists against the running server.
-const OPENAPI: &str = include_str!("../schemas/openapi.json");
+pub(crate) const OPENAPI: &str = include_str!("../schemas/openapi.json");
 
 async fn openapi() -> impl IntoResponse {
     (

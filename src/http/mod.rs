@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod keep_alive;
 pub mod page;
+pub mod query_guard;
 
 pub use auth::{AdminAuth, Permission, Role};
 pub use error::{ApiError, ApiResult, ErrorDetail};

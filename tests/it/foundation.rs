@@ -704,6 +704,35 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         );
     }
 
+    // A route that reads no query parameters refuses any, and does nothing: a `dry_run` that
+    // was ignored would have recorded (and delivered) the event.
+    let (_, before) = app.call(Method::GET, "/v1/events", None).await;
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/events?dry_run=true",
+            Some(json!({"type": "invoice.paid", "data": {}})),
+        ),
+        (Method::GET, "/v1/policies?format=csv", None),
+        (Method::DELETE, "/v1/actions/refund_invoice?force=1", None),
+    ] {
+        let (status, body) = app.call(method.clone(), path, body).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_query"),
+            "{method} {path}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("takes no query parameters"), "{body}");
+    }
+    let (_, after) = app.call(Method::GET, "/v1/events", None).await;
+    assert_eq!(before["data"], after["data"]);
+    let (status, _) = app.call(Method::GET, "/v1/policies", None).await;
+    assert_eq!(status, 200);
+    // An empty query string is no parameter.
+    let (status, _) = app.call(Method::GET, "/v1/policies?", None).await;
+    assert_eq!(status, 200);
+
     // Every answer carries a request id.
     let resp = app.admin(Method::GET, "/v1/actions").send().await.unwrap();
     assert!(resp.headers().contains_key("x-request-id"));
