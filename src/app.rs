@@ -104,6 +104,7 @@ impl AppState {
         let db = Database::connect(&config.database_url)
             .await
             .with_context(|| "cannot open the database")?;
+        db.prioritize_writer(config.sqlite_writer_nice);
         let (keys, created) =
             tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, true)
                 .await?;

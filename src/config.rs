@@ -84,6 +84,8 @@ pub struct RawConfig {
     pub action_rate_per_s: u32,
     /// Comma-separated origins (`https://app.example.com`) whose browser pages may call `/mcp`.
     pub mcp_allowed_origins: String,
+    /// Scheduling priority (nice, -20 to 19) of SQLite's writer thread; 0 leaves it as it is.
+    pub sqlite_writer_nice: i32,
 }
 
 impl Default for RawConfig {
@@ -115,6 +117,7 @@ impl Default for RawConfig {
             agent_rate_per_s: 100,
             action_rate_per_s: 1000,
             mcp_allowed_origins: String::new(),
+            sqlite_writer_nice: -5,
         }
     }
 }
@@ -187,6 +190,8 @@ pub struct Config {
     pub action_rate_per_s: u32,
     /// Origins whose browser pages may call `/mcp`, as [`normalize_origin`] writes them.
     pub mcp_allowed_origins: Vec<String>,
+    /// Scheduling priority of SQLite's writer thread (0: left as it is).
+    pub sqlite_writer_nice: i32,
 }
 
 /// An origin as `scheme://host[:port]`, lower case and without a default port, or `None` if
@@ -290,6 +295,12 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        if !(-20..=19).contains(&raw.sqlite_writer_nice) {
+            return Err(ConfigError::Invalid {
+                field: "sqlite_writer_nice",
+                message: "must be between -20 and 19".into(),
+            });
+        }
         let request_timeout = parse_duration("request_timeout", &raw.request_timeout)?;
         let lease = parse_duration("lease", &raw.lease)?;
         if lease <= request_timeout {
@@ -325,6 +336,7 @@ impl Config {
             agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
             action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
             mcp_allowed_origins: parse_origins(&raw.mcp_allowed_origins)?,
+            sqlite_writer_nice: raw.sqlite_writer_nice,
         })
     }
 }

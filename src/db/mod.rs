@@ -457,7 +457,7 @@ impl Database {
             let writer_options = options
                 .clone()
                 .pragma("wal_autocheckpoint", "0")
-                .thread_name(|_| "sqlite-writer".into());
+                .thread_name(|_| sqlite::WRITER_THREAD.into());
             let mut conn = writer_options.connect().await?;
             if prepare {
                 sqlx::migrate!("migrations/sqlite")
@@ -500,6 +500,24 @@ impl Database {
             }
         };
         Ok(db)
+    }
+
+    /// Sets the scheduling priority of SQLite's writer thread to `nice` (see
+    /// [`sqlite::prioritize_writer_threads`]), saying in the log when it cannot; nothing on
+    /// PostgreSQL or for 0.
+    pub fn prioritize_writer(&self, nice: i32) {
+        if nice == 0 || self.dialect() != Dialect::Sqlite {
+            return;
+        }
+        match sqlite::prioritize_writer_threads(nice) {
+            Ok(_) => tracing::debug!(nice, "SQLite's writer thread runs at a raised priority"),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => tracing::info!(
+                nice,
+                "SQLite's writer thread keeps the normal priority: a negative nice needs CAP_SYS_NICE \
+                 (set sqlite_writer_nice = 0 not to try)"
+            ),
+            Err(e) => tracing::warn!(nice, error = %e, "cannot set the SQLite writer thread's priority"),
+        }
     }
 
     /// Which dialect this database speaks.

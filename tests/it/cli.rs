@@ -478,3 +478,57 @@ async fn listen_verifies_prints_and_forwards_a_real_delivery() {
     assert_eq!(resp.status(), 401);
     child.kill().await.unwrap();
 }
+
+/// `opsiq serve` gives SQLite's writer thread the configured scheduling priority, and no other
+/// thread; an out-of-range value is refused before anything starts.
+#[tokio::test]
+async fn serve_sets_the_sqlite_writer_threads_priority() {
+    if !cfg!(target_os = "linux") {
+        eprintln!("skipped: thread priorities are read from /proc, which only Linux has");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("nice.db").display());
+    process::init(dir.path(), &url).await;
+    let out = process::opsiq()
+        .current_dir(dir.path())
+        .env("OPSIQ_SQLITE_WRITER_NICE", "20")
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sqlite_writer_nice"), "{stderr}");
+
+    // A positive nice (a lower priority) needs no privilege, so this holds for any user.
+    let server = process::serve_with(dir.path(), &url, &[], |cmd| {
+        cmd.env("OPSIQ_SQLITE_WRITER_NICE", "3");
+    })
+    .await;
+    let pid = server.child.id().expect("running");
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        // "tid (name) state ppid …": the name may hold spaces, so split at its closing parenthesis.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let nice: i64 = stat[close + 2..].split(' ').nth(16).unwrap().parse().unwrap();
+        threads.push((name, nice));
+    }
+    let writers: Vec<i64> = threads
+        .iter()
+        .filter(|(name, _)| name == "sqlite-writer")
+        .map(|(_, nice)| *nice)
+        .collect();
+    assert_eq!(writers, vec![3], "{threads:?}");
+    assert!(
+        threads
+            .iter()
+            .all(|(name, nice)| name == "sqlite-writer" || *nice == 0),
+        "{threads:?}"
+    );
+    server.kill_9().await;
+}
