@@ -328,6 +328,9 @@ async fn checkpoint_once(
     // Past a limit, copy the last frames and wait for readers to leave while no commit can run:
     // the next commit then reuses the WAL from its start.
     if wal_pages >= WAL_RESTART_PAGES {
+        // Copy what came in during the pass above first, while commits still run: every write
+        // waits for the restart, so it should find little left to copy.
+        checkpoint(conn, "PASSIVE").await?;
         let _writer = writer.lock().await;
         checkpoint(conn, "RESTART").await?;
     }
