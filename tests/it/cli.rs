@@ -264,14 +264,7 @@ async fn a_sqlite_database_is_served_by_one_process() {
     let url = format!("sqlite://{}", dir.path().join("one.db").display());
     process::init(dir.path(), &url).await;
     let first = process::serve(dir.path(), &url, &[]).await;
-    let out = process::opsiq()
-        .current_dir(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = process::serve_refused(dir.path(), &url, &[]).await;
     assert!(stderr.contains("another opsiq process is serving"), "{stderr}");
     first.kill_9().await;
     let again = process::serve(dir.path(), &url, &[]).await;
@@ -490,15 +483,7 @@ async fn serve_sets_the_sqlite_writer_threads_priority() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nice.db").display());
     process::init(dir.path(), &url).await;
-    let out = process::opsiq()
-        .current_dir(dir.path())
-        .env("OPSIQ_SQLITE_WRITER_NICE", "20")
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = process::serve_refused(dir.path(), &url, &[("OPSIQ_SQLITE_WRITER_NICE", "20")]).await;
     assert!(stderr.contains("sqlite_writer_nice"), "{stderr}");
 
     // A positive nice (a lower priority) needs no privilege, so this holds for any user.

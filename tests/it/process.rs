@@ -38,6 +38,20 @@ pub async fn init(dir: &std::path::Path, database_url: &str) -> (String, String)
     )
 }
 
+/// Runs `opsiq serve` with `env`, expects it to refuse to start, and returns what it printed
+/// to stderr.
+pub async fn serve_refused(dir: &std::path::Path, database_url: &str, env: &[(&str, &str)]) -> String {
+    let out = opsiq()
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url])
+        .output()
+        .await
+        .expect("opsiq serve runs");
+    assert!(!out.status.success(), "serve started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A running `opsiq serve` child.
 pub struct Server {
     /// The child process.
