@@ -92,14 +92,22 @@ async fn check_rule(
                     });
                 }
             }
-            Output::Invoke { action, .. } => {
-                if store::get(&state.db, tenant_id, action).await?.is_none() {
-                    problems.push(ErrorDetail {
-                        path: format!("/then/{i}/invoke/action"),
-                        message: format!("no action named {action} in this workspace"),
-                    });
+            Output::Invoke { action, arguments } => match store::get(&state.db, tenant_id, action).await? {
+                None => problems.push(ErrorDetail {
+                    path: format!("/then/{i}/invoke/action"),
+                    message: format!("no action named {action} in this workspace"),
+                }),
+                Some(found) => {
+                    let at = format!("/then/{i}/invoke/arguments");
+                    for problem in fixed_argument_problems(state, tenant_id, &found, arguments)? {
+                        let path = match problem.path.as_str() {
+                            "/" => at.clone(),
+                            inner => format!("{at}{inner}"),
+                        };
+                        problems.push(ErrorDetail { path, ..problem });
+                    }
                 }
-            }
+            },
             Output::Emit { event_type, .. } => {
                 if let Err(message) = crate::events::check_own_event_type(event_type) {
                     problems.push(ErrorDetail {
@@ -114,9 +122,56 @@ async fn check_rule(
         Ok(rule)
     } else {
         Err(ApiError::validation(
-            "the rule names endpoints, actions or event types it cannot use",
+            "the rule names endpoints, actions or event types it cannot use, or gives an action \
+             arguments its input schema refuses",
             problems,
         ))
+    }
+}
+
+/// What the action's input schema refuses in a rule's arguments whatever the event holds: its
+/// complaints about the fixed values, without those a template (filled in from each event) could
+/// cause or cure, that is, at or above or below a templated value.
+fn fixed_argument_problems(
+    state: &AppState,
+    tenant_id: &str,
+    action: &crate::registry::Action,
+    arguments: &Value,
+) -> ApiResult<Vec<ErrorDetail>> {
+    let mut templated = Vec::new();
+    templated_pointers(arguments, String::new(), &mut templated);
+    let problems = crate::gateway::invoke::validate_arguments(state, tenant_id, action, arguments)?;
+    let related = |path: &str| {
+        let path = if path == "/" { "" } else { path };
+        templated.iter().any(|t| {
+            path == t
+                || path.is_empty()
+                || t.is_empty()
+                || t.strip_prefix(path).is_some_and(|rest| rest.starts_with('/'))
+                || path
+                    .strip_prefix(t.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    };
+    Ok(problems.into_iter().filter(|p| !related(&p.path)).collect())
+}
+
+/// The JSON pointers of every string in `value` that holds a template.
+fn templated_pointers(value: &Value, at: String, found: &mut Vec<String>) {
+    match value {
+        Value::String(s) if s.contains("{{") => found.push(at),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                templated_pointers(item, format!("{at}/{i}"), found);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                let key = key.replace('~', "~0").replace('/', "~1");
+                templated_pointers(item, format!("{at}/{key}"), found);
+            }
+        }
+        _ => {}
     }
 }
 

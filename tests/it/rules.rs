@@ -872,6 +872,23 @@ async fn malformed_rules_are_refused(backend: Backend) {
             "/then",
         ),
         (
+            // Fixed arguments the action's schema refuses are told at save, at their place.
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                json!([{"invoke": {"action": "refund_invoice", "arguments":
+                    {"invoice_id": "in_1", "amount": "lots", "currency": "eur", "reason": "duplicate"}}}]),
+            ),
+            "/then/0/invoke/arguments/amount",
+        ),
+        (
+            base(
+                json!({"field": "data.x", "op": "eq", "value": 1}),
+                json!([{"invoke": {"action": "refund_invoice", "arguments":
+                    {"invoice_id": "{{data.invoice}}", "currency": "eur", "reason": "duplicate"}}}]),
+            ),
+            "/then/0/invoke/arguments/amount",
+        ),
+        (
             json!({"name": "r", "when": {"event_type": "bad type"}, "then": ok_then.clone()}),
             "/when/event_type",
         ),
@@ -913,6 +930,20 @@ async fn malformed_rules_are_refused(backend: Backend) {
     assert_eq!(count(&app, "/v1/rules").await, 0, "nothing half-written");
     let (status, _) = app.call(Method::GET, "/v1/rules/rul_nope", None).await;
     assert_eq!(status, 404);
+
+    // What a template fills in from each event is judged when the rule runs, not at save: a
+    // templated amount, and templates inside fixed text.
+    for arguments in [
+        json!({"invoice_id": "in_1", "amount": "{{data.amount}}", "currency": "eur", "reason": "duplicate"}),
+        json!({"invoice_id": "in_{{data.invoice}}", "amount": 5, "currency": "{{data.currency}}", "reason": "duplicate"}),
+    ] {
+        let rule = base(
+            json!({"field": "data.x", "op": "eq", "value": 1}),
+            json!([{"invoke": {"action": "refund_invoice", "arguments": arguments}}]),
+        );
+        let (status, body) = app.call(Method::POST, "/v1/rules", Some(rule)).await;
+        assert_eq!(status, 201, "{arguments}: {body}");
+    }
 }
 
 async fn dry_runs_send_and_write_nothing(backend: Backend) {
@@ -1465,8 +1496,16 @@ async fn rules_cannot_feed_or_flood_themselves(backend: Backend) {
         "the agent's call and the rule's, nothing more"
     );
 
-    let copies: serde_json::Map<String, Value> =
+    let mut copies: serde_json::Map<String, Value> =
         (0..100).map(|k| (format!("a{k}"), json!("{{data}}"))).collect();
+    // The fields the schema requires are there, so the rule is saved and its rendering judged.
+    for (field, value) in [
+        ("customer_id", "cus_1"),
+        ("subject", "copy"),
+        ("body", "all of it"),
+    ] {
+        copies.insert(field.into(), value.into());
+    }
     create_rule(
         &app,
         json!({"name": "Copy everything", "when": {"event_type": "blob.sent"},
