@@ -191,7 +191,8 @@ impl std::ops::DerefMut for HeldWriter {
 
 impl Drop for HeldWriter {
     fn drop(&mut self) {
-        metrics::histogram!("opsiq_sqlite_writer_held_seconds").record(self.since.elapsed().as_secs_f64());
+        metrics::histogram!("opsiq_sqlite_writer_held_seconds", "by" => "transaction")
+            .record(self.since.elapsed().as_secs_f64());
     }
 }
 
@@ -217,8 +218,12 @@ pub fn prioritize_writer_threads(nice: i32) -> std::io::Result<usize> {
             let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else {
                 continue;
             };
-            rustix::process::setpriority_process(Some(pid), nice)?;
-            changed += 1;
+            match rustix::process::setpriority_process(Some(pid), nice) {
+                Ok(()) => changed += 1,
+                // The thread ended (its database closed) since it was listed.
+                Err(rustix::io::Errno::SRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(changed)
     }
@@ -332,7 +337,11 @@ async fn checkpoint_once(
         // waits for the restart, so it should find little left to copy.
         checkpoint(conn, "PASSIVE").await?;
         let _writer = writer.lock().await;
-        checkpoint(conn, "RESTART").await?;
+        let held_since = std::time::Instant::now();
+        let restarted = checkpoint(conn, "RESTART").await;
+        metrics::histogram!("opsiq_sqlite_writer_held_seconds", "by" => "checkpoint")
+            .record(held_since.elapsed().as_secs_f64());
+        restarted?;
     }
     Ok(())
 }

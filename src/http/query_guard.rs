@@ -19,8 +19,8 @@ use super::ApiError;
 pub struct QueryFreeRoutes(Arc<HashMap<String, Vec<Method>>>);
 
 impl QueryFreeRoutes {
-    /// Every operation of an OpenAPI document that declares no `in: query` parameter, on its own
-    /// or on its path (references to `#/components/parameters/…` are followed).
+    /// Every `/v1/` operation of an OpenAPI document that declares no `in: query` parameter, on
+    /// its own or on its path (references to `#/components/parameters/…` are followed).
     pub fn from_openapi(document: &Value) -> Self {
         let is_query = |parameter: &Value| {
             let parameter = match parameter.get("$ref").and_then(Value::as_str) {
@@ -40,7 +40,9 @@ impl QueryFreeRoutes {
         let mut routes: HashMap<String, Vec<Method>> = HashMap::new();
         let paths = document.get("paths").and_then(Value::as_object);
         for (path, item) in paths.into_iter().flatten() {
-            if declares_query(item) {
+            // The REST API only: `/mcp` speaks JSON-RPC to clients whose configured URL may
+            // carry a query of its own, which the protocol does not forbid.
+            if !path.starts_with("/v1/") || declares_query(item) {
                 continue;
             }
             let Some(operations) = item.as_object() else {
@@ -136,5 +138,6 @@ mod tests {
         assert!(routes.takes_none(&Method::PUT, "/v1/actions/{name}"));
         assert!(!routes.takes_none(&Method::GET, "/v1/events"));
         assert!(!routes.takes_none(&Method::GET, "/v1/invocations/{id}"));
+        assert!(!routes.takes_none(&Method::POST, "/mcp"));
     }
 }

@@ -41,12 +41,15 @@ pub async fn init(dir: &std::path::Path, database_url: &str) -> (String, String)
 /// Runs `opsiq serve` with `env`, expects it to refuse to start, and returns what it printed
 /// to stderr.
 pub async fn serve_refused(dir: &std::path::Path, database_url: &str, env: &[(&str, &str)]) -> String {
-    let out = opsiq()
+    let run = opsiq()
         .current_dir(dir)
         .envs(env.iter().copied())
         .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url])
-        .output()
+        .output();
+    // A serve that starts after all would run until killed: fail instead of hanging.
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
         .await
+        .expect("serve should have refused to start, and it kept running")
         .expect("opsiq serve runs");
     assert!(!out.status.success(), "serve started");
     String::from_utf8_lossy(&out.stderr).into_owned()
