@@ -5,6 +5,11 @@ use std::cmp::Ordering;
 
 use serde_json::{Number, Value};
 
+/// `name` as one token of a JSON pointer (RFC 6901): `~` and `/` escaped.
+pub fn pointer_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
 /// Numbers compared by value, exactly: 1 equals 1.0, and an integer past 2^53 is told from the
 /// float next to it (converting either side would round them together).
 pub fn number_order(x: &Number, y: &Number) -> Option<Ordering> {

@@ -101,12 +101,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// The server's latency histogram for `route` as (upper bound in seconds, cumulative count).
-async fn latency_buckets(http: &reqwest::Client, base: &str, route: &str) -> anyhow::Result<Vec<(f64, f64)>> {
-    let text = http.get(format!("{base}/metrics")).send().await?.text().await?;
+/// The server's `/metrics` text.
+async fn server_metrics(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    Ok(http.get(format!("{base}/metrics")).send().await?.text().await?)
+}
+
+/// The server's latency histogram for `route` in `metrics` (its `/metrics` text) as (upper
+/// bound in seconds, cumulative count).
+fn latency_buckets(metrics: &str, route: &str) -> anyhow::Result<Vec<(f64, f64)>> {
     let route_label = format!("route=\"{route}\"");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines() {
+    for line in metrics.lines() {
         let Some(rest) = line.strip_prefix("opsiq_http_request_duration_seconds_bucket{") else {
             continue;
         };
@@ -369,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
         Workload::Events => "/v1/events",
         Workload::Invoke => "/v1/actions/{name}/invoke",
     };
-    let server_buckets_0 = latency_buckets(&http, &server.base, route).await?;
+    let server_buckets_0 = latency_buckets(&server_metrics(&http, &server.base).await?, route)?;
     let cpu_server_0 = proc_cpu_seconds(server.pid);
     let cpu_self_0 = proc_cpu_seconds(std::process::id());
     let started = Instant::now();
@@ -383,21 +388,15 @@ async fn main() -> anyhow::Result<()> {
     wait_delivered(&arrivals, accepted * per_call, Duration::from_secs(600)).await?;
     let delivered_elapsed = started.elapsed();
     let cpu_server = proc_cpu_seconds(server.pid) - cpu_server_0;
-    let server_buckets: Vec<(f64, f64)> = latency_buckets(&http, &server.base, route)
-        .await?
+    let metrics_after = server_metrics(&http, &server.base).await?;
+    let server_buckets: Vec<(f64, f64)> = latency_buckets(&metrics_after, route)?
         .into_iter()
         .zip(server_buckets_0)
         .map(|((le, n), (_, n0))| (le, n - n0))
         .collect();
     let cpu_self = proc_cpu_seconds(std::process::id()) - cpu_self_0;
     if let Some(path) = &args.metrics_out {
-        let text = http
-            .get(format!("{}/metrics", server.base))
-            .send()
-            .await?
-            .text()
-            .await?;
-        std::fs::write(path, text)?;
+        std::fs::write(path, &metrics_after)?;
     }
 
     let arrived = std::mem::take(&mut arrivals.lock().unwrap().at);

@@ -123,15 +123,12 @@ impl SqliteWriter {
 
     /// Waits for the connection, first undoing whatever a dropped transaction left open.
     async fn lock(&self) -> Result<HeldWriter, sqlx::Error> {
-        let mut guard = self.inner.clone().lock_owned().await;
-        if guard.needs_rollback {
-            roll_back(&mut guard.conn).await?;
-            guard.needs_rollback = false;
+        let mut held = HeldWriter::take(&self.inner, "transaction").await;
+        if held.needs_rollback {
+            roll_back(&mut held.conn).await?;
+            held.needs_rollback = false;
         }
-        Ok(HeldWriter {
-            guard,
-            since: std::time::Instant::now(),
-        })
+        Ok(held)
     }
 
     /// Starts a write transaction. Nothing is sent, and the connection is not even taken, until
@@ -174,6 +171,20 @@ impl SqliteWriter {
 struct HeldWriter {
     guard: OwnedMutexGuard<WriterConnection>,
     since: std::time::Instant,
+    /// What held it: a `transaction`, or the `checkpoint` that restarts the WAL.
+    by: &'static str,
+}
+
+impl HeldWriter {
+    /// Waits for the writer connection and holds it for `by`.
+    async fn take(writer: &Arc<Mutex<WriterConnection>>, by: &'static str) -> Self {
+        let guard = writer.clone().lock_owned().await;
+        Self {
+            guard,
+            since: std::time::Instant::now(),
+            by,
+        }
+    }
 }
 
 impl std::ops::Deref for HeldWriter {
@@ -191,7 +202,7 @@ impl std::ops::DerefMut for HeldWriter {
 
 impl Drop for HeldWriter {
     fn drop(&mut self) {
-        metrics::histogram!("opsiq_sqlite_writer_held_seconds", "by" => "transaction")
+        metrics::histogram!("opsiq_sqlite_writer_held_seconds", "by" => self.by)
             .record(self.since.elapsed().as_secs_f64());
     }
 }
@@ -321,7 +332,7 @@ const WAL_RESTART_PAGES: i64 = 4000;
 async fn checkpoint_once(
     options: &SqliteConnectOptions,
     conn: &mut Option<SqliteConnection>,
-    writer: &Mutex<WriterConnection>,
+    writer: &Arc<Mutex<WriterConnection>>,
 ) -> Result<(), sqlx::Error> {
     let conn = match conn {
         Some(conn) => conn,
@@ -336,12 +347,8 @@ async fn checkpoint_once(
         // Copy what came in during the pass above first, while commits still run: every write
         // waits for the restart, so it should find little left to copy.
         checkpoint(conn, "PASSIVE").await?;
-        let _writer = writer.lock().await;
-        let held_since = std::time::Instant::now();
-        let restarted = checkpoint(conn, "RESTART").await;
-        metrics::histogram!("opsiq_sqlite_writer_held_seconds", "by" => "checkpoint")
-            .record(held_since.elapsed().as_secs_f64());
-        restarted?;
+        let _writer = HeldWriter::take(writer, "checkpoint").await;
+        checkpoint(conn, "RESTART").await?;
     }
     Ok(())
 }

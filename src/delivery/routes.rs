@@ -589,10 +589,7 @@ async fn preview(
                 // Pointed at where they are in this body, as an event's problems are.
                 let problems = problems
                     .into_iter()
-                    .map(|mut p| {
-                        p.path = format!("/action/arguments{}", p.path.trim_end_matches('/'));
-                        p
-                    })
+                    .map(|p| p.under("/action/arguments"))
                     .collect();
                 return Err(ApiError::validation(
                     "the arguments do not match the action's input schema",
@@ -699,7 +696,7 @@ async fn verify_signature(
         ));
     }
     if let Some((name, _)) = req.headers.iter().find(|(_, v)| !v.is_string()) {
-        let path = format!("/headers/{}", name.replace('~', "~0").replace('/', "~1"));
+        let path = format!("/headers/{}", crate::json::pointer_token(name));
         return Err(ApiError::invalid_field(
             &path,
             "a header's value must be a string",

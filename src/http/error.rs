@@ -17,6 +17,18 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+impl ErrorDetail {
+    /// The same problem, pointed at from `prefix` (a pointer to where the checked value sits in
+    /// a larger body): `/amount` under `/action/arguments` is `/action/arguments/amount`.
+    pub fn under(self, prefix: &str) -> Self {
+        let inner = if self.path == "/" { "" } else { self.path.as_str() };
+        Self {
+            path: format!("{prefix}{inner}"),
+            message: self.message,
+        }
+    }
+}
+
 /// Per-field problems (as an error body's `details` holds them) in one line, for a person or a
 /// model to read: `/amount: must be positive; /currency: …`.
 pub fn describe_details(details: &[Value]) -> String {
@@ -253,6 +265,20 @@ pub async fn method_not_allowed_fallback() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detail_is_pointed_at_from_its_place_in_a_larger_body() {
+        let at = |path: &str| {
+            ErrorDetail {
+                path: path.into(),
+                message: "m".into(),
+            }
+            .under("/then/0/invoke/arguments")
+            .path
+        };
+        assert_eq!(at("/amount"), "/then/0/invoke/arguments/amount");
+        assert_eq!(at("/"), "/then/0/invoke/arguments");
+    }
 
     #[test]
     fn long_messages_are_cut_on_a_character_boundary() {

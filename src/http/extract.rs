@@ -357,7 +357,7 @@ fn json_pointer(path: &serde_path_to_error::Path) -> String {
             Segment::Seq { index } => out.push_str(&format!("/{index}")),
             Segment::Map { key } => {
                 out.push('/');
-                out.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                out.push_str(&crate::json::pointer_token(key));
             }
             Segment::Enum { variant } => out.push_str(&format!("/{variant}")),
             Segment::Unknown => out.push_str("/?"),

@@ -14,6 +14,18 @@ use serde_json::Value;
 
 use super::ApiError;
 
+/// The keys of an OpenAPI path item that are operations.
+const OPERATION_METHODS: [Method; 8] = [
+    Method::GET,
+    Method::PUT,
+    Method::POST,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::HEAD,
+    Method::PATCH,
+    Method::TRACE,
+];
+
 /// The operations (path template → methods) that take no query parameters.
 #[derive(Clone, Debug, Default)]
 pub struct QueryFreeRoutes(Arc<HashMap<String, Vec<Method>>>);
@@ -48,12 +60,16 @@ impl QueryFreeRoutes {
             let Some(operations) = item.as_object() else {
                 continue;
             };
+            // A path item also holds `parameters`, `summary` and the like beside its operations.
             for (method, operation) in operations {
-                let Ok(method) = method.to_ascii_uppercase().parse::<Method>() else {
+                let Some(method) = OPERATION_METHODS
+                    .iter()
+                    .find(|m| m.as_str().eq_ignore_ascii_case(method))
+                else {
                     continue;
                 };
-                if operation.is_object() && !declares_query(operation) {
-                    routes.entry(path.clone()).or_default().push(method);
+                if !declares_query(operation) {
+                    routes.entry(path.clone()).or_default().push(method.clone());
                 }
             }
         }
@@ -107,6 +123,7 @@ mod tests {
             }},
             "paths": {
                 "/v1/things": {
+                    "summary": "Things",
                     "get": {"parameters": [{"$ref": "#/components/parameters/Limit"}]},
                     "post": {}
                 },
@@ -127,6 +144,8 @@ mod tests {
         assert!(routes.takes_none(&Method::PUT, "/v1/things/{id}"));
         assert!(!routes.takes_none(&Method::GET, "/v1/paged"));
         assert!(!routes.takes_none(&Method::GET, "/v1/unknown"));
+        // Only operations count: `summary` beside them names no method.
+        assert_eq!(routes.0["/v1/things"], vec![Method::POST]);
     }
 
     #[test]

@@ -288,7 +288,7 @@ fn check_references(node: &Value, root: &Value, at: &str, is_root: bool) -> Resu
         return Ok(());
     };
     for (key, value) in map {
-        let here = format!("{at}/{}", escape_token(key));
+        let here = format!("{at}/{}", crate::json::pointer_token(key));
         match (key.as_str(), value) {
             ("$ref", Value::String(target)) if resolve(root, target).is_none() => {
                 return Err((
@@ -309,7 +309,7 @@ fn check_references(node: &Value, root: &Value, at: &str, is_root: bool) -> Resu
                     check_references(
                         child,
                         root,
-                        &format!("{here}/{}", escape_token(child_name)),
+                        &format!("{here}/{}", crate::json::pointer_token(child_name)),
                         false,
                     )?;
                 }
@@ -347,11 +347,6 @@ fn resolve<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
     root.pointer(&pointer).filter(|v| v.is_object() || v.is_boolean())
 }
 
-/// `~` and `/` escaped for a JSON pointer token.
-fn escape_token(name: &str) -> String {
-    name.replace('~', "~0").replace('/', "~1")
-}
-
 /// Counts the subschemas a schema stands for once its `$ref`s are followed.
 struct Expansion<'a> {
     root: &'a Value,
@@ -381,11 +376,11 @@ impl<'a> Expansion<'a> {
             {
                 continue;
             }
-            let here = format!("{at}/{}", escape_token(keyword));
+            let here = format!("{at}/{}", crate::json::pointer_token(keyword));
             let children: Vec<(String, &'a Value)> = match value {
                 Value::Object(children) if SCHEMA_MAPS.contains(&keyword.as_str()) => children
                     .iter()
-                    .map(|(name, child)| (format!("{here}/{}", escape_token(name)), child))
+                    .map(|(name, child)| (format!("{here}/{}", crate::json::pointer_token(name)), child))
                     .collect(),
                 Value::Array(items) => items
                     .iter()
@@ -455,7 +450,7 @@ fn percent_decode(text: &str) -> String {
 /// can act on; at most [`MAX_SCHEMA_ERRORS`] of them, then one saying more follow.
 pub fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<ErrorDetail> {
     use jsonschema::error::ValidationErrorKind as Kind;
-    let at = |parent: &str, name: &str| format!("{parent}/{}", name.replace('~', "~0").replace('/', "~1"));
+    let at = |parent: &str, name: &str| format!("{parent}/{}", crate::json::pointer_token(name));
     let detail = |path: String, message: String| ErrorDetail {
         path: if path.is_empty() { "/".into() } else { path },
         message,

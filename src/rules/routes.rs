@@ -99,13 +99,8 @@ async fn check_rule(
                 }),
                 Some(found) => {
                     let at = format!("/then/{i}/invoke/arguments");
-                    for problem in fixed_argument_problems(state, tenant_id, &found, arguments)? {
-                        let path = match problem.path.as_str() {
-                            "/" => at.clone(),
-                            inner => format!("{at}{inner}"),
-                        };
-                        problems.push(ErrorDetail { path, ..problem });
-                    }
+                    let fixed = fixed_argument_problems(state, tenant_id, &found, arguments)?;
+                    problems.extend(fixed.into_iter().map(|p| p.under(&at)));
                 }
             },
             Output::Emit { event_type, .. } => {
@@ -141,17 +136,13 @@ fn fixed_argument_problems(
     let mut templated = Vec::new();
     templated_pointers(arguments, String::new(), &mut templated);
     let problems = crate::gateway::invoke::validate_arguments(state, tenant_id, action, arguments)?;
+    // Pointers with the root as "" (errors write it "/"), so that it lies above every other.
+    let below = |path: &str, above: &str| path.strip_prefix(above).is_some_and(|rest| rest.starts_with('/'));
     let related = |path: &str| {
         let path = if path == "/" { "" } else { path };
-        templated.iter().any(|t| {
-            path == t
-                || path.is_empty()
-                || t.is_empty()
-                || t.strip_prefix(path).is_some_and(|rest| rest.starts_with('/'))
-                || path
-                    .strip_prefix(t.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
-        })
+        templated
+            .iter()
+            .any(|t| path == t || below(path, t) || below(t, path))
     };
     Ok(problems.into_iter().filter(|p| !related(&p.path)).collect())
 }
@@ -167,7 +158,7 @@ fn templated_pointers(value: &Value, at: String, found: &mut Vec<String>) {
         }
         Value::Object(map) => {
             for (key, item) in map {
-                let key = key.replace('~', "~0").replace('/', "~1");
+                let key = crate::json::pointer_token(key);
                 templated_pointers(item, format!("{at}/{key}"), found);
             }
         }
