@@ -268,6 +268,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let app = Router::new()
         .merge(ops::routes())
+        .merge(mcp::resource_metadata::routes())
         .merge(console::routes())
         .merge(api)
         .fallback(not_found_fallback)

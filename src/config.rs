@@ -84,6 +84,12 @@ pub struct RawConfig {
     pub action_rate_per_s: u32,
     /// Comma-separated origins (`https://app.example.com`) whose browser pages may call `/mcp`.
     pub mcp_allowed_origins: String,
+    /// The URL clients reach this server at (`https://gateway.example.com`), when it is not the
+    /// request's `Host` over plain HTTP (behind a TLS proxy, say).
+    pub public_url: String,
+    /// Comma-separated authorization servers (issuer URLs) that MCP clients are told issue
+    /// tokens for `/mcp`.
+    pub mcp_authorization_servers: String,
     /// Scheduling priority (nice, -20 to 19) of SQLite's writer thread; 0 leaves it as it is.
     pub sqlite_writer_nice: i32,
 }
@@ -117,6 +123,8 @@ impl Default for RawConfig {
             agent_rate_per_s: 100,
             action_rate_per_s: 1000,
             mcp_allowed_origins: String::new(),
+            public_url: String::new(),
+            mcp_authorization_servers: String::new(),
             sqlite_writer_nice: -5,
         }
     }
@@ -190,6 +198,11 @@ pub struct Config {
     pub action_rate_per_s: u32,
     /// Origins whose browser pages may call `/mcp`, as [`normalize_origin`] writes them.
     pub mcp_allowed_origins: Vec<String>,
+    /// The URL clients reach this server at, without a trailing slash (`None`: the request's
+    /// `Host` over plain HTTP).
+    pub public_url: Option<String>,
+    /// Authorization servers named in the MCP resource metadata.
+    pub mcp_authorization_servers: Vec<String>,
     /// Scheduling priority of SQLite's writer thread (0: left as it is).
     pub sqlite_writer_nice: i32,
 }
@@ -336,6 +349,18 @@ impl Config {
             agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
             action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
             mcp_allowed_origins: parse_origins(&raw.mcp_allowed_origins)?,
+            public_url: Some(raw.public_url.trim())
+                .filter(|url| !url.is_empty())
+                .map(|url| parse_url("public_url", url).map(|url| url.trim_end_matches('/').to_string()))
+                .transpose()?,
+            mcp_authorization_servers: raw
+                .mcp_authorization_servers
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                // Kept as written: an issuer identifier is compared character for character.
+                .map(|url| parse_url("mcp_authorization_servers", url).map(|_| url.to_string()))
+                .collect::<Result<_, _>>()?,
             sqlite_writer_nice: raw.sqlite_writer_nice,
         })
     }
@@ -359,6 +384,25 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
             })
         })
         .collect()
+}
+
+/// An http(s) URL with no query, fragment or credentials, as the URL crate writes it.
+fn parse_url(field: &'static str, text: &str) -> Result<String, ConfigError> {
+    let refused = || ConfigError::Invalid {
+        field,
+        message: format!("`{text}` is not a URL like https://gateway.example.com"),
+    };
+    let url = reqwest::Url::parse(text).map_err(|_| refused())?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if !plain {
+        return Err(refused());
+    }
+    Ok(url.to_string())
 }
 
 fn positive(field: &'static str, n: u32) -> Result<u32, ConfigError> {
@@ -452,6 +496,43 @@ mod tests {
             };
             let err = Config::from_raw(raw).unwrap_err().to_string();
             assert!(err.contains("mcp_allowed_origins"), "{refused}: {err}");
+        }
+    }
+
+    #[test]
+    fn urls_for_the_mcp_resource_metadata_are_checked() {
+        let raw = RawConfig {
+            public_url: " https://Gateway.Example.com/opsiq/ ".into(),
+            mcp_authorization_servers: "https://tenant.auth0.example/, https://login.example.com".into(),
+            ..RawConfig::default()
+        };
+        let config = Config::from_raw(raw).unwrap();
+        assert_eq!(
+            config.public_url.as_deref(),
+            Some("https://gateway.example.com/opsiq")
+        );
+        assert_eq!(
+            config.mcp_authorization_servers,
+            ["https://tenant.auth0.example/", "https://login.example.com"]
+        );
+        assert_eq!(Config::default().public_url, None);
+        assert!(Config::default().mcp_authorization_servers.is_empty());
+        for refused in [
+            "gateway.example.com",
+            "ftp://gateway.example.com",
+            "https://gateway.example.com/?x=1",
+            "https://gateway.example.com/#top",
+            "https://user:pw@gateway.example.com",
+        ] {
+            for field in ["public_url", "mcp_authorization_servers"] {
+                let mut raw = RawConfig::default();
+                match field {
+                    "public_url" => raw.public_url = refused.into(),
+                    _ => raw.mcp_authorization_servers = refused.into(),
+                }
+                let err = Config::from_raw(raw).unwrap_err().to_string();
+                assert!(err.contains(field), "{field} = {refused}: {err}");
+            }
         }
     }
 }

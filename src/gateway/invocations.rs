@@ -135,7 +135,7 @@ fn response_value(result: &AttemptResult) -> Value {
     match serde_json::from_str(&result.body) {
         Ok(value)
             if !matches!(
-                crate::http::extract::scan_json_text(result.body.as_bytes(), usize::MAX),
+                crate::http::extract::scan_json_integers(result.body.as_bytes()),
                 Err(crate::http::extract::JsonTextProblem::IntegerTooLarge(_))
             ) =>
         {

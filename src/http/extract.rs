@@ -5,6 +5,8 @@
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -100,6 +102,8 @@ pub enum JsonTextProblem {
     Nul,
     /// An integer literal outside `i64::MIN..=u64::MAX`, as written.
     IntegerTooLarge(String),
+    /// An object that names one key twice: the JSON pointer of the second.
+    DuplicateKey(String),
 }
 
 impl JsonTextProblem {
@@ -115,14 +119,75 @@ impl JsonTextProblem {
                 }],
             ),
             JsonTextProblem::IntegerTooLarge(number) => integer_too_large(&number),
+            // Parsers disagree on which of the two counts (the last here, the first elsewhere),
+            // so a body whose meaning depends on the reader is refused.
+            JsonTextProblem::DuplicateKey(pointer) => ApiError::bad_request(
+                "duplicate_key",
+                "the request body names a key twice in one object; send each key once",
+            )
+            .with_details(vec![serde_json::json!({
+                "path": pointer,
+                "message": "this key appears earlier in the same object",
+            })]),
         }
     }
 }
 
-/// The one byte scan behind [`check_json_text`]: builds nothing, stops at the first problem.
+/// The one byte scan behind [`check_json_text`], for request bodies: stops at the first problem
+/// and allocates only to remember each open object's keys.
 pub fn scan_json_text(bytes: &[u8], max_depth: usize) -> Result<(), JsonTextProblem> {
-    let mut depth = 0usize;
+    scan(bytes, max_depth, true)
+}
+
+/// [`scan_json_text`] for JSON from elsewhere (an endpoint's answer), which is kept as it came:
+/// only its integers are checked, at any depth, whatever its keys.
+pub fn scan_json_integers(bytes: &[u8]) -> Result<(), JsonTextProblem> {
+    scan(bytes, usize::MAX, false)
+}
+
+/// An array or object the scan is inside.
+enum Open<'a> {
+    /// An array, at its `index`th element.
+    Array { index: usize },
+    /// An object, with the keys it has named so far (when they are checked).
+    Object {
+        keys: KeySet<'a>,
+        /// Whether the next string is a key (after `{` or `,`) rather than a value.
+        expecting_key: bool,
+        /// The last key named: where a duplicate further down lies.
+        current: Cow<'a, [u8]>,
+    },
+}
+
+/// The keys of one object, as decoded bytes; searched in a list while there are few.
+#[derive(Default)]
+struct KeySet<'a> {
+    few: Vec<Cow<'a, [u8]>>,
+    many: Option<std::collections::HashSet<Cow<'a, [u8]>>>,
+}
+
+impl<'a> KeySet<'a> {
+    /// Adds `key`; false if it was there already.
+    fn insert(&mut self, key: Cow<'a, [u8]>) -> bool {
+        if let Some(many) = &mut self.many {
+            return many.insert(key);
+        }
+        if self.few.contains(&key) {
+            return false;
+        }
+        self.few.push(key);
+        if self.few.len() > 16 {
+            self.many = Some(self.few.drain(..).collect());
+        }
+        true
+    }
+}
+
+fn scan(bytes: &[u8], max_depth: usize, unique_keys: bool) -> Result<(), JsonTextProblem> {
+    let mut open: Vec<Open> = Vec::new();
     let (mut in_string, mut escaped) = (false, false);
+    // Where the key being read began (its opening quote), when keys are checked.
+    let mut key_from: Option<usize> = None;
     // Where the number being read began, outside strings.
     let mut number_from: Option<usize> = None;
     for (i, &b) in bytes.iter().enumerate() {
@@ -140,20 +205,57 @@ pub fn scan_json_text(bytes: &[u8], max_depth: usize) -> Result<(), JsonTextProb
                 }
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+                (false, b'"') => {
+                    in_string = false;
+                    if let Some(from) = key_from.take() {
+                        name_key(&mut open, &bytes[from..=i])?;
+                    }
+                }
                 _ => {}
             }
             continue;
         }
         match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max_depth {
-                    return Err(JsonTextProblem::TooDeep);
+            b'"' => {
+                in_string = true;
+                if unique_keys
+                    && matches!(
+                        open.last(),
+                        Some(Open::Object {
+                            expecting_key: true,
+                            ..
+                        })
+                    )
+                {
+                    key_from = Some(i);
                 }
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'{' | b'[' => {
+                if open.len() >= max_depth {
+                    return Err(JsonTextProblem::TooDeep);
+                }
+                open.push(match b {
+                    b'{' => Open::Object {
+                        keys: KeySet::default(),
+                        expecting_key: true,
+                        current: Cow::Borrowed(&[]),
+                    },
+                    _ => Open::Array { index: 0 },
+                });
+            }
+            b'}' | b']' => {
+                open.pop();
+            }
+            b',' => match open.last_mut() {
+                Some(Open::Array { index }) => *index += 1,
+                Some(Open::Object { expecting_key, .. }) => *expecting_key = true,
+                None => {}
+            },
+            b':' => {
+                if let Some(Open::Object { expecting_key, .. }) = open.last_mut() {
+                    *expecting_key = false;
+                }
+            }
             b'-' | b'0'..=b'9' => number_from = Some(i),
             _ => {}
         }
@@ -162,6 +264,42 @@ pub fn scan_json_text(bytes: &[u8], max_depth: usize) -> Result<(), JsonTextProb
         Some(from) => check_integer_range(&bytes[from..]),
         None => Ok(()),
     }
+}
+
+/// Records `quoted` (a key with its quotes) in the innermost object; a key it already named is
+/// [`JsonTextProblem::DuplicateKey`]. Escapes are decoded first, so `"\u0061"` repeats `"a"`.
+fn name_key<'a>(open: &mut [Open<'a>], quoted: &'a [u8]) -> Result<(), JsonTextProblem> {
+    let raw = &quoted[1..quoted.len() - 1];
+    let key: Cow<'a, [u8]> = if raw.contains(&b'\\') {
+        match serde_json::from_slice::<String>(quoted) {
+            Ok(decoded) => Cow::Owned(decoded.into_bytes()),
+            // Broken text: the parser will say so.
+            Err(_) => return Ok(()),
+        }
+    } else {
+        Cow::Borrowed(raw)
+    };
+    let Some(Open::Object { keys, current, .. }) = open.last_mut() else {
+        return Ok(());
+    };
+    if keys.insert(key.clone()) {
+        *current = key;
+        return Ok(());
+    }
+    let mut pointer = String::new();
+    let outer = open.len() - 1;
+    for container in &open[..outer] {
+        pointer.push('/');
+        match container {
+            Open::Array { index } => pointer.push_str(&index.to_string()),
+            Open::Object { current, .. } => {
+                pointer.push_str(&crate::json::pointer_token(&String::from_utf8_lossy(current)))
+            }
+        }
+    }
+    pointer.push('/');
+    pointer.push_str(&crate::json::pointer_token(&String::from_utf8_lossy(&key)));
+    Err(JsonTextProblem::DuplicateKey(pointer))
 }
 
 /// Refuses an integer literal (no fraction, no exponent) outside `i64::MIN..=u64::MAX`; anything
@@ -529,6 +667,42 @@ mod tests {
                 "{too_large}"
             );
         }
+    }
+
+    #[test]
+    fn a_key_named_twice_in_one_object_is_found_with_its_pointer() {
+        let duplicate = |text: &str| match scan_json_text(text.as_bytes(), 16) {
+            Err(JsonTextProblem::DuplicateKey(pointer)) => Some(pointer),
+            Ok(()) => None,
+            Err(other) => panic!("{text}: {other:?}"),
+        };
+        for unique in [
+            r#"{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}"#,
+            r#"{"a":"a","b":"a:,{","c":{"a":{"a":[]}}}"#,
+            r#"[{"x":1},{"x":2},["x","x"]]"#,
+            r#"{"a\"b":1,"a\\b":2,"ab":3}"#,
+            r#"{"":1,"k":{"":2}}"#,
+        ] {
+            assert_eq!(duplicate(unique), None, "{unique}");
+        }
+        for (text, pointer) in [
+            (r#"{"a":1,"a":2}"#, "/a"),
+            (r#"{"a":1,"\u0061":2}"#, "/a"),
+            (r#"{"x":[0,{"k":1,"m":{},"k":2}]}"#, "/x/1/k"),
+            (r#"{"a/b":{"~":1,"~":2}}"#, "/a~1b/~0"),
+            (r#"[1,[2,{"":1,"":2}]]"#, "/1/1/"),
+        ] {
+            assert_eq!(duplicate(text).as_deref(), Some(pointer), "{text}");
+        }
+        // Many keys are kept in a set, and still compared.
+        let many: Vec<String> = (0..40).map(|k| format!("\"k{k}\":{k}")).collect();
+        let text = format!("{{{}}}", many.join(","));
+        assert_eq!(duplicate(&text), None);
+        let text = format!("{{{},\"k7\":0}}", many.join(","));
+        assert_eq!(duplicate(&text).as_deref(), Some("/k7"));
+        // An endpoint's answer is kept as it came: only its integers matter.
+        assert_eq!(scan_json_integers(br#"{"a":1,"a":2}"#), Ok(()));
+        assert!(scan_json_integers(br#"{"a":1,"a":99999999999999999999999}"#).is_err());
     }
 
     #[test]

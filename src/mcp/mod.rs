@@ -14,6 +14,7 @@
 
 mod legacy;
 mod modern;
+pub mod resource_metadata;
 mod tools;
 
 use axum::Router;
@@ -320,16 +321,18 @@ pub enum Tick {
 }
 
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrincipal, Response> {
+    let refused = |e: crate::http::ApiError| {
+        let mut response = e.into_response();
+        resource_metadata::name_metadata_in_challenge(&mut response, &state.config, headers);
+        response
+    };
     let Some(token) = crate::http::auth::sole_bearer_token(headers) else {
-        return Err(crate::http::ApiError::unauthorized(
+        return Err(refused(crate::http::ApiError::unauthorized(
             "unauthorized",
             "the MCP server needs an agent token as `Authorization: Bearer <JWT>`",
-        )
-        .into_response());
+        )));
     };
-    crate::gateway::authenticate(state, token)
-        .await
-        .map_err(IntoResponse::into_response)
+    crate::gateway::authenticate(state, token).await.map_err(refused)
 }
 
 /// A JSON-RPC success response.

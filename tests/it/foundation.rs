@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dual;
-use crate::harness::{Backend, TestApp, at_once, error_code, read};
+use crate::harness::{Backend, TestApp, at_once, details, error_code, read};
 
 fn refund_action() -> Value {
     json!({
@@ -657,6 +657,19 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
         .body(r#"{"type": "x.y", "data": {"n": +99999999999999999999}}"#);
     let (status, body) = read(broken.send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (400, "malformed_json"), "{body}");
+    // A key named twice in one object means one thing to one parser and another to the next:
+    // refused with its pointer, and nothing is recorded.
+    let events_before = app.call(Method::GET, "/v1/events", None).await.1["data"].clone();
+    assert!(events_before.is_array(), "{events_before}");
+    let twice = app
+        .admin(Method::POST, "/v1/events")
+        .header("content-type", "application/json")
+        .body(r#"{"type": "invoice.paid", "data": {"invoice_id": "i", "amount": 1, "currency": "eur", "\u0061mount": 1000}}"#);
+    let (status, body) = read(twice.send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "duplicate_key"), "{body}");
+    assert_eq!(details(&body, "path"), ["/data/amount"], "{body}");
+    let events_after = app.call(Method::GET, "/v1/events", None).await.1["data"].clone();
+    assert_eq!(events_before, events_after);
     let (status, body) = read(event("18446744073709551615").send().await.unwrap()).await;
     assert_eq!(status, 202, "{body}");
     let path = format!("/v1/events/{}", body["event_id"].as_str().unwrap());

@@ -665,6 +665,17 @@ async fn invalid_arguments_get_actionable_422s(backend: Backend) {
     assert_eq!(status, 422);
     let (status, body) = invoke(&w.app, &billing, "no_such_action", json!({}), Some("v4")).await;
     assert_eq!(status, 404, "{body}");
+    // Arguments that name a key twice would be checked as one value and read as another by a
+    // parser that keeps the first: refused before anything else reads them.
+    let twice = w
+        .app
+        .as_key(&billing, Method::POST, "/v1/actions/refund_invoice/invoke")
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", "v5")
+        .body(r#"{"arguments": {"invoice_id": "in_42", "amount": 1, "currency": "eur", "reason": "duplicate", "amount": 150000}}"#);
+    let (status, body) = read(twice.send().await.unwrap()).await;
+    assert_eq!((status, error_code(&body)), (400, "duplicate_key"), "{body}");
+    assert_eq!(details(&body, "path"), ["/arguments/amount"], "{body}");
     assert!(w.rx.received().is_empty(), "nothing invalid is delivered");
 }
 

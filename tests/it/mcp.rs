@@ -607,6 +607,18 @@ async fn mcp_wire_rules(backend: Backend) {
         text.contains("99999999999999999999999") && text.contains("64-bit"),
         "{text}"
     );
+    let twice = r#"{"jsonrpc": "2.0", "id": "d1", "method": "tools/call", "params": {"name": "lookup_customer", "arguments": {"customer_id": "c_1", "customer_id": "c_2"}}}"#;
+    let (status, body) = read(raw(twice).send().await.unwrap()).await;
+    assert_eq!(
+        (status, &body["id"], &body["result"]["isError"]),
+        (200, &json!("d1"), &json!(true)),
+        "{body}"
+    );
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("twice") && text.contains("/params/arguments/customer_id"),
+        "{text}"
+    );
     let other = r#"{"jsonrpc": "2.0", "id": 80, "method": "ping", "params": {"n": 99999999999999999999999}}"#;
     let (status, body) = read(raw(other).send().await.unwrap()).await;
     assert_eq!(
@@ -831,4 +843,89 @@ async fn sessions_are_shared_by_replicas(backend: Backend) {
     let (status, body) = read(resp).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"]["tools"].as_array().unwrap().len(), 3);
+}
+
+const METADATA: &str = "/.well-known/oauth-protected-resource/mcp";
+
+/// The `resource_metadata` URL of a 401 from `/mcp` (RFC 9728 §5.1), after checking the rest
+/// of the challenge.
+async fn metadata_named_by_refusal(app: &TestApp, token: Option<&str>) -> String {
+    let mut request = app
+        .http
+        .post(app.url("/mcp"))
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let resp = request.send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let challenge = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(challenge.starts_with("Bearer realm=\"opsiq\""), "{challenge}");
+    assert_eq!(
+        challenge.contains("error=\"invalid_token\""),
+        token.is_some(),
+        "{challenge}"
+    );
+    let (_, url) = challenge
+        .split_once("resource_metadata=\"")
+        .unwrap_or_else(|| panic!("no resource_metadata in {challenge}"));
+    url.trim_end_matches('"').to_string()
+}
+
+/// An MCP client refused for want of a token learns where the resource metadata is, and the
+/// document names the very URL it called; a Host that names no host gets no document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_finds_the_resource_metadata() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    for token in [None, Some("not.a.jwt")] {
+        assert_eq!(metadata_named_by_refusal(&app, token).await, app.url(METADATA));
+    }
+    for path in [METADATA, "/.well-known/oauth-protected-resource"] {
+        let resp = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+        assert!(
+            resp.headers()["cache-control"]
+                .to_str()
+                .unwrap()
+                .contains("max-age=")
+        );
+        let (_, doc) = read(resp).await;
+        assert_eq!(doc["resource"], app.url("/mcp"), "{doc}");
+        assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+        assert!(doc.get("authorization_servers").is_none(), "{doc}");
+    }
+    let resp = app
+        .http
+        .get(app.url(METADATA))
+        .header("host", "two words")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    crate::harness::assert_error((status, &body), 400, "invalid_host", "public_url");
+}
+
+/// Behind a proxy the configured `public_url` is the resource, and the listed authorization
+/// servers are named as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resource_metadata_names_the_public_url_and_authorization_servers() {
+    let app = TestApp::on(Backend::Sqlite)
+        .with(|raw, _| {
+            raw.public_url = "https://gateway.example.com/".into();
+            raw.mcp_authorization_servers = "https://login.example.com/, https://idp.example.org".into();
+        })
+        .start()
+        .await;
+    assert_eq!(
+        metadata_named_by_refusal(&app, None).await,
+        format!("https://gateway.example.com{METADATA}")
+    );
+    let (status, doc) = read(app.http.get(app.url(METADATA)).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["resource"], "https://gateway.example.com/mcp");
+    assert_eq!(
+        doc["authorization_servers"],
+        json!(["https://login.example.com/", "https://idp.example.org"])
+    );
 }
