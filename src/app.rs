@@ -176,7 +176,9 @@ impl AppState {
     async fn apply_declarative_files(&self) -> anyhow::Result<()> {
         let actions = registry::files::read_action_files(&self.config.actions_dir)?;
         for tenant_id in tenants::all_tenant_ids(&self.db).await? {
-            let changed = registry::files::apply_to_tenant(&self.db, &tenant_id, &actions).await?;
+            let changed =
+                registry::files::apply_to_tenant(&self.db, self.keys.audit_chain_key(), &tenant_id, &actions)
+                    .await?;
             if changed > 0 {
                 tracing::info!(tenant_id, changed, "applied action files");
                 // Replicas still running (a rolling start) hold the old declarations.
@@ -199,7 +201,13 @@ impl AppState {
             Err(e) => return Err(e.into()),
         };
         let actions = registry::files::read_action_files(&self.config.actions_dir)?;
-        registry::files::apply_to_tenant(&self.db, &created.tenant_id, &actions).await?;
+        registry::files::apply_to_tenant(
+            &self.db,
+            self.keys.audit_chain_key(),
+            &created.tenant_id,
+            &actions,
+        )
+        .await?;
         Ok(Some(created))
     }
 
@@ -390,7 +398,7 @@ pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenan
         }
         other => other?,
     };
-    registry::files::apply_to_tenant(&db, &created.tenant_id, &actions).await?;
+    registry::files::apply_to_tenant(&db, keys.audit_chain_key(), &created.tenant_id, &actions).await?;
     db.close().await;
     Ok(created)
 }

@@ -16,8 +16,9 @@
 //! has its row written after it succeeded, before the answer leaves. The change and its row run
 //! in a task of their own, so a client hanging up cancels neither. A row keeps who, which route,
 //! which path and the request id, never a body, so no secret reaches the log.
-//! Agents' invocations and ingested events are the data plane, recorded in their own tables;
-//! changes made outside the API (`opsiq init`, the declarative files read at start) are not here.
+//! Agents' invocations and ingested events are the data plane, recorded in their own tables.
+//! An action file applied at start (or by `opsiq init`) that changes an action is recorded as
+//! made by `file:<name>` ([`by_file`]); creating a tenant with `opsiq init` is not recorded.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,15 +64,26 @@ pub fn routes() -> Router<AppState> {
 
 /// Who made a change, filled in by [`AdminAuth`] when the request authenticates.
 #[derive(Clone, Default)]
-pub struct AuditActor(Arc<Mutex<Option<AdminAuth>>>);
+pub struct AuditActor(Arc<Mutex<Option<Actor>>>);
+
+/// The maker of a change and the tenant whose chain records it.
+#[derive(Clone)]
+struct Actor {
+    tenant_id: String,
+    /// `key:<id>` for an API key, `file:<name>` for a declarative file.
+    name: String,
+}
 
 impl AuditActor {
     /// Records the authenticated caller of this request.
     pub fn set(&self, auth: &AdminAuth) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(auth.clone());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Actor {
+            tenant_id: auth.tenant_id.clone(),
+            name: auth.actor(),
+        });
     }
 
-    fn get(&self) -> Option<AdminAuth> {
+    fn get(&self) -> Option<Actor> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -170,12 +182,11 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
         return Ok(false);
     };
     // A change before authentication cannot happen: the handlers authenticate first.
-    let Some(auth) = pending.actor.get() else {
+    let Some(actor) = pending.actor.get() else {
         return Ok(false);
     };
-    let actor = auth.actor();
     let details = pending.details();
-    let entry = pending.entry(&auth.tenant_id, &actor, &details);
+    let entry = pending.entry(&actor.tenant_id, &actor.name, &details);
     // Statements the change deferred are sent first, so that their failures are not taken for
     // the row's.
     tx.flush().await?;
@@ -188,6 +199,31 @@ pub(crate) async fn write_pending_row(tx: &mut Tx) -> Result<bool, sqlx::Error> 
 /// After a commit that [`write_pending_row`] wrote the row in: the row is written.
 pub(crate) fn pending_row_committed() {
     let _ = PENDING_ROW.try_with(|p| p.written.store(true, Ordering::Relaxed));
+}
+
+/// Runs `change`, a change to `tenant_id`'s configuration made from a declarative file named
+/// `file` rather than through the API, so that the transaction that changes rows records it as
+/// `action` on `target` by `file:<file>` (nothing is recorded if nothing changes).
+pub async fn by_file<F: std::future::Future>(
+    key: &[u8; 32],
+    (tenant_id, file): (&str, &str),
+    (action, target): (&str, &str),
+    change: F,
+) -> F::Output {
+    let actor = AuditActor(Arc::new(Mutex::new(Some(Actor {
+        tenant_id: tenant_id.to_string(),
+        name: format!("file:{file}"),
+    }))));
+    let pending = Arc::new(PendingRow {
+        actor,
+        action: action.to_string(),
+        target: target.to_string(),
+        details: Mutex::default(),
+        key: *key,
+        changed: AtomicBool::new(false),
+        written: AtomicBool::new(false),
+    });
+    PENDING_ROW.scope(pending, change).await
 }
 
 /// Middleware: after a successful change made with an admin API key (or a secret read), appends
@@ -237,12 +273,11 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
             if pending.written.load(Ordering::Relaxed) || !response.status().is_success() {
                 return response;
             }
-            let Some(auth) = pending.actor.get() else {
+            let Some(actor) = pending.actor.get() else {
                 return response;
             };
-            let actor = auth.actor();
             let details = pending.details();
-            let entry = pending.entry(&auth.tenant_id, &actor, &details);
+            let entry = pending.entry(&actor.tenant_id, &actor.name, &details);
             if let Err(e) = append(&state.db, &pending.key, entry).await {
                 pending.report_failure(&e, "the change stands");
             }

@@ -28,8 +28,17 @@ pub enum FileError {
     Store(#[from] store::StoreError),
 }
 
+/// One action file as read.
+#[derive(Debug, Clone)]
+pub struct ActionFile {
+    /// The file's name (not its path), which the audit log names as the change's maker.
+    pub name: String,
+    /// What it declares.
+    pub declaration: ActionDeclaration,
+}
+
 /// Reads and validates every action file; a missing directory is no files.
-pub fn read_action_files(dir: &Path) -> Result<Vec<ActionDeclaration>, FileError> {
+pub fn read_action_files(dir: &Path) -> Result<Vec<ActionFile>, FileError> {
     let mut out = Vec::new();
     for path in json_files(dir)? {
         let text = std::fs::read_to_string(&path).map_err(|e| FileError::Read {
@@ -48,7 +57,13 @@ pub fn read_action_files(dir: &Path) -> Result<Vec<ActionDeclaration>, FileError
                 .collect::<Vec<_>>()
                 .join("; "),
         })?;
-        out.push(decl);
+        out.push(ActionFile {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            declaration: decl,
+        });
     }
     Ok(out)
 }
@@ -74,47 +89,57 @@ pub fn json_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, FileError> {
     Ok(paths)
 }
 
-/// Applies the declarations to one tenant; returns how many were created or updated.
+/// Applies the files to one tenant, each change recorded in the audit log (hashed under
+/// `audit_key`) as made by its file; returns how many actions were created or updated.
 pub async fn apply_to_tenant(
     db: &Database,
+    audit_key: &[u8; 32],
     tenant_id: &str,
-    decls: &[ActionDeclaration],
+    files: &[ActionFile],
 ) -> Result<usize, FileError> {
     let mut changed = 0;
-    for decl in decls {
-        // Files are applied to every tenant, an endpoint belongs to one: elsewhere the action
-        // has no endpoint (its calls are refused) rather than another tenant's.
-        let own;
-        let decl = match &decl.endpoint_id {
-            Some(endpoint_id)
-                if crate::delivery::endpoints::get(db, tenant_id, endpoint_id)
-                    .await
-                    .map_err(store::StoreError::from)?
-                    .is_none() =>
-            {
-                tracing::warn!(
-                    tenant_id,
-                    action = %decl.name,
-                    endpoint_id,
-                    "the action file names an endpoint this tenant does not have; applied without it"
-                );
-                own = ActionDeclaration {
-                    endpoint_id: None,
-                    ..decl.clone()
-                };
-                &own
-            }
-            _ => decl,
-        };
-        let upsert = || store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile);
-        let (_, what) = match upsert().await {
-            // Another replica starting at the same moment created it first: apply over theirs.
-            Err(store::StoreError::Conflict) => upsert().await?,
-            done => done?,
-        };
-        if matches!(what, Upserted::Created | Upserted::Updated) {
+    for file in files {
+        let target = format!("/v1/actions/{}", file.declaration.name);
+        let applied = apply_one(db, tenant_id, &file.declaration);
+        let route = ("PUT /v1/actions/{name}", target.as_str());
+        if crate::audit::by_file(audit_key, (tenant_id, &file.name), route, applied).await? {
             changed += 1;
         }
     }
     Ok(changed)
+}
+
+/// Applies one declaration to one tenant; whether it created or updated the action.
+async fn apply_one(db: &Database, tenant_id: &str, decl: &ActionDeclaration) -> Result<bool, FileError> {
+    // Files are applied to every tenant, an endpoint belongs to one: elsewhere the action
+    // has no endpoint (its calls are refused) rather than another tenant's.
+    let own;
+    let decl = match &decl.endpoint_id {
+        Some(endpoint_id)
+            if crate::delivery::endpoints::get(db, tenant_id, endpoint_id)
+                .await
+                .map_err(store::StoreError::from)?
+                .is_none() =>
+        {
+            tracing::warn!(
+                tenant_id,
+                action = %decl.name,
+                endpoint_id,
+                "the action file names an endpoint this tenant does not have; applied without it"
+            );
+            own = ActionDeclaration {
+                endpoint_id: None,
+                ..decl.clone()
+            };
+            &own
+        }
+        _ => decl,
+    };
+    let upsert = || store::upsert(db, tenant_id, decl, Source::File, UpsertMode::ApplyFile);
+    let (_, what) = match upsert().await {
+        // Another replica starting at the same moment created it first: apply over theirs.
+        Err(store::StoreError::Conflict) => upsert().await?,
+        done => done?,
+    };
+    Ok(matches!(what, Upserted::Created | Upserted::Updated))
 }

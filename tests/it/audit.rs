@@ -323,7 +323,7 @@ async fn verifying_a_missing_database_creates_none() {
 }
 
 /// Runs `opsiq audit verify` on `database_url`: (success, stdout, stderr).
-async fn audit_verify(app: &TestApp) -> (bool, String, String) {
+pub async fn audit_verify(app: &TestApp) -> (bool, String, String) {
     let out = process::opsiq()
         .current_dir(app.dir.path())
         .args(["audit", "verify", "--database-url", &app.database_url])

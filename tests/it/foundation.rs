@@ -371,6 +371,31 @@ async fn action_files_are_applied_at_start(backend: Backend) {
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["source"], "file");
     assert_eq!(got["version"], 1);
+    // Each change a file makes is in the audit log, by that file; a file that changes nothing
+    // leaves no row.
+    let by_file = |app: &TestApp| {
+        let request = app.admin(Method::GET, "/v1/audit?limit=200");
+        async move {
+            let (status, page) = read(request.send().await.unwrap()).await;
+            assert_eq!(status, 200, "{page}");
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|row| row["actor"] == "file:refund_invoice.json")
+                .cloned()
+                .collect::<Vec<Value>>()
+        }
+    };
+    let rows = by_file(&app).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["action"], &rows[0]["target"]),
+        (
+            &json!("PUT /v1/actions/{name}"),
+            &json!("/v1/actions/refund_invoice")
+        )
+    );
 
     // Unchanged file: a restart changes nothing, and an API edit stands.
     let mut edited = got.clone();
@@ -385,6 +410,7 @@ async fn action_files_are_applied_at_start(backend: Backend) {
     let (_, got) = app.call(Method::GET, "/v1/actions/refund_invoice", None).await;
     assert_eq!(got["version"], 2);
     assert_eq!(got["timeout_ms"], 3000);
+    assert_eq!(by_file(&app).await.len(), 1);
 
     // A changed file becomes a new version at the next start.
     let mut file = refund_action();
@@ -399,6 +425,9 @@ async fn action_files_are_applied_at_start(backend: Backend) {
     assert_eq!(got["version"], 3);
     assert_eq!(got["description"], "Changed in the file");
     assert_eq!(got["source"], "file");
+    assert_eq!(by_file(&app).await.len(), 2);
+    let (verified, stdout, stderr) = crate::audit::audit_verify(&app).await;
+    assert!(verified, "{stdout}\n{stderr}");
 
     // An admin's edit later written into the file too is that file's content: the next API
     // edit stands until the file changes again.
