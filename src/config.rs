@@ -84,11 +84,11 @@ pub struct RawConfig {
     pub action_rate_per_s: u32,
     /// Comma-separated origins (`https://app.example.com`) whose browser pages may call `/mcp`.
     pub mcp_allowed_origins: String,
-    /// The URL clients reach this server at (`https://gateway.example.com`), when it is not the
-    /// request's `Host` over plain HTTP (behind a TLS proxy, say).
+    /// The URL clients reach this server at (`https://gateway.example.com`), which the MCP
+    /// resource metadata names.
     pub public_url: String,
     /// Comma-separated authorization servers (issuer URLs) that MCP clients are told issue
-    /// tokens for `/mcp`.
+    /// tokens for `/mcp`; with them (and `public_url`) the resource metadata is published.
     pub mcp_authorization_servers: String,
     /// Scheduling priority (nice, -20 to 19) of SQLite's writer thread; 0 leaves it as it is.
     pub sqlite_writer_nice: i32,
@@ -198,10 +198,9 @@ pub struct Config {
     pub action_rate_per_s: u32,
     /// Origins whose browser pages may call `/mcp`, as [`normalize_origin`] writes them.
     pub mcp_allowed_origins: Vec<String>,
-    /// The URL clients reach this server at, without a trailing slash (`None`: the request's
-    /// `Host` over plain HTTP).
+    /// The URL clients reach this server at, without a trailing slash.
     pub public_url: Option<String>,
-    /// Authorization servers named in the MCP resource metadata.
+    /// Authorization servers named in the MCP resource metadata (none: it is not published).
     pub mcp_authorization_servers: Vec<String>,
     /// Scheduling priority of SQLite's writer thread (0: left as it is).
     pub sqlite_writer_nice: i32,
@@ -210,14 +209,20 @@ pub struct Config {
 /// An origin as `scheme://host[:port]`, lower case and without a default port, or `None` if
 /// `text` is not an http(s) origin (a path, a query or credentials make it none).
 pub fn normalize_origin(text: &str) -> Option<String> {
+    let url = plain_http_url(text)?;
+    (url.path() == "/").then(|| url.origin().ascii_serialization())
+}
+
+/// `text` as an http(s) URL with a host and no query, fragment or credentials.
+fn plain_http_url(text: &str) -> Option<reqwest::Url> {
     let url = reqwest::Url::parse(text.trim()).ok()?;
-    let bare = url.path() == "/"
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some()
         && url.query().is_none()
         && url.fragment().is_none()
         && url.username().is_empty()
         && url.password().is_none();
-    let origin = url.origin();
-    (bare && matches!(url.scheme(), "http" | "https")).then(|| origin.ascii_serialization())
+    plain.then_some(url)
 }
 
 /// Refuses a key of the configuration file that is no setting (a misspelt `databse_url` would
@@ -314,6 +319,24 @@ impl Config {
                 message: "must be between -20 and 19".into(),
             });
         }
+        let public_url = Some(raw.public_url.trim())
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                plain_http_url(url)
+                    .map(|url| url.as_str().trim_end_matches('/').to_string())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        field: "public_url",
+                        message: format!("`{url}` is not a URL like https://gateway.example.com"),
+                    })
+            })
+            .transpose()?;
+        let mcp_authorization_servers = parse_authorization_servers(&raw.mcp_authorization_servers)?;
+        if !mcp_authorization_servers.is_empty() && public_url.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "mcp_authorization_servers",
+                message: "needs public_url too: the resource metadata must name the URL clients use".into(),
+            });
+        }
         let request_timeout = parse_duration("request_timeout", &raw.request_timeout)?;
         let lease = parse_duration("lease", &raw.lease)?;
         if lease <= request_timeout {
@@ -349,18 +372,8 @@ impl Config {
             agent_rate_per_s: positive("agent_rate_per_s", raw.agent_rate_per_s)?,
             action_rate_per_s: positive("action_rate_per_s", raw.action_rate_per_s)?,
             mcp_allowed_origins: parse_origins(&raw.mcp_allowed_origins)?,
-            public_url: Some(raw.public_url.trim())
-                .filter(|url| !url.is_empty())
-                .map(|url| parse_url("public_url", url).map(|url| url.trim_end_matches('/').to_string()))
-                .transpose()?,
-            mcp_authorization_servers: raw
-                .mcp_authorization_servers
-                .split(',')
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                // Kept as written: an issuer identifier is compared character for character.
-                .map(|url| parse_url("mcp_authorization_servers", url).map(|_| url.to_string()))
-                .collect::<Result<_, _>>()?,
+            public_url,
+            mcp_authorization_servers,
             sqlite_writer_nice: raw.sqlite_writer_nice,
         })
     }
@@ -386,23 +399,24 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
-/// An http(s) URL with no query, fragment or credentials, as the URL crate writes it.
-fn parse_url(field: &'static str, text: &str) -> Result<String, ConfigError> {
-    let refused = || ConfigError::Invalid {
-        field,
-        message: format!("`{text}` is not a URL like https://gateway.example.com"),
-    };
-    let url = reqwest::Url::parse(text).map_err(|_| refused())?;
-    let plain = matches!(url.scheme(), "http" | "https")
-        && url.host_str().is_some()
-        && url.query().is_none()
-        && url.fragment().is_none()
-        && url.username().is_empty()
-        && url.password().is_none();
-    if !plain {
-        return Err(refused());
-    }
-    Ok(url.to_string())
+/// Comma-separated issuer URLs, kept as written (an issuer identifier is compared character for
+/// character): https, or http on a loopback host for local trials, as OAuth 2.1 asks.
+fn parse_authorization_servers(list: &str) -> Result<Vec<String>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|text| {
+            let secure = plain_http_url(text).is_some_and(|url| {
+                url.scheme() == "https" || matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+            });
+            secure
+                .then(|| text.to_string())
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "mcp_authorization_servers",
+                    message: format!("`{text}` is not an https URL like https://login.example.com"),
+                })
+        })
+        .collect()
 }
 
 fn positive(field: &'static str, n: u32) -> Result<u32, ConfigError> {
@@ -503,7 +517,7 @@ mod tests {
     fn urls_for_the_mcp_resource_metadata_are_checked() {
         let raw = RawConfig {
             public_url: " https://Gateway.Example.com/opsiq/ ".into(),
-            mcp_authorization_servers: "https://tenant.auth0.example/, https://login.example.com".into(),
+            mcp_authorization_servers: "https://tenant.auth0.example/, http://localhost:9000".into(),
             ..RawConfig::default()
         };
         let config = Config::from_raw(raw).unwrap();
@@ -513,26 +527,34 @@ mod tests {
         );
         assert_eq!(
             config.mcp_authorization_servers,
-            ["https://tenant.auth0.example/", "https://login.example.com"]
+            ["https://tenant.auth0.example/", "http://localhost:9000"]
         );
         assert_eq!(Config::default().public_url, None);
         assert!(Config::default().mcp_authorization_servers.is_empty());
-        for refused in [
+        let refused = |public_url: &str, servers: &str| {
+            let raw = RawConfig {
+                public_url: public_url.into(),
+                mcp_authorization_servers: servers.into(),
+                ..RawConfig::default()
+            };
+            Config::from_raw(raw).unwrap_err().to_string()
+        };
+        for bad in [
             "gateway.example.com",
             "ftp://gateway.example.com",
             "https://gateway.example.com/?x=1",
             "https://gateway.example.com/#top",
             "https://user:pw@gateway.example.com",
         ] {
-            for field in ["public_url", "mcp_authorization_servers"] {
-                let mut raw = RawConfig::default();
-                match field {
-                    "public_url" => raw.public_url = refused.into(),
-                    _ => raw.mcp_authorization_servers = refused.into(),
-                }
-                let err = Config::from_raw(raw).unwrap_err().to_string();
-                assert!(err.contains(field), "{field} = {refused}: {err}");
-            }
+            assert!(refused(bad, "").contains("public_url"), "{bad}");
+            let server = refused("https://gateway.example.com", bad);
+            assert!(server.contains("mcp_authorization_servers"), "{bad}: {server}");
         }
+        // Tokens from a server reached in the clear could be read on the way.
+        let err = refused("https://gateway.example.com", "http://login.example.com");
+        assert!(err.contains("mcp_authorization_servers"), "{err}");
+        // The metadata must name the URL clients use, which a request cannot be trusted to say.
+        let err = refused("", "https://login.example.com");
+        assert!(err.contains("needs public_url"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Our own extractors. axum's built-in rejections are plain text; these answer every bad input in
 //! the contract's error shape: wrong content type → 415, too large → 413, invalid UTF-8,
-//! malformed or too deeply nested JSON → 400, well-formed JSON of the wrong shape → 422.
+//! malformed or too deeply nested JSON or a key named twice in one object → 400, well-formed JSON
+//! of the wrong shape → 422.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -14,7 +15,8 @@ use serde::de::DeserializeOwned;
 use super::error::{ApiError, ErrorDetail};
 use crate::AppState;
 
-/// A JSON body, checked for content type, size, UTF-8, nesting depth and shape.
+/// A JSON body, checked for content type, size, UTF-8, its text (see [`check_json_text`]) and
+/// shape.
 #[derive(Debug, Clone)]
 pub struct Json<T>(pub T);
 
@@ -27,7 +29,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     }
 }
 
-/// A JSON body checked like [`Json`] (content type, size, UTF-8, depth, shape), but whose
+/// A JSON body checked like [`Json`] (content type, size, UTF-8, text, shape), but whose
 /// problems are answered only by [`JsonBody::parse`]: for handlers that must answer 403 to a
 /// caller without the permission whatever it sent.
 #[derive(Debug)]
@@ -53,8 +55,8 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
-/// The raw bytes of a JSON body after the content-type, size, UTF-8 and depth checks; for
-/// handlers that must keep the exact bytes.
+/// The raw bytes of a JSON body after the content-type, size, UTF-8 and text checks (see
+/// [`check_json_text`]); for handlers that must keep the exact bytes.
 pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     require_json_content_type(req.headers())?;
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
@@ -83,12 +85,13 @@ pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, Ap
     Ok(bytes)
 }
 
-/// Checks JSON text before it is parsed, in one cheap byte scan that builds nothing: nested no
-/// deeper than `max_depth`, with no escaped NUL (`\u0000`) anywhere, and no integer that 64 bits
-/// cannot hold. PostgreSQL's text cannot hold a NUL, so a name with one would fail there as a 500
-/// while SQLite kept it: it is refused alike on both. A larger integer would be read as the
-/// nearest float, so stored, delivered, compared and matched against an idempotency key as
-/// another number than the one sent.
+/// Checks JSON text before it is parsed, in one cheap byte scan: nested no deeper than
+/// `max_depth`, with no escaped NUL (`\u0000`) anywhere, no integer that 64 bits cannot hold and
+/// no object naming a key twice. PostgreSQL's text cannot hold a NUL, so a name with one would
+/// fail there as a 500 while SQLite kept it: it is refused alike on both. A larger integer would
+/// be read as the nearest float, so stored, delivered, compared and matched against an
+/// idempotency key as another number than the one sent. Of a key named twice, parsers keep
+/// either one or the other: what was checked could differ from what another reader sees.
 pub fn check_json_text(bytes: &[u8], max_depth: usize) -> Result<(), ApiError> {
     scan_json_text(bytes, max_depth).map_err(|problem| problem.into_api_error(max_depth))
 }
@@ -126,23 +129,34 @@ impl JsonTextProblem {
                 "the request body names a key twice in one object; send each key once",
             )
             .with_details(vec![serde_json::json!({
-                "path": pointer,
+                // A key may be as long as the body: the path shows its start.
+                "path": pointer.chars().take(200).collect::<String>(),
                 "message": "this key appears earlier in the same object",
             })]),
         }
     }
 }
 
-/// The one byte scan behind [`check_json_text`], for request bodies: stops at the first problem
-/// and allocates only to remember each open object's keys.
+/// The one byte scan behind [`check_json_text`], for request bodies. Nesting too deep wins over
+/// any other problem, wherever it is; of the others the first in text order is told. It
+/// allocates only to remember each open object's keys.
 pub fn scan_json_text(bytes: &[u8], max_depth: usize) -> Result<(), JsonTextProblem> {
-    scan(bytes, max_depth, true)
+    scan(bytes, max_depth, Checks::RequestBody)
 }
 
 /// [`scan_json_text`] for JSON from elsewhere (an endpoint's answer), which is kept as it came:
-/// only its integers are checked, at any depth, whatever its keys.
+/// only its integers are checked, at any depth, whatever its keys and strings hold.
 pub fn scan_json_integers(bytes: &[u8]) -> Result<(), JsonTextProblem> {
-    scan(bytes, usize::MAX, false)
+    scan(bytes, usize::MAX, Checks::IntegersOnly)
+}
+
+/// What a scan looks for besides nesting depth.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    /// Integer range, escaped NULs and keys named twice.
+    RequestBody,
+    /// Integer range alone.
+    IntegersOnly,
 }
 
 /// An array or object the scan is inside.
@@ -177,14 +191,16 @@ impl<'a> KeySet<'a> {
         }
         self.few.push(key);
         if self.few.len() > 16 {
-            self.many = Some(self.few.drain(..).collect());
+            self.many = Some(std::mem::take(&mut self.few).into_iter().collect());
         }
         true
     }
 }
 
-fn scan(bytes: &[u8], max_depth: usize, unique_keys: bool) -> Result<(), JsonTextProblem> {
+fn scan(bytes: &[u8], max_depth: usize, checks: Checks) -> Result<(), JsonTextProblem> {
     let mut open: Vec<Open> = Vec::new();
+    // The first problem other than depth; once found, only depth is followed.
+    let mut found: Option<JsonTextProblem> = None;
     let (mut in_string, mut escaped) = (false, false);
     // Where the key being read began (its opening quote), when keys are checked.
     let mut key_from: Option<usize> = None;
@@ -196,19 +212,28 @@ fn scan(bytes: &[u8], max_depth: usize, unique_keys: bool) -> Result<(), JsonTex
                 continue;
             }
             number_from = None;
-            check_integer_range(&bytes[from..i])?;
+            if let Err(problem) = check_integer_range(&bytes[from..i]) {
+                found.get_or_insert(problem);
+            }
         }
         if in_string {
             match (escaped, b) {
-                (true, b'u') if bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) => {
-                    return Err(JsonTextProblem::Nul);
+                (true, b'u')
+                    if checks == Checks::RequestBody
+                        && found.is_none()
+                        && bytes.get(i + 1..i + 5) == Some(b"0000".as_slice()) =>
+                {
+                    found = Some(JsonTextProblem::Nul);
+                    escaped = false;
                 }
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
                 (false, b'"') => {
                     in_string = false;
-                    if let Some(from) = key_from.take() {
-                        name_key(&mut open, &bytes[from..=i])?;
+                    if let Some(from) = key_from.take()
+                        && let Err(problem) = name_key(&mut open, &bytes[from..=i])
+                    {
+                        found.get_or_insert(problem);
                     }
                 }
                 _ => {}
@@ -218,7 +243,8 @@ fn scan(bytes: &[u8], max_depth: usize, unique_keys: bool) -> Result<(), JsonTex
         match b {
             b'"' => {
                 in_string = true;
-                if unique_keys
+                let checks_keys = checks == Checks::RequestBody && found.is_none();
+                if checks_keys
                     && matches!(
                         open.last(),
                         Some(Open::Object {
@@ -256,14 +282,16 @@ fn scan(bytes: &[u8], max_depth: usize, unique_keys: bool) -> Result<(), JsonTex
                     *expecting_key = false;
                 }
             }
-            b'-' | b'0'..=b'9' => number_from = Some(i),
+            b'-' | b'0'..=b'9' if found.is_none() => number_from = Some(i),
             _ => {}
         }
     }
-    match number_from {
-        Some(from) => check_integer_range(&bytes[from..]),
-        None => Ok(()),
+    if let Some(from) = number_from
+        && let Err(problem) = check_integer_range(&bytes[from..])
+    {
+        found.get_or_insert(problem);
     }
+    found.map_or(Ok(()), Err)
 }
 
 /// Records `quoted` (a key with its quotes) in the innermost object; a key it already named is
@@ -701,8 +729,27 @@ mod tests {
         let text = format!("{{{},\"k7\":0}}", many.join(","));
         assert_eq!(duplicate(&text).as_deref(), Some("/k7"));
         // An endpoint's answer is kept as it came: only its integers matter.
-        assert_eq!(scan_json_integers(br#"{"a":1,"a":2}"#), Ok(()));
-        assert!(scan_json_integers(br#"{"a":1,"a":99999999999999999999999}"#).is_err());
+        assert_eq!(scan_json_integers(br#"{"a":1,"a":"\u0000"}"#), Ok(()));
+        for answer in [
+            br#"{"a":1,"a":99999999999999999999999}"#.as_slice(),
+            br#"{"note":"\u0000","n":99999999999999999999999}"#,
+        ] {
+            assert!(
+                matches!(
+                    scan_json_integers(answer),
+                    Err(JsonTextProblem::IntegerTooLarge(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+        // Nesting too deep is told whatever came before it; otherwise the first problem is.
+        let deep = format!(r#"{{"a":1,"a":{}{}}}"#, "[".repeat(20), "]".repeat(20));
+        assert_eq!(scan_json_text(deep.as_bytes(), 16), Err(JsonTextProblem::TooDeep));
+        assert_eq!(
+            scan_json_text(br#"{"a":"\u0000","a":99999999999999999999999}"#, 16),
+            Err(JsonTextProblem::Nul)
+        );
     }
 
     #[test]

@@ -107,7 +107,10 @@ pub fn routes(allowed_origins: &[String]) -> Router<AppState> {
                 .into_iter()
                 .chain(mcp_headers.clone()),
         ))
-        .expose_headers(mcp_headers);
+        // A page's client reads the challenge to find the resource metadata.
+        .expose_headers(tower_http::cors::ExposeHeaders::list(
+            mcp_headers.into_iter().chain([header::WWW_AUTHENTICATE]),
+        ));
     router.layer(cors).layer(guard)
 }
 
@@ -161,18 +164,32 @@ async fn handle(
             );
         }
     };
-    // Nested deeper than any API body may be, or holding a NUL: refused before it is parsed,
-    // as everywhere.
+    // Nested too deep, holding a NUL or a number too large, or naming a key twice: refused
+    // before it is parsed, as everywhere.
     let max_depth = state.config.max_json_depth;
     if let Err(problem) = crate::http::extract::scan_json_text(&body, max_depth) {
-        // A NUL or an integer too large in otherwise good JSON: a tool call learns it as a
-        // tool error its model can act on, anything else as an error for its own id.
-        let request: Option<Value> = match problem {
+        // In otherwise good JSON a tool call learns it as a tool error its model can act on,
+        // another request as an error for its own id. Text that is no JSON is a parse error;
+        // an envelope that names its id or method twice has neither that can be trusted.
+        let envelope_ambiguous = matches!(&problem,
+            JsonTextProblem::DuplicateKey(at) if ["/id", "/method", "/jsonrpc", "/params"].contains(&at.as_str()));
+        let parsed = match problem {
             JsonTextProblem::TooDeep => None,
-            _ => serde_json::from_slice(&body).ok(),
+            _ => Some(serde_json::from_slice::<Value>(&body)),
         };
         let e = problem.into_api_error(max_depth);
         let message = with_details(e.message, &e.details);
+        let request = match parsed {
+            Some(Err(_)) => {
+                return rpc_error_response(
+                    StatusCode::BAD_REQUEST,
+                    Value::Null,
+                    &RpcError::new(codes::PARSE_ERROR, "the request body is not valid JSON"),
+                );
+            }
+            Some(Ok(request)) if !envelope_ambiguous => Some(request),
+            _ => None,
+        };
         let id = request
             .as_ref()
             .and_then(|r| r.get("id"))
@@ -323,7 +340,7 @@ pub enum Tick {
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrincipal, Response> {
     let refused = |e: crate::http::ApiError| {
         let mut response = e.into_response();
-        resource_metadata::name_metadata_in_challenge(&mut response, &state.config, headers);
+        resource_metadata::name_metadata_in_challenge(&mut response, &state.config);
         response
     };
     let Some(token) = crate::http::auth::sole_bearer_token(headers) else {

@@ -1,9 +1,11 @@
-//! OAuth 2.0 Protected Resource Metadata (RFC 9728) for the MCP server. The MCP authorization
-//! rules have a client that is refused (401) read the `resource_metadata` URL from the
-//! challenge, fetch this document, and learn from it which authorization servers issue tokens
-//! for `/mcp`. Gateway-minted tokens come from the admin API, not from an OAuth server, so the
-//! document names authorization servers only when the operator lists them
-//! (`mcp_authorization_servers`, an external issuer's URL, say).
+//! OAuth 2.0 Protected Resource Metadata (RFC 9728) for the MCP server. Under the MCP
+//! authorization rules a client that is refused (401) reads the `resource_metadata` URL from
+//! the challenge, fetches this document and learns from it which authorization servers issue
+//! tokens for `/mcp`. Gateway-minted tokens come from the admin API, not from an OAuth server,
+//! so the document exists only when the operator lists authorization servers
+//! (`mcp_authorization_servers`: an external issuer a tenant trusts, say) — the rules require it
+//! to name at least one — together with the URL clients use (`public_url`), which is what the
+//! document must name as the resource: it is never taken from a request's `Host`.
 
 use axum::Router;
 use axum::extract::State;
@@ -17,77 +19,87 @@ use crate::config::Config;
 use crate::http::ApiError;
 
 /// The document for `/mcp`: the well-known name followed by the resource's path (RFC 9728 §3.1).
-pub const MCP_METADATA_PATH: &str = "/.well-known/oauth-protected-resource/mcp";
+const MCP_METADATA_PATH: &str = "/.well-known/oauth-protected-resource/mcp";
 
-/// The same document at the bare well-known name, which clients try when the challenge names
-/// no document.
-pub const ROOT_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
-
-/// How long a client may keep the document.
-const MAX_AGE_SECONDS: u32 = 300;
-
-/// The metadata routes; public, like any discovery document.
+/// The metadata routes (public, like any discovery document); 404 unless configured.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route(MCP_METADATA_PATH, get(document))
-        .route(ROOT_METADATA_PATH, get(document))
+        .route("/.well-known/oauth-protected-resource/mcp", get(for_mcp))
+        .route("/.well-known/oauth-protected-resource", get(for_server))
 }
 
-/// The URL clients reach this server at, without a trailing slash: `public_url` when configured,
-/// else `http://` and the request's `Host` (`None` if that is no host name).
-pub fn base_url(config: &Config, headers: &HeaderMap) -> Option<String> {
-    if let Some(url) = &config.public_url {
-        return Some(url.clone());
-    }
-    let host = headers.get(header::HOST)?.to_str().ok()?;
-    // A parsed authority holds no quote, space or slash, so it is safe in the challenge's
-    // quoted string and names a host, not a path.
-    let authority: axum::http::uri::Authority = host.parse().ok()?;
-    (authority.as_str() == host && !host.contains('@')).then(|| format!("http://{host}"))
+/// Where the document is and what it says, when the configuration gives both.
+struct Published<'a> {
+    /// `public_url` without a trailing slash.
+    base: &'a str,
+    /// The authorization servers, at least one.
+    servers: &'a [String],
 }
 
-async fn document(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let Some(base) = base_url(&state.config, &headers) else {
-        return ApiError::bad_request(
-            "invalid_host",
-            "the Host header names no host; an operator can set public_url to the address clients use",
-        )
-        .into_response();
-    };
-    let mut doc = json!({
-        "resource": format!("{base}/mcp"),
-        "resource_name": "OpsIQ gateway",
+fn published(config: &Config) -> Option<Published<'_>> {
+    let base = config.public_url.as_deref()?;
+    let servers = config.mcp_authorization_servers.as_slice();
+    (!servers.is_empty()).then_some(Published { base, servers })
+}
+
+/// The document for the resource `resource`.
+fn document(resource: String, servers: &[String]) -> Response {
+    let doc = json!({
+        "resource": resource,
+        "authorization_servers": servers,
         "bearer_methods_supported": ["header"],
+        "resource_name": "OpsIQ gateway",
     });
-    let servers = &state.config.mcp_authorization_servers;
-    if !servers.is_empty() {
-        doc["authorization_servers"] = json!(servers);
-    }
     let mut response = axum::Json(doc).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_str(&format!("public, max-age={MAX_AGE_SECONDS}"))
-            .unwrap_or(HeaderValue::from_static("no-cache")),
+        HeaderValue::from_static("public, max-age=300"),
     );
     // Public metadata: browser-based MCP clients read it from other origins.
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     response
 }
 
-/// Adds `resource_metadata` (RFC 9728 §5.1) to a 401's `WWW-Authenticate: Bearer` challenge.
-pub fn name_metadata_in_challenge(response: &mut Response, config: &Config, headers: &HeaderMap) {
-    let Some(base) = base_url(config, headers) else {
+async fn for_mcp(State(state): State<AppState>) -> Response {
+    match published(&state.config) {
+        Some(p) => document(format!("{}/mcp", p.base), p.servers),
+        None => unpublished().into_response(),
+    }
+}
+
+/// At the bare well-known name the resource is the server itself (RFC 9728 §3.3: the resource
+/// is what the document's URL was formed from); clients that find no document for `/mcp` try
+/// this one, and accept a resource that `/mcp` lies under.
+async fn for_server(State(state): State<AppState>) -> Response {
+    match published(&state.config) {
+        Some(p) => document(p.base.to_string(), p.servers),
+        None => unpublished().into_response(),
+    }
+}
+
+/// 404, told apart from a route that does not exist.
+fn unpublished() -> ApiError {
+    ApiError::not_found("resource metadata").with_message(
+        "this server publishes no OAuth resource metadata; its operator publishes it by setting \
+         public_url and mcp_authorization_servers",
+    )
+}
+
+/// Adds `resource_metadata` (RFC 9728 §5.1) to a 401's `WWW-Authenticate: Bearer` challenge,
+/// when there is a document to name.
+pub fn name_metadata_in_challenge(response: &mut Response, config: &Config) {
+    let Some(p) = published(config) else {
         return;
     };
-    let headers = response.headers_mut();
+    let headers: &mut HeaderMap = response.headers_mut();
     let Some(challenge) = headers
         .get(header::WWW_AUTHENTICATE)
         .and_then(|v| v.to_str().ok())
     else {
         return;
     };
-    let extended = format!("{challenge}, resource_metadata=\"{base}{MCP_METADATA_PATH}\"");
+    let extended = format!("{challenge}, resource_metadata=\"{}{MCP_METADATA_PATH}\"", p.base);
     if let Ok(value) = HeaderValue::from_str(&extended) {
         headers.insert(header::WWW_AUTHENTICATE, value);
     }

@@ -619,6 +619,16 @@ async fn mcp_wire_rules(backend: Backend) {
         text.contains("twice") && text.contains("/params/arguments/customer_id"),
         "{text}"
     );
+    // An envelope naming its id twice has no id to answer for; broken text is a parse error.
+    let two_ids = r#"{"jsonrpc": "2.0", "id": 1, "id": 2, "method": "ping"}"#;
+    let (status, body) = read(raw(two_ids).send().await.unwrap()).await;
+    assert_eq!(
+        (status, &body["id"], &body["error"]["code"]),
+        (400, &Value::Null, &json!(-32600)),
+        "{body}"
+    );
+    let (status, body) = read(raw(r#"{"id": 1, "id": 2"#).send().await.unwrap()).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!(-32700)), "{body}");
     let other = r#"{"jsonrpc": "2.0", "id": 80, "method": "ping", "params": {"n": 99999999999999999999999}}"#;
     let (status, body) = read(raw(other).send().await.unwrap()).await;
     assert_eq!(
@@ -847,9 +857,8 @@ async fn sessions_are_shared_by_replicas(backend: Backend) {
 
 const METADATA: &str = "/.well-known/oauth-protected-resource/mcp";
 
-/// The `resource_metadata` URL of a 401 from `/mcp` (RFC 9728 §5.1), after checking the rest
-/// of the challenge.
-async fn metadata_named_by_refusal(app: &TestApp, token: Option<&str>) -> String {
+/// The challenge of a 401 from `/mcp` without a token, after checking its start.
+async fn challenge_of_refusal(app: &TestApp, token: Option<&str>) -> String {
     let mut request = app
         .http
         .post(app.url("/mcp"))
@@ -866,21 +875,48 @@ async fn metadata_named_by_refusal(app: &TestApp, token: Option<&str>) -> String
         token.is_some(),
         "{challenge}"
     );
-    let (_, url) = challenge
-        .split_once("resource_metadata=\"")
-        .unwrap_or_else(|| panic!("no resource_metadata in {challenge}"));
-    url.trim_end_matches('"').to_string()
+    challenge
 }
 
-/// An MCP client refused for want of a token learns where the resource metadata is, and the
-/// document names the very URL it called; a Host that names no host gets no document.
+/// Without authorization servers to name, no resource metadata is published (the MCP rules
+/// require it to name one), and a refusal points at none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_resource_metadata_is_published_unless_configured() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let challenge = challenge_of_refusal(&app, None).await;
+    assert!(!challenge.contains("resource_metadata"), "{challenge}");
+    for path in [METADATA, "/.well-known/oauth-protected-resource"] {
+        let (status, body) = read(app.http.get(app.url(path)).send().await.unwrap()).await;
+        crate::harness::assert_error((status, &body), 404, "not_found", "public_url");
+    }
+}
+
+/// With authorization servers listed, a refused MCP client learns where the resource metadata
+/// is, and the document names `/mcp` at the configured `public_url` as the resource (the server
+/// itself at the bare well-known name) and the servers as written; pages from listed origins can
+/// read the challenge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_client_finds_the_resource_metadata() {
-    let app = TestApp::start(Backend::Sqlite).await;
+    let app = TestApp::on(Backend::Sqlite)
+        .with(|raw, _| {
+            raw.public_url = "https://gateway.example.com/".into();
+            raw.mcp_authorization_servers = "https://login.example.com/, https://idp.example.org".into();
+            raw.mcp_allowed_origins = "https://console.example.com".into();
+        })
+        .start()
+        .await;
     for token in [None, Some("not.a.jwt")] {
-        assert_eq!(metadata_named_by_refusal(&app, token).await, app.url(METADATA));
+        let challenge = challenge_of_refusal(&app, token).await;
+        let named = format!("resource_metadata=\"https://gateway.example.com{METADATA}\"");
+        assert!(challenge.ends_with(&named), "{challenge}");
     }
-    for path in [METADATA, "/.well-known/oauth-protected-resource"] {
+    for (path, resource) in [
+        (METADATA, "https://gateway.example.com/mcp"),
+        (
+            "/.well-known/oauth-protected-resource",
+            "https://gateway.example.com",
+        ),
+    ] {
         let resp = app.http.get(app.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         assert_eq!(resp.headers()["access-control-allow-origin"], "*");
@@ -891,41 +927,25 @@ async fn a_refused_client_finds_the_resource_metadata() {
                 .contains("max-age=")
         );
         let (_, doc) = read(resp).await;
-        assert_eq!(doc["resource"], app.url("/mcp"), "{doc}");
+        assert_eq!(doc["resource"], resource, "{doc}");
+        assert_eq!(
+            doc["authorization_servers"],
+            json!(["https://login.example.com/", "https://idp.example.org"])
+        );
         assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
-        assert!(doc.get("authorization_servers").is_none(), "{doc}");
     }
     let resp = app
         .http
-        .get(app.url(METADATA))
-        .header("host", "two words")
+        .post(app.url("/mcp"))
+        .header("origin", "https://console.example.com")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
         .send()
         .await
         .unwrap();
-    let (status, body) = read(resp).await;
-    crate::harness::assert_error((status, &body), 400, "invalid_host", "public_url");
-}
-
-/// Behind a proxy the configured `public_url` is the resource, and the listed authorization
-/// servers are named as written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_resource_metadata_names_the_public_url_and_authorization_servers() {
-    let app = TestApp::on(Backend::Sqlite)
-        .with(|raw, _| {
-            raw.public_url = "https://gateway.example.com/".into();
-            raw.mcp_authorization_servers = "https://login.example.com/, https://idp.example.org".into();
-        })
-        .start()
-        .await;
-    assert_eq!(
-        metadata_named_by_refusal(&app, None).await,
-        format!("https://gateway.example.com{METADATA}")
-    );
-    let (status, doc) = read(app.http.get(app.url(METADATA)).send().await.unwrap()).await;
-    assert_eq!(status, 200);
-    assert_eq!(doc["resource"], "https://gateway.example.com/mcp");
-    assert_eq!(
-        doc["authorization_servers"],
-        json!(["https://login.example.com/", "https://idp.example.org"])
-    );
+    assert_eq!(resp.status(), 401);
+    let exposed = resp.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("www-authenticate"), "{exposed}");
 }
