@@ -351,11 +351,9 @@ pub async fn serve(
     let engine = state.engine.clone();
     let unfinished_changes = state.unfinished_changes.clone();
     let changes = crate::changes::spawn_listener(state.clone());
+    let read_timeout = state.config.read_timeout;
     let app = router(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the HTTP server failed");
+    crate::http::server::serve(listener, app, read_timeout, shutdown).await;
     // Changes whose clients left before the answer are not connections graceful shutdown
     // waits for; wait for them here, before the change feed and the database go.
     tokio::time::timeout(Duration::from_secs(10), unfinished_changes.write())
@@ -364,13 +362,12 @@ pub async fn serve(
     if let Some(changes) = changes {
         changes.abort();
     }
-    // Requests are answered (or the server failed); either way let attempts under way finish
-    // and record their outcomes.
+    // Requests are answered: let attempts under way finish and record their outcomes.
     engine.shutdown().await;
     tokio::time::timeout(Duration::from_secs(10), db.close())
         .await
         .ok();
-    served
+    Ok(())
 }
 
 /// Refuses a malformed `OPSIQ_MASTER_KEY` before a database file is made for it.

@@ -44,6 +44,8 @@ pub struct RawConfig {
     pub body_limit: usize,
     /// Deepest accepted JSON nesting in request bodies.
     pub max_json_depth: usize,
+    /// Longest a client may take to send a request's headers, and again its body.
+    pub read_timeout: String,
     /// `human` or `json`.
     pub log_format: String,
     /// Declarative action files.
@@ -104,6 +106,7 @@ impl Default for RawConfig {
             retention: "30d".into(),
             body_limit: 1024 * 1024,
             max_json_depth: 64,
+            read_timeout: "30s".into(),
             log_format: "human".into(),
             actions_dir: "schemas/actions".into(),
             events_dir: "schemas/events".into(),
@@ -159,6 +162,9 @@ pub struct Config {
     pub body_limit: usize,
     /// Deepest accepted JSON nesting in request bodies.
     pub max_json_depth: usize,
+    /// Longest a client may take to send a request's headers, and again its body: a client
+    /// that trickles them would otherwise hold a connection, and a request slot, for good.
+    pub read_timeout: Duration,
     /// How log lines are written.
     pub log_format: LogFormat,
     /// Declarative action files (`*.json`), applied to every tenant at start.
@@ -353,6 +359,7 @@ impl Config {
             retention: parse_duration("retention", &raw.retention)?,
             body_limit: raw.body_limit,
             max_json_depth: raw.max_json_depth,
+            read_timeout: parse_duration("read_timeout", &raw.read_timeout)?,
             log_format,
             actions_dir: raw.actions_dir,
             events_dir: raw.events_dir,

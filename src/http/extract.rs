@@ -59,7 +59,9 @@ impl FromRequest<AppState> for JsonBody {
 /// [`check_json_text`]); for handlers that must keep the exact bytes.
 pub async fn json_body_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     require_json_content_type(req.headers())?;
-    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+    let deadline = state.config.read_timeout;
+    let read = tokio::time::timeout(deadline, Bytes::from_request(req, state)).await;
+    let bytes = read.map_err(|_| body_too_slow(deadline))?.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             payload_too_large(state.config.body_limit)
         } else {
@@ -384,6 +386,19 @@ fn too_deep(max_depth: usize) -> ApiError {
     ApiError::bad_request(
         "nesting_too_deep",
         format!("the JSON body is nested deeper than {max_depth} levels"),
+    )
+}
+
+/// 408 for a body that did not arrive within `deadline` (`read_timeout`): a client that trickles
+/// its body would otherwise hold its connection and a request slot for good.
+pub fn body_too_slow(deadline: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {}; send it at once",
+            humantime::format_duration(deadline)
+        ),
     )
 }
 

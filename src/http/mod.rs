@@ -7,6 +7,7 @@ pub mod extract;
 pub mod keep_alive;
 pub mod page;
 pub mod query_guard;
+pub mod server;
 
 pub use auth::{AdminAuth, Permission, Role};
 pub use error::{ApiError, ApiResult, ErrorDetail};

@@ -19,8 +19,7 @@ mod tools;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -130,12 +129,10 @@ async fn guard_origin(
     }
 }
 
-async fn handle(
-    State(state): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn handle(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    // The body is read only once the token holds: a stranger's stalled body holds nothing.
+    let (parts, body) = request.into_parts();
+    let (method, headers) = (parts.method.clone(), parts.headers.clone());
     let refuse = |(status, message): (StatusCode, String)| {
         rpc_error_response(
             status,
@@ -150,6 +147,16 @@ async fn handle(
     let version = match protocol_version(&headers) {
         Ok(version) => version,
         Err(refusal) => return refuse(refusal),
+    };
+    let deadline = state.config.read_timeout;
+    let read = Bytes::from_request(axum::extract::Request::from_parts(parts, body), &state);
+    let Ok(body) = tokio::time::timeout(deadline, read).await else {
+        let e = crate::http::extract::body_too_slow(deadline);
+        return rpc_error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            Value::Null,
+            &RpcError::new(codes::INVALID_REQUEST, e.message),
+        );
     };
     let body = match body {
         Ok(b) => b,

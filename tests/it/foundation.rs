@@ -1583,3 +1583,67 @@ async fn an_answer_before_the_body_closes_the_connection_and_says_so() {
         stream.read_exact(&mut rest).await.unwrap();
     }
 }
+
+/// Writes `head` (and nothing more) on a new connection to `app` and returns what the server
+/// sends before it closes the connection, or `None` if it keeps it open past `wait`.
+async fn send_and_stall(app: &TestApp, head: String, wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
+    read.ok().map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A client that trickles a request is cut off at `read_timeout`: the headers' deadline closes
+/// the connection, the body's answers 408; a stranger's stalled body is not even waited for.
+/// None of them keeps a request slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_too_slowly_are_cut_off() {
+    let app = TestApp::on(Backend::Sqlite)
+        .with(|raw, _| {
+            raw.read_timeout = "1s".into();
+            raw.max_requests_in_flight = 2;
+        })
+        .start()
+        .await;
+    let generous = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let headers_only = send_and_stall(&app, "POST /v1/events HTTP/1.1\r\nHost: x\r\n".into(), generous);
+    let body = r#"{"type": "invoice.paid", "data""#;
+    let admin_body = send_and_stall(
+        &app,
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{body}",
+            app.admin_key
+        ),
+        generous,
+    );
+    let stranger_mcp = send_and_stall(
+        &app,
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: x\r\nAccept: application/json, text/event-stream\r\n\
+             Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{body}"
+        ),
+        generous,
+    );
+    let (headers_only, admin_body, stranger_mcp) = tokio::join!(headers_only, admin_body, stranger_mcp);
+    assert!(started.elapsed() < generous, "a stalled request was waited for");
+    let headers_only = headers_only.expect("the connection was closed");
+    assert!(!headers_only.contains(" 200 "), "{headers_only}");
+    let admin_body = admin_body.expect("the connection was closed");
+    assert!(
+        admin_body.starts_with("HTTP/1.1 408") && admin_body.contains("\"request_timeout\""),
+        "{admin_body}"
+    );
+    let stranger_mcp = stranger_mcp.expect("the connection was closed");
+    assert!(stranger_mcp.starts_with("HTTP/1.1 401"), "{stranger_mcp}");
+
+    // The slots are free again (there are two).
+    for _ in 0..3 {
+        let (status, body) = app.call(Method::GET, "/v1/actions", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
