@@ -1,5 +1,6 @@
 //! The tool list an agent may use, in each vendor's exact shape: OpenAI function tools,
-//! Anthropic tools and MCP `Tool`s. Only actions the token may invoke (scope AND role) appear.
+//! Anthropic tools and MCP `Tool`s. Only actions the token may invoke (scope AND role) appear,
+//! with input schemas every vendor accepts (see [`exported_schema`]).
 
 use serde_json::{Value, json};
 
@@ -62,27 +63,79 @@ pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result
     Ok(out)
 }
 
+/// Keywords OpenAI and Anthropic refuse at the top of a tool's input schema (the whole request
+/// that carries the tool is refused), though JSON Schema allows them.
+const REFUSED_AT_TOP: &[&str] = &["oneOf", "anyOf", "allOf", "not", "enum"];
+
+/// `schema` as every model vendor takes it, and what it had to leave out said in words: the
+/// keywords in [`REFUSED_AT_TOP`] are taken off the top and described instead. The gateway still
+/// checks every call against the whole schema; a call the description did not steer right gets
+/// a 422 naming what is wrong.
+pub fn exported_schema(schema: &Value) -> (Value, Option<String>) {
+    let Some(map) = schema.as_object() else {
+        return (schema.clone(), None);
+    };
+    if !REFUSED_AT_TOP.iter().any(|k| map.contains_key(*k)) {
+        return (schema.clone(), None);
+    }
+    let mut kept = map.clone();
+    let sentences: Vec<String> = REFUSED_AT_TOP
+        .iter()
+        .filter_map(|&keyword| kept.remove(keyword).map(|value| describe(keyword, &value)))
+        .collect();
+    (Value::Object(kept), Some(sentences.join(" ")))
+}
+
+/// A sentence for a keyword taken off the top of a schema: in plain words for the common "one
+/// of these fields" shapes, as JSON otherwise.
+fn describe(keyword: &str, value: &Value) -> String {
+    // Branches that only require fields: [{"required": ["a"]}, {"required": ["b", "c"]}].
+    let field_sets: Option<Vec<String>> = value.as_array().and_then(|branches| {
+        branches
+            .iter()
+            .map(|branch| {
+                let required = branch.as_object().filter(|b| b.len() == 1)?.get("required")?;
+                let names: Option<Vec<&str>> = required.as_array()?.iter().map(Value::as_str).collect();
+                names.filter(|n| !n.is_empty()).map(|n| n.join(" and "))
+            })
+            .collect()
+    });
+    match (keyword, field_sets) {
+        ("oneOf", Some(sets)) => format!("Give exactly one of: {}.", sets.join("; ")),
+        ("anyOf", Some(sets)) => format!("Give at least one of: {}.", sets.join("; ")),
+        _ => format!("The arguments must also satisfy the JSON Schema {{\"{keyword}\": {value}}}."),
+    }
+}
+
 /// One action as a tool in `format`.
 pub fn tool(action: &Action, format: Format) -> Value {
     let d = &action.declaration;
-    let description = if d.description.is_empty() {
+    let mut description = if d.description.is_empty() {
         d.title.clone().unwrap_or_default()
     } else {
         d.description.clone()
     };
+    let (input_schema, left_out) = exported_schema(&d.input_schema);
+    if let Some(sentence) = left_out {
+        if !description.is_empty() {
+            description.push(' ');
+        }
+        description.push_str(&sentence);
+    }
     match format {
         Format::OpenAi => json!({
             "type": "function",
-            "function": {"name": d.name, "description": description, "parameters": d.input_schema},
+            "function": {"name": d.name, "description": description, "parameters": input_schema},
         }),
         Format::Anthropic => {
-            json!({"name": d.name, "description": description, "input_schema": d.input_schema})
+            json!({"name": d.name, "description": description, "input_schema": input_schema})
         }
+        // MCP allows any schema, but clients hand the tools on to the same vendors.
         Format::Mcp => {
             let mut t = json!({
                 "name": d.name,
                 "description": description,
-                "inputSchema": d.input_schema,
+                "inputSchema": input_schema,
                 "annotations": {
                     "readOnlyHint": d.annotations.read_only,
                     "destructiveHint": d.annotations.destructive,
@@ -106,5 +159,39 @@ pub fn tool(action: &Action, format: Format) -> Value {
             }
             t
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_vendors_refuse_at_the_top_are_described_instead() {
+        let plain = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        assert_eq!(exported_schema(&plain), (plain.clone(), None));
+
+        let either = json!({
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "email": {"type": "string"}},
+            "oneOf": [{"required": ["id"]}, {"required": ["email"]}],
+            "anyOf": [{"required": ["id", "email"]}, {"required": ["email"]}],
+            "not": {"required": ["x"]},
+        });
+        let (schema, said) = exported_schema(&either);
+        assert_eq!(
+            schema,
+            json!({"type": "object", "properties": {"id": {"type": "string"}, "email": {"type": "string"}}})
+        );
+        assert_eq!(
+            said.as_deref(),
+            Some(
+                "Give exactly one of: id; email. Give at least one of: id and email; email. \
+                 The arguments must also satisfy the JSON Schema {\"not\": {\"required\":[\"x\"]}}."
+            )
+        );
+        // Nested combinators are left alone: only the top is refused.
+        let nested = json!({"type": "object", "properties": {"p": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}});
+        assert_eq!(exported_schema(&nested).0, nested);
     }
 }

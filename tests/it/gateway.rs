@@ -232,7 +232,50 @@ async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
         .await;
     let a = &anthropic["data"][0];
     assert!(a["name"].is_string() && a["input_schema"]["type"] == "object" && a.get("function").is_none());
+    // OpenAI and Anthropic refuse a request whose tool has `oneOf` at the top of its schema;
+    // the shipped lookup_customer has one: it is said in the description instead.
+    let lookup_openai = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["function"]["name"] == "lookup_customer")
+        .unwrap();
+    let lookup_anthropic = anthropic["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lookup_customer")
+        .unwrap();
     let lookup = mcp_tool(&w.app, &support, "lookup_customer").await;
+    for (schema, description) in [
+        (
+            &lookup_openai["function"]["parameters"],
+            &lookup_openai["function"]["description"],
+        ),
+        (
+            &lookup_anthropic["input_schema"],
+            &lookup_anthropic["description"],
+        ),
+        (&lookup["inputSchema"], &lookup["description"]),
+    ] {
+        assert!(schema.get("oneOf").is_none(), "{schema}");
+        assert!(schema["properties"]["email"].is_object(), "{schema}");
+        let description = description.as_str().unwrap();
+        assert!(
+            description.ends_with("Give exactly one of: customer_id; email."),
+            "{description}"
+        );
+    }
+    // The gateway still holds calls to the whole schema.
+    let (status, body) = invoke(
+        &w.app,
+        &support,
+        "lookup_customer",
+        json!({"customer_id": "c_1", "email": "a@example.com"}),
+        None,
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (422, "validation_failed"), "{body}");
     assert_eq!(lookup["inputSchema"]["type"], "object");
     assert_eq!(lookup["annotations"]["readOnlyHint"], true);
     assert!(lookup["outputSchema"].is_object());
