@@ -107,6 +107,16 @@ fn describe(keyword: &str, value: &Value) -> String {
     }
 }
 
+/// The output schema an MCP tool advertises for `d`, if any. An MCP client requires structured
+/// content matching `outputSchema` on every result that is not an error, which an `async`
+/// action (answered before its endpoint runs) cannot give; and MCP's `outputSchema` must say
+/// `"type": "object"` in so many words.
+pub fn advertised_output_schema(d: &crate::registry::ActionDeclaration) -> Option<&Value> {
+    d.output_schema
+        .as_ref()
+        .filter(|o| d.mode == Mode::Sync && o.get("type") == Some(&Value::from("object")))
+}
+
 /// One action as a tool in `format`.
 pub fn tool(action: &Action, format: Format) -> Value {
     let d = &action.declaration;
@@ -147,14 +157,7 @@ pub fn tool(action: &Action, format: Format) -> Value {
                 t["title"] = title.clone().into();
                 t["annotations"]["title"] = title.clone().into();
             }
-            // An MCP client requires structured content matching `outputSchema` on every
-            // successful call, which an `async` action (answered before its endpoint runs)
-            // cannot give; and MCP's `outputSchema` must say `"type": "object"` in so many words.
-            if let Some(output) = d
-                .output_schema
-                .as_ref()
-                .filter(|o| d.mode == Mode::Sync && o.get("type") == Some(&Value::from("object")))
-            {
+            if let Some(output) = advertised_output_schema(d) {
                 t["outputSchema"] = output.clone();
             }
             t

@@ -69,7 +69,13 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
         repeat: Repeat::AsItStands,
     };
     match invoke(state, &Caller::Agent(agent.clone()), req).await {
-        Ok(row) => Ok(render(&row)),
+        Ok(row) => {
+            let promises_structure = match row.status.as_str() {
+                "queued" | "delivering" => promises_structured_result(state, agent, name).await,
+                _ => false,
+            };
+            Ok(render(&row, promises_structure))
+        }
         Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => Err(RpcError::new(
             codes::INVALID_PARAMS,
             format!("Unknown tool: {name}"),
@@ -94,7 +100,29 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
     }
 }
 
-fn render(row: &InvocationRow) -> Value {
+/// Whether tool `name` advertises an output schema, so that a result without structured content
+/// must be an error result (clients refuse it otherwise).
+async fn promises_structured_result(state: &AppState, agent: &AgentPrincipal, name: &str) -> bool {
+    let tenant_id = &agent.tenant_id;
+    let cached = state
+        .gateway
+        .actions
+        .get_or_load(&(tenant_id.clone(), name.to_string()), || {
+            crate::registry::store::get(&state.db, tenant_id, name)
+        })
+        .await;
+    // Unknown now (deleted since the call): say the call is pending as an error, to be safe.
+    cached.map_or(true, |action| {
+        action
+            .as_ref()
+            .as_ref()
+            .is_none_or(|a| crate::gateway::tools::advertised_output_schema(&a.declaration).is_some())
+    })
+}
+
+/// The tool result for an invocation as it stands; `promises_structure` when the tool advertises
+/// an output schema.
+fn render(row: &InvocationRow, promises_structure: bool) -> Value {
     let parse = |s: &Option<String>| s.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok());
     match row.status.as_str() {
         "succeeded" => {
@@ -144,7 +172,9 @@ fn render(row: &InvocationRow) -> Value {
                 "The call was accepted (invocation {}) and is {status}; its result is not available yet.",
                 row.id
             );
-            json!({"content": text(message), "isError": false})
+            // Without the structured result the tool promised, only an error result is one a
+            // client accepts; the text says the call stands.
+            json!({"content": text(message), "isError": promises_structure})
         }
     }
 }

@@ -1029,6 +1029,17 @@ async fn output_schema_mismatch_is_reported(backend: Backend) {
         "{text}"
     );
     assert_eq!(w.rx.received().len(), 2, "each key ran once");
+
+    // A sync call still running at its timeout has no structured result to give: a tool that
+    // advertises an output schema says so as an error result (clients refuse a plain one).
+    redeclare(&w.app, "refund_invoice", |a| a["timeout_ms"] = json!(300)).await;
+    w.rx.hold(Duration::from_secs(3));
+    let body = mcp_call(&w.app, &billing, "refund_invoice", refund_args(), "o3").await;
+    let result = &body["result"];
+    assert_eq!(result["isError"], true, "{body}");
+    assert!(result.get("structuredContent").is_none(), "{body}");
+    let text = result["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("not available yet"), "{text}");
 }
 
 async fn policy_edits_take_effect_at_once(backend: Backend) {
