@@ -656,6 +656,13 @@ fn principal_from_external(
     if spaced(sub) {
         return Err(invalid("claim sub must not contain spaces"));
     }
+    // A rule's calls carry `rule:<id>` where an agent's carry its id (to guards and to the
+    // endpoint): a subject of that form would pass for a rule.
+    if sub.starts_with("rule:") {
+        return Err(invalid(
+            "claim sub must not start with rule: (a rule's calls are named so)",
+        ));
+    }
     let mut scopes = strings(claims.get("scope"));
     scopes.extend(strings(claims.get("scp")));
     let mut roles = strings(claims.get(&config.roles_claim));

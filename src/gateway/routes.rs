@@ -171,8 +171,11 @@ async fn list_invocations(
         viewer.tenant_id(),
         crate::http::page::newest_first_cursor(filter.cursor.as_deref(), "inv")?
     ];
-    let agent = viewer.agent_id().map(str::to_string).or(filter.agent_id.clone());
-    if let Some(agent) = agent {
+    // An agent's own calls, and of those the filter's: another agent's filter finds none.
+    for agent in [viewer.agent_id(), filter.agent_id.as_deref()]
+        .into_iter()
+        .flatten()
+    {
         values.push(agent.into());
         sql.push_str(&format!(" AND agent_id = ${}", values.len()));
     }

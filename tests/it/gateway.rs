@@ -473,6 +473,26 @@ async fn sync_and_async_invocations(backend: Backend) {
     assert_eq!(mine["data"].as_array().unwrap().len(), 2);
     let (_, theirs) = w.app.call_as(&other, Method::GET, "/v1/invocations", None).await;
     assert_eq!(theirs["data"].as_array().unwrap().len(), 0);
+    // Naming another agent in the filter finds nothing rather than being ignored.
+    let (status, named) = w
+        .app
+        .call_as(&billing, Method::GET, "/v1/invocations?agent_id=agt_other", None)
+        .await;
+    assert_eq!(
+        (status, named["data"].as_array().unwrap().len()),
+        (200, 0),
+        "{named}"
+    );
+    let (_, own) = w
+        .app
+        .call_as(
+            &billing,
+            Method::GET,
+            "/v1/invocations?agent_id=agt_billing",
+            None,
+        )
+        .await;
+    assert_eq!(own["data"].as_array().unwrap().len(), 2);
 }
 
 /// An endpoint's answer holding an integer past 64 bits reaches the caller as the text it sent,
@@ -1343,6 +1363,14 @@ async fn external_issuer_tokens(backend: Backend) {
     let posing = mint(&|c| c["sub"] = "x agent:agt_any".into());
     let (status, body) = w.app.call_as(&posing, Method::GET, "/v1/tools", None).await;
     assert_eq!(status, 401, "{body}");
+    // Nor may a subject pass for a rule, whose calls guards and endpoints see as `rule:<id>`;
+    // other colons are a subject's own (`repo:org/app:ref:main`).
+    let posing = mint(&|c| c["sub"] = "rule:rul_any".into());
+    let (status, body) = w.app.call_as(&posing, Method::GET, "/v1/tools", None).await;
+    assert_error((status, &body), 401, "invalid_token", "rule:");
+    let colons = mint(&|c| c["sub"] = "repo:org/app:ref:main".into());
+    let (status, body) = w.app.call_as(&colons, Method::GET, "/v1/tools", None).await;
+    assert_eq!(status, 200, "{body}");
     let posing = mint(&|c| c["groups"] = json!(["a role:billing"]));
     let (status, body) = w.app.call_as(&posing, Method::GET, "/v1/tools", None).await;
     assert_eq!(
