@@ -67,6 +67,14 @@ pub fn canonical_text(value: &Value) -> String {
     }
 }
 
+/// `value` as it is sent on: whole-valued floats written as the integers they are (`100.0` and
+/// `1e2` as `100`), which a strictly typed reader of an integer field (Go's `int`, serde's
+/// `u64`) takes where it refuses the float, and any reader of a number takes alike. `None` if
+/// there is none to rewrite.
+pub fn whole_numbers_as_integers(value: &Value) -> Option<Value> {
+    has_whole_float(value).then(|| whole_floats_as_integers(value.clone()))
+}
+
 /// Whether `value` holds a float whose value is a whole number (`7.0`, `1e2`, `-0.0`).
 fn has_whole_float(value: &Value) -> bool {
     match value {

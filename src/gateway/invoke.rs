@@ -250,7 +250,10 @@ pub async fn invoke(
     };
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
-    let body = action_request_body(&invocation_id, action, &req.arguments, caller, now);
+    // Checked and matched to keys as sent; recorded and sent on with whole numbers as integers.
+    let sent_on = crate::json::whole_numbers_as_integers(&req.arguments);
+    let arguments = sent_on.as_ref().unwrap_or(&req.arguments);
+    let body = action_request_body(&invocation_id, action, arguments, caller, now);
     let job = PersistInvocation {
         tenant_id: tenant_id.clone(),
         invocation_id: invocation_id.clone(),
@@ -261,7 +264,7 @@ pub async fn invoke(
         action_name: req.action.clone(),
         action_version: action.version,
         action_hash: action.content_hash.clone(),
-        arguments: req.arguments.to_string(),
+        arguments: arguments.to_string(),
         idempotency_key: req.idempotency_key.clone(),
         request_hash,
         endpoint_id,
@@ -843,6 +846,8 @@ pub async fn invoke_for_rule(
         return call.refuse(tx, Some(&action), "failed", error).await;
     }
     let pending_approval = approval_reason.is_some();
+    let sent_on = crate::json::whole_numbers_as_integers(arguments);
+    let sent_on = sent_on.as_ref().unwrap_or(arguments);
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),
         invocation_id: invocation_id.clone(),
@@ -853,11 +858,11 @@ pub async fn invoke_for_rule(
         action_name: action_name.to_string(),
         action_version: action.version,
         action_hash: action.content_hash.clone(),
-        arguments: arguments.to_string(),
+        arguments: sent_on.to_string(),
         idempotency_key: Some(key.to_string()),
         request_hash: request_hash(action_name, arguments),
         endpoint_id,
-        body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
+        body: action_request_body(&invocation_id, &action, sent_on, &caller, now).into(),
         approval_reason,
         lease: lease.clone(),
         fanout: crate::events::Fanout::Lookup,

@@ -682,6 +682,19 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
         "{again}"
     );
     assert_eq!(w.rx.received().len(), 7, "never a second delivery");
+    // A whole number spelled as a float reaches the endpoint, and the record, as the integer it
+    // is: a strictly typed reader of an integer field refuses `1500.0`.
+    let before = w.rx.received().len();
+    let mut respelled = refund_args();
+    respelled["amount"] = serde_json::from_str("1.5e3").unwrap();
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", respelled, Some("k-float")).await;
+    assert!(status == 200 || status == 202, "{body}");
+    let sent = w.rx.wait_for(before + 1).await;
+    let text = String::from_utf8_lossy(&sent[before].body).into_owned();
+    assert!(text.contains(r#""amount":1500,"#), "{text}");
+    let path = format!("/v1/invocations/{}", body["invocation_id"].as_str().unwrap());
+    let (_, record) = w.app.call(Method::GET, &path, None).await;
+    assert_eq!(record["arguments"]["amount"].to_string(), "1500", "{record}");
 }
 
 async fn concurrent_duplicates_make_one_delivery(backend: Backend) {
