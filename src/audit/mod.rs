@@ -203,7 +203,8 @@ pub(crate) fn pending_row_committed() {
 
 /// Runs `change`, a change to `tenant_id`'s configuration made from a declarative file named
 /// `file` rather than through the API, so that the transaction that changes rows records it as
-/// `action` on `target` by `file:<file>` (nothing is recorded if nothing changes).
+/// `action` on `target` by `file:<file>` (nothing is recorded if no row changes; a file that
+/// takes over an action whose content it already matches changes the action's file record).
 pub async fn by_file<F: std::future::Future>(
     key: &[u8; 32],
     (tenant_id, file): (&str, &str),

@@ -250,10 +250,7 @@ pub async fn invoke(
     };
     let now = now_ms();
     let invocation_id = ids::new_id("inv");
-    // Checked and matched to keys as sent; recorded and sent on with whole numbers as integers.
-    let sent_on = crate::json::whole_numbers_as_integers(&req.arguments);
-    let arguments = sent_on.as_ref().unwrap_or(&req.arguments);
-    let body = action_request_body(&invocation_id, action, arguments, caller, now);
+    let body = action_request_body(&invocation_id, action, &req.arguments, caller, now);
     let job = PersistInvocation {
         tenant_id: tenant_id.clone(),
         invocation_id: invocation_id.clone(),
@@ -264,7 +261,7 @@ pub async fn invoke(
         action_name: req.action.clone(),
         action_version: action.version,
         action_hash: action.content_hash.clone(),
-        arguments: arguments.to_string(),
+        arguments: recorded_arguments(&req.arguments),
         idempotency_key: req.idempotency_key.clone(),
         request_hash,
         endpoint_id,
@@ -531,7 +528,8 @@ async fn find_idempotent(
     Ok(load(state, tenant_id, &invocation_id).await?)
 }
 
-/// The body the action's endpoint receives.
+/// The body the action's endpoint receives (whole numbers in the arguments as integers, see
+/// [`crate::json::whole_numbers_as_integers`]).
 pub fn action_request_body(
     invocation_id: &str,
     action: &Action,
@@ -543,15 +541,24 @@ pub fn action_request_body(
         Caller::Agent(p) => json!({"id": p.agent_id, "roles": p.roles}),
         Caller::Rule { rule_id, .. } => json!({"id": format!("rule:{rule_id}"), "roles": []}),
     };
+    let sent_on = crate::json::whole_numbers_as_integers(arguments);
     json!({
         "id": invocation_id,
         "type": "action.invoke",
         "action": {"name": action.declaration.name, "version": action.version},
-        "arguments": arguments,
+        "arguments": sent_on.as_ref().unwrap_or(arguments),
         "agent": agent,
         "requested_at": rfc3339(now),
     })
     .to_string()
+}
+
+/// Arguments as an invocation records them: as sent on (see [`action_request_body`]).
+fn recorded_arguments(arguments: &Value) -> String {
+    crate::json::whole_numbers_as_integers(arguments)
+        .as_ref()
+        .unwrap_or(arguments)
+        .to_string()
 }
 
 /// The idempotency key the endpoint sees: derived from the caller's key, stable across retries.
@@ -597,7 +604,7 @@ impl Refusal<'_> {
             self.action_name,
             self.action.map(|a| a.version),
             self.action.map(|a| a.content_hash.clone()),
-            self.arguments.to_string(),
+            recorded_arguments(self.arguments),
             self.status,
             self.error.to_string(),
             self.idempotency_key,
@@ -846,8 +853,6 @@ pub async fn invoke_for_rule(
         return call.refuse(tx, Some(&action), "failed", error).await;
     }
     let pending_approval = approval_reason.is_some();
-    let sent_on = crate::json::whole_numbers_as_integers(arguments);
-    let sent_on = sent_on.as_ref().unwrap_or(arguments);
     let persist = PersistInvocation {
         tenant_id: tenant_id.to_string(),
         invocation_id: invocation_id.clone(),
@@ -858,11 +863,11 @@ pub async fn invoke_for_rule(
         action_name: action_name.to_string(),
         action_version: action.version,
         action_hash: action.content_hash.clone(),
-        arguments: sent_on.to_string(),
+        arguments: recorded_arguments(arguments),
         idempotency_key: Some(key.to_string()),
         request_hash: request_hash(action_name, arguments),
         endpoint_id,
-        body: action_request_body(&invocation_id, &action, sent_on, &caller, now).into(),
+        body: action_request_body(&invocation_id, &action, arguments, &caller, now).into(),
         approval_reason,
         lease: lease.clone(),
         fanout: crate::events::Fanout::Lookup,

@@ -1,5 +1,6 @@
 //! The HTTP/1.1 accept loop: what `axum::serve` does, plus a deadline for a request's headers
-//! (`read_timeout`), which `axum::serve` cannot set. Without it a client that sends a request
+//! (`read_timeout`, which is also how long an idle keep-alive connection is kept), which
+//! `axum::serve` cannot set. Without it a client that sends a request
 //! line and then nothing holds its connection for as long as it likes, and a few thousand such
 //! clients hold every file descriptor the process has.
 
@@ -13,7 +14,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets every
-/// connection finish the request it is serving, and returns once all are closed.
+/// connection finish the request it is serving, and returns once all are closed (as
+/// `axum::serve` does, without a limit: an open MCP stream ends with its token or its client).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -21,6 +23,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let connections = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -33,8 +37,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
+        // Answers are small and written whole: nothing is gained by holding one back for more.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+        }
         let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = connections.watch(connection);
         tokio::spawn(async move {

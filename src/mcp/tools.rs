@@ -169,7 +169,8 @@ fn render(row: &InvocationRow, promises_structure: bool) -> Value {
         )),
         status => {
             let message = format!(
-                "The call was accepted (invocation {}) and is {status}; its result is not available yet.",
+                "The call was accepted (invocation {}) and is {status}; its result is not available yet. \
+                 It may still complete: do not call it again for this.",
                 row.id
             );
             // Without the structured result the tool promised, only an error result is one a

@@ -2127,6 +2127,22 @@ async fn invocations_raise_action_events_and_can_be_previewed(backend: Backend) 
     assert_eq!(preview["headers"]["x-opsiq-action"], "refund_invoice");
     let sent: Value = serde_json::from_str(preview["body"].as_str().unwrap()).unwrap();
     assert_eq!(sent["arguments"], refund_args());
+    // As a call would send it: a whole number spelled as a float is the integer.
+    let mut respelled = refund_args();
+    respelled["amount"] = serde_json::from_str("1.5e3").unwrap();
+    let (status, preview) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/preview",
+            Some(json!({"action": {"name": "refund_invoice", "arguments": respelled}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    assert!(
+        preview["body"].as_str().unwrap().contains(r#""amount":1500,"#),
+        "{preview}"
+    );
     let mut bad = refund_args();
     bad["amount"] = json!("x");
     let (status, refused) = w
