@@ -83,6 +83,9 @@ pub struct Shared {
     /// Held shared by every admin change while it runs in its own task (its client may be gone);
     /// shutdown takes it exclusively to let them finish.
     pub unfinished_changes: Arc<tokio::sync::RwLock<()>>,
+    /// Set when shutdown begins: long-lived answers (MCP's event streams) end, so that the
+    /// server's wait for its connections to close does not last as long as their clients.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Cached admin key lookups: hash → (key id, tenant id, role), or `None` for no such live key.
@@ -160,6 +163,7 @@ impl AppState {
             api_keys: Arc::new(ApiKeyCache::new(config.cache_ttl)),
             request_slots: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
             unfinished_changes: Arc::default(),
+            stopping: Arc::default(),
             catalog,
             policy,
             config,
@@ -352,6 +356,11 @@ pub async fn serve(
     let unfinished_changes = state.unfinished_changes.clone();
     let changes = crate::changes::spawn_listener(state.clone());
     let read_timeout = state.config.read_timeout;
+    let stopping = state.stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
     let app = router(state);
     crate::http::server::serve(listener, app, read_timeout, shutdown).await;
     // Changes whose clients left before the answer are not connections graceful shutdown

@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets every
 /// connection finish the request it is serving, and returns once all are closed (as
-/// `axum::serve` does, without a limit: an open MCP stream ends with its token or its client).
+/// `axum::serve` does, without a limit of its own: MCP's event streams end when shutdown begins,
+/// see `AppState::stopping`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,

@@ -283,7 +283,8 @@ fn protocol_version(headers: &HeaderMap) -> Result<Option<&str>, (StatusCode, St
 /// What a stream of `notifications/tools/list_changed` watches: the tools one agent may see.
 /// Checked once a second; a change of the tenant's registry or of a policy, or of the agent's
 /// roles or scopes, makes it list the tools again, and only a list that differs is a change.
-/// The token is checked each time too: a stream ends when its token is revoked or expires.
+/// The token is checked each time too: a stream ends when its token is revoked or expires, and
+/// when the server begins to stop.
 pub struct ToolsWatch {
     state: AppState,
     /// Only the `Authorization` header of the request that opened the stream.
@@ -314,6 +315,11 @@ impl ToolsWatch {
     /// no longer holds (the stream then ends).
     pub async fn tick(&mut self) -> Tick {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // The server is stopping: the client opens a new stream on another process (or this
+        // one, restarted).
+        if self.state.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Tick::Ended;
+        }
         let Ok(agent) = authenticate(&self.state, &self.credentials).await else {
             return Tick::Ended;
         };

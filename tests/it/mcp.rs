@@ -949,3 +949,30 @@ async fn a_refused_client_finds_the_resource_metadata() {
         .to_ascii_lowercase();
     assert!(exposed.contains("www-authenticate"), "{exposed}");
 }
+
+/// An open MCP event stream does not hold a stopping server: it ends, and the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_ends_open_event_streams() {
+    let World { mut app, rx: _rx } = world(Backend::Sqlite).await;
+    let token = agent_token(&app, "agt_stream", &["support"], &["invoke:*"]).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let resp = post_mcp(&app, &token, &[], init).await;
+    let session = resp.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let mut stream = app
+        .as_key(&token, Method::GET, "/mcp")
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let stopped = tokio::time::timeout(Duration::from_secs(60), app.stop()).await;
+    assert!(stopped.is_ok(), "the server waited for the stream's client");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived the server");
+}
