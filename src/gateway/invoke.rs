@@ -158,6 +158,9 @@ pub async fn invoke(
 
     let problems = validate_arguments(state, &tenant_id, action, &req.arguments)?;
     if !problems.is_empty() {
+        if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+            return Ok(earlier);
+        }
         let message = format!(
             "the arguments for {} do not match its input schema; fix the fields listed in details and call again",
             req.action
@@ -200,6 +203,9 @@ pub async fn invoke(
     ) {
         Some((Verdict::Deny, reason)) => {
             let message = format!("a guard on {} refused this call: {reason}", req.action);
+            if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+                return Ok(earlier);
+            }
             record_refusal(state, caller, action, &req, "denied", "guard_denied", &message).await?;
             return Err(ApiError::forbidden("guard_denied", message));
         }
@@ -235,6 +241,9 @@ pub async fn invoke(
                 ),
                 Some(_) => endpoint_unavailable(&req.action),
             };
+            if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+                return Ok(earlier);
+            }
             record_refusal(
                 state,
                 caller,
@@ -649,6 +658,32 @@ impl RuleCall<'_> {
             error: Some(refusal.error),
             jobs: Vec::new(),
         })
+    }
+}
+
+/// Before a call is refused for its arguments or its action's state: if its Idempotency-Key
+/// was used before, the call is answered as the key says instead — the earlier call's answer for
+/// the same arguments, a 409 `idempotency_conflict` for others — and no refusal is recorded.
+/// (The accepted path finds a used key by the unique index, without this read; refusals are
+/// rare enough to afford it.) Authorization refusals (scope, role) come first and stand.
+async fn answer_for_used_key(
+    state: &AppState,
+    caller: &Caller,
+    action: &Action,
+    req: &InvokeRequest,
+) -> Result<Option<InvocationRow>, ApiError> {
+    let Some(key) = &req.idempotency_key else {
+        return Ok(None);
+    };
+    let hashes = [
+        request_hash(&req.action, &req.arguments),
+        legacy_request_hash(&req.action, &req.arguments),
+    ];
+    match find_idempotent(state, caller.tenant_id(), &caller.principal(), key, &hashes).await? {
+        Some(earlier) => replay(state, action, earlier, (req.wait, req.repeat))
+            .await
+            .map(Some),
+        None => Ok(None),
     }
 }
 

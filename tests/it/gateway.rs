@@ -682,6 +682,21 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
         "{again}"
     );
     assert_eq!(w.rx.received().len(), 7, "never a second delivery");
+    // A used key is answered as the key says even when the call would be refused: other
+    // arguments (invalid ones too) are a conflict, and nothing more is recorded.
+    let (_, listed) = w.app.call(Method::GET, "/v1/invocations", None).await;
+    let recorded = listed["data"].as_array().unwrap().len();
+    let mut invalid = refund_args();
+    invalid["amount"] = json!("x");
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", invalid, Some("k1")).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "idempotency_conflict"),
+        "{body}"
+    );
+    let (_, listed) = w.app.call(Method::GET, "/v1/invocations", None).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), recorded, "{listed}");
+
     // A whole number spelled as a float reaches the endpoint, and the record, as the integer it
     // is: a strictly typed reader of an integer field refuses `1500.0`.
     let before = w.rx.received().len();
