@@ -1,4 +1,5 @@
-//! The 2025-11-25 / 2025-06-18 era: `initialize` handshake, sessions, GET stream, DELETE.
+//! The 2025-11-25 / 2025-06-18 era (and the 2025-03-26 revision before it, whose sessions also
+//! take JSON-RPC batches): `initialize` handshake, sessions, GET stream, DELETE.
 //! JSON-RPC errors to requests are answered with HTTP 200 (clients of this era read error bodies
 //! only from 2xx answers); 4xx is kept for transport faults.
 
@@ -12,7 +13,8 @@ use serde_json::{Value, json};
 
 use super::{
     HANDSHAKE_VERSIONS, INSTRUCTIONS, Message, RpcError, accepted, accepts, codes, json_response,
-    method_not_allowed, parse_message, rpc_error_response, rpc_result, sends_json, server_info, tools,
+    method_not_allowed, parse_message, rpc_error, rpc_error_response, rpc_result, sends_json, server_info,
+    tools,
 };
 use crate::agents::AgentPrincipal;
 use crate::db::{self, now_ms};
@@ -56,6 +58,9 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
             "Unsupported Media Type: send application/json",
         );
     }
+    if let Some(batch) = as_batch(body) {
+        return post_batch(state, agent, headers, batch).await;
+    }
     let (id, method, params) = match parse_message(body) {
         Err((status, id, e)) => return rpc_error_response(status, id, &e),
         Ok(Message::Request { id, method, params }) => (id, method, params),
@@ -92,20 +97,94 @@ async fn post(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap, bod
         }
         Err(p) => return p.response(),
     }
-    let result = match method.as_str() {
+    match answer(state, agent, &method, &params).await {
+        Ok(r) => json_response(rpc_result(&id, r)),
+        Err(e) => rpc_error_response(StatusCode::OK, id, &e),
+    }
+}
+
+/// The result of one request on a session.
+async fn answer(
+    state: &AppState,
+    agent: &AgentPrincipal,
+    method: &str,
+    params: &Value,
+) -> Result<Value, RpcError> {
+    match method {
         "ping" => Ok(json!({})),
         "tools/list" => tools::list(state, agent).await.map(|t| json!({"tools": t})),
-        "tools/call" => tools::call(state, agent, &params).await,
+        "tools/call" => tools::call(state, agent, params).await,
         other => Err(RpcError {
             code: codes::METHOD_NOT_FOUND,
             message: "Method not found".into(),
             data: Some(other.into()),
         }),
-    };
-    match result {
-        Ok(r) => json_response(rpc_result(&id, r)),
-        Err(e) => rpc_error_response(StatusCode::OK, id, &e),
     }
+}
+
+/// Revisions whose transport takes a JSON-RPC batch (an array) in one POST; later ones refuse it.
+const BATCHING_VERSIONS: &[&str] = &["2025-03-26", "2024-11-05"];
+
+/// Most messages in one batch.
+const MOST_BATCHED: usize = 100;
+
+/// The messages of a body that is a JSON array.
+fn as_batch(body: &[u8]) -> Option<Vec<Value>> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'[' {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// A batch, on a session whose revision takes one: each request answered in order in one array
+/// (notifications and responses get no entry; all of them, a 202). `initialize` may not be
+/// batched. On later revisions a batch is refused as before.
+async fn post_batch(
+    state: &AppState,
+    agent: &AgentPrincipal,
+    headers: &HeaderMap,
+    batch: Vec<Value>,
+) -> Response {
+    let negotiated = match session(state, agent, headers).await {
+        Ok((_, negotiated)) => negotiated,
+        Err(p) => return p.response(),
+    };
+    let refuse = |message: &str| {
+        rpc_error_response(
+            StatusCode::BAD_REQUEST,
+            Value::Null,
+            &RpcError::new(codes::INVALID_REQUEST, message),
+        )
+    };
+    if !BATCHING_VERSIONS.contains(&negotiated.as_str()) {
+        return refuse("Body must be a single JSON-RPC request or notification object");
+    }
+    if batch.is_empty() || batch.len() > MOST_BATCHED {
+        return refuse(&format!("a batch holds 1 to {MOST_BATCHED} messages"));
+    }
+    let mut answers = Vec::new();
+    for message in batch {
+        let bytes = message.to_string();
+        match parse_message(bytes.as_bytes()) {
+            Err((_, id, e)) => answers.push(rpc_error(id, &e)),
+            Ok(Message::Other) => {}
+            Ok(Message::Request { id, method, .. }) if method == "initialize" => answers.push(rpc_error(
+                id,
+                &RpcError::new(codes::INVALID_REQUEST, "initialize may not be part of a batch"),
+            )),
+            Ok(Message::Request { id, method, params }) => {
+                answers.push(match answer(state, agent, &method, &params).await {
+                    Ok(r) => rpc_result(&id, r),
+                    Err(e) => rpc_error(id, &e),
+                });
+            }
+        }
+    }
+    if answers.is_empty() {
+        return accepted();
+    }
+    json_response(Value::Array(answers))
 }
 
 async fn initialize(state: &AppState, agent: &AgentPrincipal, id: &Value, params: &Value) -> Response {
@@ -182,11 +261,12 @@ impl SessionProblem {
 /// The session of this request; it must exist, be live (ended by no DELETE, and younger than
 /// [`super::SESSION_LIFETIME_MS`]) and belong to the calling agent, and a version header must
 /// name the version it negotiated.
+/// The request's live session of this agent: its id and negotiated protocol version.
 async fn session(
     state: &AppState,
     agent: &AgentPrincipal,
     headers: &HeaderMap,
-) -> Result<String, SessionProblem> {
+) -> Result<(String, String), SessionProblem> {
     let id = headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -203,13 +283,13 @@ async fn session(
     let (id, negotiated) = row.ok_or(SessionProblem::Unknown)?;
     match headers.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) {
         Some(sent) if sent != negotiated => Err(SessionProblem::OtherVersion(negotiated)),
-        _ => Ok(id),
+        _ => Ok((id, negotiated)),
     }
 }
 
 async fn end_session(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Response {
     let id = match session(state, agent, headers).await {
-        Ok(id) => id,
+        Ok((id, _)) => id,
         Err(p) => return p.response(),
     };
     match state
@@ -251,7 +331,7 @@ pub async fn tools_version(state: &AppState, tenant_id: &str) -> i64 {
 /// GET: a server-to-client stream carrying `notifications/tools/list_changed`.
 async fn stream(state: &AppState, agent: &AgentPrincipal, headers: &HeaderMap) -> Response {
     let session_id = match session(state, agent, headers).await {
-        Ok(id) => id,
+        Ok((id, _)) => id,
         Err(p) => return p.response(),
     };
     if !accepts(headers, "text/event-stream") {

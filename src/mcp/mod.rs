@@ -372,15 +372,16 @@ pub fn rpc_result(id: &Value, result: Value) -> Value {
 
 /// A JSON-RPC error response with the given HTTP status.
 pub fn rpc_error_response(status: StatusCode, id: Value, error: &RpcError) -> Response {
+    (status, axum::Json(rpc_error(id, error))).into_response()
+}
+
+/// A JSON-RPC error response.
+pub fn rpc_error(id: Value, error: &RpcError) -> Value {
     let mut e = json!({"code": error.code, "message": error.message});
     if let Some(data) = &error.data {
         e["data"] = data.clone();
     }
-    (
-        status,
-        axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": e})),
-    )
-        .into_response()
+    json!({"jsonrpc": "2.0", "id": id, "error": e})
 }
 
 /// A 200 JSON response.

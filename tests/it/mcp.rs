@@ -976,3 +976,59 @@ async fn a_graceful_stop_ends_open_event_streams() {
     .await;
     assert!(ended.is_ok(), "the stream outlived the server");
 }
+
+/// A 2025-03-26 session takes JSON-RPC batches, as that revision's transport requires: each
+/// request answered in order, notifications not at all, `initialize` refused inside one; a
+/// session of a later revision refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_taken_on_sessions_of_the_revision_that_has_them() {
+    let World { app, rx: _rx } = world(Backend::Sqlite).await;
+    let token = agent_token(&app, "agt_batch", &["support"], &["invoke:*"]).await;
+    let open = |version: &'static str| {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+        let (app, token) = (&app, &token);
+        async move {
+            let resp = post_mcp(app, token, &[], init).await;
+            assert_eq!(resp.status(), 200);
+            resp.headers()["mcp-session-id"].to_str().unwrap().to_string()
+        }
+    };
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": "two", "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 3, "method": "no/such"},
+        {"jsonrpc": "2.0", "id": 4, "method": "initialize", "params": {}},
+    ]);
+    let old = open("2025-03-26").await;
+    let on_old = [
+        ("mcp-session-id", old.as_str()),
+        ("mcp-protocol-version", "2025-03-26"),
+    ];
+    let (status, body) = read(post_mcp(&app, &token, &on_old, batch.clone()).await).await;
+    assert_eq!(status, 200, "{body}");
+    let answers = body.as_array().expect("an array of answers");
+    let ids: Vec<&Value> = answers.iter().map(|a| &a["id"]).collect();
+    assert_eq!(ids, [&json!(1), &json!("two"), &json!(3), &json!(4)], "{body}");
+    assert_eq!(answers[0]["result"], json!({}));
+    assert!(
+        answers[1]["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert_eq!(answers[2]["error"]["code"], -32601);
+    assert_eq!(answers[3]["error"]["code"], -32600);
+    let only_notes = json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}]);
+    let resp = post_mcp(&app, &token, &on_old, only_notes).await;
+    assert_eq!(resp.status(), 202);
+
+    let new = open("2025-11-25").await;
+    let on_new = [
+        ("mcp-session-id", new.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let (status, body) = read(post_mcp(&app, &token, &on_new, batch).await).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!(-32600)), "{body}");
+}
