@@ -328,11 +328,11 @@ impl Config {
         let public_url = Some(raw.public_url.trim())
             .filter(|url| !url.is_empty())
             .map(|url| {
-                plain_http_url(url)
+                secure_url(url)
                     .map(|url| url.as_str().trim_end_matches('/').to_string())
                     .ok_or_else(|| ConfigError::Invalid {
                         field: "public_url",
-                        message: format!("`{url}` is not a URL like https://gateway.example.com"),
+                        message: format!("`{url}` is not an https URL like https://gateway.example.com"),
                     })
             })
             .transpose()?;
@@ -406,6 +406,14 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
+/// `text` as an https URL (or http on a loopback host, for local trials), as OAuth 2.1 asks of
+/// every party to a token.
+fn secure_url(text: &str) -> Option<reqwest::Url> {
+    plain_http_url(text).filter(|url| {
+        url.scheme() == "https" || matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+    })
+}
+
 /// Comma-separated issuer URLs, kept as written (an issuer identifier is compared character for
 /// character): https, or http on a loopback host for local trials, as OAuth 2.1 asks.
 fn parse_authorization_servers(list: &str) -> Result<Vec<String>, ConfigError> {
@@ -413,11 +421,8 @@ fn parse_authorization_servers(list: &str) -> Result<Vec<String>, ConfigError> {
         .map(str::trim)
         .filter(|url| !url.is_empty())
         .map(|text| {
-            let secure = plain_http_url(text).is_some_and(|url| {
-                url.scheme() == "https" || matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
-            });
-            secure
-                .then(|| text.to_string())
+            secure_url(text)
+                .map(|_| text.to_string())
                 .ok_or_else(|| ConfigError::Invalid {
                     field: "mcp_authorization_servers",
                     message: format!("`{text}` is not an https URL like https://login.example.com"),
@@ -560,6 +565,7 @@ mod tests {
         // Tokens from a server reached in the clear could be read on the way.
         let err = refused("https://gateway.example.com", "http://login.example.com");
         assert!(err.contains("mcp_authorization_servers"), "{err}");
+        assert!(refused("http://gateway.example.com", "").contains("public_url"));
         // The metadata must name the URL clients use, which a request cannot be trusted to say.
         let err = refused("", "https://login.example.com");
         assert!(err.contains("needs public_url"), "{err}");

@@ -72,7 +72,39 @@ pub fn canonical_text(value: &Value) -> String {
 /// `u64`) takes where it refuses the float, and any reader of a number takes alike. `None` if
 /// there is none to rewrite.
 pub fn whole_numbers_as_integers(value: &Value) -> Option<Value> {
-    has_whole_float(value).then(|| whole_floats_as_integers(value.clone()))
+    has_exact_whole_float(value).then(|| exact_whole_floats_as_integers(value.clone()))
+}
+
+/// Past 2^53 a float is not the number its text said (`9007199254740993.0` reads as
+/// `…992`): written as an integer it would look exact, so it is left a float.
+const EXACT_FLOAT_END: f64 = 9_007_199_254_740_992.0;
+
+/// A whole float below 2^53 in size, which is the number its text said, as that integer.
+fn exact_whole_float(n: &Number) -> Option<Value> {
+    let f = n.as_f64()?;
+    (n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT_FLOAT_END).then(|| Value::from(f as i64))
+}
+
+fn has_exact_whole_float(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => exact_whole_float(n).is_some(),
+        Value::Array(items) => items.iter().any(has_exact_whole_float),
+        Value::Object(map) => map.values().any(has_exact_whole_float),
+        _ => false,
+    }
+}
+
+fn exact_whole_floats_as_integers(value: Value) -> Value {
+    match value {
+        Value::Number(n) => exact_whole_float(&n).unwrap_or(Value::Number(n)),
+        Value::Array(items) => Value::Array(items.into_iter().map(exact_whole_floats_as_integers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, exact_whole_floats_as_integers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// Whether `value` holds a float whose value is a whole number (`7.0`, `1e2`, `-0.0`).
@@ -121,6 +153,18 @@ fn whole_floats_as_integers(value: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn whole_floats_are_sent_on_as_integers_only_where_exact() {
+        let sent: Value =
+            serde_json::from_str(r#"{"a": [100.0, 1e2, -0.0, 0.5, 9007199254740991.0, 9007199254740993.0]}"#)
+                .unwrap();
+        assert_eq!(
+            whole_numbers_as_integers(&sent).unwrap().to_string(),
+            r#"{"a":[100,100,0,0.5,9007199254740991,9007199254740992.0]}"#
+        );
+        assert_eq!(whole_numbers_as_integers(&json!({"a": [1, 0.5]})), None);
+    }
 
     fn order(a: Value, b: Value) -> Option<Ordering> {
         match (a, b) {

@@ -120,16 +120,18 @@ pub async fn invoke(
             store::get(&state.db, &tenant_id, &req.action)
         })
         .await?;
-    let action = cached
-        .as_ref()
-        .as_ref()
-        .filter(|a| a.declaration.enabled)
-        .ok_or_else(|| {
-            ApiError::not_found("action").with_message(format!(
-                "there is no enabled action named `{}`; list the tools to see what exists",
-                req.action
-            ))
-        })?;
+    let Some(action) = cached.as_ref().as_ref().filter(|a| a.declaration.enabled) else {
+        // A call made before the action was disabled is still answered as its key says.
+        if let Some(disabled) = cached.as_ref().as_ref()
+            && let Some(earlier) = answer_for_used_key(state, caller, disabled, &req).await?
+        {
+            return Ok(earlier);
+        }
+        return Err(ApiError::not_found("action").with_message(format!(
+            "there is no enabled action named `{}`; list the tools to see what exists",
+            req.action
+        )));
+    };
     state.gateway.rate_limit_action(&tenant_id, &req.action)?;
 
     if let Caller::Agent(agent) = caller {

@@ -131,8 +131,11 @@ impl JsonTextProblem {
                 "the request body names a key twice in one object; send each key once",
             )
             .with_details(vec![serde_json::json!({
-                // A key may be as long as the body: the path shows its start.
-                "path": pointer.chars().take(200).collect::<String>(),
+                // A key may be as long as the body: the path shows its start, marked as cut.
+                "path": match pointer.char_indices().nth(200) {
+                    Some((at, _)) => format!("{}…", &pointer[..at]),
+                    None => pointer,
+                },
                 "message": "this key appears earlier in the same object",
             })]),
         }

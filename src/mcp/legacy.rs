@@ -167,7 +167,14 @@ async fn post_batch(
     for message in batch {
         let bytes = message.to_string();
         match parse_message(bytes.as_bytes()) {
-            Err((_, id, e)) => answers.push(rpc_error(id, &e)),
+            Err((_, id, mut e)) => {
+                if e.code == codes::INVALID_REQUEST {
+                    e.message =
+                        "each message of a batch must be a JSON-RPC request, notification or response object"
+                            .into();
+                }
+                answers.push(rpc_error(id, &e));
+            }
             Ok(Message::Other) => {}
             Ok(Message::Request { id, method, .. }) if method == "initialize" => answers.push(rpc_error(
                 id,

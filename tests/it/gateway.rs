@@ -696,6 +696,27 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
     );
     let (_, listed) = w.app.call(Method::GET, "/v1/invocations", None).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), recorded, "{listed}");
+    // Also once the action is disabled: the same call gets its first answer, another a 409.
+    let (status, before) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("k-dis")).await;
+    assert_eq!(status, 200, "{before}");
+    redeclare(&w.app, "refund_invoice", |a| a["enabled"] = json!(false)).await;
+    let (status, again) = invoke(&w.app, &billing, "refund_invoice", refund_args(), Some("k-dis")).await;
+    assert_eq!(
+        (status, &again["invocation_id"]),
+        (200, &before["invocation_id"]),
+        "{again}"
+    );
+    let mut other = refund_args();
+    other["amount"] = json!(1);
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", other.clone(), Some("k-dis")).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "idempotency_conflict"),
+        "{body}"
+    );
+    let (status, body) = invoke(&w.app, &billing, "refund_invoice", other, Some("k-new")).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"), "{body}");
+    redeclare(&w.app, "refund_invoice", |a| a["enabled"] = json!(true)).await;
 
     // A whole number spelled as a float reaches the endpoint, and the record, as the integer it
     // is: a strictly typed reader of an integer field refuses `1500.0`.
