@@ -68,12 +68,13 @@ pub async fn allowed_actions(state: &AppState, agent: &AgentPrincipal) -> Result
 const REFUSED_AT_TOP: &[&str] = &["oneOf", "anyOf", "allOf", "not", "enum"];
 
 /// `schema` as every model vendor takes it, and what it had to leave out said in words: the
-/// keywords in [`REFUSED_AT_TOP`] are taken off the top. What they say is kept where it can be:
-/// the fields of `allOf` branches (and of `oneOf`/`anyOf` branches, as optional) join the top's
-/// `properties` (and, for `allOf`, `required`); which fields `oneOf`/`anyOf` ask for is said in
-/// plain words, anything else as JSON. A `$ref` into a part taken off is pointed at a copy kept
-/// under `$defs`. The gateway still checks every call against the whole schema; a call the
-/// description did not steer right gets a 422 naming what is wrong.
+/// keywords in [`REFUSED_AT_TOP`] are taken off the top. What they say is kept where it can be
+/// without refusing a call the whole schema takes: the fields of `allOf` branches join the top
+/// (a field both name must meet both), those of `oneOf`/`anyOf` branches join it as optional (a
+/// field they name differently may be any of their forms); which fields `oneOf`/`anyOf` ask for
+/// is said in plain words, anything else as JSON. A branch a `$ref` points into is kept under
+/// `$defs`, and the `$ref` pointed there. The gateway still checks every call against the whole
+/// schema; a call the description did not steer right gets a 422 naming what is wrong.
 pub fn exported_schema(schema: &Value) -> (Value, Option<String>) {
     let Some(map) = schema.as_object() else {
         return (schema.clone(), None);
@@ -82,26 +83,22 @@ pub fn exported_schema(schema: &Value) -> (Value, Option<String>) {
         return (schema.clone(), None);
     }
     let mut kept = map.clone();
+    let mut removed = Vec::new();
     let mut sentences = Vec::new();
     for &keyword in REFUSED_AT_TOP {
         let Some(value) = kept.remove(keyword) else {
             continue;
         };
         let branches: Vec<Value> = match value.as_array() {
-            Some(branches) if matches!(keyword, "allOf" | "oneOf" | "anyOf") => branches
+            Some(branches) if keyword != "enum" => branches
                 .iter()
-                .map(|b| resolve_local_ref(schema, b).unwrap_or(b).clone())
+                .map(|b| resolve_local_refs(schema, b).clone())
                 .collect(),
             _ => Vec::new(),
         };
         let fields_only = !branches.is_empty() && branches.iter().all(only_fields);
         if fields_only {
-            for branch in &branches {
-                merge_properties(&mut kept, branch);
-                if keyword == "allOf" {
-                    merge_required(&mut kept, branch);
-                }
-            }
+            merge_fields(&mut kept, keyword, &branches);
         }
         if !(fields_only && keyword == "allOf") {
             sentences.push(describe(
@@ -110,17 +107,28 @@ pub fn exported_schema(schema: &Value) -> (Value, Option<String>) {
                 fields_only.then_some(branches.as_slice()),
             ));
         }
-        keep_referenced(&mut kept, keyword, value);
+        removed.push((keyword, value));
     }
+    keep_referenced(&mut kept, &removed);
     let said = (!sentences.is_empty()).then(|| sentences.join(" "));
     (Value::Object(kept), said)
 }
 
-/// The schema a branch that is only `{"$ref": "#/…"}` points at, inside `root`.
-fn resolve_local_ref<'a>(root: &'a Value, branch: &Value) -> Option<&'a Value> {
-    let map = branch.as_object().filter(|m| m.len() == 1)?;
-    let pointer = map.get("$ref")?.as_str()?.strip_prefix('#')?;
-    root.pointer(pointer)
+/// What `branch` stands for when it is only `{"$ref": "#/…"}` (followed a few times), inside
+/// `root`; else the branch itself.
+fn resolve_local_refs<'a>(root: &'a Value, mut branch: &'a Value) -> &'a Value {
+    for _ in 0..8 {
+        let target = branch
+            .as_object()
+            .filter(|m| m.len() == 1)
+            .and_then(|m| m.get("$ref")?.as_str()?.strip_prefix('#'))
+            .and_then(|pointer| root.pointer(pointer));
+        match target {
+            Some(next) => branch = next,
+            None => break,
+        }
+    }
+    branch
 }
 
 /// Whether a branch only names fields: `properties`, `required` and the like, nothing that
@@ -132,74 +140,156 @@ fn only_fields(branch: &Value) -> bool {
     })
 }
 
-/// Adds `branch`'s properties the top does not have.
-fn merge_properties(top: &mut serde_json::Map<String, Value>, branch: &Value) {
-    let Some(properties) = branch.get("properties").and_then(Value::as_object) else {
-        return;
-    };
-    let into = top.entry("properties").or_insert_with(|| json!({}));
-    if let Some(into) = into.as_object_mut() {
-        for (name, property) in properties {
-            into.entry(name.clone()).or_insert_with(|| property.clone());
-        }
-    }
-}
-
-/// Adds `branch`'s required fields to the top's.
-fn merge_required(top: &mut serde_json::Map<String, Value>, branch: &Value) {
-    let Some(required) = branch.get("required").and_then(Value::as_array) else {
-        return;
-    };
-    let into = top.entry("required").or_insert_with(|| json!([]));
-    if let Some(into) = into.as_array_mut() {
-        for name in required {
-            if !into.contains(name) {
-                into.push(name.clone());
+/// Joins the fields the `keyword` branches name to the top's `properties` (and, for `allOf`,
+/// `required`): for `allOf` a field named at the top and in a branch must meet both; for
+/// `oneOf`/`anyOf` a field the top does not name may take any form a branch gives it.
+fn merge_fields(top: &mut serde_json::Map<String, Value>, keyword: &str, branches: &[Value]) {
+    let mut forms: Vec<(String, Vec<Value>)> = Vec::new();
+    for branch in branches {
+        for (name, form) in branch
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            match forms.iter_mut().find(|(n, _)| n == name) {
+                Some((_, seen)) if !seen.contains(form) => seen.push(form.clone()),
+                Some(_) => {}
+                None => forms.push((name.clone(), vec![form.clone()])),
             }
         }
     }
-}
-
-/// Keeps `value` (what `keyword` held at the top) under `$defs` if a `$ref` left in `kept`
-/// points into it, and points those references there.
-fn keep_referenced(kept: &mut serde_json::Map<String, Value>, keyword: &str, value: Value) {
-    let from = format!("#/{keyword}");
-    let to = format!("#/$defs/opsiq_{keyword}");
-    let pointed = kept
-        .values_mut()
-        .fold(false, |pointed, child| repoint(child, &from, &to) | pointed);
-    if pointed {
-        let defs = kept.entry("$defs").or_insert_with(|| json!({}));
-        if let Some(defs) = defs.as_object_mut() {
-            defs.insert(format!("opsiq_{keyword}"), value);
+    let properties = top.entry("properties").or_insert_with(|| json!({}));
+    let Some(properties) = properties.as_object_mut() else {
+        return;
+    };
+    for (name, mut seen) in forms {
+        let combined = match (keyword, seen.len()) {
+            (_, 1) => seen.remove(0),
+            ("allOf", _) => json!({"allOf": seen}),
+            _ => json!({"anyOf": seen}),
+        };
+        match properties.get_mut(&name) {
+            Some(existing) if keyword == "allOf" && *existing != combined => {
+                *existing = json!({"allOf": [existing.take(), combined]});
+            }
+            Some(_) => {}
+            None => {
+                properties.insert(name, combined);
+            }
         }
     }
-}
-
-/// Rewrites every `$ref` under `node` that points at `from` or below it to point under `to`;
-/// whether there was one.
-fn repoint(node: &mut Value, from: &str, to: &str) -> bool {
-    match node {
-        Value::Object(map) => {
-            let mut found = false;
-            for (key, child) in map.iter_mut() {
-                match child {
-                    Value::String(target)
-                        if key == "$ref"
-                            && (target.as_str() == from || target.starts_with(&format!("{from}/"))) =>
-                    {
-                        *target = format!("{to}{}", &target[from.len()..]);
-                        found = true;
-                    }
-                    _ => found |= repoint(child, from, to),
+    if keyword == "allOf" {
+        let required = top.entry("required").or_insert_with(|| json!([]));
+        if let Some(required) = required.as_array_mut() {
+            for name in branches
+                .iter()
+                .filter_map(|b| b.get("required")?.as_array())
+                .flatten()
+            {
+                if !required.contains(name) {
+                    required.push(name.clone());
                 }
             }
-            found
         }
-        Value::Array(items) => items
-            .iter_mut()
-            .fold(false, |found, item| repoint(item, from, to) | found),
-        _ => false,
+    }
+}
+
+/// Keeps under `$defs` each part taken off the top (a branch, or `not`) that a `$ref` left in
+/// `kept`, or in another such part, points into; and points those references there.
+fn keep_referenced(kept: &mut serde_json::Map<String, Value>, removed: &[(&str, Value)]) {
+    let mut targets = Vec::new();
+    for value in kept.values().chain(removed.iter().map(|(_, v)| v)) {
+        collect_refs(value, &mut targets);
+    }
+    let points_into = |from: &str| {
+        targets
+            .iter()
+            .any(|t| t == from || t.strip_prefix(from).is_some_and(|rest| rest.starts_with('/')))
+    };
+    // (where it was, where it is kept, the part)
+    let mut moved: Vec<(String, String, Value)> = Vec::new();
+    let mut taken: Vec<String> = kept
+        .get("$defs")
+        .and_then(Value::as_object)
+        .map(|defs| defs.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut free_name = |wanted: String| {
+        let mut name = wanted;
+        while taken.contains(&name) {
+            name.push('_');
+        }
+        taken.push(name.clone());
+        name
+    };
+    for (keyword, value) in removed {
+        let parts: Vec<(String, &Value)> = match value.as_array() {
+            Some(branches) if *keyword != "enum" => branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (format!("#/{keyword}/{i}"), b))
+                .collect(),
+            _ if *keyword == "not" => vec![(format!("#/{keyword}"), value)],
+            _ => Vec::new(),
+        };
+        for (from, part) in parts {
+            if points_into(&from) {
+                let name = free_name(format!("opsiq_{}", from[2..].replace('/', "_")));
+                moved.push((from, format!("#/$defs/{name}"), part.clone()));
+            }
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let defs = kept.entry("$defs").or_insert_with(|| json!({}));
+    if let Some(defs) = defs.as_object_mut() {
+        for (_, to, part) in &moved {
+            defs.insert(to["#/$defs/".len()..].to_string(), part.clone());
+        }
+    }
+    for value in kept.values_mut() {
+        repoint(value, &moved);
+    }
+}
+
+/// Every `$ref` target under `node`.
+fn collect_refs(node: &Value, into: &mut Vec<String>) {
+    match node {
+        Value::Object(map) => {
+            for (key, child) in map {
+                match (key.as_str(), child) {
+                    ("$ref", Value::String(target)) => into.push(target.clone()),
+                    _ => collect_refs(child, into),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_refs(item, into)),
+        _ => {}
+    }
+}
+
+/// Points every `$ref` under `node` that leads into a moved part at where it is kept.
+fn repoint(node: &mut Value, moved: &[(String, String, Value)]) {
+    match node {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match child {
+                    Value::String(target) if key == "$ref" => {
+                        let new = moved.iter().find_map(|(from, to, _)| {
+                            let rest = target.strip_prefix(from.as_str())?;
+                            (rest.is_empty() || rest.starts_with('/')).then(|| format!("{to}{rest}"))
+                        });
+                        if let Some(new) = new {
+                            *target = new;
+                        }
+                    }
+                    _ => repoint(child, moved),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| repoint(item, moved)),
+        _ => {}
     }
 }
 
@@ -207,22 +297,28 @@ fn repoint(node: &mut Value, from: &str, to: &str) -> bool {
 const MOST_QUOTED_CHARS: usize = 600;
 
 /// A sentence for a keyword taken off the top of a schema: in plain words for branches that
-/// only require fields (`branches`, resolved), as JSON otherwise.
+/// only require fields, each a different set (`branches`, resolved), as JSON otherwise.
 fn describe(keyword: &str, value: &Value, branches: Option<&[Value]>) -> String {
-    let field_sets: Option<Vec<String>> = branches.and_then(|branches| {
-        branches
-            .iter()
-            .map(|branch| {
-                let names: Option<Vec<&str>> = branch
-                    .get("required")?
-                    .as_array()?
-                    .iter()
-                    .map(Value::as_str)
-                    .collect();
-                names.filter(|n| !n.is_empty()).map(|n| n.join(" and "))
-            })
-            .collect()
-    });
+    let field_sets: Option<Vec<String>> = branches
+        .filter(|bs| {
+            bs.iter()
+                .all(|b| b.as_object().is_some_and(|m| m.keys().all(|k| k == "required")))
+        })
+        .and_then(|branches| {
+            branches
+                .iter()
+                .map(|branch| {
+                    let names: Option<Vec<&str>> = branch
+                        .get("required")?
+                        .as_array()?
+                        .iter()
+                        .map(Value::as_str)
+                        .collect();
+                    names.filter(|n| !n.is_empty()).map(|n| n.join(" and "))
+                })
+                .collect()
+        })
+        .filter(|sets: &Vec<String>| sets.iter().enumerate().all(|(i, set)| !sets[..i].contains(set)));
     match (keyword, field_sets) {
         ("oneOf", Some(sets)) => format!("Give exactly one of: {}.", sets.join("; ")),
         ("anyOf", Some(sets)) => format!("Give at least one of: {}.", sets.join("; ")),
@@ -321,25 +417,47 @@ mod tests {
                  The arguments must also satisfy the JSON Schema {\"not\": {\"required\":[\"x\"]}}."
             )
         );
-        // allOf branches that only name fields join the top, through a $ref too; a $ref into
-        // a part taken off is pointed at a kept copy.
+        // allOf branches that only name fields join the top, through $refs too (a field both
+        // name meets both); oneOf/anyOf fields join as optional, in any of their forms; a $ref
+        // into a part taken off points at a copy of that branch, under a name of its own.
         let composed = json!({
             "type": "object",
-            "$defs": {"Base": {"properties": {"id": {"type": "string"}}, "required": ["id"]}},
-            "properties": {"note": {"$ref": "#/anyOf/0/properties/n"}},
-            "allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"qty": {"type": "integer"}}, "required": ["qty"]}],
-            "anyOf": [{"properties": {"n": {"type": "string"}}, "required": ["n"]}, {"required": ["m"]}],
+            "$defs": {"Base": {"$ref": "#/$defs/Core"}, "Core": {"properties": {"id": {"type": "string"}}, "required": ["id"]},
+                      "opsiq_anyOf_0": {"type": "string"}},
+            "properties": {"note": {"$ref": "#/anyOf/0/properties/n"}, "qty": {"type": "integer"}},
+            "allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"qty": {"minimum": 3}}, "required": ["qty"]}],
+            "anyOf": [{"properties": {"n": {"type": "string"}}, "required": ["n"]},
+                      {"properties": {"n": {"type": "integer"}}, "required": ["m"]}],
         });
         let (schema, said) = exported_schema(&composed);
         assert_eq!(
             schema["properties"],
-            json!({"note": {"$ref": "#/$defs/opsiq_anyOf/0/properties/n"}, "id": {"type": "string"},
-                   "qty": {"type": "integer"}, "n": {"type": "string"}})
+            json!({"note": {"$ref": "#/$defs/opsiq_anyOf_0_/properties/n"}, "id": {"type": "string"},
+                   "qty": {"allOf": [{"type": "integer"}, {"minimum": 3}]},
+                   "n": {"anyOf": [{"type": "string"}, {"type": "integer"}]}})
         );
         assert_eq!(schema["required"], json!(["id", "qty"]));
-        assert_eq!(schema["$defs"]["opsiq_anyOf"], composed["anyOf"]);
-        assert!(schema["$defs"].get("opsiq_allOf").is_none());
-        assert_eq!(said.as_deref(), Some("Give at least one of: n; m."));
+        assert!(crate::registry::model::compile_new_schema(&schema).is_ok(), "{schema}");
+        assert_eq!(schema["$defs"]["opsiq_anyOf_0_"], composed["anyOf"][0]);
+        assert_eq!(
+            schema["$defs"]["opsiq_anyOf_0"],
+            json!({"type": "string"}),
+            "a name of the author's kept"
+        );
+        assert!(schema["$defs"].get("opsiq_anyOf_1").is_none());
+        assert!(
+            said.unwrap()
+                .starts_with("The arguments must also satisfy the JSON Schema {\"anyOf\"")
+        );
+        // Branches that only require fields, each another set, are said in words; the same set
+        // twice is not.
+        let twice = json!({"type": "object", "oneOf": [{"required": ["b"]}, {"required": ["b"]}]});
+        assert!(
+            exported_schema(&twice)
+                .1
+                .unwrap()
+                .starts_with("The arguments must also satisfy")
+        );
         // A long schema is quoted only in part.
         let long = json!({"type": "object", "not": {"enum": vec!["x"; 400]}});
         let said = exported_schema(&long).1.unwrap();
