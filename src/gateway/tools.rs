@@ -437,7 +437,10 @@ mod tests {
                    "n": {"anyOf": [{"type": "string"}, {"type": "integer"}]}})
         );
         assert_eq!(schema["required"], json!(["id", "qty"]));
-        assert!(crate::registry::model::compile_new_schema(&schema).is_ok(), "{schema}");
+        assert!(
+            crate::registry::model::compile_new_schema(&schema).is_ok(),
+            "{schema}"
+        );
         assert_eq!(schema["$defs"]["opsiq_anyOf_0_"], composed["anyOf"][0]);
         assert_eq!(
             schema["$defs"]["opsiq_anyOf_0"],

@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::{
@@ -128,8 +129,8 @@ const BATCHING_VERSIONS: &[&str] = &["2025-03-26", "2024-11-05"];
 /// Most messages in one batch.
 const MOST_BATCHED: usize = 100;
 
-/// The messages of a body that is a JSON array.
-fn as_batch(body: &[u8]) -> Option<Vec<Value>> {
+/// The messages of a body that is a JSON array, as their text.
+fn as_batch(body: &[u8]) -> Option<Vec<&RawValue>> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
     if *first != b'[' {
         return None;
@@ -144,7 +145,7 @@ async fn post_batch(
     state: &AppState,
     agent: &AgentPrincipal,
     headers: &HeaderMap,
-    batch: Vec<Value>,
+    batch: Vec<&RawValue>,
 ) -> Response {
     let negotiated = match session(state, agent, headers).await {
         Ok((_, negotiated)) => negotiated,
@@ -164,9 +165,14 @@ async fn post_batch(
         return refuse(&format!("a batch holds 1 to {MOST_BATCHED} messages"));
     }
     let mut answers = Vec::new();
+    let max_depth = state.config.max_json_depth;
     for message in batch {
-        let bytes = message.to_string();
-        match parse_message(bytes.as_bytes()) {
+        let text = message.get().as_bytes();
+        if let Err(problem) = crate::http::extract::scan_json_text(text, max_depth) {
+            answers.push(super::answer_to_problem(problem, text, max_depth).1);
+            continue;
+        }
+        match parse_message(text) {
             Err((_, id, mut e)) => {
                 if e.code == codes::INVALID_REQUEST {
                     e.message =

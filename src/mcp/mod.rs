@@ -172,50 +172,16 @@ async fn handle(State(state): State<AppState>, request: axum::extract::Request) 
         }
     };
     // Nested too deep, holding a NUL or a number too large, or naming a key twice: refused
-    // before it is parsed, as everywhere.
+    // before it is parsed, as everywhere. (A batch, which only some sessions take, is checked
+    // message by message where it is taken, so that one bad message spoils only its answer.)
     let max_depth = state.config.max_json_depth;
     if let Err(problem) = crate::http::extract::scan_json_text(&body, max_depth) {
-        // In otherwise good JSON a tool call learns it as a tool error its model can act on,
-        // another request as an error for its own id. Text that is no JSON is a parse error;
-        // an envelope that names its id or method twice has neither that can be trusted.
-        let envelope_ambiguous = matches!(&problem,
-            JsonTextProblem::DuplicateKey(at) if ["/id", "/method", "/jsonrpc", "/params"].contains(&at.as_str()));
-        let parsed = match problem {
-            JsonTextProblem::TooDeep => None,
-            _ => Some(serde_json::from_slice::<Value>(&body)),
-        };
-        let e = problem.into_api_error(max_depth);
-        let message = with_details(e.message, &e.details);
-        let request = match parsed {
-            Some(Err(_)) => {
-                return rpc_error_response(
-                    StatusCode::BAD_REQUEST,
-                    Value::Null,
-                    &RpcError::new(codes::PARSE_ERROR, "the request body is not valid JSON"),
-                );
-            }
-            Some(Ok(request)) if !envelope_ambiguous => Some(request),
-            _ => None,
-        };
-        let id = request
-            .as_ref()
-            .and_then(|r| r.get("id"))
-            .filter(|id| id.is_string() || id.is_number());
-        return match (&request, id) {
-            (Some(r), Some(id)) if r["method"] == "tools/call" => {
-                json_response(rpc_result(id, tools::tool_error(message)))
-            }
-            (Some(_), id) => rpc_error_response(
-                StatusCode::BAD_REQUEST,
-                id.cloned().unwrap_or(Value::Null),
-                &RpcError::new(codes::INVALID_PARAMS, message),
-            ),
-            (None, _) => rpc_error_response(
-                StatusCode::BAD_REQUEST,
-                Value::Null,
-                &RpcError::new(codes::INVALID_REQUEST, message),
-            ),
-        };
+        let batch = problem != JsonTextProblem::TooDeep
+            && serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&body).is_ok();
+        if !batch {
+            let (status, answer) = answer_to_problem(problem, &body, max_depth);
+            return (status, axum::Json(answer)).into_response();
+        }
     }
     match version {
         // A stateless-era POST says in JSON-RPC which versions are spoken; another method has
@@ -363,6 +329,50 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentPrin
         )));
     };
     crate::gateway::authenticate(state, token).await.map_err(refused)
+}
+
+/// The answer to one message whose text [`scan_json_text`](crate::http::extract::scan_json_text)
+/// found `problem` in, with its HTTP status. In otherwise good JSON a tool call learns it as a
+/// tool error its model can act on, another request as an error for its own id. Text that is no
+/// JSON is a parse error; an envelope that names its id or method twice has neither that can be
+/// trusted.
+pub fn answer_to_problem(problem: JsonTextProblem, text: &[u8], max_depth: usize) -> (StatusCode, Value) {
+    let envelope_ambiguous = matches!(&problem,
+        JsonTextProblem::DuplicateKey(at) if ["/id", "/method", "/jsonrpc", "/params"].contains(&at.as_str()));
+    let parsed = match problem {
+        JsonTextProblem::TooDeep => None,
+        _ => Some(serde_json::from_slice::<Value>(text)),
+    };
+    let e = problem.into_api_error(max_depth);
+    let message = with_details(e.message, &e.details);
+    let request = match parsed {
+        Some(Err(_)) => {
+            let e = RpcError::new(codes::PARSE_ERROR, "the request body is not valid JSON");
+            return (StatusCode::BAD_REQUEST, rpc_error(Value::Null, &e));
+        }
+        Some(Ok(request)) if !envelope_ambiguous => Some(request),
+        _ => None,
+    };
+    let id = request
+        .as_ref()
+        .and_then(|r| r.get("id"))
+        .filter(|id| id.is_string() || id.is_number());
+    match (&request, id) {
+        (Some(r), Some(id)) if r["method"] == "tools/call" => {
+            (StatusCode::OK, rpc_result(id, tools::tool_error(message)))
+        }
+        (Some(_), id) => (
+            StatusCode::BAD_REQUEST,
+            rpc_error(
+                id.cloned().unwrap_or(Value::Null),
+                &RpcError::new(codes::INVALID_PARAMS, message),
+            ),
+        ),
+        (None, _) => (
+            StatusCode::BAD_REQUEST,
+            rpc_error(Value::Null, &RpcError::new(codes::INVALID_REQUEST, message)),
+        ),
+    }
 }
 
 /// A JSON-RPC success response.

@@ -1020,6 +1020,32 @@ async fn batches_are_taken_on_sessions_of_the_revision_that_has_them() {
     );
     assert_eq!(answers[2]["error"]["code"], -32601);
     assert_eq!(answers[3]["error"]["code"], -32600);
+    // A message whose text is at fault spoils only its own answer: a duplicate key in a tool
+    // call's arguments is that call's tool error; its neighbour is answered.
+    let raw = r#"[{"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "lookup_customer", "arguments": {"customer_id": "a", "customer_id": "b"}}}]"#;
+    let resp = app
+        .as_key(&token, Method::POST, "/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .header("mcp-session-id", &old)
+        .header("mcp-protocol-version", "2025-03-26")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body[0],
+        json!({"jsonrpc": "2.0", "id": 1, "result": {}}),
+        "{body}"
+    );
+    assert_eq!(
+        (&body[1]["id"], &body[1]["result"]["isError"]),
+        (&json!(2), &json!(true)),
+        "{body}"
+    );
     let only_notes = json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}]);
     let resp = post_mcp(&app, &token, &on_old, only_notes).await;
     assert_eq!(resp.status(), 202);
