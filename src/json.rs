@@ -60,10 +60,9 @@ pub fn equal_by_value(a: &Value, b: &Value) -> bool {
 /// `value` as canonical text: keys sorted (serde_json's map is ordered) and every whole-valued
 /// float written as the integer it is, so that values equal by [`equal_by_value`] read the same.
 pub fn canonical_text(value: &Value) -> String {
-    if has_whole_float(value) {
-        whole_floats_as_integers(value.clone()).to_string()
-    } else {
-        value.to_string()
+    match floats_as_integers(value, whole_float_as_integer) {
+        Some(rewritten) => rewritten.to_string(),
+        None => value.to_string(),
     }
 }
 
@@ -72,7 +71,7 @@ pub fn canonical_text(value: &Value) -> String {
 /// `u64`) takes where it refuses the float, and any reader of a number takes alike. `None` if
 /// there is none to rewrite.
 pub fn whole_numbers_as_integers(value: &Value) -> Option<Value> {
-    has_exact_whole_float(value).then(|| exact_whole_floats_as_integers(value.clone()))
+    floats_as_integers(value, exact_whole_float)
 }
 
 /// Past 2^53 a float is not the number its text said (`9007199254740993.0` reads as
@@ -85,41 +84,9 @@ fn exact_whole_float(n: &Number) -> Option<Value> {
     (n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT_FLOAT_END).then(|| Value::from(f as i64))
 }
 
-fn has_exact_whole_float(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => exact_whole_float(n).is_some(),
-        Value::Array(items) => items.iter().any(has_exact_whole_float),
-        Value::Object(map) => map.values().any(has_exact_whole_float),
-        _ => false,
-    }
-}
-
-fn exact_whole_floats_as_integers(value: Value) -> Value {
-    match value {
-        Value::Number(n) => exact_whole_float(&n).unwrap_or(Value::Number(n)),
-        Value::Array(items) => Value::Array(items.into_iter().map(exact_whole_floats_as_integers).collect()),
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, exact_whole_floats_as_integers(v)))
-                .collect(),
-        ),
-        other => other,
-    }
-}
-
-/// Whether `value` holds a float whose value is a whole number (`7.0`, `1e2`, `-0.0`).
-fn has_whole_float(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => n.is_f64() && whole_float_as_integer(n).is_some(),
-        Value::Array(items) => items.iter().any(has_whole_float),
-        Value::Object(map) => map.values().any(has_whole_float),
-        _ => false,
-    }
-}
-
 /// A float with a whole value that 64 bits hold exactly, as that integer.
 fn whole_float_as_integer(n: &Number) -> Option<Value> {
-    let f = n.as_f64()?;
+    let f = n.as_f64().filter(|_| n.is_f64())?;
     // Every whole float in [-2^63, 2^63) is exactly an i64, and in [2^63, 2^64) a u64.
     const I64_END: f64 = 9_223_372_036_854_775_808.0;
     const U64_END: f64 = 18_446_744_073_709_551_616.0;
@@ -135,18 +102,30 @@ fn whole_float_as_integer(n: &Number) -> Option<Value> {
     }
 }
 
-/// `value` with every whole-valued float written as an integer.
-fn whole_floats_as_integers(value: Value) -> Value {
-    match value {
-        Value::Number(n) if n.is_f64() => whole_float_as_integer(&n).unwrap_or(Value::Number(n)),
-        Value::Array(items) => Value::Array(items.into_iter().map(whole_floats_as_integers).collect()),
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, whole_floats_as_integers(v)))
-                .collect(),
-        ),
-        other => other,
+/// `value` with every number `as_integer` rewrites rewritten, at any depth; `None` if it
+/// rewrites none (nothing is copied then).
+fn floats_as_integers(value: &Value, as_integer: fn(&Number) -> Option<Value>) -> Option<Value> {
+    fn holds(value: &Value, as_integer: fn(&Number) -> Option<Value>) -> bool {
+        match value {
+            Value::Number(n) => as_integer(n).is_some(),
+            Value::Array(items) => items.iter().any(|v| holds(v, as_integer)),
+            Value::Object(map) => map.values().any(|v| holds(v, as_integer)),
+            _ => false,
+        }
     }
+    fn rewrite(value: Value, as_integer: fn(&Number) -> Option<Value>) -> Value {
+        match value {
+            Value::Number(n) => as_integer(&n).unwrap_or(Value::Number(n)),
+            Value::Array(items) => Value::Array(items.into_iter().map(|v| rewrite(v, as_integer)).collect()),
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (k, rewrite(v, as_integer)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+    holds(value, as_integer).then(|| rewrite(value.clone(), as_integer))
 }
 
 #[cfg(test)]
