@@ -394,13 +394,29 @@ impl Default for Config {
 }
 
 fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    comma_list(
+        list,
+        "mcp_allowed_origins",
+        "an origin like https://app.example.com",
+        normalize_origin,
+    )
+}
+
+/// The non-empty items of a comma-separated `list`, each as `parse` gives it; an item it refuses
+/// is an error of `field` saying the item is not `what`.
+fn comma_list(
+    list: &str,
+    field: &'static str,
+    what: &str,
+    parse: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, ConfigError> {
     list.split(',')
         .map(str::trim)
-        .filter(|origin| !origin.is_empty())
-        .map(|origin| {
-            normalize_origin(origin).ok_or_else(|| ConfigError::Invalid {
-                field: "mcp_allowed_origins",
-                message: format!("`{origin}` is not an origin like https://app.example.com"),
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            parse(item).ok_or_else(|| ConfigError::Invalid {
+                field,
+                message: format!("`{item}` is not {what}"),
             })
         })
         .collect()
@@ -417,18 +433,12 @@ fn secure_url(text: &str) -> Option<reqwest::Url> {
 /// Comma-separated issuer URLs, kept as written (an issuer identifier is compared character for
 /// character): https, or http on a loopback host for local trials, as OAuth 2.1 asks.
 fn parse_authorization_servers(list: &str) -> Result<Vec<String>, ConfigError> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(|text| {
-            secure_url(text)
-                .map(|_| text.to_string())
-                .ok_or_else(|| ConfigError::Invalid {
-                    field: "mcp_authorization_servers",
-                    message: format!("`{text}` is not an https URL like https://login.example.com"),
-                })
-        })
-        .collect()
+    comma_list(
+        list,
+        "mcp_authorization_servers",
+        "an https URL like https://login.example.com",
+        |text| secure_url(text).map(|_| text.to_string()),
+    )
 }
 
 fn positive(field: &'static str, n: u32) -> Result<u32, ConfigError> {

@@ -108,6 +108,24 @@ struct PendingRow {
 }
 
 impl PendingRow {
+    /// A row for `action` on `target` by `actor`, hashed under `key`, noting `details`.
+    fn new(
+        actor: AuditActor,
+        (action, target): (String, String),
+        details: serde_json::Map<String, Value>,
+        key: &[u8; 32],
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            actor,
+            action,
+            target,
+            details: Mutex::new(details),
+            key: *key,
+            changed: AtomicBool::new(false),
+            written: AtomicBool::new(false),
+        })
+    }
+
     /// The row's details as the JSON text its hash covers.
     fn details(&self) -> String {
         Value::Object(self.details.lock().unwrap_or_else(|e| e.into_inner()).clone()).to_string()
@@ -215,15 +233,12 @@ pub async fn by_file<F: std::future::Future>(
         tenant_id: tenant_id.to_string(),
         name: format!("file:{file}"),
     }))));
-    let pending = Arc::new(PendingRow {
+    let pending = PendingRow::new(
         actor,
-        action: action.to_string(),
-        target: target.to_string(),
-        details: Mutex::default(),
-        key: *key,
-        changed: AtomicBool::new(false),
-        written: AtomicBool::new(false),
-    });
+        (action.to_string(), target.to_string()),
+        serde_json::Map::new(),
+        key,
+    );
     PENDING_ROW.scope(pending, change).await
 }
 
@@ -251,18 +266,12 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= MAX_REQUEST_ID)
         .map(str::to_string);
-    let pending = Arc::new(PendingRow {
+    let pending = PendingRow::new(
         actor,
-        action,
-        target,
-        details: Mutex::new(serde_json::Map::from_iter([(
-            "request_id".to_string(),
-            Value::from(request_id),
-        )])),
-        key: *state.keys.audit_chain_key(),
-        changed: AtomicBool::new(false),
-        written: AtomicBool::new(false),
-    });
+        (action, target),
+        serde_json::Map::from_iter([("request_id".to_string(), Value::from(request_id))]),
+        state.keys.audit_chain_key(),
+    );
     // The change and its row run in a task of their own: a client hanging up drops only this
     // future, so a change is never stopped between its commit and what follows it (announcing
     // it to the other replicas, a row written after it).

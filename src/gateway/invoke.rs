@@ -113,13 +113,7 @@ pub async fn invoke(
         state.gateway.rate_limit_agent(&tenant_id, agent)?;
     }
 
-    let cached = state
-        .gateway
-        .actions
-        .get_or_load(&(tenant_id.clone(), req.action.clone()), || {
-            store::get(&state.db, &tenant_id, &req.action)
-        })
-        .await?;
+    let cached = state.gateway.action(&state.db, &tenant_id, &req.action).await?;
     let Some(action) = cached.as_ref().as_ref().filter(|a| a.declaration.enabled) else {
         // A call made before the action was disabled is still answered as its key says.
         if let Some(disabled) = cached.as_ref().as_ref()

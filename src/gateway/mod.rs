@@ -96,6 +96,20 @@ impl Gateway {
         .map_err(ApiError::internal)
     }
 
+    /// The action `name` of `tenant_id` as declared now (`None`: no such action), from the cache.
+    pub async fn action(
+        &self,
+        db: &crate::db::Database,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<Arc<Option<crate::registry::Action>>, crate::db::DbError> {
+        self.actions
+            .get_or_load(&(tenant_id.to_string(), name.to_string()), || {
+                crate::registry::store::get(db, tenant_id, name)
+            })
+            .await
+    }
+
     /// Takes one token from the agent's bucket, or says how long to wait.
     pub fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
         self.agent_limiter.check(format!("{tenant_id}/{agent}"), "agent")

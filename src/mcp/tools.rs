@@ -103,14 +103,7 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
 /// Whether tool `name` advertises an output schema, so that a result without structured content
 /// must be an error result (clients refuse it otherwise).
 async fn promises_structured_result(state: &AppState, agent: &AgentPrincipal, name: &str) -> bool {
-    let tenant_id = &agent.tenant_id;
-    let cached = state
-        .gateway
-        .actions
-        .get_or_load(&(tenant_id.clone(), name.to_string()), || {
-            crate::registry::store::get(&state.db, tenant_id, name)
-        })
-        .await;
+    let cached = state.gateway.action(&state.db, &agent.tenant_id, name).await;
     // Unknown now (deleted since the call): say the call is pending as an error, to be safe.
     cached.map_or(true, |action| {
         action

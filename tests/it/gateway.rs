@@ -1996,6 +1996,20 @@ async fn guards_allow_deny_or_hold_calls(backend: Backend) {
         pending["data"][0]["reason"], "large refunds by juniors",
         "{pending}"
     );
+    // A used key with arguments a guard denies is a conflict with the first call, not a denial.
+    let (status, body) = invoke(
+        &w.app,
+        &billing,
+        "refund_invoice",
+        with_amount(200_000),
+        Some("g2"),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "idempotency_conflict"),
+        "{body}"
+    );
     let (status, body) = invoke(&w.app, &billing, "refund_invoice", with_amount(1_500), Some("g3")).await;
     assert_eq!(
         (status, body["status"].as_str()),
