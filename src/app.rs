@@ -30,6 +30,7 @@ use crate::gateway::invoke::PersistInvocation;
 use crate::http::ApiError;
 use crate::http::error::{method_not_allowed_fallback, not_found_fallback};
 use crate::policy::Policy;
+use crate::rate::SharedBuckets;
 use crate::registry::validators::Validators;
 use crate::rules::Rules;
 use crate::{
@@ -136,11 +137,16 @@ impl AppState {
             max_depth: config.max_json_depth,
         };
         let rules = Arc::new(Rules::new(config.cache_ttl, catalog.clone(), limits));
+        // Replicas share their rate limits' buckets through the database; a sole server keeps
+        // them in memory.
+        let shared_rates =
+            (db.dialect() == Dialect::Postgres).then(|| Arc::new(SharedBuckets::new(db.clone())));
         let (engine, receivers) = Engine::new(
             db.clone(),
             keys.clone(),
             config.clone(),
             (validators.clone(), rules.clone()),
+            shared_rates.clone(),
         );
         // SQLite has one writer connection, but a batch takes it only to send: with two writer
         // tasks one builds its batch while the other's is being written.
@@ -153,8 +159,8 @@ impl AppState {
             invocation_writes: Batcher::start(db.clone(), writers),
             gateway: Arc::new(Gateway::new(
                 validators,
-                config.agent_rate_per_s,
-                config.action_rate_per_s,
+                (config.agent_rate_per_s, config.action_rate_per_s),
+                shared_rates.clone(),
                 server_lock.is_sole(),
                 config.cache_ttl,
             )),
@@ -198,7 +204,7 @@ impl AppState {
         if !tenants::all_tenant_ids(&self.db).await?.is_empty() {
             return Ok(None);
         }
-        let created = match tenants::create_tenant(&self.db, &self.keys, "default").await {
+        let created = match tenants::create_tenant(&self.db, &self.keys, "default", "opsiq serve").await {
             Ok(created) => created,
             // Another replica starting at the same moment made it.
             Err(tenants::TenantError::NameTaken) => return Ok(None),
@@ -355,14 +361,14 @@ pub async fn serve(
     let engine = state.engine.clone();
     let unfinished_changes = state.unfinished_changes.clone();
     let changes = crate::changes::spawn_listener(state.clone());
-    let read_timeout = state.config.read_timeout;
+    let timeouts = (state.config.read_timeout, state.config.shutdown_timeout);
     let stopping = state.stopping.clone();
     let shutdown = async move {
         shutdown.await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     let app = router(state);
-    crate::http::server::serve(listener, app, read_timeout, shutdown).await;
+    crate::http::server::serve(listener, app, timeouts, shutdown).await;
     // Changes whose clients left before the answer are not connections graceful shutdown
     // waits for; wait for them here, before the change feed and the database go.
     tokio::time::timeout(Duration::from_secs(10), unfinished_changes.write())
@@ -398,7 +404,7 @@ pub async fn init(config: &Config, tenant: Option<&str>) -> anyhow::Result<tenan
         tenants::open_master_key(&db, config.master_key.as_deref(), &config.master_key_file, true).await?;
     let actions = registry::files::read_action_files(&config.actions_dir)?;
     let name = tenant.unwrap_or("default");
-    let created = match tenants::create_tenant(&db, &keys, name).await {
+    let created = match tenants::create_tenant(&db, &keys, name, "opsiq init").await {
         Err(tenants::TenantError::NameTaken) if tenant.is_none() => {
             anyhow::bail!("this database is already initialised; use --tenant NAME to add another tenant")
         }

@@ -46,6 +46,8 @@ pub struct RawConfig {
     pub max_json_depth: usize,
     /// Longest a client may take to send a request's headers, and again its body.
     pub read_timeout: String,
+    /// Longest a graceful stop waits for requests in progress.
+    pub shutdown_timeout: String,
     /// `human` or `json`.
     pub log_format: String,
     /// Declarative action files.
@@ -107,6 +109,7 @@ impl Default for RawConfig {
             body_limit: 1024 * 1024,
             max_json_depth: 64,
             read_timeout: "30s".into(),
+            shutdown_timeout: "30s".into(),
             log_format: "human".into(),
             actions_dir: "schemas/actions".into(),
             events_dir: "schemas/events".into(),
@@ -165,6 +168,9 @@ pub struct Config {
     /// Longest a client may take to send a request's headers, and again its body: a client
     /// that trickles them would otherwise hold a connection, and a request slot, for good.
     pub read_timeout: Duration,
+    /// Longest a graceful stop waits for requests in progress (a long poll, a slow `sync` call,
+    /// a stalled body) before it closes their connections; what they accepted is recorded.
+    pub shutdown_timeout: Duration,
     /// How log lines are written.
     pub log_format: LogFormat,
     /// Declarative action files (`*.json`), applied to every tenant at start.
@@ -360,6 +366,7 @@ impl Config {
             body_limit: raw.body_limit,
             max_json_depth: raw.max_json_depth,
             read_timeout: parse_duration("read_timeout", &raw.read_timeout)?,
+            shutdown_timeout: parse_duration("shutdown_timeout", &raw.shutdown_timeout)?,
             log_format,
             actions_dir: raw.actions_dir,
             events_dir: raw.events_dir,
@@ -403,14 +410,16 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
 }
 
 /// The non-empty items of a comma-separated `list`, each as `parse` gives it; an item it refuses
-/// is an error of `field` saying the item is not `what`.
+/// is an error of `field` saying the item is not `what`. A blank list is none; one of commas
+/// only is a mistake, not a way to say none.
 fn comma_list(
     list: &str,
     field: &'static str,
     what: &str,
     parse: impl Fn(&str) -> Option<String>,
 ) -> Result<Vec<String>, ConfigError> {
-    list.split(',')
+    let items = list
+        .split(',')
         .map(str::trim)
         .filter(|item| !item.is_empty())
         .map(|item| {
@@ -419,7 +428,14 @@ fn comma_list(
                 message: format!("`{item}` is not {what}"),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if items.is_empty() && !list.trim().is_empty() {
+        return Err(ConfigError::Invalid {
+            field,
+            message: format!("`{list}` names nothing; leave it unset for none"),
+        });
+    }
+    Ok(items)
 }
 
 /// `text` as an https URL (or http on a loopback host, for local trials), as OAuth 2.1 asks of
@@ -579,5 +595,11 @@ mod tests {
         // The metadata must name the URL clients use, which a request cannot be trusted to say.
         let err = refused("", "https://login.example.com");
         assert!(err.contains("needs public_url"), "{err}");
+        // Commas alone name nothing, and are not taken for an unset list.
+        let err = refused("https://gateway.example.com", " , ");
+        assert!(
+            err.contains("mcp_authorization_servers") && err.contains("names nothing"),
+            "{err}"
+        );
     }
 }

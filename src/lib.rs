@@ -19,6 +19,7 @@
 //! - [`rules`]: "when X happens, if …, do Y": conditions, templates, evaluation in the event's transaction.
 //! - [`audit`]: the hash-chained log of admin changes and its verification.
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document.
+//! - [`rate`]: token buckets, in memory or shared by replicas through PostgreSQL.
 //! - [`crypto`], [`ids`], [`json`], [`telemetry`]: small shared plumbing.
 //!
 //! [`run`] starts everything on a given listener; the binary and the tests both call it.
@@ -43,6 +44,7 @@ pub mod json;
 pub mod mcp;
 pub mod ops;
 pub mod policy;
+pub mod rate;
 pub mod registry;
 pub mod rules;
 pub mod telemetry;

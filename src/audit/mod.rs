@@ -360,7 +360,7 @@ pub async fn append(db: &Database, key: &[u8], entry: Entry<'_>) -> Result<(), D
 }
 
 /// Appends `entry` to its tenant's chain, hashed under `key`, in `tx`.
-async fn append_in(tx: &mut Tx, key: &[u8], entry: Entry<'_>) -> Result<(), sqlx::Error> {
+pub(crate) async fn append_in(tx: &mut Tx, key: &[u8], entry: Entry<'_>) -> Result<(), sqlx::Error> {
     if tx.dialect() == Dialect::Postgres {
         // Replicas append to the same chain: one at a time per tenant. (SQLite's single writer
         // already serializes.)

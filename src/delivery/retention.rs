@@ -90,6 +90,16 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
         args![now_ms()],
     )
     .await?;
+    // Shared rate buckets idle for an hour are full again, as a missing one would be.
+    if db.dialect() == crate::db::Dialect::Postgres {
+        // By the database's clock, which the buckets' times are read from.
+        db.execute(
+            "DELETE FROM rate_buckets \
+             WHERE refilled_at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT - 3600000000",
+            args![],
+        )
+        .await?;
+    }
     // MCP sessions go once ended (DELETE) or past their lifetime.
     loop {
         let n = db

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -27,6 +26,7 @@ use crate::crypto::MasterKey;
 use crate::db::{Database, Tx, now_ms};
 use crate::events::{self, NewEvent};
 use crate::gateway::invocations;
+use crate::rate::{Bucket, Limit, SharedBuckets};
 use crate::registry::validators::Validators;
 use crate::{args, ids};
 
@@ -73,7 +73,7 @@ struct LiveEndpoint {
 struct Limits {
     rate_per_s: Option<i64>,
     in_flight_cap: Option<i64>,
-    rate: Option<DefaultDirectRateLimiter>,
+    rate: Option<Bucket>,
     in_flight: Arc<Semaphore>,
     /// For a limited endpoint: how many of its jobs this process may hold waiting for their
     /// turn, and the spacing (µs) at which the rest are due again (see [`Limits::hold_or_defer`]).
@@ -97,17 +97,30 @@ const HELD_SECONDS: usize = 5;
 /// twentieth of a second's worth. A receiver counting requests in one-second windows then sees
 /// at most 5 % more than the limit in any of them (a full second's burst would double it), and
 /// a high limit is not held back by the timer's millisecond resolution.
-fn endpoint_quota(rate: NonZeroU32) -> Quota {
+fn endpoint_limit(rate: NonZeroU32) -> Limit {
     let burst = NonZeroU32::new(rate.get().div_ceil(20)).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(rate).allow_burst(burst)
+    Limit { per_s: rate, burst }
 }
 
 impl Limits {
-    fn new(rate_per_s: Option<i64>, in_flight_cap: Option<i64>) -> Self {
+    /// The limits `(rate_per_s, in_flight_cap)` of the endpoint `endpoint_id`, whose rate's
+    /// bucket is shared through `shared_rates` when given.
+    fn new(
+        (rate_per_s, in_flight_cap): (Option<i64>, Option<i64>),
+        endpoint_id: &str,
+        shared_rates: Option<Arc<SharedBuckets>>,
+    ) -> Self {
         let rate_per_s_u32 = rate_per_s
             .and_then(|r| u32::try_from(r).ok())
             .and_then(NonZeroU32::new);
-        let rate = rate_per_s_u32.map(|r| RateLimiter::direct(endpoint_quota(r)));
+        // The bucket's key names the rate: a changed limit starts a bucket of its own.
+        let rate = rate_per_s_u32.map(|r| {
+            Bucket::new(
+                endpoint_limit(r),
+                format!("endpoint/{endpoint_id}/{r}"),
+                shared_rates,
+            )
+        });
         let cap = in_flight_cap
             .map(|c| c.clamp(1, 10_000) as usize)
             .unwrap_or(Semaphore::MAX_PERMITS >> 4);
@@ -248,6 +261,8 @@ struct Inner {
     validators: Arc<Validators>,
     /// The tenants' rules, run on the events the engine raises.
     rules: Arc<crate::rules::Rules>,
+    /// Endpoints' rate limits' buckets when replicas share them (else each is in memory).
+    shared_rates: Option<Arc<SharedBuckets>>,
 }
 
 /// The receiving halves created with the engine, consumed by [`Engine::start`].
@@ -263,6 +278,7 @@ impl Engine {
         keys: MasterKey,
         config: Arc<Config>,
         (validators, rules): (Arc<Validators>, Arc<crate::rules::Rules>),
+        shared_rates: Option<Arc<SharedBuckets>>,
     ) -> (Self, EngineReceivers) {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
@@ -287,6 +303,7 @@ impl Engine {
             validators,
             rules,
             config,
+            shared_rates,
         };
         (
             Self {
@@ -505,7 +522,11 @@ impl Engine {
             {
                 old.limits.clone()
             }
-            _ => Arc::new(Limits::new(row.rate_limit_per_s, row.max_in_flight)),
+            _ => Arc::new(Limits::new(
+                (row.rate_limit_per_s, row.max_in_flight),
+                &row.id,
+                self.inner.shared_rates.clone(),
+            )),
         };
         let live = Arc::new(LiveEndpoint {
             tenant_id: row.tenant_id.clone(),
@@ -1393,8 +1414,10 @@ mod tests {
     /// every millisecond as may go.
     fn per_second(rate: u32, seconds: usize) -> Vec<usize> {
         let clock = FakeRelativeClock::default();
-        let limiter =
-            RateLimiter::direct_with_clock(endpoint_quota(NonZeroU32::new(rate).unwrap()), clock.clone());
+        let limiter = RateLimiter::direct_with_clock(
+            endpoint_limit(NonZeroU32::new(rate).unwrap()).quota(),
+            clock.clone(),
+        );
         let mut counts = vec![0; seconds];
         for count in counts.iter_mut() {
             for _ in 0..1000 {

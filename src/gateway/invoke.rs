@@ -110,15 +110,14 @@ pub async fn invoke(
 ) -> Result<InvocationRow, ApiError> {
     let tenant_id = caller.tenant_id().to_string();
     if let Some(agent) = caller.agent_id() {
-        state.gateway.rate_limit_agent(&tenant_id, agent)?;
+        state.gateway.rate_limit_agent(&tenant_id, agent).await?;
     }
 
     let cached = state.gateway.action(&state.db, &tenant_id, &req.action).await?;
     let Some(action) = cached.as_ref().as_ref().filter(|a| a.declaration.enabled) else {
-        // A call made before the action was disabled is still answered as its key says.
-        if let Some(disabled) = cached.as_ref().as_ref()
-            && let Some(earlier) = answer_for_used_key(state, caller, disabled, &req).await?
-        {
+        // A call made before the action was disabled, or deleted, is still answered as its key
+        // says (a deleted action's call as it stands: there is no mode left to answer by).
+        if let Some(earlier) = answer_for_used_key(state, caller, cached.as_ref().as_ref(), &req).await? {
             return Ok(earlier);
         }
         return Err(ApiError::not_found("action").with_message(format!(
@@ -126,7 +125,7 @@ pub async fn invoke(
             req.action
         )));
     };
-    state.gateway.rate_limit_action(&tenant_id, &req.action)?;
+    state.gateway.rate_limit_action(&tenant_id, &req.action).await?;
 
     if let Caller::Agent(agent) = caller {
         if !scope_allows(&agent.scopes, &req.action) {
@@ -154,7 +153,7 @@ pub async fn invoke(
 
     let problems = validate_arguments(state, &tenant_id, action, &req.arguments)?;
     if !problems.is_empty() {
-        if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+        if let Some(earlier) = answer_for_used_key(state, caller, Some(action), &req).await? {
             return Ok(earlier);
         }
         let message = format!(
@@ -199,7 +198,7 @@ pub async fn invoke(
     ) {
         Some((Verdict::Deny, reason)) => {
             let message = format!("a guard on {} refused this call: {reason}", req.action);
-            if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+            if let Some(earlier) = answer_for_used_key(state, caller, Some(action), &req).await? {
                 return Ok(earlier);
             }
             record_refusal(state, caller, action, &req, "denied", "guard_denied", &message).await?;
@@ -237,7 +236,7 @@ pub async fn invoke(
                 ),
                 Some(_) => endpoint_unavailable(&req.action),
             };
-            if let Some(earlier) = answer_for_used_key(state, caller, action, &req).await? {
+            if let Some(earlier) = answer_for_used_key(state, caller, Some(action), &req).await? {
                 return Ok(earlier);
             }
             record_refusal(
@@ -665,7 +664,7 @@ impl RuleCall<'_> {
 async fn answer_for_used_key(
     state: &AppState,
     caller: &Caller,
-    action: &Action,
+    action: Option<&Action>,
     req: &InvokeRequest,
 ) -> Result<Option<InvocationRow>, ApiError> {
     let Some(key) = &req.idempotency_key else {
@@ -676,9 +675,12 @@ async fn answer_for_used_key(
         legacy_request_hash(&req.action, &req.arguments),
     ];
     match find_idempotent(state, caller.tenant_id(), &caller.principal(), key, &hashes).await? {
-        Some(earlier) => replay(state, action, earlier, (req.wait, req.repeat))
-            .await
-            .map(Some),
+        Some(earlier) => match action {
+            Some(action) => replay(state, action, earlier, (req.wait, req.repeat))
+                .await
+                .map(Some),
+            None => Ok(Some(earlier)),
+        },
         None => Ok(None),
     }
 }

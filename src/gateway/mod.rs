@@ -17,12 +17,12 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::AppState;
 use crate::agents::tokens::{self, AgentPrincipal, JwksCache, TenantKeys, TokenStates};
 use crate::http::ApiError;
 use crate::http::auth::bearer_token;
+use crate::rate::{KeyedBuckets, Limit, RateError, SharedBuckets};
 use crate::registry::validators::Validators;
 
 /// The gateway's routes: agent-facing calls, invocation records and approvals.
@@ -43,38 +43,33 @@ pub struct Gateway {
     /// Current action declarations by (tenant, name); cleared on every registry change here and,
     /// on PostgreSQL, on another replica's (`changes`); kept at most `cache_ttl`.
     pub actions: crate::cache::TtlCache<(String, String), Option<crate::registry::Action>>,
-    agent_limiter: Buckets,
-    action_limiter: Buckets,
-}
-
-/// Token buckets by key, whose idle ones (full again, so no different from new ones) are
-/// dropped once there are many, at most every ten seconds.
-struct Buckets {
-    limiter: DefaultKeyedRateLimiter<String>,
-    /// When idle buckets were last dropped (seconds after `started`).
-    pruned_at: std::sync::atomic::AtomicU64,
-    started: std::time::Instant,
+    agent_limiter: KeyedBuckets,
+    action_limiter: KeyedBuckets,
 }
 
 impl Gateway {
     /// Builds the gateway state with per-agent and per-action limits (calls per second);
+    /// `shared_rates` holds their buckets when replicas share them (else they are in memory);
     /// `sole_server` says whether this process alone serves its database (a locked SQLite file).
     pub fn new(
         validators: Arc<Validators>,
-        agent_per_s: u32,
-        action_per_s: u32,
+        (agent_per_s, action_per_s): (u32, u32),
+        shared_rates: Option<Arc<SharedBuckets>>,
         sole_server: bool,
         cache_ttl: std::time::Duration,
     ) -> Self {
-        let quota = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
+        let buckets = |n: u32| {
+            let limit = Limit::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+            KeyedBuckets::new(limit, shared_rates.clone())
+        };
         Self {
             tenant_keys: TenantKeys::default(),
             token_states: TokenStates::new(sole_server),
             jwks: JwksCache::default(),
             validators,
             actions: crate::cache::TtlCache::new(cache_ttl),
-            agent_limiter: Buckets::new(quota(agent_per_s)),
-            action_limiter: Buckets::new(quota(action_per_s)),
+            agent_limiter: buckets(agent_per_s),
+            action_limiter: buckets(action_per_s),
         }
     }
 
@@ -111,56 +106,42 @@ impl Gateway {
     }
 
     /// Takes one token from the agent's bucket, or says how long to wait.
-    pub fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
-        self.agent_limiter.check(format!("{tenant_id}/{agent}"), "agent")
+    pub async fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
+        limited(
+            self.agent_limiter
+                .take(&format!("agent/{tenant_id}/{agent}"))
+                .await,
+            "agent",
+        )
     }
 
     /// Takes one token from the action's bucket, or says how long to wait. Called once the
     /// action is known to exist, so only real actions get buckets.
-    pub fn rate_limit_action(&self, tenant_id: &str, action: &str) -> Result<(), ApiError> {
-        self.action_limiter
-            .check(format!("{tenant_id}/{action}"), "action")
+    pub async fn rate_limit_action(&self, tenant_id: &str, action: &str) -> Result<(), ApiError> {
+        limited(
+            self.action_limiter
+                .take(&format!("action/{tenant_id}/{action}"))
+                .await,
+            "action",
+        )
     }
 }
 
-/// Buckets kept before the idle ones are dropped.
-const MOST_BUCKETS: usize = 10_000;
-
-impl Buckets {
-    fn new(quota: Quota) -> Self {
-        Self {
-            limiter: RateLimiter::keyed(quota),
-            pruned_at: std::sync::atomic::AtomicU64::new(0),
-            started: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes one token from `key`'s bucket, or says how long to wait.
-    fn check(&self, key: String, what: &str) -> Result<(), ApiError> {
-        use governor::clock::Clock;
-        use std::sync::atomic::Ordering;
-        // The limiter's own clock: a new one costs a calibration on every call.
-        let now = self.limiter.clock().now();
-        // Counting the buckets takes a lock per shard: only once ten seconds have passed, and by
-        // one caller.
-        let seconds = self.started.elapsed().as_secs();
-        let last = self.pruned_at.load(Ordering::Acquire);
-        if seconds >= last + 10
-            && self
-                .pruned_at
-                .compare_exchange(last, seconds, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            && self.limiter.len() > MOST_BUCKETS
-        {
-            self.limiter.retain_recent();
-            self.limiter.shrink_to_fit();
-        }
-        self.limiter.check_key(&key).map_err(|not_until| {
-            ApiError::rate_limited(
-                format!("too many calls for this {what}; retry later"),
-                not_until.wait_time_from(now).as_secs() + 1,
-            )
-        })
+/// A refused token as the caller's answer: 429 with `Retry-After`.
+fn limited(taken: Result<(), RateError>, what: &str) -> Result<(), ApiError> {
+    match taken {
+        Ok(()) => Ok(()),
+        Err(RateError::Limited(wait)) => Err(ApiError::rate_limited(
+            format!("too many calls for this {what}; retry later"),
+            crate::rate::retry_after_secs(wait),
+        )),
+        Err(RateError::Unavailable(wait)) => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("this {what}'s rate limit cannot be checked just now; retry shortly"),
+        )
+        .with_retry_after(crate::rate::retry_after_secs(wait))),
+        Err(RateError::Db(e)) => Err(e.into()),
     }
 }
 

@@ -14,16 +14,18 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets every
-/// connection finish the request it is serving, and returns once all are closed (as
-/// `axum::serve` does, without a limit of its own: MCP's event streams end when shutdown begins,
-/// see `AppState::stopping`).
+/// connection finish the request it is serving for up to `shutdown_timeout`, and returns once
+/// all are closed or that time is up (MCP's event streams end when shutdown begins, see
+/// `AppState::stopping`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    read_timeout: Duration,
+    (read_timeout, shutdown_timeout): (Duration, Duration),
     shutdown: impl Future<Output = ()>,
 ) {
     let connections = GracefulShutdown::new();
+    // Set once shutdown_timeout is over: connections still open are dropped (closed).
+    let (hard_stop, stopped) = tokio::sync::watch::channel(false);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -44,14 +46,31 @@ pub async fn serve(
         }
         let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = connections.watch(connection);
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                },
+                _ = stopped.wait_for(|stopped| *stopped) => {}
             }
         });
     }
     drop(listener);
-    connections.shutdown().await;
+    let connections_open = connections.count();
+    if tokio::time::timeout(shutdown_timeout, connections.shutdown())
+        .await
+        .is_err()
+    {
+        // What those requests accepted is already durable; their clients see the connection
+        // close, as after a crash, and retry with their idempotency keys.
+        tracing::warn!(
+            connections_open,
+            waited = ?shutdown_timeout,
+            "requests still in progress at the end of shutdown_timeout; closing their connections"
+        );
+        hard_stop.send_replace(true);
+    }
 }
 
 /// After a failed accept: a connection reset before it was taken is nothing; anything else (out

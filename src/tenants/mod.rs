@@ -64,8 +64,14 @@ pub async fn open_master_key(
     Ok((keys, created))
 }
 
-/// Creates a tenant with a fresh agent-token signing key and an owner API key.
-pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Result<NewTenant, TenantError> {
+/// Creates a tenant with a fresh agent-token signing key and an owner API key; the first row of
+/// its audit log says so, made by `cli:<command>` (`cli:opsiq init`).
+pub async fn create_tenant(
+    db: &Database,
+    keys: &MasterKey,
+    name: &str,
+    command: &str,
+) -> Result<NewTenant, TenantError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(TenantError::InvalidName);
@@ -94,6 +100,15 @@ pub async fn create_tenant(db: &Database, keys: &MasterKey, name: &str) -> Resul
     .await
     .map_err(taken)?;
     insert_key(&mut tx, &key_row).await?;
+    let details = serde_json::json!({"name": name, "owner_key_id": &key_row.id}).to_string();
+    let entry = crate::audit::Entry {
+        tenant_id: &tenant_id,
+        actor: &format!("cli:{command}"),
+        action: "create tenant",
+        target: &tenant_id,
+        details: &details,
+    };
+    crate::audit::append_in(&mut tx, keys.audit_chain_key(), entry).await?;
     tx.commit().await.map_err(taken)?;
     Ok(NewTenant {
         tenant_id,

@@ -396,7 +396,8 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
             "PUT /v1/policies",
             "PATCH /v1/endpoints/{id}",
             "GET /v1/endpoints/{id}/secret",
-            "POST /v1/endpoints"
+            "POST /v1/endpoints",
+            "create tenant"
         ]
     );
     assert_eq!(log[0]["target"], path.as_str());
@@ -404,13 +405,26 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     // A create's row names what it created, which its path cannot.
     assert_eq!(log[4]["details"]["created"], id.as_str(), "{}", log[4]);
     let seqs: Vec<i64> = log.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [5, 4, 3, 2, 1]);
+    assert_eq!(seqs, [6, 5, 4, 3, 2, 1]);
     for pair in log.windows(2) {
         assert_eq!(pair[0]["prev_hash"], pair[1]["hash"]);
     }
-    assert_eq!(log[4]["prev_hash"], "0".repeat(64));
+    // The chain starts with the tenant's creation, by `opsiq init`, naming its owner key.
+    let created = &log[5];
+    assert_eq!(created["prev_hash"], "0".repeat(64));
+    assert_eq!(created["actor"], "cli:opsiq init", "{created}");
+    assert_eq!(created["details"]["name"], "acme", "{created}");
+    let (_, keys) = app.call(Method::GET, "/v1/api-keys", None).await;
+    let owner = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "owner")
+        .unwrap();
+    assert_eq!(created["details"]["owner_key_id"], owner["id"], "{created}");
     assert!(
-        log.iter()
+        log[..5]
+            .iter()
             .all(|r| r["actor"].as_str().unwrap().starts_with("key:"))
     );
     // Nothing secret is kept: the endpoint's secret is in no row.
@@ -424,8 +438,8 @@ async fn admin_changes_are_chained_and_tampering_is_found(backend: Backend) {
     let (_, second) = app
         .call(Method::GET, &format!("/v1/audit?limit=3&cursor={cursor}"), None)
         .await;
-    assert_eq!(rows(&second).len(), 2);
-    assert_eq!(rows(&second)[1]["seq"], 1);
+    assert_eq!(rows(&second).len(), 3);
+    assert_eq!(rows(&second)[2]["seq"], 1);
     assert!(second["next_cursor"].is_null());
 
     // Another tenant has a chain of its own.
@@ -487,10 +501,11 @@ async fn concurrent_changes_extend_one_unbroken_chain(backend: Backend) {
     let (status, page) = app.call(Method::GET, "/v1/audit?limit=50", None).await;
     assert_eq!(status, 200);
     let seqs: Vec<i64> = rows(&page).iter().map(|r| r["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, (1..=16).rev().collect::<Vec<_>>());
+    // After the tenant's creation (row 1).
+    assert_eq!(seqs, (1..=17).rev().collect::<Vec<_>>());
     let (ok, stdout, stderr) = audit_verify(&app).await;
     assert!(ok, "{stdout} {stderr}");
-    assert!(stdout.contains("16 rows"), "{stdout}");
+    assert!(stdout.contains("17 rows"), "{stdout}");
 
     let (status, body) = app.call(Method::GET, "/v1/audit?cursor=latest", None).await;
     assert_eq!(

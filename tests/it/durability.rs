@@ -294,3 +294,47 @@ async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
     a.kill_9().await;
     b.kill_9().await;
 }
+
+/// A graceful stop waits for requests in progress only `shutdown_timeout`: a client stalling
+/// its body, under a far longer `read_timeout`, does not keep the process up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_waits_for_requests_only_so_long() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let url = Backend::Sqlite.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let server = process::serve_with(dir.path(), &url, FAST, |cmd| {
+        cmd.env("OPSIQ_READ_TIMEOUT", "10m")
+            .env("OPSIQ_SHUTDOWN_TIMEOUT", "1s")
+            .env("OPSIQ_MAX_REQUESTS_IN_FLIGHT", "1");
+    })
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"type\""
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    // The one request slot is taken once the stalled request is in progress.
+    crate::harness::wait_until(Duration::from_secs(30), || async {
+        let resp = http_client()
+            .get(format!("{}/v1/actions", server.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        resp.status() == 503
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let status = server.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the stop waited {:?} for a stalled body",
+        started.elapsed()
+    );
+    drop(stalled);
+}

@@ -200,6 +200,7 @@ dual!(
     external_issuer_tokens,
     saving_the_issuer_refetches_its_jwks,
     calls_to_a_disabled_endpoint_are_refused_at_once,
+    a_used_key_outlives_its_deleted_action,
 );
 
 async fn tools_are_listed_per_token_in_each_format(backend: Backend) {
@@ -2418,4 +2419,43 @@ async fn a_call_owed_to_a_deleted_endpoint_fails_without_an_alert(backend: Backe
         .await;
     assert_eq!(failed["data"].as_array().unwrap().len(), 1, "{failed}");
     assert_eq!(failing.received().len(), 1, "nothing was sent after the deletion");
+}
+
+/// A call made before its action was deleted is still answered as its key says: the same call
+/// gets the record as it stands, other arguments a 409; a new key finds no action (404).
+async fn a_used_key_outlives_its_deleted_action(backend: Backend) {
+    let w = world(backend).await;
+    let support = agent_token(&w.app, "agt_del", &["support"], &["invoke:*"]).await;
+    let lookup = json!({"customer_id": "c_del"});
+    let (status, first) = invoke(&w.app, &support, "lookup_customer", lookup.clone(), Some("k-del")).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, body) = w
+        .app
+        .call(Method::DELETE, "/v1/actions/lookup_customer", None)
+        .await;
+    assert!(status == 200 || status == 204, "{status} {body}");
+
+    let (status, again) = invoke(&w.app, &support, "lookup_customer", lookup.clone(), Some("k-del")).await;
+    assert_eq!(
+        (status, &again["invocation_id"], &again["status"]),
+        (200, &first["invocation_id"], &json!("succeeded")),
+        "{again}"
+    );
+    assert_eq!(again["result"], first["result"]);
+    let (status, body) = invoke(
+        &w.app,
+        &support,
+        "lookup_customer",
+        json!({"customer_id": "c_other"}),
+        Some("k-del"),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "idempotency_conflict"),
+        "{body}"
+    );
+    let (status, body) = invoke(&w.app, &support, "lookup_customer", lookup, Some("k-new")).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"), "{body}");
+    assert_eq!(w.rx.received().len(), 1, "one delivery in all");
 }

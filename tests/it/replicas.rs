@@ -369,3 +369,122 @@ async fn replicas_starting_together_on_an_empty_database_all_come_up() {
         }
     }
 }
+
+/// Replicas share each rate limit's bucket: two of them allow an agent what one would, and an
+/// endpoint's deliveries are spaced at its rate whichever replica sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_replicas() {
+    let Some(backend) = Backend::postgres("rate_limits_hold_across_replicas") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    let one_call_a_second = |cmd: &mut tokio::process::Command| {
+        cmd.env("OPSIQ_AGENT_RATE_PER_S", "1");
+    };
+    let a = process::serve_with(dir.path(), &url, &["--dev"], one_call_a_second).await;
+    let b = process::serve_with(dir.path(), &url, &["--dev"], one_call_a_second).await;
+
+    let (status, endpoint) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/actions"), "event_types": ["none.*"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let (status, limited) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/hooks"), "event_types": ["order.*"], "rate_limit_per_s": 2})),
+    )
+    .await;
+    assert_eq!(status, 201, "{limited}");
+    let action = json!({"name": "note", "input_schema": {"type": "object"}, "mode": "async",
+        "endpoint_id": endpoint["id"]});
+    let (status, body) = call(&a.base, &key, Method::POST, "/v1/actions", Some(action)).await;
+    assert_eq!(status, 201, "{body}");
+    let rows =
+        json!({"rows": [{"subject": "role:support", "object": "*", "act": "invoke", "effect": "allow"}]});
+    let (status, body) = call(&a.base, &key, Method::PUT, "/v1/policies", Some(rows)).await;
+    assert_eq!(status, 200, "{body}");
+    let agent = json!({"id": "agt_r", "name": "agt_r", "roles": ["support"]});
+    let (status, body) = call(&a.base, &key, Method::POST, "/v1/agents", Some(agent)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, token) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/agents/agt_r/tokens",
+        Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 600})),
+    )
+    .await;
+    assert_eq!(status, 201, "{token}");
+    let token = token["token"].as_str().unwrap().to_string();
+
+    // The agent's bucket holds one call and refills one a second, on both replicas together:
+    // over a span of t seconds at most 1 + ⌊t⌋ calls are accepted, where each replica alone
+    // would accept one more.
+    let started = std::time::Instant::now();
+    let mut accepted = 0;
+    for n in 0..12 {
+        let base = if n % 2 == 0 { &a.base } else { &b.base };
+        let resp = http_client()
+            .post(format!("{base}/v1/actions/note/invoke"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", format!("note-{n}"))
+            .json(&json!({"arguments": {"n": n}}))
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 | 202 => accepted += 1,
+            429 => {
+                let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok());
+                assert!(matches!(retry_after, Some("1" | "2")), "{retry_after:?}");
+            }
+            other => panic!("{other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    let span = started.elapsed().as_secs();
+    assert!(accepted >= 1, "nothing accepted");
+    assert!(
+        accepted <= 1 + span,
+        "{accepted} calls accepted in {span} whole seconds by two replicas sharing one a second"
+    );
+
+    // The endpoint takes two requests a second (bursts of one): eight events sent through
+    // both replicas (each hands its own events to its own worker) arrive over at least 3.5
+    // seconds, where each replica on its own would send its four in 1.5.
+    for n in 0..8 {
+        let base = if n % 2 == 0 { &a.base } else { &b.base };
+        let body = json!({"type": "order.placed", "data": {"n": n}});
+        let (status, sent) = call(base, &key, Method::POST, "/v1/events", Some(body)).await;
+        assert_eq!(status, 202, "{sent}");
+    }
+    rx.wait_until(Duration::from_secs(60), |r| {
+        r.iter().filter(|r| r.target == "/hooks").count() >= 8
+    })
+    .await;
+    let arrivals: Vec<_> = rx
+        .received()
+        .into_iter()
+        .filter(|r| r.target == "/hooks")
+        .map(|r| r.at)
+        .collect();
+    let first = arrivals.iter().min().unwrap();
+    let last = arrivals.iter().max().unwrap();
+    // 3.5 s, less what the first request's own trip may have taken longer than the last's.
+    assert!(
+        *last - *first >= Duration::from_secs(3),
+        "eight deliveries at two a second arrived within {:?}",
+        *last - *first
+    );
+    a.kill_9().await;
+    b.kill_9().await;
+}

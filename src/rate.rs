@@ -1,0 +1,390 @@
+//! Token buckets for the gateway's per-agent and per-action limits and for endpoints' delivery
+//! rates.
+//!
+//! A process that alone serves its database (a locked SQLite file) keeps its buckets in memory.
+//! Replicas on PostgreSQL share each bucket through the database instead, so that N replicas
+//! together allow what one would: a replica takes a few tokens at a time (a lease, about a
+//! twentieth of a second's worth) in one round trip, and spends them locally. A replica can
+//! hold at most one lease's unused tokens per bucket, and an unused lease lapses after a second.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::args;
+use crate::db::{Database, DbError};
+
+/// A bucket's size: `per_s` tokens a second, at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Tokens added a second.
+    pub per_s: NonZeroU32,
+    /// Most tokens held at once.
+    pub burst: NonZeroU32,
+}
+
+impl Limit {
+    /// A bucket of `per_s` a second whose burst is a whole second's worth.
+    pub fn per_second(per_s: NonZeroU32) -> Self {
+        Self { per_s, burst: per_s }
+    }
+
+    /// The same size as a governor quota.
+    pub fn quota(self) -> Quota {
+        Quota::per_second(self.per_s).allow_burst(self.burst)
+    }
+
+    /// Tokens a replica takes at once: a twentieth of a second's worth, within the burst.
+    fn lease_size(self) -> u32 {
+        self.per_s.get().div_ceil(20).min(self.burst.get())
+    }
+}
+
+/// Why a token could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RateError {
+    /// The bucket is empty; a token is there again after this long.
+    #[error("rate limited for {0:?}")]
+    Limited(Duration),
+    /// The shared bucket could not be read just now; callers are refused for this long.
+    #[error("the rate limit cannot be read for {0:?}")]
+    Unavailable(Duration),
+    /// The shared bucket could not be read.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Token buckets by key, all of one size (the gateway's), in memory or shared.
+pub struct KeyedBuckets {
+    limit: Limit,
+    inner: Store,
+}
+
+enum Store {
+    Local(LocalBuckets),
+    Shared(Arc<SharedBuckets>),
+}
+
+impl KeyedBuckets {
+    /// Buckets of `limit`: shared through `shared` when given (replicas), else in memory.
+    pub fn new(limit: Limit, shared: Option<Arc<SharedBuckets>>) -> Self {
+        let inner = match shared {
+            Some(shared) => Store::Shared(shared),
+            None => Store::Local(LocalBuckets::new(limit.quota())),
+        };
+        Self { limit, inner }
+    }
+
+    /// Takes one token from `key`'s bucket.
+    pub async fn take(&self, key: &str) -> Result<(), RateError> {
+        match &self.inner {
+            Store::Local(local) => local.take(key),
+            Store::Shared(shared) => shared.take(key, self.limit).await,
+        }
+    }
+}
+
+/// Buckets kept before the idle ones are dropped.
+const MOST_BUCKETS: usize = 10_000;
+
+/// In-memory buckets, whose idle ones (full again, so no different from new ones) are dropped
+/// once there are many, at most every ten seconds.
+struct LocalBuckets {
+    limiter: DefaultKeyedRateLimiter<String>,
+    /// When idle buckets were last dropped (seconds after `started`).
+    pruned_at: std::sync::atomic::AtomicU64,
+    started: Instant,
+}
+
+impl LocalBuckets {
+    fn new(quota: Quota) -> Self {
+        Self {
+            limiter: RateLimiter::keyed(quota),
+            pruned_at: std::sync::atomic::AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    fn take(&self, key: &str) -> Result<(), RateError> {
+        use std::sync::atomic::Ordering;
+        // The limiter's own clock: a new one costs a calibration on every call.
+        let now = self.limiter.clock().now();
+        // Counting the buckets takes a lock per shard: only once ten seconds have passed, and by
+        // one caller.
+        let seconds = self.started.elapsed().as_secs();
+        let last = self.pruned_at.load(Ordering::Acquire);
+        if seconds >= last + 10
+            && self
+                .pruned_at
+                .compare_exchange(last, seconds, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            && self.limiter.len() > MOST_BUCKETS
+        {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        self.limiter
+            .check_key(&key.to_string())
+            .map_err(|not_until| RateError::Limited(not_until.wait_time_from(now)))
+    }
+}
+
+/// One bucket, alone in this process (an endpoint's): in memory or shared.
+pub struct Bucket {
+    limit: Limit,
+    inner: BucketStore,
+}
+
+enum BucketStore {
+    Local(governor::DefaultDirectRateLimiter),
+    Shared {
+        key: String,
+        buckets: Arc<SharedBuckets>,
+    },
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bucket {
+    /// A bucket of `limit` in memory.
+    pub fn local(limit: Limit) -> Self {
+        Self {
+            limit,
+            inner: BucketStore::Local(RateLimiter::direct(limit.quota())),
+        }
+    }
+
+    /// The bucket `key` of `limit`: shared through `shared` when given (replicas), else in
+    /// memory.
+    pub fn new(limit: Limit, key: String, shared: Option<Arc<SharedBuckets>>) -> Self {
+        match shared {
+            Some(buckets) => Self {
+                limit,
+                inner: BucketStore::Shared { key, buckets },
+            },
+            None => Self::local(limit),
+        }
+    }
+
+    /// Waits until a token can be taken, and takes it. When the shared bucket cannot be read,
+    /// waits and tries again: a limit must not be exceeded because the database is slow.
+    pub async fn until_ready(&self) {
+        match &self.inner {
+            BucketStore::Local(limiter) => limiter.until_ready().await,
+            BucketStore::Shared { key, buckets } => loop {
+                match buckets.take(key, self.limit).await {
+                    Ok(()) => return,
+                    Err(RateError::Limited(wait) | RateError::Unavailable(wait)) => {
+                        tokio::time::sleep(wait).await
+                    }
+                    // Only the caller that asked the database hears its error; the others
+                    // wait out the refusal above.
+                    Err(RateError::Db(e)) => {
+                        tracing::warn!(error = %e, "could not read a shared rate limit; trying again");
+                        tokio::time::sleep(AFTER_FAILURE).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// How long a lease's unused tokens stay spendable.
+const LEASE_LIFETIME: Duration = Duration::from_secs(1);
+
+/// Longest a take waits for the database before the callers of its key are refused for a while.
+const DATABASE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How long callers of a key are refused after its bucket could not be read.
+const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Buckets kept in the database (PostgreSQL's `rate_buckets`), with this process's leases.
+pub struct SharedBuckets {
+    db: Database,
+    leases: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Lease>>>>,
+    /// When lapsed leases were last dropped from `leases`.
+    pruned_at: Mutex<Instant>,
+}
+
+/// The tokens this process holds of one shared bucket.
+#[derive(Default)]
+struct Lease {
+    tokens: u32,
+    valid_until: Option<Instant>,
+    /// Until then, callers are refused without asking the database again: its bucket was found
+    /// short (until a lease's worth is back), or could not be read.
+    refused_until: Option<(Instant, Refusal)>,
+}
+
+/// Why callers of a key are being refused.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// The bucket is short; its next token is back at this instant.
+    Empty(Instant),
+    /// The database did not answer.
+    Unreadable,
+}
+
+impl SharedBuckets {
+    /// Buckets shared through `db`.
+    pub fn new(db: Database) -> Self {
+        Self {
+            db,
+            leases: Mutex::new(HashMap::new()),
+            pruned_at: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn lease(&self, key: &str) -> Arc<tokio::sync::Mutex<Lease>> {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lease) = leases.get(key) {
+            return lease.clone();
+        }
+        if leases.len() >= MOST_BUCKETS {
+            self.prune(&mut leases);
+        }
+        leases.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Drops leases nobody is using whose tokens and refusals have lapsed (no different from
+    /// none), at most every ten seconds.
+    fn prune(&self, leases: &mut HashMap<String, Arc<tokio::sync::Mutex<Lease>>>) {
+        let now = Instant::now();
+        let mut pruned_at = self.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(*pruned_at) < Duration::from_secs(10) {
+            return;
+        }
+        *pruned_at = now;
+        leases.retain(|_, lease| {
+            Arc::strong_count(lease) > 1
+                || lease.try_lock().map_or(true, |l| {
+                    l.valid_until.is_some_and(|t| t > now) || l.refused_until.is_some_and(|(t, _)| t > now)
+                })
+        });
+    }
+
+    /// Takes one token of `key`'s bucket of `limit`: from this process's lease, or from a new
+    /// lease taken from the database.
+    pub async fn take(&self, key: &str, limit: Limit) -> Result<(), RateError> {
+        let lease = self.lease(key);
+        // Callers of one key queue here, so that one of them renews the lease for all.
+        let mut lease = lease.lock().await;
+        let now = Instant::now();
+        if lease.tokens > 0 && lease.valid_until.is_some_and(|t| t > now) {
+            lease.tokens -= 1;
+            return Ok(());
+        }
+        match lease.refused_until {
+            Some((until, refusal)) if until > now => {
+                return Err(match refusal {
+                    Refusal::Empty(next_token) => RateError::Limited(next_token.max(now) - now),
+                    Refusal::Unreadable => RateError::Unavailable(until - now),
+                });
+            }
+            _ => {}
+        }
+        let taken = tokio::time::timeout(DATABASE_PATIENCE, self.take_from_database(key, limit)).await;
+        let now = Instant::now();
+        let (granted, left_milli) = match taken {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) => {
+                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable));
+                return Err(e.into());
+            }
+            Err(_) => {
+                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable));
+                return Err(RateError::Db(DbError::BatchTransient(
+                    "the database did not answer for a rate limit in time".into(),
+                )));
+            }
+        };
+        if granted <= 0 {
+            // Ask again once a whole lease is back, not for every token: callers are told when
+            // the next one is.
+            let per_s = u64::from(limit.per_s.get());
+            let missing = |tokens: u32| {
+                let short = (i64::from(tokens) * 1000 - left_milli).max(1);
+                Duration::from_micros(u64::try_from(short).unwrap_or(1) * 1000 / per_s)
+                    .max(Duration::from_millis(1))
+            };
+            let next_token = now + missing(1);
+            lease.tokens = 0;
+            lease.refused_until = Some((now + missing(limit.lease_size()), Refusal::Empty(next_token)));
+            return Err(RateError::Limited(next_token - now));
+        }
+        lease.tokens = u32::try_from(granted - 1).unwrap_or(0);
+        lease.valid_until = Some(now + LEASE_LIFETIME);
+        lease.refused_until = None;
+        Ok(())
+    }
+
+    /// One round trip: refills `key`'s bucket and takes a lease from it; answers the tokens
+    /// granted and the thousandths left.
+    async fn take_from_database(&self, key: &str, limit: Limit) -> Result<(i64, i64), DbError> {
+        self.db
+            .fetch_optional(
+                "SELECT granted, left_milli FROM opsiq_take_tokens($1, $2, $3, $4)",
+                args![
+                    key.to_string(),
+                    i64::from(limit.burst.get()),
+                    i64::from(limit.per_s.get()),
+                    i64::from(limit.lease_size()),
+                ],
+            )
+            .await?
+            .ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
+    }
+}
+
+/// `wait` in whole seconds for `Retry-After`, rounded up (at least one).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_a_twentieth_of_a_second_within_the_burst() {
+        let limit = |per_s, burst| Limit {
+            per_s: NonZeroU32::new(per_s).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        };
+        assert_eq!(limit(1, 1).lease_size(), 1);
+        assert_eq!(limit(100, 100).lease_size(), 5);
+        assert_eq!(limit(1000, 50).lease_size(), 50);
+        assert_eq!(limit(1000, 10).lease_size(), 10);
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+    }
+
+    #[test]
+    fn local_buckets_refuse_past_the_burst_and_say_how_long() {
+        let buckets = LocalBuckets::new(Limit::per_second(NonZeroU32::new(2).unwrap()).quota());
+        assert!(buckets.take("a").is_ok());
+        assert!(buckets.take("a").is_ok());
+        match buckets.take("a") {
+            Err(RateError::Limited(wait)) => assert!(wait <= Duration::from_millis(500), "{wait:?}"),
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        // Another key has its own bucket.
+        assert!(buckets.take("b").is_ok());
+    }
+}
