@@ -221,16 +221,36 @@ pub struct SharedBuckets {
 struct Lease {
     tokens: u32,
     valid_until: Option<Instant>,
+    /// How many tokens the next lease asks for: one after a lease lapsed unspent, twice as many
+    /// (up to the limit's lease size) after one was spent in time. Replicas that see a trickle
+    /// then take no more than they spend, and busy ones one round trip per lease size.
+    next_size: u32,
     /// Until then, callers are refused without asking the database again: its bucket was found
-    /// short (until a lease's worth is back), or could not be read.
+    /// short (until the next lease's worth is back), or could not be read.
     refused_until: Option<(Instant, Refusal)>,
+}
+
+impl Lease {
+    /// How many tokens to ask the database for, this lease having run out or lapsed.
+    fn next_request(&self, limit: Limit) -> u32 {
+        match (self.next_size, self.refused_until.is_some()) {
+            (0, _) => 1,
+            // The bucket was short (or unreadable): as much as last time, once it is back.
+            (asked, true) => asked,
+            // Lapsed unspent: what one call needs.
+            (_, false) if self.tokens > 0 => 1,
+            // Spent in time: twice as much.
+            (asked, false) => asked.saturating_mul(2),
+        }
+        .clamp(1, limit.lease_size())
+    }
 }
 
 /// Why callers of a key are being refused.
 #[derive(Clone, Copy)]
 enum Refusal {
-    /// The bucket is short; its next token is back at this instant.
-    Empty(Instant),
+    /// The bucket is short.
+    Empty,
     /// The database did not answer.
     Unreadable,
 }
@@ -274,26 +294,29 @@ impl SharedBuckets {
     }
 
     /// Takes one token of `key`'s bucket of `limit`: from this process's lease, or from a new
-    /// lease taken from the database.
+    /// lease taken from the database. Waits at most [`DATABASE_PATIENCE`] in all.
     pub async fn take(&self, key: &str, limit: Limit) -> Result<(), RateError> {
+        let deadline = tokio::time::Instant::now() + DATABASE_PATIENCE;
         let lease = self.lease(key);
-        // Callers of one key queue here, so that one of them renews the lease for all.
-        let mut lease = lease.lock().await;
+        // Callers of one key queue here, so that one of them renews the lease for all; a queue
+        // that does not move (the database is slow) is as good as no answer.
+        let Ok(mut lease) = tokio::time::timeout_at(deadline, lease.lock()).await else {
+            return Err(RateError::Unavailable(AFTER_FAILURE));
+        };
         let now = Instant::now();
-        if lease.tokens > 0 && lease.valid_until.is_some_and(|t| t > now) {
+        let lease_valid = lease.valid_until.is_some_and(|t| t > now);
+        if lease.tokens > 0 && lease_valid {
             lease.tokens -= 1;
             return Ok(());
         }
-        match lease.refused_until {
-            Some((until, refusal)) if until > now => {
-                return Err(match refusal {
-                    Refusal::Empty(next_token) => RateError::Limited(next_token.max(now) - now),
-                    Refusal::Unreadable => RateError::Unavailable(until - now),
-                });
-            }
-            _ => {}
+        if let Some((until, refusal)) = lease.refused_until.filter(|(until, _)| *until > now) {
+            return Err(match refusal {
+                Refusal::Empty => RateError::Limited(until - now),
+                Refusal::Unreadable => RateError::Unavailable(until - now),
+            });
         }
-        let taken = tokio::time::timeout(DATABASE_PATIENCE, self.take_from_database(key, limit)).await;
+        let size = lease.next_request(limit);
+        let taken = tokio::time::timeout_at(deadline, self.take_from_database(key, limit, size)).await;
         let now = Instant::now();
         let (granted, left_milli) = match taken {
             Ok(Ok(row)) => row,
@@ -303,24 +326,22 @@ impl SharedBuckets {
             }
             Err(_) => {
                 lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable));
-                return Err(RateError::Db(DbError::BatchTransient(
-                    "the database did not answer for a rate limit in time".into(),
-                )));
+                return Err(DbError::TimedOut("taking tokens of a shared rate limit").into());
             }
         };
+        lease.next_size = size;
         if granted <= 0 {
-            // Ask again once a whole lease is back, not for every token: callers are told when
-            // the next one is.
+            lease.tokens = 0;
+            // Ask again once the next lease's worth is back, not for every token. The one
+            // caller that asked is told when the next token is.
             let per_s = u64::from(limit.per_s.get());
             let missing = |tokens: u32| {
                 let short = (i64::from(tokens) * 1000 - left_milli).max(1);
                 Duration::from_micros(u64::try_from(short).unwrap_or(1) * 1000 / per_s)
                     .max(Duration::from_millis(1))
             };
-            let next_token = now + missing(1);
-            lease.tokens = 0;
-            lease.refused_until = Some((now + missing(limit.lease_size()), Refusal::Empty(next_token)));
-            return Err(RateError::Limited(next_token - now));
+            lease.refused_until = Some((now + missing(size), Refusal::Empty));
+            return Err(RateError::Limited(missing(1)));
         }
         lease.tokens = u32::try_from(granted - 1).unwrap_or(0);
         lease.valid_until = Some(now + LEASE_LIFETIME);
@@ -328,9 +349,9 @@ impl SharedBuckets {
         Ok(())
     }
 
-    /// One round trip: refills `key`'s bucket and takes a lease from it; answers the tokens
-    /// granted and the thousandths left.
-    async fn take_from_database(&self, key: &str, limit: Limit) -> Result<(i64, i64), DbError> {
+    /// One round trip: refills `key`'s bucket and takes up to `size` tokens from it; answers the
+    /// tokens granted and the thousandths left.
+    async fn take_from_database(&self, key: &str, limit: Limit, size: u32) -> Result<(i64, i64), DbError> {
         self.db
             .fetch_optional(
                 "SELECT granted, left_milli FROM opsiq_take_tokens($1, $2, $3, $4)",
@@ -338,7 +359,7 @@ impl SharedBuckets {
                     key.to_string(),
                     i64::from(limit.burst.get()),
                     i64::from(limit.per_s.get()),
-                    i64::from(limit.lease_size()),
+                    i64::from(size),
                 ],
             )
             .await?
@@ -365,6 +386,28 @@ mod tests {
         assert_eq!(limit(100, 100).lease_size(), 5);
         assert_eq!(limit(1000, 50).lease_size(), 50);
         assert_eq!(limit(1000, 10).lease_size(), 10);
+    }
+
+    #[test]
+    fn leases_grow_while_spent_in_time_and_shrink_when_they_lapse() {
+        let limit = Limit::per_second(NonZeroU32::new(1000).unwrap());
+        let mut lease = Lease::default();
+        let mut asked = Vec::new();
+        for _ in 0..8 {
+            // Each lease spent before it lapsed.
+            lease.next_size = lease.next_request(limit);
+            asked.push(lease.next_size);
+            lease.tokens = 0;
+            lease.refused_until = None;
+        }
+        assert_eq!(asked, [1, 2, 4, 8, 16, 32, 50, 50]);
+        // Found short: as much again, not one token at a time.
+        lease.refused_until = Some((Instant::now(), Refusal::Empty));
+        assert_eq!(lease.next_request(limit), 50);
+        // Lapsed with tokens left: a trickle takes what one call needs.
+        lease.refused_until = None;
+        lease.tokens = 20;
+        assert_eq!(lease.next_request(limit), 1);
     }
 
     #[test]

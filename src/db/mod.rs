@@ -41,6 +41,9 @@ pub enum DbError {
     /// [`DbError::is_transient`]).
     #[error("batched write failed: {0}")]
     BatchTransient(String),
+    /// The database did not answer in time for the named work.
+    #[error("the database did not answer in time for {0}")]
+    TimedOut(&'static str),
 }
 
 impl DbError {
@@ -62,7 +65,7 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         match self {
             DbError::Sqlx(e) => is_transient(e),
-            DbError::BatchTransient(_) => true,
+            DbError::BatchTransient(_) | DbError::TimedOut(_) => true,
             _ => false,
         }
     }

@@ -90,16 +90,6 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
         args![now_ms()],
     )
     .await?;
-    // Shared rate buckets idle for an hour are full again, as a missing one would be.
-    if db.dialect() == crate::db::Dialect::Postgres {
-        // By the database's clock, which the buckets' times are read from.
-        db.execute(
-            "DELETE FROM rate_buckets \
-             WHERE refilled_at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT - 3600000000",
-            args![],
-        )
-        .await?;
-    }
     // MCP sessions go once ended (DELETE) or past their lifetime.
     loop {
         let n = db
@@ -111,6 +101,23 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
             .await?;
         if n < BATCH as u64 {
             break;
+        }
+    }
+    // Shared rate buckets idle for an hour are full again, as a missing one would be. By the
+    // database's clock, which their times are read from; a bucket in use is skipped.
+    if db.dialect() == crate::db::Dialect::Postgres {
+        loop {
+            let n = db
+                .execute(
+                    "DELETE FROM rate_buckets WHERE key IN (SELECT key FROM rate_buckets \
+                     WHERE refilled_at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT - 3600000000 \
+                     LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                    args![BATCH],
+                )
+                .await?;
+            if n < BATCH as u64 {
+                break;
+            }
         }
     }
     Ok(total)

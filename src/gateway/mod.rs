@@ -135,12 +135,15 @@ fn limited(taken: Result<(), RateError>, what: &str) -> Result<(), ApiError> {
             format!("too many calls for this {what}; retry later"),
             crate::rate::retry_after_secs(wait),
         )),
-        Err(RateError::Unavailable(wait)) => Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("this {what}'s rate limit cannot be checked just now; retry shortly"),
-        )
-        .with_retry_after(crate::rate::retry_after_secs(wait))),
+        Err(RateError::Unavailable(wait)) => {
+            metrics::counter!("opsiq_storage_unavailable_total").increment(1);
+            Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("this {what}'s rate limit cannot be checked just now; retry shortly"),
+            )
+            .with_retry_after(crate::rate::retry_after_secs(wait)))
+        }
         Err(RateError::Db(e)) => Err(e.into()),
     }
 }

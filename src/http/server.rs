@@ -57,13 +57,14 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let connections_open = connections.count();
     if tokio::time::timeout(shutdown_timeout, connections.shutdown())
         .await
         .is_err()
     {
         // What those requests accepted is already durable; their clients see the connection
         // close, as after a crash, and retry with their idempotency keys.
+        // Every connection task holds a receiver, as does this function.
+        let connections_open = hard_stop.receiver_count().saturating_sub(1);
         tracing::warn!(
             connections_open,
             waited = ?shutdown_timeout,

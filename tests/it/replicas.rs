@@ -485,6 +485,25 @@ async fn rate_limits_hold_across_replicas() {
         "eight deliveries at two a second arrived within {:?}",
         *last - *first
     );
+
+    // Retention drops buckets idle for an hour (full again, as a missing one is), not live ones.
+    let db = opsiq::db::Database::connect(&url).await.unwrap();
+    db.execute(
+        "INSERT INTO rate_buckets (key, tokens_milli, refilled_at_us) \
+         VALUES ('idle', 0, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT - 7200000000)",
+        opsiq::args![],
+    )
+    .await
+    .unwrap();
+    opsiq::delivery::retention::purge_once(&db, 0).await.unwrap();
+    let keys: Vec<(String,)> = db
+        .fetch_all("SELECT key FROM rate_buckets", opsiq::args![])
+        .await
+        .unwrap();
+    assert!(!keys.iter().any(|(k,)| k == "idle"), "{keys:?}");
+    assert!(keys.iter().any(|(k,)| k.starts_with("agent/")), "{keys:?}");
+    assert!(keys.iter().any(|(k,)| k.starts_with("endpoint/")), "{keys:?}");
+    db.close().await;
     a.kill_9().await;
     b.kill_9().await;
 }
