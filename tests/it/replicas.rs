@@ -25,6 +25,30 @@ async fn call(base: &str, key: &str, method: Method, path: &str, body: Option<Va
     read(req.send().await.unwrap()).await
 }
 
+/// Declares `action`, lets the role `support` invoke anything, and makes an agent `agent_id`
+/// with that role; answers its token (scope `invoke:*`).
+async fn action_and_agent(base: &str, key: &str, action: Value, agent_id: &str) -> String {
+    let (status, body) = call(base, key, Method::POST, "/v1/actions", Some(action)).await;
+    assert_eq!(status, 201, "{body}");
+    let rows =
+        json!({"rows": [{"subject": "role:support", "object": "*", "act": "invoke", "effect": "allow"}]});
+    let (status, body) = call(base, key, Method::PUT, "/v1/policies", Some(rows)).await;
+    assert_eq!(status, 200, "{body}");
+    let agent = json!({"id": agent_id, "name": agent_id, "roles": ["support"]});
+    let (status, body) = call(base, key, Method::POST, "/v1/agents", Some(agent)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, token) = call(
+        base,
+        key,
+        Method::POST,
+        &format!("/v1/agents/{agent_id}/tokens"),
+        Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 600})),
+    )
+    .await;
+    assert_eq!(status, 201, "{token}");
+    token["token"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_through_one_replica_reach_the_others_at_once() {
     let Some(backend) = Backend::postgres("changes_made_through_one_replica_reach_the_others_at_once") else {
@@ -288,25 +312,7 @@ async fn a_sync_call_answers_when_another_replica_delivers_it() {
     assert_eq!(status, 201, "{endpoint}");
     let action = json!({"name": "open_ticket", "input_schema": {"type": "object"}, "mode": "sync",
         "timeout_ms": 60_000, "endpoint_id": endpoint["id"]});
-    let (status, body) = call(&front.base, &key, Method::POST, "/v1/actions", Some(action)).await;
-    assert_eq!(status, 201, "{body}");
-    let rows =
-        json!({"rows": [{"subject": "role:support", "object": "*", "act": "invoke", "effect": "allow"}]});
-    let (status, body) = call(&front.base, &key, Method::PUT, "/v1/policies", Some(rows)).await;
-    assert_eq!(status, 200, "{body}");
-    let agent = json!({"id": "agt_s", "name": "agt_s", "roles": ["support"]});
-    let (status, body) = call(&front.base, &key, Method::POST, "/v1/agents", Some(agent)).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, token) = call(
-        &front.base,
-        &key,
-        Method::POST,
-        "/v1/agents/agt_s/tokens",
-        Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 600})),
-    )
-    .await;
-    assert_eq!(status, 201, "{token}");
-    let token = token["token"].as_str().unwrap();
+    let token = &action_and_agent(&front.base, &key, action, "agt_s").await;
 
     let started = std::time::Instant::now();
     let resp = http_client()
@@ -407,25 +413,7 @@ async fn rate_limits_hold_across_replicas() {
     assert_eq!(status, 201, "{limited}");
     let action = json!({"name": "note", "input_schema": {"type": "object"}, "mode": "async",
         "endpoint_id": endpoint["id"]});
-    let (status, body) = call(&a.base, &key, Method::POST, "/v1/actions", Some(action)).await;
-    assert_eq!(status, 201, "{body}");
-    let rows =
-        json!({"rows": [{"subject": "role:support", "object": "*", "act": "invoke", "effect": "allow"}]});
-    let (status, body) = call(&a.base, &key, Method::PUT, "/v1/policies", Some(rows)).await;
-    assert_eq!(status, 200, "{body}");
-    let agent = json!({"id": "agt_r", "name": "agt_r", "roles": ["support"]});
-    let (status, body) = call(&a.base, &key, Method::POST, "/v1/agents", Some(agent)).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, token) = call(
-        &a.base,
-        &key,
-        Method::POST,
-        "/v1/agents/agt_r/tokens",
-        Some(json!({"scopes": ["invoke:*"], "ttl_seconds": 600})),
-    )
-    .await;
-    assert_eq!(status, 201, "{token}");
-    let token = token["token"].as_str().unwrap().to_string();
+    let token = action_and_agent(&a.base, &key, action, "agt_r").await;
 
     // The agent's bucket holds one call and refills one a second, on both replicas together:
     // over a span of t seconds at most 1 + ⌊t⌋ calls are accepted, where each replica alone
