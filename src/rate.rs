@@ -53,6 +53,10 @@ pub enum RateError {
     /// The shared bucket could not be read just now; callers are refused for this long.
     #[error("the rate limit cannot be read for {0:?}")]
     Unavailable(Duration),
+    /// The shared bucket could not be read just now for a reason a retry will not mend (the
+    /// caller that asked heard it as [`RateError::Db`]).
+    #[error("the rate limit cannot be read")]
+    Broken,
     /// The shared bucket could not be read.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -188,11 +192,12 @@ impl Bucket {
                         tokio::time::sleep(wait).await
                     }
                     // Only the caller that asked the database hears its error; the others
-                    // wait out the refusal above.
+                    // wait out the refusal.
                     Err(RateError::Db(e)) => {
                         tracing::warn!(error = %e, "could not read a shared rate limit; trying again");
                         tokio::time::sleep(AFTER_FAILURE).await;
                     }
+                    Err(RateError::Broken) => tokio::time::sleep(AFTER_FAILURE).await,
                 }
             },
         }
@@ -251,8 +256,8 @@ impl Lease {
 enum Refusal {
     /// The bucket is short.
     Empty,
-    /// The database did not answer.
-    Unreadable,
+    /// The database did not answer; `transient` if it may well answer on a retry.
+    Unreadable { transient: bool },
 }
 
 impl SharedBuckets {
@@ -312,7 +317,8 @@ impl SharedBuckets {
         if let Some((until, refusal)) = lease.refused_until.filter(|(until, _)| *until > now) {
             return Err(match refusal {
                 Refusal::Empty => RateError::Limited(until - now),
-                Refusal::Unreadable => RateError::Unavailable(until - now),
+                Refusal::Unreadable { transient: true } => RateError::Unavailable(until - now),
+                Refusal::Unreadable { transient: false } => RateError::Broken,
             });
         }
         let size = lease.next_request(limit);
@@ -321,11 +327,13 @@ impl SharedBuckets {
         let (granted, left_milli) = match taken {
             Ok(Ok(row)) => row,
             Ok(Err(e)) => {
-                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable));
+                let transient = e.is_transient();
+                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable { transient }));
                 return Err(e.into());
             }
             Err(_) => {
-                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable));
+                let transient = true;
+                lease.refused_until = Some((now + AFTER_FAILURE, Refusal::Unreadable { transient }));
                 return Err(DbError::TimedOut("taking tokens of a shared rate limit").into());
             }
         };
@@ -356,7 +364,7 @@ impl SharedBuckets {
             .fetch_optional(
                 "SELECT granted, left_milli FROM opsiq_take_tokens($1, $2, $3, $4)",
                 args![
-                    key.to_string(),
+                    row_key(key),
                     i64::from(limit.burst.get()),
                     i64::from(limit.per_s.get()),
                     i64::from(size),
@@ -365,6 +373,19 @@ impl SharedBuckets {
             .await?
             .ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
     }
+}
+
+/// Longest key kept as it is; a longer one (an external issuer's `sub` can be kilobytes) is
+/// kept as its hash, which a B-tree index can hold.
+const MOST_KEY_BYTES: usize = 200;
+
+/// The `rate_buckets` key of bucket `key`.
+fn row_key(key: &str) -> String {
+    if key.len() <= MOST_KEY_BYTES {
+        return key.to_string();
+    }
+    use sha2::Digest;
+    format!("sha256/{}", hex::encode(sha2::Sha256::digest(key.as_bytes())))
 }
 
 /// `wait` in whole seconds for `Retry-After`, rounded up (at least one).
@@ -408,6 +429,15 @@ mod tests {
         lease.refused_until = None;
         lease.tokens = 20;
         assert_eq!(lease.next_request(limit), 1);
+    }
+
+    #[test]
+    fn long_keys_are_kept_as_hashes() {
+        assert_eq!(row_key("agent/ten_1/agt_1"), "agent/ten_1/agt_1");
+        let long = format!("agent/ten_1/{}", "x".repeat(4000));
+        let kept = row_key(&long);
+        assert!(kept.starts_with("sha256/") && kept.len() == 7 + 64, "{kept}");
+        assert_ne!(kept, row_key(&format!("{long}y")));
     }
 
     #[test]

@@ -10,7 +10,8 @@ CREATE TABLE rate_buckets (
 
 -- Refills the bucket `bucket` (`rate` tokens a second, at most `burst`) for the time since it
 -- was last touched and takes up to `wanted` whole tokens from it. Returns how many were taken
--- and the thousandths left. A bucket not seen before starts full.
+-- and the thousandths left. A bucket not seen before starts full. A row held by someone else for
+-- over a second is an error (55P03), not a wait that keeps the caller's connection.
 CREATE FUNCTION opsiq_take_tokens(bucket TEXT, burst BIGINT, rate BIGINT, wanted BIGINT,
                                   OUT granted BIGINT, OUT left_milli BIGINT) AS $$
 DECLARE
@@ -37,4 +38,4 @@ BEGIN
     UPDATE rate_buckets SET tokens_milli = left_milli, refilled_at_us = greatest(now_us, since)
     WHERE key = bucket;
 END;
-$$ LANGUAGE plpgsql;
+$$ LANGUAGE plpgsql SET lock_timeout = '1s';

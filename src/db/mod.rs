@@ -93,10 +93,11 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
                 let code = pg.code();
                 // 08: connection exception (but not 08P01, a protocol violation); 53:
                 // insufficient resources; 57P01–57P03: the server is shutting down or
-                // starting; 40001/40P01: serialization, deadlock.
+                // starting; 40001/40P01: serialization, deadlock; 55P03: a lock not had within
+                // the statement's lock_timeout.
                 (code.starts_with("08") && code != "08P01")
                     || code.starts_with("53")
-                    || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "55P03")
             } else {
                 // SQLite: SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
                 d.code()

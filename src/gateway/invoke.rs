@@ -116,8 +116,14 @@ pub async fn invoke(
     let cached = state.gateway.action(&state.db, &tenant_id, &req.action).await?;
     let Some(action) = cached.as_ref().as_ref().filter(|a| a.declaration.enabled) else {
         // A call made before the action was disabled, or deleted, is still answered as its key
-        // says (a deleted action's call as it stands: there is no mode left to answer by).
-        if let Some(earlier) = answer_for_used_key(state, caller, cached.as_ref().as_ref(), &req).await? {
+        // says (a deleted action's call as it stands: there is no mode left to answer by), to
+        // a caller who may still make it; anyone else finds no action, as without a key.
+        if req.idempotency_key.is_some()
+            && authorization_refusal(state, caller, &tenant_id, &req.action)
+                .await?
+                .is_none()
+            && let Some(earlier) = answer_for_used_key(state, caller, cached.as_ref().as_ref(), &req).await?
+        {
             return Ok(earlier);
         }
         return Err(ApiError::not_found("action").with_message(format!(
@@ -127,28 +133,9 @@ pub async fn invoke(
     };
     state.gateway.rate_limit_action(&tenant_id, &req.action).await?;
 
-    if let Caller::Agent(agent) = caller {
-        if !scope_allows(&agent.scopes, &req.action) {
-            let message = format!(
-                "this token's scopes [{}] do not include invoke:{} (or a glob covering it)",
-                agent.scopes.join(" "),
-                req.action
-            );
-            record_refusal(state, caller, action, &req, "denied", "scope_denied", &message).await?;
-            return Err(ApiError::forbidden("scope_denied", message));
-        }
-        let decision = state
-            .policy
-            .check(
-                &state.db,
-                agent.policy_version,
-                (&tenant_id, &agent.subjects(), &req.action),
-            )
-            .await?;
-        if let Decision::Deny(message) = decision {
-            record_refusal(state, caller, action, &req, "denied", "role_denied", &message).await?;
-            return Err(ApiError::forbidden("role_denied", message));
-        }
+    if let Some((code, message)) = authorization_refusal(state, caller, &tenant_id, &req.action).await? {
+        record_refusal(state, caller, action, &req, "denied", code, &message).await?;
+        return Err(ApiError::forbidden(code, message));
     }
 
     let problems = validate_arguments(state, &tenant_id, action, &req.arguments)?;
@@ -654,6 +641,38 @@ impl RuleCall<'_> {
             jobs: Vec::new(),
         })
     }
+}
+
+/// Why `caller` may not invoke `action` (`scope_denied` or `role_denied`, and a message naming
+/// what is missing), if it may not: an agent needs both a scope and a role that allow it.
+async fn authorization_refusal(
+    state: &AppState,
+    caller: &Caller,
+    tenant_id: &str,
+    action: &str,
+) -> Result<Option<(&'static str, String)>, ApiError> {
+    let Caller::Agent(agent) = caller else {
+        return Ok(None);
+    };
+    if !scope_allows(&agent.scopes, action) {
+        let message = format!(
+            "this token's scopes [{}] do not include invoke:{action} (or a glob covering it)",
+            agent.scopes.join(" "),
+        );
+        return Ok(Some(("scope_denied", message)));
+    }
+    let decision = state
+        .policy
+        .check(
+            &state.db,
+            agent.policy_version,
+            (tenant_id, &agent.subjects(), action),
+        )
+        .await?;
+    Ok(match decision {
+        Decision::Deny(message) => Some(("role_denied", message)),
+        Decision::Allow => None,
+    })
 }
 
 /// Before a call is refused for its arguments or its action's state: if its Idempotency-Key

@@ -144,6 +144,9 @@ fn limited(taken: Result<(), RateError>, what: &str) -> Result<(), ApiError> {
             )
             .with_retry_after(crate::rate::retry_after_secs(wait)))
         }
+        Err(RateError::Broken) => Err(ApiError::internal(format!(
+            "this {what}'s rate limit could not be read a moment ago; see the error logged then"
+        ))),
         Err(RateError::Db(e)) => Err(e.into()),
     }
 }

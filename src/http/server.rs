@@ -5,6 +5,8 @@
 //! clients hold every file descriptor the process has.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,10 +15,26 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+/// Where a graceful stop stands, as every connection's task sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// No longer accepting: connections finish the request they are serving, and those between
+    /// requests (idle, or part-way through a request's head) are closed.
+    Draining,
+    /// `shutdown_timeout` is over: every connection still open is closed.
+    Closed,
+}
+
+/// How long a connection between requests is left to close itself once draining begins: hyper
+/// closes idle ones at once and finishes writing answers already made.
+const BETWEEN_REQUESTS_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets every
-/// connection finish the request it is serving for up to `shutdown_timeout`, and returns once
-/// all are closed or that time is up (MCP's event streams end when shutdown begins, see
-/// `AppState::stopping`).
+/// connection finish the request it is serving for up to `shutdown_timeout` (a client that has
+/// not sent a whole request's head by then is not waited for), and returns once all are closed
+/// or that time is up (MCP's event streams end when shutdown begins, see `AppState::stopping`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -24,8 +42,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let connections = GracefulShutdown::new();
-    // Set once shutdown_timeout is over: connections still open are dropped (closed).
-    let (hard_stop, stopped) = tokio::sync::watch::channel(false);
+    let (phase, phase_seen) = tokio::sync::watch::channel(Phase::Serving);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -44,33 +61,74 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::trace!(error = %e, "setting TCP_NODELAY failed");
         }
-        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let connection = connections.watch(connection);
-        let mut stopped = stopped.clone();
+        let serving = Arc::new(AtomicUsize::new(0));
+        let service = TowerToHyperService::new(counting_requests(app.clone(), serving.clone()));
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        let mut phase_seen = phase_seen.clone();
         tokio::spawn(async move {
             tokio::select! {
                 ended = connection => if let Err(e) = ended {
                     tracing::trace!(error = %e, "connection ended with an error");
                 },
-                _ = stopped.wait_for(|stopped| *stopped) => {}
+                () = until_closed(&mut phase_seen, &serving) => {}
             }
         });
     }
     drop(listener);
+    phase.send_replace(Phase::Draining);
     if tokio::time::timeout(shutdown_timeout, connections.shutdown())
         .await
         .is_err()
     {
         // What those requests accepted is already durable; their clients see the connection
-        // close, as after a crash, and retry with their idempotency keys.
-        // Every connection task holds a receiver, as does this function.
-        let connections_open = hard_stop.receiver_count().saturating_sub(1);
+        // close, as after a crash, and retry with their idempotency keys. Every connection's
+        // task holds a receiver, as does this function.
+        let connections_open = phase.receiver_count().saturating_sub(1);
         tracing::warn!(
             connections_open,
             waited = ?shutdown_timeout,
             "requests still in progress at the end of shutdown_timeout; closing their connections"
         );
-        hard_stop.send_replace(true);
+        phase.send_replace(Phase::Closed);
+    }
+}
+
+/// `app`, counting in `serving` the requests it is serving on one connection.
+fn counting_requests(
+    app: Router,
+    serving: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    axum::http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future + Send,
+> + Clone {
+    tower::service_fn(move |request| {
+        let (app, serving) = (app.clone(), serving.clone());
+        serving.fetch_add(1, Ordering::AcqRel);
+        async move {
+            let answer = tower::ServiceExt::oneshot(app, request).await;
+            serving.fetch_sub(1, Ordering::AcqRel);
+            answer
+        }
+    })
+}
+
+/// Resolves when a connection must be closed: at `Phase::Closed`, or once draining has gone on
+/// for a moment while the connection serves no request.
+async fn until_closed(phase: &mut tokio::sync::watch::Receiver<Phase>, serving: &AtomicUsize) {
+    if phase.wait_for(|p| *p != Phase::Serving).await.is_err() {
+        return;
+    }
+    tokio::time::sleep(BETWEEN_REQUESTS_GRACE).await;
+    loop {
+        if *phase.borrow() == Phase::Closed || serving.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        tokio::select! {
+            changed = phase.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
 }
 

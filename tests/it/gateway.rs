@@ -2442,6 +2442,19 @@ async fn a_used_key_outlives_its_deleted_action(backend: Backend) {
         "{again}"
     );
     assert_eq!(again["result"], first["result"]);
+    // The same agent's token whose scopes do not cover the action is not answered by the key.
+    let (status, narrow) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/agents/agt_del/tokens",
+            Some(json!({"scopes": ["invoke:refund_*"], "ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{narrow}");
+    let narrow = narrow["token"].as_str().unwrap();
+    let (status, body) = invoke(&w.app, narrow, "lookup_customer", lookup.clone(), Some("k-del")).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"), "{body}");
     let (status, body) = invoke(
         &w.app,
         &support,

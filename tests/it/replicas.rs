@@ -492,6 +492,55 @@ async fn rate_limits_hold_across_replicas() {
     assert!(keys.iter().any(|(k,)| k.starts_with("agent/")), "{keys:?}");
     assert!(keys.iter().any(|(k,)| k.starts_with("endpoint/")), "{keys:?}");
     db.close().await;
+
+    // A bucket's row held elsewhere is a prompt 503 with Retry-After, not a wait that keeps the
+    // caller (and a connection of the replica); once it is free, calls go through again.
+    use sqlx::Connection;
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT key FROM rate_buckets WHERE key LIKE 'agent/%/agt_r' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let invoke_note = |n: usize| {
+        let (base, token) = (a.base.clone(), token.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let resp = http_client()
+                .post(format!("{base}/v1/actions/note/invoke"))
+                .bearer_auth(&token)
+                .header("Idempotency-Key", format!("held-{n}"))
+                .json(&json!({"arguments": {}}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = resp.headers().get("retry-after").is_some();
+            (resp.status().as_u16(), retry_after, started.elapsed())
+        }
+    };
+    let mut n = 0;
+    wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let call = invoke_note(n);
+        async move {
+            let (status, retry_after, took) = call.await;
+            assert!(
+                took < Duration::from_secs(10),
+                "a call waited {took:?} for a held bucket"
+            );
+            assert!(matches!(status, 429 | 503), "{status}");
+            assert!(retry_after, "{status} without Retry-After");
+            status == 503
+        }
+    })
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let call = invoke_note(n);
+        async move { call.await.0 == 202 }
+    })
+    .await;
     a.kill_9().await;
     b.kill_9().await;
 }
