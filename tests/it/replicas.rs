@@ -534,6 +534,15 @@ async fn rate_limits_hold_across_replicas() {
         }
     })
     .await;
+    // Given up by the database too (lock_timeout), so no connection is left waiting for it.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE '%opsiq_take_tokens%'",
+    )
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0, "takes still waiting for the held bucket");
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     wait_until(Duration::from_secs(30), || {
         n += 1;
