@@ -309,25 +309,40 @@ async fn a_graceful_stop_waits_for_requests_only_so_long() {
             .env("OPSIQ_MAX_REQUESTS_IN_FLIGHT", "1");
     })
     .await;
-    let mut stalled = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"type\""
     );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    // The one request slot is taken once the stalled request is in progress.
-    crate::harness::wait_until(Duration::from_secs(30), || async {
-        let resp = http_client()
+    let address = server.base.trim_start_matches("http://").to_string();
+    let connect_and_stall = || async {
+        let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stalled.write_all(head.as_bytes()).await.unwrap();
+        stalled
+    };
+    // The one request slot is taken once the stalled request is in progress. If it came while
+    // a probe held the slot, it was refused at once (an answer on its connection): try again.
+    let mut stalled = connect_and_stall().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut answer = [0u8; 16];
+        if matches!(stalled.try_read(&mut answer), Ok(n) if n > 0) {
+            stalled = connect_and_stall().await;
+        }
+        let probe = http_client()
             .get(format!("{}/v1/actions", server.base))
             .bearer_auth(&key)
             .send()
             .await
             .unwrap();
-        resp.status() == 503
-    })
-    .await;
+        if probe.status() == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled request never held the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = std::time::Instant::now();
     let status = server.terminate(Duration::from_secs(60)).await;
     assert!(status.success(), "a graceful stop exits 0, got {status}");
