@@ -80,9 +80,12 @@ pub async fn call(state: &AppState, agent: &AgentPrincipal, params: &Value) -> R
             codes::INVALID_PARAMS,
             format!("Unknown tool: {name}"),
         )),
-        Err(e) if e.status.is_server_error() => Err(internal(e)),
+        Err(e) if e.status.is_server_error() && e.status != axum::http::StatusCode::SERVICE_UNAVAILABLE => {
+            Err(internal(e))
+        }
         Err(e) => {
-            // Denials, schema problems, rate limits, conflicts: a result the model can read and act on.
+            // Denials, schema problems, rate limits, conflicts, a moment's unavailability (with
+            // when to retry): a result the model can read and act on.
             let mut message = format!("{} ({})", e.message, e.code);
             for d in &e.details {
                 if let (Some(path), Some(m)) = (

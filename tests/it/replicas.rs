@@ -534,6 +534,38 @@ async fn rate_limits_hold_across_replicas() {
         }
     })
     .await;
+    // Over MCP the same refusal is a tool error saying when to retry, not a protocol error.
+    let mut retried = 0;
+    wait_until(Duration::from_secs(30), || {
+        retried += 1;
+        let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "note", "arguments": {},
+                "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                          "io.modelcontextprotocol/clientCapabilities": {},
+                          "io.opsiq/idempotency-key": format!("held-mcp-{retried}")}}});
+        let request = http_client()
+            .post(format!("{}/mcp", a.base))
+            .bearer_auth(&token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "note")
+            .json(&call)
+            .send();
+        async move {
+            let (status, body) = read(request.await.unwrap()).await;
+            assert_eq!(status, 200, "{body}");
+            let result = &body["result"];
+            assert_eq!(result["isError"], true, "{body}");
+            let text = result["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(text.contains("Retry after"), "{body}");
+            text.contains("cannot be checked")
+        }
+    })
+    .await;
     // Given up by the database too (lock_timeout), so no connection is left waiting for it.
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
