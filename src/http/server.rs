@@ -27,14 +27,15 @@ enum Phase {
     Closed,
 }
 
-/// How long a connection between requests is left to close itself once draining begins: hyper
-/// closes idle ones at once and finishes writing answers already made.
+/// How long a connection between requests is left to close itself once draining begins (hyper
+/// closes idle ones at once) before it is closed.
 const BETWEEN_REQUESTS_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets every
-/// connection finish the request it is serving for up to `shutdown_timeout` (a client that has
-/// not sent a whole request's head by then is not waited for), and returns once all are closed
-/// or that time is up (MCP's event streams end when shutdown begins, see `AppState::stopping`).
+/// connection finish the request it is serving (its answer sent) for up to `shutdown_timeout`,
+/// closes a second into the stop those serving none (idle, or part-way through a request's
+/// head), and returns once all are closed or that time is up (MCP's event streams end when
+/// shutdown begins, see `AppState::stopping`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -93,7 +94,8 @@ pub async fn serve(
     }
 }
 
-/// `app`, counting in `serving` the requests it is serving on one connection.
+/// `app`, counting in `serving` the requests it is serving on one connection: from the call
+/// until the answer's body is sent (or given up).
 fn counting_requests(
     app: Router,
     serving: Arc<AtomicUsize>,
@@ -103,15 +105,61 @@ fn counting_requests(
     Error = std::convert::Infallible,
     Future = impl Future + Send,
 > + Clone {
-    tower::service_fn(move |request| {
-        let (app, serving) = (app.clone(), serving.clone());
-        serving.fetch_add(1, Ordering::AcqRel);
+    tower::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        let serving = Serving::start(&serving);
         async move {
-            let answer = tower::ServiceExt::oneshot(app, request).await;
-            serving.fetch_sub(1, Ordering::AcqRel);
-            answer
+            let answer: axum::response::Response = tower::ServiceExt::oneshot(app, request).await?;
+            Ok(answer.map(|body| {
+                axum::body::Body::new(CountedBody {
+                    body,
+                    _serving: serving,
+                })
+            }))
         }
     })
+}
+
+/// One request being served, counted until dropped.
+struct Serving(Arc<AtomicUsize>);
+
+impl Serving {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body, whose request counts as being served until it is sent or dropped.
+struct CountedBody {
+    body: axum::body::Body,
+    _serving: Serving,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Resolves when a connection must be closed: at `Phase::Closed`, or once draining has gone on
@@ -120,7 +168,11 @@ async fn until_closed(phase: &mut tokio::sync::watch::Receiver<Phase>, serving: 
     if phase.wait_for(|p| *p != Phase::Serving).await.is_err() {
         return;
     }
-    tokio::time::sleep(BETWEEN_REQUESTS_GRACE).await;
+    let grace = tokio::time::sleep(BETWEEN_REQUESTS_GRACE);
+    tokio::select! {
+        () = grace => {}
+        closed = phase.wait_for(|p| *p == Phase::Closed) => if closed.is_ok() { return },
+    }
     loop {
         if *phase.borrow() == Phase::Closed || serving.load(Ordering::Acquire) == 0 {
             return;

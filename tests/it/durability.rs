@@ -390,3 +390,64 @@ async fn a_graceful_stop_does_not_wait_for_a_request_head() {
     );
     drop(stalled);
 }
+
+/// A request being served when a graceful stop begins is waited for past the stop's first
+/// second (when connections serving none are closed): its client gets the whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_waits_for_a_request_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = Backend::Sqlite.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    let rx = Receiver::start().await;
+    rx.answer(|_, _| {
+        (
+            200,
+            vec![("content-type", "application/json".into())],
+            json!({"ticket_id": "tk_1"}).to_string(),
+        )
+    });
+    // The endpoint answers three seconds after it is called.
+    rx.hold(Duration::from_secs(3));
+    let server = process::serve_with(dir.path(), &url, FAST, |cmd| {
+        cmd.env("OPSIQ_SHUTDOWN_TIMEOUT", "60s")
+            .env("OPSIQ_REQUEST_TIMEOUT", "30s");
+    })
+    .await;
+    let resp = http_client()
+        .post(format!("{}/v1/endpoints", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"url": rx.url("/actions"), "event_types": ["none.*"]}))
+        .send()
+        .await
+        .unwrap();
+    let (status, endpoint) = crate::harness::read(resp).await;
+    assert_eq!(status, 201, "{endpoint}");
+    let action = json!({"name": "open_ticket", "input_schema": {"type": "object"}, "mode": "sync",
+        "timeout_ms": 60_000, "endpoint_id": endpoint["id"]});
+    let token = crate::replicas::action_and_agent(&server.base, &key, action, "agt_stop").await;
+
+    let call = tokio::spawn({
+        let base = server.base.clone();
+        async move {
+            let resp = http_client()
+                .post(format!("{base}/v1/actions/open_ticket/invoke"))
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "stop-1")
+                .json(&json!({"arguments": {}}))
+                .send()
+                .await
+                .expect("an answer, not a closed connection");
+            crate::harness::read(resp).await
+        }
+    });
+    rx.wait_for(1).await;
+    let status = server.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+    let (status, answer) = call.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("succeeded")),
+        "{answer}"
+    );
+    assert_eq!(answer["result"], json!({"ticket_id": "tk_1"}));
+}

@@ -27,7 +27,7 @@ async fn call(base: &str, key: &str, method: Method, path: &str, body: Option<Va
 
 /// Declares `action`, lets the role `support` invoke anything, and makes an agent `agent_id`
 /// with that role; answers its token (scope `invoke:*`).
-async fn action_and_agent(base: &str, key: &str, action: Value, agent_id: &str) -> String {
+pub(crate) async fn action_and_agent(base: &str, key: &str, action: Value, agent_id: &str) -> String {
     let (status, body) = call(base, key, Method::POST, "/v1/actions", Some(action)).await;
     assert_eq!(status, 201, "{body}");
     let rows =
