@@ -1,8 +1,9 @@
 -- Token buckets shared by replicas (the gateway's per-agent and per-action limits, endpoints'
 -- delivery rates). Tokens are counted in thousandths; times are the database's clock, in
--- microseconds, so that replicas' clocks need not agree. Every take updates its row: room on
--- the page lets the update stay there (no index but the key's is touched).
-CREATE TABLE rate_buckets (
+-- microseconds, so that replicas' clocks need not agree. Unlogged: a take's commit waits for no
+-- WAL flush, and buckets lost in a crash or a failover only start full again. Every take
+-- updates its row: room on the page lets the update stay there (a HOT update, no index touched).
+CREATE UNLOGGED TABLE rate_buckets (
     key TEXT PRIMARY KEY,
     tokens_milli BIGINT NOT NULL,
     refilled_at_us BIGINT NOT NULL

@@ -314,11 +314,11 @@ pub async fn record_changes(State(state): State<AppState>, mut req: Request, nex
 pub struct Entry<'a> {
     /// The tenant whose chain it joins.
     pub tenant_id: &'a str,
-    /// Who made it (`key:<id>`).
+    /// Who made it (`key:<id>`, `file:<name>`, `cli:<command>`).
     pub actor: &'a str,
-    /// What was done: method and route (`DELETE /v1/endpoints/{id}`).
+    /// What was done: method and route (`DELETE /v1/endpoints/{id}`), or `create tenant`.
     pub action: &'a str,
-    /// What it was done to: the request path.
+    /// What it was done to: the request path (the tenant's id for `create tenant`).
     pub target: &'a str,
     /// Anything else worth keeping (never a secret), as JSON text: the hash covers these bytes.
     pub details: &'a str,

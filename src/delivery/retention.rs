@@ -1,6 +1,7 @@
 //! Retention: deliveries that are settled (succeeded or failed), their attempts, and events older
 //! than the retention period are deleted in small batches, so the purge never holds the writer
-//! for long. Expired idempotency records and MCP sessions go the same way.
+//! for long. Expired idempotency records, MCP sessions and idle shared rate buckets go the same
+//! way.
 
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ pub async fn purge_loop(
     }
 }
 
-/// Deletes everything settled before `cutoff` (unix ms); returns how many deliveries went.
+/// Deletes everything settled before `cutoff` (unix ms), and what has expired or gone idle;
+/// returns how many deliveries went.
 pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
@@ -103,22 +105,6 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
             break;
         }
     }
-    // Shared rate buckets idle for an hour are full again, as a missing one would be. By the
-    // database's clock, which their times are read from; a bucket in use is skipped.
-    if db.dialect() == crate::db::Dialect::Postgres {
-        loop {
-            let n = db
-                .execute(
-                    "DELETE FROM rate_buckets WHERE key IN (SELECT key FROM rate_buckets \
-                     WHERE refilled_at_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT - 3600000000 \
-                     LIMIT $1 FOR UPDATE SKIP LOCKED)",
-                    args![BATCH],
-                )
-                .await?;
-            if n < BATCH as u64 {
-                break;
-            }
-        }
-    }
+    crate::rate::purge_idle_buckets(db).await?;
     Ok(total)
 }

@@ -91,6 +91,9 @@ struct Limits {
 
 /// Seconds of an endpoint's limited capacity that may wait in memory; the rest waits in the
 /// outbox, so a slow or rate-limited endpoint's backlog takes no place in the shared queue.
+/// Counted at the whole rate: replicas sharing an endpoint's bucket each hold that many and
+/// drain them more slowly; a job whose lease ran out while it waited is left to whoever
+/// claimed it since (the lease is checked again before sending).
 const HELD_SECONDS: usize = 5;
 
 /// An endpoint's rate limit: `rate` a second, evenly spaced, with a burst of at most a

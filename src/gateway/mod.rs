@@ -127,28 +127,9 @@ impl Gateway {
     }
 }
 
-/// A refused token as the caller's answer: 429 with `Retry-After`.
+/// A taken token, or the refusal as the caller's answer.
 fn limited(taken: Result<(), RateError>, what: &str) -> Result<(), ApiError> {
-    match taken {
-        Ok(()) => Ok(()),
-        Err(RateError::Limited(wait)) => Err(ApiError::rate_limited(
-            format!("too many calls for this {what}; retry later"),
-            crate::rate::retry_after_secs(wait),
-        )),
-        Err(RateError::Unavailable(wait)) => {
-            metrics::counter!("opsiq_storage_unavailable_total").increment(1);
-            Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("this {what}'s rate limit cannot be checked just now; retry shortly"),
-            )
-            .with_retry_after(crate::rate::retry_after_secs(wait)))
-        }
-        Err(RateError::Broken) => Err(ApiError::internal(format!(
-            "this {what}'s rate limit could not be read a moment ago; see the error logged then"
-        ))),
-        Err(RateError::Db(e)) => Err(e.into()),
-    }
+    taken.map_err(|refusal| ApiError::rate_refusal(refusal, what))
 }
 
 /// An authenticated agent (from `Authorization: Bearer <JWT>`).

@@ -163,13 +163,39 @@ impl ApiError {
     /// may be retried (an idempotency key makes that safe). The cause is logged.
     pub fn storage_unavailable(cause: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "database unavailable");
-        metrics::counter!("opsiq_storage_unavailable_total").increment(1);
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+        Self::unavailable(
             "the database is briefly unavailable; retry shortly (with the same Idempotency-Key)",
+            1,
         )
-        .with_retry_after(1)
+    }
+
+    /// 503 with `Retry-After` for a moment's unavailability of the database, already logged.
+    fn unavailable(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        metrics::counter!("opsiq_storage_unavailable_total").increment(1);
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).with_retry_after(retry_after_secs)
+    }
+
+    /// The answer to a call a rate limit (of its `what`: agent, action) refused: 429 with
+    /// `Retry-After`; if the limit could not be read, 503 (a moment's trouble) or 500 (lasting),
+    /// logged only by the caller that asked the database.
+    pub fn rate_refusal(refusal: crate::rate::RateError, what: &str) -> Self {
+        use crate::rate::{RateError, retry_after_secs};
+        match refusal {
+            RateError::Limited(wait) => Self::rate_limited(
+                format!("too many calls for this {what}; retry later"),
+                retry_after_secs(wait),
+            ),
+            RateError::Unavailable(wait) => Self::unavailable(
+                format!("this {what}'s rate limit cannot be checked just now; retry shortly"),
+                retry_after_secs(wait),
+            ),
+            RateError::Broken => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the server failed to handle this request; it has been logged",
+            ),
+            RateError::Db(e) => e.into(),
+        }
     }
 
     /// Replaces the message.

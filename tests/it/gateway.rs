@@ -707,6 +707,19 @@ async fn idempotency_replays_and_conflicts(backend: Backend) {
         (200, &before["invocation_id"]),
         "{again}"
     );
+    // Not to the same agent's token whose scopes leave the action out: it finds no action.
+    let (status, narrow) = w
+        .app
+        .call(
+            Method::POST,
+            "/v1/agents/agt_b/tokens",
+            Some(json!({"scopes": ["invoke:lookup_*"], "ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{narrow}");
+    let narrow = narrow["token"].as_str().unwrap();
+    let (status, body) = invoke(&w.app, narrow, "refund_invoice", refund_args(), Some("k-dis")).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"), "{body}");
     let mut other = refund_args();
     other["amount"] = json!(1);
     let (status, body) = invoke(&w.app, &billing, "refund_invoice", other.clone(), Some("k-dis")).await;

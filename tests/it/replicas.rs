@@ -576,6 +576,25 @@ async fn rate_limits_hold_across_replicas() {
     .unwrap();
     assert_eq!(waiting, 0, "takes still waiting for the held bucket");
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    // A lasting fault (the function gone) is a 500 for every caller, not a "retry shortly"
+    // for all but the one that asked.
+    let gone = "ALTER FUNCTION opsiq_take_tokens(text, bigint, bigint, bigint) RENAME TO opsiq_gone";
+    sqlx::query(gone).execute(&mut holder).await.unwrap();
+    // Once the refusal the held row left is over, a call meets the fault...
+    wait_until(Duration::from_secs(30), || {
+        n += 1;
+        let call = invoke_note(n);
+        async move { call.await.0 == 500 }
+    })
+    .await;
+    // ...and so do those refused for a moment after it, without asking the database.
+    for _ in 0..3 {
+        n += 1;
+        assert_eq!(invoke_note(n).await.0, 500);
+    }
+    let back = "ALTER FUNCTION opsiq_gone(text, bigint, bigint, bigint) RENAME TO opsiq_take_tokens";
+    sqlx::query(back).execute(&mut holder).await.unwrap();
     wait_until(Duration::from_secs(30), || {
         n += 1;
         let call = invoke_note(n);
