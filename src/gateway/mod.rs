@@ -22,7 +22,7 @@ use crate::AppState;
 use crate::agents::tokens::{self, AgentPrincipal, JwksCache, TenantKeys, TokenStates};
 use crate::http::ApiError;
 use crate::http::auth::bearer_token;
-use crate::rate::{KeyedBuckets, Limit, RateError, SharedBuckets};
+use crate::rate::{KeyedBuckets, Limit, SharedBuckets};
 use crate::registry::validators::Validators;
 
 /// The gateway's routes: agent-facing calls, invocation records and approvals.
@@ -107,29 +107,20 @@ impl Gateway {
 
     /// Takes one token from the agent's bucket, or says how long to wait.
     pub async fn rate_limit_agent(&self, tenant_id: &str, agent: &str) -> Result<(), ApiError> {
-        limited(
-            self.agent_limiter
-                .take(&format!("agent/{tenant_id}/{agent}"))
-                .await,
-            "agent",
-        )
+        self.agent_limiter
+            .take(&format!("agent/{tenant_id}/{agent}"))
+            .await
+            .map_err(|refusal| ApiError::rate_refusal(refusal, "agent"))
     }
 
     /// Takes one token from the action's bucket, or says how long to wait. Called once the
     /// action is known to exist, so only real actions get buckets.
     pub async fn rate_limit_action(&self, tenant_id: &str, action: &str) -> Result<(), ApiError> {
-        limited(
-            self.action_limiter
-                .take(&format!("action/{tenant_id}/{action}"))
-                .await,
-            "action",
-        )
+        self.action_limiter
+            .take(&format!("action/{tenant_id}/{action}"))
+            .await
+            .map_err(|refusal| ApiError::rate_refusal(refusal, "action"))
     }
-}
-
-/// A taken token, or the refusal as the caller's answer.
-fn limited(taken: Result<(), RateError>, what: &str) -> Result<(), ApiError> {
-    taken.map_err(|refusal| ApiError::rate_refusal(refusal, what))
 }
 
 /// An authenticated agent (from `Authorization: Bearer <JWT>`).

@@ -295,6 +295,19 @@ async fn two_processes_on_one_postgres_never_send_an_attempt_twice() {
     b.kill_9().await;
 }
 
+/// Stops `server` gracefully and checks that it exited 0 well before what it was given to wait
+/// for (`waited_for`) would have let it (ten minutes in these tests).
+async fn stops_promptly(server: process::Server, waited_for: &str) {
+    let started = std::time::Instant::now();
+    let status = server.terminate(Duration::from_secs(60)).await;
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the stop waited {:?} for {waited_for}",
+        started.elapsed()
+    );
+}
+
 /// A graceful stop waits for requests in progress only `shutdown_timeout`: a client stalling
 /// its body, under a far longer `read_timeout`, does not keep the process up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,14 +356,7 @@ async fn a_graceful_stop_waits_for_requests_only_so_long() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let started = std::time::Instant::now();
-    let status = server.terminate(Duration::from_secs(60)).await;
-    assert!(status.success(), "a graceful stop exits 0, got {status}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the stop waited {:?} for a stalled body",
-        started.elapsed()
-    );
+    stops_promptly(server, "a stalled body").await;
     drop(stalled);
 }
 
@@ -380,14 +386,7 @@ async fn a_graceful_stop_does_not_wait_for_a_request_head() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let started = std::time::Instant::now();
-    let status = server.terminate(Duration::from_secs(60)).await;
-    assert!(status.success(), "a graceful stop exits 0, got {status}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the stop waited {:?} for a request's head",
-        started.elapsed()
-    );
+    stops_promptly(server, "a request's head").await;
     drop(stalled);
 }
 
@@ -399,13 +398,7 @@ async fn a_graceful_stop_waits_for_a_request_being_served() {
     let url = Backend::Sqlite.fresh_database_url(dir.path()).await;
     let (_, key) = process::init(dir.path(), &url).await;
     let rx = Receiver::start().await;
-    rx.answer(|_, _| {
-        (
-            200,
-            vec![("content-type", "application/json".into())],
-            json!({"ticket_id": "tk_1"}).to_string(),
-        )
-    });
+    rx.answer_json(json!({"ticket_id": "tk_1"}));
     // The endpoint answers three seconds after it is called.
     rx.hold(Duration::from_secs(3));
     let server = process::serve_with(dir.path(), &url, FAST, |cmd| {

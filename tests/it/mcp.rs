@@ -596,25 +596,22 @@ async fn mcp_wire_rules(backend: Backend) {
         "{body}"
     );
     let huge = r#"{"jsonrpc": "2.0", "id": "h1", "method": "tools/call", "params": {"name": "lookup_customer", "arguments": {"n": 99999999999999999999999}}}"#;
-    let (status, body) = read(raw(huge).send().await.unwrap()).await;
-    assert_eq!(
-        (status, &body["id"], &body["result"]["isError"]),
-        (200, &json!("h1"), &json!(true)),
-        "{body}"
-    );
-    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    // A tool error's text, for request `id`.
+    let tool_error_text = |(status, body): (u16, Value), id: &str| {
+        assert_eq!(
+            (status, &body["id"], &body["result"]["isError"]),
+            (200, &json!(id), &json!(true)),
+            "{body}"
+        );
+        body["result"]["content"][0]["text"].as_str().unwrap().to_string()
+    };
+    let text = tool_error_text(read(raw(huge).send().await.unwrap()).await, "h1");
     assert!(
         text.contains("99999999999999999999999") && text.contains("64-bit"),
         "{text}"
     );
     let twice = r#"{"jsonrpc": "2.0", "id": "d1", "method": "tools/call", "params": {"name": "lookup_customer", "arguments": {"customer_id": "c_1", "customer_id": "c_2"}}}"#;
-    let (status, body) = read(raw(twice).send().await.unwrap()).await;
-    assert_eq!(
-        (status, &body["id"], &body["result"]["isError"]),
-        (200, &json!("d1"), &json!(true)),
-        "{body}"
-    );
-    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    let text = tool_error_text(read(raw(twice).send().await.unwrap()).await, "d1");
     assert!(
         text.contains("twice") && text.contains("/params/arguments/customer_id"),
         "{text}"

@@ -94,6 +94,18 @@ impl Receiver {
         *self.shared.plan.lock().unwrap() = Box::new(f);
     }
 
+    /// Answers every request 200 with `body` as JSON.
+    pub fn answer_json(&self, body: serde_json::Value) {
+        let text = body.to_string();
+        self.answer(move |_, _| {
+            (
+                200,
+                vec![("content-type", "application/json".into())],
+                text.clone(),
+            )
+        });
+    }
+
     /// Answers every request with `status`.
     pub fn always(&self, status: u16) {
         self.answer(move |_, _| (status, vec![], "{}".into()));

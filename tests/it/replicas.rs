@@ -15,6 +15,16 @@ fn long_caches(cmd: &mut tokio::process::Command) {
     cmd.env("OPSIQ_CACHE_TTL", "1h");
 }
 
+/// A fresh PostgreSQL database for test `name`, initialised by `opsiq init`: its directory,
+/// URL and owner key (`None`: PostgreSQL is not configured, and the test is skipped).
+async fn initialised_database(name: &str) -> Option<(tempfile::TempDir, String, String)> {
+    let backend = Backend::postgres(name)?;
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database_url(dir.path()).await;
+    let (_, key) = process::init(dir.path(), &url).await;
+    Some((dir, url, key))
+}
+
 async fn call(base: &str, key: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut req = http_client()
         .request(method, format!("{base}{path}"))
@@ -51,12 +61,11 @@ pub(crate) async fn action_and_agent(base: &str, key: &str, action: Value, agent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_through_one_replica_reach_the_others_at_once() {
-    let Some(backend) = Backend::postgres("changes_made_through_one_replica_reach_the_others_at_once") else {
+    let Some((dir, url, key)) =
+        initialised_database("changes_made_through_one_replica_reach_the_others_at_once").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let url = backend.fresh_database_url(dir.path()).await;
-    let (_, key) = process::init(dir.path(), &url).await;
     let rx = Receiver::start().await;
     let a = process::serve_with(dir.path(), &url, &["--dev"], long_caches).await;
     let b = process::serve_with(dir.path(), &url, &["--dev"], long_caches).await;
@@ -281,20 +290,13 @@ async fn changes_made_through_one_replica_reach_the_others_at_once() {
 /// replica taking the call sends nothing (`worker = false`), so only the record can tell it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_call_answers_when_another_replica_delivers_it() {
-    let Some(backend) = Backend::postgres("a_sync_call_answers_when_another_replica_delivers_it") else {
+    let Some((dir, url, key)) =
+        initialised_database("a_sync_call_answers_when_another_replica_delivers_it").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let url = backend.fresh_database_url(dir.path()).await;
-    let (_, key) = process::init(dir.path(), &url).await;
     let rx = Receiver::start().await;
-    rx.answer(|_, _| {
-        (
-            200,
-            vec![("content-type", "application/json".into())],
-            json!({"ticket_id": "tk_1"}).to_string(),
-        )
-    });
+    rx.answer_json(json!({"ticket_id": "tk_1"}));
     let front = process::serve_with(dir.path(), &url, &["--dev"], |cmd| {
         cmd.env("OPSIQ_WORKER", "false");
     })
@@ -369,6 +371,17 @@ async fn replicas_starting_together_on_an_empty_database_all_come_up() {
             .await
             .unwrap();
         assert_eq!(tenants, 1);
+        // Its audit chain starts with its creation, by the first `serve`, once.
+        let first: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT seq, actor, action FROM audit_log WHERE action = 'create tenant' ORDER BY seq",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            first,
+            [(1, "cli:opsiq serve".to_string(), "create tenant".to_string())]
+        );
         conn.close().await.unwrap();
         for server in [a, b, c] {
             server.kill_9().await;
@@ -380,12 +393,9 @@ async fn replicas_starting_together_on_an_empty_database_all_come_up() {
 /// endpoint's deliveries are spaced at its rate whichever replica sends them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_hold_across_replicas() {
-    let Some(backend) = Backend::postgres("rate_limits_hold_across_replicas") else {
+    let Some((dir, url, key)) = initialised_database("rate_limits_hold_across_replicas").await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let url = backend.fresh_database_url(dir.path()).await;
-    let (_, key) = process::init(dir.path(), &url).await;
     let rx = Receiver::start().await;
     let one_call_a_second = |cmd: &mut tokio::process::Command| {
         cmd.env("OPSIQ_AGENT_RATE_PER_S", "1");
