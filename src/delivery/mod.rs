@@ -8,6 +8,7 @@
 //! - [`worker`]: the engine that sends attempts and records outcomes.
 //! - [`outbound`]: the only HTTP client that talks to customers, with the SSRF guard.
 //! - [`retry`]: what follows an attempt.
+//! - [`slots`]: endpoints' `max_in_flight` held across replicas.
 //! - [`retention`]: purging old records.
 
 pub mod endpoints;
@@ -18,6 +19,7 @@ pub mod retention;
 pub mod retry;
 pub mod routes;
 pub mod signing;
+pub mod slots;
 pub mod verify;
 pub mod worker;
 

@@ -106,5 +106,6 @@ pub async fn purge_once(db: &Database, cutoff: i64) -> Result<u64, sqlx::Error> 
         }
     }
     crate::rate::purge_idle_buckets(db).await?;
+    super::slots::purge_lapsed_slots(db).await?;
     Ok(total)
 }

@@ -20,6 +20,7 @@ use super::outbound::{AttemptResult, Outbound};
 use super::outbox::{self, Job, Lease};
 use super::retry::{self, Next};
 use super::signing::{self, Carries, Scheme, SignedAttempt};
+use super::slots::{EndpointSlots, SharedSlots};
 use crate::changes::Change;
 use crate::config::Config;
 use crate::crypto::MasterKey;
@@ -75,6 +76,8 @@ struct Limits {
     in_flight_cap: Option<i64>,
     rate: Option<Bucket>,
     in_flight: Arc<Semaphore>,
+    /// The endpoint's cap held across replicas (PostgreSQL), beside this process's semaphore.
+    shared_in_flight: Option<Arc<EndpointSlots>>,
     /// For a limited endpoint: how many of its jobs this process may hold waiting for their
     /// turn, and the spacing (µs) at which the rest are due again (see [`Limits::hold_or_defer`]).
     queue: Option<(usize, i64)>,
@@ -107,11 +110,11 @@ fn endpoint_limit(rate: NonZeroU32) -> Limit {
 
 impl Limits {
     /// The limits `(rate_per_s, in_flight_cap)` of the endpoint `endpoint_id`, whose rate's
-    /// bucket is shared through `shared_rates` when given.
+    /// bucket and in-flight cap are shared through `shared` when given.
     fn new(
         (rate_per_s, in_flight_cap): (Option<i64>, Option<i64>),
         endpoint_id: &str,
-        shared_rates: Option<Arc<SharedBuckets>>,
+        shared: &SharedLimits,
     ) -> Self {
         let rate_per_s_u32 = rate_per_s
             .and_then(|r| u32::try_from(r).ok())
@@ -121,12 +124,15 @@ impl Limits {
             Bucket::new(
                 endpoint_limit(r),
                 format!("endpoint/{endpoint_id}/{r}"),
-                shared_rates,
+                shared.rates.clone(),
             )
         });
         let cap = in_flight_cap
             .map(|c| c.clamp(1, 10_000) as usize)
             .unwrap_or(Semaphore::MAX_PERMITS >> 4);
+        let shared_in_flight = in_flight_cap
+            .zip(shared.slots.clone())
+            .map(|(_, slots)| Arc::new(EndpointSlots::new(endpoint_id, cap as i64, slots)));
         // A rate of r/s drains HELD_SECONDS × r jobs in that time; a cap of c, at one answer a
         // second per permit at the least, drains HELD_SECONDS × c. The stricter limit counts.
         let by_rate = rate_per_s_u32.map(|r| r.get() as usize);
@@ -141,6 +147,7 @@ impl Limits {
             in_flight_cap,
             rate,
             in_flight: Arc::new(Semaphore::new(cap)),
+            shared_in_flight,
             queue,
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
@@ -264,8 +271,14 @@ struct Inner {
     validators: Arc<Validators>,
     /// The tenants' rules, run on the events the engine raises.
     rules: Arc<crate::rules::Rules>,
-    /// Endpoints' rate limits' buckets when replicas share them (else each is in memory).
-    shared_rates: Option<Arc<SharedBuckets>>,
+    /// Endpoints' limits as replicas share them (else each process keeps its own).
+    shared_limits: SharedLimits,
+}
+
+/// Where replicas share endpoints' limits (PostgreSQL): rate buckets and in-flight slots.
+struct SharedLimits {
+    rates: Option<Arc<SharedBuckets>>,
+    slots: Option<Arc<SharedSlots>>,
 }
 
 /// The receiving halves created with the engine, consumed by [`Engine::start`].
@@ -286,6 +299,11 @@ impl Engine {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
         let outbound = Outbound::new(config.connect_timeout, config.request_timeout, config.dev);
+        let shared_limits = SharedLimits {
+            rates: shared_rates,
+            slots: (db.dialect() == crate::db::Dialect::Postgres)
+                .then(|| Arc::new(SharedSlots::new(db.clone()))),
+        };
         let inner = Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             db,
@@ -305,8 +323,8 @@ impl Engine {
             writers: Mutex::new(JoinSet::new()),
             validators,
             rules,
+            shared_limits,
             config,
-            shared_rates,
         };
         (
             Self {
@@ -528,7 +546,7 @@ impl Engine {
             _ => Arc::new(Limits::new(
                 (row.rate_limit_per_s, row.max_in_flight),
                 &row.id,
-                self.inner.shared_rates.clone(),
+                &self.inner.shared_limits,
             )),
         };
         let live = Arc::new(LiveEndpoint {
@@ -682,8 +700,13 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
                 rate.until_ready().await;
             }
             let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
+            // Held beside this process's permit: the slot is what other replicas see.
+            let slot = match &limits.shared_in_flight {
+                Some(slots) => Some(slots.acquire(inner.config.lease).await),
+                None => None,
+            };
             let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
-            Some((endpoint_permit, global_permit))
+            Some((endpoint_permit, slot, global_permit))
         };
         // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
         tokio::select! {

@@ -614,3 +614,108 @@ async fn rate_limits_hold_across_replicas() {
     a.kill_9().await;
     b.kill_9().await;
 }
+
+/// An endpoint's `max_in_flight` holds for all replicas together: two replicas each sending
+/// their own events keep at most the cap open at the receiver at once, where each alone would
+/// open the cap's worth. Slots held by a replica that died lapse, and every slot is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_in_flight_cap_holds_across_replicas() {
+    let Some((dir, url, key)) =
+        initialised_database("an_endpoints_in_flight_cap_holds_across_replicas").await
+    else {
+        return;
+    };
+    let rx = Receiver::start().await;
+    let hold = Duration::from_millis(400);
+    rx.hold(hold);
+    let a = process::serve_with(dir.path(), &url, &["--dev"], |_| {}).await;
+    let b = process::serve_with(dir.path(), &url, &["--dev"], |_| {}).await;
+    let (status, endpoint) = call(
+        &a.base,
+        &key,
+        Method::POST,
+        "/v1/endpoints",
+        Some(json!({"url": rx.url("/jobs"), "event_types": ["job.*"], "max_in_flight": 2})),
+    )
+    .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let endpoint_id = endpoint["id"].as_str().unwrap();
+
+    // A replica that died holding both slots: its slots lapse after their time, and only then
+    // is the endpoint sent to.
+    let db = opsiq::db::Database::connect(&url).await.unwrap();
+    for slot in ["slot_dead_1", "slot_dead_2"] {
+        db.execute(
+            "INSERT INTO endpoint_slots (slot_id, endpoint_id, expires_at_us) \
+             VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + 2000000)",
+            opsiq::args![slot, endpoint_id],
+        )
+        .await
+        .unwrap();
+    }
+    let sent_at = std::time::Instant::now();
+    let first = json!({"type": "job.started", "data": {"n": 0}});
+    let (status, body) = call(&a.base, &key, Method::POST, "/v1/events", Some(first)).await;
+    assert_eq!(status, 202, "{body}");
+    let arrived = rx.wait_for(1).await;
+    assert!(
+        arrived[0].at - sent_at >= Duration::from_secs(1),
+        "sent {:?} after the event, while a dead replica's slots had not lapsed",
+        arrived[0].at - sent_at
+    );
+
+    // Four events through each replica (each hands its own to its own worker).
+    for n in 1..=8 {
+        let base = if n % 2 == 0 { &a.base } else { &b.base };
+        let body = json!({"type": "job.started", "data": {"n": n}});
+        let (status, sent) = call(base, &key, Method::POST, "/v1/events", Some(body)).await;
+        assert_eq!(status, 202, "{sent}");
+    }
+    let received = rx.wait_for(9).await;
+    let mut arrivals: Vec<_> = received.iter().map(|r| r.at).collect();
+    arrivals.sort();
+    // A request is certainly still open `hold` after it arrived: the receiver answers only then.
+    let most_open = (0..arrivals.len())
+        .map(|i| {
+            arrivals[..=i]
+                .iter()
+                .filter(|at| arrivals[i] - **at < hold)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(
+        most_open, 2,
+        "{most_open} requests open at once to an endpoint capped at 2 across replicas"
+    );
+
+    // Every slot is given back once its attempt is over.
+    wait_until(Duration::from_secs(30), || async {
+        let held: Vec<(String,)> = db
+            .fetch_all("SELECT slot_id FROM endpoint_slots", opsiq::args![])
+            .await
+            .unwrap();
+        held.is_empty()
+    })
+    .await;
+
+    // Retention drops lapsed slots of endpoints nobody sends to any more, not live ones.
+    for (slot, lifetime_us) in [("slot_lapsed", -1_000_000i64), ("slot_live", 60_000_000)] {
+        db.execute(
+            "INSERT INTO endpoint_slots (slot_id, endpoint_id, expires_at_us) \
+             VALUES ($1, 'ep_gone', (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + $2)",
+            opsiq::args![slot, lifetime_us],
+        )
+        .await
+        .unwrap();
+    }
+    opsiq::delivery::retention::purge_once(&db, 0).await.unwrap();
+    let left: Vec<(String,)> = db
+        .fetch_all("SELECT slot_id FROM endpoint_slots", opsiq::args![])
+        .await
+        .unwrap();
+    assert_eq!(left, vec![("slot_live".to_string(),)]);
+    db.close().await;
+    a.kill_9().await;
+    b.kill_9().await;
+}
