@@ -295,6 +295,9 @@ pub fn router(state: AppState) -> Router {
             crate::http::keep_alive::close_if_body_unread,
         ))
         .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .layer(axum::middleware::from_fn(
+            crate::http::head_limits::refuse_oversized_head,
+        ))
         .layer(axum::middleware::from_fn(telemetry::http_metrics))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(

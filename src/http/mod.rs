@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod head_limits;
 pub mod keep_alive;
 pub mod page;
 pub mod query_guard;

@@ -597,6 +597,29 @@ async fn bad_input_gets_contract_errors(backend: Backend) {
     let (status, body) = read(post(huge.into(), json).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
 
+    // An oversized head gets the contract's body too, below hyper's own empty answers.
+    let long_query = format!("/v1/endpoints?cursor={}", "c".repeat(9_000));
+    let (status, body) = app.call(Method::GET, &long_query, None).await;
+    assert_eq!((status, error_code(&body)), (414, "uri_too_long"), "{body}");
+    let (status, body) = read(
+        app.admin(Method::GET, "/v1/endpoints")
+            .header("x-pasted", "t".repeat(40_000))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (431, "headers_too_large"), "{body}");
+    let (status, _) = read(
+        app.admin(Method::GET, "/v1/endpoints")
+            .header("x-pasted", "t".repeat(20_000))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "a 20 KB header is within the limits");
+
     let (status, body) = read(post("{}".into(), Some("text/plain")).send().await.unwrap()).await;
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
     let (status, body) = read(post("{}".into(), None).send().await.unwrap()).await;
