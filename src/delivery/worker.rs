@@ -94,9 +94,9 @@ struct Limits {
 
 /// Seconds of an endpoint's limited capacity that may wait in memory; the rest waits in the
 /// outbox, so a slow or rate-limited endpoint's backlog takes no place in the shared queue.
-/// Counted at the whole rate: replicas sharing an endpoint's bucket each hold that many and
-/// drain them more slowly; a job whose lease ran out while it waited is left to whoever
-/// claimed it since (the lease is checked again before sending).
+/// Counted at the whole rate (or cap): replicas sharing an endpoint's bucket or slots each
+/// hold that many and drain them more slowly; a job whose lease ran out while it waited is left
+/// to whoever claimed it since (the lease is checked again before sending).
 const HELD_SECONDS: usize = 5;
 
 /// An endpoint's rate limit: `rate` a second, evenly spaced, with a burst of at most a
@@ -299,17 +299,18 @@ impl Engine {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_in_flight * 8);
         let (outcomes_tx, outcomes_rx) = mpsc::channel(config.max_in_flight * 8);
         let outbound = Outbound::new(config.connect_timeout, config.request_timeout, config.dev);
+        let node = ids::new_id("node");
         let shared_limits = SharedLimits {
             rates: shared_rates,
             slots: (db.dialect() == crate::db::Dialect::Postgres)
-                .then(|| Arc::new(SharedSlots::new(db.clone()))),
+                .then(|| Arc::new(SharedSlots::new(db.clone(), node.clone()))),
         };
         let inner = Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             db,
             keys,
             outbound,
-            node: ids::new_id("node"),
+            node,
             jobs: jobs_tx,
             outcomes: outcomes_tx,
             poke: Notify::new(),
@@ -376,6 +377,17 @@ impl Engine {
         let _ = self.inner.drain.send(true);
         let writers = std::mem::take(&mut *self.inner.writers.lock().unwrap_or_else(|e| e.into_inner()));
         join_within(writers, deadline).await;
+        // Attempts cut short at the deadline may not have given their slots back yet.
+        if let Some(slots) = &self.inner.shared_limits.slots {
+            slots.give_back_all().await;
+        }
+    }
+
+    /// Wakes this process's next waiter for a slot of `endpoint_id`, which a replica gave back.
+    pub fn slot_given_back(&self, endpoint_id: &str) {
+        if let Some(slots) = &self.inner.shared_limits.slots {
+            slots.slot_given_back(endpoint_id);
+        }
     }
 
     /// How new deliveries are leased: to this process's worker, or left for any worker.
@@ -700,13 +712,14 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
                 rate.until_ready().await;
             }
             let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
-            // Held beside this process's permit: the slot is what other replicas see.
+            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
+            // Taken last, just before sending, so a slot other replicas wait for is not held
+            // idle here, and its lease (longer than a request) outlasts the attempt.
             let slot = match &limits.shared_in_flight {
                 Some(slots) => Some(slots.acquire(inner.config.lease).await),
                 None => None,
             };
-            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
-            Some((endpoint_permit, slot, global_permit))
+            Some((endpoint_permit, global_permit, slot))
         };
         // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
         tokio::select! {

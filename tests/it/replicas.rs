@@ -626,7 +626,7 @@ async fn an_endpoints_in_flight_cap_holds_across_replicas() {
         return;
     };
     let rx = Receiver::start().await;
-    let hold = Duration::from_millis(400);
+    let hold = Duration::from_secs(1);
     rx.hold(hold);
     let a = process::serve_with(dir.path(), &url, &["--dev"], |_| {}).await;
     let b = process::serve_with(dir.path(), &url, &["--dev"], |_| {}).await;
@@ -646,8 +646,8 @@ async fn an_endpoints_in_flight_cap_holds_across_replicas() {
     let db = opsiq::db::Database::connect(&url).await.unwrap();
     for slot in ["slot_dead_1", "slot_dead_2"] {
         db.execute(
-            "INSERT INTO endpoint_slots (slot_id, endpoint_id, expires_at_us) \
-             VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + 2000000)",
+            "INSERT INTO endpoint_slots (slot_id, endpoint_id, holder, expires_at_us) \
+             VALUES ($1, $2, 'node_dead', (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + 2000000)",
             opsiq::args![slot, endpoint_id],
         )
         .await
@@ -671,6 +671,12 @@ async fn an_endpoints_in_flight_cap_holds_across_replicas() {
         let (status, sent) = call(base, &key, Method::POST, "/v1/events", Some(body)).await;
         assert_eq!(status, 202, "{sent}");
     }
+    // A change of the endpoint wakes the attempts waiting for a slot on both replicas to read
+    // it again; what they had asked for is not left taken.
+    let path = format!("/v1/endpoints/{endpoint_id}");
+    let change = json!({"description": "jobs"});
+    let (status, body) = call(&a.base, &key, Method::PATCH, &path, Some(change)).await;
+    assert_eq!(status, 200, "{body}");
     let received = rx.wait_for(9).await;
     let mut arrivals: Vec<_> = received.iter().map(|r| r.at).collect();
     arrivals.sort();
@@ -702,8 +708,8 @@ async fn an_endpoints_in_flight_cap_holds_across_replicas() {
     // Retention drops lapsed slots of endpoints nobody sends to any more, not live ones.
     for (slot, lifetime_us) in [("slot_lapsed", -1_000_000i64), ("slot_live", 60_000_000)] {
         db.execute(
-            "INSERT INTO endpoint_slots (slot_id, endpoint_id, expires_at_us) \
-             VALUES ($1, 'ep_gone', (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + $2)",
+            "INSERT INTO endpoint_slots (slot_id, endpoint_id, holder, expires_at_us) \
+             VALUES ($1, 'ep_gone', 'node_gone', (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + $2)",
             opsiq::args![slot, lifetime_us],
         )
         .await
