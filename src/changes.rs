@@ -2,8 +2,8 @@
 //! (actions, endpoints, rules, custom event types, API keys, external issuers' JWKS documents). A change made through one replica
 //! is published on PostgreSQL with `NOTIFY`, and every replica listening forgets what it had
 //! cached, so the others see the change within milliseconds instead of at the end of the cache
-//! time (`cache_ttl`, which stays as the backstop). The same connection hears endpoints' slots
-//! given back (see [`crate::delivery::slots`]). SQLite has one server process: nothing to tell.
+//! time (`cache_ttl`, which stays as the backstop). The same connection hears replicas wanting
+//! or giving back endpoints' slots (see [`crate::delivery::slots`]). SQLite has one server process: nothing to tell.
 
 use std::time::Duration;
 
@@ -122,8 +122,8 @@ async fn listen(state: &AppState) -> Result<(), sqlx::Error> {
     state.forget_everything();
     loop {
         match listener.try_recv().await? {
-            Some(given_back) if given_back.channel() == crate::delivery::slots::CHANNEL => {
-                state.engine.slot_given_back(given_back.payload())
+            Some(slots) if slots.channel() == crate::delivery::slots::CHANNEL => {
+                state.engine.heard_about_slots(slots.payload())
             }
             Some(notification) => match Change::parse(notification.payload()) {
                 Some(change) => state.forget(&change),

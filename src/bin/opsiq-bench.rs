@@ -47,6 +47,9 @@ struct Args {
     /// Endpoints subscribed to every event.
     #[arg(long, default_value_t = 1)]
     fanout: usize,
+    /// Each endpoint's `max_in_flight` (none by default); on PostgreSQL, held across replicas.
+    #[arg(long)]
+    endpoint_max_in_flight: Option<u32>,
     /// Active rules triggered by every event (none of them matches, so nothing extra is sent).
     #[arg(long, default_value_t = 0)]
     rules: usize,
@@ -280,7 +283,8 @@ async fn main() -> anyhow::Result<()> {
             post.clone(),
             format!("{base}/v1/endpoints"),
             &key,
-            json!({"url": format!("http://{rx_addr}/hook/{i}"), "event_types": ["invoice.*"]}),
+            json!({"url": format!("http://{rx_addr}/hook/{i}"), "event_types": ["invoice.*"],
+                "max_in_flight": args.endpoint_max_in_flight}),
         )
         .await?;
         endpoint_ids.push(ep["id"].as_str().unwrap_or_default().to_string());

@@ -1,15 +1,21 @@
 //! Endpoints' `max_in_flight` held across replicas. Each process caps its own attempts to an
 //! endpoint with a semaphore; on PostgreSQL, where several replicas send to one endpoint, an
 //! attempt also holds one of the endpoint's slots in `endpoint_slots` (taken by the database
-//! function `opsiq_take_slot`) from just before it is sent until it ends, so the cap holds for
-//! all of them together. A slot given back is announced on [`CHANNEL`], which wakes every
-//! replica's waiters for that endpoint alike; a slot also lapses on its own after a lease, so one
-//! held by a replica that died is free again then. SQLite has one server process: its semaphore
-//! is the whole cap.
+//! function `opsiq_take_slot`), so the cap holds for all of them together.
+//!
+//! Asking the database for every attempt would make a capped endpoint's every delivery wait for
+//! two round trips, one at a time per endpoint. So a process keeps the slots it took while it
+//! is busy: an attempt that ends puts its slot back in the process's pool, and the next attempt
+//! takes it from there. A replica refused a slot says so on [`CHANNEL`] (`wanted:<endpoint>`);
+//! for a second after hearing it, the others give back their idle slots and every slot an
+//! attempt ends with, each announced (`freed:<endpoint>`) so that every replica's waiters ask
+//! again alike. A slot also lapses on its own a lease after it was taken, so one held by a
+//! replica that died is free again then; a stopping replica gives back all it holds. SQLite has
+//! one server process: its semaphore is the whole cap.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
@@ -17,7 +23,8 @@ use tokio::task::JoinHandle;
 use crate::args;
 use crate::db::{Database, DbError};
 
-/// The PostgreSQL channel on which a given-back slot's endpoint id is announced.
+/// The PostgreSQL channel on which replicas say they want (`wanted:<endpoint>`) or gave back
+/// (`freed:<endpoint>`) an endpoint's slots.
 pub const CHANNEL: &str = "opsiq_endpoint_slots";
 
 /// The first pause before asking again for a full endpoint's slot, should no announcement
@@ -30,69 +37,120 @@ const LONGEST_PAUSE: Duration = Duration::from_millis(200);
 /// How long to wait after the database could not be asked.
 const AFTER_FAILURE: Duration = Duration::from_secs(1);
 
+/// How long, after another replica said it wants an endpoint's slots, this one gives back every
+/// slot of it an attempt ends with instead of keeping it. A waiting replica says so again at
+/// least every [`LONGEST_PAUSE`].
+const GIVING_BACK_FOR: Duration = Duration::from_secs(1);
+
 /// The slots of every capped endpoint, kept in the database (PostgreSQL's `endpoint_slots`).
 pub struct SharedSlots {
     db: Database,
     /// This process, as the holder of the slots it takes.
     holder: String,
-    /// By endpoint id: what wakes this process's waiters when one of its slots is given back.
-    given_back: std::sync::Mutex<HashMap<String, Weak<Notify>>>,
+    /// How long a slot is taken for.
+    lifetime: Duration,
+    /// How long a slot must still have to be used for an attempt.
+    least_left: Duration,
+    /// By endpoint id: this process's slots of it and its waiters.
+    pools: std::sync::Mutex<HashMap<String, Weak<SlotPool>>>,
 }
 
 impl SharedSlots {
-    /// Slots kept in `db`, which must be PostgreSQL, taken as `holder` (this process's id).
-    pub fn new(db: Database, holder: String) -> Self {
+    /// Slots kept in `db`, which must be PostgreSQL, taken as `holder` (this process's id) for
+    /// `lease`; an attempt (at most `request_timeout`) starts only with a slot that outlasts it.
+    pub fn new(db: Database, holder: String, (lease, request_timeout): (Duration, Duration)) -> Self {
+        let margin = (lease.saturating_sub(request_timeout) / 2).min(Duration::from_secs(5));
         Self {
             db,
             holder,
-            given_back: std::sync::Mutex::new(HashMap::new()),
+            lifetime: lease,
+            least_left: request_timeout + margin,
+            pools: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// The waiters' alarm for `endpoint_id`, shared by every [`EndpointSlots`] of it (its limits
-    /// may be read again while slots taken under the old ones are out).
-    fn alarm(&self, endpoint_id: &str) -> Arc<Notify> {
-        let mut alarms = self.given_back.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(alarm) = alarms.get(endpoint_id).and_then(Weak::upgrade) {
-            return alarm;
+    /// This process's pool of `endpoint_id`'s slots, shared by every [`EndpointSlots`] of it
+    /// (its limits may be read again while slots taken under the old ones are out).
+    fn pool(self: &Arc<Self>, endpoint_id: &str) -> Arc<SlotPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get(endpoint_id).and_then(Weak::upgrade) {
+            return pool;
         }
-        alarms.retain(|_, alarm| alarm.strong_count() > 0);
-        let alarm = Arc::new(Notify::new());
-        alarms.insert(endpoint_id.to_string(), Arc::downgrade(&alarm));
-        alarm
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        let pool = Arc::new(SlotPool {
+            endpoint_id: endpoint_id.to_string(),
+            shared: Arc::downgrade(self),
+            state: std::sync::Mutex::new(PoolState::default()),
+            given_back: Notify::new(),
+        });
+        pools.insert(endpoint_id.to_string(), Arc::downgrade(&pool));
+        pool
     }
 
-    /// Wakes this process's next waiter for `endpoint_id`: a replica gave one of its slots back.
-    pub fn slot_given_back(&self, endpoint_id: &str) {
-        let alarms = self.given_back.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(alarm) = alarms.get(endpoint_id).and_then(Weak::upgrade) {
-            alarm.notify_one();
+    /// Gives back, twice a second, the slots no attempt has used for [`KEPT_IDLE`], until the
+    /// process ends: a replica that stopped sending to an endpoint does not keep its slots.
+    pub async fn give_back_idle_slots(self: Arc<Self>) {
+        let mut every = tokio::time::interval(KEPT_IDLE / 2);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let pools: Vec<Arc<SlotPool>> = {
+                let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+                pools.values().filter_map(Weak::upgrade).collect()
+            };
+            for pool in pools {
+                pool.give_back_idle(KEPT_IDLE);
+            }
         }
     }
 
-    /// One round trip: takes (or renews) slot `slot` of `endpoint` for `lifetime` if fewer than
-    /// `cap` others are held; answers whether it did.
-    async fn take(&self, endpoint: &str, cap: i64, slot: &str, lifetime: Duration) -> Result<bool, DbError> {
-        let lifetime_ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 1000);
+    /// Acts on what another replica (or this one) said on [`CHANNEL`].
+    pub fn heard(&self, payload: &str) {
+        let (wanted, endpoint_id) = match payload.split_once(':') {
+            Some(("wanted", id)) => (true, id),
+            Some(("freed", id)) => (false, id),
+            _ => return,
+        };
+        let pool = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.get(endpoint_id).and_then(Weak::upgrade)
+        };
+        let Some(pool) = pool else { return };
+        if wanted {
+            pool.wanted_elsewhere();
+        } else {
+            pool.given_back.notify_one();
+        }
+    }
+
+    /// One round trip: takes slot `slot` of `endpoint` if fewer than `cap` others are held;
+    /// answers whether it did. A refusal is announced (`wanted:`).
+    async fn take(&self, endpoint: &str, cap: i64, slot: &str) -> Result<bool, DbError> {
+        let lifetime_ms = i64::try_from(self.lifetime.as_millis()).unwrap_or(i64::MAX / 1000);
         let taken: Option<(bool,)> = self
             .db
             .fetch_optional(
-                "SELECT opsiq_take_slot($1, $2, $3, $4, $5)",
-                args![endpoint, cap, slot, &self.holder, lifetime_ms],
+                "SELECT opsiq_take_slot($1, $2, $3, $4, $5, $6)",
+                args![endpoint, cap, slot, &self.holder, lifetime_ms, CHANNEL],
             )
             .await?;
         Ok(taken.is_some_and(|(taken,)| taken))
     }
 
-    /// Gives slot `slot` back and announces it to every replica.
-    async fn give_back(&self, slot: &str) -> Result<u64, sqlx::Error> {
-        self.db
+    /// Gives the slots `slots` back, announcing it (`freed:`) when `announce`.
+    async fn give_back(&self, endpoint: &str, slots: Vec<String>, announce: bool) {
+        // Slot ids are `slot_` and hex: a comma cannot be part of one.
+        let gone = self
+            .db
             .execute(
-                "WITH gone AS (DELETE FROM endpoint_slots WHERE slot_id = $1 RETURNING endpoint_id) \
-                 SELECT pg_notify($2, endpoint_id) FROM gone",
-                args![slot, CHANNEL],
+                "WITH gone AS (DELETE FROM endpoint_slots WHERE slot_id = ANY(string_to_array($1, ',')) \
+                 RETURNING 1) SELECT pg_notify($2, 'freed:' || $3) WHERE $4 AND EXISTS (SELECT 1 FROM gone)",
+                args![slots.join(","), CHANNEL, endpoint, announce],
             )
-            .await
+            .await;
+        if let Err(e) = gone {
+            tracing::warn!(endpoint_id = %endpoint, error = %e, "could not give back slots of an endpoint's max_in_flight; they lapse with their lease");
+        }
     }
 
     /// Gives back every slot this process still holds (at shutdown, once its attempts ended).
@@ -101,7 +159,7 @@ impl SharedSlots {
             .db
             .execute(
                 "WITH gone AS (DELETE FROM endpoint_slots WHERE holder = $1 RETURNING endpoint_id) \
-                 SELECT pg_notify($2, endpoint_id) FROM gone",
+                 SELECT pg_notify($2, 'freed:' || endpoint_id) FROM (SELECT DISTINCT endpoint_id FROM gone) e",
                 args![&self.holder, CHANNEL],
             )
             .await;
@@ -111,23 +169,128 @@ impl SharedSlots {
     }
 }
 
-/// One endpoint's shared slots, as this process waits for them.
-pub struct EndpointSlots {
+/// This process's slots of one endpoint.
+struct SlotPool {
     endpoint_id: String,
+    shared: Weak<SharedSlots>,
+    state: std::sync::Mutex<PoolState>,
+    /// Woken when a slot of the endpoint is given back (here or by another replica).
+    given_back: Notify,
+}
+
+/// A slot this process holds: its id and until when it is its own.
+type OwnSlot = (String, Instant);
+
+/// How long a slot no attempt uses is kept for the next one before it is given back.
+const KEPT_IDLE: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct PoolState {
+    /// Slots held and not in use, taken under `cap`, with when each was put back.
+    idle: Vec<(OwnSlot, Instant)>,
+    /// The cap the idle slots were taken under.
     cap: i64,
+    /// Until when another replica wants the endpoint's slots.
+    wanted_until: Option<Instant>,
+}
+
+impl SlotPool {
+    /// Another replica wants slots: give back the idle ones, and for a while every one that
+    /// comes back from an attempt.
+    fn wanted_elsewhere(self: &Arc<Self>) {
+        let idle = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.wanted_until = Some(Instant::now() + GIVING_BACK_FOR);
+            std::mem::take(&mut state.idle)
+        };
+        self.give_back(idle.into_iter().map(|((id, _), _)| id).collect(), true);
+    }
+
+    /// Gives back the idle slots put back over `kept` ago.
+    fn give_back_idle(self: &Arc<Self>, kept: Duration) {
+        let now = Instant::now();
+        let unused = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let (unused, still_kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.idle)
+                .into_iter()
+                .partition(|(_, since)| now.duration_since(*since) >= kept);
+            state.idle = still_kept;
+            unused
+        };
+        self.give_back(unused.into_iter().map(|((id, _), _)| id).collect(), false);
+    }
+
+    /// Gives `slots` back in a task of its own.
+    fn give_back(self: &Arc<Self>, slots: Vec<String>, announce: bool) {
+        if slots.is_empty() {
+            return;
+        }
+        let (Some(shared), Ok(runtime)) = (self.shared.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return; // the process is ending: the slots lapse with their lease
+        };
+        let endpoint_id = self.endpoint_id.clone();
+        runtime.spawn(async move { shared.give_back(&endpoint_id, slots, announce).await });
+    }
+
+    /// An idle slot taken under `cap` that outlasts an attempt, if there is one; idle slots
+    /// that no longer do, or were taken under another cap, are given back.
+    fn take_idle(self: &Arc<Self>, cap: i64, least_left: Duration) -> Option<OwnSlot> {
+        let now = Instant::now();
+        let (found, stale) = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stale = Vec::new();
+            if state.cap != cap {
+                stale.extend(state.idle.drain(..).map(|((id, _), _)| id));
+                state.cap = cap;
+            }
+            let mut found = None;
+            while let Some(((id, until), _)) = state.idle.pop() {
+                if until > now + least_left {
+                    found = Some((id, until));
+                    break;
+                }
+                stale.push(id);
+            }
+            (found, stale)
+        };
+        self.give_back(stale, false);
+        found
+    }
+
+    /// A slot taken under `cap` whose attempt ended: kept for the next one, or given back when
+    /// another replica wants the endpoint's slots or the cap changed.
+    fn put_back(self: &Arc<Self>, (id, until): OwnSlot, cap: i64) {
+        let wanted = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let wanted = state.wanted_until.is_some_and(|t| t > Instant::now());
+            if !wanted && state.cap == cap {
+                state.idle.push(((id, until), Instant::now()));
+                drop(state);
+                self.given_back.notify_one();
+                return;
+            }
+            wanted
+        };
+        self.give_back(vec![id], wanted);
+    }
+}
+
+/// One endpoint's shared slots under its current cap, as this process waits for them.
+pub struct EndpointSlots {
+    cap: i64,
+    pool: Arc<SlotPool>,
     shared: Arc<SharedSlots>,
     /// Held by the waiter asking the database again after a refusal; the others of this
     /// process queue behind it, so a full endpoint costs one ask per announcement or pause,
     /// not one per waiting attempt.
     asking: Mutex<()>,
-    /// Woken when any replica gives one of the endpoint's slots back.
-    given_back: Arc<Notify>,
 }
 
 impl std::fmt::Debug for EndpointSlots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointSlots")
-            .field("endpoint_id", &self.endpoint_id)
+            .field("endpoint_id", &self.pool.endpoint_id)
             .field("cap", &self.cap)
             .finish_non_exhaustive()
     }
@@ -137,44 +300,45 @@ impl EndpointSlots {
     /// The slots of `endpoint_id`, at most `cap` held by all replicas together.
     pub fn new(endpoint_id: &str, cap: i64, shared: Arc<SharedSlots>) -> Self {
         Self {
-            endpoint_id: endpoint_id.to_string(),
             cap,
-            given_back: shared.alarm(endpoint_id),
+            pool: shared.pool(endpoint_id),
             shared,
             asking: Mutex::new(()),
         }
     }
 
-    /// Waits until one of the endpoint's slots is free and takes it for at most `lifetime`.
+    /// Waits until one of the endpoint's slots is free here or in the database, and takes it.
     /// When the database cannot be asked, waits and asks again: a cap must not be exceeded
     /// because the database is slow. Dropped while it waits, it gives back what its last ask
     /// may have taken, once that ask's answer is in.
-    pub async fn acquire(self: &Arc<Self>, lifetime: Duration) -> HeldSlot {
+    pub async fn acquire(self: &Arc<Self>) -> HeldSlot {
         let mut slot = HeldSlot {
-            id: crate::ids::new_id("slot"),
+            id: String::new(),
+            until: Instant::now(),
             endpoint: self.clone(),
             state: SlotState::Free,
         };
-        // A free endpoint is taken at once; the queue is only for a full one.
-        if slot.ask(lifetime).await {
+        // A slot kept from an earlier attempt, or a free one, is taken at once; the queue is
+        // only for a full endpoint.
+        if slot.take_idle() || slot.ask().await {
             return slot;
         }
         let _asking = self.asking.lock().await;
         let mut pause = FIRST_PAUSE;
         loop {
-            if slot.ask(lifetime).await {
+            if slot.take_idle() || slot.ask().await {
                 return slot;
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = self.given_back.notified() => {}
+                _ = self.pool.given_back.notified() => {}
             }
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
     }
 }
 
-/// Whether the database holds a [`HeldSlot`].
+/// Whether the database holds a [`HeldSlot`] for this process.
 enum SlotState {
     /// It does not.
     Free,
@@ -182,27 +346,44 @@ enum SlotState {
     Asking(JoinHandle<Result<bool, DbError>>),
     /// It does.
     Taken,
+    /// It may: an ask failed. Given back, never kept for another attempt.
+    Unsure,
 }
 
-/// One of an endpoint's shared slots, given back when dropped.
+/// One of an endpoint's shared slots, put back in this process's pool when dropped.
 pub struct HeldSlot {
     id: String,
+    /// Until when the slot is this process's (by this process's clock, counted from before it
+    /// asked).
+    until: Instant,
     endpoint: Arc<EndpointSlots>,
     state: SlotState,
 }
 
 impl HeldSlot {
-    /// Asks the database for this slot once; answers whether it is taken. The ask runs as a
+    /// Takes a slot this process holds and no attempt uses; answers whether there was one.
+    fn take_idle(&mut self) -> bool {
+        let shared = &self.endpoint.shared;
+        match self.endpoint.pool.take_idle(self.endpoint.cap, shared.least_left) {
+            Some((id, until)) => {
+                (self.id, self.until, self.state) = (id, until, SlotState::Taken);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks the database for a new slot once; answers whether it is taken. The ask runs as a
     /// task of its own, so that a caller that stops waiting cannot leave the slot taken with
     /// nobody to give it back. After a failure, waits a while before answering.
-    async fn ask(&mut self, lifetime: Duration) -> bool {
+    async fn ask(&mut self) -> bool {
         let endpoint = self.endpoint.clone();
+        self.id = crate::ids::new_id("slot");
+        self.until = Instant::now() + endpoint.shared.lifetime;
         let id = self.id.clone();
         let ask = tokio::spawn(async move {
-            endpoint
-                .shared
-                .take(&endpoint.endpoint_id, endpoint.cap, &id, lifetime)
-                .await
+            let endpoint_id = &endpoint.pool.endpoint_id;
+            endpoint.shared.take(endpoint_id, endpoint.cap, &id).await
         });
         self.state = SlotState::Asking(ask);
         let SlotState::Asking(ask) = &mut self.state else {
@@ -216,37 +397,40 @@ impl HeldSlot {
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
         };
-        // The ask may have taken the slot all the same: a drop gives it back.
-        self.state = SlotState::Taken;
-        tracing::warn!(endpoint_id = %self.endpoint.endpoint_id, error = %error, "could not take a slot of an endpoint's max_in_flight; trying again");
+        // The ask may have taken the slot all the same: it is given back, here or by a drop.
+        self.state = SlotState::Unsure;
+        let endpoint_id = &self.endpoint.pool.endpoint_id;
+        tracing::warn!(endpoint_id = %endpoint_id, error = %error, "could not take a slot of an endpoint's max_in_flight; trying again");
         tokio::time::sleep(AFTER_FAILURE).await;
+        self.state = SlotState::Free;
+        let (id, pool) = (std::mem::take(&mut self.id), self.endpoint.pool.clone());
+        pool.give_back(vec![id], false);
         false
     }
 }
 
 impl Drop for HeldSlot {
     fn drop(&mut self) {
-        let ask = match std::mem::replace(&mut self.state, SlotState::Free) {
-            SlotState::Free => return,
-            SlotState::Asking(ask) => Some(ask),
-            SlotState::Taken => None,
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // the process is ending: the slot lapses with its lease
-        };
-        let (id, endpoint) = (std::mem::take(&mut self.id), self.endpoint.clone());
-        runtime.spawn(async move {
-            // An ask still under way is waited for: a give-back sent before it would find
-            // nothing, and the slot it then took would stay taken for a lease.
-            if let Some(ask) = ask
-                && let Ok(Ok(false)) = ask.await
-            {
-                return;
+        let pool = self.endpoint.pool.clone();
+        let id = std::mem::take(&mut self.id);
+        match std::mem::replace(&mut self.state, SlotState::Free) {
+            SlotState::Free => {}
+            SlotState::Taken => pool.put_back((id, self.until), self.endpoint.cap),
+            SlotState::Unsure => pool.give_back(vec![id], true),
+            SlotState::Asking(ask) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return; // the process is ending: the slot lapses with its lease
+                };
+                // The ask is waited for: a give-back sent before it would find nothing, and
+                // the slot it then took would stay taken for a lease.
+                runtime.spawn(async move {
+                    if let Ok(Ok(false)) = ask.await {
+                        return;
+                    }
+                    pool.give_back(vec![id], true);
+                });
             }
-            if let Err(e) = endpoint.shared.give_back(&id).await {
-                tracing::warn!(endpoint_id = %endpoint.endpoint_id, error = %e, "could not give back a slot of an endpoint's max_in_flight; it lapses with its lease");
-            }
-        });
+        }
     }
 }
 

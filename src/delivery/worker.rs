@@ -302,8 +302,10 @@ impl Engine {
         let node = ids::new_id("node");
         let shared_limits = SharedLimits {
             rates: shared_rates,
-            slots: (db.dialect() == crate::db::Dialect::Postgres)
-                .then(|| Arc::new(SharedSlots::new(db.clone(), node.clone()))),
+            slots: (db.dialect() == crate::db::Dialect::Postgres).then(|| {
+                let times = (config.lease, config.request_timeout);
+                Arc::new(SharedSlots::new(db.clone(), node.clone(), times))
+            }),
         };
         let inner = Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -356,6 +358,15 @@ impl Engine {
         if self.inner.config.worker {
             workers.spawn(dispatcher(self.clone(), receivers.jobs));
             workers.spawn(poller(self.clone()));
+            if let Some(slots) = self.inner.shared_limits.slots.clone() {
+                let mut stop = self.inner.stop.subscribe();
+                workers.spawn(async move {
+                    tokio::select! {
+                        _ = stop.wait_for(|stopping| *stopping) => {}
+                        () = slots.give_back_idle_slots() => {}
+                    }
+                });
+            }
             workers.spawn(super::retention::purge_loop(
                 self.inner.db.clone(),
                 self.inner.config.retention,
@@ -383,10 +394,10 @@ impl Engine {
         }
     }
 
-    /// Wakes this process's next waiter for a slot of `endpoint_id`, which a replica gave back.
-    pub fn slot_given_back(&self, endpoint_id: &str) {
+    /// Acts on what a replica said about endpoints' slots (see [`super::slots::CHANNEL`]).
+    pub fn heard_about_slots(&self, payload: &str) {
         if let Some(slots) = &self.inner.shared_limits.slots {
-            slots.slot_given_back(endpoint_id);
+            slots.heard(payload);
         }
     }
 
@@ -714,9 +725,9 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
             let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
             // Taken last, just before sending, so a slot other replicas wait for is not held
-            // idle here, and its lease (longer than a request) outlasts the attempt.
+            // here while this waits for its turn.
             let slot = match &limits.shared_in_flight {
-                Some(slots) => Some(slots.acquire(inner.config.lease).await),
+                Some(slots) => Some(slots.acquire().await),
                 None => None,
             };
             Some((endpoint_permit, global_permit, slot))
