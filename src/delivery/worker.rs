@@ -78,9 +78,11 @@ struct Limits {
     in_flight: Arc<Semaphore>,
     /// The endpoint's cap held across replicas (PostgreSQL), beside this process's semaphore.
     shared_in_flight: Option<Arc<EndpointSlots>>,
-    /// For a limited endpoint: how many of its jobs this process may hold waiting for their
-    /// turn, and the spacing (µs) at which the rest are due again (see [`Limits::hold_or_defer`]).
-    queue: Option<(usize, i64)>,
+    /// For a rate-limited endpoint: how many of its jobs are sent a second at most.
+    per_second_by_rate: Option<usize>,
+    /// For a capped endpoint: how long its answers have been taking, in µs (a moving average;
+    /// 0 before the first), from which how many of its jobs its cap lets through a second.
+    answer_us: AtomicU64,
     /// This endpoint's jobs held in memory (waiting for their turn or being sent).
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
@@ -133,22 +135,14 @@ impl Limits {
         let shared_in_flight = in_flight_cap
             .zip(shared.slots.clone())
             .map(|(_, slots)| Arc::new(EndpointSlots::new(endpoint_id, cap as i64, slots)));
-        // A rate of r/s drains HELD_SECONDS × r jobs in that time; a cap of c, at one answer a
-        // second per permit at the least, drains HELD_SECONDS × c. The stricter limit counts.
-        let by_rate = rate_per_s_u32.map(|r| r.get() as usize);
-        let by_cap = in_flight_cap.map(|_| cap);
-        let per_second = match (by_rate, by_cap) {
-            (Some(r), Some(c)) => Some(r.min(c)),
-            (r, c) => r.or(c),
-        };
-        let queue = per_second.map(|n| (HELD_SECONDS * n, (1_000_000 / n as i64).max(1)));
         Self {
             rate_per_s,
             in_flight_cap,
             rate,
             in_flight: Arc::new(Semaphore::new(cap)),
             shared_in_flight,
-            queue,
+            per_second_by_rate: rate_per_s_u32.map(|r| r.get() as usize),
+            answer_us: AtomicU64::new(0),
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
             endpoint_changed: tokio::sync::Notify::new(),
@@ -160,9 +154,10 @@ impl Limits {
     /// its limit already has enough of them waiting, answers when the job should be due again
     /// instead. An unlimited endpoint's jobs are not counted.
     fn hold_or_defer(&self, now: i64) -> Result<Option<HeldPlace>, i64> {
-        let Some((most, spacing_us)) = self.queue else {
+        let Some(per_second) = self.per_second() else {
             return Ok(None);
         };
+        let (most, spacing_us) = (HELD_SECONDS * per_second, (1_000_000 / per_second as i64).max(1));
         let held = self.held.fetch_add(1, Ordering::AcqRel);
         let place = Some(HeldPlace(self.held.clone()));
         if held < most {
@@ -179,6 +174,45 @@ impl Limits {
                 Some(at.saturating_add(spacing_us))
             });
         Err(at / 1000)
+    }
+}
+
+impl Limits {
+    /// How many of the endpoint's jobs its limits let through a second, for a limited one: a
+    /// rate of r/s lets r through; a cap of c lets c through per answer time, which until the
+    /// first answer is taken to be a second (and is never taken below a millisecond). The
+    /// stricter limit counts.
+    fn per_second(&self) -> Option<usize> {
+        let by_cap = self.in_flight_cap.map(|cap| {
+            let answer_us = match self.answer_us.load(Ordering::Relaxed) {
+                0 => 1_000_000,
+                us => us.max(1_000),
+            };
+            let cap = cap.clamp(1, 10_000) as u64;
+            usize::try_from(cap * 1_000_000 / answer_us)
+                .unwrap_or(usize::MAX)
+                .max(1)
+        });
+        match (self.per_second_by_rate, by_cap) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
+    }
+
+    /// Counts how long one of a capped endpoint's answers took.
+    fn record_answer(&self, took: Duration) {
+        if self.in_flight_cap.is_none() {
+            return;
+        }
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .answer_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(match average {
+                    0 => sample,
+                    _ => average - average / 8 + sample / 8,
+                })
+            });
     }
 }
 
@@ -807,6 +841,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         headers.extend(super::outbound::transport_headers(parsed, job.body.len()));
     }
     metrics::histogram!("opsiq_delivery_attempt_duration_seconds").record(result.duration.as_secs_f64());
+    endpoint.limits.record_answer(result.duration);
 
     let jitter = f64::from(u32::from_le_bytes(crate::crypto::random_bytes::<4>())) / f64::from(u32::MAX);
     let next = retry::decide(

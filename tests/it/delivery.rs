@@ -1511,6 +1511,7 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
 }
 
 dual!(
+    a_capped_endpoints_backlog_drains_as_fast_as_it_answers,
     a_limited_endpoints_backlog_waits_in_the_outbox,
     failures_under_overload_all_raise_their_alerts,
     a_waiting_backlog_follows_the_endpoint_as_it_now_stands
@@ -1623,6 +1624,42 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
     assert!(
         metrics.contains("opsiq_deliveries_deferred_total"),
         "nothing was deferred"
+    );
+}
+
+/// A capped endpoint's backlog is held for it at the pace its answers come back, not at one
+/// answer a second per permit (which deferred all but ten of a backlog to two a second here,
+/// 50 s for these 200): once its first answers are in, what comes next waits in memory.
+async fn a_capped_endpoints_backlog_drains_as_fast_as_it_answers(backend: Backend) {
+    let app = TestApp::on(backend).with(fast_delivery).start().await;
+    let rx = Receiver::start().await;
+    rx.hold(Duration::from_millis(20));
+    endpoint(
+        &app,
+        &rx.url("/capped"),
+        json!({"event_types": ["capped.*"], "max_in_flight": 2}),
+    )
+    .await;
+    const WAVES: usize = 10;
+    const WAVE: usize = 20;
+    for wave in 0..WAVES {
+        let events = (0..WAVE).map(|i| {
+            app.admin(Method::POST, "/v1/events")
+                .json(&json!({"type": "capped.tick", "data": {"wave": wave, "i": i}}))
+        });
+        assert_eq!(at_once(events).await, vec![202; WAVE]);
+        // The first wave is sent before any answer is in; the others once one is (a third
+        // request arrives only after one of the first two was answered).
+        rx.wait_until(Duration::from_secs(60), |r| r.len() >= 3).await;
+    }
+    let sent = std::time::Instant::now();
+    rx.wait_until(Duration::from_secs(60), |r| r.len() >= WAVES * WAVE)
+        .await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(25),
+        "a backlog of {} at two in flight, 20 ms an answer, took {:?} after the last was sent",
+        WAVES * WAVE,
+        sent.elapsed()
     );
 }
 
