@@ -13,8 +13,8 @@ CREATE INDEX endpoint_slots_by_endpoint ON endpoint_slots (endpoint_id);
 
 -- Takes the slot `slot` of `endpoint` for `holder` and `lifetime_ms` if fewer than `cap` of its
 -- slots are held (lapsed ones are dropped first), and answers whether it did; a refusal is
--- announced on `channel` (`wanted:<endpoint>`), so that replicas keeping idle slots give them
--- back. Takes of one endpoint run one at a time (a transaction-scoped advisory lock); one
+-- announced on `channel` (`wanted:<holder>:<endpoint>`), so that other replicas keeping idle
+-- slots give them back. Takes of one endpoint run one at a time (a transaction-scoped advisory lock); one
 -- waiting for over a second is an error (55P03), not a wait that keeps the caller's connection.
 -- Taking a slot already held renews it; a refused one is not held.
 CREATE FUNCTION opsiq_take_slot(endpoint TEXT, cap BIGINT, slot TEXT, holder TEXT, lifetime_ms BIGINT,
@@ -30,7 +30,7 @@ BEGIN
     SELECT count(*) INTO held FROM endpoint_slots WHERE endpoint_id = endpoint AND slot_id <> slot;
     IF held >= cap THEN
         DELETE FROM endpoint_slots WHERE slot_id = slot;
-        PERFORM pg_notify(channel, 'wanted:' || endpoint);
+        PERFORM pg_notify(channel, 'wanted:' || holder || ':' || endpoint);
         RETURN FALSE;
     END IF;
     INSERT INTO endpoint_slots (slot_id, endpoint_id, holder, expires_at_us)

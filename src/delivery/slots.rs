@@ -6,7 +6,7 @@
 //! Asking the database for every attempt would make a capped endpoint's every delivery wait for
 //! two round trips, one at a time per endpoint. So a process keeps the slots it took while it
 //! is busy: an attempt that ends puts its slot back in the process's pool, and the next attempt
-//! takes it from there. A replica refused a slot says so on [`CHANNEL`] (`wanted:<endpoint>`);
+//! takes it from there. A replica refused a slot says so on [`CHANNEL`] (`wanted:`);
 //! for a second after hearing it, the others give back their idle slots and every slot an
 //! attempt ends with, each announced (`freed:<endpoint>`) so that every replica's waiters ask
 //! again alike. A slot also lapses on its own a lease after it was taken, so one held by a
@@ -23,8 +23,8 @@ use tokio::task::JoinHandle;
 use crate::args;
 use crate::db::{Database, DbError};
 
-/// The PostgreSQL channel on which replicas say they want (`wanted:<endpoint>`) or gave back
-/// (`freed:<endpoint>`) an endpoint's slots.
+/// The PostgreSQL channel on which replicas say they want (`wanted:<holder>:<endpoint>`) or
+/// gave back (`freed:<endpoint>`) an endpoint's slots.
 pub const CHANNEL: &str = "opsiq_endpoint_slots";
 
 /// The first pause before asking again for a full endpoint's slot, should no announcement
@@ -53,6 +53,8 @@ pub struct SharedSlots {
     least_left: Duration,
     /// By endpoint id: this process's slots of it and its waiters.
     pools: std::sync::Mutex<HashMap<String, Weak<SlotPool>>>,
+    /// Set when the process stops delivering: slots are no longer kept for later attempts.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl SharedSlots {
@@ -66,6 +68,22 @@ impl SharedSlots {
             lifetime: lease,
             least_left: request_timeout + margin,
             pools: std::sync::Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// This process's pools of slots still in use.
+    fn live_pools(&self) -> Vec<Arc<SlotPool>> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The process stops delivering: gives back the idle slots at once, and from now on every
+    /// slot an attempt ends with, each announced (other replicas may be waiting for them).
+    pub fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+        for pool in self.live_pools() {
+            pool.wanted_elsewhere();
         }
     }
 
@@ -94,20 +112,21 @@ impl SharedSlots {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let pools: Vec<Arc<SlotPool>> = {
-                let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-                pools.values().filter_map(Weak::upgrade).collect()
-            };
-            for pool in pools {
+            for pool in self.live_pools() {
                 pool.give_back_idle(KEPT_IDLE);
             }
         }
     }
 
-    /// Acts on what another replica (or this one) said on [`CHANNEL`].
+    /// Acts on what a replica said on [`CHANNEL`]: `wanted:<holder>:<endpoint>` (a refusal;
+    /// this process's own are ignored) or `freed:<endpoint>`.
     pub fn heard(&self, payload: &str) {
         let (wanted, endpoint_id) = match payload.split_once(':') {
-            Some(("wanted", id)) => (true, id),
+            Some(("wanted", said)) => match said.split_once(':') {
+                Some((holder, _)) if holder == self.holder => return,
+                Some((_, id)) => (true, id),
+                None => return,
+            },
             Some(("freed", id)) => (false, id),
             _ => return,
         };
@@ -259,11 +278,15 @@ impl SlotPool {
     }
 
     /// A slot taken under `cap` whose attempt ended: kept for the next one, or given back when
-    /// another replica wants the endpoint's slots or the cap changed.
+    /// another replica wants the endpoint's slots, the cap changed or the process is stopping.
     fn put_back(self: &Arc<Self>, (id, until): OwnSlot, cap: i64) {
+        let stopping = self
+            .shared
+            .upgrade()
+            .is_none_or(|shared| shared.stopping.load(std::sync::atomic::Ordering::Acquire));
         let wanted = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let wanted = state.wanted_until.is_some_and(|t| t > Instant::now());
+            let wanted = stopping || state.wanted_until.is_some_and(|t| t > Instant::now());
             if !wanted && state.cap == cap {
                 state.idle.push(((id, until), Instant::now()));
                 drop(state);
@@ -273,6 +296,24 @@ impl SlotPool {
             wanted
         };
         self.give_back(vec![id], wanted);
+    }
+}
+
+impl Drop for SlotPool {
+    fn drop(&mut self) {
+        // No limits use the endpoint's pool any more (its cap was removed): its idle slots
+        // would otherwise count against a cap set again until they lapse.
+        let idle = std::mem::take(&mut self.state.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
+        let (Some(shared), Ok(runtime)) = (self.shared.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if idle.is_empty() {
+            return;
+        }
+        let endpoint_id = std::mem::take(&mut self.endpoint_id);
+        let slots = idle.into_iter().map(|((id, _), _)| id).collect();
+        runtime.spawn(async move { shared.give_back(&endpoint_id, slots, true).await });
     }
 }
 
@@ -338,6 +379,18 @@ impl EndpointSlots {
     }
 }
 
+impl EndpointSlots {
+    /// `slot`, if it still outlasts an attempt; else renewed for another lifetime, or, when
+    /// the endpoint filled up meanwhile, another one waited for.
+    pub async fn outlasting(self: &Arc<Self>, mut slot: HeldSlot) -> HeldSlot {
+        if slot.until > Instant::now() + self.shared.least_left || slot.renew().await {
+            return slot;
+        }
+        drop(slot);
+        self.acquire().await
+    }
+}
+
 /// Whether the database holds a [`HeldSlot`] for this process.
 enum SlotState {
     /// It does not.
@@ -373,12 +426,23 @@ impl HeldSlot {
         }
     }
 
-    /// Asks the database for a new slot once; answers whether it is taken. The ask runs as a
-    /// task of its own, so that a caller that stops waiting cannot leave the slot taken with
-    /// nobody to give it back. After a failure, waits a while before answering.
+    /// Asks the database for a new slot once; answers whether it is taken.
     async fn ask(&mut self) -> bool {
-        let endpoint = self.endpoint.clone();
         self.id = crate::ids::new_id("slot");
+        self.ask_for_id().await
+    }
+
+    /// Asks the database to renew this slot for another lifetime; answers whether it did (if
+    /// not, the slot is no longer this process's).
+    async fn renew(&mut self) -> bool {
+        self.ask_for_id().await
+    }
+
+    /// Asks the database for the slot `self.id` once; answers whether it is taken. The ask runs
+    /// as a task of its own, so that a caller that stops waiting cannot leave the slot taken
+    /// with nobody to give it back. After a failure, waits a while before answering.
+    async fn ask_for_id(&mut self) -> bool {
+        let endpoint = self.endpoint.clone();
         self.until = Instant::now() + endpoint.shared.lifetime;
         let id = self.id.clone();
         let ask = tokio::spawn(async move {

@@ -80,6 +80,8 @@ struct Limits {
     shared_in_flight: Option<Arc<EndpointSlots>>,
     /// For a rate-limited endpoint: how many of its jobs are sent a second at most.
     per_second_by_rate: Option<usize>,
+    /// For a capped endpoint: the most of its jobs held in memory however fast it answers.
+    most_held: usize,
     /// For a capped endpoint: how long its answers have been taking, in µs (a moving average;
     /// 0 before the first), from which how many of its jobs its cap lets through a second.
     answer_us: AtomicU64,
@@ -142,6 +144,7 @@ impl Limits {
             in_flight: Arc::new(Semaphore::new(cap)),
             shared_in_flight,
             per_second_by_rate: rate_per_s_u32.map(|r| r.get() as usize),
+            most_held: shared.most_held,
             answer_us: AtomicU64::new(0),
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
@@ -157,7 +160,13 @@ impl Limits {
         let Some(per_second) = self.per_second() else {
             return Ok(None);
         };
-        let (most, spacing_us) = (HELD_SECONDS * per_second, (1_000_000 / per_second as i64).max(1));
+        let (mut most, spacing_us) = (HELD_SECONDS * per_second, (1_000_000 / per_second as i64).max(1));
+        // A cap's jobs wait for its permits: however fast its answers have been, at most the
+        // process's own cap of attempts (or five seconds at one a second per permit) waits in
+        // the queue every endpoint shares, should the endpoint start to hang.
+        if let Some(cap) = self.in_flight_cap {
+            most = most.min((HELD_SECONDS * cap.clamp(1, 10_000) as usize).max(self.most_held));
+        }
         let held = self.held.fetch_add(1, Ordering::AcqRel);
         let place = Some(HeldPlace(self.held.clone()));
         if held < most {
@@ -208,9 +217,11 @@ impl Limits {
         let _ = self
             .answer_us
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                // Slower answers count at once (a hanging endpoint must not keep being given
+                // a fast one's backlog); faster ones bring the average down an eighth at a time.
                 Some(match average {
                     0 => sample,
-                    _ => average - average / 8 + sample / 8,
+                    _ => sample.max(average - average / 8 + sample / 8),
                 })
             });
     }
@@ -309,10 +320,13 @@ struct Inner {
     shared_limits: SharedLimits,
 }
 
-/// Where replicas share endpoints' limits (PostgreSQL): rate buckets and in-flight slots.
+/// What endpoints' limits share: on PostgreSQL, replicas' rate buckets and in-flight slots; in
+/// every process, the ceiling on a capped endpoint's jobs held in memory.
 struct SharedLimits {
     rates: Option<Arc<SharedBuckets>>,
     slots: Option<Arc<SharedSlots>>,
+    /// The most of a capped endpoint's jobs held in memory: the process's `max_in_flight`.
+    most_held: usize,
 }
 
 /// The receiving halves created with the engine, consumed by [`Engine::start`].
@@ -335,6 +349,7 @@ impl Engine {
         let outbound = Outbound::new(config.connect_timeout, config.request_timeout, config.dev);
         let node = ids::new_id("node");
         let shared_limits = SharedLimits {
+            most_held: config.max_in_flight,
             rates: shared_rates,
             slots: (db.dialect() == crate::db::Dialect::Postgres).then(|| {
                 let times = (config.lease, config.request_timeout);
@@ -415,6 +430,9 @@ impl Engine {
     /// returns. Nothing is lost without it (leases expire), but a restart then waits a lease.
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
+        if let Some(slots) = &self.inner.shared_limits.slots {
+            slots.stop();
+        }
         self.inner.poke.notify_waiters();
         let deadline = self.inner.config.request_timeout + Duration::from_secs(5);
         let workers = std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|e| e.into_inner()));
@@ -757,14 +775,21 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
                 rate.until_ready().await;
             }
             let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
-            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
-            // Taken last, just before sending, so a slot other replicas wait for is not held
-            // here while this waits for its turn.
+            // Before this process's permit: an attempt waiting for a slot another replica holds
+            // must not hold one of the permits every endpoint shares.
             let slot = match &limits.shared_in_flight {
                 Some(slots) => Some(slots.acquire().await),
                 None => None,
             };
-            Some((endpoint_permit, global_permit, slot))
+            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
+            // The wait for that permit must not have eaten into the slot's time.
+            let slot = match (slot, &limits.shared_in_flight) {
+                (Some(slot), Some(slots)) => Some(slots.outlasting(slot).await),
+                _ => None,
+            };
+            // The slot first: dropped first, it is back in the pool before the endpoint's
+            // permit lets the next attempt look for one.
+            Some((slot, endpoint_permit, global_permit))
         };
         // A closed semaphore (the engine is going away) ends the attempt; the lease covers it.
         tokio::select! {
