@@ -451,15 +451,8 @@ pub async fn update(
     if (row.rate_limit_per_s, row.max_in_flight) != (before.rate_limit_per_s, before.max_in_flight) {
         // Deliveries that waited for the old limits were given due times spaced at its rate: due
         // now instead, the new limits space them (a raise meant to clear a backlog clears it).
-        // Those not yet attempted only: a retry keeps its backoff. The `|| ''` keeps both
-        // databases on the small index of pending rows, not the endpoint's whole history.
-        let now = now_ms();
-        tx.execute(
-            "UPDATE deliveries SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at > $1 \
-             AND (tenant_id || '') = $2 AND (endpoint_id || '') = $3 AND schedule_index = 0",
-            args![now, tenant_id, id],
-        )
-        .await?;
+        tx.execute(super::outbox::WAITING_DUE_NOW, args![now_ms(), tenant_id, id])
+            .await?;
     }
     tx.commit().await?;
     Ok(Versioned::Done(row))

@@ -249,6 +249,14 @@ pub async fn release(db: &Database, node: &str, jobs: &[Job], now: i64) -> Resul
     Ok(released)
 }
 
+/// Makes an endpoint's deliveries waiting for their turn due at `$1` (now), given `$2` (tenant)
+/// and `$3` (endpoint): their due times were spaced at limits or a pace that no longer hold.
+/// Those not yet attempted only: a retry keeps its backoff. The `|| ''` keeps both databases on
+/// the small index of pending rows, not the endpoint's whole history.
+pub const WAITING_DUE_NOW: &str = "UPDATE deliveries SET next_attempt_at = $1 \
+     WHERE status = 'pending' AND next_attempt_at > $1 \
+     AND (tenant_id || '') = $2 AND (endpoint_id || '') = $3 AND schedule_index = 0";
+
 /// Makes a pending delivery due at `now` (not later), if it still waits.
 pub async fn due_now(db: &Database, delivery_id: &str, now: i64) -> Result<(), sqlx::Error> {
     db.execute(

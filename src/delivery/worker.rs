@@ -89,6 +89,8 @@ struct Limits {
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
     next_deferred_at: std::sync::atomic::AtomicI64,
+    /// The pace (jobs a second) the latest deferred jobs were spaced at; 0 when none wait.
+    deferred_at_pace: AtomicU64,
     /// Wakes the jobs waiting for their turn under these limits when the endpoint changes.
     endpoint_changed: tokio::sync::Notify,
     /// Taken by a woken job while it reads the endpoint again, so that the first read fills the
@@ -148,6 +150,7 @@ impl Limits {
             answer_us: AtomicU64::new(0),
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
+            deferred_at_pace: AtomicU64::new(0),
             endpoint_changed: tokio::sync::Notify::new(),
             rereading: tokio::sync::Mutex::new(()),
         }
@@ -182,6 +185,7 @@ impl Limits {
                 at = next.max(earliest);
                 Some(at.saturating_add(spacing_us))
             });
+        self.deferred_at_pace.store(per_second as u64, Ordering::Release);
         Err(at / 1000)
     }
 }
@@ -208,10 +212,13 @@ impl Limits {
         }
     }
 
-    /// Counts how long one of a capped endpoint's answers took.
-    fn record_answer(&self, took: Duration) {
+    /// Counts how long one of a capped endpoint's answers took. Answers whether the pace its
+    /// cap allows has grown fourfold past the one its deferred jobs were spaced at (the first
+    /// of a burst, deferred before any answer was in, at a guessed second an answer): those are
+    /// then to be made due now, and later ones are spaced from now.
+    fn record_answer(&self, took: Duration) -> bool {
         if self.in_flight_cap.is_none() {
-            return;
+            return false;
         }
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         let _ = self
@@ -224,6 +231,19 @@ impl Limits {
                     _ => sample.max(average - average / 8 + sample / 8),
                 })
             });
+        let paced = self.deferred_at_pace.load(Ordering::Acquire);
+        let now = self.per_second().unwrap_or(0) as u64;
+        if paced == 0 || now < paced.saturating_mul(4) {
+            return false;
+        }
+        let first = self
+            .deferred_at_pace
+            .compare_exchange(paced, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            self.next_deferred_at.store(0, Ordering::Release);
+        }
+        first
     }
 }
 
@@ -866,7 +886,21 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
         headers.extend(super::outbound::transport_headers(parsed, job.body.len()));
     }
     metrics::histogram!("opsiq_delivery_attempt_duration_seconds").record(result.duration.as_secs_f64());
-    endpoint.limits.record_answer(result.duration);
+    if endpoint.limits.record_answer(result.duration) {
+        let (db, engine) = (inner.db.clone(), engine.clone());
+        let (tenant_id, endpoint_id) = (job.tenant_id.clone(), job.endpoint_id.clone());
+        tokio::spawn(async move {
+            match db
+                .execute(outbox::WAITING_DUE_NOW, args![now_ms(), tenant_id, endpoint_id])
+                .await
+            {
+                Ok(_) => engine.poke(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make an endpoint's waiting deliveries due; they keep their times")
+                }
+            }
+        });
+    }
 
     let jitter = f64::from(u32::from_le_bytes(crate::crypto::random_bytes::<4>())) / f64::from(u32::MAX);
     let next = retry::decide(

@@ -1628,8 +1628,11 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
 }
 
 /// A capped endpoint's backlog is held for it at the pace its answers come back, not at one
-/// answer a second per permit (which deferred all but ten of a backlog to two a second here,
-/// 50 s for these 200): once its first answers are in, what comes next waits in memory.
+/// answer a second per permit: a first burst, deferred before any answer was in (ten held, the
+/// rest spaced at two a second: 45 s for these 100; on PostgreSQL the whole burst is in before
+/// the first answer, on SQLite less of it), is made due once the answers show the endpoint is
+/// fast, and what comes after waits in memory (before, all but ten of each wave were deferred at
+/// that pace too).
 async fn a_capped_endpoints_backlog_drains_as_fast_as_it_answers(backend: Backend) {
     let app = TestApp::on(backend).with(fast_delivery).start().await;
     let rx = Receiver::start().await;
@@ -1640,26 +1643,26 @@ async fn a_capped_endpoints_backlog_drains_as_fast_as_it_answers(backend: Backen
         json!({"event_types": ["capped.*"], "max_in_flight": 2}),
     )
     .await;
-    const WAVES: usize = 10;
-    const WAVE: usize = 20;
-    for wave in 0..WAVES {
-        let events = (0..WAVE).map(|i| {
+    async fn wave(app: &TestApp, wave: usize, size: usize) {
+        let events = (0..size).map(|i| {
             app.admin(Method::POST, "/v1/events")
                 .json(&json!({"type": "capped.tick", "data": {"wave": wave, "i": i}}))
         });
-        assert_eq!(at_once(events).await, vec![202; WAVE]);
-        // The first wave is sent before any answer is in; the others once one is (a third
-        // request arrives only after one of the first two was answered).
-        rx.wait_until(Duration::from_secs(60), |r| r.len() >= 3).await;
+        assert_eq!(at_once(events).await, vec![202; size]);
     }
-    let sent = std::time::Instant::now();
-    rx.wait_until(Duration::from_secs(60), |r| r.len() >= WAVES * WAVE)
-        .await;
+    let started = std::time::Instant::now();
+    wave(&app, 0, 100).await;
+    // The next waves once an answer is in (a third request arrives only after one of the first
+    // two was answered).
+    rx.wait_until(Duration::from_secs(60), |r| r.len() >= 3).await;
+    for n in 1..=5 {
+        wave(&app, n, 20).await;
+    }
+    rx.wait_until(Duration::from_secs(90), |r| r.len() >= 200).await;
     assert!(
-        sent.elapsed() < Duration::from_secs(25),
-        "a backlog of {} at two in flight, 20 ms an answer, took {:?} after the last was sent",
-        WAVES * WAVE,
-        sent.elapsed()
+        started.elapsed() < Duration::from_secs(25),
+        "200 deliveries at two in flight, 20 ms an answer, took {:?}",
+        started.elapsed()
     );
 }
 
