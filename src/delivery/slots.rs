@@ -380,14 +380,13 @@ impl EndpointSlots {
 }
 
 impl EndpointSlots {
-    /// `slot`, if it still outlasts an attempt; else renewed for another lifetime, or, when
-    /// the endpoint filled up meanwhile, another one waited for.
-    pub async fn outlasting(self: &Arc<Self>, mut slot: HeldSlot) -> HeldSlot {
+    /// `slot`, if it still outlasts an attempt, else renewed for another lifetime; `None` when
+    /// the endpoint filled up meanwhile and the slot is lost.
+    pub async fn outlasting(self: &Arc<Self>, mut slot: HeldSlot) -> Option<HeldSlot> {
         if slot.until > Instant::now() + self.shared.least_left || slot.renew().await {
-            return slot;
+            return Some(slot);
         }
-        drop(slot);
-        self.acquire().await
+        None
     }
 }
 

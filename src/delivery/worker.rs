@@ -89,8 +89,12 @@ struct Limits {
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
     next_deferred_at: std::sync::atomic::AtomicI64,
-    /// The pace (jobs a second) the latest deferred jobs were spaced at; 0 when none wait.
+    /// The guessed pace (jobs a second, before any answer was in) that deferred jobs were
+    /// spaced at; 0 when none were, or once they were made due (see [`Limits::record_answer`]).
     deferred_at_pace: AtomicU64,
+    /// How many times deferred jobs were made due because the pace outgrew the guess: a job
+    /// deferred across one is made due itself, since the update may have missed it.
+    made_due: AtomicU64,
     /// Wakes the jobs waiting for their turn under these limits when the endpoint changes.
     endpoint_changed: tokio::sync::Notify,
     /// Taken by a woken job while it reads the endpoint again, so that the first read fills the
@@ -151,6 +155,7 @@ impl Limits {
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_deferred_at: std::sync::atomic::AtomicI64::new(0),
             deferred_at_pace: AtomicU64::new(0),
+            made_due: AtomicU64::new(0),
             endpoint_changed: tokio::sync::Notify::new(),
             rereading: tokio::sync::Mutex::new(()),
         }
@@ -158,8 +163,12 @@ impl Limits {
 
     /// For a limited endpoint, takes a place among the jobs this process holds for it, or, when
     /// its limit already has enough of them waiting, answers when the job should be due again
-    /// instead. An unlimited endpoint's jobs are not counted.
-    fn hold_or_defer(&self, now: i64) -> Result<Option<HeldPlace>, i64> {
+    /// instead, with the count of [`Limits::made_due`] as it was before the pace was read.
+    /// An unlimited endpoint's jobs are not counted.
+    fn hold_or_defer(&self, now: i64) -> Result<Option<HeldPlace>, (i64, u64)> {
+        // Read before the pace: a job deferred at a guessed pace then sees the count change.
+        let made_due = self.made_due.load(Ordering::Acquire);
+        let guessed = self.in_flight_cap.is_some() && self.answer_us.load(Ordering::Acquire) == 0;
         let Some(per_second) = self.per_second() else {
             return Ok(None);
         };
@@ -185,8 +194,10 @@ impl Limits {
                 at = next.max(earliest);
                 Some(at.saturating_add(spacing_us))
             });
-        self.deferred_at_pace.store(per_second as u64, Ordering::Release);
-        Err(at / 1000)
+        if guessed {
+            self.deferred_at_pace.store(per_second as u64, Ordering::Release);
+        }
+        Err((at / 1000, made_due))
     }
 }
 
@@ -213,9 +224,9 @@ impl Limits {
     }
 
     /// Counts how long one of a capped endpoint's answers took. Answers whether the pace its
-    /// cap allows has grown fourfold past the one its deferred jobs were spaced at (the first
-    /// of a burst, deferred before any answer was in, at a guessed second an answer): those are
-    /// then to be made due now, and later ones are spaced from now.
+    /// cap allows has grown fourfold past the guessed one that jobs deferred before any answer
+    /// was in were spaced at (a second an answer): those are then to be made due now, and later
+    /// ones are spaced from now. Once at most, since only guessed paces are kept.
     fn record_answer(&self, took: Duration) -> bool {
         if self.in_flight_cap.is_none() {
             return false;
@@ -242,6 +253,7 @@ impl Limits {
             .is_ok();
         if first {
             self.next_deferred_at.store(0, Ordering::Release);
+            self.made_due.fetch_add(1, Ordering::AcqRel);
         }
         first
     }
@@ -767,7 +779,7 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
     // due when its turn should come, and frees its place in the shared queue.
     let _place = match endpoint.limits.hold_or_defer(now_ms()) {
         Ok(place) => place,
-        Err(due_at) => {
+        Err((due_at, made_due)) => {
             metrics::counter!("opsiq_deliveries_deferred_total").increment(1);
             if let Err(e) = outbox::defer(&inner.db, &inner.node, &job, due_at).await {
                 tracing::warn!(delivery_id = %job.id, error = %e, "cannot defer a delivery; its lease will expire");
@@ -775,8 +787,11 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             }
             // An endpoint changed since this one was read, perhaps this one's limits, and perhaps
             // after the change made the deferred deliveries due: this one is due now too, for
-            // the limits it has now to place.
-            if inner.endpoint_changes.load(Ordering::Acquire) != endpoint.changes_at_read {
+            // the limits it has now to place. The same when the deferred ones were made due
+            // for the endpoint's pace, perhaps before this one's deferral was written.
+            if inner.endpoint_changes.load(Ordering::Acquire) != endpoint.changes_at_read
+                || endpoint.limits.made_due.load(Ordering::Acquire) != made_due
+            {
                 match outbox::due_now(&inner.db, &job.id, now_ms()).await {
                     Ok(()) => engine.poke(),
                     Err(e) => {
@@ -795,17 +810,23 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
                 rate.until_ready().await;
             }
             let endpoint_permit = limits.in_flight.clone().acquire_owned().await.ok()?;
-            // Before this process's permit: an attempt waiting for a slot another replica holds
-            // must not hold one of the permits every endpoint shares.
-            let slot = match &limits.shared_in_flight {
-                Some(slots) => Some(slots.acquire().await),
-                None => None,
-            };
-            let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
-            // The wait for that permit must not have eaten into the slot's time.
-            let slot = match (slot, &limits.shared_in_flight) {
-                (Some(slot), Some(slots)) => Some(slots.outlasting(slot).await),
-                _ => None,
+            let (slot, global_permit) = loop {
+                // Before this process's permit: an attempt waiting for a slot another replica
+                // holds must not hold one of the permits every endpoint shares.
+                let slot = match &limits.shared_in_flight {
+                    Some(slots) => Some(slots.acquire().await),
+                    None => None,
+                };
+                let global_permit = inner.in_flight.clone().acquire_owned().await.ok()?;
+                // The wait for that permit must not have eaten into the slot's time; a slot
+                // lost meanwhile is waited for again without the permit.
+                match (slot, &limits.shared_in_flight) {
+                    (Some(slot), Some(slots)) => match slots.outlasting(slot).await {
+                        Some(slot) => break (Some(slot), global_permit),
+                        None => continue,
+                    },
+                    _ => break (None, global_permit),
+                }
             };
             // The slot first: dropped first, it is back in the pool before the endpoint's
             // permit lets the next attempt look for one.
