@@ -83,7 +83,7 @@ impl SharedSlots {
     pub fn stop(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::Release);
         for pool in self.live_pools() {
-            pool.wanted_elsewhere();
+            pool.give_back_idle(Duration::ZERO, true);
         }
     }
 
@@ -113,7 +113,7 @@ impl SharedSlots {
         loop {
             every.tick().await;
             for pool in self.live_pools() {
-                pool.give_back_idle(KEPT_IDLE);
+                pool.give_back_idle(KEPT_IDLE, false);
             }
         }
     }
@@ -217,16 +217,14 @@ impl SlotPool {
     /// Another replica wants slots: give back the idle ones, and for a while every one that
     /// comes back from an attempt.
     fn wanted_elsewhere(self: &Arc<Self>) {
-        let idle = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.wanted_until = Some(Instant::now() + GIVING_BACK_FOR);
-            std::mem::take(&mut state.idle)
-        };
-        self.give_back(idle.into_iter().map(|((id, _), _)| id).collect(), true);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.wanted_until = Some(Instant::now() + GIVING_BACK_FOR);
+        drop(state);
+        self.give_back_idle(Duration::ZERO, true);
     }
 
-    /// Gives back the idle slots put back over `kept` ago.
-    fn give_back_idle(self: &Arc<Self>, kept: Duration) {
+    /// Gives back the idle slots put back at least `kept` ago, announcing it when `announce`.
+    fn give_back_idle(self: &Arc<Self>, kept: Duration, announce: bool) {
         let now = Instant::now();
         let unused = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,20 +234,12 @@ impl SlotPool {
             state.idle = still_kept;
             unused
         };
-        self.give_back(unused.into_iter().map(|((id, _), _)| id).collect(), false);
+        self.give_back(unused.into_iter().map(|((id, _), _)| id).collect(), announce);
     }
 
     /// Gives `slots` back in a task of its own.
-    fn give_back(self: &Arc<Self>, slots: Vec<String>, announce: bool) {
-        if slots.is_empty() {
-            return;
-        }
-        let (Some(shared), Ok(runtime)) = (self.shared.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            return; // the process is ending: the slots lapse with their lease
-        };
-        let endpoint_id = self.endpoint_id.clone();
-        runtime.spawn(async move { shared.give_back(&endpoint_id, slots, announce).await });
+    fn give_back(&self, slots: Vec<String>, announce: bool) {
+        spawn_give_back(&self.shared, self.endpoint_id.clone(), slots, announce);
     }
 
     /// An idle slot taken under `cap` that outlasts an attempt, if there is one; idle slots
@@ -304,17 +294,21 @@ impl Drop for SlotPool {
         // No limits use the endpoint's pool any more (its cap was removed): its idle slots
         // would otherwise count against a cap set again until they lapse.
         let idle = std::mem::take(&mut self.state.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
-        let (Some(shared), Ok(runtime)) = (self.shared.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        if idle.is_empty() {
-            return;
-        }
-        let endpoint_id = std::mem::take(&mut self.endpoint_id);
         let slots = idle.into_iter().map(|((id, _), _)| id).collect();
-        runtime.spawn(async move { shared.give_back(&endpoint_id, slots, true).await });
+        spawn_give_back(&self.shared, std::mem::take(&mut self.endpoint_id), slots, true);
     }
+}
+
+/// Gives `slots` of `endpoint_id` back in a task of its own, if there are any and the process
+/// is still running (else they lapse with their lease).
+fn spawn_give_back(shared: &Weak<SharedSlots>, endpoint_id: String, slots: Vec<String>, announce: bool) {
+    if slots.is_empty() {
+        return;
+    }
+    let (Some(shared), Ok(runtime)) = (shared.upgrade(), tokio::runtime::Handle::try_current()) else {
+        return;
+    };
+    runtime.spawn(async move { shared.give_back(&endpoint_id, slots, announce).await });
 }
 
 /// One endpoint's shared slots under its current cap, as this process waits for them.

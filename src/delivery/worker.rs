@@ -138,7 +138,7 @@ impl Limits {
             )
         });
         let cap = in_flight_cap
-            .map(|c| c.clamp(1, 10_000) as usize)
+            .map(clamped_cap)
             .unwrap_or(Semaphore::MAX_PERMITS >> 4);
         let shared_in_flight = in_flight_cap
             .zip(shared.slots.clone())
@@ -177,7 +177,7 @@ impl Limits {
         // process's own cap of attempts (or five seconds at one a second per permit) waits in
         // the queue every endpoint shares, should the endpoint start to hang.
         if let Some(cap) = self.in_flight_cap {
-            most = most.min((HELD_SECONDS * cap.clamp(1, 10_000) as usize).max(self.most_held));
+            most = most.min((HELD_SECONDS * clamped_cap(cap)).max(self.most_held));
         }
         let held = self.held.fetch_add(1, Ordering::AcqRel);
         let place = Some(HeldPlace(self.held.clone()));
@@ -212,7 +212,7 @@ impl Limits {
                 0 => 1_000_000,
                 us => us.max(1_000),
             };
-            let cap = cap.clamp(1, 10_000) as u64;
+            let cap = clamped_cap(cap) as u64;
             usize::try_from(cap * 1_000_000 / answer_us)
                 .unwrap_or(usize::MAX)
                 .max(1)
@@ -257,6 +257,11 @@ impl Limits {
         }
         first
     }
+}
+
+/// An endpoint's `max_in_flight` as the engine applies it (the API accepts 1 to 10,000).
+fn clamped_cap(cap: i64) -> usize {
+    cap.clamp(1, 10_000) as usize
 }
 
 /// A job's place among those held in memory for its endpoint; given back when dropped.
