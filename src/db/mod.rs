@@ -202,6 +202,7 @@ macro_rules! bind_all {
     }};
 }
 
+mod direct;
 mod postgres;
 mod sqlite;
 pub use postgres::PgTx;
@@ -357,6 +358,22 @@ impl Tx {
         match self {
             Tx::Sqlite(t) => t.fetch_all(sql.into_sql_str().as_str(), args).await,
             Tx::Postgres(t) => t.fetch_all(sql, args).await,
+        }
+    }
+
+    /// Fetches the first column of every row, as text. On SQLite this keeps the writer in
+    /// direct use (see `direct`), which a typed [`Tx::fetch_all`] ends for the transaction.
+    pub async fn fetch_texts(
+        &mut self,
+        sql: impl sqlx::SqlSafeStr,
+        args: Vec<Arg>,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.fetch_texts(sql.into_sql_str().as_str(), args).await,
+            Tx::Postgres(t) => {
+                let rows: Vec<(String,)> = t.fetch_all(sql, args).await?;
+                Ok(rows.into_iter().map(|(text,)| text).collect())
+            }
         }
     }
 

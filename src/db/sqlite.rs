@@ -8,8 +8,11 @@
 //! outside any pool: the writer behind an async mutex, the readers taken in turn. A [`SqliteTx`]
 //! collects statements whose results nobody reads ([`SqliteTx::defer`]) and sends them together
 //! with `BEGIN IMMEDIATE`, the next read, or `COMMIT` as one multi-statement query, so a
-//! group-commit batch that only inserts is one round trip.
+//! group-commit batch that only inserts is one send. Such sends, which read no rows (or only a
+//! column of text, [`SqliteTx::fetch_texts`]), skip sqlx's thread altogether: they run directly
+//! on the task that holds the writer (see [`super::direct`]).
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,13 +20,75 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
+use super::direct::{DirectConnection, DirectError, Part};
 use super::{Arg, Row};
 
-/// The writer connection and whether a dropped transaction left it inside a transaction.
+/// The writer connection, used either through sqlx or directly (see [`super::direct`]), and
+/// whether a dropped transaction left it inside a transaction.
 pub struct WriterConnection {
-    conn: SqliteConnection,
+    /// The connection locked away from sqlx's thread while statements run directly; it borrows
+    /// `conn`, so it is dropped first (see `Drop`).
+    direct: Option<DirectConnection>,
+    /// Owned (made by `Box::leak`, freed in `Drop`).
+    conn: NonNull<SqliteConnection>,
     /// A transaction was dropped without commit or rollback; roll back before the next use.
     needs_rollback: bool,
+}
+
+// SAFETY: `conn` is owned like a `Box<SqliteConnection>`, which is `Send`, and `direct` is.
+#[allow(unsafe_code)]
+unsafe impl Send for WriterConnection {}
+
+impl WriterConnection {
+    fn new(conn: SqliteConnection) -> Self {
+        Self {
+            direct: None,
+            conn: NonNull::from(Box::leak(Box::new(conn))),
+            needs_rollback: false,
+        }
+    }
+
+    /// The connection for sqlx, given back from direct use first.
+    fn sqlx(&mut self) -> &mut SqliteConnection {
+        if self.direct.take().is_some() {
+            metrics::counter!("opsiq_sqlite_writer_switches_total", "to" => "sqlx").increment(1);
+        }
+        // SAFETY: `conn` is valid until `self` is dropped, and with `direct` gone nothing else
+        // borrows it; `&mut self` makes this borrow the only one.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.conn.as_mut()
+        }
+    }
+
+    /// The connection for direct use, locked away from sqlx's thread first if sqlx had it
+    /// (one round trip to that thread).
+    async fn direct(&mut self) -> Result<&mut DirectConnection, sqlx::Error> {
+        let direct = match self.direct.take() {
+            Some(direct) => direct,
+            None => {
+                // SAFETY: the connection outlives `direct`, which `Drop` drops first, and while
+                // `direct` holds this borrow the connection is reached only through it: `sqlx`
+                // drops `direct` before it lends the connection out again.
+                #[allow(unsafe_code)]
+                let conn: &'static mut SqliteConnection = unsafe { &mut *self.conn.as_ptr() };
+                let locked = conn.lock_handle().await?;
+                metrics::counter!("opsiq_sqlite_writer_switches_total", "to" => "direct").increment(1);
+                DirectConnection::new(locked)
+            }
+        };
+        Ok(self.direct.insert(direct))
+    }
+}
+
+impl Drop for WriterConnection {
+    fn drop(&mut self) {
+        // The lock (and the statements prepared under it) before the connection it borrows.
+        self.direct = None;
+        // SAFETY: made by `Box::leak` in `new`, freed only here, and no longer borrowed.
+        #[allow(unsafe_code)]
+        drop(unsafe { Box::from_raw(self.conn.as_ptr()) });
+    }
 }
 
 /// The shared handle to SQLite's writer connection.
@@ -70,10 +135,7 @@ impl SqliteWriter {
     pub fn new(conn: SqliteConnection) -> Self {
         let checkpoints = Arc::new(CheckpointSignal::default());
         Self {
-            inner: Arc::new(Mutex::new(WriterConnection {
-                conn,
-                needs_rollback: false,
-            })),
+            inner: Arc::new(Mutex::new(WriterConnection::new(conn))),
             _stop_on_drop: Arc::new(StopCheckpointer(checkpoints.clone())),
             checkpoints,
         }
@@ -125,7 +187,7 @@ impl SqliteWriter {
     async fn lock(&self) -> Result<HeldWriter, sqlx::Error> {
         let mut held = HeldWriter::take(&self.inner, "transaction").await;
         if held.needs_rollback {
-            roll_back(&mut held.conn).await?;
+            roll_back(&mut held).await?;
             held.needs_rollback = false;
         }
         Ok(held)
@@ -150,7 +212,7 @@ impl SqliteWriter {
     pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let mut guard = self.lock().await?;
         let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        let affected = query.execute(&mut guard.conn).await?.rows_affected();
+        let affected = query.execute(guard.sqlx()).await?.rows_affected();
         self.checkpoints.wake.notify_one();
         Ok(affected)
     }
@@ -161,7 +223,7 @@ impl SqliteWriter {
         // A closed connection cannot be taken out of the mutex; a checkpoint is what closing
         // buys, so ask for it directly and leave the handle to be dropped with the process.
         if let Ok(mut guard) = self.lock().await {
-            let _ = guard.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await;
+            let _ = guard.sqlx().execute("PRAGMA wal_checkpoint(PASSIVE)").await;
         }
     }
 }
@@ -372,7 +434,7 @@ macro_rules! send_script {
         async {
             let script = $tx.send_all_but_last($script).await?;
             bind_all!($query(sqlx::AssertSqlSafe(script.text)), script.args)
-                .$run($tx.conn().await?)
+                .$run($tx.sqlx_conn().await?)
                 .await
         }
         .await
@@ -407,12 +469,45 @@ pub struct SqliteTx {
 const CACHED_SCRIPT_BYTES: usize = 4096;
 
 impl SqliteTx {
-    async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+    /// The writer connection, taken at the first send.
+    async fn writer(&mut self) -> Result<&mut WriterConnection, sqlx::Error> {
         let guard = match self.conn {
             Some(ref mut guard) => guard,
             None => self.conn.insert(self.writer.lock().await?),
         };
-        Ok(&mut guard.conn)
+        Ok(guard)
+    }
+
+    /// The writer connection, for sqlx.
+    async fn sqlx_conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+        Ok(self.writer().await?.sqlx())
+    }
+
+    /// Sends `script`, whose rows nobody reads but the first column of its last statement's
+    /// (into `rows`, when given): directly when every part is one statement and the script is
+    /// small enough not to hold a runtime thread for long, else through sqlx. Returns the rows
+    /// its last statement changed.
+    async fn send_direct(
+        &mut self,
+        script: Script,
+        mut rows: Option<&mut Vec<String>>,
+    ) -> Result<u64, sqlx::Error> {
+        if script.args.len() <= DIRECT_MOST_ARGUMENTS {
+            let direct = self.writer().await?.direct().await?;
+            match direct.run(&script.parts(), rows.as_deref_mut()) {
+                Ok(changed) => return Ok(changed),
+                Err(DirectError::Failed(e)) => return Err(e),
+                Err(DirectError::NotOneStatementEach) => {}
+            }
+        }
+        match rows {
+            Some(rows) => {
+                let found: Vec<(String,)> = send_script!(self, script, sqlx::query_as, fetch_all)?;
+                rows.extend(found.into_iter().map(|(text,)| text));
+                Ok(0)
+            }
+            None => Ok(send_script!(self, script, sqlx::query, execute)?.rows_affected()),
+        }
     }
 
     /// Queues a statement that returns no rows and whose row count nobody needs; it is sent with
@@ -458,7 +553,7 @@ impl SqliteTx {
             let statement_args: Vec<Arg> = args.drain(..args_end - args_from).collect();
             let statement = &text[text_from..text_end];
             bind_all!(sqlx::query(sqlx::AssertSqlSafe(statement)), statement_args)
-                .execute(self.conn().await?)
+                .execute(self.sqlx_conn().await?)
                 .await?;
             (text_from, args_from) = (text_end, args_end);
         }
@@ -483,7 +578,7 @@ impl SqliteTx {
             return Ok(());
         }
         let script = self.take(None)?;
-        let result = send_script!(self, script, sqlx::query, execute);
+        let result = self.send_direct(script, None).await;
         self.sent_ok(result).map(|_| ())
     }
 
@@ -492,8 +587,17 @@ impl SqliteTx {
         // The count must be this statement's alone, so what is queued goes first.
         self.flush().await?;
         let script = self.take(Some((sql, args)))?;
-        let result = send_script!(self, script, sqlx::query, execute);
-        self.sent_ok(result).map(|r| r.rows_affected())
+        let result = self.send_direct(script, None).await;
+        self.sent_ok(result)
+    }
+
+    /// Runs the queued statements and then `sql`, returning the first column of `sql`'s rows
+    /// as text (without leaving direct use, unlike [`fetch_all`](Self::fetch_all)).
+    pub async fn fetch_texts(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<String>, sqlx::Error> {
+        let script = self.take(Some((sql, args)))?;
+        let mut rows = Vec::new();
+        let result = self.send_direct(script, Some(&mut rows)).await;
+        self.sent_ok(result).map(|_| rows)
     }
 
     /// Runs the queued statements and then `sql`, returning `sql`'s rows.
@@ -521,7 +625,7 @@ impl SqliteTx {
             return Ok(());
         }
         let script = self.take(Some(("COMMIT", Vec::new())))?;
-        let result = send_script!(self, script, sqlx::query, execute);
+        let result = self.send_direct(script, None).await;
         let result = self.sent_ok(result);
         if result.is_err() {
             self.end().await;
@@ -542,7 +646,7 @@ impl SqliteTx {
         if self.sent
             && let Some(guard) = self.conn.as_mut()
         {
-            match roll_back(&mut guard.conn).await {
+            match roll_back(guard).await {
                 Ok(()) => self.sent = false,
                 Err(e) => {
                     tracing::warn!(error = %e, "rolling back a write transaction failed; retrying at next use")
@@ -560,6 +664,29 @@ struct Script {
     ends: Vec<(usize, usize)>,
 }
 
+impl Script {
+    /// Its statements with their arguments.
+    fn parts(&self) -> Vec<Part<'_>> {
+        let (mut text_from, mut args_from) = (0, 0);
+        self.ends
+            .iter()
+            .map(|&(text_end, args_end)| {
+                let part = Part {
+                    sql: &self.text[text_from..text_end],
+                    args: &self.args[args_from..args_end],
+                };
+                (text_from, args_from) = (text_end, args_end);
+                part
+            })
+            .collect()
+    }
+}
+
+/// Scripts with more arguments than this go through sqlx: run directly, a batch's statements
+/// hold the runtime thread they run on, and the biggest batches (hundreds of deliveries of a
+/// fan-out) would hold it for milliseconds.
+const DIRECT_MOST_ARGUMENTS: usize = 2000;
+
 impl Drop for SqliteTx {
     fn drop(&mut self) {
         if !self.sent {
@@ -571,7 +698,7 @@ impl Drop for SqliteTx {
         // (another process, `opsiq init --tenant` say, may be waiting for it).
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if roll_back(&mut guard.conn).await.is_ok() {
+                if roll_back(&mut guard).await.is_ok() {
                     guard.needs_rollback = false;
                 }
             });
@@ -579,12 +706,28 @@ impl Drop for SqliteTx {
     }
 }
 
-/// `ROLLBACK`; "no transaction is active" counts as done (SQLite may already have rolled back).
-async fn roll_back(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-    match conn.execute("ROLLBACK").await {
-        Ok(_) => Ok(()),
+/// `ROLLBACK`, directly if the connection is in direct use; "no transaction is active" counts as
+/// done (SQLite may already have rolled back).
+async fn roll_back(conn: &mut WriterConnection) -> Result<(), sqlx::Error> {
+    let result = match conn.direct.as_mut() {
+        Some(direct) => match direct.run(
+            &[Part {
+                sql: "ROLLBACK",
+                args: &[],
+            }],
+            None,
+        ) {
+            Ok(_) => Ok(()),
+            Err(DirectError::Failed(e)) => Err(e),
+            Err(DirectError::NotOneStatementEach) => {
+                Err(sqlx::Error::Protocol("ROLLBACK did not prepare".into()))
+            }
+        },
+        None => conn.sqlx().execute("ROLLBACK").await.map(|_| ()),
+    };
+    match result {
         Err(e) if e.to_string().contains("no transaction is active") => Ok(()),
-        Err(e) => Err(e),
+        other => other,
     }
 }
 

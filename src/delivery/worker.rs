@@ -1193,8 +1193,7 @@ async fn move_deliveries(
              RETURNING id",
             rows.join(", ")
         );
-        let ids: Vec<(String,)> = tx.fetch_all(sqlx::AssertSqlSafe(sql), values).await?;
-        moved.extend(ids.into_iter().map(|(id,)| id));
+        moved.extend(tx.fetch_texts(sqlx::AssertSqlSafe(sql), values).await?);
     }
     Ok(moved)
 }

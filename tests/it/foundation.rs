@@ -1227,6 +1227,158 @@ async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
     db.close().await;
 }
 
+dual!(write_transactions_count_read_and_fail_the_same_whatever_carries_them);
+
+/// What a write transaction reports does not depend on how its statements travel (on SQLite,
+/// run directly by the task holding the writer, or through sqlx when they read typed rows, bind
+/// many arguments or hold two statements in one): a statement's changed rows are its own even
+/// right after `BEGIN`, `fetch_texts` returns `RETURNING` values, reads see the transaction's
+/// earlier writes, a unique violation is one, and a failure leaves nothing behind.
+async fn write_transactions_count_read_and_fail_the_same_whatever_carries_them(backend: Backend) {
+    let sqlite = matches!(backend, Backend::Sqlite);
+    let app = TestApp::start(backend).await;
+    let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
+    let head = "INSERT INTO change_counters (name, version) VALUES";
+    let rows = |prefix: &str, n: usize| -> Vec<Vec<opsiq::db::Arg>> {
+        (0..n)
+            .map(|i| opsiq::args![format!("{prefix}.{i}"), i as i64])
+            .collect()
+    };
+
+    let mut tx = db.begin().await.unwrap();
+    let three = tx
+        .execute(
+            "INSERT INTO change_counters (name, version) VALUES ($1, 1), ($2, 2), ($3, 3)",
+            opsiq::args!["c.1", "c.2", "c.3"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(three, 3);
+    tx.commit().await.unwrap();
+
+    // A count is the statement's own, not the last one SQLite kept from an earlier statement.
+    let mut tx = db.begin().await.unwrap();
+    let none = tx
+        .execute(
+            "UPDATE change_counters SET version = version + 1 WHERE name = $1",
+            opsiq::args!["c.none"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(none, 0, "an update that matched nothing changed nothing");
+    tx.defer(
+        "UPDATE change_counters SET version = version + 10 WHERE name = $1",
+        opsiq::args!["c.1"],
+    )
+    .await
+    .unwrap();
+    let mut moved = tx
+        .fetch_texts(
+            "UPDATE change_counters SET version = version + 100 WHERE name IN ($1, $2, $3) RETURNING name",
+            opsiq::args!["c.1", "c.2", "c.none"],
+        )
+        .await
+        .unwrap();
+    moved.sort();
+    assert_eq!(moved, ["c.1", "c.2"]);
+    // A typed read, then more writes and the commit, in the same transaction.
+    let (seen,): (i64,) = tx
+        .fetch_optional(
+            "SELECT version FROM change_counters WHERE name = $1",
+            opsiq::args!["c.1"],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen, 111,
+        "a read sees the transaction's own deferred and direct writes"
+    );
+    opsiq::db::insert_rows(&mut tx, head, 2, rows("after", 3))
+        .await
+        .unwrap();
+    let two = tx
+        .execute(
+            "UPDATE change_counters SET version = 0 WHERE name IN ($1, $2)",
+            opsiq::args!["after.1", "after.2"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(two, 2);
+    tx.commit().await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "c.1").await.unwrap(), 111);
+    assert_eq!(opsiq::db::counter(&db, "c.2").await.unwrap(), 102);
+    assert_eq!(opsiq::db::counter(&db, "after.0").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "after.2").await.unwrap(), 0);
+
+    // A transaction binding thousands of arguments (on SQLite, too many to run directly).
+    let mut tx = db.begin().await.unwrap();
+    opsiq::db::insert_rows(&mut tx, head, 2, rows("many", 1500))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "many.1499").await.unwrap(), 1499);
+
+    // More distinct statements than are kept prepared, in one transaction and the next.
+    for round in 0..2 {
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..300 {
+            let sql = format!("INSERT INTO change_counters (name, version) VALUES ($1, {i})");
+            tx.defer(
+                sqlx::AssertSqlSafe(sql),
+                opsiq::args![format!("distinct.{round}.{i}")],
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(
+            opsiq::db::counter(&db, &format!("distinct.{round}.299"))
+                .await
+                .unwrap(),
+            299
+        );
+    }
+
+    if sqlite {
+        // Two statements in one deferred part: sent through sqlx, both run.
+        let mut tx = db.begin().await.unwrap();
+        tx.defer(
+            "INSERT INTO change_counters (name, version) VALUES ($1, 1); \
+             INSERT INTO change_counters (name, version) VALUES ($2, 2)",
+            opsiq::args!["pair.1", "pair.2"],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(opsiq::db::counter(&db, "pair.2").await.unwrap(), 2);
+    }
+
+    // A unique violation is reported as one, and the transaction's writes go with it.
+    let mut tx = db.begin().await.unwrap();
+    tx.defer(
+        "INSERT INTO change_counters (name, version) VALUES ($1, 1)",
+        opsiq::args!["gone.1"],
+    )
+    .await
+    .unwrap();
+    let duplicate = tx
+        .fetch_texts(
+            "INSERT INTO change_counters (name, version) VALUES ($1, 1) RETURNING name",
+            opsiq::args!["c.3"],
+        )
+        .await
+        .expect_err("the name is taken");
+    assert!(
+        opsiq::db::DbError::from(duplicate).is_unique_violation(),
+        "a duplicate key is a unique violation"
+    );
+    tx.rollback().await;
+    assert_eq!(opsiq::db::counter(&db, "gone.1").await.unwrap(), 0);
+    assert_eq!(opsiq::db::counter(&db, "c.3").await.unwrap(), 3);
+    db.close().await;
+}
+
 /// SQLite commits do not checkpoint (that would make a commit wait for two fsyncs): a task of
 /// its own copies committed pages into the database file, and the WAL is reused from its start
 /// instead of growing.
