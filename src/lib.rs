@@ -24,7 +24,8 @@
 //!
 //! [`run`] starts everything on a given listener; the binary and the tests both call it.
 
-// Denied rather than forbidden: `db::direct` calls SQLite's C API, and is allowed to alone.
+// Denied rather than forbidden: `db::direct` owns SQLite's writer connection and calls SQLite's
+// C API, and is the one module allowed to.
 #![deny(unsafe_code)]
 
 pub mod agents;

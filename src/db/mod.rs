@@ -434,6 +434,9 @@ pub struct Database {
     write: Writer,
 }
 
+/// How long a SQLite statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A pooled PostgreSQL connection idle for longer than this is pinged before use.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
@@ -466,7 +469,7 @@ impl Database {
                 // With WAL, NORMAL keeps every committed transaction across a process crash;
                 // only an OS crash or power loss can drop the last commits.
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10))
+                .busy_timeout(BUSY_TIMEOUT)
                 .foreign_keys(true)
                 .pragma("temp_store", "memory")
                 .pragma("cache_size", "-32000")

@@ -12,7 +12,6 @@
 //! column of text, [`SqliteTx::fetch_texts`]), skip sqlx's thread altogether: they run directly
 //! on the task that holds the writer (see [`super::direct`]).
 
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,75 +19,15 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
-use super::direct::{DirectConnection, DirectError, Part};
+use super::direct::{DirectError, DualConnection, Part};
 use super::{Arg, Row};
 
-/// The writer connection, used either through sqlx or directly (see [`super::direct`]), and
-/// whether a dropped transaction left it inside a transaction.
+/// The writer connection, used through sqlx or directly (see [`super::direct`]), and whether a
+/// dropped transaction left it inside a transaction.
 pub struct WriterConnection {
-    /// The connection locked away from sqlx's thread while statements run directly; it borrows
-    /// `conn`, so it is dropped first (see `Drop`).
-    direct: Option<DirectConnection>,
-    /// Owned (made by `Box::leak`, freed in `Drop`).
-    conn: NonNull<SqliteConnection>,
+    conn: DualConnection,
     /// A transaction was dropped without commit or rollback; roll back before the next use.
     needs_rollback: bool,
-}
-
-// SAFETY: `conn` is owned like a `Box<SqliteConnection>`, which is `Send`, and `direct` is.
-#[allow(unsafe_code)]
-unsafe impl Send for WriterConnection {}
-
-impl WriterConnection {
-    fn new(conn: SqliteConnection) -> Self {
-        Self {
-            direct: None,
-            conn: NonNull::from(Box::leak(Box::new(conn))),
-            needs_rollback: false,
-        }
-    }
-
-    /// The connection for sqlx, given back from direct use first.
-    fn sqlx(&mut self) -> &mut SqliteConnection {
-        if self.direct.take().is_some() {
-            metrics::counter!("opsiq_sqlite_writer_switches_total", "to" => "sqlx").increment(1);
-        }
-        // SAFETY: `conn` is valid until `self` is dropped, and with `direct` gone nothing else
-        // borrows it; `&mut self` makes this borrow the only one.
-        #[allow(unsafe_code)]
-        unsafe {
-            self.conn.as_mut()
-        }
-    }
-
-    /// The connection for direct use, locked away from sqlx's thread first if sqlx had it
-    /// (one round trip to that thread).
-    async fn direct(&mut self) -> Result<&mut DirectConnection, sqlx::Error> {
-        let direct = match self.direct.take() {
-            Some(direct) => direct,
-            None => {
-                // SAFETY: the connection outlives `direct`, which `Drop` drops first, and while
-                // `direct` holds this borrow the connection is reached only through it: `sqlx`
-                // drops `direct` before it lends the connection out again.
-                #[allow(unsafe_code)]
-                let conn: &'static mut SqliteConnection = unsafe { &mut *self.conn.as_ptr() };
-                let locked = conn.lock_handle().await?;
-                metrics::counter!("opsiq_sqlite_writer_switches_total", "to" => "direct").increment(1);
-                DirectConnection::new(locked)
-            }
-        };
-        Ok(self.direct.insert(direct))
-    }
-}
-
-impl Drop for WriterConnection {
-    fn drop(&mut self) {
-        // The lock (and the statements prepared under it) before the connection it borrows.
-        self.direct = None;
-        // SAFETY: made by `Box::leak` in `new`, freed only here, and no longer borrowed.
-        #[allow(unsafe_code)]
-        drop(unsafe { Box::from_raw(self.conn.as_ptr()) });
-    }
 }
 
 /// The shared handle to SQLite's writer connection.
@@ -135,7 +74,10 @@ impl SqliteWriter {
     pub fn new(conn: SqliteConnection) -> Self {
         let checkpoints = Arc::new(CheckpointSignal::default());
         Self {
-            inner: Arc::new(Mutex::new(WriterConnection::new(conn))),
+            inner: Arc::new(Mutex::new(WriterConnection {
+                conn: DualConnection::new(conn, super::BUSY_TIMEOUT),
+                needs_rollback: false,
+            })),
             _stop_on_drop: Arc::new(StopCheckpointer(checkpoints.clone())),
             checkpoints,
         }
@@ -212,7 +154,7 @@ impl SqliteWriter {
     pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let mut guard = self.lock().await?;
         let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        let affected = query.execute(guard.sqlx()).await?.rows_affected();
+        let affected = query.execute(guard.conn.sqlx()).await?.rows_affected();
         self.checkpoints.wake.notify_one();
         Ok(affected)
     }
@@ -223,7 +165,7 @@ impl SqliteWriter {
         // A closed connection cannot be taken out of the mutex; a checkpoint is what closing
         // buys, so ask for it directly and leave the handle to be dropped with the process.
         if let Ok(mut guard) = self.lock().await {
-            let _ = guard.sqlx().execute("PRAGMA wal_checkpoint(PASSIVE)").await;
+            let _ = guard.conn.sqlx().execute("PRAGMA wal_checkpoint(PASSIVE)").await;
         }
     }
 }
@@ -480,7 +422,7 @@ impl SqliteTx {
 
     /// The writer connection, for sqlx.
     async fn sqlx_conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
-        Ok(self.writer().await?.sqlx())
+        Ok(self.writer().await?.conn.sqlx())
     }
 
     /// Sends `script`, whose rows nobody reads but the first column of its last statement's
@@ -493,11 +435,11 @@ impl SqliteTx {
         mut rows: Option<&mut Vec<String>>,
     ) -> Result<u64, sqlx::Error> {
         if script.args.len() <= DIRECT_MOST_ARGUMENTS {
-            let direct = self.writer().await?.direct().await?;
-            match direct.run(&script.parts(), rows.as_deref_mut()) {
+            let conn = &mut self.writer().await?.conn;
+            match conn.run(&script.parts(), rows.as_deref_mut()).await {
                 Ok(changed) => return Ok(changed),
                 Err(DirectError::Failed(e)) => return Err(e),
-                Err(DirectError::NotOneStatementEach) => {}
+                Err(DirectError::Unsent) => {}
             }
         }
         match rows {
@@ -708,21 +650,24 @@ impl Drop for SqliteTx {
 
 /// `ROLLBACK`, directly if the connection is in direct use; "no transaction is active" counts as
 /// done (SQLite may already have rolled back).
-async fn roll_back(conn: &mut WriterConnection) -> Result<(), sqlx::Error> {
-    let result = match conn.direct.as_mut() {
-        Some(direct) => match direct.run(
-            &[Part {
-                sql: "ROLLBACK",
-                args: &[],
-            }],
-            None,
-        ) {
-            Ok(_) => Ok(()),
-            Err(DirectError::Failed(e)) => Err(e),
-            Err(DirectError::NotOneStatementEach) => {
-                Err(sqlx::Error::Protocol("ROLLBACK did not prepare".into()))
-            }
-        },
+async fn roll_back(writer: &mut WriterConnection) -> Result<(), sqlx::Error> {
+    let conn = &mut writer.conn;
+    let rollback = [Part {
+        sql: "ROLLBACK",
+        args: &[],
+    }];
+    // Direct use needs no round trip to sqlx's thread only while the writer is in it.
+    let direct = if conn.is_direct() {
+        match conn.run(&rollback, None).await {
+            Ok(_) => Some(Ok(())),
+            Err(DirectError::Failed(e)) => Some(Err(e)),
+            Err(DirectError::Unsent) => None,
+        }
+    } else {
+        None
+    };
+    let result = match direct {
+        Some(result) => result,
         None => conn.sqlx().execute("ROLLBACK").await.map(|_| ()),
     };
     match result {

@@ -1379,6 +1379,98 @@ async fn write_transactions_count_read_and_fail_the_same_whatever_carries_them(b
     db.close().await;
 }
 
+/// A write that finds SQLite's write lock held by another connection waits for it without
+/// holding up the runtime (the wait is sqlx's thread's, not the task's), and then succeeds. The
+/// test runs on a single-threaded runtime, which a write waiting on its thread would stall.
+#[tokio::test]
+async fn a_sqlite_write_waiting_for_another_writer_leaves_the_runtime_free() {
+    use sqlx::{ConnectOptions, Connection, Executor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsiq.db");
+    let db = opsiq::db::Database::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
+    // Written once first, so the writer is in its usual state (statements run directly).
+    db.begin().await.unwrap().commit().await.unwrap();
+    let mut tx = db.begin().await.unwrap();
+    tx.defer(insert, opsiq::args!["first"]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    other.execute("BEGIN IMMEDIATE").await.unwrap();
+    other
+        .execute("INSERT INTO change_counters (name, version) VALUES ('other', 1)")
+        .await
+        .unwrap();
+
+    let writes = db.clone();
+    let write = tokio::spawn(async move {
+        let mut tx = writes.begin().await?;
+        tx.defer(insert, opsiq::args!["second"]).await?;
+        tx.commit().await
+    });
+    let started = std::time::Instant::now();
+    // The spawned write runs at the first yield; a timer that fires on time shows the runtime's
+    // one thread was not held by it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the runtime was held for {:?} while a write waited for the lock",
+        started.elapsed()
+    );
+    assert!(
+        !write.is_finished(),
+        "the write cannot finish while the other writer holds the lock"
+    );
+
+    other.execute("COMMIT").await.unwrap();
+    write.await.unwrap().unwrap();
+    assert_eq!(opsiq::db::counter(&db, "other").await.unwrap(), 1);
+    assert_eq!(opsiq::db::counter(&db, "second").await.unwrap(), 1);
+    let _ = other.close().await;
+    db.close().await;
+}
+
+/// The writer connection closes cleanly (SQLite deletes the WAL at the last close) whether it
+/// last ran statements directly or through sqlx: the statements kept prepared for direct use
+/// are finalized first, which closing needs.
+#[tokio::test]
+async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsiq.db");
+    let url = format!("sqlite://{}", path.display());
+    let wal = dir.path().join("opsiq.db-wal");
+    let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
+    for (round, last_through_sqlx) in [(0, true), (1, false)] {
+        let db = opsiq::db::Database::connect(&url).await.unwrap();
+        for i in 0..3 {
+            let mut tx = db.begin().await.unwrap();
+            tx.defer(insert, opsiq::args![format!("direct.{round}.{i}")])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        if last_through_sqlx {
+            db.execute(insert, opsiq::args![format!("sqlx.{round}")])
+                .await
+                .unwrap();
+        }
+        assert!(wal.exists(), "an open database in WAL mode has its WAL");
+        db.close().await;
+        drop(db);
+        crate::harness::wait_until(Duration::from_secs(30), || async { !wal.exists() }).await;
+    }
+    let db = opsiq::db::Database::connect(&url).await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "direct.1.2").await.unwrap(), 1);
+    assert_eq!(opsiq::db::counter(&db, "sqlx.0").await.unwrap(), 1);
+    db.close().await;
+}
+
 /// SQLite commits do not checkpoint (that would make a commit wait for two fsyncs): a task of
 /// its own copies committed pages into the database file, and the WAL is reused from its start
 /// instead of growing.
