@@ -42,6 +42,9 @@ pub(super) struct DualConnection {
     prepared: HashMap<Box<str>, NonNull<ffi::sqlite3_stmt>>,
     /// How long sqlx's use of the connection waits for another process's write lock.
     busy_timeout: Duration,
+    /// Off for an in-memory database: sqlx opens those with a shared cache, where a write that
+    /// meets a reader must wait for it as only sqlx does (unlock notification).
+    direct_allowed: bool,
     /// Owned (made by `Box::leak`, freed in `Drop`).
     conn: NonNull<SqliteConnection>,
 }
@@ -58,7 +61,7 @@ pub(super) enum DirectError {
     /// is too long for SQLite's API, or the first part found the write lock held by another
     /// connection (waiting for it belongs on sqlx's thread, not on the runtime's).
     Unsent,
-    /// A statement failed; the statements before it ran.
+    /// A statement failed: to prepare (then nothing ran), or to run (then those before it did).
     Failed(sqlx::Error),
 }
 
@@ -78,12 +81,13 @@ struct Ready {
 
 impl DualConnection {
     /// Takes ownership of `conn`, lent to sqlx until the first direct use. `busy_timeout` must
-    /// be the one it was opened with.
-    pub(super) fn new(conn: SqliteConnection, busy_timeout: Duration) -> Self {
+    /// be the one it was opened with; `in_memory` turns direct use off.
+    pub(super) fn new(conn: SqliteConnection, busy_timeout: Duration, in_memory: bool) -> Self {
         Self {
             locked: None,
             prepared: HashMap::new(),
             busy_timeout,
+            direct_allowed: !in_memory,
             conn: NonNull::from(Box::leak(Box::new(conn))),
         }
     }
@@ -130,13 +134,27 @@ impl DualConnection {
 
     /// Runs `parts` in order; returns the rows the last one changed, and, when `rows` is given,
     /// appends the first column of each row the last one returned. Every part is prepared
-    /// before any runs, so a script refused as [`DirectError::Unsent`] ran nothing.
+    /// before any runs, so a script refused as [`DirectError::Unsent`] ran nothing (and a part
+    /// cannot use a table an earlier part of the same script creates).
     pub(super) async fn run(
         &mut self,
         parts: &[Part<'_>],
         rows: Option<&mut Vec<String>>,
     ) -> Result<u64, DirectError> {
+        if !self.direct_allowed {
+            return Err(DirectError::Unsent);
+        }
         let db = self.lock().await.map_err(DirectError::Failed)?;
+        self.run_locked(db, parts, rows)
+    }
+
+    /// [`run`](Self::run) once the connection is locked.
+    fn run_locked(
+        &mut self,
+        db: *mut ffi::sqlite3,
+        parts: &[Part<'_>],
+        rows: Option<&mut Vec<String>>,
+    ) -> Result<u64, DirectError> {
         if self.prepared.len() + parts.len() > MOST_PREPARED {
             self.finalize_all();
         }
@@ -232,6 +250,10 @@ impl DualConnection {
                 &mut tail,
             )
         };
+        if rc & PRIMARY_CODE == ffi::SQLITE_BUSY {
+            // Reading a schema another connection is changing; nothing has run yet.
+            return Err(DirectError::Unsent);
+        }
         if rc != ffi::SQLITE_OK {
             return Err(DirectError::Failed(self.last_error()));
         }
@@ -299,6 +321,12 @@ impl Drop for DualConnection {
         }
         // The lock before the connection it borrows.
         self.locked = None;
+        if !self.prepared.is_empty() {
+            // sqlx's thread is gone, and with it any way to finalize safely: closing would
+            // fail and sqlx panic, so the connection is left to the process's end.
+            tracing::warn!("the SQLite writer connection could not be closed cleanly; it stays open");
+            return;
+        }
         // SAFETY: made by `Box::leak` in `new`, freed only here, and no longer borrowed.
         #[allow(unsafe_code)]
         drop(unsafe { Box::from_raw(self.conn.as_ptr()) });

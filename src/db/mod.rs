@@ -488,7 +488,7 @@ impl Database {
                     .run_direct(None, &mut conn, false)
                     .await?;
             }
-            let write = SqliteWriter::new(conn);
+            let write = SqliteWriter::new(conn, sqlite_file(url)?.is_none());
             write.spawn_checkpointer(options.clone().thread_name(|_| "sqlite-checkpt".into()));
             let read = SqliteReaders::new(options.thread_name(|_| "sqlite-reader".into()), 4);
             Self {

@@ -70,12 +70,12 @@ impl std::fmt::Debug for SqliteWriter {
 }
 
 impl SqliteWriter {
-    /// Wraps an open connection.
-    pub fn new(conn: SqliteConnection) -> Self {
+    /// Wraps an open connection (to an in-memory database if `in_memory`).
+    pub fn new(conn: SqliteConnection, in_memory: bool) -> Self {
         let checkpoints = Arc::new(CheckpointSignal::default());
         Self {
             inner: Arc::new(Mutex::new(WriterConnection {
-                conn: DualConnection::new(conn, super::BUSY_TIMEOUT),
+                conn: DualConnection::new(conn, super::BUSY_TIMEOUT, in_memory),
                 needs_rollback: false,
             })),
             _stop_on_drop: Arc::new(StopCheckpointer(checkpoints.clone())),
@@ -153,8 +153,20 @@ impl SqliteWriter {
     /// Runs one statement on its own (autocommit); returns the rows it affected.
     pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
         let mut guard = self.lock().await?;
-        let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
-        let affected = query.execute(guard.conn.sqlx()).await?.rows_affected();
+        let (mut text, mut text_args) = (String::new(), Vec::new());
+        push_statement(&mut text, &mut text_args, sql, args);
+        let part = Part {
+            sql: &text,
+            args: &text_args,
+        };
+        let affected = match guard.conn.run(&[part], None).await {
+            Ok(affected) => affected,
+            Err(DirectError::Failed(e)) => return Err(e),
+            Err(DirectError::Unsent) => {
+                let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(text)), text_args);
+                query.execute(guard.conn.sqlx()).await?.rows_affected()
+            }
+        };
         self.checkpoints.wake.notify_one();
         Ok(affected)
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ struct Limits {
     /// This endpoint's jobs held in memory (waiting for their turn or being sent).
     held: Arc<std::sync::atomic::AtomicUsize>,
     /// When the next deferred job is due (unix µs): deferred jobs are spaced out from here.
-    next_deferred_at: std::sync::atomic::AtomicI64,
+    next_deferred_at: AtomicI64,
     /// The guessed pace (jobs a second, before any answer was in) that deferred jobs were
     /// spaced at; 0 when none were, or once they were made due (see [`Limits::record_answer`]).
     deferred_at_pace: AtomicU64,
@@ -153,7 +153,7 @@ impl Limits {
             most_held: shared.most_held,
             answer_us: AtomicU64::new(0),
             held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            next_deferred_at: std::sync::atomic::AtomicI64::new(0),
+            next_deferred_at: AtomicI64::new(0),
             deferred_at_pace: AtomicU64::new(0),
             made_due: AtomicU64::new(0),
             endpoint_changed: tokio::sync::Notify::new(),
@@ -336,6 +336,10 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     outcomes: mpsc::Sender<Outcome>,
     poke: Notify,
+    /// When the last delivery this process deferred for its endpoint's limits falls due (ms):
+    /// until then the poller looks more often than its interval, so that deferred deliveries
+    /// go out when due rather than at the next poll.
+    deferred_until: AtomicI64,
     endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
     subscribers: Mutex<HashMap<String, CachedSubscribers>>,
     /// Bumped by every endpoint change: what was read across one is used once, not kept fresh.
@@ -402,6 +406,7 @@ impl Engine {
             jobs: jobs_tx,
             outcomes: outcomes_tx,
             poke: Notify::new(),
+            deferred_until: AtomicI64::new(0),
             endpoints: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             endpoint_changes: AtomicU64::new(0),
@@ -763,13 +768,23 @@ async fn poller(engine: Engine) {
             }
             Err(e) => tracing::warn!(error = %e, "claiming due deliveries failed"),
         }
+        // Deferred deliveries fall due one pace apart: while some still wait, look often.
+        let wait = if now_ms() < inner.deferred_until.load(Ordering::Acquire) {
+            inner.config.poll_interval.min(DEFERRED_POLL_INTERVAL)
+        } else {
+            inner.config.poll_interval
+        };
         tokio::select! {
-            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = inner.poke.notified() => {}
             _ = stop.changed() => return,
         }
     }
 }
+
+/// How often the poller looks for due deliveries while deliveries deferred for their
+/// endpoints' limits are still to fall due.
+const DEFERRED_POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 /// One attempt of one job: limits, lease check, sign, send, decide, hand the outcome on.
 /// Answers the job back, unsent, if shutdown came while it waited for its turn.
@@ -789,6 +804,11 @@ async fn attempt(engine: Engine, job: Job, _slot: OwnedSemaphorePermit) -> Optio
             if let Err(e) = outbox::defer(&inner.db, &inner.node, &job, due_at).await {
                 tracing::warn!(delivery_id = %job.id, error = %e, "cannot defer a delivery; its lease will expire");
                 return None;
+            }
+            // The first of a run of deferrals wakes the poller, which may be asleep for its
+            // whole interval, to look more often until they are due.
+            if inner.deferred_until.fetch_max(due_at, Ordering::AcqRel) <= now_ms() {
+                engine.poke();
             }
             // An endpoint changed since this one was read, perhaps this one's limits, and perhaps
             // after the change made the deferred deliveries due: this one is due now too, for

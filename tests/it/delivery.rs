@@ -1513,6 +1513,7 @@ async fn endpoint_changes_made_at_once_all_stand(backend: Backend) {
 dual!(
     a_capped_endpoints_backlog_drains_as_fast_as_it_answers,
     a_limited_endpoints_backlog_waits_in_the_outbox,
+    deliveries_deferred_for_a_rate_limit_go_out_when_due_not_at_the_next_poll,
     failures_under_overload_all_raise_their_alerts,
     a_waiting_backlog_follows_the_endpoint_as_it_now_stands
 );
@@ -1619,6 +1620,42 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
     assert!(
         sent.iter().all(|r| r.header("x-opsiq-attempt") == Some("1")),
         "waiting in the outbox is not an attempt"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("opsiq_deliveries_deferred_total"),
+        "nothing was deferred"
+    );
+}
+
+/// A rate-limited endpoint's backlog beyond what waits in memory (five seconds' worth) waits in
+/// the outbox, each delivery due at its turn; they go out when due, although the poller's own
+/// interval is a minute.
+async fn deliveries_deferred_for_a_rate_limit_go_out_when_due_not_at_the_next_poll(backend: Backend) {
+    let app = TestApp::on(backend)
+        .with(fast_delivery)
+        .with(|raw, _| raw.poll_interval = "60s".into())
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    endpoint(
+        &app,
+        &rx.url("/limited"),
+        json!({"event_types": ["limited.*"], "rate_limit_per_s": 20}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    // 130 at 20 a second: 100 wait in memory, 30 in the outbox.
+    let events = (0..130).map(|i| {
+        app.admin(Method::POST, "/v1/events")
+            .json(&json!({"type": "limited.tick", "data": {"i": i}}))
+    });
+    assert_eq!(at_once(events).await, vec![202; 130]);
+    rx.wait_until(Duration::from_secs(55), |r| r.len() >= 130).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "130 deliveries at 20 a second took {:?}",
+        started.elapsed()
     );
     let metrics = app.metrics().await;
     assert!(

@@ -1437,8 +1437,8 @@ async fn a_sqlite_write_waiting_for_another_writer_leaves_the_runtime_free() {
 }
 
 /// The writer connection closes cleanly (SQLite deletes the WAL at the last close) whether it
-/// last ran statements directly or through sqlx: the statements kept prepared for direct use
-/// are finalized first, which closing needs.
+/// was last lent to sqlx (`close` checkpoints through it) or in direct use when dropped: the
+/// statements kept prepared for direct use are finalized first, which closing needs.
 #[tokio::test]
 async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
     let dir = tempfile::tempdir().unwrap();
@@ -1446,7 +1446,7 @@ async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
     let url = format!("sqlite://{}", path.display());
     let wal = dir.path().join("opsiq.db-wal");
     let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
-    for (round, last_through_sqlx) in [(0, true), (1, false)] {
+    for (round, closed_first) in [(0, true), (1, false)] {
         let db = opsiq::db::Database::connect(&url).await.unwrap();
         for i in 0..3 {
             let mut tx = db.begin().await.unwrap();
@@ -1455,19 +1455,29 @@ async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
                 .unwrap();
             tx.commit().await.unwrap();
         }
-        if last_through_sqlx {
-            db.execute(insert, opsiq::args![format!("sqlx.{round}")])
-                .await
-                .unwrap();
-        }
+        db.execute(insert, opsiq::args![format!("single.{round}")])
+            .await
+            .unwrap();
         assert!(wal.exists(), "an open database in WAL mode has its WAL");
-        db.close().await;
+        if closed_first {
+            db.close().await;
+        }
         drop(db);
         crate::harness::wait_until(Duration::from_secs(30), || async { !wal.exists() }).await;
     }
     let db = opsiq::db::Database::connect(&url).await.unwrap();
     assert_eq!(opsiq::db::counter(&db, "direct.1.2").await.unwrap(), 1);
-    assert_eq!(opsiq::db::counter(&db, "sqlx.0").await.unwrap(), 1);
+    assert_eq!(opsiq::db::counter(&db, "single.0").await.unwrap(), 1);
+    db.close().await;
+
+    // An in-memory database (shared cache, written through sqlx alone) takes writes too.
+    let db = opsiq::db::Database::connect("sqlite::memory:").await.unwrap();
+    let mut tx = db.begin().await.unwrap();
+    tx.defer(insert, opsiq::args!["memory"]).await.unwrap();
+    tx.commit().await.unwrap();
+    db.execute(insert, opsiq::args!["memory.single"]).await.unwrap();
+    assert_eq!(opsiq::db::counter(&db, "memory").await.unwrap(), 1);
+    assert_eq!(opsiq::db::counter(&db, "memory.single").await.unwrap(), 1);
     db.close().await;
 }
 
