@@ -389,6 +389,14 @@ impl Tx {
         }
     }
 
+    /// Marks the transaction as one nobody waits for; see [`SqliteTx::in_background`] (nothing
+    /// changes on PostgreSQL).
+    pub fn in_background(&mut self) {
+        if let Tx::Sqlite(t) = self {
+            t.in_background();
+        }
+    }
+
     /// Sends the statements held by [`Tx::defer`] now.
     pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
         match self {

@@ -147,6 +147,7 @@ impl SqliteWriter {
             args: Vec::new(),
             sent: false,
             poisoned: false,
+            direct_most_arguments: DIRECT_MOST_ARGUMENTS,
         }
     }
 
@@ -415,6 +416,8 @@ pub struct SqliteTx {
     /// A send failed or was cancelled part way: the transaction may be gone, so nothing more may
     /// run in it (it would run outside any transaction); it can only be rolled back.
     poisoned: bool,
+    /// Scripts binding more arguments go through sqlx's thread.
+    direct_most_arguments: usize,
 }
 
 /// Scripts up to this long are sent whole and kept prepared (the batches of light load, where a
@@ -446,7 +449,7 @@ impl SqliteTx {
         script: Script,
         mut rows: Option<&mut Vec<String>>,
     ) -> Result<u64, sqlx::Error> {
-        if script.args.len() <= DIRECT_MOST_ARGUMENTS {
+        if script.args.len() <= self.direct_most_arguments {
             let conn = &mut self.writer().await?.conn;
             match conn.run(&script.parts(), rows.as_deref_mut()).await {
                 Ok(changed) => return Ok(changed),
@@ -462,6 +465,13 @@ impl SqliteTx {
             }
             None => Ok(send_script!(self, script, sqlx::query, execute)?.rows_affected()),
         }
+    }
+
+    /// Marks the transaction as one nobody waits for (the delivery engine's outcomes): its large
+    /// scripts go to sqlx's thread, since run directly they would hold a runtime thread, and
+    /// the attempts waiting to be polled there, for a millisecond or more.
+    pub fn in_background(&mut self) {
+        self.direct_most_arguments = BACKGROUND_DIRECT_MOST_ARGUMENTS;
     }
 
     /// Queues a statement that returns no rows and whose row count nobody needs; it is sent with
@@ -640,6 +650,9 @@ impl Script {
 /// hold the runtime thread they run on, and the biggest batches (hundreds of deliveries of a
 /// fan-out) would hold it for milliseconds.
 const DIRECT_MOST_ARGUMENTS: usize = 2000;
+
+/// The same for a transaction that nobody waits for ([`SqliteTx::in_background`]).
+const BACKGROUND_DIRECT_MOST_ARGUMENTS: usize = 256;
 
 impl Drop for SqliteTx {
     fn drop(&mut self) {

@@ -1294,6 +1294,7 @@ async fn record_outcomes(engine: &Engine, batch: &[Outcome]) -> Result<Vec<Job>,
     }
     let rules_of = |tenant_id: &str| rules.get(tenant_id).cloned().flatten();
     let mut tx = inner.db.begin().await?;
+    tx.in_background();
     insert_attempts(&mut tx, batch).await?;
     let moved = move_deliveries(&mut tx, batch, now).await?;
     let ends_healthy = clear_failing_runs(&mut tx, batch).await?;
