@@ -1379,20 +1379,26 @@ async fn write_transactions_count_read_and_fail_the_same_whatever_carries_them(b
     db.close().await;
 }
 
+/// A fresh SQLite database file, opened, in a temporary directory (kept while the first value
+/// lives).
+async fn sqlite_in_a_temporary_directory() -> (tempfile::TempDir, std::path::PathBuf, opsiq::db::Database) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsiq.db");
+    let db = opsiq::db::Database::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    (dir, path, db)
+}
+
 /// A write that finds SQLite's write lock held by another connection waits for it without
 /// holding up the runtime (the wait is sqlx's thread's, not the task's), and then succeeds. The
 /// test runs on a single-threaded runtime, which a write waiting on its thread would stall.
 #[tokio::test]
 async fn a_sqlite_write_waiting_for_another_writer_leaves_the_runtime_free() {
     use sqlx::{ConnectOptions, Connection, Executor};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("opsiq.db");
-    let db = opsiq::db::Database::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
+    let (_dir, path, db) = sqlite_in_a_temporary_directory().await;
     let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
     // Written once first, so the writer is in its usual state (statements run directly).
-    db.begin().await.unwrap().commit().await.unwrap();
     let mut tx = db.begin().await.unwrap();
     tx.defer(insert, opsiq::args!["first"]).await.unwrap();
     tx.commit().await.unwrap();
@@ -1487,11 +1493,7 @@ async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
 #[tokio::test]
 async fn sqlite_checkpoints_in_the_background_and_reuses_the_wal() {
     use sqlx::{ConnectOptions, Connection};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("opsiq.db");
-    let db = opsiq::db::Database::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
+    let (dir, path, db) = sqlite_in_a_temporary_directory().await;
     db.execute(
         "INSERT INTO change_counters (name, version) VALUES ($1, 7)",
         opsiq::args!["checkpointed"],
