@@ -5,8 +5,10 @@
 //! as the SQL of a small group-commit batch, and which every other write waits behind. While the
 //! writer runs statements here, the connection is locked away from that thread
 //! ([`LockedSqliteHandle`]); the scripts a transaction sends without reading typed rows (its
-//! deferred inserts and `COMMIT`) then run straight from the task that holds the writer, with
-//! their statements kept prepared. A typed read lends the connection back to sqlx first.
+//! deferred inserts and `COMMIT`, a `ROLLBACK`) then run straight from the task that holds the
+//! writer, with their statements kept prepared. A typed read, an autocommit statement and a
+//! script too big to hold a runtime thread for lend the connection back to sqlx first; an
+//! in-memory or shared-cache database never leaves sqlx.
 //!
 //! This module holds all of the crate's `unsafe` code: the ownership of the connection that the
 //! lock borrows, and SQLite's C API, called only under the lock, on statements this module
@@ -42,8 +44,8 @@ pub(super) struct DualConnection {
     prepared: HashMap<Box<str>, NonNull<ffi::sqlite3_stmt>>,
     /// How long sqlx's use of the connection waits for another process's write lock.
     busy_timeout: Duration,
-    /// Off for an in-memory database: sqlx opens those with a shared cache, where a write that
-    /// meets a reader must wait for it as only sqlx does (unlock notification).
+    /// Off for a shared-cache database (sqlx opens in-memory ones so), where a write that meets
+    /// a reader must wait for it as only sqlx does (unlock notification).
     direct_allowed: bool,
     /// Owned (made by `Box::leak`, freed in `Drop`).
     conn: NonNull<SqliteConnection>,
@@ -57,9 +59,10 @@ unsafe impl Send for DualConnection {}
 
 /// Why a script did not run directly.
 pub(super) enum DirectError {
-    /// Nothing of it ran, and it must go through sqlx: a part holds more than one statement, or
-    /// is too long for SQLite's API, or the first part found the write lock held by another
-    /// connection (waiting for it belongs on sqlx's thread, not on the runtime's).
+    /// Nothing of it ran, and it must go through sqlx: direct use is off (a shared cache), a
+    /// part holds more than one statement or is too long for SQLite's API, or a lock held by
+    /// another connection was met while preparing or at the first part (waiting for it belongs
+    /// on sqlx's thread, not on the runtime's).
     Unsent,
     /// A statement failed: to prepare (then nothing ran), or to run (then those before it did).
     Failed(sqlx::Error),
@@ -81,13 +84,13 @@ struct Ready {
 
 impl DualConnection {
     /// Takes ownership of `conn`, lent to sqlx until the first direct use. `busy_timeout` must
-    /// be the one it was opened with; `in_memory` turns direct use off.
-    pub(super) fn new(conn: SqliteConnection, busy_timeout: Duration, in_memory: bool) -> Self {
+    /// be the one it was opened with; `shared_cache` turns direct use off.
+    pub(super) fn new(conn: SqliteConnection, busy_timeout: Duration, shared_cache: bool) -> Self {
         Self {
             locked: None,
             prepared: HashMap::new(),
             busy_timeout,
-            direct_allowed: !in_memory,
+            direct_allowed: !shared_cache,
             conn: NonNull::from(Box::leak(Box::new(conn))),
         }
     }

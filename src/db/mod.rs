@@ -496,7 +496,8 @@ impl Database {
                     .run_direct(None, &mut conn, false)
                     .await?;
             }
-            let write = SqliteWriter::new(conn, sqlite_file(url)?.is_none());
+            let shared_cache = sqlite_file(url)?.is_none() || url.contains("cache=shared");
+            let write = SqliteWriter::new(conn, shared_cache);
             write.spawn_checkpointer(options.clone().thread_name(|_| "sqlite-checkpt".into()));
             let read = SqliteReaders::new(options.thread_name(|_| "sqlite-reader".into()), 4);
             Self {

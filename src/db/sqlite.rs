@@ -8,9 +8,10 @@
 //! outside any pool: the writer behind an async mutex, the readers taken in turn. A [`SqliteTx`]
 //! collects statements whose results nobody reads ([`SqliteTx::defer`]) and sends them together
 //! with `BEGIN IMMEDIATE`, the next read, or `COMMIT` as one multi-statement query, so a
-//! group-commit batch that only inserts is one send. Such sends, which read no rows (or only a
-//! column of text, [`SqliteTx::fetch_texts`]), skip sqlx's thread altogether: they run directly
-//! on the task that holds the writer (see [`super::direct`]).
+//! group-commit batch that only inserts is one send. Such sends in a transaction, which read no
+//! rows (or only a column of text, [`SqliteTx::fetch_texts`]), skip sqlx's thread: they run
+//! directly on the task that holds the writer (see [`super::direct`]), unless they bind many
+//! arguments or the database is in memory.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,12 +71,13 @@ impl std::fmt::Debug for SqliteWriter {
 }
 
 impl SqliteWriter {
-    /// Wraps an open connection (to an in-memory database if `in_memory`).
-    pub fn new(conn: SqliteConnection, in_memory: bool) -> Self {
+    /// Wraps an open connection (with a shared cache, as in-memory databases are, if
+    /// `shared_cache`).
+    pub fn new(conn: SqliteConnection, shared_cache: bool) -> Self {
         let checkpoints = Arc::new(CheckpointSignal::default());
         Self {
             inner: Arc::new(Mutex::new(WriterConnection {
-                conn: DualConnection::new(conn, super::BUSY_TIMEOUT, in_memory),
+                conn: DualConnection::new(conn, super::BUSY_TIMEOUT, shared_cache),
                 needs_rollback: false,
             })),
             _stop_on_drop: Arc::new(StopCheckpointer(checkpoints.clone())),
@@ -153,21 +155,11 @@ impl SqliteWriter {
 
     /// Runs one statement on its own (autocommit); returns the rows it affected.
     pub async fn execute(&self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
+        // Through sqlx's thread: one statement may touch thousands of rows (retention, a
+        // limit's waiting deliveries made due), which run directly would hold a runtime thread.
         let mut guard = self.lock().await?;
-        let (mut text, mut text_args) = (String::new(), Vec::new());
-        push_statement(&mut text, &mut text_args, sql, args);
-        let part = Part {
-            sql: &text,
-            args: &text_args,
-        };
-        let affected = match guard.conn.run(&[part], None).await {
-            Ok(affected) => affected,
-            Err(DirectError::Failed(e)) => return Err(e),
-            Err(DirectError::Unsent) => {
-                let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(text)), text_args);
-                query.execute(guard.conn.sqlx()).await?.rows_affected()
-            }
-        };
+        let query = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), args);
+        let affected = query.execute(guard.conn.sqlx()).await?.rows_affected();
         self.checkpoints.wake.notify_one();
         Ok(affected)
     }

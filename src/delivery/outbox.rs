@@ -218,6 +218,17 @@ pub async fn claim_due(
     Ok(jobs)
 }
 
+/// When the earliest pending delivery falls due (ms), if any is pending.
+pub async fn next_due(db: &Database) -> Result<Option<i64>, sqlx::Error> {
+    let row: Option<(Option<i64>,)> = db
+        .fetch_optional(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'",
+            Vec::new(),
+        )
+        .await?;
+    Ok(row.and_then(|(at,)| at))
+}
+
 /// Extends a lease this node still holds for this attempt; false if another worker took over.
 pub async fn extend_lease(db: &Database, job: &Job, node: &str, until: i64) -> Result<bool, sqlx::Error> {
     let n = db

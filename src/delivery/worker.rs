@@ -337,8 +337,8 @@ struct Inner {
     outcomes: mpsc::Sender<Outcome>,
     poke: Notify,
     /// When the last delivery this process deferred for its endpoint's limits falls due (ms):
-    /// until then the poller looks more often than its interval, so that deferred deliveries
-    /// go out when due rather than at the next poll.
+    /// until then the poller wakes when the next pending delivery falls due rather than at its
+    /// interval.
     deferred_until: AtomicI64,
     endpoints: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
     subscribers: Mutex<HashMap<String, CachedSubscribers>>,
@@ -758,7 +758,10 @@ async fn poller(engine: Engine) {
     while !*stop.borrow() {
         let free = inner.in_flight.available_permits().max(1) as i64;
         let lease_ms = inner.config.lease.as_millis() as i64;
-        match outbox::claim_due(&inner.db, &inner.node, now_ms(), lease_ms, free.min(500)).await {
+        // One clock for the claim and the look below: a deferred delivery falling due between
+        // two readings would be neither claimed nor looked for.
+        let now = now_ms();
+        match outbox::claim_due(&inner.db, &inner.node, now, lease_ms, free.min(500)).await {
             Ok(jobs) => {
                 let full = jobs.len() as i64 >= free.min(500);
                 engine.dispatch(jobs).await;
@@ -768,9 +771,9 @@ async fn poller(engine: Engine) {
             }
             Err(e) => tracing::warn!(error = %e, "claiming due deliveries failed"),
         }
-        // Deferred deliveries fall due one pace apart: while some still wait, look often.
-        let wait = if now_ms() < inner.deferred_until.load(Ordering::Acquire) {
-            inner.config.poll_interval.min(DEFERRED_POLL_INTERVAL)
+        let deferred_until = inner.deferred_until.load(Ordering::Acquire);
+        let wait = if now <= deferred_until {
+            until_next_due(inner, deferred_until).await
         } else {
             inner.config.poll_interval
         };
@@ -782,9 +785,34 @@ async fn poller(engine: Engine) {
     }
 }
 
-/// How often the poller looks for due deliveries while deliveries deferred for their
-/// endpoints' limits are still to fall due.
-const DEFERRED_POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// While deliveries deferred for their endpoints' limits are still to fall due: how long until
+/// the next pending delivery does (at least [`SOONEST_POLL`], at most the poll interval), so that
+/// they go out when due rather than at the next poll, without looking more often than that.
+async fn until_next_due(inner: &Inner, deferred_until: i64) -> Duration {
+    let interval = inner.config.poll_interval;
+    match outbox::next_due(&inner.db).await {
+        Ok(Some(at)) => {
+            let ms = u64::try_from(at - now_ms()).unwrap_or(0);
+            Duration::from_millis(ms).clamp(SOONEST_POLL.min(interval), interval)
+        }
+        Ok(None) => {
+            // Nothing waits (made due early and sent): back to the interval, unless another
+            // deferral came meanwhile.
+            let _ =
+                inner
+                    .deferred_until
+                    .compare_exchange(deferred_until, 0, Ordering::AcqRel, Ordering::Acquire);
+            interval
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading when the next delivery is due failed");
+            SOONEST_POLL.max(Duration::from_millis(100)).min(interval)
+        }
+    }
+}
+
+/// The shortest wait between the poller's looks while deferred deliveries fall due.
+const SOONEST_POLL: Duration = Duration::from_millis(5);
 
 /// One attempt of one job: limits, lease check, sign, send, decide, hand the outcome on.
 /// Answers the job back, unsent, if shutdown came while it waited for its turn.

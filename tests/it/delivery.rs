@@ -1657,11 +1657,6 @@ async fn deliveries_deferred_for_a_rate_limit_go_out_when_due_not_at_the_next_po
         "130 deliveries at 20 a second took {:?}",
         started.elapsed()
     );
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains("opsiq_deliveries_deferred_total"),
-        "nothing was deferred"
-    );
 }
 
 /// A capped endpoint's backlog is held for it at the pace its answers come back, not at one

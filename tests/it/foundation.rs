@@ -1454,6 +1454,10 @@ async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
     let insert = "INSERT INTO change_counters (name, version) VALUES ($1, 1)";
     for (round, closed_first) in [(0, true), (1, false)] {
         let db = opsiq::db::Database::connect(&url).await.unwrap();
+        // An autocommit statement (through sqlx), then transactions (direct, the last use).
+        db.execute(insert, opsiq::args![format!("single.{round}")])
+            .await
+            .unwrap();
         for i in 0..3 {
             let mut tx = db.begin().await.unwrap();
             tx.defer(insert, opsiq::args![format!("direct.{round}.{i}")])
@@ -1461,9 +1465,6 @@ async fn the_sqlite_writer_closes_cleanly_after_direct_and_sqlx_use() {
                 .unwrap();
             tx.commit().await.unwrap();
         }
-        db.execute(insert, opsiq::args![format!("single.{round}")])
-            .await
-            .unwrap();
         assert!(wal.exists(), "an open database in WAL mode has its WAL");
         if closed_first {
             db.close().await;
