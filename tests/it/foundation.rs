@@ -1167,18 +1167,23 @@ async fn write_transactions_leave_nothing_behind_when_they_fail(backend: Backend
 
 dual!(long_write_transactions_commit_or_fail_whole);
 
+/// The head of a multi-row insert of change counters, for [`counter_rows`].
+const COUNTER_ROWS: &str = "INSERT INTO change_counters (name, version) VALUES";
+
+/// `n` change counters' rows, `<prefix>.<i>` at version `i`.
+fn counter_rows(prefix: &str, n: usize) -> Vec<Vec<opsiq::db::Arg>> {
+    (0..n)
+        .map(|i| opsiq::args![format!("{prefix}.{i}"), i as i64])
+        .collect()
+}
+
 /// A transaction whose queued statements are too long to send as one cached script (SQLite sends
 /// them one by one then): multi-row inserts of odd sizes, a read at the end that sees them all,
 /// and a failure in the middle of a later one that undoes everything.
 async fn long_write_transactions_commit_or_fail_whole(backend: Backend) {
     let app = TestApp::start(backend).await;
     let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
-    let head = "INSERT INTO change_counters (name, version) VALUES";
-    let rows = |prefix: &str, n: usize| -> Vec<Vec<opsiq::db::Arg>> {
-        (0..n)
-            .map(|i| opsiq::args![format!("{prefix}.{i}"), i as i64])
-            .collect()
-    };
+    let (head, rows) = (COUNTER_ROWS, counter_rows);
 
     let mut tx = db.begin().await.unwrap();
     opsiq::db::insert_rows(&mut tx, head, 2, rows("long", 523))
@@ -1238,12 +1243,7 @@ async fn write_transactions_count_read_and_fail_the_same_whatever_carries_them(b
     let sqlite = matches!(backend, Backend::Sqlite);
     let app = TestApp::start(backend).await;
     let db = opsiq::db::Database::connect(&app.database_url).await.unwrap();
-    let head = "INSERT INTO change_counters (name, version) VALUES";
-    let rows = |prefix: &str, n: usize| -> Vec<Vec<opsiq::db::Arg>> {
-        (0..n)
-            .map(|i| opsiq::args![format!("{prefix}.{i}"), i as i64])
-            .collect()
-    };
+    let (head, rows) = (COUNTER_ROWS, counter_rows);
 
     let mut tx = db.begin().await.unwrap();
     let three = tx
