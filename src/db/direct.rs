@@ -95,12 +95,6 @@ impl DualConnection {
         }
     }
 
-    /// Whether the connection is in direct use now (so that running directly sends nothing to
-    /// sqlx's thread).
-    pub(super) fn is_direct(&self) -> bool {
-        self.locked.is_some()
-    }
-
     /// The connection for sqlx, lent back from direct use first (the prepared statements stay).
     pub(super) fn sqlx(&mut self) -> &mut SqliteConnection {
         if let Some(mut locked) = self.locked.take() {

@@ -665,27 +665,18 @@ impl Drop for SqliteTx {
     }
 }
 
-/// `ROLLBACK`, directly if the connection is in direct use; "no transaction is active" counts as
+/// `ROLLBACK` (directly, like a transaction's other sends); "no transaction is active" counts as
 /// done (SQLite may already have rolled back).
 async fn roll_back(writer: &mut WriterConnection) -> Result<(), sqlx::Error> {
     let conn = &mut writer.conn;
-    let rollback = [Part {
+    let rollback = Part {
         sql: "ROLLBACK",
         args: &[],
-    }];
-    // Direct use needs no round trip to sqlx's thread only while the writer is in it.
-    let direct = if conn.is_direct() {
-        match conn.run(&rollback, None).await {
-            Ok(_) => Some(Ok(())),
-            Err(DirectError::Failed(e)) => Some(Err(e)),
-            Err(DirectError::Unsent) => None,
-        }
-    } else {
-        None
     };
-    let result = match direct {
-        Some(result) => result,
-        None => conn.sqlx().execute("ROLLBACK").await.map(|_| ()),
+    let result = match conn.run(&[rollback], None).await {
+        Ok(_) => Ok(()),
+        Err(DirectError::Failed(e)) => Err(e),
+        Err(DirectError::Unsent) => conn.sqlx().execute("ROLLBACK").await.map(|_| ()),
     };
     match result {
         Err(e) if e.to_string().contains("no transaction is active") => Ok(()),

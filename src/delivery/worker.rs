@@ -806,7 +806,7 @@ async fn until_next_due(inner: &Inner, deferred_until: i64) -> Duration {
         }
         Err(e) => {
             tracing::warn!(error = %e, "reading when the next delivery is due failed");
-            SOONEST_POLL.max(Duration::from_millis(100)).min(interval)
+            Duration::from_millis(100).min(interval)
         }
     }
 }

@@ -1628,6 +1628,15 @@ async fn a_limited_endpoints_backlog_waits_in_the_outbox(backend: Backend) {
     );
 }
 
+/// Sends a wave of `size` events of `event_type` at once (data `{"wave", "i"}`); all accepted.
+async fn events_at_once(app: &TestApp, event_type: &str, wave: usize, size: usize) {
+    let events = (0..size).map(|i| {
+        app.admin(Method::POST, "/v1/events")
+            .json(&json!({"type": event_type, "data": {"wave": wave, "i": i}}))
+    });
+    assert_eq!(at_once(events).await, vec![202; size]);
+}
+
 /// A rate-limited endpoint's backlog beyond what waits in memory (five seconds' worth) waits in
 /// the outbox, each delivery due at its turn; they go out when due, although the poller's own
 /// interval is a minute.
@@ -1646,11 +1655,7 @@ async fn deliveries_deferred_for_a_rate_limit_go_out_when_due_not_at_the_next_po
     .await;
     let started = std::time::Instant::now();
     // 130 at 20 a second: 100 wait in memory, 30 in the outbox.
-    let events = (0..130).map(|i| {
-        app.admin(Method::POST, "/v1/events")
-            .json(&json!({"type": "limited.tick", "data": {"i": i}}))
-    });
-    assert_eq!(at_once(events).await, vec![202; 130]);
+    events_at_once(&app, "limited.tick", 0, 130).await;
     rx.wait_until(Duration::from_secs(55), |r| r.len() >= 130).await;
     assert!(
         started.elapsed() < Duration::from_secs(40),
@@ -1675,20 +1680,13 @@ async fn a_capped_endpoints_backlog_drains_as_fast_as_it_answers(backend: Backen
         json!({"event_types": ["capped.*"], "max_in_flight": 2}),
     )
     .await;
-    async fn wave(app: &TestApp, wave: usize, size: usize) {
-        let events = (0..size).map(|i| {
-            app.admin(Method::POST, "/v1/events")
-                .json(&json!({"type": "capped.tick", "data": {"wave": wave, "i": i}}))
-        });
-        assert_eq!(at_once(events).await, vec![202; size]);
-    }
     let started = std::time::Instant::now();
-    wave(&app, 0, 100).await;
+    events_at_once(&app, "capped.tick", 0, 100).await;
     // The next waves once an answer is in (a third request arrives only after one of the first
     // two was answered).
     rx.wait_until(Duration::from_secs(60), |r| r.len() >= 3).await;
     for n in 1..=5 {
-        wave(&app, n, 20).await;
+        events_at_once(&app, "capped.tick", n, 20).await;
     }
     rx.wait_until(Duration::from_secs(90), |r| r.len() >= 200).await;
     assert!(

@@ -1319,6 +1319,27 @@ async fn write_transactions_count_read_and_fail_the_same_whatever_carries_them(b
     tx.commit().await.unwrap();
     assert_eq!(opsiq::db::counter(&db, "many.1499").await.unwrap(), 1499);
 
+    // Returned texts of a statement binding thousands of arguments (on SQLite, through sqlx),
+    // and a value that is not text, refused.
+    let names: Vec<opsiq::db::Arg> = (0..2100).map(|i| format!("many.{i}").into()).collect();
+    let sql = format!(
+        "UPDATE change_counters SET version = version + 1 WHERE name IN ({}) RETURNING name",
+        opsiq::db::in_list(names.len())
+    );
+    let mut tx = db.begin().await.unwrap();
+    let bumped = tx.fetch_texts(sqlx::AssertSqlSafe(sql), names).await.unwrap();
+    assert_eq!(bumped.len(), 1500);
+    assert!(bumped.iter().any(|name| name == "many.1499"));
+    let not_text = tx
+        .fetch_texts(
+            "SELECT version FROM change_counters WHERE name = $1",
+            opsiq::args!["many.0"],
+        )
+        .await;
+    assert!(not_text.is_err(), "an integer read as text: {not_text:?}");
+    tx.rollback().await;
+    assert_eq!(opsiq::db::counter(&db, "many.1499").await.unwrap(), 1499);
+
     // More distinct statements than are kept prepared, in one transaction and the next.
     for round in 0..2 {
         let mut tx = db.begin().await.unwrap();
